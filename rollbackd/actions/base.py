@@ -1,0 +1,115 @@
+"""The edges that act: rollback backends and notifiers, one small protocol each.
+
+Actions are declarative ("set deployment D, variant V to version X"), so running the same
+plan twice is harmless: backends must treat a repeated ``idempotency_key`` as a no-op.
+Backends and notifiers are chosen by name from the config through :func:`make_backend`
+and :func:`make_notifier`; each kind has a null version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Protocol
+
+__all__ = [
+    "RollbackPlan",
+    "ActionResult",
+    "AlertSummary",
+    "Notice",
+    "RollbackBackend",
+    "Notifier",
+    "NullNotifier",
+]
+
+Status = Literal["succeeded", "failed", "skipped", "dry_run"]
+
+
+@dataclass(frozen=True, slots=True)
+class RollbackPlan:
+    """Set ``deployment``/``variant`` to ``to_version``. ``idempotency_key`` names the intent."""
+
+    deployment: str
+    variant: str
+    from_version: str | None
+    to_version: str
+    incident_id: str
+    reason: str
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"{self.incident_id}:rollback:{self.variant}:{self.to_version}"
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "deployment": self.deployment,
+            "variant": self.variant,
+            "from_version": self.from_version,
+            "to_version": self.to_version,
+            "incident_id": self.incident_id,
+            "reason": self.reason,
+            "idempotency_key": self.idempotency_key,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ActionResult:
+    status: Status
+    detail: str = ""
+    attempts: int = 1
+    # Notifiers return the thread reference (Slack: the parent message ``ts``) here.
+    thread: str | None = None
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AlertSummary:
+    """One alert inside an incident, as a notice shows it."""
+
+    rule: str
+    severity: str
+    state: str  # pending | firing | resolved | inhibited | silenced
+    value: float | None
+    threshold: float
+    sample_size: int
+    window_start: float
+    window_end: float
+    p_value: float | None = None
+    summary: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """One message about an incident. ``thread`` is ``None`` for the incident's first notice."""
+
+    incident_id: str
+    kind: Literal["opened", "updated", "action", "resolved", "repeat"]
+    ts: float  # event time it refers to (Unix seconds)
+    deployment: str
+    variant: str
+    version: str | None
+    title: str
+    text: str
+    alerts: tuple[AlertSummary, ...] = ()
+    runbook: str | None = None
+    channel: str | None = None
+    thread: str | None = None
+    drill: bool = False
+
+
+class RollbackBackend(Protocol):
+    """Moves a deployment to a version. Must be idempotent per ``plan.idempotency_key``."""
+
+    def apply(self, plan: RollbackPlan) -> ActionResult: ...
+
+
+class Notifier(Protocol):
+    """Posts a notice; returns the thread reference to pass with the incident's next notices."""
+
+    def post(self, notice: Notice) -> ActionResult: ...
+
+
+class NullNotifier:
+    """Says nothing (``notifier: none``)."""
+
+    def post(self, notice: Notice) -> ActionResult:
+        return ActionResult("skipped", "notifier disabled", thread=notice.thread or notice.incident_id)

@@ -1,0 +1,230 @@
+"""What every detector sees and returns: a :class:`Window` in, a :class:`Measurement` out.
+
+Detectors are pure: no I/O, no clock reads. The processing loop hands each detector the
+closed window for its (deployment, variant) through ``update(window)`` and then asks
+``evaluate(now)``. Constructor arguments are public attributes of the same name; moving
+state is created in ``_reset()``; invalid parameters raise ``ValueError`` naming the range.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence
+
+import numpy as np
+
+from rollbackd.events import Prediction
+
+__all__ = [
+    "Measurement",
+    "Labeled",
+    "Window",
+    "Reference",
+    "Detector",
+    "DetectorFactory",
+    "REGISTRY",
+    "register",
+    "make_detector",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """The result of one evaluation.
+
+    ``value`` is the statistic the rule compares with its threshold (``None`` when the window
+    held too little data: then ``insufficient`` says why and no verdict may be drawn).
+    """
+
+    value: float | None
+    threshold: float
+    sample_size: int
+    p_value: float | None = None
+    effect_size: float | None = None
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+    insufficient: str | None = None
+
+    @classmethod
+    def insufficient_data(
+        cls, threshold: float, sample_size: int, reason: str, **evidence: Any
+    ) -> "Measurement":
+        return cls(None, threshold, sample_size, evidence=evidence, insufficient=reason)
+
+    def to_record(self) -> dict[str, Any]:
+        rec: dict[str, Any] = {
+            "value": _num(self.value),
+            "threshold": _num(self.threshold),
+            "sample_size": self.sample_size,
+        }
+        if self.p_value is not None:
+            rec["p_value"] = _num(self.p_value)
+        if self.effect_size is not None:
+            rec["effect_size"] = _num(self.effect_size)
+        if self.insufficient is not None:
+            rec["insufficient"] = self.insufficient
+        if self.evidence:
+            rec["evidence"] = dict(self.evidence)
+        return rec
+
+
+def _num(x: float | None) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+class Labeled(NamedTuple):
+    """A prediction joined with its outcome."""
+
+    pred_ts: float
+    label_ts: float
+    variant: str
+    model_version: str
+    prediction: float | str | bool | None
+    score: float | None
+    label: float | str | bool
+
+
+class Window:
+    """The events of one deployment × variant over ``[start, end)`` of event time.
+
+    Predictions are kept as decoded; columns are built on first use and cached, so a
+    detector pays only for the columns it reads. ``outcomes`` are the labels that arrived in
+    the window, joined to their predictions (which may be older than ``start``).
+    """
+
+    __slots__ = (
+        "deployment", "variant", "start", "end", "predictions", "outcomes", "__dict__",
+    )
+
+    def __init__(
+        self,
+        deployment: str,
+        variant: str,
+        start: float,
+        end: float,
+        predictions: Sequence[Prediction] = (),
+        outcomes: Sequence[Labeled] = (),
+    ) -> None:
+        self.deployment = deployment
+        self.variant = variant
+        self.start = start
+        self.end = end
+        self.predictions = predictions
+        self.outcomes = outcomes
+
+    def __repr__(self) -> str:
+        return (
+            f"Window({self.deployment!r}, {self.variant!r}, [{self.start}, {self.end}), "
+            f"n={len(self.predictions)}, labels={len(self.outcomes)})"
+        )
+
+    @property
+    def n(self) -> int:
+        return len(self.predictions)
+
+    @cached_property
+    def n_errors(self) -> int:
+        return sum(1 for p in self.predictions if p.error is not None)
+
+    @cached_property
+    def error_codes(self) -> dict[str, int]:
+        codes: dict[str, int] = {}
+        for p in self.predictions:
+            if p.error is not None:
+                codes[p.error] = codes.get(p.error, 0) + 1
+        return codes
+
+    @cached_property
+    def latencies(self) -> np.ndarray:
+        return np.fromiter(
+            (p.latency_ms for p in self.predictions if p.latency_ms is not None), dtype=float
+        )
+
+    @cached_property
+    def scores(self) -> np.ndarray:
+        return np.fromiter((p.score for p in self.predictions if p.score is not None), dtype=float)
+
+    @cached_property
+    def feature_names(self) -> tuple[str, ...]:
+        names: set[str] = set()
+        for p in self.predictions:
+            names.update(p.features)
+        return tuple(sorted(names))
+
+    def feature(self, name: str) -> list[Any]:
+        """Raw values of one feature, ``None`` where absent."""
+        cache = self.__dict__.setdefault("_features", {})
+        col = cache.get(name)
+        if col is None:
+            col = cache[name] = [p.features.get(name) for p in self.predictions]
+        return col
+
+    @cached_property
+    def versions(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for p in self.predictions:
+            counts[p.model_version] = counts.get(p.model_version, 0) + 1
+        return counts
+
+    @property
+    def label_coverage(self) -> float | None:
+        """Labels that arrived in this window per prediction served in it."""
+        return None if not self.predictions else len(self.outcomes) / len(self.predictions)
+
+
+class Reference(NamedTuple):
+    """Reference data for drift detectors: raw values per feature (and ``__score__``)."""
+
+    source: str
+    columns: Mapping[str, Sequence[Any]]
+
+
+class Detector(Protocol):
+    """One small object per (rule, deployment, variant) with one verb each way."""
+
+    def update(self, window: Window) -> None:
+        """Feed the closed window (replaces the previous one for windowed tests)."""
+
+    def evaluate(self, now: float) -> Measurement:
+        """Measure the data fed so far at event time ``now``."""
+
+
+DetectorFactory = Callable[..., Detector]
+REGISTRY: dict[str, DetectorFactory] = {}
+
+
+def register(name: str) -> Callable[[DetectorFactory], DetectorFactory]:
+    def deco(factory: DetectorFactory) -> DetectorFactory:
+        REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def make_detector(
+    name: str,
+    *,
+    threshold: float,
+    min_samples: int,
+    params: Mapping[str, Any],
+    reference: Reference | None = None,
+) -> Detector:
+    """Build a detector by its name in the rules file.
+
+    Every detector constructor takes ``threshold`` and ``min_samples``; drift detectors also
+    take ``reference``; the rule's ``params`` are passed as keyword arguments.
+    """
+    from rollbackd import detectors as _pkg  # noqa: F401  (registers the built-ins)
+
+    try:
+        factory = REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown detector {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+    kwargs = dict(params)
+    if getattr(factory, "needs_reference", False):
+        kwargs["reference"] = reference
+    return factory(threshold=threshold, min_samples=min_samples, **kwargs)

@@ -1,0 +1,161 @@
+"""The rules file, as frozen settings. Loading and validation live in ``rules/loader.py``.
+
+Durations are seconds (the YAML accepts ``30s``, ``5m``, ``2h``, ``1d``, ``1h30m`` or a number).
+Nothing here mutates after load; moving state (alert states, incidents) lives elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal, Mapping
+
+__all__ = [
+    "SEVERITIES",
+    "severity_rank",
+    "WindowSpec",
+    "BackendSpec",
+    "NotifierSpec",
+    "DeploymentSpec",
+    "RuleSpec",
+    "GroupingSpec",
+    "Settings",
+    "Config",
+]
+
+SEVERITIES = ("info", "warning", "critical")
+ACTIONS = ("notify", "rollback")
+
+
+def severity_rank(severity: str) -> int:
+    return SEVERITIES.index(severity)
+
+
+def _frozen(m: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(m or {}))
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSpec:
+    """Event-time window: ``size`` seconds long, advancing by ``step`` (``step == size``: tumbling).
+
+    ``min_count`` optionally extends a window until it holds that many predictions
+    (count-based windows); 0 means purely time-based.
+    """
+
+    size: float = 60.0
+    step: float = 60.0
+    min_count: int = 0
+
+    @property
+    def tumbling(self) -> bool:
+        return self.step == self.size
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSpec:
+    """A rollback backend chosen by name (``log``, ``webhook``, ...) and its options."""
+
+    type: str = "log"
+    options: Mapping[str, Any] = field(default_factory=lambda: _frozen(None))
+
+
+@dataclass(frozen=True, slots=True)
+class NotifierSpec:
+    """Where notices go: ``console`` (default), ``slack`` or ``none``."""
+
+    type: str = "console"
+    options: Mapping[str, Any] = field(default_factory=lambda: _frozen(None))
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentSpec:
+    name: str
+    backend: BackendSpec = BackendSpec()
+    slack_channel: str | None = None
+    runbook: str | None = None
+    reference: str | None = None  # path to a reference JSONL file of prediction events
+    reference_size: int = 5000  # else: the first N predictions of the running version
+    cooldown: float = 1800.0  # no second rollback of this deployment within it
+    known_good_after: float = 600.0  # a version is known-good after this long without incident
+    dry_run: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSpec:
+    """One alerting rule: a detector, a condition with hysteresis, timing and actions.
+
+    The alert is *breaching* when ``value`` is beyond ``threshold`` in ``direction`` (and, if
+    ``alpha`` is set and the detector reports a p-value, ``p_value < alpha``); once active it
+    stays active until ``value`` is back past ``clear_threshold`` (hysteresis).
+    """
+
+    name: str
+    detector: str
+    threshold: float
+    params: Mapping[str, Any] = field(default_factory=lambda: _frozen(None))
+    clear_threshold: float | None = None
+    direction: Literal["above", "below"] = "above"
+    alpha: float | None = None
+    window: WindowSpec = WindowSpec()
+    for_: float = 0.0
+    keep_firing_for: float = 0.0
+    k: int = 1
+    n: int = 1
+    min_samples: int = 1
+    severity: str = "warning"
+    actions: tuple[str, ...] = ("notify",)
+    deployments: tuple[str, ...] | None = None  # None: every deployment seen
+    variants: tuple[str, ...] | None = None  # None: every variant seen
+    dry_run: bool | None = None
+    summary: str | None = None
+    runbook: str | None = None
+
+    @property
+    def clear(self) -> float:
+        return self.threshold if self.clear_threshold is None else self.clear_threshold
+
+    def applies_to(self, deployment: str, variant: str) -> bool:
+        return (self.deployments is None or deployment in self.deployments) and (
+            self.variants is None or variant in self.variants
+        )
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.detector in LABEL_DETECTORS
+
+
+LABEL_DETECTORS = frozenset({"model_error", "calibration"})
+
+
+@dataclass(frozen=True, slots=True)
+class GroupingSpec:
+    """How firing alerts become incidents (Alertmanager's ``group_by`` and timers)."""
+
+    group_by: tuple[str, ...] = ("deployment", "variant")
+    group_wait: float = 30.0
+    repeat_interval: float = 4 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    dry_run: bool = False
+    lateness: float = 30.0
+    join_horizon: float = 86400.0
+    max_pending_labels: int = 2_000_000
+    max_event_bytes: int = 1 << 20
+    notifier: NotifierSpec = NotifierSpec()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    settings: Settings = Settings()
+    deployments: Mapping[str, DeploymentSpec] = field(default_factory=lambda: _frozen(None))
+    rules: tuple[RuleSpec, ...] = ()
+    grouping: GroupingSpec = GroupingSpec()
+    source: str | None = None  # path of the file it was loaded from
+
+    def deployment(self, name: str) -> DeploymentSpec:
+        """The configured deployment, or defaults (log backend) for one seen only in the stream."""
+        spec = self.deployments.get(name)
+        return spec if spec is not None else DeploymentSpec(name=name)
