@@ -133,6 +133,33 @@ def _classify(exc: msgspec.ValidationError) -> str:
     return "wrong_type"
 
 
+_BAD_TS = "Invalid RFC3339 encoded datetime - at `$.ts`"
+_LEAP_SECOND = re.compile(r"(\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d):60((?:\.\d+)?(?:[Zz]|[+-]\d\d:?\d\d))")
+
+
+def _leap_second_to_next(raw: bytes) -> bytes | None:
+    """RFC 3339 allows a leap second (``23:59:60Z``) that ``datetime`` cannot hold.
+
+    Returns ``raw`` re-encoded with ``ts`` as Unix seconds, the leap second counted as the first
+    second of the next minute (what POSIX time and ``calendar.timegm`` do), or None if ``ts`` is
+    not such a timestamp. Only reached on the reject path, so it costs valid events nothing.
+    """
+    try:
+        obj = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    ts = obj.get("ts") if type(obj) is dict else None
+    m = _LEAP_SECOND.fullmatch(ts) if type(ts) is str else None
+    if m is None:
+        return None
+    try:
+        before = msgspec.convert(f"{m[1]}:59{m[2]}", _dt.datetime)
+    except msgspec.ValidationError:
+        return None
+    obj["ts"] = (before + _dt.timedelta(seconds=1)).timestamp()
+    return msgspec.json.encode(obj)
+
+
 def _features_finite(features: dict[str, Scalar]) -> bool:
     for v in features.values():
         if type(v) is float and not math.isfinite(v):
@@ -161,9 +188,17 @@ class EventDecoder:
         try:
             ev = self._decoder.decode(raw)
         except msgspec.ValidationError as exc:
+            if str(exc) == _BAD_TS and b":60" in raw:
+                leap = _leap_second_to_next(raw)
+                if leap is not None:
+                    ev = self.decode(leap, position)
+                    return ev._replace(raw=raw) if type(ev) is Rejected else ev
             return Rejected(_classify(exc), str(exc), raw, position)
         except msgspec.DecodeError as exc:
             return Rejected("invalid_json", str(exc), raw, position)
+        except UnicodeDecodeError as exc:
+            # msgspec validates UTF-8 only in strings it converts, and raises this on the way.
+            return Rejected("invalid_json", f"invalid UTF-8: {exc}", raw, position)
         # msgspec refuses NaN/Infinity literals and overflowing numbers as invalid JSON or
         # "Number out of range"; finite-ness of the floats inside ``features`` still needs a look
         # because 1e999 there decodes per the Scalar union.

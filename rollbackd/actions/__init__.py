@@ -1,0 +1,40 @@
+"""Rollback backends and notifiers: one small protocol each, chosen by name from the config."""
+
+from rollbackd.actions.base import (
+    ActionResult,
+    AlertSummary,
+    Notice,
+    Notifier,
+    NullNotifier,
+    RollbackBackend,
+    RollbackPlan,
+)
+from rollbackd.actions.console import ConsoleNotifier, format_notice
+from rollbackd.actions.factory import BACKEND_TYPES, NOTIFIER_TYPES, make_backend, make_notifier
+from rollbackd.actions.logbackend import LogBackend
+from rollbackd.actions.retry import RetryPolicy, classify
+from rollbackd.actions.slack import SlackNotifier, build_blocks
+from rollbackd.actions.webhook import WebhookBackend, verify_signature
+
+__all__ = [
+    "ActionResult",
+    "AlertSummary",
+    "Notice",
+    "Notifier",
+    "NullNotifier",
+    "RollbackBackend",
+    "RollbackPlan",
+    "ConsoleNotifier",
+    "format_notice",
+    "BACKEND_TYPES",
+    "NOTIFIER_TYPES",
+    "make_backend",
+    "make_notifier",
+    "LogBackend",
+    "RetryPolicy",
+    "classify",
+    "SlackNotifier",
+    "build_blocks",
+    "WebhookBackend",
+    "verify_signature",
+]

@@ -1,0 +1,36 @@
+"""Detectors: pure objects that turn a closed :class:`Window` into a :class:`Measurement`.
+
+Importing this package registers the built-in detectors by name (see :func:`make_detector`).
+"""
+
+from rollbackd.detectors.base import (
+    REGISTRY,
+    Detector,
+    DetectorFactory,
+    Labeled,
+    Measurement,
+    Reference,
+    Window,
+    make_detector,
+    register,
+)
+from rollbackd.detectors.drift import Drift
+from rollbackd.detectors.error_rate import ErrorRate
+from rollbackd.detectors.latency import Latency
+from rollbackd.detectors.model_error import ModelError
+
+__all__ = [
+    "REGISTRY",
+    "Detector",
+    "DetectorFactory",
+    "Labeled",
+    "Measurement",
+    "Reference",
+    "Window",
+    "make_detector",
+    "register",
+    "Drift",
+    "ErrorRate",
+    "Latency",
+    "ModelError",
+]

@@ -1,0 +1,117 @@
+"""Replay throughput and peak memory on a generated 1-million-event recording.
+
+    python benchmarks/replay.py [--events 1000000] [--out benchmarks/results/replay.json]
+
+Two deployments, 10 features (8 numeric, 2 categorical), 60 % of predictions labelled, and
+the four first detectors (serving error rate, p99 latency, model error, drift) on 1-minute
+windows. The recording is generated once into a cache folder (generation is not timed). The
+replay runs in a child process so that its peak RSS (``ru_maxrss``) is the replay's own.
+Targets on the 2-core reference machine: >= 150,000 events/s, peak RSS < 300 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+RULES = """
+version: 1
+settings: {notifier: {type: none}}
+deployments:
+  bench-a: {backend: {type: log}}
+  bench-b: {backend: {type: log}}
+rules:
+  - {name: serving-errors, detector: error_rate, threshold: 0.05, alpha: 0.01, for: 2m,
+     min_samples: 100, severity: critical, actions: [notify, rollback]}
+  - {name: latency-p99, detector: latency, params: {quantile: 0.99}, threshold: 500, for: 3m,
+     min_samples: 100, severity: warning, actions: [notify]}
+  - {name: model-error, detector: model_error, threshold: 0.4, alpha: 0.01, for: 5m,
+     min_samples: 100, severity: warning, actions: [notify]}
+  - {name: drift, detector: drift, params: {reference_size: 5000}, threshold: 0.1,
+     alpha: 0.01, for: 5m, min_samples: 200, severity: warning, actions: [notify]}
+"""
+
+
+def child(recording: str, rules: str, batch_size: int) -> None:
+    from rollbackd.daemon.replay import build_pipeline, open_recording, replay
+    from rollbackd.rules.loader import load_config
+
+    config = load_config(rules)
+    pipeline = build_pipeline(config)
+    t0 = time.perf_counter()
+    result = replay(open_recording(recording, config), pipeline, batch_size=batch_size)
+    elapsed = time.perf_counter() - t0
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({
+        "events": result.events,
+        "seconds": elapsed,
+        "events_per_s": result.events / elapsed,
+        "peak_rss_mb": peak_kb / 1024,
+        "summary": result.summary,
+    }))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--events", type=int, default=1_000_000)
+    ap.add_argument("--batch-size", type=int, default=8192)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--out", default=str(HERE / "results" / "replay.json"))
+    ap.add_argument("--cache", default=str(ROOT / ".cache" / "bench"))
+    ap.add_argument("--child", nargs=2, metavar=("RECORDING", "RULES"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1], args.batch_size)
+        return
+
+    from rollbackd.scenarios import benchmark_scenario, write_recording
+
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    recording = cache / f"bench-{args.events}.jsonl"
+    if not recording.exists():
+        t0 = time.perf_counter()
+        stats = write_recording(benchmark_scenario(args.events), recording)
+        print(f"generated {stats.lines:,} lines in {time.perf_counter() - t0:.1f}s -> {recording}")
+    rules = cache / "bench-rules.yaml"
+    rules.write_text(RULES)
+
+    runs = []
+    for i in range(args.repeat):
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", str(recording), str(rules), "--batch-size", str(args.batch_size)],
+            check=True, capture_output=True, text=True,
+        )
+        run = json.loads(out.stdout.strip().splitlines()[-1])
+        runs.append(run)
+        print(f"run {i + 1}: {run['events']:,} events in {run['seconds']:.2f}s = "
+              f"{run['events_per_s']:,.0f} events/s, peak RSS {run['peak_rss_mb']:.0f} MB")
+    best = max(runs, key=lambda r: r["events_per_s"])
+    result = {
+        "benchmark": "replay",
+        "events": best["events"],
+        "recording_bytes": recording.stat().st_size,
+        "events_per_s": {"best": best["events_per_s"], "all": [r["events_per_s"] for r in runs]},
+        "peak_rss_mb": {"max": max(r["peak_rss_mb"] for r in runs)},
+        "targets": {"events_per_s": 150_000, "peak_rss_mb": 300},
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "summary": best["summary"],
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    print(f"best {result['events_per_s']['best']:,.0f} events/s, peak RSS {result['peak_rss_mb']['max']:.0f} MB -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

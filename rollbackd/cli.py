@@ -1,0 +1,281 @@
+"""The ``rollbackd`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+import uuid
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import click
+import structlog
+
+from rollbackd import __version__
+
+EXIT_CONFIG = 2
+
+
+def _configure_logging(level: str, json_logs: bool) -> None:
+    renderer: Any = (
+        structlog.processors.JSONRenderer(sort_keys=True)
+        if json_logs
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True, key="logged_at"),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="rollbackd")
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-json/--no-log-json", default=False, help="Structured JSON logs on stderr.")
+def main(log_level: str, log_json: bool) -> None:
+    """rollbackd watches model-serving events, detects when a deployment goes bad, and rolls it
+    back to its last known-good version, with every decision in an audit ledger."""
+    _configure_logging(log_level, log_json)
+
+
+def _load_config(path: str) -> Any:
+    from rollbackd.rules.loader import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(EXIT_CONFIG)
+    except OSError as exc:
+        click.echo(f"{path}: {exc.strerror or exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+@main.command()
+@click.argument("rules", type=click.Path(dir_okay=False))
+def validate(rules: str) -> None:
+    """Check a rules file; print every error with its line, exit non-zero on any."""
+    from rollbackd.rules.loader import summarize
+
+    config = _load_config(rules)
+    click.echo(summarize(config))
+    click.echo(f"{rules}: OK")
+
+
+class _Progress:
+    """Events done and events/s on stderr, only when stderr is a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        from rollbackd.daemon.clock import WallClock
+
+        self.enabled = enabled and sys.stderr.isatty()
+        self.clock = WallClock()
+        self.start = self.clock.now()
+        self.last = 0.0
+
+    def __call__(self, done: int, watermark: float | None) -> None:
+        if not self.enabled:
+            return
+        now = self.clock.now()
+        if now - self.last < 0.5:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        wm = ""
+        if watermark is not None and watermark > 0:
+            wm = " event time " + datetime.fromtimestamp(watermark, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        sys.stderr.write(f"\r{done:,} events  {rate:,.0f} events/s{wm}   ")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _run_replay(
+    recording: str,
+    config: Any,
+    *,
+    decisions_out: str | None,
+    db: str,
+    dead_letter: str | None,
+    notifier_name: str | None,
+    drill: bool,
+    mode: str,
+    batch_size: int,
+    progress: bool = True,
+) -> Any:
+    from rollbackd.actions.factory import make_notifier
+    from rollbackd.daemon.decisions import DecisionLog, NullDecisions
+    from rollbackd.daemon.ledger import Ledger
+    from rollbackd.daemon.replay import build_pipeline, open_recording, replay
+    from rollbackd.rules.model import NotifierSpec
+
+    run_id = f"{mode}-{uuid.uuid4().hex[:12]}"
+    ledger = Ledger(db, run_id=run_id)
+    ledger.start_run(mode, recording, config.source, datetime.now(timezone.utc).isoformat())
+    notifier = (
+        make_notifier(NotifierSpec(type=notifier_name)) if notifier_name else None
+    )
+    pipeline = build_pipeline(
+        config,
+        decisions=DecisionLog(decisions_out) if decisions_out else NullDecisions(),
+        recorder=ledger,
+        dead_letter_path=dead_letter,
+        notifier=notifier,
+        drill=drill,
+    )
+    bar = _Progress(progress)
+    try:
+        result = replay(open_recording(recording, config), pipeline, batch_size=batch_size, progress=bar)
+    finally:
+        bar.done()
+    ledger.counters(
+        [(f"events.{k}", v) for k, v in result.summary["events"].items()]
+        + [(f"rejected.{k}", v) for k, v in result.summary["rejected"].items()]
+        + [(f"join.{k}", v) for k, v in result.summary["join"].items()]
+    )
+    ledger.finish_run(result.summary)
+    ledger.close()
+    result.extra["run_id"] = run_id
+    return result
+
+
+@main.command()
+@click.argument("recording")
+@click.option("--config", "-c", "rules", required=True, type=click.Path(dir_okay=False), help="Rules file.")
+@click.option("--decisions-out", type=click.Path(dir_okay=False), help="Write the decision log (JSON Lines).")
+@click.option("--db", default="rollbackd.db", show_default=True, help="SQLite ledger file.")
+@click.option("--dead-letter", type=click.Path(dir_okay=False),
+              help="Where rejected lines go (default: RECORDING's name + .rejected.jsonl).")
+@click.option("--notifier", type=click.Choice(["console", "slack", "none"]), default=None,
+              help="Override the rules file's notifier.")
+@click.option("--batch-size", default=8192, show_default=True)
+@click.option("--summary-json", is_flag=True, help="Print the run summary as JSON on stdout.")
+def replay(recording: str, rules: str, decisions_out: str | None, db: str, dead_letter: str | None,
+           notifier: str | None, batch_size: int, summary_json: bool) -> None:
+    """Replay a recorded stream (JSONL, .jsonl.gz or - for stdin) through the rules."""
+    config = _load_config(rules)
+    if dead_letter is None:
+        base = "stdin" if recording == "-" else Path(recording).name
+        dead_letter = f"{base}.rejected.jsonl"
+    result = _run_replay(recording, config, decisions_out=decisions_out, db=db,
+                         dead_letter=dead_letter, notifier_name=notifier, drill=False,
+                         mode="replay", batch_size=batch_size)
+    if summary_json:
+        click.echo(json.dumps(result.summary, sort_keys=True))
+    else:
+        _print_summary(result, dead_letter)
+
+
+def _print_summary(result: Any, dead_letter: str | None) -> None:
+    s = result.summary
+    ev = s["events"]
+    rejected = sum(s["rejected"].values())
+    click.echo(
+        f"events: {ev.get('predictions', 0):,} predictions, {ev.get('outcomes', 0):,} outcomes, "
+        f"{ev.get('deploys', 0):,} deploys, {ev.get('late', 0):,} late, {rejected:,} rejected"
+    )
+    if rejected:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(s["rejected"].items()))
+        click.echo(f"rejected by reason: {reasons} (kept in {dead_letter})")
+    j = s["join"]
+    click.echo(
+        f"labels: {j['joined']:,} joined, {j['unmatched_outcomes']:,} unmatched outcomes, "
+        f"{s['pending_labels']:,} predictions awaiting a label"
+    )
+    incidents = result.pipeline.incidents()
+    click.echo(f"incidents: {len(incidents)}")
+    for inc in incidents:
+        _print_incident(inc, result.pipeline)
+
+
+def _ts(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _print_incident(inc: Any, pipeline: Any) -> None:
+    status = "open" if inc.is_open else f"resolved {_ts(inc.resolved_at)}"
+    click.echo(f"  {inc.id}  {inc.deployment}  opened {_ts(inc.opened_at)}  {status}  severity {inc.severity}")
+    for a in inc.alerts.values():
+        m = a.measurement
+        click.echo(
+            f"    {_ts(a.fired_at)}  {a.rule:<24} {a.variant:<8} value {m.get('value')!s:<22} "
+            f"threshold {m.get('threshold')}  n={m.get('sample_size')}  "
+            + (f"resolved {_ts(a.resolved_at)}" if a.resolved_at else "firing")
+        )
+
+
+@main.command()
+@click.option("--out-dir", type=click.Path(file_okay=False), default=None,
+              help="Keep the generated recording, decision log and ledger here.")
+@click.option("--db", default="rollbackd.db", show_default=True, help="SQLite ledger file.")
+def demo(out_dir: str | None, db: str) -> None:
+    """Generate a built-in scenario (healthy traffic, then a bad version) and replay it:
+    console notices, a rollback to the last known-good version, and the incident timeline."""
+    from rollbackd.rules.loader import load_config
+    from rollbackd.scenarios import BUILTIN, write_recording
+
+    work = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="rollbackd-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    recording = work / "demo.jsonl.gz"
+    stats = write_recording(BUILTIN["demo"], recording)
+    rules_path = resources.files("rollbackd") / "examples" / "demo.yaml"
+    with resources.as_file(rules_path) as rp:
+        config = load_config(rp)
+    click.echo(f"rollbackd demo: {stats.lines:,} events of a deployment 'demo-scorer' written to {recording}")
+    click.echo("version 1 serves healthy traffic, then version 2 is deployed and starts failing.\n")
+    decisions = work / "decisions.jsonl"
+    result = _run_replay(str(recording), config, decisions_out=str(decisions), db=db,
+                         dead_letter=str(work / "rejected.jsonl"), notifier_name="console",
+                         drill=False, mode="demo", batch_size=8192)
+    click.echo("\n=== incident timeline ===")
+    for line in decisions.read_text().splitlines():
+        rec = json.loads(line)
+        click.echo("  " + _timeline_line(rec))
+    click.echo("")
+    _print_summary(result, None)
+    click.echo(f"\ndecision log: {decisions}\nledger: {db} (run {result.extra['run_id']})")
+
+
+def _timeline_line(rec: dict[str, Any]) -> str:
+    when = _ts(rec["ts"])
+    where = f"{rec['deployment']}/{rec.get('variant')}"
+    if rec["kind"] == "alert":
+        m = rec.get("measurement", {})
+        return f"{when}  alert     {rec['rule']:<22} {rec['state']:<9} {where}  value={m.get('value')} threshold={m.get('threshold')} n={m.get('sample_size')}"
+    if rec["kind"] == "incident":
+        return f"{when}  incident  {rec['incident_id']:<22} {rec['state']:<9} {where}"
+    if rec["action"] == "rollback":
+        return (f"{when}  rollback  {rec.get('from_version')} -> {rec.get('to_version')}  "
+                f"{rec['status']}  {where}  ({rec.get('detail', '')})")
+    return f"{when}  notify    {rec.get('notice', ''):<22} {rec['status']:<9} {where}"
+
+
+@main.command()
+@click.argument("scenario")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Recording to write (.jsonl or .jsonl.gz).")
+def simulate(scenario: str, out: str) -> None:
+    """Write a built-in synthetic scenario as a recording in the event contract."""
+    from rollbackd.scenarios import BUILTIN, write_recording
+
+    if scenario not in BUILTIN:
+        raise click.BadParameter(f"unknown scenario {scenario!r}; known: {', '.join(sorted(BUILTIN))}")
+    stats = write_recording(BUILTIN[scenario], out)
+    click.echo(f"{out}: {stats.lines:,} lines")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,108 @@
+"""Joins delayed outcomes to their predictions by (deployment, id) within a horizon.
+
+Memory is bounded two ways: predictions older than the horizon are evicted (counted as never
+labelled), and the buffer holds at most ``max_pending`` predictions (oldest evicted first,
+counted separately so an operator can see that the cap, not the horizon, was binding).
+Only deployments that have a label-based rule register here at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rollbackd.detectors.base import Labeled
+from rollbackd.events import Outcome, Prediction
+
+__all__ = ["JoinStats", "OutcomeJoiner"]
+
+# Per pending prediction: (ts, variant, model_version, prediction, score). A tuple, not an
+# object, because there may be millions of them.
+_Pending = tuple[float, str, str, object, "float | None"]
+
+
+@dataclass(slots=True)
+class JoinStats:
+    joined: int = 0
+    unmatched_outcomes: int = 0  # no prediction with that id (never seen, or evicted)
+    expired_outcomes: int = 0  # prediction found but the outcome came after the horizon
+    never_labeled: int = 0  # predictions evicted at the horizon without an outcome
+    evicted_capacity: int = 0  # predictions evicted because max_pending was reached
+    duplicate_predictions: int = 0
+
+    def to_record(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
+
+
+@dataclass(slots=True)
+class OutcomeJoiner:
+    horizon: float = 86400.0
+    max_pending: int = 2_000_000
+    stats: JoinStats = field(default_factory=JoinStats)
+    _pending: dict[str, dict[str, _Pending]] = field(default_factory=dict)
+    _size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.horizon <= 0:
+            raise ValueError(f"join horizon must be > 0 seconds, got {self.horizon}")
+        if self.max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {self.max_pending}")
+
+    def __len__(self) -> int:
+        return self._size
+
+    def wants(self, deployment: str) -> bool:
+        return deployment in self._pending
+
+    def track(self, deployment: str) -> None:
+        self._pending.setdefault(deployment, {})
+
+    def add(self, p: Prediction) -> None:
+        book = self._pending.get(p.deployment)
+        if book is None:
+            return
+        if p.id in book:
+            self.stats.duplicate_predictions += 1
+            return
+        book[p.id] = (p.ts, p.variant, p.model_version, p.prediction, p.score)
+        self._size += 1
+        if self._size > self.max_pending:
+            self._evict_oldest()
+
+    def match(self, o: Outcome) -> Labeled | None:
+        book = self._pending.get(o.deployment)
+        entry = book.pop(o.id, None) if book is not None else None
+        if entry is None:
+            self.stats.unmatched_outcomes += 1
+            return None
+        self._size -= 1
+        ts, variant, version, prediction, score = entry
+        if o.ts - ts > self.horizon:
+            self.stats.expired_outcomes += 1
+            return None
+        self.stats.joined += 1
+        return Labeled(ts, o.ts, variant, version, prediction, score, o.label)
+
+    def expire(self, now: float) -> None:
+        """Evict predictions older than ``now - horizon``."""
+        cutoff = now - self.horizon
+        for book in self._pending.values():
+            # Insertion order is (almost) event-time order, so the old ones are at the front.
+            while book:
+                key = next(iter(book))
+                if book[key][0] >= cutoff:
+                    break
+                del book[key]
+                self._size -= 1
+                self.stats.never_labeled += 1
+
+    def _evict_oldest(self) -> None:
+        oldest_book, oldest_ts = None, float("inf")
+        for book in self._pending.values():
+            if book:
+                ts = book[next(iter(book))][0]
+                if ts < oldest_ts:
+                    oldest_book, oldest_ts = book, ts
+        if oldest_book is not None:
+            del oldest_book[next(iter(oldest_book))]
+            self._size -= 1
+            self.stats.evicted_capacity += 1

@@ -1,0 +1,132 @@
+"""The audit ledger: every alert transition, incident change and action, with its evidence.
+
+SQLite through sqlite-utils, WAL journal. Rows are only ever inserted (an action has a
+``started`` row and a ``finished`` row rather than an update), so the table reads as a log.
+Each row carries the ``run_id`` of the process that wrote it: one ledger can hold a live
+daemon's history and drills or replays without mixing them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import sqlite_utils
+
+__all__ = ["Ledger"]
+
+_SCHEMA: dict[str, dict[str, type]] = {
+    "runs": {"run_id": str, "mode": str, "source": str, "config": str, "started_wall": str, "summary": str},
+    "alert_transitions": {
+        "run_id": str, "ts": float, "alert_id": str, "rule": str, "deployment": str,
+        "variant": str, "previous": str, "state": str, "severity": str, "incident_id": str,
+        "value": float, "threshold": float, "p_value": float, "sample_size": int,
+        "window_start": float, "window_end": float, "measurement": str,
+    },
+    "incidents": {
+        "run_id": str, "ts": float, "incident_id": str, "change": str, "deployment": str,
+        "variant": str, "rule": str, "severity": str, "data": str,
+    },
+    "actions": {
+        "run_id": str, "ts": float, "incident_id": str, "action": str, "phase": str,
+        "status": str, "rule": str, "deployment": str, "variant": str, "from_version": str,
+        "to_version": str, "idempotency_key": str, "attempts": int, "detail": str, "data": str,
+    },
+    "counters": {"run_id": str, "name": str, "value": int},
+}
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+class Ledger:
+    def __init__(self, path: str | Path = "rollbackd.db", run_id: str = "run") -> None:
+        self.path = str(path)
+        self.run_id = run_id
+        self.db = sqlite_utils.Database(self.path)
+        if self.path != ":memory:":
+            self.db.enable_wal()
+        for name, columns in _SCHEMA.items():
+            table = self.db.table(name)
+            if not table.exists():
+                table.create({"seq": int, **columns}, pk="seq")
+        for name, cols in (
+            ("alert_transitions", ["run_id", "deployment", "ts"]),
+            ("incidents", ["run_id", "incident_id"]),
+            ("actions", ["run_id", "incident_id"]),
+        ):
+            self.db.table(name).create_index(cols, if_not_exists=True)
+
+    def _insert(self, table: str, row: dict[str, Any]) -> None:
+        row = {"run_id": self.run_id, **row}
+        self.db.table(table).insert(row, alter=True)
+
+    def start_run(self, mode: str, source: str, config: str | None, started_wall: str) -> None:
+        self._insert("runs", {"mode": mode, "source": source, "config": config or "", "started_wall": started_wall})
+
+    def finish_run(self, summary: dict[str, Any]) -> None:
+        self.db.execute(
+            "update runs set summary = ? where run_id = ?", [_json(summary), self.run_id]
+        )
+        self.db.conn.commit()
+
+    def alert(self, rec: dict[str, Any]) -> None:
+        m = rec.get("measurement") or {}
+        window = rec.get("window") or [None, None]
+        self._insert(
+            "alert_transitions",
+            {
+                "ts": rec["ts"], "alert_id": rec["alert_id"], "rule": rec["rule"],
+                "deployment": rec["deployment"], "variant": rec["variant"],
+                "previous": rec.get("previous"), "state": rec["state"],
+                "severity": rec.get("severity"), "incident_id": rec.get("incident_id"),
+                "value": m.get("value"), "threshold": m.get("threshold"),
+                "p_value": m.get("p_value"), "sample_size": m.get("sample_size"),
+                "window_start": window[0], "window_end": window[1], "measurement": _json(m),
+            },
+        )
+
+    def incident(self, rec: dict[str, Any]) -> None:
+        self._insert(
+            "incidents",
+            {
+                "ts": rec["ts"], "incident_id": rec["incident_id"], "change": rec["state"],
+                "deployment": rec["deployment"], "variant": rec.get("variant"),
+                "rule": rec.get("rule"), "severity": rec.get("severity"),
+                "data": _json({k: v for k, v in rec.items() if k not in {"ts", "kind"}}),
+            },
+        )
+
+    def action(self, rec: dict[str, Any], phase: str) -> None:
+        self._insert(
+            "actions",
+            {
+                "ts": rec["ts"], "incident_id": rec.get("incident_id"), "action": rec["action"],
+                "phase": phase, "status": rec.get("status"), "rule": rec.get("rule"),
+                "deployment": rec["deployment"], "variant": rec.get("variant"),
+                "from_version": rec.get("from_version"), "to_version": rec.get("to_version"),
+                "idempotency_key": rec.get("idempotency_key"), "attempts": rec.get("attempts"),
+                "detail": rec.get("detail"),
+                "data": _json({k: v for k, v in rec.items() if k in {"notice", "evidence"}}),
+            },
+        )
+        # The outbox rule: an action's start is durable before it runs, and its end right after.
+        self.db.conn.commit()
+
+    def counters(self, values: Iterable[tuple[str, int]]) -> None:
+        for name, value in values:
+            self._insert("counters", {"name": name, "value": int(value)})
+
+    def commit(self) -> None:
+        self.db.conn.commit()
+
+    def close(self) -> None:
+        self.db.conn.commit()
+        self.db.close()
+
+    # Reading ----------------------------------------------------------------------------
+    def rows(self, table: str, **where: Any) -> list[dict[str, Any]]:
+        clauses = " and ".join(f"{k} = ?" for k in where) or "1"
+        return list(self.db.query(f"select * from {table} where {clauses} order by seq", list(where.values())))

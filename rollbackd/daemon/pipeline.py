@@ -1,0 +1,488 @@
+"""The processing loop's core: events in, decisions and actions out.
+
+source → decode → **join → windows → detectors → rules → incidents → actions**
+
+``ingest`` is the hot path (per event: lateness check, pane append, join bookkeeping).
+``advance(now)`` does everything time-driven, in event-time order: at each window boundary it
+closes windows, runs the detectors and steps the alert state machines; between boundaries it
+fires incident deadlines (group_wait, repeat_interval). No method reads a clock; whoever
+drives the pipeline (replay, the live daemon, a test) passes ``now``. Given the same events
+and the same ``now`` sequence up to batch boundaries, the decisions are identical: lateness is
+judged per event against the events before it, never against batch boundaries.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Mapping
+
+import structlog
+
+from rollbackd.actions.base import (
+    ActionResult,
+    AlertSummary,
+    Notice,
+    Notifier,
+    RollbackBackend,
+    RollbackPlan,
+)
+from rollbackd.actions.policy import SafetyPolicy, SafetyState
+from rollbackd.daemon.decisions import DecisionSink, NullDecisions
+from rollbackd.daemon.join import OutcomeJoiner
+from rollbackd.daemon.versions import VersionHistory
+from rollbackd.daemon.windows import WindowAssembler
+from rollbackd.detectors.base import Detector, Measurement, Reference, Window, make_detector
+from rollbackd.events import Deploy, Event, Outcome, Prediction, Rejected
+from rollbackd.rules.alerts import Alert, AlertState, step
+from rollbackd.rules.incidents import ActionsDue, Incident, IncidentBook, IncidentChange, NoticeDue
+from rollbackd.rules.model import Config, RuleSpec, WindowSpec
+
+__all__ = ["Pipeline", "Edges"]
+
+log = structlog.get_logger("rollbackd")
+
+Key = tuple[str, str]
+
+
+class Recorder:
+    """What the pipeline needs of a ledger (``daemon.ledger.Ledger`` implements it)."""
+
+    def alert(self, rec: dict[str, Any]) -> None: ...
+    def incident(self, rec: dict[str, Any]) -> None: ...
+    def action(self, rec: dict[str, Any], phase: str) -> None: ...
+
+
+class _NullRecorder(Recorder):
+    def alert(self, rec: dict[str, Any]) -> None:
+        pass
+
+    def incident(self, rec: dict[str, Any]) -> None:
+        pass
+
+    def action(self, rec: dict[str, Any], phase: str) -> None:
+        pass
+
+
+class _NullDeadLetters:
+    count = 0
+
+    def put(self, rejected: Rejected) -> None:
+        self.count += 1
+
+
+@dataclass
+class Edges:
+    """Everything with I/O that the pipeline talks to, injected."""
+
+    notifier: Notifier
+    backend_for: Callable[[str], RollbackBackend]  # deployment name -> backend
+    decisions: DecisionSink = NullDecisions()
+    recorder: Recorder = _NullRecorder()
+    dead_letters: Any = None  # DeadLetterSink: put(rejected)
+    references: Callable[[str], Reference | None] = lambda deployment: None
+    drill: bool = False
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+class Pipeline:
+    def __init__(self, config: Config, edges: Edges) -> None:
+        self.config = config
+        self.edges = edges
+        if edges.dead_letters is None:
+            edges.dead_letters = _NullDeadLetters()
+        s = config.settings
+        self.lateness = s.lateness
+        self.assembler = WindowAssembler([r.window for r in config.rules])
+        self.joiner = OutcomeJoiner(horizon=s.join_horizon, max_pending=s.max_pending_labels)
+        self.book = IncidentBook(config.grouping)
+        self.rules_by_window: dict[WindowSpec, list[RuleSpec]] = {}
+        for rule in config.rules:
+            self.rules_by_window.setdefault(rule.window, []).append(rule)
+        self.detectors: dict[tuple[str, Key], Detector] = {}
+        self.alerts: dict[tuple[str, Key], Alert] = {}
+        self.versions: dict[Key, VersionHistory] = {}
+        self.safety = SafetyState()
+        self.max_event_time = -math.inf
+        self.counters: Counter[str] = Counter()
+        self.rejects: Counter[str] = Counter()
+        self._known_keys: set[Key] = set()
+        self._next_boundary: float | None = None
+        self._rule_index = {r.name: r for r in config.rules}
+        self._references: dict[str, Reference | None] = {}
+
+    # Hot path -------------------------------------------------------------------------
+    def ingest(self, events: list[Event]) -> None:
+        if not events:
+            return
+        g = self.assembler.granularity
+        if self._next_boundary is None:
+            first = min(ev.ts for ev in events)
+            self._next_boundary = (math.floor(first / g) + 1) * g
+        lateness = self.lateness
+        max_ts = self.max_event_time
+        pane_for = self.assembler.pane
+        known = self._known_keys
+        joiner = self.joiner
+        n_pred = n_out = n_late = 0
+        for ev in events:
+            ts = ev.ts
+            if ts < max_ts - lateness:
+                n_late += 1
+                continue
+            if ts > max_ts:
+                max_ts = ts
+            cls = type(ev)
+            if cls is Prediction:
+                n_pred += 1
+                key = (ev.deployment, ev.variant)  # type: ignore[union-attr]
+                if key not in known:
+                    self._new_key(key, ts)
+                pane_for(key, int(ts // g)).predictions.append(ev)  # type: ignore[arg-type]
+                joiner.add(ev)  # type: ignore[arg-type]
+            elif cls is Outcome:
+                n_out += 1
+                lab = joiner.match(ev)  # type: ignore[arg-type]
+                if lab is not None:
+                    pane_for((ev.deployment, lab.variant), int(ts // g)).outcomes.append(lab)
+            else:
+                self.counters["deploys"] += 1
+                self._deploy(ev, ts)  # type: ignore[arg-type]
+        self.max_event_time = max_ts
+        self.counters["predictions"] += n_pred
+        self.counters["outcomes"] += n_out
+        self.counters["late"] += n_late
+
+    def reject(self, rejects: Iterable[Rejected]) -> None:
+        for r in rejects:
+            self.rejects[r.reason] += 1
+            self.edges.dead_letters.put(r)
+
+    def _new_key(self, key: Key, ts: float) -> None:
+        self._known_keys.add(key)
+        if any(r.needs_labels and r.applies_to(*key) for r in self.config.rules):
+            self.joiner.track(key[0])
+        self.versions.setdefault(key, VersionHistory())
+
+    def _deploy(self, ev: Deploy, ts: float) -> None:
+        key = (ev.deployment, ev.variant)
+        if key not in self._known_keys:
+            self._new_key(key, ts)
+        provenance = dict(ev.attrs)
+        if self.versions[key].observe(ev.model_version, ts, provenance):
+            log.info("version.deployed", deployment=key[0], variant=key[1], version=ev.model_version, ts=iso(ts))
+
+    # Time-driven ------------------------------------------------------------------------
+    def advance(self, now: float) -> None:
+        """Process every window boundary and incident deadline up to event time ``now``."""
+        g = self.assembler.granularity
+        while self._next_boundary is not None:
+            nb = self._next_boundary
+            first = self.assembler.earliest_pane_end()
+            if first is not None and first > nb and not self.book.open:
+                nb = self._next_boundary = first  # nothing buffered before it: skip idle time
+            deadline = self.book.next_deadline()
+            if deadline is not None and deadline < nb:
+                if deadline > now:
+                    return
+                self._effects(self.book.tick(deadline))
+                continue
+            if nb > now:
+                return
+            self._boundary(nb)
+            self._effects(self.book.tick(nb))
+            self._next_boundary = nb + g
+
+    def _boundary(self, t: float) -> None:
+        g = self.assembler.granularity
+        last_idx = int(round(t / g)) - 1
+        for key in self.assembler.keys():
+            pane = self.assembler.panes[key].get(last_idx)
+            if pane and pane.predictions:
+                versions = Counter(p.model_version for p in pane.predictions)
+                version = max(versions, key=lambda v: (versions[v], v))
+                self.versions.setdefault(key, VersionHistory()).observe(version, last_idx * g)
+        for spec, window in self.assembler.windows_at(t):
+            for rule in self.rules_by_window.get(spec, ()):
+                if rule.applies_to(window.deployment, window.variant):
+                    self._evaluate(rule, window, t)
+        self.joiner.expire(t)
+        self.assembler.drop_before(t)
+
+    def _detector(self, rule: RuleSpec, key: Key) -> Detector:
+        det = self.detectors.get((rule.name, key))
+        if det is None:
+            det = self.detectors[(rule.name, key)] = make_detector(
+                rule.detector,
+                threshold=rule.threshold,
+                min_samples=rule.min_samples,
+                params=rule.params,
+                reference=self._reference(key[0]),
+            )
+        return det
+
+    def _reference(self, deployment: str) -> Reference | None:
+        if deployment not in self._references:
+            self._references[deployment] = self.edges.references(deployment)
+        return self._references[deployment]
+
+    def _evaluate(self, rule: RuleSpec, window: Window, now: float) -> None:
+        key = (window.deployment, window.variant)
+        det = self._detector(rule, key)
+        det.update(window)
+        m = det.evaluate(now)
+        alert = self.alerts.get((rule.name, key))
+        if alert is None:
+            alert = Alert(rule.name, key[0], key[1])
+        new, transition = step(rule, alert, m, now)
+        self.alerts[(rule.name, key)] = new
+        if transition is None:
+            return
+        effects: list[Any] = []
+        if transition.new == "firing":
+            effects = self.book.alert_fired(
+                rule, new.id, key[0], key[1], now, m.to_record(), (window.start, window.end)
+            )
+        elif transition.new == "resolved":
+            effects = self.book.alert_resolved(new.id, key[0], now)
+        incident = self.book.incident_for(key[0], key[1])
+        rec = {
+            "ts": now,
+            "kind": "alert",
+            "alert_id": new.id,
+            "rule": rule.name,
+            "deployment": key[0],
+            "variant": key[1],
+            "severity": rule.severity,
+            "state": transition.new,
+            "previous": str(transition.previous),
+            "incident_id": self._incident_of(effects, incident),
+            "measurement": m.to_record(),
+            "window": [window.start, window.end],
+            "version": self._current_version(key),
+        }
+        self._decide(rec, self.edges.recorder.alert)
+        log.info(
+            "alert." + transition.new, rule=rule.name, deployment=key[0], variant=key[1],
+            value=m.value, threshold=m.threshold, n=m.sample_size, ts=iso(now),
+        )
+        self._effects(effects)
+
+    @staticmethod
+    def _incident_of(effects: list[Any], fallback: Incident | None) -> str | None:
+        for e in effects:
+            if isinstance(e, IncidentChange):
+                return e.incident.id
+        return fallback.id if fallback is not None else None
+
+    def _current_version(self, key: Key) -> str | None:
+        hist = self.versions.get(key)
+        return hist.current.version if hist is not None and hist.current is not None else None
+
+    # Effects ----------------------------------------------------------------------------
+    def _decide(self, rec: dict[str, Any], record: Callable[[dict[str, Any]], None]) -> None:
+        self.edges.decisions.write(rec)
+        record(rec)
+
+    def _effects(self, effects: Iterable[Any]) -> None:
+        # Rollbacks run before any notice of the same step is posted: a slow or rate-limited
+        # notifier must never delay a rollback. Notices then go out in the order decided.
+        notices: list[tuple[Incident, str, float, str, str]] = []
+        for e in effects:
+            if isinstance(e, IncidentChange):
+                self._incident_change(e)
+            elif isinstance(e, NoticeDue):
+                notices.append((e.incident, e.kind, e.ts, e.reason, ""))
+            elif isinstance(e, ActionsDue):
+                for action in e.actions:
+                    if action == "rollback":
+                        notices.append(self._rollback(e.incident, e.alert.rule, e.alert.variant, e.ts))
+        for notice in notices:
+            self._notice(*notice)
+
+    def _incident_change(self, e: IncidentChange) -> None:
+        inc = e.incident
+        alert = e.alert
+        variant = alert.variant if alert is not None else inc.lead_alert().variant
+        key = (inc.deployment, variant)
+        rec: dict[str, Any] = {
+            "ts": e.ts,
+            "kind": "incident",
+            "state": e.change,
+            "incident_id": inc.id,
+            "deployment": inc.deployment,
+            "variant": variant,
+            "rule": alert.rule if alert is not None else None,
+            "severity": inc.severity,
+        }
+        if e.change == "opened":
+            hist = self.versions.get(key)
+            if hist is not None and hist.current is not None:
+                hist.mark_bad()
+                rec["version"] = hist.current.version
+                rec["version_started"] = hist.current.started
+                if hist.current.provenance:
+                    rec["provenance"] = dict(sorted(hist.current.provenance.items()))
+        self._decide(rec, self.edges.recorder.incident)
+        log.info("incident." + e.change, incident=inc.id, deployment=inc.deployment, ts=iso(e.ts))
+
+    def _wants_notice(self, inc: Incident) -> bool:
+        return any("notify" in a.actions for a in inc.alerts.values())
+
+    def _notice(self, inc: Incident, kind: str, ts: float, reason: str, extra: str = "") -> None:
+        if not self._wants_notice(inc):
+            return
+        lead = inc.lead_alert()
+        spec = self.config.deployment(inc.deployment)
+        rule = self._rule_index.get(lead.rule)
+        version = self._current_version((inc.deployment, lead.variant))
+        state = "RESOLVED" if kind == "resolved" else lead.severity.upper()
+        title = f"[{state}] {inc.deployment}/{lead.variant}: {lead.rule}"
+        if len(inc.alerts) > 1:
+            title += f" (+{len(inc.alerts) - 1} more)"
+        alerts = tuple(
+            AlertSummary(
+                rule=a.rule,
+                severity=a.severity,
+                state=a.state,
+                value=a.measurement.get("value"),
+                threshold=a.measurement.get("threshold", math.nan),
+                sample_size=a.measurement.get("sample_size", 0),
+                window_start=a.window[0],
+                window_end=a.window[1],
+                p_value=a.measurement.get("p_value"),
+                summary=a.summary,
+            )
+            for a in inc.alerts.values()
+        )
+        text = f"{title} — {reason}" + (f": {extra}" if extra else "")
+        notice = Notice(
+            incident_id=inc.id,
+            kind=kind,  # type: ignore[arg-type]
+            ts=ts,
+            deployment=inc.deployment,
+            variant=lead.variant,
+            version=version,
+            title=title,
+            text=text,
+            alerts=alerts,
+            runbook=(rule.runbook if rule and rule.runbook else spec.runbook),
+            channel=spec.slack_channel,
+            thread=inc.thread,
+            drill=self.edges.drill,
+        )
+        rec: dict[str, Any] = {
+            "ts": ts,
+            "kind": "action",
+            "action": "notify",
+            "notice": kind,
+            "incident_id": inc.id,
+            "deployment": inc.deployment,
+            "variant": lead.variant,
+            "rule": lead.rule,
+            "status": "started",
+        }
+        self.edges.recorder.action(rec, "started")
+        try:
+            result = self.edges.notifier.post(notice)
+        except Exception as exc:  # a notifier must never stop the pipeline or a rollback
+            result = ActionResult("failed", f"{type(exc).__name__}: {exc}")
+        rec.update(status=result.status, detail=result.detail or reason)
+        self._decide(rec, lambda r: self.edges.recorder.action(r, "finished"))
+        self.book.noticed(inc, ts, result.thread)
+
+    def _rollback(
+        self, inc: Incident, rule_name: str, variant: str, ts: float
+    ) -> tuple[Incident, str, float, str, str]:
+        """Run (or refuse) one rollback; returns the notice to post about it."""
+        spec = self.config.deployment(inc.deployment)
+        rule = self._rule_index.get(rule_name)
+        key = (inc.deployment, variant)
+        hist = self.versions.get(key) or VersionHistory()
+        current = hist.current.version if hist.current is not None else None
+        target = hist.known_good(ts, spec.known_good_after)
+        plan = (
+            RollbackPlan(inc.deployment, variant, current, target, inc.id, f"rule {rule_name}")
+            if target is not None
+            else None
+        )
+        dry_run = _first_set(
+            rule.dry_run if rule else None, spec.dry_run, self.config.settings.dry_run
+        ) or self.edges.drill
+        policy = SafetyPolicy(dry_run=dry_run, cooldown=spec.cooldown)
+        verdict, why = policy.decide(self.safety, plan, ts)
+        rec: dict[str, Any] = {
+            "ts": ts,
+            "kind": "action",
+            "action": "rollback",
+            "incident_id": inc.id,
+            "deployment": inc.deployment,
+            "variant": variant,
+            "rule": rule_name,
+            "from_version": current,
+            "to_version": target,
+            "backend": spec.backend.type,
+            "dry_run": dry_run,
+        }
+        if plan is not None:
+            rec["idempotency_key"] = plan.idempotency_key
+        if verdict != "run":
+            status = "dry_run" if verdict == "dry_run" else "skipped"
+            rec.update(status=status, reason=verdict, detail=why)
+            if plan is not None and verdict == "dry_run":
+                self.safety.record(plan, ts, applied=False)
+            self._decide(rec, lambda r: self.edges.recorder.action(r, "finished"))
+            log.warning("rollback." + verdict, incident=inc.id, deployment=inc.deployment, detail=why)
+            return (inc, "updated", ts, f"rollback {status}", why)
+        assert plan is not None
+        self.edges.recorder.action({**rec, "status": "started"}, "started")
+        try:
+            result = self.edges.backend_for(inc.deployment).apply(plan)
+        except Exception as exc:  # a backend bug must not kill the daemon; it is recorded
+            result = ActionResult("failed", f"{type(exc).__name__}: {exc}")
+        self.safety.record(plan, ts, applied=result.status in ("succeeded", "skipped"))
+        rec.update(status=result.status, detail=result.detail, attempts=result.attempts)
+        self._decide(rec, lambda r: self.edges.recorder.action(r, "finished"))
+        log.warning(
+            "rollback." + result.status, incident=inc.id, deployment=inc.deployment,
+            variant=variant, from_version=current, to_version=target,
+        )
+        return (
+            inc, "updated", ts, f"rollback {result.status}",
+            f"{inc.deployment}/{variant} {current} → {target}",
+        )
+
+    # Summary ----------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        return {
+            "events": dict(sorted(self.counters.items())),
+            "rejected": dict(sorted(self.rejects.items())),
+            "join": self.joiner.stats.to_record(),
+            "pending_labels": len(self.joiner),
+            "incidents_open": sorted(i.id for i in self.book.open.values()),
+            "incidents_closed": sorted(i.id for i in self.book.closed),
+            "alerts_firing": sorted(
+                f"{rule}:{key[0]}/{key[1]}"
+                for (rule, key), a in self.alerts.items()
+                if a.state == AlertState.FIRING
+            ),
+        }
+
+    def incidents(self) -> list[Incident]:
+        return sorted([*self.book.closed, *self.book.open.values()], key=lambda i: (i.opened_at, i.id))
+
+
+def _first_set(*values: bool | None) -> bool:
+    for v in values:
+        if v is not None:
+            return v
+    return False
+
+
+def versions_record(versions: Mapping[Key, VersionHistory]) -> dict[str, Any]:
+    return {f"{k[0]}/{k[1]}": [s.to_record() for s in h.spans] for k, h in sorted(versions.items())}

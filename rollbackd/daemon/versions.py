@@ -1,0 +1,74 @@
+"""Which version serves each deployment × variant, since when, and which ones were good.
+
+A version becomes *known-good* once it served for ``known_good_after`` seconds of event time
+without an incident opening while it served. The rollback target is the most recent
+known-good version other than the current one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["VersionSpan", "VersionHistory"]
+
+
+@dataclass(slots=True)
+class VersionSpan:
+    version: str
+    started: float
+    ended: float | None = None
+    bad: bool = False  # an incident opened while it served
+    provenance: dict[str, str] = field(default_factory=dict)
+
+    def served_for(self, now: float) -> float:
+        return (self.ended if self.ended is not None else now) - self.started
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "started": self.started,
+            "ended": self.ended,
+            "bad": self.bad,
+            "provenance": dict(sorted(self.provenance.items())),
+        }
+
+
+@dataclass(slots=True)
+class VersionHistory:
+    """The version timeline of one deployment × variant."""
+
+    spans: list[VersionSpan] = field(default_factory=list)
+
+    @property
+    def current(self) -> VersionSpan | None:
+        return self.spans[-1] if self.spans else None
+
+    def observe(self, version: str, ts: float, provenance: dict[str, str] | None = None) -> bool:
+        """Record that ``version`` serves from ``ts`` on; True when that is a change."""
+        cur = self.current
+        if cur is not None and cur.version == version:
+            if provenance:
+                cur.provenance.update(provenance)
+            return False
+        if cur is not None:
+            cur.ended = ts
+        self.spans.append(VersionSpan(version, ts, provenance=dict(provenance or {})))
+        return True
+
+    def mark_bad(self) -> None:
+        if self.current is not None:
+            self.current.bad = True
+
+    def known_good(self, now: float, known_good_after: float) -> str | None:
+        """The most recent version, other than the current one, that ran healthy long enough."""
+        cur = self.current
+        bad = {s.version for s in self.spans if s.bad}
+        for span in reversed(self.spans[:-1]):
+            if cur is not None and span.version == cur.version:
+                continue
+            if span.version in bad:
+                continue
+            if span.served_for(now) >= known_good_after:
+                return span.version
+        return None

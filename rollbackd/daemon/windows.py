@@ -1,0 +1,118 @@
+"""Event-time windows per deployment × variant, built from shared panes.
+
+Events are stored once, in panes of ``granularity`` seconds (the greatest common divisor of
+every configured window size and step). A window of size S ending at boundary T is the
+union of the panes in ``[T - S, T)``, so tumbling and sliding windows of several rules share
+storage. Panes older than the longest window are dropped: memory is bounded by the longest
+window times the event rate. Boundaries are aligned to the Unix epoch, so the same events
+always land in the same windows, live or in a replay.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from rollbackd.detectors.base import Labeled, Window
+from rollbackd.events import Prediction
+from rollbackd.rules.model import WindowSpec
+
+__all__ = ["Pane", "WindowAssembler"]
+
+Key = tuple[str, str]  # (deployment, variant)
+
+# How far back a count-based window may reach for more events, in window sizes.
+MAX_COUNT_EXTENSION = 10
+
+
+@dataclass(slots=True)
+class Pane:
+    predictions: list[Prediction] = field(default_factory=list)
+    outcomes: list[Labeled] = field(default_factory=list)
+
+
+def _gcd_seconds(values: list[float]) -> float:
+    ms = [max(1, round(v * 1000)) for v in values]
+    g = ms[0]
+    for v in ms[1:]:
+        g = math.gcd(g, v)
+    return g / 1000.0
+
+
+class WindowAssembler:
+    """Holds panes and cuts windows at boundaries. Pure: the caller passes every time in."""
+
+    def __init__(self, specs: list[WindowSpec]) -> None:
+        specs = list(dict.fromkeys(specs)) or [WindowSpec()]
+        for s in specs:
+            if s.size <= 0 or s.step <= 0:
+                raise ValueError(f"window size and step must be > 0 seconds, got {s}")
+        self.specs = tuple(specs)
+        self.granularity = _gcd_seconds([v for s in specs for v in (s.size, s.step)])
+        reach = max(s.size * (MAX_COUNT_EXTENSION if s.min_count else 1) for s in specs)
+        self.retain_panes = int(round(reach / self.granularity))
+        self.panes: dict[Key, dict[int, Pane]] = {}
+
+    def pane_index(self, ts: float) -> int:
+        return int(ts // self.granularity)
+
+    def pane(self, key: Key, index: int) -> Pane:
+        by_idx = self.panes.get(key)
+        if by_idx is None:
+            by_idx = self.panes[key] = {}
+        pane = by_idx.get(index)
+        if pane is None:
+            pane = by_idx[index] = Pane()
+        return pane
+
+    def keys(self) -> list[Key]:
+        return sorted(self.panes)
+
+    def due_specs(self, boundary: float) -> list[WindowSpec]:
+        """Window specs that close at this boundary (boundaries are multiples of their step)."""
+        b = round(boundary * 1000)
+        return [s for s in self.specs if b % max(1, round(s.step * 1000)) == 0]
+
+    def window(self, key: Key, spec: WindowSpec, end: float) -> Window:
+        g = self.granularity
+        end_idx = int(round(end / g))
+        n_panes = int(round(spec.size / g))
+        start_idx = end_idx - n_panes
+        by_idx = self.panes.get(key, {})
+        indices = [i for i in range(start_idx, end_idx) if i in by_idx]
+        if spec.min_count:
+            floor_idx = end_idx - n_panes * MAX_COUNT_EXTENSION
+            count = sum(len(by_idx[i].predictions) for i in indices)
+            i = start_idx - 1
+            while count < spec.min_count and i >= floor_idx:
+                if i in by_idx:
+                    indices.insert(0, i)
+                    count += len(by_idx[i].predictions)
+                    start_idx = i
+                i -= 1
+        panes = [by_idx[i] for i in indices]
+        if len(panes) == 1:
+            preds: list[Prediction] = panes[0].predictions
+            outs: list[Labeled] = panes[0].outcomes
+        else:
+            preds = [p for pane in panes for p in pane.predictions]
+            outs = [o for pane in panes for o in pane.outcomes]
+        return Window(key[0], key[1], start_idx * g, end, preds, outs)
+
+    def windows_at(self, boundary: float) -> Iterator[tuple[WindowSpec, Window]]:
+        for spec in self.due_specs(boundary):
+            for key in self.keys():
+                yield spec, self.window(key, spec, boundary)
+
+    def drop_before(self, boundary: float) -> None:
+        """Forget panes no window ending after ``boundary`` can still include."""
+        keep_from = int(round(boundary / self.granularity)) - self.retain_panes + 1
+        for by_idx in self.panes.values():
+            for idx in [i for i in by_idx if i < keep_from]:
+                del by_idx[idx]
+
+    def earliest_pane_end(self) -> float | None:
+        """End of the earliest pane holding data (to skip empty stretches of time)."""
+        ends = [min(by_idx) for by_idx in self.panes.values() if by_idx]
+        return (min(ends) + 1) * self.granularity if ends else None

@@ -1,0 +1,145 @@
+"""Serving error rate: the share of predictions in a window that came back with an ``error``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rollbackd.detectors.base import Measurement, Window, register
+from rollbackd.detectors.stats import (
+    binomial_pvalue_greater,
+    two_proportion_pvalue_greater,
+    wilson_interval,
+)
+
+__all__ = ["ErrorRate"]
+
+MODES = ("absolute", "baseline")
+TOP_ERROR_CODES = 5
+
+
+@register("error_rate")
+class ErrorRate:
+    """Error rate of the last window, against a fixed ceiling or against a learned baseline.
+
+    ``mode="absolute"``: ``value`` is the observed rate; ``p_value`` is the exact one-sided
+    binomial test of H0: rate <= ``threshold``.
+
+    ``mode="baseline"``: the first ``baseline_windows`` non-empty windows are pooled into a
+    baseline rate p0 (no verdict meanwhile); afterwards ``value`` is the current rate minus p0,
+    ``threshold`` is the allowed increase, and ``p_value`` comes from a one-sided pooled
+    two-proportion z-test (current > baseline).
+
+    ``evidence``: errors, n, the Wilson interval of the current rate at ``confidence`` and
+    the top error codes (at most five, by count then code).
+
+    >>> from rollbackd.events import Prediction
+    >>> preds = [Prediction(id=str(i), ts=float(i), deployment="d", model_version="v1",
+    ...                     error="timeout" if i < 3 else None) for i in range(10)]
+    >>> det = ErrorRate(threshold=0.05, min_samples=5)
+    >>> det.update(Window("d", "primary", 0.0, 60.0, preds))
+    >>> m = det.evaluate(60.0)
+    >>> m.value, m.evidence["top_errors"]
+    (0.3, {'timeout': 3})
+    """
+
+    def __init__(
+        self,
+        threshold: float,
+        min_samples: int = 1,
+        mode: str = "absolute",
+        baseline_windows: int = 10,
+        confidence: float = 0.95,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        if min_samples < 0:
+            raise ValueError(f"min_samples must be >= 0, got {min_samples}")
+        if baseline_windows < 1:
+            raise ValueError(f"baseline_windows must be >= 1, got {baseline_windows}")
+        if not 0.0 < confidence < 1.0:
+            raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+        self.threshold = threshold
+        self.min_samples = min_samples
+        self.mode = mode
+        self.baseline_windows = baseline_windows
+        self.confidence = confidence
+        self._reset()
+
+    def _reset(self) -> None:
+        self._seen = False
+        self._n = 0
+        self._errors = 0
+        self._codes: dict[str, int] = {}
+        self._baseline_n = 0
+        self._baseline_errors = 0
+        self._baseline_count = 0
+        # The window that completes the baseline is part of it, so it is not tested either.
+        self._in_baseline = False
+
+    def update(self, window: Window) -> None:
+        codes = window.error_codes
+        self._seen = True
+        self._n = window.n
+        self._errors = sum(codes.values())
+        self._codes = codes
+        self._in_baseline = False
+        if self.mode == "baseline" and self._baseline_count < self.baseline_windows and self._n:
+            self._baseline_n += self._n
+            self._baseline_errors += self._errors
+            self._baseline_count += 1
+            self._in_baseline = True
+
+    def evaluate(self, now: float) -> Measurement:
+        n, k = self._n, self._errors
+        if not self._seen:
+            return Measurement.insufficient_data(self.threshold, 0, "no window yet")
+        if self.mode == "baseline" and (
+            self._in_baseline or self._baseline_count < self.baseline_windows
+        ):
+            return Measurement.insufficient_data(
+                self.threshold,
+                n,
+                "building baseline",
+                baseline_windows=self._baseline_count,
+                baseline_n=self._baseline_n,
+            )
+        if n == 0:
+            return Measurement.insufficient_data(self.threshold, 0, "no predictions in window")
+        if n < self.min_samples:
+            return Measurement.insufficient_data(
+                self.threshold, n, f"fewer than min_samples={self.min_samples} predictions"
+            )
+        rate = k / n
+        low, high = wilson_interval(k, n, self.confidence)
+        evidence: dict[str, Any] = {
+            "errors": k,
+            "n": n,
+            "wilson_low": low,
+            "wilson_high": high,
+        }
+        if self.mode == "absolute":
+            value = rate
+            p_value = binomial_pvalue_greater(k, n, self.threshold)
+        else:
+            p0 = self._baseline_errors / self._baseline_n
+            value = rate - p0
+            z, p_value = two_proportion_pvalue_greater(
+                k, n, self._baseline_errors, self._baseline_n
+            )
+            evidence.update(
+                baseline_rate=p0,
+                baseline_errors=self._baseline_errors,
+                baseline_n=self._baseline_n,
+                z=z,
+            )
+        top = sorted(self._codes.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_ERROR_CODES]
+        evidence["top_errors"] = dict(top)
+        return Measurement(
+            value=value,
+            threshold=self.threshold,
+            sample_size=n,
+            p_value=p_value,
+            evidence=evidence,
+        )

@@ -1,0 +1,175 @@
+"""Model error on labelled outcomes: misclassification rate (binary) or MAE (regression)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from rollbackd.detectors.base import Labeled, Measurement, Window, register
+from rollbackd.detectors.stats import binomial_pvalue_greater, wilson_interval
+
+__all__ = ["ModelError", "binary_value"]
+
+TASKS = ("auto", "binary", "regression")
+
+# True == 1 == 1.0 hash alike, so one entry covers the bool, int and float spellings.
+_BINARY: dict[Any, int] = {
+    True: 1, False: 0, "1": 1, "0": 0, "true": 1, "false": 0, "yes": 1, "no": 0,
+}
+
+
+def binary_value(v: Any) -> int | None:
+    """0 or 1 for the usual spellings of a binary class (bool, 0/1, "true"/"yes"...), else None."""
+    if v is None:
+        return None
+    t = type(v)
+    if t is bool or t is int or t is float:
+        return _BINARY.get(v)
+    if t is str:
+        return _BINARY.get(v.strip().lower())
+    return None
+
+
+def _number(v: Any) -> float | None:
+    t = type(v)
+    if (t is float or t is int) and math.isfinite(v):
+        return float(v)
+    return None
+
+
+@register("model_error")
+class ModelError:
+    """Error of the model on the outcomes (labels) that arrived in the window.
+
+    ``task="binary"``: the predicted class is ``prediction`` read as 0/1 (bool, 0/1, "true",
+    "yes"... see :func:`binary_value`), or ``score >= score_threshold`` when ``prediction`` is
+    None; ``value`` is the misclassification rate and ``p_value`` the exact one-sided binomial
+    test of H0: rate <= ``threshold``. ``task="regression"``: ``value`` is the mean absolute
+    error of numeric predictions, without a p-value. ``task="auto"`` reads binary until a label
+    that is a number other than 0/1 appears, then stays regression: a regression model's window
+    can hold only 0/1 labels by chance, a classifier's never holds 2.5.
+
+    Outcomes whose label or prediction cannot be used are counted as ``unusable``;
+    ``sample_size`` is the number of usable pairs. ``evidence`` holds the task, n, unusable,
+    label_coverage and the confusion counts (binary) or bias and RMSE (regression).
+    """
+
+    def __init__(
+        self,
+        threshold: float,
+        min_samples: int = 1,
+        task: str = "auto",
+        score_threshold: float = 0.5,
+        confidence: float = 0.95,
+    ) -> None:
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
+        if threshold < 0.0 or (task == "binary" and threshold > 1.0):
+            raise ValueError(
+                f"threshold must be in [0, 1] for binary, >= 0 for regression; got {threshold}"
+            )
+        if not 0.0 <= score_threshold <= 1.0:
+            raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
+        if min_samples < 0:
+            raise ValueError(f"min_samples must be >= 0, got {min_samples}")
+        if not 0.0 < confidence < 1.0:
+            raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+        self.threshold = threshold
+        self.min_samples = min_samples
+        self.task = task
+        self.score_threshold = score_threshold
+        self.confidence = confidence
+        self._reset()
+
+    def _reset(self) -> None:
+        self._resolved: str | None = None if self.task == "auto" else self.task
+        self._window_seen = False
+        self._stats: dict[str, Any] = {}
+        self._label_coverage: float | None = None
+
+    def update(self, window: Window) -> None:
+        outcomes = window.outcomes
+        self._window_seen = True
+        self._label_coverage = window.label_coverage
+        if self._resolved is None and any(
+            binary_value(o.label) is None and _number(o.label) is not None for o in outcomes
+        ):
+            self._resolved = "regression"
+        if (self._resolved or "binary") == "binary":
+            self._stats = self._binary(outcomes)
+        else:
+            self._stats = self._regression(outcomes)
+
+    def _binary(self, outcomes: Sequence[Labeled]) -> dict[str, Any]:
+        tp = fp = tn = fn = unusable = 0
+        cut = self.score_threshold
+        for o in outcomes:
+            y = binary_value(o.label)
+            pred = o.prediction
+            if pred is None:
+                yhat = None if o.score is None else int(o.score >= cut)
+            else:
+                yhat = binary_value(pred)
+            if y is None or yhat is None:
+                unusable += 1
+            elif y:
+                if yhat:
+                    tp += 1
+                else:
+                    fn += 1
+            elif yhat:
+                fp += 1
+            else:
+                tn += 1
+        return {"task": "binary", "tp": tp, "fp": fp, "tn": tn, "fn": fn, "unusable": unusable}
+
+    def _regression(self, outcomes: Sequence[Labeled]) -> dict[str, Any]:
+        pairs = [(_number(o.prediction), _number(o.label)) for o in outcomes]
+        usable = [(p, y) for p, y in pairs if p is not None and y is not None]
+        stats: dict[str, Any] = {"task": "regression", "unusable": len(pairs) - len(usable)}
+        if usable:
+            err = np.array([p for p, _ in usable]) - np.array([y for _, y in usable])
+            stats["mae"] = float(np.mean(np.abs(err)))
+            stats["bias"] = float(np.mean(err))
+            stats["rmse"] = float(np.sqrt(np.mean(err * err)))
+        stats["n"] = len(usable)
+        return stats
+
+    def evaluate(self, now: float) -> Measurement:
+        if not self._window_seen:
+            return Measurement.insufficient_data(self.threshold, 0, "no window yet")
+        s = self._stats
+        task = s["task"]
+        n = s["n"] if task == "regression" else s["tp"] + s["fp"] + s["tn"] + s["fn"]
+        if n == 0 or n < self.min_samples:
+            return Measurement.insufficient_data(
+                self.threshold,
+                n,
+                "no usable labels in window"
+                if n == 0
+                else f"fewer than min_samples={self.min_samples} usable labels",
+                task=task,
+                unusable=s["unusable"],
+                label_coverage=self._label_coverage,
+            )
+        evidence: dict[str, Any] = {
+            "task": task,
+            "n": n,
+            "unusable": s["unusable"],
+            "label_coverage": self._label_coverage,
+        }
+        if task == "binary":
+            errors = s["fp"] + s["fn"]
+            low, high = wilson_interval(errors, n, self.confidence)
+            evidence.update(
+                errors=errors, tp=s["tp"], fp=s["fp"], tn=s["tn"], fn=s["fn"],
+                wilson_low=low, wilson_high=high,
+            )
+            p_value = (
+                binomial_pvalue_greater(errors, n, self.threshold) if self.threshold <= 1.0 else None
+            )
+            return Measurement(errors / n, self.threshold, n, p_value=p_value, evidence=evidence)
+        evidence.update(bias=s["bias"], rmse=s["rmse"])
+        return Measurement(s["mae"], self.threshold, n, evidence=evidence)
