@@ -66,10 +66,16 @@ def _load_config(path: str) -> Any:
 @main.command()
 @click.argument("rules", type=click.Path(dir_okay=False))
 def validate(rules: str) -> None:
-    """Check a rules file; print every error with its line, exit non-zero on any."""
-    from rollbackd.rules.loader import summarize
+    """Check a rules file; print every error and warning with its line, exit non-zero on any error."""
+    from rollbackd.rules.loader import check_file, summarize
 
-    config = _load_config(rules)
+    config, issues = check_file(rules)
+    for issue in issues:
+        click.echo(issue.format(rules), err=True)
+    if config is None:
+        errors = sum(1 for i in issues if i.severity == "error")
+        click.echo(f"{rules}: {errors} error(s)", err=True)
+        sys.exit(EXIT_CONFIG)
     click.echo(summarize(config))
     click.echo(f"{rules}: OK")
 

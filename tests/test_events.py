@@ -586,3 +586,15 @@ def _required(ev: object) -> dict:
     cls = type(ev)
     n = len(cls.__struct_fields__) - len(cls.__struct_defaults__)
     return {f: getattr(ev, f) for f in cls.__struct_fields__[:n]}
+
+
+def test_examples_on_the_contract_page_are_valid() -> None:
+    page = (Path(__file__).parents[1] / "docs" / "event-contract.md").read_text("utf-8")
+    page = page[: page.index("## What happens to an event")]  # after it: deliberately bad lines
+    blocks = page.split("```json\n")[1:]
+    lines = [line.encode() for block in blocks for line in block.split("```")[0].splitlines()]
+    assert len(lines) == 6
+    for raw in lines:
+        assert not isinstance(DECODER.decode(raw), Rejected), raw
+        assert schema_accepts(raw), raw
+    assert EXAMPLE_PREDICTION in lines and EXAMPLE_OUTCOME in lines and EXAMPLE_DEPLOY in lines

@@ -53,6 +53,10 @@ class OutcomeJoiner:
     def wants(self, deployment: str) -> bool:
         return deployment in self._pending
 
+    def pending_books(self) -> dict[str, dict[str, _Pending]]:
+        """Deployments whose predictions are buffered (for the hot loop's membership test)."""
+        return self._pending
+
     def track(self, deployment: str) -> None:
         self._pending.setdefault(deployment, {})
 

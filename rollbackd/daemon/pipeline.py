@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
+from operator import attrgetter
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping
 
@@ -34,7 +35,7 @@ from rollbackd.daemon.decisions import DecisionSink, NullDecisions
 from rollbackd.daemon.join import OutcomeJoiner
 from rollbackd.daemon.versions import VersionHistory
 from rollbackd.daemon.windows import WindowAssembler
-from rollbackd.detectors.base import Detector, Measurement, Reference, Window, make_detector
+from rollbackd.detectors.base import REGISTRY, Detector, Reference, Window, make_detector
 from rollbackd.events import Deploy, Event, Outcome, Prediction, Rejected
 from rollbackd.rules.alerts import Alert, AlertState, step
 from rollbackd.rules.incidents import ActionsDue, Incident, IncidentBook, IncidentChange, NoticeDue
@@ -45,6 +46,7 @@ __all__ = ["Pipeline", "Edges"]
 log = structlog.get_logger("rollbackd")
 
 Key = tuple[str, str]
+_model_version = attrgetter("model_version")
 
 
 class Recorder:
@@ -112,6 +114,7 @@ class Pipeline:
         self.counters: Counter[str] = Counter()
         self.rejects: Counter[str] = Counter()
         self._known_keys: set[Key] = set()
+        self._slots: dict[Key, tuple[int, list[Prediction]]] = {}
         self._next_boundary: float | None = None
         self._rule_index = {r.name: r for r in config.rules}
         self._references: dict[str, Reference | None] = {}
@@ -126,30 +129,37 @@ class Pipeline:
             self._next_boundary = (math.floor(first / g) + 1) * g
         lateness = self.lateness
         max_ts = self.max_event_time
+        floor = max_ts - lateness  # the watermark before the event at hand
+        slots = self._slots
+        pending_get = self.joiner.pending_books().get
+        match = self.joiner.match
         pane_for = self.assembler.pane
-        known = self._known_keys
-        joiner = self.joiner
         n_pred = n_out = n_late = 0
         for ev in events:
             ts = ev.ts
-            if ts < max_ts - lateness:
+            if ts < floor:
                 n_late += 1
                 continue
             if ts > max_ts:
                 max_ts = ts
+                floor = ts - lateness
             cls = type(ev)
             if cls is Prediction:
                 n_pred += 1
                 key = (ev.deployment, ev.variant)  # type: ignore[union-attr]
-                if key not in known:
-                    self._new_key(key, ts)
-                pane_for(key, int(ts // g)).predictions.append(ev)  # type: ignore[arg-type]
-                joiner.add(ev)  # type: ignore[arg-type]
+                idx = int(ts // g)
+                slot = slots.get(key)
+                if slot is None or slot[0] != idx:
+                    slot = self._slot(key, idx)
+                slot[1].append(ev)
+                book = pending_get(ev.deployment)  # type: ignore[union-attr]
+                if book is not None:
+                    self.joiner.add(ev)  # type: ignore[arg-type]
             elif cls is Outcome:
                 n_out += 1
-                lab = joiner.match(ev)  # type: ignore[arg-type]
+                lab = match(ev)  # type: ignore[arg-type]
                 if lab is not None:
-                    pane_for((ev.deployment, lab.variant), int(ts // g)).outcomes.append(lab)
+                    pane_for((ev.deployment, lab.variant), int(ts // g)).outcomes.append(lab)  # type: ignore[union-attr]
             else:
                 self.counters["deploys"] += 1
                 self._deploy(ev, ts)  # type: ignore[arg-type]
@@ -158,12 +168,19 @@ class Pipeline:
         self.counters["outcomes"] += n_out
         self.counters["late"] += n_late
 
+    def _slot(self, key: Key, idx: int) -> tuple[int, list[Prediction]]:
+        """The prediction list of pane ``idx`` of ``key``, cached for the hot loop."""
+        if key not in self._known_keys:
+            self._new_key(key)
+        slot = self._slots[key] = (idx, self.assembler.pane(key, idx).predictions)
+        return slot
+
     def reject(self, rejects: Iterable[Rejected]) -> None:
         for r in rejects:
             self.rejects[r.reason] += 1
             self.edges.dead_letters.put(r)
 
-    def _new_key(self, key: Key, ts: float) -> None:
+    def _new_key(self, key: Key) -> None:
         self._known_keys.add(key)
         if any(r.needs_labels and r.applies_to(*key) for r in self.config.rules):
             self.joiner.track(key[0])
@@ -172,7 +189,7 @@ class Pipeline:
     def _deploy(self, ev: Deploy, ts: float) -> None:
         key = (ev.deployment, ev.variant)
         if key not in self._known_keys:
-            self._new_key(key, ts)
+            self._new_key(key)
         provenance = dict(ev.attrs)
         if self.versions[key].observe(ev.model_version, ts, provenance):
             log.info("version.deployed", deployment=key[0], variant=key[1], version=ev.model_version, ts=iso(ts))
@@ -204,7 +221,7 @@ class Pipeline:
         for key in self.assembler.keys():
             pane = self.assembler.panes[key].get(last_idx)
             if pane and pane.predictions:
-                versions = Counter(p.model_version for p in pane.predictions)
+                versions = Counter(map(_model_version, pane.predictions))
                 version = max(versions, key=lambda v: (versions[v], v))
                 self.versions.setdefault(key, VersionHistory()).observe(version, last_idx * g)
         for spec, window in self.assembler.windows_at(t):
@@ -213,15 +230,20 @@ class Pipeline:
                     self._evaluate(rule, window, t)
         self.joiner.expire(t)
         self.assembler.drop_before(t)
+        self._slots.clear()
 
     def _detector(self, rule: RuleSpec, key: Key) -> Detector:
         det = self.detectors.get((rule.name, key))
         if det is None:
+            params = dict(rule.params)
+            if getattr(REGISTRY.get(rule.detector), "needs_reference", False):
+                # The deployment's reference_size is the default; a rule's params override it.
+                params.setdefault("reference_size", self.config.deployment(key[0]).reference_size)
             det = self.detectors[(rule.name, key)] = make_detector(
                 rule.detector,
                 threshold=rule.threshold,
                 min_samples=rule.min_samples,
-                params=rule.params,
+                params=params,
                 reference=self._reference(key[0]),
             )
         return det
@@ -448,7 +470,7 @@ class Pipeline:
         self.safety.record(plan, ts, applied=result.status in ("succeeded", "skipped"))
         rec.update(status=result.status, detail=result.detail, attempts=result.attempts)
         self._decide(rec, lambda r: self.edges.recorder.action(r, "finished"))
-        log.warning(
+        (log.info if result.status in ("succeeded", "skipped") else log.error)(
             "rollback." + result.status, incident=inc.id, deployment=inc.deployment,
             variant=variant, from_version=current, to_version=target,
         )

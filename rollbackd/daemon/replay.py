@@ -7,6 +7,7 @@ fire exactly where they would have live.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +107,11 @@ def replay(
 ) -> ReplayResult:
     clock = EventTimeClock(pipeline.lateness)
     events = batches = 0
+    gc_thresholds = gc.get_threshold()
+    # The pipeline allocates millions of small, acyclic objects (events, their feature dicts);
+    # CPython's default gen-0 threshold of 700 makes the cycle collector rescan them
+    # constantly (about 15 % of replay time, measured). Collect far less often.
+    gc.set_threshold(200_000, 50, 100)
     try:
         while (batch := source.read(batch_size)) is not None:
             batches += 1
@@ -115,12 +121,16 @@ def replay(
             pipeline.ingest(batch.events)
             clock.observe(pipeline.max_event_time)
             pipeline.advance(clock.now())
+            flush = getattr(pipeline.edges.dead_letters, "flush", None)
+            if flush is not None:
+                flush()  # dead letters are durable before their position is committed
             source.commit(batch.position)
             if progress is not None:
                 progress(events, clock.now())
         # End of a finite stream: every window that ended by the last event is complete.
         pipeline.advance(clock.flush())
     finally:
+        gc.set_threshold(*gc_thresholds)
         source.close()
         dl = pipeline.edges.dead_letters
         if hasattr(dl, "close"):

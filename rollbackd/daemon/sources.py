@@ -1,6 +1,6 @@
 """Where events come from: one small protocol, a recording (file or stdin) source, a null source.
 
-A source hands out :class:`Batch` es of decoded events plus the inputs that broke the contract,
+A source hands out batches (:class:`Batch`) of decoded events plus the inputs that broke the contract,
 each batch ending at an opaque, JSON-able position from which a later run can resume. The engine
 calls ``commit(position)`` once everything before that position is processed; for a recording
 that is a no-op, for Kafka it commits offsets.
@@ -13,7 +13,7 @@ import os
 import sys
 import zlib
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Callable, Protocol, runtime_checkable
 
 from rollbackd.events import Event, EventDecoder, Rejected
 
@@ -76,6 +76,12 @@ class NullSource:
     def close(self) -> None:
         pass
 
+    def __enter__(self) -> NullSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
 
 class _Prefixed:
     """A non-seekable stream with the bytes already read to sniff its format put back in front."""
@@ -121,8 +127,8 @@ class RecordingSource:
     ``"line"`` may be left out; it is then recounted) and resumes there. A position past the end
     leaves the source exhausted.
 
-    Standard input (``"-"``) is read as it arrives: a read blocks until some data is there and
-    returns what has come so far rather than waiting for a full batch.
+    Standard input (``"-"``) and other non-seekable streams are read as data arrives: a read
+    blocks until some is there, then returns what has come rather than waiting for a full batch.
     """
 
     def __init__(
@@ -148,6 +154,7 @@ class RecordingSource:
             self.name = str(getattr(path, "name", "<stream>"))
         self.compressed: bool | None = None  # known after the first read
         self._stream: Any = None
+        self._read_chunk: Callable[[int], bytes] = self._raw.read
         self._gzip: gzip.GzipFile | None = None
         self._live = False
         self._closed = False
@@ -158,6 +165,7 @@ class RecordingSource:
         self._cr = False
         self._unterminated = False
         self._tail = b""
+        self._first = b""  # read to sniff the format, not yet split
         self._skip: _Skip | None = None
         self._pending: Rejected | None = None
         self._pending_next: tuple[int, int] = (0, 0)
@@ -180,7 +188,6 @@ class RecordingSource:
         rejects: list[Rejected] = []
         n = 0
         decode = self._decoder.decode
-        append = events.append
         while n < max_events:
             if self._pending is not None:
                 rejects.append(self._pending)
@@ -198,34 +205,45 @@ class RecordingSource:
                 continue
             segment = lines[i : i + max_events - n]
             self._i = i + len(segment)
-            offset = self._offset
-            lineno = self._line
-            cr = self._cr
+            # The common case (no \r, no reject) runs as C loops: map, the type scan, extend.
+            texts = [t[:-1] if t[-1:] == b"\r" else t for t in segment] if self._cr else segment
+            decoded = list(map(decode, texts))
             blanks = 0
-            for line in segment:
-                start = offset
-                offset += len(line) + 1
-                lineno += 1
-                if cr and line[-1:] == b"\r":
-                    line = line[:-1]
-                ev = decode(line)
-                if ev.__class__ is Rejected:
-                    if not line.strip():
-                        blanks += 1
-                        continue
-                    rejects.append(
-                        Rejected(ev.reason, ev.detail, ev.raw, {"offset": start, "line": lineno})
-                    )
-                else:
-                    append(ev)
+            if Rejected in map(type, decoded):
+                blanks = self._sort_out(decoded, segment, texts, events, rejects)
+            else:
+                events.extend(decoded)
+            self._offset += sum(map(len, segment)) + len(segment)
+            self._line += len(segment)
             if self._unterminated and self._i == len(lines):
-                offset -= 1
-            self._offset = offset
-            self._line = lineno
+                self._offset -= 1
             n += len(segment) - blanks
         if not n and self._ended and self._i >= len(self._lines) and self._pending is None:
             return None
         return Batch(events, rejects, self.position)
+
+    def _sort_out(
+        self,
+        decoded: list[Any],
+        segment: list[bytes],
+        texts: list[bytes],
+        events: list[Event],
+        rejects: list[Rejected],
+    ) -> int:
+        """Splits a segment with rejects into events and positioned rejects; returns blanks."""
+        blanks = 0
+        offset = self._offset
+        for k, ev in enumerate(decoded):
+            start = offset
+            offset += len(segment[k]) + 1
+            if ev.__class__ is not Rejected:
+                events.append(ev)
+            elif not texts[k].strip():
+                blanks += 1
+            else:
+                position = {"offset": start, "line": self._line + k + 1}
+                rejects.append(Rejected(ev.reason, ev.detail, ev.raw, position))
+        return blanks
 
     def commit(self, position: Any) -> None:
         pass
@@ -270,7 +288,7 @@ class RecordingSource:
             if first.startswith(_UTF8_BOM):
                 first = first[len(_UTF8_BOM) :]
                 self._offset = len(_UTF8_BOM)
-            self._tail = first
+            self._first = first
 
     def _seek_start(self, can_seek: bool) -> None:
         target = self._start_offset
@@ -312,10 +330,15 @@ class RecordingSource:
         self._lines = []
         self._i = 0
         while True:
-            chunk = self._next_chunk()
+            if self._first:
+                chunk, self._first = self._first, b""
+            else:
+                chunk = self._next_chunk()
             skip = self._skip
             if skip is not None:
                 nl = chunk.find(b"\n")
+                if len(skip.prefix) < _RAW_PREFIX:
+                    skip.prefix += chunk[: min(_RAW_PREFIX - len(skip.prefix), len(chunk) if nl < 0 else nl)]
                 if chunk and nl < 0:
                     skip.length += len(chunk)
                     skip.last = chunk[-1:]
