@@ -187,12 +187,12 @@ class Pipeline:
         self.versions.setdefault(key, VersionHistory())
 
     def _deploy(self, ev: Deploy, ts: float) -> None:
+        # Applied when the watermark passes it (in _boundary), in event-time order with the
+        # predictions around it: not now, while older panes may still be open.
         key = (ev.deployment, ev.variant)
         if key not in self._known_keys:
             self._new_key(key)
-        provenance = dict(ev.attrs)
-        if self.versions[key].observe(ev.model_version, ts, provenance):
-            log.info("version.deployed", deployment=key[0], variant=key[1], version=ev.model_version, ts=iso(ts))
+        self.assembler.pane(key, int(ts // self.assembler.granularity)).deploys.append(ev)
 
     # Time-driven ------------------------------------------------------------------------
     def advance(self, now: float) -> None:
@@ -220,10 +220,20 @@ class Pipeline:
         last_idx = int(round(t / g)) - 1
         for key in self.assembler.keys():
             pane = self.assembler.panes[key].get(last_idx)
-            if pane and pane.predictions:
+            if pane is None:
+                continue
+            history = self.versions.setdefault(key, VersionHistory())
+            if pane.deploys:
+                # A deploy event says exactly when a version started, and where it came from.
+                for ev in sorted(pane.deploys, key=lambda d: d.ts):
+                    if history.observe(ev.model_version, ev.ts, dict(ev.attrs)):
+                        log.info("version.deployed", deployment=key[0], variant=key[1],
+                                 version=ev.model_version, ts=iso(ev.ts))
+            elif pane.predictions:
+                # Without one, the version serving most of a pane is the running version.
                 versions = Counter(map(_model_version, pane.predictions))
                 version = max(versions, key=lambda v: (versions[v], v))
-                self.versions.setdefault(key, VersionHistory()).observe(version, last_idx * g)
+                history.observe(version, last_idx * g)
         for spec, window in self.assembler.windows_at(t):
             for rule in self.rules_by_window.get(spec, ()):
                 if rule.applies_to(window.deployment, window.variant):

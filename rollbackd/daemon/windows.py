@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from rollbackd.detectors.base import Labeled, Window
-from rollbackd.events import Prediction
+from rollbackd.events import Deploy, Prediction
 from rollbackd.rules.model import WindowSpec
 
 __all__ = ["Pane", "WindowAssembler"]
@@ -30,6 +30,7 @@ MAX_COUNT_EXTENSION = 10
 class Pane:
     predictions: list[Prediction] = field(default_factory=list)
     outcomes: list[Labeled] = field(default_factory=list)
+    deploys: list[Deploy] = field(default_factory=list)
 
 
 def _gcd_seconds(values: list[float]) -> float:

@@ -1,0 +1,92 @@
+"""The command line as a user runs it: a real subprocess of the installed console script."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RULES = Path(__file__).parent / "data" / "e2e-rules.yaml"
+
+
+def rollbackd(*args: str, cwd: Path, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    exe = shutil.which("rollbackd", path=str(Path(sys.executable).parent))
+    cmd = [exe] if exe else [sys.executable, "-m", "rollbackd.cli"]
+    return subprocess.run([*cmd, *args], cwd=cwd, input=stdin, capture_output=True, timeout=120)
+
+
+def test_help_lists_the_commands(tmp_path):
+    out = rollbackd("--help", cwd=tmp_path)
+    assert out.returncode == 0
+    for cmd in (b"replay", b"validate", b"demo", b"simulate"):
+        assert cmd in out.stdout
+
+
+def test_validate_reports_every_error_with_its_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "version: 1\n"
+        "rules:\n"
+        "  - name: a\n"
+        "    detector: nope\n"
+        "    threshold: x\n"
+        "  - name: b\n"
+        "    detector: latency\n"
+        "    threshold: 1\n"
+        "    severity: huge\n"
+    )
+    out = rollbackd("validate", str(bad), cwd=tmp_path)
+    assert out.returncode == 2
+    err = out.stderr.decode()
+    assert f"{bad}:4:" in err and "rules[0].detector" in err
+    assert f"{bad}:5:" in err and "rules[0].threshold" in err
+    assert f"{bad}:9:" in err and "rules[1].severity" in err
+    assert "3 error(s)" in err
+
+
+def test_validate_accepts_a_good_file(tmp_path):
+    out = rollbackd("validate", str(RULES), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert b"OK" in out.stdout and b"serving-error-rate" in out.stdout
+
+
+def test_simulate_then_replay_from_stdin_writes_decisions_ledger_and_dead_letters(tmp_path):
+    rec = tmp_path / "s.jsonl"
+    assert rollbackd("simulate", "sustained_errors", "--out", str(rec), cwd=tmp_path).returncode == 0
+    data = rec.read_bytes() + b"{not json\n"
+    out = rollbackd(
+        "replay", "-", "--config", str(RULES), "--decisions-out", "d.jsonl", "--db", "l.db",
+        "--notifier", "none", "--summary-json", cwd=tmp_path, stdin=data,
+    )
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["rejected"] == {"invalid_json": 1}
+    dead = (tmp_path / "stdin.rejected.jsonl").read_text().splitlines()
+    assert len(dead) == 1 and json.loads(dead[0])["raw"] == "{not json"
+    decisions = [json.loads(x) for x in (tmp_path / "d.jsonl").read_text().splitlines()]
+    rollbacks = [d for d in decisions if d["kind"] == "action" and d["action"] == "rollback"]
+    assert [(r["from_version"], r["to_version"]) for r in rollbacks] == [("2", "1")]
+    assert (tmp_path / "l.db").exists()
+
+
+def test_replay_with_a_bad_rules_file_exits_nonzero_before_reading(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nrules: [{name: x}]\n")
+    out = rollbackd("replay", "does-not-matter.jsonl", "--config", str(bad), cwd=tmp_path)
+    assert out.returncode == 2
+    assert b"rules[0]" in out.stderr
+
+
+@pytest.mark.slow
+def test_demo_shows_the_incident_and_the_rollback(tmp_path):
+    out = rollbackd("demo", "--out-dir", str(tmp_path / "demo"), "--db", "demo.db", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout.decode()
+    assert "incident timeline" in text
+    assert "rollback  2 -> 1  succeeded" in text
+    assert "OPENED" in text  # the console notice
+    assert (tmp_path / "demo.db").exists()
