@@ -8,7 +8,9 @@ Only deployments that have a label-based rule register here at all.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from rollbackd.detectors.base import Labeled
 from rollbackd.events import Outcome, Prediction
@@ -70,7 +72,13 @@ class OutcomeJoiner:
         book[p.id] = (p.ts, p.variant, p.model_version, p.prediction, p.score)
         self._size += 1
         if self._size > self.max_pending:
-            self._evict_oldest()
+            self._evict_oldest(self._size - self.max_pending)
+
+    def added(self, n: int) -> None:
+        """``n`` predictions were put straight into ``pending_books()`` (the hot loop's path)."""
+        self._size += n
+        if self._size > self.max_pending:
+            self._evict_oldest(self._size - self.max_pending)
 
     def match(self, o: Outcome) -> Labeled | None:
         book = self._pending.get(o.deployment)
@@ -91,22 +99,38 @@ class OutcomeJoiner:
         cutoff = now - self.horizon
         for book in self._pending.values():
             # Insertion order is (almost) event-time order, so the old ones are at the front.
-            while book:
-                key = next(iter(book))
-                if book[key][0] >= cutoff:
+            # One pass, then delete: ``next(iter(book))`` per victim would rescan every slot
+            # already deleted from the front, which made expiry quadratic in the buffer size.
+            victims = []
+            for key, entry in book.items():
+                if entry[0] >= cutoff:
                     break
+                victims.append(key)
+            for key in victims:
                 del book[key]
-                self._size -= 1
-                self.stats.never_labeled += 1
+            self._size -= len(victims)
+            self.stats.never_labeled += len(victims)
 
-    def _evict_oldest(self) -> None:
-        oldest_book, oldest_ts = None, float("inf")
-        for book in self._pending.values():
-            if book:
-                ts = book[next(iter(book))][0]
-                if ts < oldest_ts:
-                    oldest_book, oldest_ts = book, ts
-        if oldest_book is not None:
-            del oldest_book[next(iter(oldest_book))]
-            self._size -= 1
-            self.stats.evicted_capacity += 1
+    def _evict_oldest(self, count: int = 1) -> None:
+        """Evict the ``count`` oldest predictions across all books, in one merged pass."""
+        heap: list[tuple[float, int, str, Iterator[tuple[str, _Pending]]]] = []
+        for i, book in enumerate(self._pending.values()):
+            it = iter(book.items())
+            first = next(it, None)
+            if first is not None:
+                heap.append((first[1][0], i, first[0], it))
+        heapq.heapify(heap)
+        books = list(self._pending.values())
+        victims: list[tuple[int, str]] = []
+        while len(victims) < count and heap:
+            _, i, key, it = heap[0]
+            victims.append((i, key))
+            nxt = next(it, None)
+            if nxt is None:
+                heapq.heappop(heap)
+            else:
+                heapq.heapreplace(heap, (nxt[1][0], i, nxt[0], it))
+        for i, key in victims:
+            del books[i][key]
+        self._size -= len(victims)
+        self.stats.evicted_capacity += len(victims)

@@ -131,10 +131,11 @@ class Pipeline:
         max_ts = self.max_event_time
         floor = max_ts - lateness  # the watermark before the event at hand
         slots = self._slots
-        pending_get = self.joiner.pending_books().get
+        joiner = self.joiner
+        pending_get = joiner.pending_books().get
         match = self.joiner.match
         pane_for = self.assembler.pane
-        n_pred = n_out = n_late = 0
+        n_pred = n_out = n_late = n_pending = 0
         for ev in events:
             ts = ev.ts
             if ts < floor:
@@ -154,7 +155,12 @@ class Pipeline:
                 slot[1].append(ev)
                 book = pending_get(ev.deployment)  # type: ignore[union-attr]
                 if book is not None:
-                    self.joiner.add(ev)  # type: ignore[arg-type]
+                    # OutcomeJoiner.add, inlined: this line runs for every prediction.
+                    if ev.id in book:  # type: ignore[union-attr]
+                        joiner.stats.duplicate_predictions += 1
+                    else:
+                        book[ev.id] = (ts, ev.variant, ev.model_version, ev.prediction, ev.score)  # type: ignore[union-attr]
+                        n_pending += 1
             elif cls is Outcome:
                 n_out += 1
                 lab = match(ev)  # type: ignore[arg-type]
@@ -164,6 +170,7 @@ class Pipeline:
                 self.counters["deploys"] += 1
                 self._deploy(ev, ts)  # type: ignore[arg-type]
         self.max_event_time = max_ts
+        joiner.added(n_pending)
         self.counters["predictions"] += n_pred
         self.counters["outcomes"] += n_out
         self.counters["late"] += n_late

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
+from operator import attrgetter
 from typing import Any, Sequence
 
 import numpy as np
@@ -30,6 +32,10 @@ def binary_value(v: Any) -> int | None:
     if t is str:
         return _BINARY.get(v.strip().lower())
     return None
+
+
+_get_label = attrgetter("label")
+_get_prediction = attrgetter("prediction")
 
 
 def _number(v: Any) -> float | None:
@@ -94,7 +100,8 @@ class ModelError:
         self._window_seen = True
         self._label_coverage = window.label_coverage
         if self._resolved is None and any(
-            binary_value(o.label) is None and _number(o.label) is not None for o in outcomes
+            binary_value(y) is None and _number(y) is not None
+            for y in set(map(_get_label, outcomes))
         ):
             self._resolved = "regression"
         if (self._resolved or "binary") == "binary":
@@ -103,26 +110,32 @@ class ModelError:
             self._stats = self._regression(outcomes)
 
     def _binary(self, outcomes: Sequence[Labeled]) -> dict[str, Any]:
+        # Labels and predictions take a handful of distinct values: count the distinct
+        # (label, prediction) pairs in C and normalise each pair once, not once per outcome.
         tp = fp = tn = fn = unusable = 0
         cut = self.score_threshold
-        for o in outcomes:
-            y = binary_value(o.label)
-            pred = o.prediction
-            if pred is None:
-                yhat = None if o.score is None else int(o.score >= cut)
-            else:
-                yhat = binary_value(pred)
+        pairs = Counter(zip(map(_get_label, outcomes), map(_get_prediction, outcomes)))
+        by_score: list[Labeled] = []
+        if any(pred is None for _, pred in pairs):
+            by_score = [o for o in outcomes if o.prediction is None]
+        cells: Counter[tuple[int | None, int | None]] = Counter()
+        for (label, pred), count in pairs.items():
+            if pred is not None:
+                cells[(binary_value(label), binary_value(pred))] += count
+        for o in by_score:
+            cells[(binary_value(o.label), None if o.score is None else int(o.score >= cut))] += 1
+        for (y, yhat), count in cells.items():
             if y is None or yhat is None:
-                unusable += 1
+                unusable += count
             elif y:
                 if yhat:
-                    tp += 1
+                    tp += count
                 else:
-                    fn += 1
+                    fn += count
             elif yhat:
-                fp += 1
+                fp += count
             else:
-                tn += 1
+                tn += count
         return {"task": "binary", "tp": tp, "fp": fp, "tn": tn, "fn": fn, "unusable": unusable}
 
     def _regression(self, outcomes: Sequence[Labeled]) -> dict[str, Any]:
