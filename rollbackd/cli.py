@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -122,21 +123,35 @@ def _run_replay(
     mode: str,
     batch_size: int,
     progress: bool = True,
+    dry_run: bool = False,
 ) -> Any:
-    from rollbackd.actions.factory import make_notifier
+    from rollbackd.actions.factory import make_backend, make_notifier
     from rollbackd.daemon.decisions import DecisionLog, NullDecisions
     from rollbackd.daemon.ledger import Ledger
     from rollbackd.daemon.replay import build_pipeline, open_recording, replay
     from rollbackd.rules.model import NotifierSpec
 
+    if dry_run:
+        config = dataclasses.replace(config, settings=dataclasses.replace(config.settings, dry_run=True))
+    for dep in config.deployments.values():
+        if dep.reference and not Path(dep.reference).is_file():
+            click.echo(f"deployment {dep.name}: reference file {dep.reference} not found", err=True)
+            sys.exit(EXIT_CONFIG)
     run_id = f"{mode}-{uuid.uuid4().hex[:12]}"
     ledger = Ledger(db, run_id=run_id)
     ledger.start_run(mode, recording, config.source, datetime.now(timezone.utc).isoformat())
-    notifier = (
-        make_notifier(NotifierSpec(type=notifier_name)) if notifier_name else None
-    )
+    try:
+        # Built here, before any event is read, so a missing token or secret is a clear
+        # start-up error rather than a failure at the first incident.
+        notifier = make_notifier(NotifierSpec(type=notifier_name) if notifier_name else config.settings.notifier)
+        for dep in config.deployments.values():
+            make_backend(dep.backend)
+    except ValueError as exc:
+        click.echo(f"{config.source}: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
     pipeline = build_pipeline(
         config,
+        silences=ledger.silences(),
         decisions=DecisionLog(decisions_out) if decisions_out else NullDecisions(),
         recorder=ledger,
         dead_letter_path=dead_letter,
@@ -169,9 +184,11 @@ def _run_replay(
 @click.option("--notifier", type=click.Choice(["console", "slack", "none"]), default=None,
               help="Override the rules file's notifier.")
 @click.option("--batch-size", default=8192, show_default=True)
+@click.option("--dry-run", is_flag=True,
+              help="Force dry-run for every rollback: record what would be done, call no backend.")
 @click.option("--summary-json", is_flag=True, help="Print the run summary as JSON on stdout.")
 def replay(recording: str, rules: str, decisions_out: str | None, db: str, dead_letter: str | None,
-           notifier: str | None, batch_size: int, summary_json: bool) -> None:
+           notifier: str | None, batch_size: int, dry_run: bool, summary_json: bool) -> None:
     """Replay a recorded stream (JSONL, .jsonl.gz or - for stdin) through the rules."""
     config = _load_config(rules)
     if dead_letter is None:
@@ -179,7 +196,7 @@ def replay(recording: str, rules: str, decisions_out: str | None, db: str, dead_
         dead_letter = f"{base}.rejected.jsonl"
     result = _run_replay(recording, config, decisions_out=decisions_out, db=db,
                          dead_letter=dead_letter, notifier_name=notifier, drill=False,
-                         mode="replay", batch_size=batch_size)
+                         mode="replay", batch_size=batch_size, dry_run=dry_run)
     if summary_json:
         click.echo(json.dumps(result.summary, sort_keys=True))
     else:
@@ -281,6 +298,100 @@ def simulate(scenario: str, out: str) -> None:
         raise click.BadParameter(f"unknown scenario {scenario!r}; known: {', '.join(sorted(BUILTIN))}")
     stats = write_recording(BUILTIN[scenario], out)
     click.echo(f"{out}: {stats.lines:,} lines")
+
+
+def _parse_when(value: str | None, default: float) -> float:
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use Unix seconds or an ISO 8601 time with offset") from None
+    if dt.tzinfo is None:
+        raise click.BadParameter(f"{value!r} has no UTC offset (add Z or +hh:mm)")
+    return dt.timestamp()
+
+
+@main.group()
+def silence() -> None:
+    """Mute matching alerts for a while: still evaluated and recorded, never notified or acted on."""
+
+
+@silence.command("add")
+@click.option("--deployment", required=True)
+@click.option("--rule", default=None, help="Only this rule (default: every rule).")
+@click.option("--variant", default=None, help="Only this variant (default: every variant).")
+@click.option("--for", "duration", required=True, help="How long, e.g. 2h, 30m.")
+@click.option("--starts-at", default=None,
+              help="Start (ISO 8601 with offset, or Unix seconds); default now. Event time: a "
+                   "silence for a drill or a replay is set in the recording's time.")
+@click.option("--reason", required=True)
+@click.option("--by", "by", required=True, help="Who sets it.")
+@click.option("--db", default="rollbackd.db", show_default=True)
+def silence_add(deployment: str, rule: str | None, variant: str | None, duration: str,
+                starts_at: str | None, reason: str, by: str, db: str) -> None:
+    from rollbackd.daemon.clock import WallClock
+    from rollbackd.daemon.ledger import Ledger
+    from rollbackd.rules.durations import parse_duration
+    from rollbackd.rules.silences import Silence
+
+    try:
+        seconds = parse_duration(duration)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--for") from None
+    start = _parse_when(starts_at, WallClock().now())
+    try:
+        s = Silence(id=f"sil-{uuid.uuid4().hex[:10]}", deployment=deployment, starts_at=start,
+                    ends_at=start + seconds, reason=reason, created_by=by, rule=rule, variant=variant)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    ledger = Ledger(db)
+    ledger.add_silence(s, datetime.now(timezone.utc).isoformat())
+    ledger.close()
+    click.echo(f"{s.id}: {deployment}{'/' + variant if variant else ''} rule {rule or '*'} "
+               f"silenced {_ts(s.starts_at)} to {_ts(s.ends_at)} UTC by {by}: {reason}")
+
+
+@silence.command("list")
+@click.option("--db", default="rollbackd.db", show_default=True)
+@click.option("--all", "show_all", is_flag=True, help="Include silences that have ended.")
+def silence_list(db: str, show_all: bool) -> None:
+    from rollbackd.daemon.clock import WallClock
+    from rollbackd.daemon.ledger import Ledger
+
+    now = WallClock().now()
+    ledger = Ledger(db)
+    rows = [s for s in ledger.silences() if show_all or s.ends_at > now]
+    ledger.close()
+    if not rows:
+        click.echo("no silences" + ("" if show_all else " in force or upcoming (--all shows ended ones)"))
+    for s in rows:
+        state = "ended" if s.ends_at <= now else ("active" if s.starts_at <= now else "upcoming")
+        click.echo(f"{s.id}  {state:<8} {s.deployment}{'/' + s.variant if s.variant else ''}  "
+                   f"rule {s.rule or '*'}  {_ts(s.starts_at)} → {_ts(s.ends_at)}  by {s.created_by}: {s.reason}")
+
+
+@silence.command("expire")
+@click.argument("silence_id")
+@click.option("--by", "by", default="cli", show_default=True)
+@click.option("--at", "at", default=None, help="When it ends (default now; ISO 8601 or Unix seconds).")
+@click.option("--db", default="rollbackd.db", show_default=True)
+def silence_expire(silence_id: str, by: str, at: str | None, db: str) -> None:
+    from rollbackd.daemon.clock import WallClock
+    from rollbackd.daemon.ledger import Ledger
+
+    ledger = Ledger(db)
+    ok = ledger.expire_silence(silence_id, _parse_when(at, WallClock().now()), by,
+                               datetime.now(timezone.utc).isoformat())
+    ledger.close()
+    if not ok:
+        click.echo(f"no silence {silence_id}", err=True)
+        sys.exit(1)
+    click.echo(f"{silence_id}: expired")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from rollbackd.events import Rejected
 
@@ -40,22 +40,25 @@ def encode_dead_letter(rejected: Rejected) -> bytes:
 
 
 class JsonlDeadLetter:
-    """Appends one JSON object per rejected input to a file (created if missing)."""
+    """Appends one JSON object per rejected input to a file, created on the first reject."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         self.count = 0
-        self._file = open(self.path, "ab")
+        self._file: Any = None
 
     def put(self, rejected: Rejected) -> None:
+        if self._file is None:
+            self._file = open(self.path, "ab")
         self._file.write(encode_dead_letter(rejected))
         self.count += 1
 
     def flush(self) -> None:
-        self._file.flush()
+        if self._file is not None:
+            self._file.flush()
 
     def close(self) -> None:
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.flush()
             self._file.close()
 

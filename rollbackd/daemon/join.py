@@ -26,6 +26,7 @@ _Pending = tuple[float, str, str, object, "float | None"]
 class JoinStats:
     joined: int = 0
     unmatched_outcomes: int = 0  # no prediction with that id (never seen, or evicted)
+    not_needed: int = 0  # outcomes of deployments that no label-based rule watches
     expired_outcomes: int = 0  # prediction found but the outcome came after the horizon
     never_labeled: int = 0  # predictions evicted at the horizon without an outcome
     evicted_capacity: int = 0  # predictions evicted because max_pending was reached
@@ -82,7 +83,10 @@ class OutcomeJoiner:
 
     def match(self, o: Outcome) -> Labeled | None:
         book = self._pending.get(o.deployment)
-        entry = book.pop(o.id, None) if book is not None else None
+        if book is None:
+            self.stats.not_needed += 1
+            return None
+        entry = book.pop(o.id, None)
         if entry is None:
             self.stats.unmatched_outcomes += 1
             return None

@@ -14,6 +14,8 @@ from typing import Any, Iterable
 
 import sqlite_utils
 
+from rollbackd.rules.silences import Silence
+
 __all__ = ["Ledger"]
 
 _SCHEMA: dict[str, dict[str, type]] = {
@@ -34,6 +36,11 @@ _SCHEMA: dict[str, dict[str, type]] = {
         "to_version": str, "idempotency_key": str, "attempts": int, "detail": str, "data": str,
     },
     "counters": {"run_id": str, "name": str, "value": int},
+    "silences": {
+        "id": str, "deployment": str, "rule": str, "variant": str, "starts_at": float,
+        "ends_at": float, "reason": str, "created_by": str, "created_wall": str,
+    },
+    "silence_expiries": {"silence_id": str, "expired_at": float, "by": str, "created_wall": str},
 }
 
 
@@ -125,6 +132,38 @@ class Ledger:
     def close(self) -> None:
         self.db.conn.commit()
         self.db.close()
+
+    # Silences ---------------------------------------------------------------------------
+    # A silence is a row in `silences`; expiring one early adds a row to `silence_expiries`
+    # (nothing is updated), and the effective end is the earlier of the two.
+    def add_silence(self, silence: Silence, created_wall: str) -> None:
+        self.db.table("silences").insert({**silence.to_record(), "created_wall": created_wall})
+        self.db.conn.commit()
+
+    def expire_silence(self, silence_id: str, at: float, by: str, created_wall: str) -> bool:
+        if not list(self.db.query("select 1 from silences where id = ?", [silence_id])):
+            return False
+        self.db.table("silence_expiries").insert(
+            {"silence_id": silence_id, "expired_at": at, "by": by, "created_wall": created_wall}
+        )
+        self.db.conn.commit()
+        return True
+
+    def silences(self) -> list[Silence]:
+        rows = self.db.query(
+            "select s.*, (select min(expired_at) from silence_expiries e where e.silence_id = s.id)"
+            " as expired_at from silences s order by s.starts_at, s.id"
+        )
+        out = []
+        for r in rows:
+            ends = r["ends_at"] if r["expired_at"] is None else min(r["ends_at"], r["expired_at"])
+            if ends <= r["starts_at"]:
+                continue  # expired before it began: matches nothing
+            out.append(Silence(
+                id=r["id"], deployment=r["deployment"], starts_at=r["starts_at"], ends_at=ends,
+                reason=r["reason"], created_by=r["created_by"], rule=r["rule"], variant=r["variant"],
+            ))
+        return out
 
     # Reading ----------------------------------------------------------------------------
     def rows(self, table: str, **where: Any) -> list[dict[str, Any]]:

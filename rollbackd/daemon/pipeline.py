@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from operator import attrgetter
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import structlog
 
@@ -35,11 +35,12 @@ from rollbackd.daemon.decisions import DecisionSink, NullDecisions
 from rollbackd.daemon.join import OutcomeJoiner
 from rollbackd.daemon.versions import VersionHistory
 from rollbackd.daemon.windows import WindowAssembler
-from rollbackd.detectors.base import REGISTRY, Detector, Reference, Window, make_detector
+from rollbackd.detectors.base import REGISTRY, Detector, Measurement, Reference, Window, make_detector
 from rollbackd.events import Deploy, Event, Outcome, Prediction, Rejected
 from rollbackd.rules.alerts import Alert, AlertState, step
 from rollbackd.rules.incidents import ActionsDue, Incident, IncidentBook, IncidentChange, NoticeDue
 from rollbackd.rules.model import Config, RuleSpec, WindowSpec
+from rollbackd.rules.silences import Silence, first_match
 
 __all__ = ["Pipeline", "Edges"]
 
@@ -93,8 +94,10 @@ def iso(ts: float) -> str:
 
 
 class Pipeline:
-    def __init__(self, config: Config, edges: Edges) -> None:
+    def __init__(self, config: Config, edges: Edges, silences: Sequence[Silence] = ()) -> None:
         self.config = config
+        self.silences = tuple(silences)
+        self._muted: set[tuple[str, Key]] = set()
         self.edges = edges
         if edges.dead_letters is None:
             edges.dead_letters = _NullDeadLetters()
@@ -136,6 +139,7 @@ class Pipeline:
         match = self.joiner.match
         pane_for = self.assembler.pane
         n_pred = n_out = n_late = n_pending = 0
+        room = max(1, joiner.max_pending - len(joiner))  # inserts before the cap is reached
         for ev in events:
             ts = ev.ts
             if ts < floor:
@@ -161,6 +165,9 @@ class Pipeline:
                     else:
                         book[ev.id] = (ts, ev.variant, ev.model_version, ev.prediction, ev.score)  # type: ignore[union-attr]
                         n_pending += 1
+                        if n_pending >= room:  # the cap binds: evict now, event by event
+                            joiner.added(n_pending)
+                            n_pending, room = 0, max(1, joiner.max_pending - len(joiner))
             elif cls is Outcome:
                 n_out += 1
                 lab = match(ev)  # type: ignore[arg-type]
@@ -241,10 +248,19 @@ class Pipeline:
                 versions = Counter(map(_model_version, pane.predictions))
                 version = max(versions, key=lambda v: (versions[v], v))
                 history.observe(version, last_idx * g)
+        fired: list[tuple[RuleSpec, Alert, Any, Measurement, Window]] = []
         for spec, window in self.assembler.windows_at(t):
             for rule in self.rules_by_window.get(spec, ()):
                 if rule.applies_to(window.deployment, window.variant):
-                    self._evaluate(rule, window, t)
+                    changed = self._evaluate(rule, window, t)
+                    if changed is not None:
+                        fired.append(changed)
+        # Transitions of one boundary are handled after every alert has been stepped, and
+        # alerts that an inhibit rule could mute go last: a source firing in the same window
+        # as its target mutes it whatever the order of the rules in the file.
+        fired.sort(key=lambda f: self._is_inhibit_target(f[0], f[1]))
+        for rule, alert, transition, m, window in fired:
+            self._transition(rule, alert, transition, m, window, t)
         self.joiner.expire(t)
         self.assembler.drop_before(t)
         self._slots.clear()
@@ -270,7 +286,9 @@ class Pipeline:
             self._references[deployment] = self.edges.references(deployment)
         return self._references[deployment]
 
-    def _evaluate(self, rule: RuleSpec, window: Window, now: float) -> None:
+    def _evaluate(
+        self, rule: RuleSpec, window: Window, now: float
+    ) -> tuple[RuleSpec, Alert, Any, Measurement, Window] | None:
         key = (window.deployment, window.variant)
         det = self._detector(rule, key)
         det.update(window)
@@ -280,16 +298,76 @@ class Pipeline:
             alert = Alert(rule.name, key[0], key[1])
         new, transition = step(rule, alert, m, now)
         self.alerts[(rule.name, key)] = new
-        if transition is None:
-            return
+        return None if transition is None else (rule, new, transition, m, window)
+
+    def _labels(self, rule: RuleSpec, deployment: str, variant: str) -> dict[str, str]:
+        return {
+            "rule": rule.name, "detector": rule.detector, "severity": rule.severity,
+            "deployment": deployment, "variant": variant,
+        }
+
+    def _is_inhibit_target(self, rule: RuleSpec, alert: Alert) -> bool:
+        labels = self._labels(rule, alert.deployment, alert.variant)
+        return any(ir.targets(labels) for ir in self.config.inhibit_rules)
+
+    def _suppression(self, rule: RuleSpec, alert: Alert, now: float) -> dict[str, Any] | None:
+        """Why this alert may neither notify nor act right now, or None."""
+        labels = self._labels(rule, alert.deployment, alert.variant)
+        silence = first_match(self.silences, labels, now)
+        if silence is not None:
+            return {"by": "silence", "silence_id": silence.id, "reason": silence.reason,
+                    "created_by": silence.created_by, "until": silence.ends_at}
+        for ir in self.config.inhibit_rules:
+            if not ir.targets(labels):
+                continue
+            same = {k: labels[k] for k in ir.equal}
+            if ir.source_rollback:
+                for inc in sorted(self.book.open.values(), key=lambda i: i.id):
+                    if "rollback" in inc.actions_done and any(
+                        all(getattr(a, k) == v for k, v in same.items()) for a in inc.firing
+                    ):
+                        return {"by": "inhibit", "inhibit_rule": ir.name,
+                                "source": inc.id, "reason": "rollback in progress"}
+            for (name, key), other in sorted(self.alerts.items()):
+                if other.state != AlertState.FIRING or (name, key) in self._muted:
+                    continue
+                if (name, key) == (rule.name, (alert.deployment, alert.variant)):
+                    continue
+                src_rule = self._rule_index[name]
+                src = self._labels(src_rule, key[0], key[1])
+                if ir.is_source(src) and all(src[k] == v for k, v in same.items()):
+                    return {"by": "inhibit", "inhibit_rule": ir.name,
+                            "source": other.id, "reason": f"{name} firing"}
+        return None
+
+    def _transition(
+        self, rule: RuleSpec, new: Alert, transition: Any, m: Measurement, window: Window, now: float
+    ) -> None:
+        key = (new.deployment, new.variant)
         effects: list[Any] = []
+        suppressed = None
         if transition.new == "firing":
-            effects = self.book.alert_fired(
-                rule, new.id, key[0], key[1], now, m.to_record(), (window.start, window.end)
-            )
+            suppressed = self._suppression(rule, new, now)
+            if suppressed is None:
+                self._muted.discard((rule.name, key))
+                effects = self.book.alert_fired(
+                    rule, new.id, key[0], key[1], now, m.to_record(), (window.start, window.end)
+                )
+            else:
+                # Muted for this firing episode: recorded with the reason, never notified
+                # nor acted on; its resolution later is recorded the same way.
+                self._muted.add((rule.name, key))
         elif transition.new == "resolved":
-            effects = self.book.alert_resolved(new.id, key[0], now)
-        incident = self.book.incident_for(key[0], key[1])
+            if (rule.name, key) in self._muted:
+                suppressed = {"by": "muted episode"}
+                self._muted.discard((rule.name, key))
+            else:
+                effects = self.book.alert_resolved(new.id, key[0], now, m.to_record())
+        incident = (
+            self.book.incident_for(key[0], key[1])
+            if suppressed is None and transition.new in ("firing", "resolved")
+            else None
+        )
         rec = {
             "ts": now,
             "kind": "alert",
@@ -305,10 +383,13 @@ class Pipeline:
             "window": [window.start, window.end],
             "version": self._current_version(key),
         }
+        if suppressed is not None:
+            rec["suppressed"] = suppressed
         self._decide(rec, self.edges.recorder.alert)
         log.info(
             "alert." + transition.new, rule=rule.name, deployment=key[0], variant=key[1],
             value=m.value, threshold=m.threshold, n=m.sample_size, ts=iso(now),
+            suppressed=(suppressed or {}).get("by"),
         )
         self._effects(effects)
 
@@ -431,7 +512,7 @@ class Pipeline:
             result = self.edges.notifier.post(notice)
         except Exception as exc:  # a notifier must never stop the pipeline or a rollback
             result = ActionResult("failed", f"{type(exc).__name__}: {exc}")
-        rec.update(status=result.status, detail=result.detail or reason)
+        rec.update(status=result.status, reason=reason, detail=result.detail)
         self._decide(rec, lambda r: self.edges.recorder.action(r, "finished"))
         self.book.noticed(inc, ts, result.thread)
 
@@ -489,12 +570,12 @@ class Pipeline:
         self._decide(rec, lambda r: self.edges.recorder.action(r, "finished"))
         (log.info if result.status in ("succeeded", "skipped") else log.error)(
             "rollback." + result.status, incident=inc.id, deployment=inc.deployment,
-            variant=variant, from_version=current, to_version=target,
+            variant=variant, from_version=current, to_version=target, detail=result.detail,
         )
-        return (
-            inc, "updated", ts, f"rollback {result.status}",
-            f"{inc.deployment}/{variant} {current} → {target}",
-        )
+        extra = f"{inc.deployment}/{variant} {current} → {target}"
+        if result.status == "failed":
+            extra += f" ({result.detail})"
+        return (inc, "updated", ts, f"rollback {result.status}", extra)
 
     # Summary ----------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import gc
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from rollbackd.actions.base import Notifier, RollbackBackend
 from rollbackd.actions.factory import make_backend, make_notifier
@@ -23,6 +23,7 @@ from rollbackd.daemon.sources import EventSource, RecordingSource
 from rollbackd.detectors.base import Reference
 from rollbackd.events import EventDecoder, Prediction
 from rollbackd.rules.model import Config, NotifierSpec
+from rollbackd.rules.silences import Silence
 
 __all__ = ["ReplayResult", "replay", "build_pipeline", "load_reference"]
 
@@ -70,6 +71,7 @@ def build_pipeline(
     drill: bool = False,
     backend_overrides: dict[str, RollbackBackend] | None = None,
     env: dict[str, str] | None = None,
+    silences: Sequence[Silence] = (),
 ) -> Pipeline:
     env = dict(os.environ if env is None else env)
     backends: dict[str, RollbackBackend] = dict(backend_overrides or {})
@@ -95,7 +97,7 @@ def build_pipeline(
     )
     if recorder is not None:
         edges.recorder = recorder
-    return Pipeline(config, edges)
+    return Pipeline(config, edges, silences=silences)
 
 
 def replay(

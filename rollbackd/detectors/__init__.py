@@ -18,6 +18,7 @@ from rollbackd.detectors.drift import Drift
 from rollbackd.detectors.error_rate import ErrorRate
 from rollbackd.detectors.latency import Latency
 from rollbackd.detectors.model_error import ModelError
+from rollbackd.detectors.traffic import Traffic
 
 __all__ = [
     "REGISTRY",
@@ -33,4 +34,5 @@ __all__ = [
     "ErrorRate",
     "Latency",
     "ModelError",
+    "Traffic",
 ]

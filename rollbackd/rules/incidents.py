@@ -202,13 +202,18 @@ class IncidentBook:
                 effects.extend(self._act(inc, alert, now, escalation=True))
         return effects
 
-    def alert_resolved(self, alert_id: str, deployment: str, now: float) -> list[Effect]:
+    def alert_resolved(
+        self, alert_id: str, deployment: str, now: float, measurement: dict[str, Any] | None = None
+    ) -> list[Effect]:
+        """``measurement``: the one that resolved it, so notices show the current numbers."""
         effects: list[Effect] = []
         for key, inc in list(self.open.items()):
             alert = inc.alerts.get(alert_id)
             if alert is None or alert.resolved_at is not None:
                 continue
             alert.resolved_at = now
+            if measurement is not None:
+                alert.measurement = measurement
             effects.append(IncidentChange(inc, "alert_resolved", now, alert))
             if inc.firing:
                 if inc.flushed:

@@ -29,7 +29,9 @@ from rollbackd.rules.model import (
     BackendSpec,
     Config,
     DeploymentSpec,
+    MATCH_LABELS,
     GroupingSpec,
+    InhibitRule,
     NotifierSpec,
     RuleSpec,
     Settings,
@@ -54,7 +56,7 @@ __all__ = [
 
 # Used when ``rollbackd.detectors`` cannot be imported or registers nothing, so a broken
 # detector module degrades the check to names instead of failing every config.
-FALLBACK_DETECTORS = ("error_rate", "latency", "model_error", "drift")
+FALLBACK_DETECTORS = ("error_rate", "latency", "model_error", "drift", "traffic")
 BACKEND_TYPES = ("log", "webhook")
 NOTIFIER_TYPES = ("console", "slack", "none")
 GROUP_LABELS = ("rule", "deployment", "variant", "severity")
@@ -418,7 +420,9 @@ class _Walker:
                 ConfigIssue("", 1, 1, "the file is empty; expected a mapping with a `rules:` list")
             )
             return None
-        top = self.mapping(root, "", ("version", "settings", "grouping", "deployments", "rules"))
+        top = self.mapping(
+            root, "", ("version", "settings", "grouping", "deployments", "rules", "inhibit_rules")
+        )
         if top is None:
             return None
 
@@ -445,15 +449,122 @@ class _Walker:
             self.warn(
                 rules_key, "rules", "no rules: rollbackd will watch the stream but never alert"
             )
-        if not isinstance(rules, tuple):
+        inhibit: Any = ()
+        if "inhibit_rules" in top:
+            inhibit = self.inhibit_rules(top["inhibit_rules"][1], rules if isinstance(rules, tuple) else ())
+        if not isinstance(rules, tuple) or inhibit is INVALID:
             return None
         return Config(
             settings=settings,
             deployments=MappingProxyType(dict(deployments)),
             rules=rules,
             grouping=grouping,
+            inhibit_rules=inhibit,
             source=source,
         )
+
+    # ----------------------------------------------------------------- inhibition
+
+    def inhibit_rules(self, node: Node, rules: tuple[RuleSpec, ...]) -> Any:
+        items = self.sequence(node, "inhibit_rules")
+        if items is None:
+            return INVALID
+        out: list[InhibitRule] = []
+        names: dict[str, int] = {}
+        failed = False
+        for i, item in enumerate(items):
+            path = f"inhibit_rules[{i}]"
+            pairs = self.mapping(item, path, ("name", "source", "target", "equal"))
+            if pairs is None:
+                failed = True
+                continue
+            kw: dict[str, Any] = {}
+            for key in ("name", "target"):
+                if key not in pairs:
+                    self.error(item, path, f"missing `{key}`")
+                    failed = True
+            if "name" in pairs:
+                name = self.string(pairs["name"][1], _sub(path, "name"))
+                if name is not INVALID:
+                    if name in names:
+                        self.error(pairs["name"][1], _sub(path, "name"),
+                                   f"duplicate inhibit rule name {name!r} (first on line {names[name]})")
+                        failed = True
+                    names[name] = pairs["name"][1].start_mark.line + 1
+                    kw["name"] = name
+                else:
+                    failed = True
+            if "target" in pairs:
+                target = self.matchers(pairs["target"][1], _sub(path, "target"), rules, allow_rollback=False)
+                failed |= target is INVALID
+                kw["target"] = target
+            if "source" in pairs:
+                source = self.matchers(pairs["source"][1], _sub(path, "source"), rules, allow_rollback=True)
+                if source is INVALID:
+                    failed = True
+                else:
+                    kw["source_rollback"] = bool(source.pop("rollback_in_progress", False))
+                    kw["source"] = MappingProxyType(source)
+                    if not source and not kw["source_rollback"]:
+                        self.error(pairs["source"][1], _sub(path, "source"),
+                                   "needs at least one matcher or `rollback_in_progress: true`")
+                        failed = True
+            else:
+                self.error(item, path, "missing `source`")
+                failed = True
+            if "equal" in pairs:
+                equal = self.strings(pairs["equal"][1], _sub(path, "equal"),
+                                     choices=("deployment", "variant"), non_empty=True)
+                if equal is INVALID:
+                    failed = True
+                elif "deployment" not in equal:
+                    self.error(pairs["equal"][1], _sub(path, "equal"),
+                               "must include `deployment`: one deployment never inhibits another")
+                    failed = True
+                else:
+                    kw["equal"] = equal
+            if not failed and "name" in kw and isinstance(kw.get("target"), Mapping):
+                kw["target"] = MappingProxyType(kw["target"])
+                out.append(InhibitRule(**kw))
+        return INVALID if failed else tuple(out)
+
+    def matchers(self, node: Node, path: str, rules: tuple[RuleSpec, ...], *, allow_rollback: bool) -> Any:
+        keys = MATCH_LABELS + (("rollback_in_progress",) if allow_rollback else ())
+        pairs = self.mapping(node, path, keys)
+        if pairs is None:
+            return INVALID
+        out: dict[str, Any] = {}
+        failed = False
+        for key, (_, value) in pairs.items():
+            sub = _sub(path, key)
+            if key == "rollback_in_progress":
+                flag = self.boolean(value, sub)
+                if flag is INVALID:
+                    failed = True
+                elif flag is not True:
+                    self.error(value, sub, "only `true` makes sense here (leave the key out instead)")
+                    failed = True
+                else:
+                    out[key] = True
+                continue
+            choices = {
+                "severity": SEVERITIES,
+                "detector": tuple(known_detectors()),
+                "rule": tuple(r.name for r in rules) or None,
+            }.get(key)
+            if isinstance(value, SequenceNode):
+                got = self.strings(value, sub, choices=choices, non_empty=True)
+            else:
+                one = self.string(value, sub, choices=choices)
+                got = INVALID if one is INVALID else (one,)
+            if got is INVALID:
+                failed = True
+            else:
+                out[key] = got
+        if not out and not failed and not allow_rollback:
+            self.error(node, path, f"needs at least one matcher ({', '.join(MATCH_LABELS)})")
+            failed = True
+        return INVALID if failed else out
 
     # ----------------------------------------------------------------- settings
 

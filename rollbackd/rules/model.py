@@ -19,6 +19,8 @@ __all__ = [
     "DeploymentSpec",
     "RuleSpec",
     "GroupingSpec",
+    "InhibitRule",
+    "MATCH_LABELS",
     "Settings",
     "Config",
 ]
@@ -137,6 +139,36 @@ class GroupingSpec:
     repeat_interval: float = 4 * 3600.0
 
 
+MATCH_LABELS = ("rule", "detector", "severity", "deployment", "variant")
+
+
+@dataclass(frozen=True, slots=True)
+class InhibitRule:
+    """Alertmanager-style inhibition: while a *source* is active, matching *target* alerts
+    are recorded but neither notify nor act.
+
+    The source is either firing alerts matching ``source`` (label -> allowed values), or,
+    with ``source_rollback``, an open incident whose rollback has run. ``equal`` names the
+    labels source and target must share (at least the deployment).
+    """
+
+    name: str
+    target: Mapping[str, tuple[str, ...]]
+    source: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: _frozen(None))
+    source_rollback: bool = False
+    equal: tuple[str, ...] = ("deployment",)
+
+    def targets(self, labels: Mapping[str, str]) -> bool:
+        return _matches(self.target, labels)
+
+    def is_source(self, labels: Mapping[str, str]) -> bool:
+        return bool(self.source) and _matches(self.source, labels)
+
+
+def _matches(matchers: Mapping[str, tuple[str, ...]], labels: Mapping[str, str]) -> bool:
+    return all(labels.get(k) in allowed for k, allowed in matchers.items())
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     dry_run: bool = False
@@ -153,6 +185,7 @@ class Config:
     deployments: Mapping[str, DeploymentSpec] = field(default_factory=lambda: _frozen(None))
     rules: tuple[RuleSpec, ...] = ()
     grouping: GroupingSpec = GroupingSpec()
+    inhibit_rules: tuple[InhibitRule, ...] = ()
     source: str | None = None  # path of the file it was loaded from
 
     def deployment(self, name: str) -> DeploymentSpec:
