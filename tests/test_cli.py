@@ -90,3 +90,31 @@ def test_demo_shows_the_incident_and_the_rollback(tmp_path):
     assert "rollback  2 -> 1  succeeded" in text
     assert "OPENED" in text  # the console notice
     assert (tmp_path / "demo.db").exists()
+
+
+def test_silence_add_list_expire_and_replay_applies_it_by_event_time(tmp_path):
+    rec = tmp_path / "s.jsonl"
+    assert rollbackd("simulate", "sustained_errors", "--out", str(rec), cwd=tmp_path).returncode == 0
+    # The recording starts at 1790000000 (2026-09-21T14:13:20Z); v2 fails from +900 s.
+    out = rollbackd("silence", "add", "--deployment", "demo-scorer", "--for", "1h",
+                    "--starts-at", "2026-09-21T14:20:00Z", "--reason", "load test of v2",
+                    "--by", "alice", "--db", "l.db", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    sil_id = out.stdout.split(b":")[0].decode()
+    listed = rollbackd("silence", "list", "--all", "--db", "l.db", cwd=tmp_path)
+    assert sil_id.encode() in listed.stdout and b"load test of v2" in listed.stdout
+
+    def replay_rollbacks() -> list[dict]:
+        out = rollbackd("replay", str(rec), "--config", str(RULES), "--db", "l.db",
+                        "--decisions-out", "d.jsonl", "--notifier", "none", cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        lines = [json.loads(x) for x in (tmp_path / "d.jsonl").read_text().splitlines()]
+        return [d for d in lines if d["kind"] == "action" and d["action"] == "rollback"]
+
+    assert replay_rollbacks() == []
+    # Expired before the fault began (event time): the replay rolls back again.
+    out = rollbackd("silence", "expire", sil_id, "--at", "2026-09-21T14:21:00Z", "--by", "bob",
+                    "--db", "l.db", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert [r["to_version"] for r in replay_rollbacks()] == ["1"]
+    assert rollbackd("silence", "expire", "sil-nope", "--db", "l.db", cwd=tmp_path).returncode == 1

@@ -148,6 +148,30 @@ def test_a_more_severe_alert_after_the_flush_escalates_without_a_second_incident
     assert (inc.severity, inc.actions_done, r.book.closed) == ("critical", ["rollback"], [])
 
 
+def test_a_less_severe_alert_after_the_flush_only_joins():
+    Runner(BY_DEPLOYMENT).run([
+        (0, fire(WARN), [("A", "opened", "error-rate")], 30),
+        (30, TICK, [("A", "notice", "opened", 30)], 3630),
+        # An info rule that would roll back: below what already acted, so it does not.
+        (60, fire(INFO_RB), [("A", "alert_joined", "calibration"), ("A", "notice", "updated", 60)], 3660),
+    ])
+
+
+def test_escalation_runs_only_the_actions_not_run_yet():
+    warn_rb = RuleSpec(
+        name="error-rate", detector="error_rate", threshold=0.05, severity="warning",
+        actions=("notify", "rollback"),
+    )
+    r = Runner(BY_DEPLOYMENT).run([
+        (0, fire(warn_rb), [("A", "opened", "error-rate")], 30),
+        (30, TICK, [("A", "notice", "opened", 30), ("A", "act", "error-rate", ("rollback",), 30, False)], 3630),
+        # More severe, but its only action already ran: the severity rises, nothing runs twice.
+        (60, fire(CRIT), [("A", "alert_joined", "latency"), ("A", "notice", "updated", 60)], 3660),
+    ])
+    (inc,) = r.book.open.values()
+    assert (inc.severity, inc.acted_rank, inc.actions_done) == ("critical", 2, ["rollback"])
+
+
 def test_an_incident_resolved_inside_group_wait_runs_no_action_and_says_so_once():
     r = Runner(BY_DEPLOYMENT).run([
         (0, fire(CRIT), [("A", "opened", "latency")], 30),

@@ -81,7 +81,7 @@ def test_mark_bad_on_an_empty_history_is_a_no_op():
         # A version an incident opened on is never a target...
         ([(0, "v1"), (20, "v2"), (30, "bad"), (40, "v3")], 41, "v1"),
         # ...not even through an earlier healthy span of the same version.
-        ([(0, "v1"), (20, "v2"), (40, "v1"), (41, "bad"), (45, "v3")], 46, "v2"),
+        ([(0, "v1"), (20, "v2"), (25, "v1"), (26, "bad"), (30, "v3")], 31, None),
         # The running version is never its own target, even if it once ran healthy.
         ([(0, "v1"), (20, "v2"), (40, "v1")], 41, "v2"),
         # After a rollback to v1 (bad v2), nothing else is left to roll back to.
