@@ -308,3 +308,16 @@ def test_the_record_carries_the_alerts_and_what_was_done():
         "measurement": {"value": 1.0, "threshold": 500.0, "sample_size": 100},
         "window": [T0 - 60, T0], "summary": None,
     }
+
+
+def test_a_resolved_alert_keeps_the_measurement_that_resolved_it():
+    r = Runner(BY_DEPLOYMENT).run([
+        (0, fire(CRIT), [("A", "opened", "latency")], 30),
+        (0, fire(WARN), [("A", "alert_joined", "error-rate")], 30),
+    ])
+    cleared = {"value": 120.0, "threshold": 500.0, "sample_size": 900}
+    effects = r.book.alert_resolved(f"latency/{DEP}/canary", DEP, T0 + 10, cleared)
+    assert [r.summary(e) for e in effects] == [("A", "alert_resolved", "latency")]
+    (inc,) = r.book.open.values()
+    assert inc.alerts[f"latency/{DEP}/canary"].measurement == cleared
+    assert inc.alerts[f"error-rate/{DEP}/canary"].measurement["value"] == 1.0  # untouched

@@ -9,6 +9,7 @@ Only deployments that have a label-based rule register here at all.
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -61,7 +62,10 @@ class OutcomeJoiner:
         return self._pending
 
     def track(self, deployment: str) -> None:
-        self._pending.setdefault(deployment, {})
+        # An OrderedDict, not a dict: eviction takes the oldest entry from the front, and a
+        # dict finds its front by skipping every slot already deleted there (until it next
+        # resizes), which made a full buffer evicting one entry per prediction quadratic.
+        self._pending.setdefault(deployment, OrderedDict())
 
     def add(self, p: Prediction) -> None:
         book = self._pending.get(p.deployment)

@@ -20,12 +20,13 @@ from rollbackd.daemon.deadletter import JsonlDeadLetter
 from rollbackd.daemon.decisions import DecisionLog, DecisionSink, NullDecisions
 from rollbackd.daemon.pipeline import Edges, Pipeline
 from rollbackd.daemon.sources import EventSource, RecordingSource
+from rollbackd.daemon.references import load_reference
 from rollbackd.detectors.base import Reference
 from rollbackd.events import EventDecoder, Prediction
 from rollbackd.rules.model import Config, NotifierSpec
 from rollbackd.rules.silences import Silence
 
-__all__ = ["ReplayResult", "replay", "build_pipeline", "load_reference"]
+__all__ = ["ReplayResult", "replay", "build_pipeline"]
 
 Progress = Callable[[int, float | None], None]  # (events done, watermark)
 
@@ -37,28 +38,6 @@ class ReplayResult:
     events: int = 0
     batches: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def load_reference(path: str | Path, limit: int = 100_000) -> Reference:
-    """Raw feature values (and ``__score__``) of the prediction events in a JSONL file."""
-    columns: dict[str, list[Any]] = {}
-    source = RecordingSource(str(path))
-    n = 0
-    try:
-        while n < limit and (batch := source.read(10_000)) is not None:
-            for ev in batch.events:
-                if type(ev) is not Prediction or n >= limit:
-                    continue
-                for name, value in ev.features.items():
-                    columns.setdefault(name, []).append(value)
-                if ev.score is not None:
-                    columns.setdefault("__score__", []).append(ev.score)
-                n += 1
-    finally:
-        source.close()
-    if n == 0:
-        raise ValueError(f"reference file {path} holds no prediction events")
-    return Reference(source=str(path), columns=columns)
 
 
 def build_pipeline(

@@ -103,8 +103,15 @@ class WindowAssembler:
 
     def windows_at(self, boundary: float) -> Iterator[tuple[WindowSpec, Window]]:
         for spec in self.due_specs(boundary):
-            for key in self.keys():
-                yield spec, self.window(key, spec, boundary)
+            windows = [self.window(key, spec, boundary) for key in self.keys()]
+            # Each window sees the other variants of its deployment over the same span, so a
+            # detector can compare a canary with the stable arm in the same time window.
+            by_deployment: dict[str, dict[str, Window]] = {}
+            for w in windows:
+                by_deployment.setdefault(w.deployment, {})[w.variant] = w
+            for w in windows:
+                w.siblings = by_deployment[w.deployment]
+                yield spec, w
 
     def drop_before(self, boundary: float) -> None:
         """Forget panes no window ending after ``boundary`` can still include."""

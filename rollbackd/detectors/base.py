@@ -101,7 +101,7 @@ class Window:
     """
 
     __slots__ = (
-        "deployment", "variant", "start", "end", "predictions", "outcomes", "__dict__",
+        "deployment", "variant", "start", "end", "predictions", "outcomes", "siblings", "__dict__",
     )
 
     def __init__(
@@ -119,6 +119,9 @@ class Window:
         self.end = end
         self.predictions = predictions
         self.outcomes = outcomes
+        # variant -> Window of the same deployment and span (this one included); set by the
+        # window assembler, empty for a window built alone.
+        self.siblings: Mapping[str, Window] = {}
 
     def __repr__(self) -> str:
         return (
