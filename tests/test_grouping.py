@@ -233,3 +233,25 @@ def test_silence_tick_table_expires_on_its_own(tmp_path):
         (16, "resolved", None),
     ]
     assert [(n.kind, n.ts) for n in rec.notices] == [("opened", T0 + 14 * 60), ("resolved", T0 + 16 * 60)]
+
+
+def test_a_new_canary_without_history_rolls_back_to_the_stable_arms_version(tmp_path):
+    scenario = Scenario(
+        name="bad_canary", seed=21, duration=1500.0,
+        variants=(("stable", 0.8), ("canary", 0.2)),
+        versions=((0.0, "1", "stable"), (900.0, "2", "canary")),
+        faults=(Fault("error_rate", start=900.0, magnitude=0.3, version="2", variant="canary"),),
+    )
+    rec = tmp_path / "canary.jsonl"
+    write_recording(scenario, rec)
+    cfg = load_config_text("""
+version: 1
+settings: {notifier: {type: none}}
+rules:
+  - {name: canary-errors, detector: error_rate, threshold: 0.05, alpha: 0.01, for: 2m,
+     min_samples: 100, severity: critical, actions: [notify, rollback], variants: [canary]}
+""")
+    _, d = run(rec, cfg)
+    (rb,) = kind(d, "action", action="rollback")
+    assert (rb["variant"], rb["from_version"], rb["to_version"], rb["status"]) == ("canary", "2", "1", "succeeded")
+    assert {a["variant"] for a in kind(d, "alert")} == {"canary"}

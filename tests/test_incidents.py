@@ -274,7 +274,9 @@ def test_incident_ids_hash_the_group_labels_and_the_opening_time():
 def test_a_new_episode_of_the_same_group_gets_a_new_id():
     r = Runner(BY_DEPLOYMENT).run([
         (0, fire(WARN), [("A", "opened", "error-rate")], 30),
-        (100, resolve(WARN), [("A", "alert_resolved", "error-rate"), ("A", "resolved", None), ("A", "notice", "resolved", 100)], None),
+        (100, resolve(WARN), [
+            ("A", "alert_resolved", "error-rate"), ("A", "resolved", None), ("A", "notice", "resolved", 100),
+        ], None),
         (200, fire(WARN), [("B", "opened", "error-rate")], 230),
     ])
     (first,) = r.book.closed
@@ -296,7 +298,8 @@ def test_the_record_carries_the_alerts_and_what_was_done():
     ])
     (inc,) = r.book.open.values()
     rec = inc.to_record()
-    assert {k: rec[k] for k in ("group", "deployment", "opened_at", "resolved_at", "severity", "actions_done", "thread")} == {
+    keys = ("group", "deployment", "opened_at", "resolved_at", "severity", "actions_done", "thread")
+    assert {k: rec[k] for k in keys} == {
         "group": {"deployment": DEP}, "deployment": DEP, "opened_at": T0, "resolved_at": None,
         "severity": "critical", "actions_done": ["rollback"], "thread": "thread-A",
     }

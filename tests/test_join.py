@@ -115,7 +115,8 @@ def test_capacity_evicts_the_oldest_prediction_across_deployments():
     assert j.match(out("c0", 40, dep="churn")) is None
     j.add(pred("f2", 40, dep="fraud"))  # f0 (t=10) next
     assert j.match(out("f0", 41)) is None
-    assert [j.match(out(i, 50, dep=d)) is not None for i, d in [("f1", "fraud"), ("c1", "churn"), ("f2", "fraud")]] == [True] * 3
+    for i, d in [("f1", "fraud"), ("c1", "churn"), ("f2", "fraud")]:
+        assert j.match(out(i, 50, dep=d)) is not None, i
     assert stats(j) == {"evicted_capacity": 2, "unmatched_outcomes": 2, "joined": 3}
 
 

@@ -11,7 +11,9 @@ T0 = 1_790_000_000.0
 COOLDOWN = 1800.0
 
 
-def plan(incident: str = "inc-1", to: str = "v1", deployment: str = "fraud", variant: str = "primary") -> RollbackPlan:
+def plan(
+    incident: str = "inc-1", to: str = "v1", deployment: str = "fraud", variant: str = "primary"
+) -> RollbackPlan:
     return RollbackPlan(deployment, variant, "v2", to, incident, "rule error-rate")
 
 

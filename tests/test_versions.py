@@ -19,7 +19,7 @@ def at(minute: float) -> float:
     return T0 + minute * MIN
 
 
-def history(*steps: tuple[float, str] | tuple[float, str, str]) -> VersionHistory:
+def history(*steps: tuple[float, str]) -> VersionHistory:
     """(minute, version) observes; (minute, "bad") marks the running version bad."""
     h = VersionHistory()
     for minute, what in steps:

@@ -41,10 +41,6 @@ def offsets(window) -> list[float]:
     return [p.ts - B0 for p in window.predictions]
 
 
-def test_epoch_fixture_is_what_the_tests_assume():
-    assert B0 == 1_789_999_200.0 and T0 - B0 == 800.0
-
-
 @pytest.mark.parametrize(
     "specs, granularity, retain",
     [

@@ -47,6 +47,8 @@ __all__ = ["Pipeline", "Edges"]
 log = structlog.get_logger("rollbackd")
 
 Key = tuple[str, str]
+# Arms whose version a canary (or any arm without history of its own) falls back to.
+STABLE_ARMS = ("stable", "primary")
 _model_version = attrgetter("model_version")
 
 
@@ -525,7 +527,9 @@ class Pipeline:
         key = (inc.deployment, variant)
         hist = self.versions.get(key) or VersionHistory()
         current = hist.current.version if hist.current is not None else None
-        target = hist.known_good(ts, spec.known_good_after)
+        target = hist.known_good(ts, spec.known_good_after) or self._stable_version(
+            inc.deployment, variant, current
+        )
         plan = (
             RollbackPlan(inc.deployment, variant, current, target, inc.id, f"rule {rule_name}")
             if target is not None
@@ -576,6 +580,20 @@ class Pipeline:
         if result.status == "failed":
             extra += f" ({result.detail})"
         return (inc, "updated", ts, f"rollback {result.status}", extra)
+
+    def _stable_version(self, deployment: str, variant: str, current: str | None) -> str | None:
+        """For a canary-style arm with no known-good history of its own: the version the stable
+        arm serves, if that arm is healthy (no open incident on it)."""
+        for arm in STABLE_ARMS:
+            if arm == variant:
+                continue
+            hist = self.versions.get((deployment, arm))
+            if hist is None or hist.current is None or hist.current.version == current:
+                continue
+            if hist.current.bad or self.book.incident_for(deployment, arm) is not None:
+                continue
+            return hist.current.version
+        return None
 
     # Summary ----------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
