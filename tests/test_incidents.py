@@ -129,7 +129,7 @@ def test_the_first_notice_waits_for_group_wait_and_lists_every_alert_joined_mean
         (9000, TICK, [], None),
     ])
     assert r.book.open == {} and r.book.closed == [inc]
-    assert (inc.resolved_at, inc.actions_done) == (T0 + 4100, ["rollback"])
+    assert (inc.resolved_at, inc.actions_done) == (T0 + 4100, ["rollback:canary"])
 
 
 def test_a_more_severe_alert_after_the_flush_escalates_without_a_second_incident():
@@ -145,7 +145,7 @@ def test_a_more_severe_alert_after_the_flush_escalates_without_a_second_incident
         (120, TICK, [], 3690),
     ])
     (inc,) = r.book.open.values()
-    assert (inc.severity, inc.actions_done, r.book.closed) == ("critical", ["rollback"], [])
+    assert (inc.severity, inc.actions_done, r.book.closed) == ("critical", ["rollback:canary"], [])
 
 
 def test_a_less_severe_alert_after_the_flush_only_joins():
@@ -169,7 +169,7 @@ def test_escalation_runs_only_the_actions_not_run_yet():
         (60, fire(CRIT), [("A", "alert_joined", "latency"), ("A", "notice", "updated", 60)], 3660),
     ])
     (inc,) = r.book.open.values()
-    assert (inc.severity, inc.acted_rank, inc.actions_done) == ("critical", 2, ["rollback"])
+    assert (inc.severity, inc.acted_rank, inc.actions_done) == ("critical", 2, ["rollback:canary"])
 
 
 def test_an_incident_resolved_inside_group_wait_runs_no_action_and_says_so_once():
@@ -197,7 +197,7 @@ def test_an_alert_that_resolves_and_fires_again_rejoins_and_acts_no_more():
     ])
     (inc,) = r.book.open.values()
     assert [(a.rule, a.fired_at) for a in inc.firing] == [("latency", T0 + 160), ("error-rate", T0)]
-    assert inc.actions_done == ["rollback"]
+    assert inc.actions_done == ["rollback:canary"]
 
 
 def test_a_rule_without_notify_still_acts_and_nothing_repeats_unposted():
@@ -301,7 +301,7 @@ def test_the_record_carries_the_alerts_and_what_was_done():
     keys = ("group", "deployment", "opened_at", "resolved_at", "severity", "actions_done", "thread")
     assert {k: rec[k] for k in keys} == {
         "group": {"deployment": DEP}, "deployment": DEP, "opened_at": T0, "resolved_at": None,
-        "severity": "critical", "actions_done": ["rollback"], "thread": "thread-A",
+        "severity": "critical", "actions_done": ["rollback:canary"], "thread": "thread-A",
     }
     (alert,) = rec["alerts"]
     assert alert == {
@@ -324,3 +324,34 @@ def test_a_resolved_alert_keeps_the_measurement_that_resolved_it():
     (inc,) = r.book.open.values()
     assert inc.alerts[f"latency/{DEP}/canary"].measurement == cleared
     assert inc.alerts[f"error-rate/{DEP}/canary"].measurement["value"] == 1.0  # untouched
+
+
+WARN_RB = RuleSpec(
+    name="model-error", detector="model_error", threshold=0.2, severity="warning",
+    actions=("notify", "rollback"),
+)
+
+
+def test_tied_most_severe_rules_all_act_at_the_flush():
+    Runner(BY_DEPLOYMENT).run([
+        (0, fire(CRIT), [("A", "opened", "latency")], 30),
+        (5, fire(CRIT2, "primary"), [("A", "alert_joined", "drift")], 30),
+        (30, TICK, [
+            ("A", "notice", "opened", 30),
+            ("A", "act", "latency", ("rollback",), 30, False),
+            ("A", "act", "drift", ("rollback",), 30, False),  # another variant: its own rollback
+        ], 3630),
+    ])
+
+
+def test_a_same_severity_alert_with_new_actions_escalates_after_the_flush():
+    Runner(BY_DEPLOYMENT).run([
+        (0, fire(WARN), [("A", "opened", "error-rate")], 30),
+        (30, TICK, [("A", "notice", "opened", 30)], 3630),  # notify-only: nothing to run
+        (60, fire(WARN_RB), [
+            ("A", "alert_joined", "model-error"), ("A", "notice", "updated", 60),
+            ("A", "escalated", "model-error"), ("A", "act", "model-error", ("rollback",), 60, True),
+        ], 3660),
+        # A second alert of the same variant asking for a rollback again: already done.
+        (90, fire(CRIT), [("A", "alert_joined", "latency"), ("A", "notice", "updated", 90)], 3690),
+    ])

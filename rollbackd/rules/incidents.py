@@ -198,7 +198,9 @@ class IncidentBook:
         effects.append(IncidentChange(inc, "alert_joined", now, alert))
         if inc.flushed:
             effects.append(NoticeDue(inc, "updated", now, f"alert {rule.name} joined"))
-            if severity_rank(rule.severity) > inc.acted_rank:
+            # As severe as what has acted, or more: its actions that have not run yet run now
+            # (a notify-only warning followed by a warning rule that rolls back escalates).
+            if severity_rank(rule.severity) >= inc.acted_rank:
                 effects.extend(self._act(inc, alert, now, escalation=True))
         return effects
 
@@ -243,7 +245,11 @@ class IncidentBook:
             if not inc.flushed and now >= inc.notify_at:
                 inc.flushed = True
                 effects.append(NoticeDue(inc, "opened", inc.notify_at, "incident opened"))
-                effects.extend(self._act(inc, inc.lead_alert(), inc.notify_at, escalation=False))
+                # The most severe rules' actions run: with a tie in severity, each of them.
+                top = severity_rank(inc.lead_alert().severity)
+                for a in sorted(inc.firing, key=lambda a: (a.fired_at, a.rule, a.variant)):
+                    if severity_rank(a.severity) == top:
+                        effects.extend(self._act(inc, a, inc.notify_at, escalation=False))
             elif (
                 inc.flushed
                 and inc.last_notice_at is not None
@@ -260,8 +266,12 @@ class IncidentBook:
 
     def _act(self, inc: Incident, alert: IncidentAlert, now: float, escalation: bool) -> list[Effect]:
         inc.acted_rank = max(inc.acted_rank, severity_rank(alert.severity))
-        todo = tuple(a for a in alert.actions if a != "notify" and a not in inc.actions_done)
-        inc.actions_done.extend(todo)
+        # Done-ness is per action and variant: rolling back the canary does not stand in for
+        # a rollback of the primary arm that a later alert of the same incident asks for.
+        todo = tuple(
+            a for a in alert.actions if a != "notify" and f"{a}:{alert.variant}" not in inc.actions_done
+        )
+        inc.actions_done.extend(f"{a}:{alert.variant}" for a in todo)
         effects: list[Effect] = []
         if escalation and todo:
             effects.append(IncidentChange(inc, "escalated", now, alert))
