@@ -36,17 +36,30 @@ class DecisionSink(Protocol):
 
 
 class DecisionLog:
-    """Appends decisions to a JSON Lines file (or an open binary stream)."""
+    """Appends decisions to a JSON Lines file (or an open binary stream).
 
-    def __init__(self, target: str | Path | IO[bytes]) -> None:
+    ``append=True`` (the live daemon) keeps what the file holds; after a restart the daemon
+    truncates it to the offset saved with its checkpoint, so no decision appears twice.
+    """
+
+    def __init__(self, target: str | Path | IO[bytes], append: bool = False) -> None:
         if isinstance(target, (str, Path)):
-            self._fh: IO[bytes] = open(target, "wb")
+            self._fh: IO[bytes] = open(target, "ab" if append else "wb")
             self._owned = True
         else:
             self._fh, self._owned = target, False
 
     def write(self, rec: dict[str, Any]) -> None:
         self._fh.write(encode_decision(rec) + b"\n")
+
+    def offset(self) -> int:
+        self._fh.flush()
+        return self._fh.tell()
+
+    def truncate(self, offset: int) -> None:
+        self._fh.flush()
+        self._fh.truncate(offset)
+        self._fh.seek(offset)
 
     def close(self) -> None:
         self._fh.flush()

@@ -116,7 +116,7 @@ class Ledger:
                 "from_version": rec.get("from_version"), "to_version": rec.get("to_version"),
                 "idempotency_key": rec.get("idempotency_key"), "attempts": rec.get("attempts"),
                 "detail": rec.get("detail"),
-                "data": _json({k: v for k, v in rec.items() if k in {"notice", "evidence"}}),
+                "data": _json({k: v for k, v in rec.items() if k in {"notice", "evidence", "thread", "reason", "backend", "dry_run"}}),
             },
         )
         # The outbox rule: an action's start is durable before it runs, and its end right after.
@@ -132,6 +132,35 @@ class Ledger:
     def close(self) -> None:
         self.db.conn.commit()
         self.db.close()
+
+    # The outbox and restarts --------------------------------------------------------------
+    def finished_action(self, key: str) -> dict[str, Any] | None:
+        """This run's finished row for an action key (a rollback's idempotency key, a notice's
+        key), or None: after a restart, a decision re-made from the checkpoint finds what was
+        already done instead of doing it twice."""
+        rows = list(self.db.query(
+            "select * from actions where run_id = ? and idempotency_key = ? and phase = 'finished'"
+            " order by seq limit 1", [self.run_id, key],
+        ))
+        return rows[0] if rows else None
+
+    def high_water(self) -> dict[str, int]:
+        """The last row of each re-derivable table: saved with a checkpoint."""
+        return {
+            t: self.db.execute(f"select coalesce(max(seq), 0) from {t}").fetchone()[0]
+            for t in ("alert_transitions", "incidents")
+        }
+
+    def rewind(self, marks: dict[str, int]) -> int:
+        """Drop this run's alert and incident rows written after a checkpoint: the restarted
+        pipeline re-derives them identically. Action rows stay: they are the outbox."""
+        n = 0
+        for table, seq in marks.items():
+            n += self.db.execute(
+                f"delete from {table} where run_id = ? and seq > ?", [self.run_id, seq]
+            ).rowcount
+        self.db.conn.commit()
+        return n
 
     # Silences ---------------------------------------------------------------------------
     # A silence is a row in `silences`; expiring one early adds a row to `silence_expiries`

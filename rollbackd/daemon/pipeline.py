@@ -13,6 +13,7 @@ judged per event against the events before it, never against batch boundaries.
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 from collections import Counter
@@ -59,6 +60,7 @@ class Recorder:
     def alert(self, rec: dict[str, Any]) -> None: ...
     def incident(self, rec: dict[str, Any]) -> None: ...
     def action(self, rec: dict[str, Any], phase: str) -> None: ...
+    def finished_action(self, key: str) -> dict[str, Any] | None: ...
 
 
 class _NullRecorder(Recorder):
@@ -70,6 +72,9 @@ class _NullRecorder(Recorder):
 
     def action(self, rec: dict[str, Any], phase: str) -> None:
         pass
+
+    def finished_action(self, key: str) -> dict[str, Any] | None:
+        return None
 
 
 class _NullDeadLetters:
@@ -499,6 +504,8 @@ class Pipeline:
             thread=inc.thread,
             drill=self.edges.drill,
         )
+        key = f"{inc.id}:notice:{inc.notices_sent}"
+        inc.notices_sent += 1
         rec: dict[str, Any] = {
             "ts": ts,
             "kind": "action",
@@ -509,15 +516,32 @@ class Pipeline:
             "variant": lead.variant,
             "rule": lead.rule,
             "status": "started",
+            "idempotency_key": key,
         }
-        self.edges.recorder.action(rec, "started")
-        try:
-            result = self.edges.notifier.post(notice)
-        except Exception as exc:  # a notifier must never stop the pipeline or a rollback
-            result = ActionResult("failed", f"{type(exc).__name__}: {exc}")
-        rec.update(status=result.status, reason=reason, detail=result.detail)
-        self._decide(rec, lambda r: self.edges.recorder.action(r, "finished"))
+        result = self._already_done(key)
+        if result is None:
+            self.edges.recorder.action(rec, "started")
+            try:
+                result = self.edges.notifier.post(notice)
+            except Exception as exc:  # a notifier must never stop the pipeline or a rollback
+                result = ActionResult("failed", f"{type(exc).__name__}: {exc}")
+            rec.update(status=result.status, reason=reason, detail=result.detail, thread=result.thread)
+            self._decide(rec, lambda r: self.edges.recorder.action(r, "finished"))
+        else:
+            rec.update(status=result.status, reason=reason, detail=result.detail, thread=result.thread)
+            self.edges.decisions.write(rec)
         self.book.noticed(inc, ts, result.thread)
+
+    def _already_done(self, key: str) -> ActionResult | None:
+        """The recorded outcome of an action this run already finished (outbox), if any."""
+        row = self.edges.recorder.finished_action(key)
+        if row is None:
+            return None
+        data = json.loads(row.get("data") or "{}")
+        return ActionResult(
+            row["status"], row.get("detail") or "", attempts=row.get("attempts") or 0,
+            thread=data.get("thread"),
+        )
 
     def _rollback(
         self, inc: Incident, rule_name: str, variant: str, ts: float
@@ -565,14 +589,20 @@ class Pipeline:
             log.warning("rollback." + verdict, incident=inc.id, deployment=inc.deployment, detail=why)
             return (inc, "updated", ts, f"rollback {status}", why)
         assert plan is not None
-        self.edges.recorder.action({**rec, "status": "started"}, "started")
-        try:
-            result = self.edges.backend_for(inc.deployment).apply(plan)
-        except Exception as exc:  # a backend bug must not kill the daemon; it is recorded
-            result = ActionResult("failed", f"{type(exc).__name__}: {exc}")
+        result = self._already_done(plan.idempotency_key)
+        replayed = result is not None
+        if result is None:
+            self.edges.recorder.action({**rec, "status": "started"}, "started")
+            try:
+                result = self.edges.backend_for(inc.deployment).apply(plan)
+            except Exception as exc:  # a backend bug must not kill the daemon; it is recorded
+                result = ActionResult("failed", f"{type(exc).__name__}: {exc}")
         self.safety.record(plan, ts, applied=result.status in ("succeeded", "skipped"))
         rec.update(status=result.status, detail=result.detail, attempts=result.attempts)
-        self._decide(rec, lambda r: self.edges.recorder.action(r, "finished"))
+        if replayed:  # re-made after a restart: the ledger has it already
+            self.edges.decisions.write(rec)
+        else:
+            self._decide(rec, lambda r: self.edges.recorder.action(r, "finished"))
         (log.info if result.status in ("succeeded", "skipped") else log.error)(
             "rollback." + result.status, incident=inc.id, deployment=inc.deployment,
             variant=variant, from_version=current, to_version=target, detail=result.detail,

@@ -85,6 +85,7 @@ class Incident:
     actions_done: list[str] = field(default_factory=list)
     last_notice_at: float | None = None
     thread: str | None = None
+    notices_sent: int = 0  # numbers each notice, for its idempotency key
 
     @property
     def is_open(self) -> bool:
