@@ -300,6 +300,159 @@ def simulate(scenario: str, out: str) -> None:
     click.echo(f"{out}: {stats.lines:,} lines")
 
 
+def _kafka_env(env: dict[str, str]) -> dict[str, str]:
+    """``ROLLBACKD_KAFKA_SASL_MECHANISM=PLAIN`` → ``{"sasl.mechanism": "PLAIN"}``: any librdkafka
+    setting can come from the environment (secrets included) without touching a file."""
+    prefix = "ROLLBACKD_KAFKA_"
+    return {k[len(prefix):].lower().replace("_", "."): v for k, v in env.items() if k.startswith(prefix)}
+
+
+def _kafka_options(values: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--kafka-config")
+        out[key.strip()] = value
+    return out
+
+
+def _bootstrap(value: str | None) -> str:
+    import os
+
+    value = value or os.environ.get("ROLLBACKD_BOOTSTRAP_SERVERS") or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if not value:
+        raise click.UsageError("no Kafka cluster: pass --bootstrap-servers or set ROLLBACKD_BOOTSTRAP_SERVERS")
+    return value
+
+
+@main.command()
+@click.option("--config", "-c", "rules", required=True, type=click.Path(dir_okay=False), help="Rules file.")
+@click.option("--bootstrap-servers", envvar="ROLLBACKD_BOOTSTRAP_SERVERS", default=None,
+              help="Kafka bootstrap servers (env ROLLBACKD_BOOTSTRAP_SERVERS or KAFKA_BOOTSTRAP_SERVERS).")
+@click.option("--group-id", envvar="ROLLBACKD_GROUP_ID", default="rollbackd", show_default=True)
+@click.option("--topic", "topics", multiple=True, envvar="ROLLBACKD_TOPICS",
+              help="Topic to consume (repeatable; env ROLLBACKD_TOPICS, space-separated). "
+                   "Default: predictions and outcomes.")
+@click.option("--kafka-config", "kafka_config", multiple=True,
+              help="librdkafka setting KEY=VALUE (repeatable), e.g. security.protocol=SASL_SSL. "
+                   "Also from env ROLLBACKD_KAFKA_<KEY> (dots as underscores).")
+@click.option("--dead-letter-topic", default=None, help="Send rejected messages here (default: a JSONL file).")
+@click.option("--dead-letter", default="rollbackd.rejected.jsonl", show_default=True)
+@click.option("--db", default="rollbackd.db", show_default=True, help="SQLite ledger file.")
+@click.option("--decisions-out", default="rollbackd.decisions.jsonl", show_default=True)
+@click.option("--checkpoint", default="rollbackd.checkpoint", show_default=True)
+@click.option("--checkpoint-every", default=5.0, show_default=True, help="Seconds between checkpoints.")
+@click.option("--idle-after", default=30.0, show_default=True,
+              help="Seconds without events before event time follows the wall clock.")
+@click.option("--lag-limit", default=None, type=int, help="Consumer lag that counts as blind.")
+@click.option("--blind-after", default=30.0, show_default=True,
+              help="Seconds the source may fail before the 'monitoring blind' notice.")
+@click.option("--batch-size", default=5000, show_default=True)
+@click.option("--dry-run", is_flag=True, help="Force dry-run for every rollback.")
+def run(rules: str, bootstrap_servers: str | None, group_id: str, topics: tuple[str, ...],
+        kafka_config: tuple[str, ...], dead_letter_topic: str | None, dead_letter: str, db: str,
+        decisions_out: str, checkpoint: str, checkpoint_every: float, idle_after: float,
+        lag_limit: int | None, blind_after: float, batch_size: int, dry_run: bool) -> None:
+    """Run the daemon on Kafka: consume, decide, act; checkpoint and survive restarts."""
+    import os
+    import signal
+
+    from rollbackd.actions.factory import make_backend, make_notifier
+    from rollbackd.daemon.decisions import DecisionLog
+    from rollbackd.daemon.kafka import KafkaDeadLetter, KafkaSource
+    from rollbackd.daemon.ledger import Ledger
+    from rollbackd.daemon.replay import build_pipeline
+    from rollbackd.daemon.run import Daemon, RunSettings
+    from rollbackd.events import EventDecoder
+
+    config = _load_config(rules)
+    if dry_run:
+        config = dataclasses.replace(config, settings=dataclasses.replace(config.settings, dry_run=True))
+    servers = _bootstrap(bootstrap_servers)
+    topic_list = [t for item in topics for t in item.split()] or ["predictions", "outcomes"]
+    kconf = {**_kafka_env(dict(os.environ)), **_kafka_options(kafka_config)}
+    try:
+        notifier = make_notifier(config.settings.notifier)
+        for dep in config.deployments.values():
+            make_backend(dep.backend)
+    except ValueError as exc:
+        click.echo(f"{config.source}: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    # One stable run id per consumer group: a restart continues the same run in the ledger,
+    # which is how the outbox recognises actions that were already done.
+    ledger = Ledger(db, run_id=f"live-{group_id}")
+    ledger.start_run("live", ",".join(topic_list), config.source, datetime.now(timezone.utc).isoformat())
+    decisions = DecisionLog(decisions_out, append=True)
+    dead = KafkaDeadLetter(servers, dead_letter_topic, config=kconf) if dead_letter_topic else None
+    pipeline = build_pipeline(
+        config, silences=ledger.silences(), decisions=decisions, recorder=ledger,
+        dead_letter_path=None if dead else dead_letter, notifier=notifier,
+    )
+    if dead is not None:
+        pipeline.edges.dead_letters = dead
+    source = KafkaSource(servers, group_id, topic_list, EventDecoder(config.settings.max_event_bytes), config=kconf)
+    daemon = Daemon(
+        pipeline, source, ledger=ledger, decisions=decisions, notifier=notifier, name=f"rollbackd/{group_id}",
+        settings=RunSettings(checkpoint_path=checkpoint, checkpoint_every=checkpoint_every,
+                             batch_size=batch_size, idle_after=idle_after, lag_limit=lag_limit,
+                             blind_after=blind_after),
+    )
+
+    def on_signal(signum: int, frame: Any) -> None:
+        daemon.stop()  # finish the batch, checkpoint, commit, close
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    click.echo(f"rollbackd: consuming {', '.join(topic_list)} from {servers} as group {group_id}", err=True)
+    try:
+        daemon.run()
+    finally:
+        decisions.close()
+        if dead is not None:
+            dead.close()
+        ledger.finish_run(pipeline.summary())
+        ledger.close()
+
+
+@main.command()
+@click.option("--bootstrap-servers", default=None, help="Kafka bootstrap servers (or env).")
+@click.option("--topic", "topics", multiple=True, required=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Recording (.jsonl or .jsonl.gz).")
+@click.option("--duration", default=None, help="Stop after this long (e.g. 10m); default: at the end of the topics.")
+@click.option("--max-events", default=None, type=int)
+def record(bootstrap_servers: str | None, topics: tuple[str, ...], out: str, duration: str | None,
+           max_events: int | None) -> None:
+    """Capture live events from Kafka into a recording, for drills and backtests."""
+    from rollbackd.daemon.kafka import record as do_record
+    from rollbackd.rules.durations import parse_duration
+
+    seconds = parse_duration(duration) if duration else None
+    n = do_record(_bootstrap(bootstrap_servers), list(topics), out, duration=seconds, max_events=max_events)
+    click.echo(f"{out}: {n:,} events")
+
+
+@main.command()
+@click.argument("recording", type=click.Path(dir_okay=False, exists=True))
+@click.option("--bootstrap-servers", default=None, help="Kafka bootstrap servers (or env).")
+@click.option("--topic", required=True)
+@click.option("--speed", default="max", show_default=True,
+              help="1x keeps the recording's timing, 10x plays ten times faster, max as fast as possible.")
+def publish(recording: str, bootstrap_servers: str | None, topic: str, speed: str) -> None:
+    """Write a recording into Kafka, keyed by deployment, preserving relative timing."""
+    from rollbackd.daemon.kafka import publish as do_publish
+
+    if speed == "max":
+        factor = None
+    else:
+        try:
+            factor = float(speed.rstrip("x"))
+        except ValueError:
+            raise click.BadParameter(f"{speed!r}: use 1x, 10x, ... or max", param_hint="--speed") from None
+    n = do_publish(_bootstrap(bootstrap_servers), topic, recording, speed=factor)
+    click.echo(f"{topic}: {n:,} events published")
+
+
 def _parse_when(value: str | None, default: float) -> float:
     if value is None:
         return default

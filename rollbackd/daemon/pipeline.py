@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import structlog
 
+from rollbackd import __version__
 from rollbackd.actions.base import (
     ActionResult,
     AlertSummary,
@@ -638,6 +639,7 @@ class Pipeline:
         """
         state = {
             "snapshot_version": self.SNAPSHOT_VERSION,
+            "rollbackd_version": __version__,
             "rules": {r.name: repr(r) for r in self.config.rules},
             "max_event_time": self.max_event_time,
             "next_boundary": self._next_boundary,
@@ -672,7 +674,15 @@ class Pipeline:
         self._muted = {m for m in state["muted"] if m[0] not in changed}
         self.assembler.panes = state["panes"]
         self.joiner._pending, self.joiner._size, self.joiner.stats = state["join"]
-        self.detectors = {k: v for k, v in state["detectors"].items() if k[0] not in changed}
+        if state.get("rollbackd_version") == __version__:
+            self.detectors = {k: v for k, v in state["detectors"].items() if k[0] not in changed}
+        else:
+            # Detector internals may differ between releases: rebuild them (they relearn
+            # their baselines), keep everything else.
+            warnings.append(
+                f"checkpoint written by rollbackd {state.get('rollbackd_version')}, this is "
+                f"{__version__}: detectors start afresh"
+            )
         self.alerts = {k: v for k, v in state["alerts"].items() if k[0] not in changed}
         self.versions = state["versions"]
         self.safety = state["safety"]
