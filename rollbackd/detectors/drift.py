@@ -1,27 +1,63 @@
-"""Input (and optionally score) drift: per-feature two-sample tests of a window against a reference."""
+"""Input (and optionally score) drift: per-feature two-sample tests of a window against a reference.
+
+Also home to :class:`Baseline`, which decides what a window is compared with (a reference file,
+the running version's first predictions, the previous version's last ones, or the windows just
+before) for this detector and for ``data_quality``.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+import math
+from collections import Counter, deque
+from typing import Any, Callable, Generic, Iterable, Mapping, NamedTuple, Sequence, TypeVar
 
 import numpy as np
 
 from rollbackd.detectors.base import Measurement, Reference, Window, register
 from rollbackd.detectors.stats import (
     CORRECTIONS,
+    ad_pvalue,
+    ad_reference,
+    ad_statistic,
     adjust_pvalues,
     chi2_2xk,
     chi2_pvalues,
     cramers_v,
-    ks_pvalues,
-    ks_statistic,
-    sorted_rank,
+    cvm_pvalues,
+    cvm_reference,
+    cvm_statistic,
+    g_2xk,
+    js_chi2_statistic,
+    js_distance,
+    ks_pvalues_fast,
+    ks_statistic_sorted,
+    psi,
+    psi_bin_counts,
+    psi_reference,
+    unseen_pvalue,
+    wasserstein_pvalue,
+    wasserstein_reference,
+    wasserstein_statistic,
 )
 
-__all__ = ["Drift", "SCORE_COLUMN"]
+__all__ = [
+    "Drift",
+    "Baseline",
+    "BASELINES",
+    "NUMERIC_TESTS",
+    "CATEGORICAL_TESTS",
+    "UNSEEN_MODES",
+    "SCORE_COLUMN",
+]
 
 SCORE_COLUMN = "__score__"
+
+NUMERIC_TESTS: tuple[str, ...] = ("ks", "cvm", "ad", "wasserstein", "psi")
+CATEGORICAL_TESTS: tuple[str, ...] = ("chi2", "g", "js", "psi")
+# Tests whose effect size lies in [0, 1] (G's V can reach 1.18; thresholds above 1 are moot).
+_BOUNDED_EFFECT = frozenset({"ks", "cvm", "chi2", "g", "js"})
+UNSEEN_MODES: tuple[str, ...] = ("ignore", "evidence", "drift")
+BASELINES: tuple[str, ...] = ("file", "first_n", "previous_version", "rolling")
 
 _NONE = type(None)
 
@@ -34,25 +70,6 @@ def _is_numeric_type(t: type) -> bool:
 
 def _is_categorical_type(t: type) -> bool:
     return issubclass(t, (str, bool, np.bool_))
-
-
-class _Numeric(NamedTuple):
-    values: np.ndarray  # sorted
-    rank: np.ndarray  # sorted_rank(values), so each window pays one searchsorted less
-
-
-class _Categorical(NamedTuple):
-    keys: tuple[Any, ...]
-    counts: np.ndarray
-
-
-class _Tested(NamedTuple):
-    feature: str
-    test: str
-    statistic: float
-    p_value: float
-    effect: float
-    n: int
 
 
 def _numeric_values(col: Sequence[Any] | np.ndarray) -> np.ndarray:
@@ -71,6 +88,8 @@ def _numeric_values(col: Sequence[Any] | np.ndarray) -> np.ndarray:
 
 def _category_counts(col: Sequence[Any]) -> Counter[Any]:
     """Counts of the str/bool values of a column; numbers and None are not categories."""
+    if isinstance(col, np.ndarray) and col.dtype.kind in "fiuc":
+        return Counter()
     types = set(map(type, col))
     if any(issubclass(t, (bool, np.bool_)) for t in types) and any(
         _is_numeric_type(t) for t in types
@@ -84,27 +103,18 @@ def _category_counts(col: Sequence[Any]) -> Counter[Any]:
     return counts
 
 
-def _reference_column(col: Sequence[Any] | np.ndarray) -> _Numeric | _Categorical | None:
-    """Summarise one reference column once; its kind decides the test for every window.
-
-    A column is numeric when numbers are at least half of its non-null values (a numeric
-    feature with a few sentinel strings stays numeric), categorical otherwise.
-    """
+def _column_kind(col: Sequence[Any] | np.ndarray) -> str | None:
+    """``numeric`` when numbers are at least half of the non-null values (a numeric feature
+    with a few sentinel strings stays numeric), ``categorical`` when there are str/bool values,
+    else ``None`` (nothing usable)."""
     if isinstance(col, np.ndarray) and col.dtype.kind in "fiu":
-        n_num, n_cat = int(col.shape[0]), 0
-    else:
-        kinds = Counter(map(type, col))
-        n_num = sum(c for t, c in kinds.items() if _is_numeric_type(t))
-        n_cat = sum(c for t, c in kinds.items() if _is_categorical_type(t))
+        return "numeric" if col.shape[0] and np.isfinite(col).any() else None
+    kinds = Counter(map(type, col))
+    n_num = sum(c for t, c in kinds.items() if _is_numeric_type(t))
+    n_cat = sum(c for t, c in kinds.items() if _is_categorical_type(t))
     if n_num and n_num >= n_cat:
-        values = np.sort(_numeric_values(col))
-        if values.shape[0] == 0:
-            return None
-        return _Numeric(values, sorted_rank(values))
-    if n_cat:
-        counts = _category_counts(col)
-        return _Categorical(tuple(counts), np.fromiter(counts.values(), dtype=float))
-    return None
+        return "numeric"
+    return "categorical" if n_cat else None
 
 
 def _dominant_version(versions: Mapping[str, int]) -> str:
@@ -116,26 +126,367 @@ def _dominant_version(versions: Mapping[str, int]) -> str:
     return best
 
 
+# -- baselines -----------------------------------------------------------------------------------
+
+S = TypeVar("S")
+Columns = dict[str, Sequence[Any]]
+
+
+def _window_columns(
+    window: Window,
+    version: str | None,
+    names: Sequence[str] | None,
+    with_score: bool,
+    limit: int | None = None,
+) -> tuple[Columns, int]:
+    """The window's columns (name -> values, ``None`` where absent), restricted to one version's
+    predictions (all when ``version`` is None) and to the first ``limit`` of them."""
+    whole = version is None or (len(window.versions) == 1 and version in window.versions)
+    if whole and (limit is None or window.n <= limit):
+        # The common case: the window's cached columns are used as they are.
+        wanted = window.feature_names if names is None else names
+        cols: Columns = {n: window.feature(n) for n in wanted if n != SCORE_COLUMN}
+        if with_score:
+            cols[SCORE_COLUMN] = [p.score for p in window.predictions]
+        return cols, window.n
+    preds = [p for p in window.predictions if version is None or p.model_version == version]
+    if limit is not None:
+        preds = preds[:limit]
+    if names is None:
+        seen: set[str] = set()
+        for p in preds:
+            seen.update(p.features)
+        wanted = sorted(seen)
+    else:
+        wanted = list(names)
+    cols = {n: [p.features.get(n) for p in preds] for n in wanted if n != SCORE_COLUMN}
+    if with_score:
+        cols[SCORE_COLUMN] = [p.score for p in preds]
+    return cols, len(preds)
+
+
+class _Chunks:
+    """Columns of consecutive windows, joined on demand (aligned: None where a name is absent)."""
+
+    __slots__ = ("parts", "n")
+
+    def __init__(self) -> None:
+        self.parts: deque[tuple[Columns, int]] = deque()
+        self.n = 0
+
+    def add(self, cols: Columns, n: int) -> None:
+        if n:
+            self.parts.append((cols, n))
+            self.n += n
+
+    def keep_last(self, size: int) -> None:
+        while self.parts and self.n - self.parts[0][1] >= size:
+            self.n -= self.parts.popleft()[1]
+
+    def columns(self, last: int | None = None) -> Columns:
+        names: dict[str, None] = {}
+        for cols, _ in self.parts:
+            names.update(dict.fromkeys(cols))
+        skip = 0 if last is None else max(self.n - last, 0)
+        out: Columns = {}
+        for name in names:
+            joined: list[Any] = []
+            for cols, n in self.parts:
+                col = cols.get(name)
+                joined.extend([None] * n if col is None else col)
+            out[name] = joined[skip:] if skip else joined
+        return out
+
+
+class Baseline(Generic[S]):
+    """Which reference a window is compared with, and its summary (computed once per reference).
+
+    ``mode``:
+
+    - ``file``: the given :class:`Reference` (``None``: no verdicts, "no reference file");
+    - ``first_n``: the first ``reference_size`` predictions of the running version (the
+      window's most frequent ``model_version``); the windows that build it are not tested, and
+      a new running version starts a new one;
+    - ``previous_version``: the last ``reference_size`` predictions of the version that ran
+      before the current one. On a return to a version that ran earlier (a rollback), its own
+      last predictions from that earlier run: a rolled-back version is never the standard;
+    - ``rolling``: the ``rolling_windows`` non-empty windows before the current one.
+
+    ``summarise`` turns raw columns (``SCORE_COLUMN`` holds scores) into what the detector
+    precomputes; it runs when the reference changes (for ``rolling``, every window).
+    """
+
+    def __init__(
+        self,
+        mode: str,
+        *,
+        summarise: Callable[[Mapping[str, Sequence[Any]]], S],
+        reference: Reference | None = None,
+        reference_size: int = 5000,
+        rolling_windows: int = 10,
+        names: Sequence[str] | None = None,
+        with_score: bool = False,
+        max_versions: int = 3,
+    ) -> None:
+        if mode not in BASELINES:
+            raise ValueError(f"baseline must be one of {', '.join(BASELINES)}; got {mode!r}")
+        self.mode = mode
+        self.reference = reference
+        self.reference_size = reference_size
+        self.rolling_windows = rolling_windows
+        self.names = None if names is None else list(names)
+        self.with_score = with_score
+        self.max_versions = max_versions
+        self._summarise = summarise
+        self._given = (
+            summarise(reference.columns) if mode == "file" and reference is not None else None
+        )
+        self._reset()
+
+    def _reset(self) -> None:
+        self.summary: S | None = self._given
+        self.version: str | None = None  # the version the reference was taken from
+        self._build = _Chunks()  # first_n
+        self._build_version: str | None = None
+        self._tails: dict[str, _Chunks] = {}  # previous_version: last predictions per version
+        self._running: str | None = None
+        self._recent = _Chunks()  # rolling
+
+    @property
+    def progress(self) -> dict[str, int]:
+        """How far the reference being built has come (for "building reference" evidence)."""
+        if self.mode == "rolling":
+            return {
+                "reference_windows": len(self._recent.parts),
+                "rolling_windows": self.rolling_windows,
+            }
+        built = self._build.n if self.summary is None else self.reference_size
+        return {"reference_n": built, "reference_size": self.reference_size}
+
+    def observe(self, window: Window) -> str:
+        """Take in a non-empty window before it is tested; say whether it has a reference.
+
+        Returns ``ready``, ``building`` (first_n, rolling), ``no previous version`` or
+        ``no reference file``.
+        """
+        if self.mode == "file":
+            return "ready" if self.summary is not None else "no reference file"
+        if self.mode == "first_n":
+            return self._first_n(window)
+        if self.mode == "previous_version":
+            return self._previous_version(window)
+        return self._rolling(window)
+
+    def _first_n(self, window: Window) -> str:
+        version = _dominant_version(window.versions)
+        if self.summary is not None and version != self.version:
+            self.summary, self.version = None, None
+        if self.summary is not None:
+            return "ready"
+        if version != self._build_version:
+            self._build, self._build_version = _Chunks(), version
+        need = self.reference_size - self._build.n
+        self._build.add(*_window_columns(window, version, self.names, self.with_score, need))
+        if self._build.n >= self.reference_size:
+            self.summary = self._summarise(self._build.columns())
+            self.version = version
+            self._build, self._build_version = _Chunks(), None
+        return "building"
+
+    def _previous_version(self, window: Window) -> str:
+        version = _dominant_version(window.versions)
+        if version != self._running:
+            if self._running is not None:
+                base = version if version in self._tails else self._running
+                tail = self._tails.get(base)
+                if tail is not None and tail.n:
+                    self.summary = self._summarise(tail.columns(self.reference_size))
+                    self.version = base
+            self._running = version
+        tail = self._tails.pop(version, None) or _Chunks()
+        self._tails[version] = tail  # most recently running last
+        tail.add(*_window_columns(window, version, self.names, self.with_score))
+        tail.keep_last(self.reference_size)
+        while len(self._tails) > self.max_versions:
+            del self._tails[next(iter(self._tails))]
+        return "ready" if self.summary is not None else "no previous version"
+
+    def _rolling(self, window: Window) -> str:
+        ready = len(self._recent.parts) >= self.rolling_windows
+        if ready:
+            self.summary = self._summarise(self._recent.columns())
+        self._recent.add(*_window_columns(window, None, self.names, self.with_score))
+        while len(self._recent.parts) > self.rolling_windows:
+            self._recent.n -= self._recent.parts.popleft()[1]
+        return "ready" if ready else "building"
+
+
+# -- drift: reference summaries and tests ---------------------------------------------------------
+
+
+class _Numeric(NamedTuple):
+    values: np.ndarray  # sorted finite values
+    prepared: Any  # what the numeric test precomputes (None for ks)
+
+
+class _Categorical(NamedTuple):
+    keys: tuple[Any, ...]
+    counts: np.ndarray
+    index: dict[Any, int]
+    singletons: int  # categories seen once (Good–Turing)
+
+
+class _Tested(NamedTuple):
+    feature: str
+    test: str
+    statistic: float
+    p_value: float
+    effect: float
+    n: int
+    extra: dict[str, Any]
+
+
+class _Pending(NamedTuple):
+    feature: str
+    statistic: float
+    effect: float
+    n: int
+    parg: Any  # what the test's batched p-value function needs
+    extra: dict[str, Any]
+
+
+def _prepare_numeric(values: np.ndarray, test: str, bins: int) -> Any:
+    if test == "cvm":
+        return cvm_reference(values)
+    if test == "ad":
+        return ad_reference(values)
+    if test == "wasserstein":
+        return wasserstein_reference(values)
+    if test == "psi":
+        return psi_reference(values, bins)
+    return None
+
+
+def _measure_numeric(
+    test: str, xs: np.ndarray, ref: _Numeric
+) -> tuple[float, float, Any, dict[str, Any]]:
+    """``(statistic, effect, p-value input, extra evidence)`` of one numeric feature."""
+    n, m = xs.shape[0], ref.values.shape[0]
+    if test == "ks":
+        d = ks_statistic_sorted(xs, ref.values)
+        return d, d, (d, n, m), {}
+    if test == "cvm":
+        t = cvm_statistic(xs, ref.prepared)
+        return t, math.sqrt(max(t, 0.0) * (n + m) / (n * m)), (t, n, m), {}
+    if test == "ad":
+        res = ad_statistic(xs, ref.prepared)
+        if res is None:
+            return 0.0, 0.0, None, {}
+        a2, t = res
+        return t, math.sqrt(max(a2, 0.0) * (n + m) / (n * m)), t, {}
+    if test == "wasserstein":
+        prep = ref.prepared
+        w = wasserstein_statistic(xs, prep)
+        p = wasserstein_pvalue(w, n, m, prep)
+        return w, w / prep.scale, p, {"scale": prep.scale_kind}
+    # psi
+    prep = ref.prepared
+    value, dof = psi(psi_bin_counts(xs, prep.edges), prep.counts)
+    return value, value, (value * n * m / (n + m), dof), {}
+
+
+def _measure_categorical(
+    test: str, a: np.ndarray, b: np.ndarray
+) -> tuple[float, float, Any]:
+    """``(statistic, effect, p-value input)`` of one categorical feature: window counts ``a``
+    and reference counts ``b`` over the union of categories."""
+    n, m = float(a.sum()), float(b.sum())
+    k = a.shape[0]
+    if test == "chi2":
+        stat, dof = chi2_2xk(a, b)
+        return stat, cramers_v(stat, n + m, 2, k), (stat, dof)
+    if test == "g":
+        stat, dof = g_2xk(a, b)
+        return stat, cramers_v(stat, n + m, 2, k), (stat, dof)
+    if test == "js":
+        d = js_distance(a, b)
+        return d, d, (js_chi2_statistic(d, int(n), int(m)), k - 1)
+    value, dof = psi(a, b)
+    return value, value, (value * n * m / (n + m), dof)
+
+
+def _pvalues(test: str, pargs: list[Any]) -> list[float]:
+    """The p-values of one test's batch of features, in one vectorised call where possible."""
+    if test in ("ks", "cvm"):
+        stat, n, m = (np.array(col) for col in zip(*pargs))
+        return (ks_pvalues_fast if test == "ks" else cvm_pvalues)(stat, n, m).tolist()
+    if test == "ad":
+        return [1.0 if t is None else ad_pvalue(t) for t in pargs]
+    if test == "wasserstein":
+        return [float(p) for p in pargs]
+    # chi-square reference distribution: chi2, g, js, psi
+    return chi2_pvalues(np.array([p[0] for p in pargs]), np.array([p[1] for p in pargs])).tolist()
+
+
+def _parse_tests(test: str | Mapping[str, str]) -> tuple[str, str]:
+    if isinstance(test, str):
+        if test not in NUMERIC_TESTS and test not in CATEGORICAL_TESTS:
+            raise ValueError(
+                f"test must be a test name or {{numeric: ..., categorical: ...}}; numeric tests: "
+                f"{', '.join(NUMERIC_TESTS)}; categorical tests: {', '.join(CATEGORICAL_TESTS)}; "
+                f"got {test!r}"
+            )
+        return (
+            test if test in NUMERIC_TESTS else "ks",
+            test if test in CATEGORICAL_TESTS else "chi2",
+        )
+    if not isinstance(test, Mapping) or set(test) - {"numeric", "categorical"}:
+        raise ValueError(
+            f"test must be a test name or a mapping with keys numeric and categorical; got {test!r}"
+        )
+    numeric = test.get("numeric", "ks")
+    categorical = test.get("categorical", "chi2")
+    if numeric not in NUMERIC_TESTS:
+        raise ValueError(f"test.numeric must be one of {', '.join(NUMERIC_TESTS)}; got {numeric!r}")
+    if categorical not in CATEGORICAL_TESTS:
+        raise ValueError(
+            f"test.categorical must be one of {', '.join(CATEGORICAL_TESTS)}; got {categorical!r}"
+        )
+    return numeric, categorical
+
+
 @register("drift")
 class Drift:
     """Two-sample drift tests of each feature in the window against a reference sample.
 
-    Numeric features (numbers, None dropped) get a two-sided asymptotic Kolmogorov–Smirnov
-    test, effect size D; categorical ones (str/bool) a chi-square test on the window-vs-reference
-    contingency table over the union of categories, effect size Cramér's V. A feature's kind is
-    decided from the reference. The p-values of the family are adjusted by ``correction``
-    (``holm``, ``bonferroni``, ``bh`` or ``none``) and a feature is *drifted* when its adjusted
-    p-value is below ``alpha``.
+    A feature's kind is decided from the reference. Numeric features (numbers; None, NaN and
+    strings dropped) get ``test.numeric``: ``ks`` (default; effect D), ``cvm`` (effect: the
+    root mean squared ECDF gap over the pooled sample), ``ad`` (k-sample Anderson–Darling
+    with k = 2; effect: the same gap with AD's weight), ``wasserstein`` (effect: W1 over the
+    reference's IQR) or ``psi`` (``bins`` reference-quantile bins; effect: PSI). Categorical
+    ones (str/bool) get ``test.categorical``: ``chi2`` (default; Cramér's V), ``g`` (V from G),
+    ``js`` (the JS distance in bits) or ``psi``. Every test reports a p-value (docs/detectors.md
+    says how it is obtained for the distances). ``test`` is one name (applied to the kind(s)
+    it exists for) or ``{numeric: ..., categorical: ...}``.
 
+    The family's p-values are adjusted by ``correction`` (``holm``, ``bonferroni``, ``bh`` or
+    ``none``) and a feature is *drifted* when its adjusted p-value is below ``alpha``.
     ``value`` (and ``effect_size``) is the largest effect among drifted features, 0.0 if none;
-    ``p_value`` is the smallest adjusted p-value; ``sample_size`` is the number of predictions in
-    the window. ``evidence``: drifted names, the count tested, the correction, features that could
-    not be tested, and the ``max_evidence_features`` most significant features.
+    ``p_value`` is the smallest adjusted p-value; ``sample_size`` is the window's prediction
+    count. A rule with ``threshold`` and ``alpha`` thus needs both a large and a significant
+    drift.
 
-    The reference is the given :class:`Reference` (summarised once), or else the first
-    ``reference_size`` predictions of the running version (the window's most frequent
-    ``model_version``), collected from the windows as they arrive; those windows are not tested.
-    When the running version changes, the self-built reference is collected anew.
+    Categories the reference lacks are, with ``unseen_categories``: ``ignore``d (still part of
+    the test's table), reported in ``evidence`` (default: count and share per feature; their
+    names only with ``report_values``), or tested as ``drift``: one more family member per
+    categorical feature, test ``unseen``, a binomial test against Good–Turing's missing mass,
+    effect the window's share of unseen values.
+
+    The reference comes from ``baseline`` (see :class:`Baseline`): ``file`` (default when a
+    :class:`Reference` is given), ``first_n`` (default otherwise; ``reference_size``),
+    ``previous_version`` or ``rolling`` (``rolling_windows``). It is summarised once
+    (sorted values, tie terms, integrals, bin edges, category counts) and reused by every
+    window.
     """
 
     needs_reference = True
@@ -146,49 +497,86 @@ class Drift:
         min_samples: int = 1,
         features: Sequence[str] | None = None,
         include_score: bool = False,
+        test: str | Mapping[str, str] = "ks",
+        bins: int = 10,
+        unseen_categories: str = "evidence",
+        report_values: bool = False,
         correction: str = "holm",
         alpha: float = 0.01,
+        baseline: str | None = None,
         reference_size: int = 5000,
+        rolling_windows: int = 10,
         max_evidence_features: int = 10,
         reference: Reference | None = None,
     ) -> None:
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1] (an effect size), got {threshold}")
+        numeric_test, categorical_test = _parse_tests(test)
+        bounded = numeric_test in _BOUNDED_EFFECT and categorical_test in _BOUNDED_EFFECT
+        if bounded and not 0.0 <= threshold <= 1.0:
+            raise ValueError(
+                "threshold must be in [0, 1] (an effect size of "
+                f"{numeric_test}/{categorical_test}), got {threshold}"
+            )
+        if not (threshold >= 0.0 and math.isfinite(threshold)):
+            raise ValueError(f"threshold must be >= 0 (an effect size), got {threshold}")
         if min_samples < 0:
             raise ValueError(f"min_samples must be >= 0, got {min_samples}")
         if features is not None and (
             isinstance(features, str) or not all(isinstance(f, str) for f in features)
         ):
             raise ValueError(f"features must be a list of feature names, got {features!r}")
+        if not isinstance(bins, int) or not 2 <= bins <= 1000:
+            raise ValueError(f"bins must be an integer in [2, 1000], got {bins!r}")
+        if unseen_categories not in UNSEEN_MODES:
+            raise ValueError(
+                f"unseen_categories must be one of {', '.join(UNSEEN_MODES)}; "
+                f"got {unseen_categories!r}"
+            )
         if correction not in CORRECTIONS:
             raise ValueError(
                 f"correction must be one of {', '.join(CORRECTIONS)}; got {correction!r}"
             )
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        if baseline is not None and baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {', '.join(BASELINES)}; got {baseline!r}")
         if reference_size < 1:
             raise ValueError(f"reference_size must be >= 1, got {reference_size}")
+        if rolling_windows < 1:
+            raise ValueError(f"rolling_windows must be >= 1, got {rolling_windows}")
         if max_evidence_features < 0:
             raise ValueError(f"max_evidence_features must be >= 0, got {max_evidence_features}")
         self.threshold = threshold
         self.min_samples = min_samples
         self.features = None if features is None else list(features)
         self.include_score = include_score
+        self.test = test
+        self.bins = bins
+        self.unseen_categories = unseen_categories
+        self.report_values = report_values
         self.correction = correction
         self.alpha = alpha
+        self.baseline = baseline
         self.reference_size = reference_size
+        self.rolling_windows = rolling_windows
         self.max_evidence_features = max_evidence_features
         self.reference = reference
-        # A given reference is configuration, not moving state: summarise it once here.
-        self._given = None if reference is None else self._summarise(reference.columns)
+        self._numeric_test = numeric_test
+        self._categorical_test = categorical_test
+        mode = baseline or ("file" if reference is not None else "first_n")
+        # A given reference is configuration, not moving state: Baseline summarises it once.
+        self._baseline: Baseline[dict[str, _Numeric | _Categorical | None]] = Baseline(
+            mode,
+            summarise=self._summarise,
+            reference=reference,
+            reference_size=reference_size,
+            rolling_windows=rolling_windows,
+            names=self.features,
+            with_score=self._wants_score,
+        )
         self._reset()
 
     def _reset(self) -> None:
-        self._ref: dict[str, _Numeric | _Categorical | None] | None = self._given
-        self._ref_version: str | None = None
-        self._build: dict[str, list[Any]] = {}
-        self._build_version: str | None = None
-        self._build_n = 0
+        self._baseline._reset()
         self._n: int | None = None
         self._status: str | None = None
         self._tested: list[_Tested] = []
@@ -213,44 +601,25 @@ class Drift:
         self, columns: Mapping[str, Sequence[Any]]
     ) -> dict[str, _Numeric | _Categorical | None]:
         return {
-            name: (_reference_column(columns[name]) if name in columns else None)
+            name: (self._reference_column(columns[name]) if name in columns else None)
             for name in self._names(columns)
         }
 
-    def _collect(self, window: Window, version: str) -> None:
-        """Add the running version's first predictions in ``window`` to the reference being built."""
-        if version != self._build_version:
-            self._build, self._build_version, self._build_n = {}, version, 0
-        need = self.reference_size - self._build_n
-        if len(window.versions) == 1 and window.n <= need:
-            # The common case: the window's cached columns are used as they are.
-            taken = window.n
-            # Build only the columns asked for: each costs a pass over the window.
-            names = window.feature_names if self.features is None else self.features
-            cols: dict[str, Sequence[Any]] = {
-                name: window.feature(name) for name in names if name != SCORE_COLUMN
-            }
-            if self._wants_score:
-                cols[SCORE_COLUMN] = window.scores
-        else:
-            preds = [p for p in window.predictions if p.model_version == version][:need]
-            taken = len(preds)
-            names_set: set[str] = set()
-            for p in preds:
-                names_set.update(p.features)
-            names_set.discard(SCORE_COLUMN)
-            cols = {name: [p.features.get(name) for p in preds] for name in sorted(names_set)}
-            if self._wants_score:
-                cols[SCORE_COLUMN] = [p.score for p in preds]
-        wanted = self.features
-        for name, col in cols.items():
-            if wanted is None or name in wanted or name == SCORE_COLUMN:
-                self._build.setdefault(name, []).extend(col)
-        self._build_n += taken
-        if self._build_n >= self.reference_size:
-            self._ref = self._summarise(self._build)
-            self._ref_version = version
-            self._build, self._build_version, self._build_n = {}, None, 0
+    def _reference_column(self, col: Sequence[Any] | np.ndarray) -> _Numeric | _Categorical | None:
+        kind = _column_kind(col)
+        if kind == "numeric":
+            values = np.sort(_numeric_values(col))
+            if values.shape[0] == 0:
+                return None
+            return _Numeric(values, _prepare_numeric(values, self._numeric_test, self.bins))
+        if kind == "categorical":
+            counts = _category_counts(col)
+            keys = tuple(counts)
+            arr = np.fromiter(counts.values(), dtype=float, count=len(keys))
+            return _Categorical(
+                keys, arr, {k: i for i, k in enumerate(keys)}, int(np.count_nonzero(arr == 1.0))
+            )
+        return None
 
     # -- windows -----------------------------------------------------------------------------
 
@@ -261,14 +630,10 @@ class Drift:
         if n == 0:
             self._status = "empty"
             return
-        if self._given is None:
-            version = _dominant_version(window.versions)
-            if self._ref is not None and version != self._ref_version:
-                self._ref, self._ref_version = None, None
-            if self._ref is None:
-                self._collect(window, version)
-                self._status = "building"
-                return
+        state = self._baseline.observe(window)
+        if state != "ready":
+            self._status = state
+            return
         if n < self.min_samples:
             self._status = "few"
             return
@@ -276,11 +641,12 @@ class Drift:
         self._test(window)
 
     def _test(self, window: Window) -> None:
-        assert self._ref is not None
-        ks: list[tuple[str, float, int, int]] = []
-        chi: list[tuple[str, float, int, float, int]] = []
+        ref_summary = self._baseline.summary
+        assert ref_summary is not None
+        pending: dict[str, list[_Pending]] = {}
         untested: list[str] = []
-        for name, ref in self._ref.items():
+        unseen_mode = self.unseen_categories
+        for name, ref in ref_summary.items():
             if ref is None:
                 untested.append(name)
                 continue
@@ -290,36 +656,54 @@ class Drift:
                 if x.shape[0] == 0:
                     untested.append(name)
                     continue
-                d = ks_statistic(x, ref.values, ref.rank)
-                ks.append((name, d, int(x.shape[0]), int(ref.values.shape[0])))
-            else:
-                counts = _category_counts(window.feature(name))
-                n_win = sum(counts.values())
-                if n_win == 0:
-                    untested.append(name)
-                    continue
-                seen = set(ref.keys)
-                new = [k for k in counts if k not in seen]
-                a = np.fromiter((counts.get(k, 0) for k in (*ref.keys, *new)), dtype=float)
-                b = np.concatenate([ref.counts, np.zeros(len(new))])
-                stat, dof = chi2_2xk(a, b)
-                v = cramers_v(stat, float(a.sum() + b.sum()), 2, a.shape[0])
-                chi.append((name, stat, dof, v, n_win))
+                x.sort()
+                test = self._numeric_test
+                stat, effect, parg, extra = _measure_numeric(test, x, ref)
+                pending.setdefault(test, []).append(
+                    _Pending(name, stat, effect, int(x.shape[0]), parg, extra)
+                )
+                continue
+            counts = _category_counts(window.feature(name))
+            n_win = sum(counts.values())
+            if n_win == 0:
+                untested.append(name)
+                continue
+            index = ref.index
+            new = [k for k in counts if k not in index]
+            a = np.zeros(len(ref.keys) + len(new))
+            for key, c in counts.items():
+                i = index.get(key)
+                if i is not None:
+                    a[i] = c
+            for j, key in enumerate(new):
+                a[len(ref.keys) + j] = counts[key]
+            b = np.concatenate([ref.counts, np.zeros(len(new))]) if new else ref.counts
+            test = self._categorical_test
+            stat, effect, parg = _measure_categorical(test, a, b)
+            extra: dict[str, Any] = {}
+            if unseen_mode != "ignore":
+                n_unseen = int(sum(counts[k] for k in new))
+                extra = {"unseen": len(new), "unseen_share": n_unseen / n_win}
+                if self.report_values:
+                    top = sorted(new, key=lambda k: (-counts[k], str(k)))[:5]
+                    extra["unseen_values"] = [str(k) for k in top]
+                if unseen_mode == "drift":
+                    m_ref = int(ref.counts.sum())
+                    p_unseen = unseen_pvalue(n_unseen, n_win, ref.singletons, m_ref)
+                    pending.setdefault("unseen", []).append(
+                        _Pending(name, float(n_unseen), n_unseen / n_win, n_win, p_unseen, {})
+                    )
+            pending.setdefault(test, []).append(_Pending(name, stat, effect, n_win, parg, extra))
         tested: list[_Tested] = []
-        if ks:
-            p = ks_pvalues(
-                np.array([t[1] for t in ks]),
-                np.array([t[2] for t in ks]),
-                np.array([t[3] for t in ks]),
+        for test, items in pending.items():
+            ps = (
+                [float(it.parg) for it in items]
+                if test == "unseen"
+                else _pvalues(test, [it.parg for it in items])
             )
             tested.extend(
-                _Tested(name, "ks", d, float(pv), d, n1) for (name, d, n1, _), pv in zip(ks, p)
-            )
-        if chi:
-            p = chi2_pvalues(np.array([t[1] for t in chi]), np.array([t[2] for t in chi]))
-            tested.extend(
-                _Tested(name, "chi2", stat, float(pv), v, nw)
-                for (name, stat, _, v, nw), pv in zip(chi, p)
+                _Tested(it.feature, test, it.statistic, p, it.effect, it.n, it.extra)
+                for it, p in zip(items, ps)
             )
         self._tested = tested
         self._untested = untested
@@ -332,12 +716,10 @@ class Drift:
             return Measurement.insufficient_data(self.threshold, 0, "no predictions in window")
         if status == "building":
             return Measurement.insufficient_data(
-                self.threshold,
-                n,
-                "building reference",
-                reference_n=self._build_n if self._ref is None else self.reference_size,
-                reference_size=self.reference_size,
+                self.threshold, n, "building reference", **self._baseline.progress
             )
+        if status in ("no previous version", "no reference file"):
+            return Measurement.insufficient_data(self.threshold, n, status)
         if status == "few":
             return Measurement.insufficient_data(
                 self.threshold, n, f"fewer than min_samples={self.min_samples} predictions"
@@ -348,7 +730,9 @@ class Drift:
             )
         tested = self._tested
         adjusted = adjust_pvalues([t.p_value for t in tested], self.correction).tolist()
-        order = sorted(range(len(tested)), key=lambda i: (adjusted[i], tested[i].feature))
+        order = sorted(
+            range(len(tested)), key=lambda i: (adjusted[i], tested[i].feature, tested[i].test)
+        )
         drifted = [i for i in order if adjusted[i] < self.alpha]
         value = max((tested[i].effect for i in drifted), default=0.0)
         top = [
@@ -360,16 +744,19 @@ class Drift:
                 "p_adjusted": adjusted[i],
                 "effect": tested[i].effect,
                 "n": tested[i].n,
+                **tested[i].extra,
             }
             for i in order[: self.max_evidence_features]
         ]
-        evidence = {
-            "drifted": [tested[i].feature for i in drifted],
+        evidence: dict[str, Any] = {
+            "drifted": list(dict.fromkeys(tested[i].feature for i in drifted)),
             "tested": len(tested),
             "correction": self.correction,
             "untested": list(self._untested),
             "features": top,
         }
+        if self._baseline.mode == "previous_version":
+            evidence["reference_version"] = self._baseline.version
         return Measurement(
             value=value,
             threshold=self.threshold,
@@ -378,3 +765,8 @@ class Drift:
             effect_size=value,
             evidence=evidence,
         )
+
+
+# Registers ``data_quality`` wherever ``drift`` is registered (the package imports this
+# module); quality.py builds on Baseline above.
+from rollbackd.detectors import quality as _quality  # noqa: E402,F401
