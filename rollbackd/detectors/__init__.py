@@ -14,10 +14,15 @@ from rollbackd.detectors.base import (
     make_detector,
     register,
 )
+from rollbackd.detectors.burn_rate import BurnRate
+from rollbackd.detectors.calibration import Calibration
+from rollbackd.detectors.canary import Canary
 from rollbackd.detectors.drift import Drift
 from rollbackd.detectors.error_rate import ErrorRate
 from rollbackd.detectors.latency import Latency
 from rollbackd.detectors.model_error import ModelError
+from rollbackd.detectors.quality import DataQuality
+from rollbackd.detectors.sequential import Sequential
 from rollbackd.detectors.traffic import Traffic
 
 __all__ = [
@@ -30,9 +35,14 @@ __all__ = [
     "Window",
     "make_detector",
     "register",
+    "BurnRate",
+    "Calibration",
+    "Canary",
+    "DataQuality",
     "Drift",
     "ErrorRate",
     "Latency",
     "ModelError",
+    "Sequential",
     "Traffic",
 ]

@@ -13,7 +13,7 @@ from rollbackd.detectors.stats import (
 
 __all__ = ["ErrorRate"]
 
-MODES = ("absolute", "baseline")
+MODES = ("absolute", "baseline", "variant")
 TOP_ERROR_CODES = 5
 
 
@@ -28,6 +28,13 @@ class ErrorRate:
     baseline rate p0 (no verdict meanwhile); afterwards ``value`` is the current rate minus p0,
     ``threshold`` is the allowed increase, and ``p_value`` comes from a one-sided pooled
     two-proportion z-test (current > baseline).
+
+    ``mode="variant"``: the baseline is another arm of the same deployment in the same time
+    window, ``window.siblings[baseline_variant]`` (default ``"stable"``): ``value`` is this
+    window's rate minus that arm's, ``p_value`` the same one-sided pooled two-proportion z-test.
+    No verdict when the arm is missing, has fewer than ``min_samples`` predictions, or is the
+    window's own variant. Each window is a fresh fixed-level test; for a canary watched window
+    after window, the ``canary`` detector's always-valid p-value is the sounder choice.
 
     ``evidence``: errors, n, the Wilson interval of the current rate at ``confidence`` and
     the top error codes (at most five, by count then code).
@@ -49,9 +56,16 @@ class ErrorRate:
         mode: str = "absolute",
         baseline_windows: int = 10,
         confidence: float = 0.95,
+        baseline_variant: str | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        if baseline_variant is not None and mode != "variant":
+            raise ValueError(f"baseline_variant needs mode: variant (got mode {mode!r})")
+        if baseline_variant is not None and not (
+            isinstance(baseline_variant, str) and baseline_variant
+        ):
+            raise ValueError(f"baseline_variant must be a variant name, got {baseline_variant!r}")
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         if min_samples < 0:
@@ -65,6 +79,8 @@ class ErrorRate:
         self.mode = mode
         self.baseline_windows = baseline_windows
         self.confidence = confidence
+        self.baseline_variant = baseline_variant
+        self._arm = baseline_variant or "stable"
         self._reset()
 
     def _reset(self) -> None:
@@ -77,6 +93,8 @@ class ErrorRate:
         self._baseline_count = 0
         # The window that completes the baseline is part of it, so it is not tested either.
         self._in_baseline = False
+        # mode="variant": (errors, n) of the baseline arm in this window, or why there is none.
+        self._sibling: tuple[int, int] | str | None = None
 
     def update(self, window: Window) -> None:
         codes = window.error_codes
@@ -85,6 +103,14 @@ class ErrorRate:
         self._errors = sum(codes.values())
         self._codes = codes
         self._in_baseline = False
+        if self.mode == "variant":
+            other = window.siblings.get(self._arm)
+            if window.variant == self._arm:
+                self._sibling = f"this is the baseline arm {self._arm!r}"
+            elif other is None:
+                self._sibling = f"no baseline arm {self._arm!r} in this window"
+            else:
+                self._sibling = (other.n_errors, other.n)
         if self.mode == "baseline" and self._baseline_count < self.baseline_windows and self._n:
             self._baseline_n += self._n
             self._baseline_errors += self._errors
@@ -111,6 +137,18 @@ class ErrorRate:
             return Measurement.insufficient_data(
                 self.threshold, n, f"fewer than min_samples={self.min_samples} predictions"
             )
+        if self.mode == "variant":
+            sib = self._sibling
+            if isinstance(sib, str) or sib is None:
+                return Measurement.insufficient_data(self.threshold, n, sib or "no window yet")
+            if sib[1] == 0 or sib[1] < self.min_samples:
+                return Measurement.insufficient_data(
+                    self.threshold,
+                    n,
+                    f"baseline arm {self._arm!r} has fewer than "
+                    f"min_samples={max(1, self.min_samples)} predictions",
+                    baseline_n=sib[1],
+                )
         rate = k / n
         low, high = wilson_interval(k, n, self.confidence)
         evidence: dict[str, Any] = {
@@ -122,6 +160,17 @@ class ErrorRate:
         if self.mode == "absolute":
             value = rate
             p_value = binomial_pvalue_greater(k, n, self.threshold)
+        elif self.mode == "variant":
+            k0, n0 = self._sibling  # type: ignore[misc]
+            value = rate - k0 / n0
+            z, p_value = two_proportion_pvalue_greater(k, n, k0, n0)
+            evidence.update(
+                baseline_variant=self._arm,
+                baseline_rate=k0 / n0,
+                baseline_errors=k0,
+                baseline_n=n0,
+                z=z,
+            )
         else:
             p0 = self._baseline_errors / self._baseline_n
             value = rate - p0

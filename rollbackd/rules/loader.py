@@ -22,6 +22,7 @@ from typing import Any, Callable, Collection, Iterable, Literal, Mapping
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from rollbackd.rules.budget import apply_budgets, budget_lines
 from rollbackd.rules.durations import DURATION_FORMS, format_duration, parse_duration
 from rollbackd.rules.model import (
     ACTIONS,
@@ -29,6 +30,7 @@ from rollbackd.rules.model import (
     BackendSpec,
     Config,
     DeploymentSpec,
+    FalseAlarmBudget,
     MATCH_LABELS,
     GroupingSpec,
     InhibitRule,
@@ -56,7 +58,10 @@ __all__ = [
 
 # Used when ``rollbackd.detectors`` cannot be imported or registers nothing, so a broken
 # detector module degrades the check to names instead of failing every config.
-FALLBACK_DETECTORS = ("error_rate", "latency", "model_error", "drift", "traffic")
+FALLBACK_DETECTORS = (
+    "error_rate", "latency", "model_error", "drift", "traffic",
+    "burn_rate", "calibration", "canary", "sequential", "data_quality",
+)
 BACKEND_TYPES = ("log", "webhook")
 NOTIFIER_TYPES = ("console", "slack", "none")
 GROUP_LABELS = ("rule", "deployment", "variant", "severity")
@@ -226,6 +231,9 @@ class _Walker:
         self.base_dir = base_dir
         self.issues: list[ConfigIssue] = []
         self.ctor = yaml.constructor.SafeConstructor()
+        # Where budget warnings point: a rule's item node, a deployment's budget node.
+        self.rule_nodes: dict[str, Node] = {}
+        self.budget_nodes: dict[str, tuple[Node, str]] = {}
 
     # ----------------------------------------------------------------- reporting
 
@@ -454,6 +462,7 @@ class _Walker:
             inhibit = self.inhibit_rules(top["inhibit_rules"][1], rules if isinstance(rules, tuple) else ())
         if not isinstance(rules, tuple) or inhibit is INVALID:
             return None
+        rules = self.budgets(deployments, rules)
         return Config(
             settings=settings,
             deployments=MappingProxyType(dict(deployments)),
@@ -462,6 +471,22 @@ class _Walker:
             inhibit_rules=inhibit,
             source=source,
         )
+
+    # ----------------------------------------------------------------- false-alarm budget
+
+    def budgets(
+        self, deployments: Mapping[str, DeploymentSpec], rules: tuple[RuleSpec, ...]
+    ) -> tuple[RuleSpec, ...]:
+        """Set each budgeted rule's ``alpha``; warn where a budget cannot hold."""
+        out, notes = apply_budgets(deployments, rules)
+        for note in notes:
+            if note.rule is not None and note.rule in self.rule_nodes:
+                index = next(i for i, r in enumerate(rules) if r.name == note.rule)
+                node, path = self.rule_nodes[note.rule], f"rules[{index}]"
+            else:
+                node, path = self.budget_nodes.get(note.deployment, (None, "deployments"))
+            self.warn(node, path, note.message)
+        return out
 
     # ----------------------------------------------------------------- inhibition
 
@@ -830,6 +855,7 @@ class _Walker:
             "cooldown",
             "known_good_after",
             "dry_run",
+            "false_alarm_budget",
         )
         pairs = self.mapping(node, path, keys)
         if pairs is None:
@@ -856,7 +882,34 @@ class _Walker:
         self.optional(pairs, path, kw, "cooldown", self.duration)
         self.optional(pairs, path, kw, "known_good_after", self.duration)
         self.optional(pairs, path, kw, "dry_run", self.boolean)
+        if "false_alarm_budget" in pairs and not _is_null(pairs["false_alarm_budget"][1]):
+            budget_path = _sub(path, "false_alarm_budget")
+            budget = self.false_alarm_budget(pairs["false_alarm_budget"][1], budget_path)
+            if budget is not None:
+                kw["false_alarm_budget"] = budget
+                self.budget_nodes[name] = (pairs["false_alarm_budget"][1], budget_path)
         return DeploymentSpec(**kw)
+
+    def false_alarm_budget(self, node: Node, path: str) -> FalseAlarmBudget | None:
+        """``{rollbacks: N, per: 30d}`` and/or ``alerts: N``: expected false ones per period."""
+        pairs = self.mapping(node, path, ("rollbacks", "alerts", "per"))
+        if pairs is None:
+            return None
+        kw: dict[str, Any] = {}
+        checks = [
+            self.optional(pairs, path, kw, "per", lambda n, p: self.duration(n, p, positive=True)),
+            self.optional(pairs, path, kw, "rollbacks", lambda n, p: self.number(n, p, gt=0)),
+            self.optional(pairs, path, kw, "alerts", lambda n, p: self.number(n, p, gt=0)),
+        ]
+        if INVALID in checks:
+            return None
+        if "per" not in kw:
+            self.error(node, path, "missing `per`: the period the budget is for (e.g. 30d)")
+            return None
+        if "rollbacks" not in kw and "alerts" not in kw:
+            self.error(node, path, "state `rollbacks: N` and/or `alerts: N` per period")
+            return None
+        return FalseAlarmBudget(**kw)
 
     def resolve(self, ref: str) -> str:
         ref = os.path.expanduser(ref)
@@ -887,6 +940,7 @@ class _Walker:
         "dry_run",
         "summary",
         "runbook",
+        "weight",
     )
 
     def rules(self, node: Node, deployments: Mapping[str, DeploymentSpec]) -> Any:
@@ -964,6 +1018,7 @@ class _Walker:
             pairs, path, kw, "direction", lambda n, p: self.string(n, p, choices=DIRECTIONS)
         )
         self.optional(pairs, path, kw, "alpha", lambda n, p: self.number(n, p, gt=0, lt=1))
+        self.optional(pairs, path, kw, "weight", lambda n, p: self.number(n, p, gt=0))
         if isinstance(threshold, float) and isinstance(clear, float) and direction is not INVALID:
             above = (direction or "above") == "above"
             if above and clear > threshold:
@@ -1039,6 +1094,16 @@ class _Walker:
         errors_after = sum(1 for i in self.issues if i.severity == "error")
         if errors_after != errors_before:
             return None
+        if isinstance(name, str):
+            self.rule_nodes[name] = node
+        if detector == "canary" and "variants" not in kw:
+            self.warn(
+                pairs["detector"][1],
+                _sub(path, "detector"),
+                "a canary rule without `variants` also runs on the baseline arm, where it has "
+                "nothing to compare and a rollback would hit the wrong arm; set "
+                "`variants: [canary]`",
+            )
         if "for_" in kw and kw["for_"] % window.step:
             effective = math.ceil(kw["for_"] / window.step) * window.step
             key = "for" if "for" in pairs else "for_windows"
@@ -1282,6 +1347,8 @@ def summarize(config: Config) -> str:
                 cond += f" (clears at {_fmt_num(r.clear_threshold)})"
             if r.alpha is not None:
                 cond += f", p < {_fmt_num(r.alpha)}"
+                if r.alpha_source == "budget":
+                    cond += " (from the false-alarm budget)"
             timing = f"for {format_duration(r.for_)}"
             if r.n > 1:
                 timing += f", {r.k} of {r.n}"
@@ -1298,4 +1365,5 @@ def summarize(config: Config) -> str:
                 f"  {r.name}: {cond}; {timing}; window {window}; "
                 f"{r.severity} → {actions}; {scope}" + ("; dry run" if r.dry_run else "")
             )
+        lines.extend(budget_lines(config.rules, config.deployments))
     return "\n".join(lines)

@@ -16,6 +16,7 @@ __all__ = [
     "WindowSpec",
     "BackendSpec",
     "NotifierSpec",
+    "FalseAlarmBudget",
     "DeploymentSpec",
     "RuleSpec",
     "GroupingSpec",
@@ -71,6 +72,19 @@ class NotifierSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class FalseAlarmBudget:
+    """How often a deployment may be wrongly alerted: at most ``rollbacks`` false rollbacks
+    and/or ``alerts`` false alerts (notified or acted on) per ``per`` seconds, in expectation.
+
+    ``rules/budget.py`` turns it into each rule's per-evaluation ``alpha``.
+    """
+
+    per: float
+    rollbacks: float | None = None
+    alerts: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DeploymentSpec:
     name: str
     backend: BackendSpec = BackendSpec()
@@ -81,6 +95,7 @@ class DeploymentSpec:
     cooldown: float = 1800.0  # no second rollback of this deployment within it
     known_good_after: float = 600.0  # a version is known-good after this long without incident
     dry_run: bool | None = None
+    false_alarm_budget: FalseAlarmBudget | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +105,10 @@ class RuleSpec:
     The alert is *breaching* when ``value`` is beyond ``threshold`` in ``direction`` (and, if
     ``alpha`` is set and the detector reports a p-value, ``p_value < alpha``); once active it
     stays active until ``value`` is back past ``clear_threshold`` (hysteresis).
+
+    ``alpha_source`` is ``"budget"`` when ``alpha`` was set from a deployment's false-alarm
+    budget (see ``rules/budget.py``), ``None`` when it was written in the file or is unset.
+    ``weight`` is the rule's share of such a budget relative to the others.
     """
 
     name: str
@@ -112,6 +131,8 @@ class RuleSpec:
     dry_run: bool | None = None
     summary: str | None = None
     runbook: str | None = None
+    weight: float = 1.0
+    alpha_source: Literal["budget"] | None = None
 
     @property
     def clear(self) -> float:
@@ -124,7 +145,13 @@ class RuleSpec:
 
     @property
     def needs_labels(self) -> bool:
-        return self.detector in LABEL_DETECTORS
+        if self.detector in LABEL_DETECTORS:
+            return True
+        if self.detector == "canary":
+            return self.params.get("metric") == "calibration"
+        if self.detector == "sequential":
+            return self.params.get("signal") == "model_error"
+        return False
 
 
 LABEL_DETECTORS = frozenset({"model_error", "calibration"})

@@ -1,0 +1,265 @@
+"""The false-alarm budget: from "at most one false rollback per 30 days" to each test's level.
+
+A deployment states ``false_alarm_budget: {rollbacks: B, per: T}`` (and/or ``alerts: B``). The
+budget is split over the rules that spend it, by ``weight`` (equal by default): rules with the
+``rollback`` action spend ``rollbacks``, every rule that notifies or acts spends ``alerts``.
+A rule's share ``s = B · weight / (sum of weights)`` is then spread over its evaluations,
+Bonferroni-style::
+
+    alpha = s / (evaluations per period · streams),   evaluations = T / window.step
+
+``streams`` is the number of variants the rule lists (1 when it lists none). The rule breaches
+only with ``p_value < alpha``, so under no fault each evaluation breaches with probability at
+most ``alpha`` and the expected number of false alerts per period is at most ``s`` (linearity
+of expectation; ``for``, ``k_of_n`` and an alert that keeps firing over several breaching
+windows only lower it). Summed over rules it is at most ``B``. Within a drift rule the level
+is family-wise: its Holm or Bonferroni correction splits it over the features.
+
+Only detectors that report a valid p-value can be held to a level; the others are listed as
+not covered. A rule that sets ``alpha`` itself keeps it, with a warning when it exceeds its
+share. Pure functions of the frozen config: no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Mapping, Sequence
+
+from rollbackd.rules.durations import format_duration
+from rollbackd.rules.model import DeploymentSpec, FalseAlarmBudget, RuleSpec
+
+__all__ = [
+    "WEEK",
+    "Allocation",
+    "BudgetNote",
+    "reports_p_value",
+    "smallest_p_value",
+    "allocate",
+    "apply_budgets",
+    "expected_false_alerts",
+    "budget_lines",
+]
+
+WEEK = 7 * 86400.0
+
+# Which detector configurations report a p-value the rule's ``alpha`` can gate on.
+_P_VALUE: dict[str, Callable[[Mapping[str, Any]], bool]] = {
+    "error_rate": lambda p: True,
+    "model_error": lambda p: p.get("task", "auto") != "regression",
+    "drift": lambda p: True,
+    "calibration": lambda p: p.get("metric", "ece") in ("spiegelhalter", "ece_drift"),
+    "canary": lambda p: True,
+}
+
+
+def reports_p_value(rule: RuleSpec) -> bool:
+    """Whether the rule's detector, as configured, reports a p-value its ``alpha`` can gate."""
+    check = _P_VALUE.get(rule.detector)
+    return bool(check and check(rule.params))
+
+
+def smallest_p_value(rule: RuleSpec) -> float:
+    """The smallest p-value the detector can report (0 for continuous tests)."""
+    if rule.detector == "calibration" and rule.params.get("metric") == "ece_drift":
+        return 1.0 / (int(rule.params.get("resamples", 200)) + 1)
+    return 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """One rule's share of one deployment's budget, and the level it implies."""
+
+    rule: str
+    deployment: str
+    kind: str  # "rollbacks" or "alerts"
+    share: float  # expected false alerts per period allotted to the rule
+    per: float  # the period, seconds
+    evaluations: float  # per period and stream: per / window.step
+    streams: int
+    alpha: float  # per evaluation
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetNote:
+    """Something the user should know about how a budget applies (a loader warning)."""
+
+    rule: str | None
+    deployment: str
+    message: str
+
+
+def _streams(rule: RuleSpec) -> int:
+    return len(rule.variants) if rule.variants else 1
+
+
+def _spends(rule: RuleSpec, kind: str) -> bool:
+    if kind == "rollbacks":
+        return "rollback" in rule.actions
+    return bool(rule.actions)
+
+
+def _applies(rule: RuleSpec, deployment: str) -> bool:
+    return rule.deployments is None or deployment in rule.deployments
+
+
+def allocate(
+    deployments: Mapping[str, DeploymentSpec], rules: Sequence[RuleSpec]
+) -> tuple[list[Allocation], list[BudgetNote]]:
+    """Every rule's share of every budget it spends, and what the budget cannot cover."""
+    out: list[Allocation] = []
+    notes: list[BudgetNote] = []
+    for dep in deployments.values():
+        budget = dep.false_alarm_budget
+        if budget is None:
+            continue
+        uncovered: dict[str, list[str]] = {}  # rule -> the budgets it would spend
+        for kind in ("rollbacks", "alerts"):
+            amount = getattr(budget, kind)
+            if amount is None:
+                continue
+            spenders = [r for r in rules if _applies(r, dep.name) and _spends(r, kind)]
+            gated = [r for r in spenders if reports_p_value(r)]
+            for r in spenders:
+                if r not in gated:
+                    uncovered.setdefault(r.name, []).append(kind)
+            total = sum(r.weight for r in gated)
+            for r in gated:
+                share = amount * r.weight / total
+                evaluations = budget.per / r.window.step
+                alpha = share / (evaluations * _streams(r))
+                out.append(Allocation(
+                    r.name, dep.name, kind, share, budget.per, evaluations, _streams(r), alpha
+                ))
+        for name, kinds in uncovered.items():
+            detector = next(r.detector for r in rules if r.name == name)
+            notes.append(BudgetNote(
+                name, dep.name,
+                f"detector {detector} reports no p-value here, so the {' and '.join(kinds)} "
+                f"budget{'s' if len(kinds) > 1 else ''} of {dep.name} cannot bound its false "
+                "alerts (they are not counted)",
+            ))
+    return out, notes
+
+
+def apply_budgets(
+    deployments: Mapping[str, DeploymentSpec], rules: Sequence[RuleSpec]
+) -> tuple[tuple[RuleSpec, ...], list[BudgetNote]]:
+    """The rules with ``alpha`` set from the budgets, and the notes (warnings) on the way.
+
+    A rule without ``alpha`` gets the smallest level any of its allocations implies
+    (``alpha_source="budget"``); one with its own ``alpha`` keeps it, with a note when it
+    exceeds that level.
+    """
+    allocations, notes = allocate(deployments, rules)
+    by_rule: dict[str, list[Allocation]] = {}
+    for a in allocations:
+        by_rule.setdefault(a.rule, []).append(a)
+    out = []
+    for r in rules:
+        mine = by_rule.get(r.name)
+        if not mine:
+            out.append(r)
+            continue
+        tightest = min(mine, key=lambda a: a.alpha)
+        own = r.alpha is not None and r.alpha_source != "budget"
+        if own:
+            assert r.alpha is not None
+            if r.alpha > tightest.alpha * (1 + 1e-12):
+                notes.append(BudgetNote(
+                    r.name, tightest.deployment,
+                    f"alpha {r.alpha:g} exceeds the {tightest.kind} budget of "
+                    f"{tightest.deployment}: its share ({tightest.share:g} per "
+                    f"{_period(tightest.per)}) allows alpha <= {tightest.alpha:.3g}; "
+                    f"expect about {r.alpha / tightest.alpha * tightest.share:.3g} false "
+                    f"{tightest.kind} per {_period(tightest.per)} from this rule",
+                ))
+            alpha = r.alpha
+        else:
+            alpha = tightest.alpha
+            r = replace(r, alpha=alpha, alpha_source="budget")
+        floor = smallest_p_value(r)
+        if floor >= alpha:
+            notes.append(BudgetNote(
+                r.name, tightest.deployment,
+                f"its smallest possible p-value ({floor:.3g}) is not below alpha {alpha:.3g}: "
+                "the rule can never breach; raise params.resamples or the budget",
+            ))
+        if r.detector == "drift" and r.params.get("correction", "holm") in ("bh", "none"):
+            notes.append(BudgetNote(
+                r.name, tightest.deployment,
+                f"correction {r.params.get('correction')} does not control the family-wise "
+                "error over features, so the budget is not guaranteed; use holm or bonferroni",
+            ))
+        out.append(r)
+    return tuple(out), notes
+
+
+def _deployment_count(rule: RuleSpec, deployments: Mapping[str, DeploymentSpec]) -> int:
+    if rule.deployments is not None:
+        return len(rule.deployments)
+    return max(1, len(deployments))
+
+
+def expected_false_alerts(
+    rule: RuleSpec, deployments: Mapping[str, DeploymentSpec], period: float = WEEK
+) -> float | None:
+    """Upper bound on the rule's expected false alerts per ``period`` (all its deployments and
+    listed variants), or ``None`` when nothing bounds it (no ``alpha``, or no p-value)."""
+    if rule.alpha is None or not reports_p_value(rule):
+        return None
+    evaluations = period / rule.window.step
+    return rule.alpha * evaluations * _streams(rule) * _deployment_count(rule, deployments)
+
+
+def budget_lines(
+    rules: Sequence[RuleSpec], deployments: Mapping[str, DeploymentSpec]
+) -> list[str]:
+    """``rollbackd validate``'s account of the false alerts per week the configuration implies."""
+    lines = ["expected false alerts per week (upper bounds, under no fault):"]
+    total = 0.0
+    unbounded = 0
+    for r in rules:
+        e = expected_false_alerts(r, deployments)
+        if e is None:
+            unbounded += 1
+            why = "no p-value" if not reports_p_value(r) else "no alpha"
+            lines.append(f"  {r.name}: not bounded ({why})")
+            continue
+        total += e
+        source = ", from the budget" if r.alpha_source == "budget" else ""
+        lines.append(f"  {r.name}: {_fmt(e)} (alpha {r.alpha:.3g}{source})")
+    lines.append(
+        f"  total: {_fmt(total)}"
+        + (
+            f" from {len(rules) - unbounded} bounded rule(s); {unbounded} not bounded"
+            if unbounded
+            else ""
+        )
+    )
+    for dep in deployments.values():
+        b: FalseAlarmBudget | None = dep.false_alarm_budget
+        if b is None:
+            continue
+        kinds = [k for k in ("rollbacks", "alerts") if getattr(b, k) is not None]
+        parts = [f"{_fmt(getattr(b, k))} {k}" for k in kinds]
+        weekly = [f"{_fmt(getattr(b, k) * WEEK / b.per)} {k}/week" for k in kinds]
+        lines.append(
+            f"  budget of {dep.name}: {' and '.join(parts)} per {_period(b.per)} "
+            f"(= {', '.join(weekly)})"
+        )
+    return lines
+
+
+def _period(seconds: float) -> str:
+    """A budget period as people write it: ``30d`` rather than ``4w2d``."""
+    days, rest = divmod(seconds, 86400.0)
+    return f"{int(days)}d" if days and not rest else format_duration(seconds)
+
+
+def _fmt(x: float) -> str:
+    if x == 0:
+        return "0"
+    if x >= 0.01:
+        return f"{x:.3g}"
+    return f"{x:.2e}"
+
