@@ -41,15 +41,14 @@ def rules_with_webhook(tmp_path: Path, url: str) -> Path:
     return path
 
 
-def reference_decisions(recording: Path, rules: Path, tmp_path: Path) -> bytes:
-    """What a replay decides, up to the watermark a live run reaches (no end-of-stream flush)."""
+def reference_decisions(recording: Path, rules: Path, tmp_path: Path, webhook: bool = False) -> bytes:
+    """What a replay decides, up to the watermark a live run reaches (no end-of-stream flush);
+    with ``webhook``, rollbacks go to a webhook server of its own, as the live run's do."""
     config = load_config(rules)
     out = tmp_path / "reference.jsonl"
     with LoopbackServer() as hook:
-        pipeline = build_pipeline(
-            config, decisions=DecisionLog(out),
-            backend_overrides={"demo-scorer": WebhookBackend(hook.url + "/rollback")},
-        )
+        overrides = {"demo-scorer": WebhookBackend(hook.url + "/rollback")} if webhook else {}
+        pipeline = build_pipeline(config, decisions=DecisionLog(out), backend_overrides=overrides)
         src = open_recording(str(recording), config)
         clock = EventTimeClock(pipeline.lateness)
         while (b := src.read(5000)) is not None:
@@ -119,7 +118,7 @@ def test_run_matches_replay_through_sigkill_and_sigterm(kafka_bootstrap, topic, 
     thirds = [recording_lines[: n // 3], recording_lines[n // 3: 2 * n // 3], recording_lines[2 * n // 3:]]
     with LoopbackServer() as hook:
         rules = rules_with_webhook(tmp_path, hook.url + "/rollback")
-        expected = reference_decisions(recording, rules, tmp_path)
+        expected = reference_decisions(recording, rules, tmp_path, webhook=True)
         group = f"g-{name}"
         daemon = Daemon(tmp_path, rules, kafka_bootstrap, name, group)
         published = 0
