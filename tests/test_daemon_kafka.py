@@ -89,7 +89,10 @@ class Daemon:
         exe = shutil.which("rollbackd", path=str(Path(sys.executable).parent))
         self.cmd = [exe or "rollbackd", "run", "--config", str(rules), "--bootstrap-servers", bootstrap,
                     "--group-id", group, "--topic", topic, "--checkpoint-every", "0.3",
-                    "--idle-after", "3600", "--batch-size", "2000", *extra]
+                    "--idle-after", "3600", "--batch-size", "2000",
+                    # A SIGKILLed member holds its partitions until its session times out.
+                    "--kafka-config", "session.timeout.ms=6000", "--kafka-config", "heartbeat.interval.ms=1000",
+                    *extra]
         self.cwd = tmp_path
         self.proc: subprocess.Popen | None = None
 
