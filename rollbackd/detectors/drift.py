@@ -765,8 +765,3 @@ class Drift:
             effect_size=value,
             evidence=evidence,
         )
-
-
-# Registers ``data_quality`` wherever ``drift`` is registered (the package imports this
-# module); quality.py builds on Baseline above.
-from rollbackd.detectors import quality as _quality  # noqa: E402,F401
