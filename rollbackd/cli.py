@@ -331,6 +331,9 @@ def _bootstrap(value: str | None) -> str:
 @click.option("--bootstrap-servers", envvar="ROLLBACKD_BOOTSTRAP_SERVERS", default=None,
               help="Kafka bootstrap servers (env ROLLBACKD_BOOTSTRAP_SERVERS or KAFKA_BOOTSTRAP_SERVERS).")
 @click.option("--group-id", envvar="ROLLBACKD_GROUP_ID", default="rollbackd", show_default=True)
+@click.option("--instance-id", envvar="ROLLBACKD_INSTANCE_ID", default=None,
+              help="Static group membership (group.instance.id): a restarted instance gets its "
+                   "partitions back at once instead of after the session timeout.")
 @click.option("--topic", "topics", multiple=True, envvar="ROLLBACKD_TOPICS",
               help="Topic to consume (repeatable; env ROLLBACKD_TOPICS, space-separated). "
                    "Default: predictions and outcomes.")
@@ -350,7 +353,7 @@ def _bootstrap(value: str | None) -> str:
               help="Seconds the source may fail before the 'monitoring blind' notice.")
 @click.option("--batch-size", default=5000, show_default=True)
 @click.option("--dry-run", is_flag=True, help="Force dry-run for every rollback.")
-def run(rules: str, bootstrap_servers: str | None, group_id: str, topics: tuple[str, ...],
+def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: str | None, topics: tuple[str, ...],
         kafka_config: tuple[str, ...], dead_letter_topic: str | None, dead_letter: str, db: str,
         decisions_out: str, checkpoint: str, checkpoint_every: float, idle_after: float,
         lag_limit: int | None, blind_after: float, batch_size: int, dry_run: bool) -> None:
@@ -372,6 +375,8 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, topics: tuple[
     servers = _bootstrap(bootstrap_servers)
     topic_list = [t for item in topics for t in item.split()] or ["predictions", "outcomes"]
     kconf = {**_kafka_env(dict(os.environ)), **_kafka_options(kafka_config)}
+    if instance_id:
+        kconf["group.instance.id"] = instance_id
     try:
         notifier = make_notifier(config.settings.notifier)
         for dep in config.deployments.values():

@@ -187,7 +187,10 @@ class Daemon:
                 if batch is None:  # a finite source is exhausted
                     break
                 self.step(batch)
-            self.checkpoint()
+            try:
+                self.checkpoint()
+            except Recoverable as exc:
+                log.warning("checkpoint.commit_failed", detail=str(exc))
         finally:
             self.source.close()
             log.info("daemon.stopped", events=self.events)
@@ -209,7 +212,13 @@ class Daemon:
         p.advance(self.event_now(now))
         self._check_lag()
         if now - self._last_checkpoint >= self.settings.checkpoint_every:
-            self.checkpoint()
+            try:
+                self.checkpoint()
+            except Recoverable as exc:
+                # The checkpoint file is written; only the offset commit failed. The next
+                # checkpoint's commit covers these offsets too.
+                log.warning("checkpoint.commit_failed", detail=str(exc))
+                self._last_checkpoint = now
 
     def event_now(self, wall_now: float) -> float:
         """The watermark, moved on by the wall clock once the stream has been idle.
