@@ -258,12 +258,18 @@ class Pipeline:
                 version = max(versions, key=lambda v: (versions[v], v))
                 history.observe(version, last_idx * g)
         fired: list[tuple[RuleSpec, Alert, Any, Measurement, Window]] = []
+        closed: list[Window] = []
         for spec, window in self.assembler.windows_at(t):
+            closed.append(window)
             for rule in self.rules_by_window.get(spec, ()):
                 if rule.applies_to(window.deployment, window.variant):
                     changed = self._evaluate(rule, window, t)
                     if changed is not None:
                         fired.append(changed)
+        for window in closed:
+            # Windows point at each other through `siblings`: break the cycle so their
+            # columns are freed now by reference counting, not at the next GC pass.
+            window.siblings = {}
         # Transitions of one boundary are handled after every alert has been stepped, and
         # alerts that an inhibit rule could mute go last: a source firing in the same window
         # as its target mutes it whatever the order of the rules in the file.
