@@ -392,7 +392,7 @@ def series_events(series: Sequence[Mapping[str, Any]], start: float = _DEFAULT_S
                 version = st.version
                 events.append(Deploy(ts=t0, deployment=dep, model_version=version, variant=variant))
             n = int(round(st.rate * interval))
-            labelled = 0
+            served = labelled = 0  # successful predictions, labelled ones: spread among these
             for i in range(n):
                 ts = t0 + (i + 0.5) * interval / n
                 frac = (i * _GOLDEN) % 1.0
@@ -408,7 +408,8 @@ def series_events(series: Sequence[Mapping[str, Any]], start: float = _DEFAULT_S
                     features={"x": round(frac, 4)}, prediction=pred, score=round(score, 4),
                     latency_ms=round(st.latency_ms * (0.9 + 0.2 * frac), 3),
                 ))
-                if _spread(i, st.label_fraction):
+                served += 1
+                if _spread(served - 1, st.label_fraction):
                     wrong = st.model_error is not None and _spread(labelled, st.model_error)
                     labelled += 1
                     events.append(Outcome(id=pid, ts=ts + delay, deployment=dep, label=1 - pred if wrong else pred))
