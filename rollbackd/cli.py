@@ -290,7 +290,9 @@ def _timeline_line(rec: dict[str, Any]) -> str:
 @main.command()
 @click.argument("scenario")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Recording to write (.jsonl or .jsonl.gz).")
-def simulate(scenario: str, out: str) -> None:
+@click.option("--truth", type=click.Path(dir_okay=False), default=None,
+              help="Also write the scenario's fault intervals, for backtest --truth.")
+def simulate(scenario: str, out: str, truth: str | None) -> None:
     """Write a built-in synthetic scenario as a recording in the event contract."""
     from rollbackd.scenarios import BUILTIN, write_recording
 
@@ -298,6 +300,136 @@ def simulate(scenario: str, out: str) -> None:
         raise click.BadParameter(f"unknown scenario {scenario!r}; known: {', '.join(sorted(BUILTIN))}")
     stats = write_recording(BUILTIN[scenario], out)
     click.echo(f"{out}: {stats.lines:,} lines")
+    if truth:
+        from rollbackd.drills import write_truth
+
+        entries = write_truth(BUILTIN[scenario], truth)
+        click.echo(f"{truth}: {len(entries)} fault interval(s)")
+
+
+@main.command()
+@click.argument("recording", type=click.Path(dir_okay=False, exists=True, allow_dash=True))
+@click.option("--config", "-c", "rules", required=True, type=click.Path(dir_okay=False), help="Rules file.")
+@click.option("--speed", default="max", show_default=True,
+              help="1x keeps the recording's timing, 10x plays ten times faster, max as fast as possible.")
+@click.option("--out-dir", type=click.Path(file_okay=False), default=None,
+              help="Report, decision log, dead letters and drill ledger (default: a new ./drill-* folder).")
+@click.option("--notifier", type=click.Choice(["console", "none"]), default="console", show_default=True,
+              help="Where the [DRILL] notices go.")
+def drill(recording: str, rules: str, speed: str, out_dir: str | None, notifier: str) -> None:
+    """Rehearse an incident from a recording: rollbacks are dry runs, notices are marked [DRILL],
+    no backend or Slack is called; ends with an HTML incident report."""
+    from rollbackd.actions.base import NullNotifier
+    from rollbackd.actions.console import ConsoleNotifier
+    from rollbackd.drills import ProgressPrinter, parse_speed
+    from rollbackd.drills import drill as run_drill
+
+    config = _load_config(rules)
+    try:
+        factor = parse_speed(speed)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--speed") from None
+    out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="drill-", dir="."))
+    result = run_drill(recording, config, speed=factor, out_dir=out,
+                       notifier=ConsoleNotifier() if notifier == "console" else NullNotifier(),
+                       progress=ProgressPrinter(sys.stderr))
+    click.echo(f"incidents: {len(result.incidents)}")
+    for inc in result.incidents:
+        status = "open" if inc["resolved_at"] is None else f"resolved {_ts(inc['resolved_at'])}"
+        rules_hit = ", ".join(a["rule"] for a in inc["alerts"])
+        click.echo(f"  {inc['id']}  {inc['deployment']}  opened {_ts(inc['opened_at'])}  {status}  "
+                   f"severity {inc['severity']}  ({rules_hit})")
+    click.echo(f"report: {result.report_path}" + "".join(f"\n  {p}" for p in result.report.pngs))
+    click.echo(f"decision log: {result.decisions_path}\nledger: {result.ledger_path} (run {result.run_id})")
+
+
+@main.command()
+@click.argument("recording", type=click.Path(dir_okay=False, exists=True))
+@click.option("--config", "-c", "rules", required=True, type=click.Path(dir_okay=False), help="Rules file (A).")
+@click.option("--against", type=click.Path(dir_okay=False), default=None,
+              help="Another version of the rules (B): print the decisions that differ.")
+@click.option("--truth", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Labelled fault intervals (YAML; `simulate --truth` writes one): detection delay, "
+                   "missed faults and false alerts per rule.")
+@click.option("--grace", default="5m", show_default=True,
+              help="A firing this long after a fault ended is not a false alert.")
+@click.option("--json", "as_json", is_flag=True, help="Print every decision and score as JSON.")
+def backtest(recording: str, rules: str, against: str | None, truth: str | None, grace: str, as_json: bool) -> None:
+    """Run rules over history: when each alert would have fired and each rollback run; with
+    --against, the difference between two rule versions; with --truth, how well each rule did.
+    Nothing is called: rollbacks go to a simulated backend, notices nowhere."""
+    from rollbackd.drills import backtest as run_backtest
+    from rollbackd.rules.durations import parse_duration
+
+    config_a = _load_config(rules)
+    config_b = _load_config(against) if against else None
+    try:
+        result = run_backtest(recording, config_a, config_b, truth, grace=parse_duration(grace))
+    except ValueError as exc:  # the truth file or --grace
+        click.echo(str(exc), err=True)
+        sys.exit(EXIT_CONFIG)
+    if as_json:
+        click.echo(json.dumps(result.to_record(), sort_keys=True))
+    else:
+        click.echo(result.format_text(), nl=False)
+
+
+@main.command("test-rules")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def test_rules(files: tuple[str, ...]) -> None:
+    """Run rule unit tests (like promtool test rules): inputs and the alerts expected.
+    Exit code 1 when a test fails, 2 when a file is invalid."""
+    from rollbackd.ruletests import RuleTestError, exit_code, format_results, run_rule_tests
+
+    worst = 0
+    for path in files:
+        try:
+            results = run_rule_tests(path)
+        except RuleTestError as exc:
+            for error in exc.errors:
+                click.echo(error, err=True)
+            worst = EXIT_CONFIG
+            continue
+        click.echo(format_results(results, path), nl=False)
+        worst = max(worst, exit_code(results))
+    sys.exit(worst)
+
+
+@main.command()
+@click.argument("incident", required=False)
+@click.option("--db", default="rollbackd.db", show_default=True, help="Ledger to read the incident from.")
+@click.option("--run", "run_id", default=None, help="Run id (default: the latest run that holds the incident).")
+@click.option("--decisions", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Read a decision log instead of the ledger.")
+@click.option("--config", "-c", "rules", type=click.Path(dir_okay=False), default=None,
+              help="The rules file: adds clear thresholds and directions to the plots.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="HTML file (default: INCIDENT.html).")
+def report(incident: str | None, db: str, run_id: str | None, decisions: str | None, rules: str | None,
+           out: str | None) -> None:
+    """Write an incident report: one self-contained HTML file with the timeline and plots of the
+    breached measurements (PNGs beside it when matplotlib is installed). Without INCIDENT: the
+    whole run."""
+    from rollbackd.report import decisions_from_ledger, load_decisions, select_incident, write_report
+
+    config = _load_config(rules) if rules else None
+    try:
+        if decisions:
+            records = load_decisions(decisions)
+            if incident:
+                records = select_incident(records, incident)
+            source = decisions
+        else:
+            run, records = decisions_from_ledger(db, incident_id=incident, run_id=run_id)
+            source = f"{db}, run {run}"
+    except LookupError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    path = Path(out or f"{incident or 'report'}.html")
+    title = f"Incident {incident}" if incident else f"Decisions of {source}"
+    result = write_report(records, path, title=title, config=config)
+    click.echo(f"{result.html}: {result.plots} plot(s) from {len(records)} decisions ({source})")
+    for png in result.pngs:
+        click.echo(f"  {png}")
 
 
 def _kafka_env(env: dict[str, str]) -> dict[str, str]:
@@ -353,10 +485,14 @@ def _bootstrap(value: str | None) -> str:
               help="Seconds the source may fail before the 'monitoring blind' notice.")
 @click.option("--batch-size", default=5000, show_default=True)
 @click.option("--dry-run", is_flag=True, help="Force dry-run for every rollback.")
+@click.option("--http", "http_listen", envvar="ROLLBACKD_HTTP", default=None, metavar="[HOST:]PORT",
+              help="Serve /metrics, /healthz, /readyz, /incidents (a bare port means 127.0.0.1; "
+                   "0.0.0.0:9464 in a container).")
 def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: str | None, topics: tuple[str, ...],
         kafka_config: tuple[str, ...], dead_letter_topic: str | None, dead_letter: str, db: str,
         decisions_out: str, checkpoint: str, checkpoint_every: float, idle_after: float,
-        lag_limit: int | None, blind_after: float, batch_size: int, dry_run: bool) -> None:
+        lag_limit: int | None, blind_after: float, batch_size: int, dry_run: bool,
+        http_listen: str | None) -> None:
     """Run the daemon on Kafka: consume, decide, act; checkpoint and survive restarts."""
     import os
     import signal
@@ -407,12 +543,27 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
     def on_signal(signum: int, frame: Any) -> None:
         daemon.stop()  # finish the batch, checkpoint, commit, close
 
+    ops = None
+    if http_listen:
+        from rollbackd.daemon.http import parse_listen, serve_daemon
+
+        try:
+            host, port = parse_listen(http_listen)
+            ops = serve_daemon(daemon, host, port, notifier=config.settings.notifier.type)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--http") from None
+        except OSError as exc:
+            click.echo(f"--http {http_listen}: {exc.strerror or exc}", err=True)
+            sys.exit(EXIT_CONFIG)
+        click.echo(f"rollbackd: /metrics /healthz /readyz /incidents on {ops.url}", err=True)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     click.echo(f"rollbackd: consuming {', '.join(topic_list)} from {servers} as group {group_id}", err=True)
     try:
         daemon.run()
     finally:
+        if ops is not None:
+            ops.stop()
         decisions.close()
         if dead is not None:
             dead.close()

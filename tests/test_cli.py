@@ -118,3 +118,41 @@ def test_silence_add_list_expire_and_replay_applies_it_by_event_time(tmp_path):
     assert out.returncode == 0, out.stderr
     assert [r["to_version"] for r in replay_rollbacks()] == ["1"]
     assert rollbackd("silence", "expire", "sil-nope", "--db", "l.db", cwd=tmp_path).returncode == 1
+
+
+def test_drill_backtest_report_and_test_rules_commands(tmp_path):
+    rec = tmp_path / "s.jsonl.gz"
+    truth = tmp_path / "s.truth.yaml"
+    out = rollbackd("simulate", "sustained_errors", "--out", str(rec), "--truth", str(truth), cwd=tmp_path)
+    assert out.returncode == 0 and truth.exists(), out.stderr
+
+    out = rollbackd("drill", str(rec), "-c", str(RULES), "--out-dir", "d", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert b"[DRILL] OPENED inc-2cc2bbac8759" in out.stdout and b"report: d/report.html" in out.stdout
+    assert (tmp_path / "d" / "report.html").read_text().count("<svg") >= 1
+
+    out = rollbackd("report", "inc-2cc2bbac8759", "--db", "d/drill.db", "--out", "inc.html", cwd=tmp_path)
+    assert out.returncode == 0 and (tmp_path / "inc.html").exists(), out.stderr
+    assert rollbackd("report", "inc-000000000000", "--db", "d/drill.db", cwd=tmp_path).returncode == 1
+
+    b = tmp_path / "b.yaml"
+    b.write_text(RULES.read_text().replace("threshold: 0.05\n", "threshold: 0.5\n"))
+    out = rollbackd("backtest", str(rec), "-c", str(RULES), "--against", str(b), "--truth", str(truth), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout.decode()
+    assert "difference: 6 decision(s) only under A, 0 only under B" in text
+    assert "serving-error-rate  1       1         0       2m40s" in text
+
+    tests = tmp_path / "rules.test.yaml"
+    tests.write_text(
+        f"rule_files: [{RULES}]\n"
+        "tests:\n"
+        "  - name: fires\n"
+        "    input: {scenario: sustained_errors}\n"
+        "    expect: [{rule: serving-error-rate, deployment: demo-scorer, state: firing, at_or_before: 18m}]\n"
+    )
+    out = rollbackd("test-rules", str(tests), cwd=tmp_path)
+    assert out.returncode == 0 and b"1 passed, 0 failed" in out.stdout, out.stdout
+    tests.write_text(tests.read_text().replace("18m", "16m"))
+    out = rollbackd("test-rules", str(tests), cwd=tmp_path)
+    assert out.returncode == 1 and b"- expected: serving-error-rate demo-scorer/* firing at or before +16m" in out.stdout

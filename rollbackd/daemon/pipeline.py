@@ -96,6 +96,7 @@ class Edges:
     dead_letters: Any = None  # DeadLetterSink: put(rejected)
     references: Callable[[str], Reference | None] = lambda deployment: None
     drill: bool = False
+    tap: Any = None  # report.MeasurementTap: sees every evaluation (reports, /metrics)
 
 
 def iso(ts: float) -> str:
@@ -308,6 +309,8 @@ class Pipeline:
         det = self._detector(rule, key)
         det.update(window)
         m = det.evaluate(now)
+        if self.edges.tap is not None:
+            self.edges.tap.measure(now, rule.name, key[0], key[1], m, window)
         alert = self.alerts.get((rule.name, key))
         if alert is None:
             alert = Alert(rule.name, key[0], key[1])

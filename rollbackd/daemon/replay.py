@@ -51,6 +51,7 @@ def build_pipeline(
     backend_overrides: dict[str, RollbackBackend] | None = None,
     env: dict[str, str] | None = None,
     silences: Sequence[Silence] = (),
+    tap: Any = None,
 ) -> Pipeline:
     env = dict(os.environ if env is None else env)
     backends: dict[str, RollbackBackend] = dict(backend_overrides or {})
@@ -73,6 +74,7 @@ def build_pipeline(
         dead_letters=JsonlDeadLetter(dead_letter_path) if dead_letter_path else None,
         references=references,
         drill=drill,
+        tap=tap,
     )
     if recorder is not None:
         edges.recorder = recorder

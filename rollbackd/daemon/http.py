@@ -1,0 +1,528 @@
+"""The daemon's operations endpoints: ``/metrics``, ``/healthz``, ``/readyz``, ``/incidents``.
+
+A stdlib ``ThreadingHTTPServer`` on its own thread (default ``127.0.0.1:9464``). Nothing here
+touches the hot path: :class:`MetricsCollector` reads the pipeline and the daemon when
+Prometheus scrapes, so a scrape costs the loop nothing and the loop never waits for a scrape.
+The few things the pipeline does not keep are gathered at the edges, outside the per-event
+loop: :class:`DecisionMeter` wraps the decision sink to count actions by backend and
+outcome; :func:`instrument` times each batch; a ``report.MeasurementTap`` (when the
+pipeline calls it) gives every measurement, else the measurements of alert transitions are
+shown.
+
+Reads from the HTTP thread take copies in single C-level calls (``dict(d)``, ``list(d)``), which
+the GIL makes atomic; the one Python-level walk (incident records) retries if the loop
+changed it meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Iterator, Mapping
+from urllib.parse import parse_qs, urlsplit
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from rollbackd import __version__
+from rollbackd.daemon.clock import Clock, WallClock
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "DecisionMeter",
+    "MetricsCollector",
+    "OpsServer",
+    "instrument",
+    "parse_listen",
+    "serve_daemon",
+]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 9464
+ALERT_STATES = ("inactive", "pending", "firing")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``"9464"``, ``":9464"``, ``"0.0.0.0:9464"``, ``"[::1]:9464"`` → (host, port)."""
+    text = value.strip()
+    host, port = DEFAULT_HOST, text
+    if text.startswith("["):
+        end = text.find("]")
+        host, port = text[1:end], text[end + 2:]
+    elif ":" in text:
+        host, port = text.rsplit(":", 1)
+        host = host or DEFAULT_HOST
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"{value!r}: expected [HOST:]PORT") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"{value!r}: port must be in [0, 65535]")
+    return host, number
+
+
+class DecisionMeter:
+    """A decision sink that counts what passes through and hands it on unchanged.
+
+    Counts finished actions by (action, backend, status) (a notice's backend is the
+    notifier's name) and alert transitions by state, and keeps each alert's measurement at
+    its latest transition (the fallback for measurement gauges without a tap).
+    """
+
+    def __init__(self, inner: Any, *, notifier: str = "notifier") -> None:
+        self.inner = inner
+        self.notifier = notifier
+        self.actions: dict[tuple[str, str, str], int] = {}
+        self.transitions: dict[str, int] = {}
+        self.measurements: dict[tuple[str, str, str], tuple[float, dict[str, Any]]] = {}
+
+    def write(self, rec: dict[str, Any]) -> None:
+        self.inner.write(rec)
+        kind = rec.get("kind")
+        if kind == "action":
+            action = str(rec.get("action"))
+            backend = str(rec.get("backend") or (self.notifier if action == "notify" else "unknown"))
+            key = (action, backend, str(rec.get("status")))
+            self.actions[key] = self.actions.get(key, 0) + 1
+        elif kind == "alert":
+            state = str(rec.get("state"))
+            self.transitions[state] = self.transitions.get(state, 0) + 1
+            m = rec.get("measurement")
+            if isinstance(m, Mapping):
+                self.measurements[(rec["rule"], rec["deployment"], rec["variant"])] = (rec["ts"], dict(m))
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:  # offset(), truncate(), ... of the wrapped sink
+        if name == "inner":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def _batch_histogram(registry: CollectorRegistry) -> Histogram:
+    return Histogram(
+        "rollbackd_batch_processing_seconds",
+        "Wall time to process one batch: ingest, windows, detectors, rules, actions.",
+        buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+        registry=registry,
+    )
+
+
+def instrument(daemon: Any, histogram: Histogram) -> None:
+    """Time each ``daemon.step(batch)`` into ``histogram`` (wraps the bound method once)."""
+    if getattr(daemon.step, "_rollbackd_timed", False):
+        return
+    step = daemon.step
+
+    def timed(batch: Any) -> None:
+        began = time.perf_counter()  # a duration, not a time of day: never decides anything
+        try:
+            step(batch)
+        finally:
+            histogram.observe(time.perf_counter() - began)
+
+    timed._rollbackd_timed = True  # type: ignore[attr-defined]
+    daemon.step = timed
+
+
+class MetricsCollector:
+    """A Prometheus collector that reads a pipeline (and its daemon, when live) on scrape."""
+
+    def __init__(
+        self,
+        pipeline: Any,
+        *,
+        daemon: Any = None,
+        tap: Any = None,
+        meter: DecisionMeter | None = None,
+        clock: Clock | None = None,
+        lag_every: float = 15.0,
+    ) -> None:
+        self.pipeline = pipeline
+        self.daemon = daemon
+        self.tap = tap
+        self.meter = meter
+        self.clock = clock or (getattr(daemon, "clock", None) if daemon is not None else None) or WallClock()
+        self.lag_every = lag_every
+        self._lag: tuple[float, float | None] | None = None  # (asked at, value)
+        self.scrape_errors = 0
+
+    def describe(self) -> list[Metric]:
+        return []  # no collect() at registration: the pipeline may not be ready yet
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._info()
+        yield from self._events()
+        yield from self._time()
+        yield from self._join()
+        yield from self._alerts()
+        yield from self._measurements()
+        yield from self._incidents()
+        yield from self._actions()
+        yield from self._daemon()
+        errors = CounterMetricFamily("rollbackd_scrape_errors", "Scrapes that could not read part of the state.")
+        errors.add_metric([], self.scrape_errors)
+        yield errors
+
+    # ---------------------------------------------------------------------------------------
+    def _info(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("rollbackd_build_info", "rollbackd version.", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+
+    def _events(self) -> Iterator[Metric]:
+        counters = dict(self.pipeline.counters)
+        consumed = CounterMetricFamily(
+            "rollbackd_events_consumed", "Events read and decoded, by type.", labels=["type"]
+        )
+        for name in ("predictions", "outcomes", "deploys"):
+            consumed.add_metric([name.rstrip("s")], counters.get(name, 0))
+        yield consumed
+        late = CounterMetricFamily(
+            "rollbackd_events_late", "Events older than the watermark when they arrived: counted, dropped."
+        )
+        late.add_metric([], counters.get("late", 0))
+        yield late
+        rejected = CounterMetricFamily(
+            "rollbackd_events_rejected", "Inputs that broke the event contract, by reason (dead-lettered).",
+            labels=["reason"],
+        )
+        from rollbackd.events import REJECT_REASONS
+
+        rejects = dict(self.pipeline.rejects)
+        for reason in sorted(set(REJECT_REASONS) | set(rejects)):
+            rejected.add_metric([reason], rejects.get(reason, 0))
+        yield rejected
+
+    def _time(self) -> Iterator[Metric]:
+        max_ts = self.pipeline.max_event_time
+        if not math.isfinite(max_ts):
+            return
+        watermark = max_ts - self.pipeline.lateness
+        g = GaugeMetricFamily("rollbackd_event_time_seconds", "Newest event time seen (Unix seconds).")
+        g.add_metric([], max_ts)
+        yield g
+        w = GaugeMetricFamily("rollbackd_watermark_seconds", "The watermark: newest event time minus lateness.")
+        w.add_metric([], watermark)
+        yield w
+        d = GaugeMetricFamily(
+            "rollbackd_watermark_delay_seconds",
+            "Wall clock minus the watermark: how far behind real time decisions are.",
+        )
+        d.add_metric([], self.clock.now() - watermark)
+        yield d
+
+    def _join(self) -> Iterator[Metric]:
+        stats = self.pipeline.joiner.stats.to_record()
+        c = CounterMetricFamily(
+            "rollbackd_label_join", "Outcome/prediction join results, by result.", labels=["result"]
+        )
+        for name, value in sorted(stats.items()):
+            c.add_metric([name], value)
+        yield c
+        matched = stats.get("joined", 0)
+        seen = matched + stats.get("unmatched_outcomes", 0) + stats.get("expired_outcomes", 0)
+        cov = GaugeMetricFamily(
+            "rollbackd_label_join_coverage_ratio",
+            "Share of outcomes (of label-watched deployments) joined to their prediction.",
+        )
+        cov.add_metric([], matched / seen if seen else math.nan)
+        yield cov
+        pending = GaugeMetricFamily("rollbackd_labels_pending", "Predictions buffered, awaiting their outcome.")
+        pending.add_metric([], len(self.pipeline.joiner))
+        yield pending
+
+    def _alerts(self) -> Iterator[Metric]:
+        alerts = dict(self.pipeline.alerts)
+        g = GaugeMetricFamily(
+            "rollbackd_alert_state", "1 for the state each alert is in (inactive, pending, firing).",
+            labels=["rule", "deployment", "variant", "state"],
+        )
+        for (rule, (dep, var)), a in sorted(alerts.items()):
+            state = str(a.state)
+            for s in ALERT_STATES:
+                g.add_metric([rule, dep, var, s], 1.0 if s == state else 0.0)
+        yield g
+        if self.meter is not None:
+            t = CounterMetricFamily("rollbackd_alert_transitions", "Alert transitions, by new state.", labels=["state"])
+            for state, n in sorted(dict(self.meter.transitions).items()):
+                t.add_metric([state], n)
+            yield t
+
+    def _measurements(self) -> Iterator[Metric]:
+        latest: dict[tuple[str, str, str], tuple[float, Mapping[str, Any]]] = {}
+        source = "none"
+        if self.meter is not None:
+            latest.update(dict(self.meter.measurements))
+            source = "transitions"
+        if self.tap is not None and getattr(self.tap, "evaluations", 0):
+            latest.update(self.tap.latest())
+            source = "evaluations"
+        labels = ["rule", "deployment", "variant"]
+        families = {
+            "value": GaugeMetricFamily("rollbackd_measurement_value", "Latest measurement of each rule, by deployment and variant.", labels=labels),
+            "threshold": GaugeMetricFamily("rollbackd_measurement_threshold", "The rule's threshold.", labels=labels),
+            "sample_size": GaugeMetricFamily("rollbackd_measurement_sample_size", "Samples behind the latest measurement.", labels=labels),
+            "p_value": GaugeMetricFamily("rollbackd_measurement_p_value", "p-value of the latest measurement, if the detector gives one.", labels=labels),
+            "ts": GaugeMetricFamily("rollbackd_measurement_timestamp_seconds", "Event time of the latest measurement.", labels=labels),
+        }
+        for key, (ts, m) in sorted(latest.items()):
+            lv = list(key)
+            value = m.get("value")
+            families["value"].add_metric(lv, math.nan if value is None else float(value))
+            if m.get("threshold") is not None:
+                families["threshold"].add_metric(lv, float(m["threshold"]))
+            families["sample_size"].add_metric(lv, float(m.get("sample_size") or 0))
+            if m.get("p_value") is not None:
+                families["p_value"].add_metric(lv, float(m["p_value"]))
+            families["ts"].add_metric(lv, float(ts))
+        yield from families.values()
+        src = GaugeMetricFamily(
+            "rollbackd_measurement_source",
+            "1 for where measurement gauges come from: every evaluation (tap) or alert transitions only.",
+            labels=["source"],
+        )
+        src.add_metric([source], 1)
+        yield src
+
+    def _incidents(self) -> Iterator[Metric]:
+        book = self.pipeline.book
+        open_ = list(dict(book.open).values())
+        g = GaugeMetricFamily("rollbackd_incidents_open", "Open incidents, by deployment and severity.",
+                              labels=["deployment", "severity"])
+        counts: dict[tuple[str, str], int] = {}
+        for inc in open_:
+            try:
+                sev = inc.severity
+            except (RuntimeError, ValueError):  # changed under us: counted next scrape
+                continue
+            counts[(inc.deployment, sev)] = counts.get((inc.deployment, sev), 0) + 1
+        for (dep, sev), n in sorted(counts.items()):
+            g.add_metric([dep, sev], n)
+        yield g
+        total = CounterMetricFamily("rollbackd_incidents_opened", "Incidents opened since the state began.")
+        total.add_metric([], len(open_) + len(list(book.closed)))
+        yield total
+
+    def _actions(self) -> Iterator[Metric]:
+        c = CounterMetricFamily(
+            "rollbackd_actions", "Finished actions, by action (rollback, notify), backend and outcome.",
+            labels=["action", "backend", "status"],
+        )
+        if self.meter is not None:
+            for (action, backend, status), n in sorted(dict(self.meter.actions).items()):
+                c.add_metric([action, backend, status], n)
+        yield c
+
+    def _daemon(self) -> Iterator[Metric]:
+        d = self.daemon
+        if d is None:
+            return
+        now = self.clock.now()
+        ready = GaugeMetricFamily("rollbackd_ready", "1 once the checkpoint is restored and the loop runs.")
+        ready.add_metric([], 1.0 if d.ready.is_set() else 0.0)
+        yield ready
+        blind = GaugeMetricFamily(
+            "rollbackd_blind", "1 while rollbackd cannot read its events (the [BLIND] notice is out)."
+        )
+        blind.add_metric([], 1.0 if d.blind_notified else 0.0)
+        yield blind
+        failing = GaugeMetricFamily("rollbackd_source_failing_seconds", "How long reads have been failing (0: they work).")
+        failing.add_metric([], now - d.blind_since if d.blind_since is not None else 0.0)
+        yield failing
+        processed = CounterMetricFamily("rollbackd_daemon_events", "Events handed to the pipeline by this process.")
+        processed.add_metric([], d.events)
+        yield processed
+        last_cp = getattr(d, "_last_checkpoint", None)
+        if last_cp is not None:
+            age = GaugeMetricFamily("rollbackd_checkpoint_age_seconds", "Wall seconds since the last checkpoint.")
+            age.add_metric([], now - last_cp)
+            yield age
+        lag = self._consumer_lag(now)
+        if lag is not None:
+            g = GaugeMetricFamily("rollbackd_consumer_lag", "Messages in the assigned partitions not yet read.")
+            g.add_metric([], lag)
+            yield g
+
+    def _consumer_lag(self, now: float) -> float | None:
+        d = self.daemon
+        known = getattr(d, "lag", None)  # a daemon that keeps the lag it last measured
+        if isinstance(known, (int, float)):
+            return float(known)
+        lag_fn = getattr(d.source, "lag", None)
+        if lag_fn is None:
+            return None
+        if self._lag is not None and now - self._lag[0] < self.lag_every:
+            return self._lag[1]
+        try:
+            try:
+                value: float | None = float(lag_fn(timeout=2.0))
+            except TypeError:
+                value = float(lag_fn())
+        except Exception:  # brokers unreachable: the blind gauge says so; no lag sample
+            self.scrape_errors += 1
+            value = None
+        self._lag = (now, value)
+        return value
+
+
+def _incident_records(pipeline: Any, only_open: bool) -> list[dict[str, Any]]:
+    for attempt in range(5):
+        try:
+            incidents = pipeline.incidents()
+            return [i.to_record() for i in incidents if not only_open or i.is_open]
+        except RuntimeError:  # a dict changed size during iteration: the loop moved; again
+            if attempt == 4:
+                raise
+    return []
+
+
+class OpsServer:
+    """``/metrics``, ``/healthz``, ``/readyz``, ``/incidents`` on a thread of its own.
+
+    ``alive()`` says whether the processing loop runs (``/healthz``); ``ready()`` whether the
+    daemon has restored its state and may be trusted (``/readyz``).
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        pipeline: Any,
+        *,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        alive: Callable[[], tuple[bool, str]] = lambda: (True, "ok"),
+        ready: Callable[[], tuple[bool, str]] = lambda: (True, "ready"),
+    ) -> None:
+        self.registry = registry
+        self.pipeline = pipeline
+        self.alive = alive
+        self.ready = ready
+        self.errors: list[BaseException] = []
+        self._server = ThreadingHTTPServer((host, port), self._handler())
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    def start(self) -> "OpsServer":
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="rollbackd-http", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> "OpsServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = f"rollbackd/{__version__}"
+
+            def do_GET(self) -> None:
+                url = urlsplit(self.path)
+                try:
+                    if url.path == "/metrics":
+                        self._send(200, generate_latest(owner.registry), CONTENT_TYPE_LATEST)
+                    elif url.path == "/healthz":
+                        ok, why = owner.alive()
+                        self._send(200 if ok else 503, (why + "\n").encode(), "text/plain; charset=utf-8")
+                    elif url.path == "/readyz":
+                        ok, why = owner.ready()
+                        self._send(200 if ok else 503, (why + "\n").encode(), "text/plain; charset=utf-8")
+                    elif url.path == "/incidents":
+                        only_open = parse_qs(url.query).get("open", ["0"])[-1] in ("1", "true", "yes")
+                        records = _incident_records(owner.pipeline, only_open)
+                        body = json.dumps({"incidents": records}, sort_keys=True, default=str).encode()
+                        self._send(200, body, "application/json")
+                    elif url.path == "/":
+                        self._send(200, b"rollbackd: /metrics /healthz /readyz /incidents\n", "text/plain; charset=utf-8")
+                    else:
+                        self._send(404, b"not found\n", "text/plain; charset=utf-8")
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                except Exception as exc:  # a scrape must never take the daemon down
+                    owner.errors.append(exc)
+                    self._send(500, f"{type(exc).__name__}: {exc}\n".encode(), "text/plain; charset=utf-8")
+
+            def _send(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # scrapes every few seconds would drown the decision logs
+
+        return Handler
+
+
+def serve_daemon(
+    daemon: Any,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    *,
+    loop_thread: threading.Thread | None = None,
+    notifier: str = "notifier",
+    tap: Any = None,
+) -> OpsServer:
+    """Start the endpoints for a live ``Daemon``: wraps its pipeline's decision sink in a
+    :class:`DecisionMeter`, times its batches, attaches ``tap`` (a ``MeasurementTap``, or a
+    values-only one when None), and serves on ``host:port``. ``loop_thread`` is the thread
+    that runs ``daemon.run()`` (default: the thread calling this)."""
+    from rollbackd.report import MeasurementTap
+
+    pipeline = daemon.pipeline
+    edges = pipeline.edges
+    meter = edges.decisions if isinstance(edges.decisions, DecisionMeter) else DecisionMeter(edges.decisions, notifier=notifier)
+    edges.decisions = meter
+    if tap is None:
+        tap = getattr(edges, "tap", None) or MeasurementTap(pipeline.config, profiles=False, max_points=1)
+    edges.tap = tap
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MetricsCollector(pipeline, daemon=daemon, tap=tap, meter=meter))
+    instrument(daemon, _batch_histogram(registry))
+    loop = loop_thread or threading.current_thread()
+
+    def alive() -> tuple[bool, str]:
+        if daemon.stopping:
+            return False, "stopping"
+        if not loop.is_alive():
+            return False, "processing loop is not running"
+        return True, "ok"
+
+    def ready() -> tuple[bool, str]:
+        if daemon.stopping:
+            return False, "stopping"
+        if not daemon.ready.is_set():
+            return False, "not ready: restoring state from the checkpoint"
+        return True, "ready"
+
+    return OpsServer(registry, pipeline, host=host, port=port, alive=alive, ready=ready).start()
