@@ -255,3 +255,21 @@ rules:
     (rb,) = kind(d, "action", action="rollback")
     assert (rb["variant"], rb["from_version"], rb["to_version"], rb["status"]) == ("canary", "2", "1", "succeeded")
     assert {a["variant"] for a in kind(d, "alert")} == {"canary"}
+
+
+def test_a_gap_in_traffic_raises_the_no_data_alert_in_a_replay_too():
+    cfg = load_config_text("""
+version: 1
+settings: {notifier: {type: none}, lateness: 0s}
+grouping: {group_wait: 0s}
+rules:
+  - {name: no-traffic, detector: traffic, threshold: 1, direction: below, for: 1m,
+     severity: warning, actions: [notify]}
+""")
+    d = MemoryDecisions()
+    pipeline = build_pipeline(cfg, decisions=d)
+    events = [p for m in range(15) if not 5 <= m < 10 for p in minute_of_traffic(m, 0.0)]
+    pipeline.ingest(events)
+    pipeline.advance(T0 + 15 * 60)
+    table = [(int((r["ts"] - T0) // 60), r["state"]) for r in kind(d, "alert")]
+    assert table == [(6, "pending"), (7, "firing"), (11, "resolved")]

@@ -130,6 +130,8 @@ class Pipeline:
         self._slots: dict[Key, tuple[int, list[Prediction]]] = {}
         self._next_boundary: float | None = None
         self._rule_index = {r.name: r for r in config.rules}
+        # A traffic (no-data) rule must see the empty windows of a gap: no skipping then.
+        self._watches_silence = any(r.detector == "traffic" for r in config.rules)
         self._references: dict[str, Reference | None] = {}
 
     # Hot path -------------------------------------------------------------------------
@@ -225,7 +227,7 @@ class Pipeline:
         while self._next_boundary is not None:
             nb = self._next_boundary
             first = self.assembler.earliest_pane_end()
-            if first is not None and first > nb and not self.book.open:
+            if first is not None and first > nb and not self.book.open and not self._watches_silence:
                 nb = self._next_boundary = first  # nothing buffered before it: skip idle time
             deadline = self.book.next_deadline()
             if deadline is not None and deadline < nb:
