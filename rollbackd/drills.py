@@ -416,10 +416,13 @@ FAULT_SIGNALS: Mapping[str, frozenset[str]] = {
     "feature_shift": frozenset({"drift"}),
     "score_shift": frozenset({"calibration", "canary:calibration", "canary:score"}),
     "model_error": frozenset({"model_error", "calibration", "canary:calibration", "sequential:model_error"}),
+    "traffic_stop": frozenset({"traffic"}),
 }
 
 
 def _expects(rule: RuleSpec, fault: FaultInterval) -> bool:
+    if fault.variant is not None and rule.variants is not None and fault.variant not in rule.variants:
+        return False
     if fault.rule is not None:
         return fault.rule == rule.name
     if fault.kind is not None:

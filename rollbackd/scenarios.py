@@ -73,13 +73,14 @@ __all__ = [
     "FAULT_KINDS",
 ]
 
-FaultKind = Literal["error_rate", "latency", "feature_shift", "score_shift", "model_error"]
+FaultKind = Literal["error_rate", "latency", "feature_shift", "score_shift", "model_error", "traffic_stop"]
 FAULT_KINDS: tuple[str, ...] = (
     "error_rate",
     "latency",
     "feature_shift",
     "score_shift",
     "model_error",
+    "traffic_stop",
 )
 
 #: Magnitude used when a Fault is created without one.
@@ -89,6 +90,7 @@ DEFAULT_MAGNITUDE: dict[str, float] = {
     "feature_shift": 1.5,  # shift in reference SDs (numeric) / resampled share (categorical)
     "score_shift": 1.0,  # added to the logit of the served score
     "model_error": 0.2,  # probability that a label is flipped
+    "traffic_stop": 1.0,  # share of requests that never arrive
 }
 
 ERROR_CODES: tuple[str, ...] = ("TIMEOUT", "UPSTREAM_5XX", "INTERNAL")
@@ -167,7 +169,7 @@ class Fault:
             raise ValueError(f"Fault.start must be >= 0, got {self.start}")
         if self.end is not None and not (self.end > self.start):
             raise ValueError(f"Fault.end must be > start ({self.start}), got {self.end}")
-        if self.kind in ("error_rate", "model_error") and not 0.0 <= m <= 1.0:
+        if self.kind in ("error_rate", "model_error", "traffic_stop") and not 0.0 <= m <= 1.0:
             raise ValueError(f"{self.kind} magnitude must be in [0, 1], got {m}")
         if self.kind == "latency" and not m > 0.0:
             raise ValueError(f"latency magnitude must be > 0, got {m}")
@@ -421,6 +423,9 @@ class _Generator:
 
     # -- deploy events -------------------------------------------------------------------------
 
+    def jitter_draw(self, n: int) -> np.ndarray:
+        return self.jrng.random(n) * self.jitter
+
     def _init_deploys(self) -> None:
         s = self.s
         ts, dep, serial = [], [], []
@@ -501,6 +506,8 @@ class _Generator:
         lat_mult = np.ones(n)
         logit_shift = np.zeros(n)
         p_flip = np.zeros(n)
+        drop = np.zeros(n, dtype=bool)
+        dropped_share = np.zeros(n)
         dn = s.deployments[d]
         for f in s.faults:
             if f.deployment is not None and f.deployment != dn:
@@ -523,6 +530,9 @@ class _Generator:
                 logit_shift[mask] += mag
             elif f.kind == "model_error":
                 p_flip[mask] = np.maximum(p_flip[mask], mag)
+            elif f.kind == "traffic_stop":
+                drop |= mask
+                dropped_share[mask] = np.maximum(dropped_share[mask], mag)
             else:  # feature_shift
                 targets = [f.feature] if f.feature is not None else self.fnames[:k]
                 for name in targets:
@@ -552,7 +562,18 @@ class _Generator:
         serial0 = self.serial[d]
         self.serial[d] = serial0 + n
         serial = np.arange(serial0, serial0 + n, dtype=np.int64)
-        key = ts + self.jrng.random(n) * self.jitter if self.jitter > 0 else ts
+        key = ts + self.jitter_draw(n) if self.jitter > 0 else ts
+        if drop.any():
+            # A traffic stop removes requests after every draw was made and every id handed
+            # out, so the traffic outside the stop is identical to the scenario without it.
+            # Which requests of a partial stop vanish is a fixed hash of the id, not a draw.
+            frac = ((serial * 2654435761) % 4294967296) / 4294967296.0
+            keep = ~(drop & (frac < dropped_share))
+            key, ts, variant, version, x, cat = key[keep], ts[keep], variant[keep], version[keep], x[keep], cat[keep]
+            score, latency, code, serial = score[keep], latency[keep], code[keep], serial[keep]
+            error, delay, u_labelled = error[keep], delay[keep], u_labelled[keep]
+            true_score, u_label, u_flip, p_flip = true_score[keep], u_label[keep], u_flip[keep], p_flip[keep]
+            n = int(keep.sum())
         self.preds.add(
             {
                 "key": key,
@@ -933,6 +954,31 @@ BUILTIN: dict[str, Scenario] = {
         faults=(Fault("feature_shift", start=900.0, magnitude=1.5, feature="num_0"),),
     ),
     "malformed": Scenario(name="malformed", seed=1, malformed_fraction=0.02),
+    "calibration_decay": Scenario(
+        name="calibration_decay",
+        seed=6,
+        label_fraction=0.8,
+        faults=(Fault("score_shift", start=900.0, magnitude=1.5),),
+    ),
+    "bad_canary": Scenario(
+        name="bad_canary",
+        seed=7,
+        variants=(("stable", 0.8), ("canary", 0.2)),
+        versions=((0.0, "1", "stable"), (600.0, "2", "canary")),
+        faults=(Fault("error_rate", start=600.0, magnitude=0.15, version="2", variant="canary"),),
+    ),
+    "label_delay": Scenario(
+        name="label_delay",
+        seed=8,
+        duration=3600.0,
+        label_delay=(600.0, 1800.0),
+        faults=(Fault("model_error", start=900.0, magnitude=0.3),),
+    ),
+    "traffic_stop": Scenario(
+        name="traffic_stop",
+        seed=9,
+        faults=(Fault("traffic_stop", start=900.0, end=1320.0),),
+    ),
     "demo": Scenario(
         name="demo",
         duration=35 * 60.0,

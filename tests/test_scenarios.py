@@ -470,7 +470,8 @@ def test_iter_chunks_counts():
 
 def test_builtin_scenarios():
     assert set(BUILTIN) == {
-        "stationary", "error_blip", "sustained_errors", "feature_shift", "malformed", "demo"
+        "stationary", "error_blip", "sustained_errors", "feature_shift", "malformed", "demo",
+        "calibration_decay", "bad_canary", "label_delay", "traffic_stop",
     }
     for name, s in BUILTIN.items():
         assert s.name == name
@@ -557,3 +558,30 @@ def test_variant_without_version_has_no_traffic_and_deployment_filter():
     assert all(e.model_version == ("1" if e.variant == "stable" else "2") for e in preds)
     err = {d: np.mean([e.error is not None for e in preds if e.deployment == d]) for d in "ab"}
     assert err["a"] < 0.015 and err["b"] == pytest.approx(0.5, abs=0.03)
+
+
+def test_traffic_stop_removes_requests_only_inside_the_stop():
+    from rollbackd.events import EventDecoder, Prediction
+
+    s = BUILTIN["traffic_stop"]
+    base = dataclasses.replace(s, faults=())
+    dec = EventDecoder()
+
+    def preds(sc):
+        return [e for e in map(dec.decode, generate(sc)) if type(e) is Prediction]
+
+    stopped, full = preds(s), preds(base)
+    start, end = s.start + 900, s.start + 1320
+    assert not [p for p in stopped if start <= p.ts < end]
+    outside = [p for p in full if not start <= p.ts < end]
+    assert [(p.id, p.ts, p.score) for p in stopped] == [(p.id, p.ts, p.score) for p in outside]
+
+
+@pytest.mark.parametrize("name", ["calibration_decay", "bad_canary", "label_delay", "traffic_stop"])
+def test_the_drill_scenarios_decode_cleanly(name):
+    from rollbackd.events import EventDecoder, Rejected
+
+    dec = EventDecoder()
+    lines = list(generate(BUILTIN[name]))
+    assert lines and not any(isinstance(dec.decode(x), Rejected) for x in lines)
+    assert scenario_truth(BUILTIN[name])

@@ -54,6 +54,9 @@ class WindowAssembler:
         reach = max(s.size * (MAX_COUNT_EXTENSION if s.min_count else 1) for s in specs)
         self.retain_panes = int(round(reach / self.granularity))
         self.panes: dict[Key, dict[int, Pane]] = {}
+        # First pane of each key: a key has windows only from there on, so a variant announced
+        # by a deploy event before it serves is not "empty" in the windows before it existed.
+        self.first_index: dict[Key, int] = {}
 
     def pane_index(self, ts: float) -> int:
         return int(ts // self.granularity)
@@ -65,6 +68,8 @@ class WindowAssembler:
         pane = by_idx.get(index)
         if pane is None:
             pane = by_idx[index] = Pane()
+            if index < self.first_index.get(key, index + 1):
+                self.first_index[key] = index
         return pane
 
     def keys(self) -> list[Key]:
@@ -103,7 +108,12 @@ class WindowAssembler:
 
     def windows_at(self, boundary: float) -> Iterator[tuple[WindowSpec, Window]]:
         for spec in self.due_specs(boundary):
-            windows = [self.window(key, spec, boundary) for key in self.keys()]
+            end_idx = int(round(boundary / self.granularity))
+            windows = [
+                self.window(key, spec, boundary)
+                for key in self.keys()
+                if self.first_index.get(key, -(2**62)) < end_idx
+            ]
             # Each window sees the other variants of its deployment over the same span, so a
             # detector can compare a canary with the stable arm in the same time window.
             by_deployment: dict[str, dict[str, Window]] = {}
