@@ -659,6 +659,7 @@ class Pipeline:
             "known_keys": self._known_keys,
             "muted": self._muted,
             "panes": self.assembler.panes,
+            "first_index": self.assembler.first_index,
             "join": (self.joiner._pending, self.joiner._size, self.joiner.stats),
             "detectors": self.detectors,
             "alerts": self.alerts,
@@ -684,6 +685,7 @@ class Pipeline:
         self._known_keys = state["known_keys"]
         self._muted = {m for m in state["muted"] if m[0] not in changed}
         self.assembler.panes = state["panes"]
+        self.assembler.first_index = state["first_index"]
         self.joiner._pending, self.joiner._size, self.joiner.stats = state["join"]
         if state.get("rollbackd_version") == __version__:
             self.detectors = {k: v for k, v in state["detectors"].items() if k[0] not in changed}
