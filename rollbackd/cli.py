@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 import tempfile
 import uuid
@@ -549,7 +550,17 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
 
         try:
             host, port = parse_listen(http_listen)
-            ops = serve_daemon(daemon, host, port, notifier=config.settings.notifier.type)
+            slack = None
+            secret = os.environ.get("ROLLBACKD_SLACK_SIGNING_SECRET")
+            if secret:
+                from rollbackd.daemon.http import SlackInteractions
+
+                def approvers(deployment: str) -> tuple[str, ...]:
+                    spec = config.deployment(deployment).approval
+                    return spec.approvers if spec is not None else ()
+
+                slack = SlackInteractions(secret.encode(), db, approvers)
+            ops = serve_daemon(daemon, host, port, notifier=config.settings.notifier.type, slack=slack)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--http") from None
         except OSError as exc:
@@ -701,6 +712,121 @@ def silence_expire(silence_id: str, by: str, at: str | None, db: str) -> None:
         click.echo(f"no silence {silence_id}", err=True)
         sys.exit(1)
     click.echo(f"{silence_id}: expired")
+
+
+@main.command()
+@click.argument("incident")
+@click.option("--reject", is_flag=True, help="Reject the rollback instead of approving it.")
+@click.option("--by", "by", required=True, help="Who answers: must be one of the deployment's approvers.")
+@click.option("--at", "at", default=None,
+              help="When the answer takes effect (ISO 8601 with offset, or Unix seconds); default "
+                   "now. Event time: for a drill or a replay, set it in the recording's time.")
+@click.option("--reason", default="", help="Why (kept in the ledger).")
+@click.option("--db", default="rollbackd.db", show_default=True)
+def approve(incident: str, reject: bool, by: str, at: str | None, reason: str, db: str) -> None:
+    """Approve (or --reject) a rollback of INCIDENT that waits for approval. The daemon reads
+    the answer from the ledger at its next window boundary; an answer from someone who is not
+    among the deployment's `approval.approvers` is recorded but does not count."""
+    from rollbackd.daemon.clock import WallClock
+    from rollbackd.daemon.ledger import Ledger
+
+    when = _parse_when(at, WallClock().now())
+    ledger = Ledger(db)
+    decision = "reject" if reject else "approve"
+    ledger.add_approval(incident, decision, by, when, datetime.now(timezone.utc).isoformat(),
+                        reason=reason, source="cli")
+    ledger.close()
+    click.echo(f"{incident}: {decision.rstrip('e')}ed by {by} at {_ts(when)} UTC")
+
+
+@main.group()
+def audit() -> None:
+    """Check the ledger's integrity."""
+
+
+@audit.command("verify")
+@click.option("--db", default="rollbackd.db", show_default=True)
+def audit_verify(db: str) -> None:
+    """Recompute the ledger's hash chains; exit 1 naming the first row that was edited, inserted
+    or deleted out of turn. Prints each chain's head: a copy kept elsewhere also reveals a
+    truncated tail, which no chain can show by itself."""
+    from rollbackd.daemon.ledger import verify_chain
+
+    if not Path(db).is_file():
+        click.echo(f"{db}: no such ledger", err=True)
+        sys.exit(EXIT_CONFIG)
+    report = verify_chain(db)
+    for chain, head in report.heads.items():
+        click.echo(f"head {chain} {head}")
+    if report.unchained:
+        click.echo(f"{report.unchained} row(s) predate the hash chain and are not verifiable")
+    if report.breaks:
+        for b in report.breaks:
+            click.echo(f"BROKEN {b}", err=True)
+        sys.exit(1)
+    click.echo(f"ok: {report.rows} rows, {len(report.heads)} chains intact")
+
+
+@main.group()
+def incidents() -> None:
+    """Incidents recorded in the ledger."""
+
+
+@incidents.command("list")
+@click.option("--db", default="rollbackd.db", show_default=True)
+@click.option("--run", "run_id", default=None, help="Only this run (default: every run).")
+def incidents_list(db: str, run_id: str | None) -> None:
+    """One line per incident: id, run, deployment, opened, last state, severity, rollbacks."""
+    import sqlite3
+
+    if not Path(db).is_file():
+        click.echo(f"{db}: no such ledger", err=True)
+        sys.exit(1)
+    conn = sqlite3.connect(f"file:{Path(db).resolve()}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    where, args = ("where run_id = ?", [run_id]) if run_id else ("", [])
+    rows = conn.execute(
+        "select run_id, incident_id, deployment, min(ts) as opened, max(severity) as severity,"
+        " (select i2.change from incidents i2 where i2.run_id = i.run_id and"
+        "  i2.incident_id = i.incident_id order by i2.seq desc limit 1) as state,"
+        " (select count(*) from actions a where a.run_id = i.run_id and a.incident_id = i.incident_id"
+        "  and a.action = 'rollback' and a.phase = 'finished') as rollbacks"
+        f" from incidents i {where} group by run_id, incident_id order by opened, incident_id", args,
+    ).fetchall()
+    conn.close()
+    if not rows:
+        click.echo("no incidents")
+    for r in rows:
+        click.echo(f"{r['incident_id']}  {r['run_id']}  {r['deployment']}  opened {_ts(r['opened'])}  "
+                   f"{r['state']:<9} severity {r['severity']}  rollbacks {r['rollbacks']}")
+
+
+@incidents.command("show")
+@click.argument("incident")
+@click.option("--db", default="rollbackd.db", show_default=True)
+@click.option("--run", "run_id", default=None, help="Run id (default: the latest run that holds it).")
+def incidents_show(incident: str, db: str, run_id: str | None) -> None:
+    """The incident's timeline (alerts, incident changes, actions) with the evidence of each
+    alert: measured value, threshold, p-value, sample size, window."""
+    from rollbackd.report import decisions_from_ledger
+
+    try:
+        run, records = decisions_from_ledger(db, incident_id=incident, run_id=run_id)
+    except LookupError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    if not records:
+        click.echo(f"{db}: no incident {incident} in run {run}", err=True)
+        sys.exit(1)
+    click.echo(f"incident {incident} (run {run})")
+    for rec in records:
+        click.echo("  " + _timeline_line(rec))
+        if rec["kind"] == "alert" and rec.get("measurement"):
+            m = rec["measurement"]
+            w = rec.get("window") or [None, None]
+            evidence = {k: m[k] for k in ("p_value", "effect_size", "evidence") if m.get(k) is not None}
+            window = f"window {_ts(w[0])} – {_ts(w[1])}" if w[0] is not None else ""
+            click.echo(f"      {window}  " + json.dumps(evidence, sort_keys=True, default=str))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -97,7 +97,7 @@ def test_a_bad_version_breaking_five_signals_is_one_incident_one_rollback_one_th
     with LoopbackServer(SlackAPI("xoxb-t")) as server:
         notifier = SlackNotifier("xoxb-t", "#oncall", base_url=server.url + "/api/")
         result, d = run(files["bad"], cfg, notifier=notifier)
-        posts = [r.json() for r in server.requests]
+        posts = [r.json() for r in server.requests if r.path.endswith("/chat.postMessage")]
     firing = kind(d, "alert", state="firing")
     assert {f["rule"] for f in firing} == {"serving-error-rate", "p99-latency", "feature-drift"}
     drift = next(f for f in firing if f["rule"] == "feature-drift")

@@ -67,6 +67,8 @@ def test_cooldown_and_duplicates_as_a_tick_table():
     assert state.to_record() == {
         "last_rollback": {"churn": T0 + 60, "fraud": T0 + COOLDOWN + 1},
         "done": [f"inc-{i}:rollback:primary:v1" for i in ("1", "3", "4", "c")],
+        "applied": {"churn": [T0 + 60], "fraud": [T0, T0 + COOLDOWN + 1]},
+        "reverted": {"churn/primary": {"v2": T0 + 60}, "fraud/primary": {"v2": T0 + COOLDOWN + 1}},
     }
 
 

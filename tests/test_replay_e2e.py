@@ -177,7 +177,7 @@ def test_slack_notices_are_threaded_per_incident(recordings, config):
     with LoopbackServer(SlackAPI("xoxb-t")) as server:
         notifier = SlackNotifier("xoxb-t", "#ml-oncall", base_url=server.url + "/api/")
         _, d = run(recordings["sustained_errors"][0], config, notifier=notifier)
-        posts = [r.json() for r in server.requests]
+        posts = [r.json() for r in server.requests if r.path.endswith("/chat.postMessage")]
     assert len(posts) == 2  # incident opened, then "rollback succeeded" in its thread
     parent, reply = posts
     assert "thread_ts" not in parent or parent["thread_ts"] is None

@@ -275,7 +275,7 @@ def test_types_of_backends_and_notifiers():
         settings:
           notifier: {type: slack, token_env: SLACK_BOT_TOKEN}
         deployments:
-          a: {backend: {type: kubernetes}}
+          a: {backend: {type: helmfile}}
           b: {backend: {type: webhook, url: "ftp://x", max_attempts: 0}}
           c: {backend: {type: log, url: "https://x"}}
         rules: []
@@ -288,7 +288,7 @@ def test_types_of_backends_and_notifiers():
         (6, 28, "deployments.c.backend.url"),
     ]
     assert "type slack requires `channel`" in errors[0].message
-    assert "'kubernetes' is not one of log, webhook" in errors[1].message
+    assert "'helmfile' is not one of log, webhook, mlflow, kubernetes, command, traffic-file" in errors[1].message
     assert "http:// or https://" in errors[2].message
     assert "must be >= 1" in errors[3].message
     assert "unknown key 'url'" in errors[4].message

@@ -64,7 +64,7 @@ def test_parent_then_threaded_reply(api):
     second = slack.post(update)
     assert second.status == "succeeded" and second.thread == first.thread
 
-    parent, reply = api.requests
+    parent, reply = [r for r in api.requests if r.path.endswith("/chat.postMessage")]
     for req in (parent, reply):
         assert req.method == "POST" and req.path == "/api/chat.postMessage"
         assert req.header("Authorization") == f"Bearer {TOKEN}"
@@ -73,7 +73,7 @@ def test_parent_then_threaded_reply(api):
     assert body["channel"] == "#ml-alerts"
     assert body["text"] == NOTICE.text
     assert "thread_ts" not in body
-    assert body["blocks"] == build_blocks(NOTICE)
+    assert body["blocks"] == build_blocks(NOTICE, buttons=True)
     assert reply.json()["thread_ts"] == "1700000000.000001"
     assert reply.json()["text"] == "still firing"
 

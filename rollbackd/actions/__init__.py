@@ -8,12 +8,19 @@ from rollbackd.actions.base import (
     NullNotifier,
     RollbackBackend,
     RollbackPlan,
+    VersionedBackend,
+    current_version,
+    verify_plan,
 )
+from rollbackd.actions.command import CommandBackend
 from rollbackd.actions.console import ConsoleNotifier, format_notice
 from rollbackd.actions.factory import BACKEND_TYPES, NOTIFIER_TYPES, make_backend, make_notifier
+from rollbackd.actions.kubernetes import KubernetesBackend
 from rollbackd.actions.logbackend import LogBackend
+from rollbackd.actions.mlflow import MlflowRegistryBackend
 from rollbackd.actions.retry import RetryPolicy, classify
 from rollbackd.actions.slack import SlackNotifier, build_blocks
+from rollbackd.actions.trafficfile import TrafficFileBackend
 from rollbackd.actions.webhook import WebhookBackend, verify_signature
 
 __all__ = [
@@ -24,6 +31,13 @@ __all__ = [
     "NullNotifier",
     "RollbackBackend",
     "RollbackPlan",
+    "VersionedBackend",
+    "current_version",
+    "verify_plan",
+    "CommandBackend",
+    "KubernetesBackend",
+    "MlflowRegistryBackend",
+    "TrafficFileBackend",
     "ConsoleNotifier",
     "format_notice",
     "BACKEND_TYPES",

@@ -9,7 +9,7 @@ and :func:`make_notifier`; each kind has a null version.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Protocol
+from typing import Any, Literal, Mapping, Protocol, runtime_checkable
 
 __all__ = [
     "RollbackPlan",
@@ -17,6 +17,9 @@ __all__ = [
     "AlertSummary",
     "Notice",
     "RollbackBackend",
+    "VersionedBackend",
+    "current_version",
+    "verify_plan",
     "Notifier",
     "NullNotifier",
 ]
@@ -97,9 +100,45 @@ class Notice:
 
 
 class RollbackBackend(Protocol):
-    """Moves a deployment to a version. Must be idempotent per ``plan.idempotency_key``."""
+    """Moves a deployment to a version. Must be idempotent per ``plan.idempotency_key``.
+
+    ``apply`` is the whole required protocol. Backends that can also *read* the system they
+    act on implement :class:`VersionedBackend` as well; callers reach both optional methods
+    through :func:`current_version` and :func:`verify_plan`, which fall back for backends
+    (webhook, log) that cannot read anything back.
+    """
 
     def apply(self, plan: RollbackPlan) -> ActionResult: ...
+
+
+@runtime_checkable
+class VersionedBackend(Protocol):
+    """The optional half of the backend protocol: read the current version, verify a plan.
+
+    ``current(deployment, variant)`` is the version the target system serves now, or ``None``
+    when it cannot tell. ``verify(plan)`` checks, once and without waiting, that the system
+    reflects the plan: ``succeeded`` when it does, ``failed`` (``data["pending"]`` true when a
+    rollout is still converging, so a caller may ask again) when not, ``skipped`` when the
+    backend cannot check. Neither method changes anything.
+    """
+
+    def current(self, deployment: str, variant: str) -> str | None: ...
+
+    def verify(self, plan: RollbackPlan) -> ActionResult: ...
+
+
+def current_version(backend: RollbackBackend, deployment: str, variant: str) -> str | None:
+    """``backend.current(...)`` if the backend can read back, else ``None``."""
+    read = getattr(backend, "current", None)
+    return read(deployment, variant) if callable(read) else None
+
+
+def verify_plan(backend: RollbackBackend, plan: RollbackPlan) -> ActionResult:
+    """``backend.verify(plan)`` if the backend can read back, else ``skipped``."""
+    check = getattr(backend, "verify", None)
+    if not callable(check):
+        return ActionResult("skipped", f"{type(backend).__name__} cannot read back", attempts=0)
+    return check(plan)
 
 
 class Notifier(Protocol):

@@ -2,7 +2,8 @@
 
 Secrets never sit in the rules file: ``secret_env`` / ``token_env`` name environment variables
 read at construction (``env`` is injected for tests); the Slack token defaults to
-``SLACK_BOT_TOKEN``.
+``SLACK_BOT_TOKEN``, the MLflow token to ``MLFLOW_TRACKING_TOKEN``. Backends with heavy or
+optional dependencies (kubernetes) are imported only when configured.
 """
 
 from __future__ import annotations
@@ -21,13 +22,21 @@ from rollbackd.rules.model import BackendSpec, NotifierSpec
 
 __all__ = ["BACKEND_TYPES", "NOTIFIER_TYPES", "make_backend", "make_notifier"]
 
-BACKEND_TYPES = ("log", "webhook")
+BACKEND_TYPES = ("log", "webhook", "mlflow", "kubernetes", "command", "traffic-file")
 NOTIFIER_TYPES = ("console", "none", "slack")
 
 _RETRY_OPTIONS = ("max_attempts", "base_delay", "max_delay", "multiplier")
 _OPTIONS = {
     ("backend", "log"): (),
     ("backend", "webhook"): ("url", "secret_env", "timeout", "headers", "retry"),
+    ("backend", "mlflow"): ("tracking_uri", "alias", "model", "token_env", "timeout", "retry"),
+    ("backend", "kubernetes"): (
+        "kind", "name", "namespace", "container", "image_template", "label", "env_var",
+        "storage_uri_template", "api_url", "token_env", "kubeconfig", "context", "in_cluster",
+        "verify_tls", "timeout", "retry",
+    ),
+    ("backend", "command"): ("argv", "timeout", "env", "env_from", "cwd", "current_argv", "max_output"),
+    ("backend", "traffic-file"): ("path", "route", "format", "total"),
     ("notifier", "console"): ("color",),
     ("notifier", "none"): (),
     ("notifier", "slack"): ("channel", "token_env", "base_url", "max_rate_limit_retries", "timeout"),
@@ -67,20 +76,20 @@ def make_backend(
     _check_options("backend", spec.type, options)
     if spec.type == "log":
         return LogBackend()
+    if spec.type == "mlflow":
+        return _mlflow(options, sleep, env)
+    if spec.type == "kubernetes":
+        return _kubernetes(options, sleep, env)
+    if spec.type == "command":
+        return _command(options, env)
+    if spec.type == "traffic-file":
+        return _traffic_file(options)
 
     url = options.get("url")
     if not isinstance(url, str) or not url:
         raise ValueError("webhook backend: option 'url' is required")
     secret = _secret("webhook backend", options, "secret", env, None)
-    retry = options.get("retry") or {}
-    if not isinstance(retry, Mapping):
-        raise ValueError("webhook backend: option 'retry' must be a mapping")
-    unknown = sorted(set(retry) - set(_RETRY_OPTIONS))
-    if unknown:
-        raise ValueError(
-            f"webhook backend: unknown retry option(s) {', '.join(map(repr, unknown))} "
-            f"(known: {', '.join(_RETRY_OPTIONS)})"
-        )
+    retry = _retry("webhook backend", options)
     headers = options.get("headers") or {}
     if not isinstance(headers, Mapping):
         raise ValueError("webhook backend: option 'headers' must be a mapping")
@@ -88,9 +97,113 @@ def make_backend(
         url,
         secret.encode("utf-8") if secret is not None else None,
         timeout=float(options.get("timeout", 5.0)),
-        policy=RetryPolicy(**dict(retry)),
+        policy=retry,
         headers={str(k): str(v) for k, v in headers.items()},
         sleep=sleep,
+    )
+
+
+def _retry(kind: str, options: Mapping[str, Any]) -> RetryPolicy:
+    retry = options.get("retry") or {}
+    if not isinstance(retry, Mapping):
+        raise ValueError(f"{kind}: option 'retry' must be a mapping")
+    unknown = sorted(set(retry) - set(_RETRY_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"{kind}: unknown retry option(s) {', '.join(map(repr, unknown))} "
+            f"(known: {', '.join(_RETRY_OPTIONS)})"
+        )
+    return RetryPolicy(**dict(retry))
+
+
+def _required_str(kind: str, options: Mapping[str, Any], key: str) -> str:
+    value = options.get(key)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{kind}: option {key!r} is required (a non-empty string)")
+    return value
+
+
+def _str_list(kind: str, options: Mapping[str, Any], key: str) -> tuple[str, ...] | None:
+    value = options.get(key)
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not all(
+        isinstance(v, str) and v for v in value
+    ):
+        raise ValueError(f"{kind}: option {key!r} must be a list of non-empty strings")
+    return tuple(value)
+
+
+def _mlflow(options: Mapping[str, Any], sleep: Callable[[float], object], env: Mapping[str, str]) -> RollbackBackend:
+    from rollbackd.actions.mlflow import MlflowRegistryBackend
+
+    kind = "mlflow backend"
+    return MlflowRegistryBackend(
+        _required_str(kind, options, "tracking_uri"),
+        alias=str(options.get("alias", "champion")),
+        model=options.get("model"),
+        token=_secret(kind, options, "token", env, "MLFLOW_TRACKING_TOKEN"),
+        timeout=float(options.get("timeout", 10.0)),
+        policy=_retry(kind, options),
+        sleep=sleep,
+    )
+
+
+def _kubernetes(options: Mapping[str, Any], sleep: Callable[[float], object], env: Mapping[str, str]) -> RollbackBackend:
+    from rollbackd.actions.kubernetes import KubernetesBackend
+
+    kind = "kubernetes backend"
+    return KubernetesBackend(
+        _required_str(kind, options, "kind"),
+        name=options.get("name"),
+        namespace=str(options.get("namespace", "default")),
+        container=options.get("container"),
+        image_template=options.get("image_template"),
+        label=options.get("label"),
+        env_var=options.get("env_var"),
+        storage_uri_template=options.get("storage_uri_template"),
+        api_url=options.get("api_url"),
+        token=_secret(kind, options, "token", env, None),
+        kubeconfig=options.get("kubeconfig"),
+        context=options.get("context"),
+        in_cluster=bool(options.get("in_cluster", False)),
+        verify_tls=bool(options.get("verify_tls", True)),
+        timeout=float(options.get("timeout", 10.0)),
+        policy=_retry(kind, options),
+        sleep=sleep,
+    )
+
+
+def _command(options: Mapping[str, Any], env: Mapping[str, str]) -> RollbackBackend:
+    from rollbackd.actions.command import DEFAULT_MAX_OUTPUT, CommandBackend
+
+    kind = "command backend"
+    argv = _str_list(kind, options, "argv")
+    if argv is None:
+        raise ValueError(f"{kind}: option 'argv' is required (a list of strings)")
+    child_env = options.get("env") or {}
+    if not isinstance(child_env, Mapping):
+        raise ValueError(f"{kind}: option 'env' must be a mapping of name to value")
+    return CommandBackend(
+        argv,
+        timeout=float(options.get("timeout", 60.0)),
+        env={str(k): str(v) for k, v in child_env.items()},
+        env_from=_str_list(kind, options, "env_from") or (),
+        cwd=options.get("cwd"),
+        current_argv=_str_list(kind, options, "current_argv"),
+        max_output=int(options.get("max_output", DEFAULT_MAX_OUTPUT)),
+        parent_env=env,
+    )
+
+
+def _traffic_file(options: Mapping[str, Any]) -> RollbackBackend:
+    from rollbackd.actions.trafficfile import TrafficFileBackend
+
+    return TrafficFileBackend(
+        _required_str("traffic-file backend", options, "path"),
+        route=options.get("route"),
+        fmt=options.get("format"),
+        total=int(options.get("total", 100)),
     )
 
 

@@ -1,5 +1,8 @@
 """Slack notices through the Web API: an incident's first notice is a parent message, the rest
-go into its thread. Failures come back as a failed :class:`ActionResult`, never as an exception.
+go into its thread, and each reply also edits the parent in place (``chat.update``) so the
+channel shows the incident's current state. The parent carries Approve / Reject / Acknowledge / Silence 1h buttons, handled
+by the daemon's ``/v1/slack/interactions`` endpoint. Failures come back as a failed
+:class:`ActionResult`, never as an exception; a failed edit never fails the reply.
 """
 
 from __future__ import annotations
@@ -64,8 +67,27 @@ def _field(label: str, value: str) -> dict[str, str]:
     return {"type": "mrkdwn", "text": _clip(f"*{label}*\n{_escape(value)}", FIELD_MAX)}
 
 
-def build_blocks(notice: Notice) -> list[dict[str, Any]]:
-    """Block Kit for a notice: header, facts, one section per alert, context. Within Slack limits."""
+def _buttons(notice: Notice) -> dict[str, Any]:
+    value = f"{notice.incident_id}|{notice.deployment}"
+    return {
+        "type": "actions",
+        "block_id": "rollbackd_actions",
+        "elements": [
+            {"type": "button", "action_id": "rollbackd_approve", "style": "primary", "value": value,
+             "text": {"type": "plain_text", "text": "Approve rollback"}},
+            {"type": "button", "action_id": "rollbackd_reject", "style": "danger", "value": value,
+             "text": {"type": "plain_text", "text": "Reject rollback"}},
+            {"type": "button", "action_id": "rollbackd_ack", "value": value,
+             "text": {"type": "plain_text", "text": "Acknowledge"}},
+            {"type": "button", "action_id": "rollbackd_silence", "value": value,
+             "text": {"type": "plain_text", "text": "Silence 1h"}},
+        ],
+    }
+
+
+def build_blocks(notice: Notice, buttons: bool = False) -> list[dict[str, Any]]:
+    """Block Kit for a notice: header, facts, one section per alert, context (and, for an open
+    incident's parent message, the buttons). Within Slack limits."""
     title = ("[DRILL] " if notice.drill else "") + notice.title
     blocks: list[dict[str, Any]] = [
         {"type": "header", "text": {"type": "plain_text", "text": _clip(title, HEADER_MAX), "emoji": True}}
@@ -83,7 +105,8 @@ def build_blocks(notice: Notice) -> list[dict[str, Any]]:
         facts["text"] = {"type": "mrkdwn", "text": _clip(_escape(notice.text), SECTION_MAX)}
     blocks.append(facts)
 
-    room = BLOCKS_MAX - len(blocks) - 1  # keep one for the context block
+    buttons = buttons and notice.kind != "resolved"
+    room = BLOCKS_MAX - len(blocks) - 1 - int(buttons)  # keep one for the context block
     alerts = list(notice.alerts)
     shown = alerts if len(alerts) <= room else alerts[: room - 1]
     for a in shown:
@@ -97,6 +120,8 @@ def build_blocks(notice: Notice) -> list[dict[str, Any]]:
         url = notice.runbook.replace("|", "%7C").replace(">", "%3E").replace("<", "%3C")
         context.append({"type": "mrkdwn", "text": _clip(f"<{url}|Runbook>", SECTION_MAX)})
     blocks.append({"type": "context", "elements": context})
+    if buttons:
+        blocks.append(_buttons(notice))
     return blocks
 
 
@@ -127,6 +152,9 @@ class SlackNotifier:
             ]
         self.channel = channel
         self.client = client
+        # Parent ts -> the channel id Slack answered with: chat.update wants the id. After a
+        # restart it is not known and the configured channel is used.
+        self._parents: dict[str, str] = {}
 
     def post(self, notice: Notice) -> ActionResult:
         channel = notice.channel or self.channel
@@ -137,7 +165,7 @@ class SlackNotifier:
             response = self.client.chat_postMessage(
                 channel=channel,
                 text=_clip(text, TEXT_MAX),
-                blocks=build_blocks(notice),
+                blocks=build_blocks(notice, buttons=thread is None),
                 thread_ts=thread,
             )
         except SlackApiError as err:
@@ -153,9 +181,29 @@ class SlackNotifier:
             return ActionResult("failed", detail, thread=thread, data={"status_code": None, "error": str(err)})
         ts = response.get("ts")
         bound.info("notice.slack", outcome="succeeded", ts=ts, reply=thread is not None)
-        return ActionResult(
-            "succeeded",
-            f"posted to {channel}",
-            thread=thread or ts,
-            data={"status_code": response.status_code, "ts": ts, "channel": response.get("channel")},
-        )
+        data: dict[str, Any] = {"status_code": response.status_code, "ts": ts, "channel": response.get("channel")}
+        if thread is None:
+            if ts and response.get("channel"):
+                self._parents[ts] = response["channel"]
+        else:
+            data["parent_update"] = self._update_parent(notice, thread, channel, text, bound)
+        return ActionResult("succeeded", f"posted to {channel}", thread=thread or ts, data=data)
+
+    def _update_parent(self, notice: Notice, thread: str, channel: str, text: str, bound: Any) -> str:
+        """Edit the parent message to the incident's current state; 'ok' or why not."""
+        try:
+            self.client.chat_update(
+                channel=self._parents.get(thread, channel),
+                ts=thread,
+                text=_clip(text, TEXT_MAX),
+                blocks=build_blocks(notice, buttons=True),
+            )
+        except SlackApiError as err:
+            data = getattr(err.response, "data", None)
+            error = (data.get("error") if isinstance(data, dict) else None) or "error"
+            bound.warning("notice.slack_update", outcome="failed", error=error)
+            return error
+        except Exception as err:  # the reply went out; a stale parent is not worth failing it
+            bound.warning("notice.slack_update", outcome="failed", error=f"{type(err).__name__}: {err}")
+            return f"{type(err).__name__}: {err}"
+        return "ok"

@@ -16,10 +16,13 @@ changed it meanwhile.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import threading
 import time
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import parse_qs, urlsplit
@@ -35,6 +38,8 @@ __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_PORT",
     "DecisionMeter",
+    "SlackInteractions",
+    "gate_verdict",
     "MetricsCollector",
     "OpsServer",
     "instrument",
@@ -372,6 +377,150 @@ class MetricsCollector:
         return value
 
 
+GATE_STATUS = {"pass": 200, "fail": 412, "inconclusive": 503}
+
+
+def gate_verdict(
+    pipeline: Any, measurements: Mapping[tuple[str, str, str], tuple[float, Mapping[str, Any]]],
+    deployment: str, variant: str,
+) -> dict[str, Any]:
+    """The promotion gate for one arm: every rule that applies to it is judged on its alert
+    state and latest measurement. ``fail``: some alert fires. ``inconclusive``: some alert is
+    pending (breaching, not yet for long enough), or some rule has no measurement yet or too few
+    samples. ``pass``: every rule measured enough and none breaches. No rule: inconclusive."""
+    from rollbackd.rules.alerts import AlertState
+
+    rules = [r for r in pipeline.config.rules if r.applies_to(deployment, variant)]
+    alerts = dict(pipeline.alerts)
+    checks = []
+    for rule in rules:
+        alert = alerts.get((rule.name, (deployment, variant)))
+        state = alert.state if alert is not None else AlertState.INACTIVE
+        ts, m = measurements.get((rule.name, deployment, variant), (None, {}))
+        if state == AlertState.FIRING:
+            verdict, why = "fail", "alert firing"
+        elif state == AlertState.PENDING:
+            verdict, why = "inconclusive", "breaching, not yet for the rule's `for`"
+        elif ts is None:
+            verdict, why = "inconclusive", "not measured yet"
+        elif m.get("insufficient") or (m.get("sample_size") or 0) < rule.min_samples:
+            verdict, why = "inconclusive", f"{m.get('sample_size') or 0} samples, needs {rule.min_samples}"
+        else:
+            verdict, why = "pass", "within threshold"
+        checks.append({
+            "rule": rule.name, "detector": rule.detector, "severity": rule.severity,
+            "state": str(state.value if hasattr(state, "value") else state), "verdict": verdict,
+            "reason": why, "ts": ts, "measurement": dict(m),
+        })
+    verdicts = {c["verdict"] for c in checks}
+    overall = ("fail" if "fail" in verdicts else "inconclusive" if ("inconclusive" in verdicts or not checks)
+               else "pass")
+    hist = pipeline.versions.get((deployment, variant))
+    return {
+        "deployment": deployment, "variant": variant, "verdict": overall,
+        "pass": overall == "pass", "fail": overall == "fail",
+        "version": hist.current.version if hist is not None and hist.current is not None else None,
+        "event_time": pipeline.max_event_time if math.isfinite(pipeline.max_event_time) else None,
+        "rollback": variant != "shadow",
+        "checks": checks,
+    }
+
+
+SLACK_MAX_AGE = 300.0  # Slack's advice: refuse requests signed more than five minutes ago
+
+
+class SlackInteractions:
+    """Slack's interactivity endpoint (``POST /v1/slack/interactions``): the Approve, Reject,
+    Acknowledge and Silence 1h buttons of an incident's parent message.
+
+    A request counts only if its ``X-Slack-Signature`` is ``v0=`` + HMAC-SHA256 of
+    ``v0:{X-Slack-Request-Timestamp}:{body}`` under the app's signing secret, its timestamp is
+    within five minutes of ``clock.now()``, and the clicking user (Slack user name or id) is one
+    of the incident's deployment's approvers. An answer becomes an ``approvals`` row of the
+    ledger at ``ledger_path`` (its own connection: this runs on the HTTP thread), which the
+    pipeline reads at its next window boundary like a ``rollbackd approve``; Silence 1h a
+    ``silences`` row for the deployment (read at the next firing); Acknowledge an
+    ``acknowledgements`` row.
+    """
+
+    ACTIONS = {"rollbackd_approve": "approve", "rollbackd_reject": "reject",
+               "rollbackd_ack": "acknowledge", "rollbackd_silence": "silence"}
+    SILENCE_FOR = 3600.0
+
+    def __init__(
+        self,
+        signing_secret: bytes,
+        ledger_path: str,
+        approvers: Callable[[str], tuple[str, ...]],
+        clock: Clock | None = None,
+    ) -> None:
+        if not signing_secret:
+            raise ValueError("signing_secret must not be empty")
+        self.secret = signing_secret
+        self.ledger_path = ledger_path
+        self.approvers = approvers
+        self.clock = clock or WallClock()
+
+    def verify(self, body: bytes, timestamp: str | None, signature: str | None) -> str | None:
+        """Why the request is refused, or None."""
+        if not timestamp or not signature:
+            return "missing signature headers"
+        try:
+            ts = float(timestamp)
+        except ValueError:
+            return "bad timestamp"
+        if abs(self.clock.now() - ts) > SLACK_MAX_AGE:
+            return "stale request (older than five minutes)"
+        base = b"v0:" + timestamp.encode() + b":" + body
+        expected = "v0=" + hmac.new(self.secret, base, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, signature):
+            return "bad signature"
+        return None
+
+    def handle(self, body: bytes, headers: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
+        refused = self.verify(body, headers.get("X-Slack-Request-Timestamp"), headers.get("X-Slack-Signature"))
+        if refused is not None:
+            return 401, {"error": refused}
+        try:
+            payload = json.loads(parse_qs(body.decode())["payload"][0])
+            action = payload["actions"][0]
+            incident_id, deployment = str(action["value"]).split("|", 1)
+            user = payload.get("user") or {}
+        except (KeyError, IndexError, ValueError, TypeError, UnicodeDecodeError):
+            return 400, {"error": "not a Slack block_actions payload from rollbackd"}
+        decision = self.ACTIONS.get(action.get("action_id"))
+        if decision is None:
+            return 400, {"error": f"unknown action {action.get('action_id')!r}"}
+        allowed = self.approvers(deployment)
+        who = next((n for n in (user.get("username"), user.get("name"), user.get("id")) if n in allowed), None)
+        if who is None:
+            return 403, {"response_type": "ephemeral", "replace_original": False,
+                         "text": f"You are not an approver of {deployment}."}
+        from rollbackd.daemon.ledger import Ledger
+
+        now = self.clock.now()
+        wall = datetime.fromtimestamp(now, timezone.utc).isoformat()
+        ledger = Ledger(self.ledger_path, run_id="slack")
+        try:
+            if decision == "acknowledge":
+                ledger.acknowledge(incident_id, who, now, wall)
+                text = f"{incident_id}: acknowledged by {who}."
+            elif decision == "silence":
+                from rollbackd.rules.silences import Silence
+
+                sil = Silence(id="sil-" + hashlib.sha256(f"{incident_id}|{who}|{now}".encode()).hexdigest()[:10],
+                              deployment=deployment, starts_at=now, ends_at=now + self.SILENCE_FOR,
+                              reason=f"silenced from Slack during {incident_id}", created_by=who)
+                ledger.add_silence(sil, wall)
+                text = f"{deployment}: silenced for 1h by {who} ({sil.id})."
+            else:
+                ledger.add_approval(incident_id, decision, who, now, wall, source="slack")
+                text = f"{incident_id}: {decision}d by {who}; rollbackd acts at its next window boundary."
+        finally:
+            ledger.close()
+        return 200, {"response_type": "ephemeral", "replace_original": False, "text": text}
+
+
 def _incident_records(pipeline: Any, only_open: bool) -> list[dict[str, Any]]:
     for attempt in range(5):
         try:
@@ -399,7 +548,11 @@ class OpsServer:
         port: int = DEFAULT_PORT,
         alive: Callable[[], tuple[bool, str]] = lambda: (True, "ok"),
         ready: Callable[[], tuple[bool, str]] = lambda: (True, "ready"),
+        slack: SlackInteractions | None = None,
+        measurements: Callable[[], Mapping[tuple[str, str, str], tuple[float, Mapping[str, Any]]]] = dict,
     ) -> None:
+        self.slack = slack
+        self.measurements = measurements
         self.registry = registry
         self.pipeline = pipeline
         self.alive = alive
@@ -460,6 +613,12 @@ class OpsServer:
                         records = _incident_records(owner.pipeline, only_open)
                         body = json.dumps({"incidents": records}, sort_keys=True, default=str).encode()
                         self._send(200, body, "application/json")
+                    elif url.path.startswith("/v1/gate/"):
+                        parts = url.path[len("/v1/gate/"):].split("/")
+                        if len(parts) != 2 or not all(parts):
+                            self._send(404, b"use /v1/gate/DEPLOYMENT/VARIANT\n", "text/plain; charset=utf-8")
+                            return
+                        self._gate(parts)
                     elif url.path == "/":
                         self._send(200, b"rollbackd: /metrics /healthz /readyz /incidents\n", "text/plain; charset=utf-8")
                     else:
@@ -467,6 +626,34 @@ class OpsServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
                 except Exception as exc:  # a scrape must never take the daemon down
+                    owner.errors.append(exc)
+                    self._send(500, f"{type(exc).__name__}: {exc}\n".encode(), "text/plain; charset=utf-8")
+
+            def _gate(self, parts: list[str]) -> None:
+                result = gate_verdict(owner.pipeline, owner.measurements(), *parts)
+                body = json.dumps(result, sort_keys=True, default=str).encode()
+                self._send(GATE_STATUS[result["verdict"]], body, "application/json")
+
+            def do_POST(self) -> None:
+                url = urlsplit(self.path)
+                try:
+                    parts = url.path[len("/v1/gate/"):].split("/")
+                    if url.path.startswith("/v1/gate/") and len(parts) == 2 and all(parts):
+                        self._gate(parts)  # Flagger's webhooks POST; the body is not needed
+                        return
+                    if url.path != "/v1/slack/interactions" or owner.slack is None:
+                        self._send(404, b"not found\n", "text/plain; charset=utf-8")
+                        return
+                    length = int(self.headers.get("Content-Length") or 0)
+                    if length > 1 << 20:
+                        self._send(413, b"too large\n", "text/plain; charset=utf-8")
+                        return
+                    body = self.rfile.read(length)
+                    status, answer = owner.slack.handle(body, self.headers)
+                    self._send(status, json.dumps(answer, sort_keys=True).encode(), "application/json")
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                except Exception as exc:  # a bad request must never take the daemon down
                     owner.errors.append(exc)
                     self._send(500, f"{type(exc).__name__}: {exc}\n".encode(), "text/plain; charset=utf-8")
 
@@ -492,6 +679,7 @@ def serve_daemon(
     loop_thread: threading.Thread | None = None,
     notifier: str = "notifier",
     tap: Any = None,
+    slack: SlackInteractions | None = None,
 ) -> OpsServer:
     """Start the endpoints for a live ``Daemon``: wraps its pipeline's decision sink in a
     :class:`DecisionMeter`, times its batches, attaches ``tap`` (a ``MeasurementTap``, or a
@@ -525,4 +713,11 @@ def serve_daemon(
             return False, "not ready: restoring state from the checkpoint"
         return True, "ready"
 
-    return OpsServer(registry, pipeline, host=host, port=port, alive=alive, ready=ready).start()
+    def measurements() -> dict[tuple[str, str, str], tuple[float, Mapping[str, Any]]]:
+        latest = dict(meter.measurements)
+        if getattr(tap, "evaluations", 0):
+            latest.update(tap.latest())
+        return latest
+
+    return OpsServer(registry, pipeline, host=host, port=port, alive=alive, ready=ready, slack=slack,
+                     measurements=measurements).start()

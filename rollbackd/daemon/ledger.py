@@ -4,11 +4,19 @@ SQLite through sqlite-utils, WAL journal. Rows are only ever inserted (an action
 ``started`` row and a ``finished`` row rather than an update), so the table reads as a log.
 Each row carries the ``run_id`` of the process that wrote it: one ledger can hold a live
 daemon's history and drills or replays without mixing them.
+
+Every row is also a link of a hash chain (``prev_hash``, ``hash = sha256(prev_hash +
+canonical JSON of the row)``): one chain per table and run for the tables a run writes, one per
+table for ``runs``, ``silences``, ``silence_expiries``, ``approvals`` and ``acknowledgements``. ``verify_chain`` finds
+the first row that was edited, inserted or deleted out of turn (``rollbackd audit verify``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -16,7 +24,7 @@ import sqlite_utils
 
 from rollbackd.rules.silences import Silence
 
-__all__ = ["Ledger"]
+__all__ = ["Ledger", "ChainBreak", "verify_chain"]
 
 _SCHEMA: dict[str, dict[str, type]] = {
     "runs": {"run_id": str, "mode": str, "source": str, "config": str, "started_wall": str, "summary": str},
@@ -41,7 +49,51 @@ _SCHEMA: dict[str, dict[str, type]] = {
         "ends_at": float, "reason": str, "created_by": str, "created_wall": str,
     },
     "silence_expiries": {"silence_id": str, "expired_at": float, "by": str, "created_wall": str},
+    # A human's answer to a rollback waiting for approval; `at` is event time, like a silence's.
+    "acknowledgements": {"incident_id": str, "by": str, "at": float, "source": str, "created_wall": str},
+    "approvals": {
+        "incident_id": str, "decision": str, "by": str, "at": float, "reason": str,
+        "source": str, "created_wall": str,
+    },
 }
+
+# Tables whose rows are chained per run (the pipeline's own writing); the rest are chained
+# per table, written by several processes (CLI, HTTP) under a write lock.
+_RUN_CHAINED = ("alert_transitions", "incidents", "actions", "counters")
+_CHAIN_COLS = ("prev_hash", "hash")
+# Columns outside the chain: `runs.summary` is the run's closing statistics, set once by an
+# update when the run ends; it is derived from the chained rows, not evidence itself.
+_UNHASHED = {"seq", "prev_hash", "hash", "summary"}
+
+
+def _stored(value: Any, kind: type | None) -> Any:
+    """``value`` as SQLite will hand it back, so a row hashes the same at insert and verify."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return int(value)
+    if kind is float:
+        if isinstance(value, (int, float)):
+            f = float(value)
+            return None if math.isnan(f) else f
+    elif kind is int:
+        if isinstance(value, float):
+            if math.isnan(value):
+                return None
+            return int(value) if value.is_integer() else value
+    elif kind is str and isinstance(value, (int, float)):
+        return None if isinstance(value, float) and math.isnan(value) else str(value)
+    elif isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def row_hash(prev_hash: str, row: dict[str, Any]) -> str:
+    """The chain link of one row: None-valued columns are left out, so a column added to a
+    table later does not change the hashes of the rows written before it."""
+    content = {k: v for k, v in row.items() if k not in _UNHASHED and v is not None}
+    body = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256((prev_hash + body).encode()).hexdigest()
 
 
 def _json(obj: Any) -> str:
@@ -58,7 +110,12 @@ class Ledger:
         for name, columns in _SCHEMA.items():
             table = self.db.table(name)
             if not table.exists():
-                table.create({"seq": int, **columns}, pk="seq")
+                table.create({"seq": int, **columns, "prev_hash": str, "hash": str}, pk="seq")
+            else:
+                for col in _CHAIN_COLS:  # a ledger from before the chain: new rows are chained
+                    if col not in table.columns_dict:
+                        table.add_column(col, str)
+        self._heads: dict[tuple[str, str], str] = {}
         for name, cols in (
             ("alert_transitions", ["run_id", "deployment", "ts"]),
             ("incidents", ["run_id", "incident_id"]),
@@ -67,11 +124,41 @@ class Ledger:
             self.db.table(name).create_index(cols, if_not_exists=True)
 
     def _insert(self, table: str, row: dict[str, Any]) -> None:
-        row = {"run_id": self.run_id, **row}
-        self.db.table(table).insert(row, alter=True)
+        if table in _RUN_CHAINED:
+            # Only this process writes this run's chain: its head is cached after one read.
+            self._chained(table, {"run_id": self.run_id, **row}, self.run_id)
+            return
+        # Shared chains: read the head and append under SQLite's write lock, so two
+        # processes appending at once cannot fork the chain.
+        if self.db.conn.in_transaction:
+            self.db.conn.commit()
+        self.db.execute("begin immediate")
+        try:
+            self._heads.pop((table, ""), None)
+            self._chained(table, row, None)
+        except BaseException:
+            self.db.conn.rollback()
+            raise
+        self.db.conn.commit()
+
+    def _chained(self, table: str, row: dict[str, Any], run_id: str | None) -> None:
+        types = _SCHEMA[table]
+        row = {k: _stored(v, types.get(k)) for k, v in row.items()}
+        key = (table, run_id or "")
+        prev = self._heads.get(key)
+        if prev is None:
+            where, args = ("where run_id = ?", [run_id]) if run_id is not None else ("", [])
+            last = self.db.execute(
+                f"select hash from {table} {where} order by seq desc limit 1", args
+            ).fetchone()
+            prev = (last[0] if last else None) or ""
+        digest = row_hash(prev, row)
+        self.db.table(table).insert({**row, "prev_hash": prev, "hash": digest}, alter=True)
+        self._heads[key] = digest
 
     def start_run(self, mode: str, source: str, config: str | None, started_wall: str) -> None:
-        self._insert("runs", {"mode": mode, "source": source, "config": config or "", "started_wall": started_wall})
+        self._insert("runs", {"run_id": self.run_id, "mode": mode, "source": source,
+                              "config": config or "", "started_wall": started_wall})
 
     def finish_run(self, summary: dict[str, Any]) -> None:
         self.db.execute(
@@ -116,7 +203,7 @@ class Ledger:
                 "from_version": rec.get("from_version"), "to_version": rec.get("to_version"),
                 "idempotency_key": rec.get("idempotency_key"), "attempts": rec.get("attempts"),
                 "detail": rec.get("detail"),
-                "data": _json({k: v for k, v in rec.items() if k in {"notice", "evidence", "thread", "reason", "backend", "dry_run"}}),
+                "data": _json({k: v for k, v in rec.items() if k in {"notice", "evidence", "thread", "reason", "backend", "dry_run", "approval"}}),
             },
         )
         # The outbox rule: an action's start is durable before it runs, and its end right after.
@@ -159,6 +246,8 @@ class Ledger:
             n += self.db.execute(
                 f"delete from {table} where run_id = ? and seq > ?", [self.run_id, seq]
             ).rowcount
+            # The run's chain now ends at the kept rows: a suffix went, the links hold.
+            self._heads.pop((table, self.run_id), None)
         self.db.conn.commit()
         return n
 
@@ -166,16 +255,15 @@ class Ledger:
     # A silence is a row in `silences`; expiring one early adds a row to `silence_expiries`
     # (nothing is updated), and the effective end is the earlier of the two.
     def add_silence(self, silence: Silence, created_wall: str) -> None:
-        self.db.table("silences").insert({**silence.to_record(), "created_wall": created_wall})
-        self.db.conn.commit()
+        self._insert("silences", {**silence.to_record(), "created_wall": created_wall})
 
     def expire_silence(self, silence_id: str, at: float, by: str, created_wall: str) -> bool:
         if not list(self.db.query("select 1 from silences where id = ?", [silence_id])):
             return False
-        self.db.table("silence_expiries").insert(
-            {"silence_id": silence_id, "expired_at": at, "by": by, "created_wall": created_wall}
+        self._insert(
+            "silence_expiries",
+            {"silence_id": silence_id, "expired_at": at, "by": by, "created_wall": created_wall},
         )
-        self.db.conn.commit()
         return True
 
     def silences(self) -> list[Silence]:
@@ -194,7 +282,105 @@ class Ledger:
             ))
         return out
 
+    # Approvals --------------------------------------------------------------------------
+    def add_approval(self, incident_id: str, decision: str, by: str, at: float, created_wall: str,
+                     reason: str = "", source: str = "cli") -> None:
+        if decision not in ("approve", "reject"):
+            raise ValueError(f"decision must be approve or reject, got {decision!r}")
+        self._insert("approvals", {
+            "incident_id": incident_id, "decision": decision, "by": by, "at": at,
+            "reason": reason, "source": source, "created_wall": created_wall,
+        })
+
+    def acknowledge(self, incident_id: str, by: str, at: float, created_wall: str, source: str = "slack") -> None:
+        """Someone took the incident: recorded for the timeline, changes no decision."""
+        self._insert("acknowledgements", {"incident_id": incident_id, "by": by, "at": at,
+                                          "source": source, "created_wall": created_wall})
+
+    def approvals(self, incident_id: str) -> list[dict[str, Any]]:
+        """Every answer recorded for ``incident_id``, by event time: the pipeline picks the first
+        one from a listed approver that its event time has reached."""
+        return list(self.db.query(
+            "select incident_id, decision, by, at, reason, source from approvals"
+            " where incident_id = ? order by at, seq", [incident_id],
+        ))
+
     # Reading ----------------------------------------------------------------------------
     def rows(self, table: str, **where: Any) -> list[dict[str, Any]]:
         clauses = " and ".join(f"{k} = ?" for k in where) or "1"
         return list(self.db.query(f"select * from {table} where {clauses} order by seq", list(where.values())))
+
+
+# Audit ----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ChainBreak:
+    table: str
+    seq: int
+    run_id: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        run = f" (run {self.run_id})" if self.run_id else ""
+        return f"{self.table} row seq={self.seq}{run}: {self.reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class ChainReport:
+    rows: int
+    unchained: int  # rows written before the ledger had a chain
+    heads: dict[str, str]  # chain -> hash of its last row: keep a copy elsewhere to detect truncation
+    breaks: list[ChainBreak]
+
+
+def verify_chain(path: str | Path) -> ChainReport:
+    """Recompute every chain of the ledger at ``path`` (read-only); a row that was edited,
+    inserted or deleted out of turn breaks its chain from that row on. Only the first break of
+    each chain is reported: everything after it is unverifiable."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    rows = unchained = 0
+    heads: dict[str, str] = {}
+    breaks: list[ChainBreak] = []
+    try:
+        tables = {r[0] for r in conn.execute("select name from sqlite_master where type = 'table'")}
+        for table in _SCHEMA:
+            if table not in tables:
+                continue
+            per_run = table in _RUN_CHAINED
+            last: dict[str, str] = {}
+            started: set[str] = set()
+            broken: set[str] = set()
+            for r in conn.execute(f"select * from {table} order by seq"):
+                rows += 1
+                row = dict(r)
+                chain = row.get("run_id") or "" if per_run else ""
+                name = f"{table}/{chain}" if per_run else table
+                if chain in broken:
+                    continue
+                if row.get("hash") is None:
+                    if chain in started:
+                        breaks.append(ChainBreak(table, row["seq"], row.get("run_id"), "hash missing"))
+                        broken.add(chain)
+                    else:
+                        unchained += 1
+                    continue
+                prev = last.get(chain, "")
+                if (row.get("prev_hash") or "") != prev:
+                    breaks.append(ChainBreak(
+                        table, row["seq"], row.get("run_id"),
+                        "prev_hash does not match the previous row (a row was deleted or inserted)",
+                    ))
+                    broken.add(chain)
+                    continue
+                if row_hash(prev, row) != row["hash"]:
+                    breaks.append(ChainBreak(table, row["seq"], row.get("run_id"),
+                                             "content does not match its hash (the row was edited)"))
+                    broken.add(chain)
+                    continue
+                started.add(chain)
+                last[chain] = heads[name] = row["hash"]
+    finally:
+        conn.close()
+    return ChainReport(rows, unchained, dict(sorted(heads.items())), breaks)

@@ -52,6 +52,7 @@ log = structlog.get_logger("rollbackd")
 Key = tuple[str, str]
 # Arms whose version a canary (or any arm without history of its own) falls back to.
 STABLE_ARMS = ("stable", "primary")
+SHADOW_ARM = "shadow"
 _model_version = attrgetter("model_version")
 
 
@@ -62,6 +63,7 @@ class Recorder:
     def incident(self, rec: dict[str, Any]) -> None: ...
     def action(self, rec: dict[str, Any], phase: str) -> None: ...
     def finished_action(self, key: str) -> dict[str, Any] | None: ...
+    def approvals(self, incident_id: str) -> list[dict[str, Any]]: ...
 
 
 class _NullRecorder(Recorder):
@@ -76,6 +78,9 @@ class _NullRecorder(Recorder):
 
     def finished_action(self, key: str) -> dict[str, Any] | None:
         return None
+
+    def approvals(self, incident_id: str) -> list[dict[str, Any]]:
+        return []
 
 
 class _NullDeadLetters:
@@ -123,6 +128,8 @@ class Pipeline:
         self.alerts: dict[tuple[str, Key], Alert] = {}
         self.versions: dict[Key, VersionHistory] = {}
         self.safety = SafetyState()
+        # Rollbacks waiting for a human, by "<incident>:<variant>": rule, variant, deadline.
+        self.awaiting: dict[str, dict[str, Any]] = {}
         self.max_event_time = -math.inf
         self.counters: Counter[str] = Counter()
         self.rejects: Counter[str] = Counter()
@@ -230,15 +237,20 @@ class Pipeline:
             if first is not None and first > nb and not self.book.open and not self._watches_silence:
                 nb = self._next_boundary = first  # nothing buffered before it: skip idle time
             deadline = self.book.next_deadline()
+            if self.awaiting:
+                first_wait = min(w["deadline"] for w in self.awaiting.values())
+                deadline = first_wait if deadline is None else min(deadline, first_wait)
             if deadline is not None and deadline < nb:
                 if deadline > now:
                     return
                 self._effects(self.book.tick(deadline))
+                self._approvals(deadline)
                 continue
             if nb > now:
                 return
             self._boundary(nb)
             self._effects(self.book.tick(nb))
+            self._approvals(nb)
             self._next_boundary = nb + g
 
     def _boundary(self, t: float) -> None:
@@ -330,10 +342,17 @@ class Pipeline:
         labels = self._labels(rule, alert.deployment, alert.variant)
         return any(ir.targets(labels) for ir in self.config.inhibit_rules)
 
+    def _recorded_silences(self) -> tuple[Silence, ...]:
+        """Silences in the ledger now (``rollbackd silence add``, Slack's Silence button): read
+        at each firing, so a live daemon honours one set after it started. Event time decides
+        whether one applies, so a replay over the same ledger decides the same."""
+        read = getattr(self.edges.recorder, "silences", None)
+        return tuple(read()) if read is not None else ()
+
     def _suppression(self, rule: RuleSpec, alert: Alert, now: float) -> dict[str, Any] | None:
         """Why this alert may neither notify nor act right now, or None."""
         labels = self._labels(rule, alert.deployment, alert.variant)
-        silence = first_match(self.silences, labels, now)
+        silence = first_match(self.silences + self._recorded_silences(), labels, now)
         if silence is not None:
             return {"by": "silence", "silence_id": silence.id, "reason": silence.reason,
                     "created_by": silence.created_by, "until": silence.ends_at}
@@ -460,6 +479,8 @@ class Pipeline:
             "rule": alert.rule if alert is not None else None,
             "severity": inc.severity,
         }
+        if e.change in ("verified", "verification_failed"):
+            rec["verify_by"] = inc.verify_by
         if e.change == "opened":
             hist = self.versions.get(key)
             if hist is not None and hist.current is not None:
@@ -555,10 +576,58 @@ class Pipeline:
             thread=data.get("thread"),
         )
 
+    # Approval ---------------------------------------------------------------------------
+    def _answer(self, incident_id: str, approvers: Sequence[str], now: float) -> dict[str, Any] | None:
+        """The first answer from a listed approver that event time ``now`` has reached."""
+        read = getattr(self.edges.recorder, "approvals", None)  # a recorder may not keep any
+        for row in (read(incident_id) if read is not None else None) or ():
+            if row["at"] <= now and row["by"] in approvers:
+                return row
+        return None
+
+    def _approvals(self, now: float) -> None:
+        """Settle the rollbacks waiting for a human: an answer arrived, or the timeout ran out
+        and the configured default applies."""
+        if not self.awaiting:
+            return
+        notices = []
+        for key in sorted(self.awaiting):
+            wait = self.awaiting[key]
+            spec = self.config.deployment(wait["deployment"]).approval
+            answer = self._answer(wait["incident_id"], spec.approvers if spec else (), now)
+            if answer is not None:
+                approval = {"decision": answer["decision"], "by": answer["by"], "at": answer["at"],
+                            "timed_out": False}
+                ts = now
+            elif now >= wait["deadline"]:
+                approval = {"decision": spec.default if spec else "reject", "by": None,
+                            "at": wait["deadline"], "timed_out": True}
+                ts = wait["deadline"]
+            else:
+                continue
+            del self.awaiting[key]
+            inc = self._incident_by_id(wait["incident_id"])
+            if inc is None:
+                continue
+            notices.append(self._rollback(inc, wait["rule"], wait["variant"], ts, approval=approval))
+        for notice in notices:
+            self._notice(*notice)
+
+    def _incident_by_id(self, incident_id: str) -> Incident | None:
+        for inc in self.book.open.values():
+            if inc.id == incident_id:
+                return inc
+        for inc in reversed(self.book.closed):
+            if inc.id == incident_id:
+                return inc
+        return None
+
     def _rollback(
-        self, inc: Incident, rule_name: str, variant: str, ts: float
+        self, inc: Incident, rule_name: str, variant: str, ts: float,
+        approval: dict[str, Any] | None = None,
     ) -> tuple[Incident, str, float, str, str]:
-        """Run (or refuse) one rollback; returns the notice to post about it."""
+        """Run (or refuse) one rollback; returns the notice to post about it. ``approval``: the
+        human (or timeout) answer when this rollback waited for one."""
         spec = self.config.deployment(inc.deployment)
         rule = self._rule_index.get(rule_name)
         key = (inc.deployment, variant)
@@ -575,8 +644,13 @@ class Pipeline:
         dry_run = _first_set(
             rule.dry_run if rule else None, spec.dry_run, self.config.settings.dry_run
         ) or self.edges.drill
-        policy = SafetyPolicy(dry_run=dry_run, cooldown=spec.cooldown)
-        verdict, why = policy.decide(self.safety, plan, ts)
+        policy = SafetyPolicy(
+            dry_run=dry_run, cooldown=spec.cooldown, policy=spec.policy,
+            max_rollbacks=spec.max_rollbacks, loop_period=spec.loop_period,
+        )
+        self.safety.prune(ts - spec.loop_period)
+        since = hist.current.started if hist.current is not None else None
+        verdict, why = policy.decide(self.safety, plan, ts, serving_since=since)
         rec: dict[str, Any] = {
             "ts": ts,
             "kind": "action",
@@ -592,6 +666,34 @@ class Pipeline:
         }
         if plan is not None:
             rec["idempotency_key"] = plan.idempotency_key
+        if approval is not None:
+            rec["approval"] = approval
+        if variant == SHADOW_ARM and verdict in ("run", "dry_run"):
+            # A shadow arm serves nobody: it is judged (alerts, the gate) but never rolled back.
+            verdict, why = "shadow", "shadow arm: judged, never rolled back"
+        if verdict == "run" and not inc.is_open:
+            verdict, why = "resolved", "the incident resolved while the rollback waited for approval"
+        elif verdict == "run" and spec.approval is not None and approval is None:
+            answer = self._answer(inc.id, spec.approval.approvers, ts)
+            if answer is None:
+                deadline = ts + spec.approval.timeout
+                self.awaiting[f"{inc.id}:{variant}"] = {
+                    "incident_id": inc.id, "deployment": inc.deployment, "rule": rule_name,
+                    "variant": variant, "requested_at": ts, "deadline": deadline,
+                }
+                why = (f"waiting for {', '.join(spec.approval.approvers)} until {iso(deadline)}; "
+                       f"then {spec.approval.default}")
+                rec.update(status="pending_approval", reason="approval", detail=why)
+                if plan is not None:  # not the plan's own key: the outbox must not take it as done
+                    rec["idempotency_key"] = plan.idempotency_key + ":approval"
+                self._decide(rec, lambda r: self.edges.recorder.action(r, "finished"))
+                log.warning("rollback.pending_approval", incident=inc.id, deployment=inc.deployment)
+                return (inc, "updated", ts, "rollback awaits approval", why)
+            approval = rec["approval"] = {"decision": answer["decision"], "by": answer["by"],
+                                          "at": answer["at"], "timed_out": False}
+        if verdict == "run" and approval is not None and approval["decision"] == "reject":
+            who = "nobody answered (default reject)" if approval["timed_out"] else f"rejected by {approval['by']}"
+            verdict, why = "rejected", who
         if verdict != "run":
             status = "dry_run" if verdict == "dry_run" else "skipped"
             rec.update(status=status, reason=verdict, detail=why)
@@ -599,6 +701,8 @@ class Pipeline:
                 self.safety.record(plan, ts, applied=False)
             self._decide(rec, lambda r: self.edges.recorder.action(r, "finished"))
             log.warning("rollback." + verdict, incident=inc.id, deployment=inc.deployment, detail=why)
+            if verdict in _ESCALATING:
+                return (inc, "updated", ts, f"escalated: rollback {verdict.replace('_', ' ')}", why)
             return (inc, "updated", ts, f"rollback {status}", why)
         assert plan is not None
         result = self._already_done(plan.idempotency_key)
@@ -609,7 +713,10 @@ class Pipeline:
                 result = self.edges.backend_for(inc.deployment).apply(plan)
             except Exception as exc:  # a backend bug must not kill the daemon; it is recorded
                 result = ActionResult("failed", f"{type(exc).__name__}: {exc}")
-        self.safety.record(plan, ts, applied=result.status in ("succeeded", "skipped"))
+        applied = result.status in ("succeeded", "skipped")
+        self.safety.record(plan, ts, applied=applied)
+        if applied:
+            self.book.rolled_back(inc, ts, spec.verify_within)
         rec.update(status=result.status, detail=result.detail, attempts=result.attempts)
         if replayed:  # re-made after a restart: the ledger has it already
             self.edges.decisions.write(rec)
@@ -665,6 +772,7 @@ class Pipeline:
             "alerts": self.alerts,
             "versions": self.versions,
             "safety": self.safety,
+            "awaiting": self.awaiting,
             "incidents": (self.book.open, self.book.closed[-1000:]),
         }
         return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
@@ -698,8 +806,11 @@ class Pipeline:
             )
         self.alerts = {k: v for k, v in state["alerts"].items() if k[0] not in changed}
         self.versions = state["versions"]
-        self.safety = state["safety"]
+        self.safety = SafetyState.upgrade(state["safety"])
+        self.awaiting = state.get("awaiting", {})
         self.book.open, self.book.closed = state["incidents"]
+        for inc in [*self.book.open.values(), *self.book.closed]:
+            _fill_defaults(inc)  # written before a field existed: it gets the default
         self._slots = {}
         return warnings
 
@@ -721,6 +832,22 @@ class Pipeline:
 
     def incidents(self) -> list[Incident]:
         return sorted([*self.book.closed, *self.book.open.values()], key=lambda i: (i.opened_at, i.id))
+
+
+# Safety verdicts that leave a bad version serving because a rail stopped rollbackd, not because
+# the operator asked for less: the notice says so, so on-call takes over.
+_ESCALATING = ("freeze", "loop_guard", "redeployed", "no_target")
+
+
+def _fill_defaults(obj: Any) -> None:
+    from dataclasses import MISSING, fields
+
+    for f in fields(obj):
+        if not hasattr(obj, f.name):
+            if f.default is not MISSING:
+                setattr(obj, f.name, f.default)
+            elif f.default_factory is not MISSING:
+                setattr(obj, f.name, f.default_factory())
 
 
 def _first_set(*values: bool | None) -> bool:

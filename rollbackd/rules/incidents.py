@@ -9,6 +9,9 @@ happen — a notice is due, a rollback is due — and the caller carries it out 
   alert so far and the actions of the most severe firing rule run, once. A later, more severe
   alert escalates (its actions that have not run yet run) without a second incident.
 - It resolves when all its alerts have resolved.
+- After a rollback it is *verifying*: the alerts that breached must resolve by ``verify_by``.
+  When they do, it is ``verified`` and then resolves; at ``verify_by`` with alerts still firing
+  the verification fails and the incident escalates (it stays open until they resolve).
 """
 
 from __future__ import annotations
@@ -86,6 +89,8 @@ class Incident:
     last_notice_at: float | None = None
     thread: str | None = None
     notices_sent: int = 0  # numbers each notice, for its idempotency key
+    verify_by: float | None = None  # a rollback ran: its alerts must resolve by then
+    verification: str | None = None  # None | "pending" | "verified" | "failed"
 
     @property
     def is_open(self) -> bool:
@@ -115,6 +120,8 @@ class Incident:
             "alerts": [a.to_record() for a in self.alerts.values()],
             "actions_done": list(self.actions_done),
             "thread": self.thread,
+            "verify_by": self.verify_by,
+            "verification": self.verification,
         }
 
 
@@ -140,7 +147,10 @@ class ActionsDue:
 @dataclass(frozen=True, slots=True)
 class IncidentChange:
     incident: Incident
-    change: Literal["opened", "alert_joined", "alert_resolved", "resolved", "escalated"]
+    change: Literal[
+        "opened", "alert_joined", "alert_resolved", "resolved", "escalated", "verified",
+        "verification_failed",
+    ]
     ts: float
     alert: IncidentAlert | None = None
 
@@ -222,6 +232,10 @@ class IncidentBook:
                 if inc.flushed:
                     effects.append(NoticeDue(inc, "updated", now, f"alert {alert.rule} resolved"))
                 continue
+            if inc.verification == "pending":
+                inc.verification = "verified"
+                effects.append(IncidentChange(inc, "verified", now))
+                effects.append(NoticeDue(inc, "updated", now, "rollback verified"))
             inc.resolved_at = now
             del self.open[key]
             self.closed.append(inc)
@@ -231,9 +245,18 @@ class IncidentBook:
             inc.flushed = True
         return effects
 
+    def rolled_back(self, inc: Incident, now: float, verify_within: float) -> None:
+        """A rollback of ``inc`` was applied at ``now``: verification starts (once; a second
+        rollback of the same incident keeps the first deadline)."""
+        if inc.is_open and inc.verification is None:
+            inc.verification = "pending"
+            inc.verify_by = now + verify_within
+
     def next_deadline(self) -> float | None:
         times = []
         for inc in self.open.values():
+            if inc.verification == "pending" and inc.verify_by is not None:
+                times.append(inc.verify_by)
             if not inc.flushed:
                 times.append(inc.notify_at)
             elif inc.last_notice_at is not None:
@@ -243,6 +266,14 @@ class IncidentBook:
     def tick(self, now: float) -> list[Effect]:
         effects: list[Effect] = []
         for inc in sorted(self.open.values(), key=lambda i: (i.opened_at, i.id)):
+            if inc.verification == "pending" and inc.verify_by is not None and now >= inc.verify_by:
+                inc.verification = "failed"
+                still = ", ".join(sorted({a.rule for a in inc.firing}))
+                effects.append(IncidentChange(inc, "verification_failed", inc.verify_by))
+                effects.append(NoticeDue(
+                    inc, "updated", inc.verify_by,
+                    f"escalated: rollback not verified, still firing after the deadline: {still}",
+                ))
             if not inc.flushed and now >= inc.notify_at:
                 inc.flushed = True
                 effects.append(NoticeDue(inc, "opened", inc.notify_at, "incident opened"))

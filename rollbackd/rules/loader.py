@@ -26,6 +26,9 @@ from rollbackd.rules.budget import apply_budgets, budget_lines
 from rollbackd.rules.durations import DURATION_FORMS, format_duration, parse_duration
 from rollbackd.rules.model import (
     ACTIONS,
+    APPROVAL_DEFAULTS,
+    ApprovalSpec,
+    DEPLOYMENT_POLICIES,
     SEVERITIES,
     BackendSpec,
     Config,
@@ -62,7 +65,9 @@ FALLBACK_DETECTORS = (
     "error_rate", "latency", "model_error", "drift", "traffic",
     "burn_rate", "calibration", "canary", "sequential", "data_quality",
 )
-BACKEND_TYPES = ("log", "webhook")
+BACKEND_TYPES = ("log", "webhook", "mlflow", "kubernetes", "command", "traffic-file")
+KUBERNETES_KINDS = ("deployment", "argo-rollout", "kserve")
+COMMAND_PLACEHOLDERS = ("deployment", "variant", "to_version", "from_version", "incident")
 NOTIFIER_TYPES = ("console", "slack", "none")
 GROUP_LABELS = ("rule", "deployment", "variant", "severity")
 DIRECTIONS = ("above", "below")
@@ -680,10 +685,58 @@ class _Walker:
                 "max_attempts": lambda n, p: self.number(n, p, integer=True, ge=1),
             },
         }
-        typed = self.typed_options(node, path, schema, "log", {"webhook": ("url",)})
+        duration = lambda n, p: self.duration(n, p, positive=True)  # noqa: E731
+        argv = lambda n, p: self.argv(n, p)  # noqa: E731
+        schema["mlflow"] = {
+            "tracking_uri": self.url,
+            "alias": self.string,
+            "model": self.string,
+            "token_env": self.string,
+            "timeout": duration,
+            "retry": self.retry,
+        }
+        schema["kubernetes"] = {
+            "kind": lambda n, p: self.string(n, p, choices=KUBERNETES_KINDS),
+            **{k: self.string for k in ("name", "namespace", "container", "label", "env_var")},
+            "image_template": self.version_template,
+            "storage_uri_template": self.version_template,
+            "api_url": self.url,
+            "token_env": self.string,
+            "kubeconfig": self.string,
+            "context": self.string,
+            "in_cluster": self.boolean,
+            "verify_tls": self.boolean,
+            "timeout": duration,
+            "retry": self.retry,
+        }
+        schema["command"] = {
+            "argv": argv,
+            "current_argv": argv,
+            "timeout": duration,
+            "env": self.string_mapping,
+            "env_from": lambda n, p: self.strings(n, p, non_empty=False),
+            "cwd": self.string,
+            "max_output": lambda n, p: self.number(n, p, integer=True, ge=1),
+        }
+        schema["traffic-file"] = {
+            "path": self.string,
+            "route": self.string,
+            "format": lambda n, p: self.string(n, p, choices=("json", "yaml")),
+            "total": lambda n, p: self.number(n, p, integer=True, ge=1),
+        }
+        required = {
+            "webhook": ("url",),
+            "mlflow": ("tracking_uri",),
+            "kubernetes": ("kind",),
+            "command": ("argv",),
+            "traffic-file": ("path",),
+        }
+        typed = self.typed_options(node, path, schema, "log", required)
         if typed is None:
             return None
         kind, options = typed
+        if kind == "kubernetes" and not self.kubernetes_options(node, path, options):
+            return None
         if "max_attempts" in options:
             # ``max_attempts: N`` is shorthand for ``retry: {max_attempts: N}``.
             retry = dict(options.get("retry", {}))
@@ -697,6 +750,60 @@ class _Walker:
             retry["max_attempts"] = options.pop("max_attempts")
             options["retry"] = MappingProxyType(retry)
         return BackendSpec(type=kind, options=MappingProxyType(options))
+
+    def kubernetes_options(self, node: Node, path: str, options: Mapping[str, Any]) -> bool:
+        # The same cross-option rules ``actions.kubernetes.KubernetesBackend`` enforces.
+        k8s_kind = options.get("kind")
+        per_deployment = [k for k in ("image_template", "label", "env_var", "container") if k in options]
+        problems = []
+        if k8s_kind == "deployment" and not set(per_deployment) - {"container"}:
+            problems.append("kind deployment needs at least one of image_template, label, env_var")
+        if k8s_kind != "deployment" and per_deployment:
+            problems.append(f"{', '.join(per_deployment)}: only for kind deployment")
+        if k8s_kind != "kserve" and "storage_uri_template" in options:
+            problems.append("storage_uri_template: only for kind kserve")
+        for problem in problems:
+            self.error(node, path, problem)
+        return not problems
+
+    def version_template(self, node: Node, path: str) -> Any:
+        value = self.string(node, path)
+        if value is not INVALID and value.count("{version}") != 1:
+            return self.error(node, path, f"must contain {{version}} exactly once, got {value!r}")
+        return value
+
+    def argv(self, node: Node, path: str) -> Any:
+        # Not ``strings``: an argv may repeat an element (``--set a=1 --set b=2``).
+        if not isinstance(node, SequenceNode) or not node.value:
+            return self.error(
+                node, path, f"expected a non-empty list of strings (an argv; no shell is used), got {_kind(node)}"
+            )
+        out = tuple(self.string(item, f"{path}[{i}]") for i, item in enumerate(node.value))
+        if INVALID in out:
+            return INVALID
+        for i, element in enumerate(out):
+            for name in re.findall(r"\{([A-Za-z_][A-Za-z0-9_.\[\]]*)\}", element):
+                if name not in COMMAND_PLACEHOLDERS:
+                    self.error(
+                        node.value[i],
+                        f"{path}[{i}]",
+                        f"{{{name}}} is not a placeholder (known: "
+                        f"{', '.join('{' + p + '}' for p in COMMAND_PLACEHOLDERS)})",
+                    )
+                    return INVALID
+        return out
+
+    def string_mapping(self, node: Node, path: str) -> Any:
+        if not isinstance(node, MappingNode):
+            return self.error(node, path, f"expected a mapping of name to string, got {_kind(node)}")
+        out: dict[str, str] = {}
+        for key, value, _ in self._flatten(node, path, set()):
+            name = self.string(key, path)
+            text = self.string(value, _sub(path, name) if isinstance(name, str) else path)
+            if name is INVALID or text is INVALID:
+                return INVALID
+            out[name] = text
+        return MappingProxyType(out)
 
     def headers(self, node: Node, path: str) -> Any:
         if not isinstance(node, MappingNode):
@@ -856,6 +963,10 @@ class _Walker:
             "known_good_after",
             "dry_run",
             "false_alarm_budget",
+            "policy",
+            "loop_guard",
+            "verify_within",
+            "approval",
         )
         pairs = self.mapping(node, path, keys)
         if pairs is None:
@@ -882,6 +993,14 @@ class _Walker:
         self.optional(pairs, path, kw, "cooldown", self.duration)
         self.optional(pairs, path, kw, "known_good_after", self.duration)
         self.optional(pairs, path, kw, "dry_run", self.boolean)
+        self.optional(pairs, path, kw, "policy", lambda n, p: self.string(n, p, choices=DEPLOYMENT_POLICIES))
+        self.optional(pairs, path, kw, "verify_within", lambda n, p: self.duration(n, p, positive=True))
+        if "loop_guard" in pairs:
+            self.loop_guard(pairs["loop_guard"][1], _sub(path, "loop_guard"), kw)
+        if "approval" in pairs and not _is_null(pairs["approval"][1]):
+            approval = self.approval(pairs["approval"][1], _sub(path, "approval"))
+            if approval is not None:
+                kw["approval"] = approval
         if "false_alarm_budget" in pairs and not _is_null(pairs["false_alarm_budget"][1]):
             budget_path = _sub(path, "false_alarm_budget")
             budget = self.false_alarm_budget(pairs["false_alarm_budget"][1], budget_path)
@@ -889,6 +1008,40 @@ class _Walker:
                 kw["false_alarm_budget"] = budget
                 self.budget_nodes[name] = (pairs["false_alarm_budget"][1], budget_path)
         return DeploymentSpec(**kw)
+
+    def approval(self, node: Node, path: str) -> ApprovalSpec | None:
+        """``{approvers: [alice, bob], timeout: 15m, default: reject}``."""
+        pairs = self.mapping(node, path, ("approvers", "timeout", "default"))
+        if pairs is None:
+            return None
+        kw: dict[str, Any] = {}
+        checks = [
+            self.optional(pairs, path, kw, "approvers",
+                          lambda n, p: self.strings(n, p, non_empty=True)),
+            self.optional(pairs, path, kw, "timeout", lambda n, p: self.duration(n, p, positive=True)),
+            self.optional(pairs, path, kw, "default",
+                          lambda n, p: self.string(n, p, choices=APPROVAL_DEFAULTS)),
+        ]
+        if INVALID in checks:
+            return None
+        if "approvers" not in kw:
+            self.error(node, path, "missing `approvers`: the people whose answer counts")
+            return None
+        return ApprovalSpec(**kw)
+
+    def loop_guard(self, node: Node, path: str, into: dict[str, Any]) -> None:
+        """``{max_rollbacks: N, per: 1d}``, or ``false`` to lift the limit."""
+        if isinstance(node, ScalarNode) and not _is_null(node):
+            if self.boolean(node, path) is False:
+                into["max_rollbacks"] = None
+            return
+        pairs = self.mapping(node, path, ("max_rollbacks", "per"))
+        if pairs is None:
+            return
+        self.optional(pairs, path, into, "max_rollbacks",
+                      lambda n, p: self.number(n, p, integer=True, ge=1))
+        self.optional(pairs, path, into, "per", lambda n, p: self.duration(n, p, positive=True),
+                      attr="loop_period")
 
     def false_alarm_budget(self, node: Node, path: str) -> FalseAlarmBudget | None:
         """``{rollbacks: N, per: 30d}`` and/or ``alerts: N``: expected false ones per period."""

@@ -84,6 +84,20 @@ class FalseAlarmBudget:
     alerts: float | None = None
 
 
+DEPLOYMENT_POLICIES = ("rollback", "freeze", "notify-only")
+APPROVAL_DEFAULTS = ("approve", "reject")
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalSpec:
+    """A rollback waits for one of ``approvers`` to approve or reject it; after ``timeout``
+    seconds with no answer, ``default`` applies."""
+
+    approvers: tuple[str, ...]
+    timeout: float = 900.0
+    default: str = "reject"
+
+
 @dataclass(frozen=True, slots=True)
 class DeploymentSpec:
     name: str
@@ -96,6 +110,12 @@ class DeploymentSpec:
     known_good_after: float = 600.0  # a version is known-good after this long without incident
     dry_run: bool | None = None
     false_alarm_budget: FalseAlarmBudget | None = None
+    policy: str = "rollback"  # rollback | freeze | notify-only
+    # Loop guard: at most this many rollbacks of the deployment per `loop_period` (None: any).
+    max_rollbacks: int | None = 3
+    loop_period: float = 86400.0
+    verify_within: float = 900.0  # after a rollback, its alerts must resolve within this
+    approval: ApprovalSpec | None = None  # None: rollbacks run without waiting
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,351 @@
+"""Rollback on Kubernetes through the official ``kubernetes`` client (the optional extra).
+
+Three kinds of target, each set declaratively to the plan's version:
+
+* ``deployment`` - a strategic merge patch of the pod template: the container image
+  (``image_template``), a model-version label (``label``) and/or env var (``env_var``);
+* ``argo-rollout`` - abort the rollout (merge patch ``{"status": {"abort": true}}`` on the
+  ``status`` subresource, as ``kubectl argo rollouts abort`` does), so traffic returns to stable;
+* ``kserve`` - an InferenceService: ``spec.predictor.canaryTrafficPercent: 0`` (traffic back to
+  the last rolled-out revision) or, with ``storage_uri_template``, the predictor's ``storageUri``
+  set back to the target version's, canary percentage removed.
+
+Every change is preceded by a read, so a target already in the wanted state is ``skipped``.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from typing import Any, Callable
+
+import structlog
+
+from rollbackd.actions.base import ActionResult, RollbackPlan
+from rollbackd.actions.retry import Attempt, RetryPolicy, retrying
+
+__all__ = ["KubernetesBackend", "KINDS", "version_from", "INCIDENT_ANNOTATION"]
+
+KINDS = ("deployment", "argo-rollout", "kserve")
+INCIDENT_ANNOTATION = "rollbackd.io/incident"
+FROM_ANNOTATION = "rollbackd.io/rolled-back-from"
+STRATEGIC = "application/strategic-merge-patch+json"
+MERGE = "application/merge-patch+json"
+ARGO = ("argoproj.io", "v1alpha1", "rollouts")
+KSERVE = ("serving.kserve.io", "v1beta1", "inferenceservices")
+
+log = structlog.get_logger("rollbackd.actions.kubernetes")
+
+
+def _check_template(name: str, template: str | None) -> None:
+    if template is not None and template.count("{version}") != 1:
+        raise ValueError(f"{name} must contain '{{version}}' exactly once, got {template!r}")
+
+
+def version_from(template: str, value: str | None) -> str | None:
+    """The ``{version}`` part of ``value`` under ``template``, or ``None`` if it does not fit."""
+    if value is None:
+        return None
+    head, tail = template.split("{version}")
+    m = re.fullmatch(re.escape(head) + r"(?P<v>.+?)" + re.escape(tail), value)
+    return m.group("v") if m else None
+
+
+class _Failed(Exception):
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+
+
+class KubernetesBackend:
+    """Sets a Deployment / Argo Rollout / KServe InferenceService named ``name`` (default: the deployment)."""
+
+    def __init__(
+        self,
+        kind: str,
+        *,
+        name: str | None = None,
+        namespace: str = "default",
+        container: str | None = None,
+        image_template: str | None = None,
+        label: str | None = None,
+        env_var: str | None = None,
+        storage_uri_template: str | None = None,
+        api_url: str | None = None,
+        token: str | None = None,
+        kubeconfig: str | None = None,
+        context: str | None = None,
+        in_cluster: bool = False,
+        verify_tls: bool = True,
+        timeout: float = 10.0,
+        policy: RetryPolicy = RetryPolicy(),
+        sleep: Callable[[float], object] = time.sleep,
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        _check_template("image_template", image_template)
+        _check_template("storage_uri_template", storage_uri_template)
+        if kind == "deployment" and not (image_template or label or env_var):
+            raise ValueError("kind deployment needs at least one of image_template, label, env_var")
+        if kind != "deployment" and (image_template or label or env_var or container):
+            raise ValueError(f"kind {kind}: image_template, label, env_var and container apply to deployment only")
+        if kind != "kserve" and storage_uri_template:
+            raise ValueError("storage_uri_template applies to kind kserve only")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be in (0, inf) seconds, got {timeout}")
+        self.kind = kind
+        self.name = name
+        self.namespace = namespace
+        self.container = container
+        self.image_template = image_template
+        self.label = label
+        self.env_var = env_var
+        self.storage_uri_template = storage_uri_template
+        self.timeout = float(timeout)
+        self.policy = policy
+        self.sleep = sleep
+        self._client = _api_client(api_url, token, kubeconfig, context, in_cluster, verify_tls)
+        self._tries = threading.local()  # HTTP tries of the plan this thread is running
+
+    @property
+    def attempts(self) -> int:
+        return getattr(self._tries, "n", 0)
+
+    @attempts.setter
+    def attempts(self, n: int) -> None:
+        self._tries.n = n
+
+    # -- transport -------------------------------------------------------------------------
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError as Urllib3Error
+
+        box: dict[str, Any] = {}
+
+        def send() -> Attempt:
+            try:
+                box["value"] = fn(*args, _request_timeout=self.timeout, **kw)
+                return Attempt(status=200)
+            except ApiException as exc:
+                if not exc.status:
+                    return Attempt(error=ConnectionError(str(exc.reason)))
+                headers = exc.headers or {}
+                return Attempt(status=exc.status, retry_after=headers.get("Retry-After"), reason=exc.reason or "")
+            except Urllib3Error as exc:  # refused, reset, timed out: retried like any network error
+                return Attempt(error=ConnectionError(f"{type(exc).__name__}: {exc}"))
+
+        result = retrying(send, self.policy, sleep=self.sleep)
+        self.attempts += result.attempts
+        if not result.ok:
+            why = "gave up" if result.outcome == "give_up" else f"gave up after {result.attempts} attempts"
+            raise _Failed(f"{what}: {why}: {result.last.describe()}")
+        value = box["value"]
+        return value if isinstance(value, dict) else self._client.sanitize_for_serialization(value)
+
+    def _get(self, target: str) -> dict[str, Any]:
+        from kubernetes import client
+
+        if self.kind == "deployment":
+            api = client.AppsV1Api(self._client)
+            return self._call(f"read deployment {self.namespace}/{target}",
+                              api.read_namespaced_deployment, target, self.namespace)
+        group, version, plural = ARGO if self.kind == "argo-rollout" else KSERVE
+        api = client.CustomObjectsApi(self._client)
+        return self._call(f"read {plural} {self.namespace}/{target}", api.get_namespaced_custom_object,
+                          group, version, self.namespace, plural, target)
+
+    def _patch(self, target: str, body: dict[str, Any]) -> None:
+        from kubernetes import client
+
+        if self.kind == "deployment":
+            api = client.AppsV1Api(self._client)
+            self._call(f"patch deployment {self.namespace}/{target}", api.patch_namespaced_deployment,
+                       target, self.namespace, body, _content_type=STRATEGIC)
+            return
+        api = client.CustomObjectsApi(self._client)
+        if self.kind == "argo-rollout":
+            group, version, plural = ARGO
+            self._call(f"abort rollout {self.namespace}/{target}", api.patch_namespaced_custom_object_status,
+                       group, version, self.namespace, plural, target, body, _content_type=MERGE)
+            return
+        group, version, plural = KSERVE
+        self._call(f"patch inferenceservice {self.namespace}/{target}", api.patch_namespaced_custom_object,
+                   group, version, self.namespace, plural, target, body, _content_type=MERGE)
+
+    # -- reading an object -----------------------------------------------------------------
+
+    @staticmethod
+    def _labels(obj: dict[str, Any]) -> dict[str, Any]:
+        return ((obj.get("spec") or {}).get("template") or {}).get("metadata", {}).get("labels") or {}
+
+    def _container(self, obj: dict[str, Any]) -> dict[str, Any]:
+        containers = ((obj.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or []
+        for c in containers:
+            if self.container is None or c.get("name") == self.container:
+                return c
+        raise _Failed(f"no container {self.container!r} in the pod template")
+
+    def _deployment_version(self, obj: dict[str, Any]) -> str | None:
+        c = self._container(obj)
+        if self.image_template:
+            return version_from(self.image_template, c.get("image"))
+        if self.label:
+            return self._labels(obj).get(self.label)
+        for e in c.get("env") or []:
+            if e.get("name") == self.env_var:
+                return e.get("value")
+        return None
+
+    def _deployment_wanted(self, obj: dict[str, Any], version: str) -> bool:
+        c = self._container(obj)
+        if self.image_template and c.get("image") != self.image_template.replace("{version}", version):
+            return False
+        if self.label and self._labels(obj).get(self.label) != version:
+            return False
+        if self.env_var and not any(
+            e.get("name") == self.env_var and e.get("value") == version for e in c.get("env") or []
+        ):
+            return False
+        return True
+
+    def _storage_key(self, obj: dict[str, Any]) -> str:
+        predictor = obj.get("spec", {}).get("predictor", {})
+        if isinstance(predictor.get("model"), dict):
+            return "model"
+        for key, value in predictor.items():  # the older per-framework form: predictor.sklearn.storageUri
+            if isinstance(value, dict) and "storageUri" in value:
+                return key
+        raise _Failed("the InferenceService predictor has no storageUri")
+
+    def _kserve_version(self, obj: dict[str, Any]) -> str | None:
+        if not self.storage_uri_template:
+            return None
+        predictor = obj.get("spec", {}).get("predictor", {})
+        return version_from(self.storage_uri_template, predictor.get(self._storage_key(obj), {}).get("storageUri"))
+
+    def _already(self, obj: dict[str, Any], plan: RollbackPlan) -> bool:
+        if self.kind == "deployment":
+            return self._deployment_wanted(obj, plan.to_version)
+        if self.kind == "argo-rollout":
+            return (obj.get("status") or {}).get("abort") is True
+        predictor = obj.get("spec", {}).get("predictor", {})
+        if self.storage_uri_template:
+            uri = self.storage_uri_template.replace("{version}", plan.to_version)
+            return predictor.get(self._storage_key(obj), {}).get("storageUri") == uri and not predictor.get(
+                "canaryTrafficPercent"
+            )
+        return predictor.get("canaryTrafficPercent") == 0
+
+    def _body(self, obj: dict[str, Any], plan: RollbackPlan) -> dict[str, Any]:
+        if self.kind == "argo-rollout":
+            return {"status": {"abort": True}}
+        annotations = {INCIDENT_ANNOTATION: plan.incident_id}
+        if plan.from_version:
+            annotations[FROM_ANNOTATION] = plan.from_version
+        if self.kind == "kserve":
+            predictor: dict[str, Any]
+            if self.storage_uri_template:
+                uri = self.storage_uri_template.replace("{version}", plan.to_version)
+                # null removes the canary split: all traffic to the revision serving ``uri``.
+                predictor = {self._storage_key(obj): {"storageUri": uri}, "canaryTrafficPercent": None}
+            else:
+                predictor = {"canaryTrafficPercent": 0}
+            return {"metadata": {"annotations": annotations}, "spec": {"predictor": predictor}}
+        container: dict[str, Any] = {"name": self._container(obj)["name"]}
+        if self.image_template:
+            container["image"] = self.image_template.replace("{version}", plan.to_version)
+        if self.env_var:
+            container["env"] = [{"name": self.env_var, "value": plan.to_version}]
+        template: dict[str, Any] = {"spec": {"containers": [container]}}
+        if self.label:
+            template["metadata"] = {"labels": {self.label: plan.to_version}}
+        return {"metadata": {"annotations": annotations}, "spec": {"template": template}}
+
+    # -- protocol --------------------------------------------------------------------------
+
+    def apply(self, plan: RollbackPlan) -> ActionResult:
+        target = self.name or plan.deployment
+        bound = log.bind(deployment=plan.deployment, variant=plan.variant, incident=plan.incident_id,
+                         to_version=plan.to_version, kind=self.kind, namespace=self.namespace, name=target)
+        self.attempts = 0
+        data: dict[str, Any] = {"kind": self.kind, "namespace": self.namespace, "name": target}
+        try:
+            obj = self._get(target)
+            if self._already(obj, plan):
+                bound.info("rollback.kubernetes", outcome="skipped", attempts=self.attempts)
+                return ActionResult("skipped", f"{self.kind} {self.namespace}/{target} already rolled back",
+                                    attempts=self.attempts, data=data)
+            body = self._body(obj, plan)
+            data["patch"] = body
+            self._patch(target, body)
+        except _Failed as exc:
+            bound.error("rollback.kubernetes", outcome="failed", attempts=self.attempts, detail=str(exc))
+            return ActionResult("failed", str(exc), attempts=self.attempts, data=data)
+        bound.info("rollback.kubernetes", outcome="succeeded", attempts=self.attempts)
+        what = "aborted" if self.kind == "argo-rollout" else f"set to {plan.to_version}"
+        return ActionResult("succeeded", f"{self.kind} {self.namespace}/{target} {what}",
+                            attempts=self.attempts, data=data)
+
+    def current(self, deployment: str, variant: str) -> str | None:
+        if self.kind == "argo-rollout":
+            return None  # the stable version lives in a ReplicaSet, not in the Rollout's spec
+        try:
+            obj = self._get(self.name or deployment)
+            return self._deployment_version(obj) if self.kind == "deployment" else self._kserve_version(obj)
+        except _Failed:
+            return None
+
+    def verify(self, plan: RollbackPlan) -> ActionResult:
+        target = self.name or plan.deployment
+        try:
+            obj = self._get(target)
+            wanted = self._already(obj, plan)
+        except _Failed as exc:
+            return ActionResult("failed", str(exc), data={"pending": False})
+        if not wanted:
+            return ActionResult("failed", f"{self.kind} {self.namespace}/{target} is not in the rolled-back state",
+                                data={"pending": False})
+        status = obj.get("status") or {}
+        if self.kind == "deployment":
+            want = (obj.get("spec") or {}).get("replicas", 1)
+            generation = (obj.get("metadata") or {}).get("generation", 0)
+            done = (
+                status.get("observedGeneration", 0) >= generation
+                and status.get("updatedReplicas", 0) == want
+                and status.get("availableReplicas", 0) == want
+            )
+            counts = {k: status.get(k, 0) for k in ("updatedReplicas", "availableReplicas")}
+            if not done:
+                return ActionResult("failed", f"rollout in progress: {counts}, want {want}",
+                                    data={"pending": True, **counts})
+            return ActionResult("succeeded", f"rolled out: {want} replicas at {plan.to_version}", data=counts)
+        if self.kind == "kserve":
+            ready = [c for c in status.get("conditions") or [] if c.get("type") == "Ready"]
+            if ready and ready[0].get("status") != "True":
+                return ActionResult("failed", "InferenceService not Ready yet", data={"pending": True})
+        return ActionResult("succeeded", f"{self.kind} {self.namespace}/{target} rolled back",
+                            data={"phase": status.get("phase")})
+
+
+def _api_client(api_url: str | None, token: str | None, kubeconfig: str | None, context: str | None,
+                in_cluster: bool, verify_tls: bool) -> Any:
+    try:
+        from kubernetes import client, config
+    except ImportError as exc:
+        raise ValueError(
+            "kubernetes backend: the 'kubernetes' package is not installed (pip install 'rollbackd[kubernetes]')"
+        ) from exc
+    cfg = client.Configuration()
+    if api_url:
+        cfg.host = api_url.rstrip("/")
+        if token:
+            cfg.api_key = {"authorization": token}
+            cfg.api_key_prefix = {"authorization": "Bearer"}
+    elif in_cluster:
+        config.load_incluster_config(client_configuration=cfg)
+    else:
+        config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
+    cfg.verify_ssl = verify_tls
+    cfg.retries = False  # one place retries: rollbackd's policy, not urllib3's hidden one
+    return client.ApiClient(cfg)
