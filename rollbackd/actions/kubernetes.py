@@ -16,14 +16,13 @@ Every change is preceded by a read, so a target already in the wanted state is `
 from __future__ import annotations
 
 import re
-import threading
 import time
 from typing import Any, Callable
 
 import structlog
 
 from rollbackd.actions.base import ActionResult, RollbackPlan
-from rollbackd.actions.retry import Attempt, RetryPolicy, retrying
+from rollbackd.actions.retry import Attempt, CountsAttempts, RetryPolicy, retrying
 
 __all__ = ["KubernetesBackend", "KINDS", "version_from", "INCIDENT_ANNOTATION"]
 
@@ -57,7 +56,7 @@ class _Failed(Exception):
         super().__init__(detail)
 
 
-class KubernetesBackend:
+class KubernetesBackend(CountsAttempts):
     """Sets a Deployment / Argo Rollout / KServe InferenceService named ``name`` (default: the deployment)."""
 
     def __init__(
@@ -105,15 +104,6 @@ class KubernetesBackend:
         self.policy = policy
         self.sleep = sleep
         self._client = _api_client(api_url, token, kubeconfig, context, in_cluster, verify_tls)
-        self._tries = threading.local()  # HTTP tries of the plan this thread is running
-
-    @property
-    def attempts(self) -> int:
-        return getattr(self._tries, "n", 0)
-
-    @attempts.setter
-    def attempts(self, n: int) -> None:
-        self._tries.n = n
 
     # -- transport -------------------------------------------------------------------------
 

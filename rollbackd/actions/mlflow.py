@@ -10,7 +10,6 @@ alias) on the version rolled away from.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +19,7 @@ from urllib.parse import urlencode, urlsplit
 import structlog
 
 from rollbackd.actions.base import ActionResult, RollbackPlan
-from rollbackd.actions.retry import Attempt, RetryPolicy, RetryResult, retrying
+from rollbackd.actions.retry import Attempt, CountsAttempts, RetryPolicy, RetryResult, retrying
 
 __all__ = ["MlflowRegistryBackend", "INCIDENT_TAG", "ROLLED_BACK_FROM_TAG", "MlflowError"]
 
@@ -52,7 +51,7 @@ class MlflowError(Exception):
         super().__init__(f"{what}: {why}: {result.last.describe()}")
 
 
-class MlflowRegistryBackend:
+class MlflowRegistryBackend(CountsAttempts):
     """Sets alias ``alias`` of registered model ``model`` (default: the deployment) to ``to_version``."""
 
     def __init__(
@@ -80,15 +79,6 @@ class MlflowRegistryBackend:
         self.timeout = float(timeout)
         self.policy = policy
         self.sleep = sleep
-        self._tries = threading.local()  # HTTP tries of the plan this thread is running
-
-    @property
-    def attempts(self) -> int:
-        return getattr(self._tries, "n", 0)
-
-    @attempts.setter
-    def attempts(self, n: int) -> None:
-        self._tries.n = n
 
     # -- REST ------------------------------------------------------------------------------
 

@@ -7,6 +7,8 @@ through an injected ``sleep`` so tests never wait on a wall clock.
 
 from __future__ import annotations
 
+import threading
+
 import email.utils
 import http.client
 import math
@@ -197,3 +199,19 @@ def retrying(
             on_retry(attempt_no, attempt, pause)
         delays.append(pause)
         sleep(pause)
+
+
+class CountsAttempts:
+    """Mixin for backends that make several HTTP calls per plan: ``attempts`` counts the
+    tries of the plan the current thread is running. A thread applies one plan at a time,
+    so one thread-local counter serves every backend."""
+
+    _tries = threading.local()
+
+    @property
+    def attempts(self) -> int:
+        return getattr(self._tries, "n", 0)
+
+    @attempts.setter
+    def attempts(self, n: int) -> None:
+        self._tries.n = n

@@ -793,9 +793,9 @@ class _Walker:
                     return INVALID
         return out
 
-    def string_mapping(self, node: Node, path: str) -> Any:
+    def string_mapping(self, node: Node, path: str, what: str = "name to string") -> Any:
         if not isinstance(node, MappingNode):
-            return self.error(node, path, f"expected a mapping of name to string, got {_kind(node)}")
+            return self.error(node, path, f"expected a mapping of {what}, got {_kind(node)}")
         out: dict[str, str] = {}
         for key, value, _ in self._flatten(node, path, set()):
             name = self.string(key, path)
@@ -806,18 +806,7 @@ class _Walker:
         return MappingProxyType(out)
 
     def headers(self, node: Node, path: str) -> Any:
-        if not isinstance(node, MappingNode):
-            return self.error(
-                node, path, f"expected a mapping of header to value, got {_kind(node)}"
-            )
-        out: dict[str, str] = {}
-        for key, value, _ in self._flatten(node, path, set()):
-            name = self.string(key, path)
-            text = self.string(value, _sub(path, name) if isinstance(name, str) else path)
-            if name is INVALID or text is INVALID:
-                return INVALID
-            out[name] = text
-        return MappingProxyType(out)
+        return self.string_mapping(node, path, "header to value")
 
     def retry(self, node: Node, path: str) -> Any:
         pairs = self.mapping(node, path, ("max_attempts", "base_delay", "max_delay", "multiplier"))
