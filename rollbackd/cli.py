@@ -236,8 +236,8 @@ def _print_incident(inc: Any, pipeline: Any) -> None:
     for a in inc.alerts.values():
         m = a.measurement
         click.echo(
-            f"    {_ts(a.fired_at)}  {a.rule:<24} {a.variant:<8} value {m.get('value')!s:<22} "
-            f"threshold {m.get('threshold')}  n={m.get('sample_size')}  "
+            f"    {_ts(a.fired_at)}  {a.rule:<24} {a.variant:<8} value {_num(m.get('value')):<10} "
+            f"threshold {_num(m.get('threshold'))}  n={m.get('sample_size')}  "
             + (f"resolved {_ts(a.resolved_at)}" if a.resolved_at else "firing")
         )
 
@@ -274,12 +274,16 @@ def demo(out_dir: str | None, db: str) -> None:
     click.echo(f"\ndecision log: {decisions}\nledger: {db} (run {result.extra['run_id']})")
 
 
+def _num(x: Any) -> str:
+    return "-" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
 def _timeline_line(rec: dict[str, Any]) -> str:
     when = _ts(rec["ts"])
     where = f"{rec['deployment']}/{rec.get('variant')}"
     if rec["kind"] == "alert":
         m = rec.get("measurement", {})
-        return f"{when}  alert     {rec['rule']:<22} {rec['state']:<9} {where}  value={m.get('value')} threshold={m.get('threshold')} n={m.get('sample_size')}"
+        return f"{when}  alert     {rec['rule']:<22} {rec['state']:<9} {where}  value={_num(m.get('value'))} threshold={_num(m.get('threshold'))} n={m.get('sample_size')}"
     if rec["kind"] == "incident":
         return f"{when}  incident  {rec['incident_id']:<22} {rec['state']:<9} {where}"
     if rec["action"] == "rollback":
