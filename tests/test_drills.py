@@ -8,7 +8,6 @@ the labelled fault start, the firings outside every fault interval), never copie
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import sqlite3
@@ -18,7 +17,6 @@ import pytest
 from loopback import LoopbackServer
 
 from rollbackd.actions.console import ConsoleNotifier
-from rollbackd.daemon import pipeline as pipeline_mod
 from rollbackd.drills import (
     FaultInterval,
     backtest,
@@ -44,31 +42,6 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("drills") / "sustained_errors.jsonl.gz"
     write_recording(BUILTIN["sustained_errors"], path)
     return path
-
-
-def _evaluate_with_tap(self, rule, window, now):
-    """Pipeline._evaluate with the measurement-tap hook the pipeline is to carry: the line
-    marked below. Used only while the pipeline does not call the tap itself."""
-    from rollbackd.rules.alerts import Alert, step
-
-    key = (window.deployment, window.variant)
-    det = self._detector(rule, key)
-    det.update(window)
-    m = det.evaluate(now)
-    if getattr(self.edges, "tap", None) is not None:  # <- the hook
-        self.edges.tap.measure(now, rule.name, key[0], key[1], m, window)
-    alert = self.alerts.get((rule.name, key))
-    if alert is None:
-        alert = Alert(rule.name, key[0], key[1])
-    new, transition = step(rule, alert, m, now)
-    self.alerts[(rule.name, key)] = new
-    return None if transition is None else (rule, new, transition, m, window)
-
-
-@pytest.fixture
-def tap_hook(monkeypatch: pytest.MonkeyPatch) -> None:
-    if "tap" not in inspect.getsource(pipeline_mod.Pipeline._evaluate):
-        monkeypatch.setattr(pipeline_mod.Pipeline, "_evaluate", _evaluate_with_tap)
 
 
 def _rules_with_live_edges(tmp_path: Path, url: str) -> Config:
@@ -118,7 +91,7 @@ def test_a_drill_rehearses_the_incident_and_touches_no_real_edge(recording, tmp_
         assert db.execute("select mode from runs where run_id = ?", [result.run_id]).fetchone() == ("drill",)
 
 
-def test_a_drill_report_plots_every_evaluation_when_the_pipeline_feeds_the_tap(recording, tmp_path, tap_hook):
+def test_a_drill_report_plots_every_evaluation_when_the_pipeline_feeds_the_tap(recording, tmp_path):
     config = load_config(RULES)
     result = drill(recording, config, out_dir=tmp_path, notifier=ConsoleNotifier(io.StringIO()))
     assert result.measured
