@@ -263,6 +263,17 @@ class Baseline(Generic[S]):
         built = self._build.n if self.summary is None else self.reference_size
         return {"reference_n": built, "reference_size": self.reference_size}
 
+    def admit(self, window: Window, min_samples: int) -> str:
+        """``ready`` when the window is to be tested: it holds predictions, the reference is
+        there (the window is taken in first, see :meth:`observe`) and ``min_samples`` is met;
+        else the reason (``empty``, ``few`` or the reference's state)."""
+        if window.n == 0:
+            return "empty"
+        state = self.observe(window)
+        if state != "ready":
+            return state
+        return "few" if window.n < min_samples else "ready"
+
     def observe(self, window: Window) -> str:
         """Take in a non-empty window before it is tested; say whether it has a reference.
 
@@ -624,21 +635,12 @@ class Drift:
     # -- windows -----------------------------------------------------------------------------
 
     def update(self, window: Window) -> None:
-        n = window.n
-        self._n = n
+        self._n = window.n
         self._tested, self._untested = [], []
-        if n == 0:
-            self._status = "empty"
-            return
-        state = self._baseline.observe(window)
-        if state != "ready":
-            self._status = state
-            return
-        if n < self.min_samples:
-            self._status = "few"
-            return
-        self._status = "tested"
-        self._test(window)
+        state = self._baseline.admit(window, self.min_samples)
+        self._status = "tested" if state == "ready" else state
+        if state == "ready":
+            self._test(window)
 
     def _test(self, window: Window) -> None:
         ref_summary = self._baseline.summary

@@ -232,21 +232,12 @@ class DataQuality:
     # -- windows -----------------------------------------------------------------------------
 
     def update(self, window: Window) -> None:
-        n = window.n
-        self._n = n
+        self._n = window.n
         self._scores, self._checked = [], 0
-        if n == 0:
-            self._status = "empty"
-            return
-        state = self._baseline.observe(window)
-        if state != "ready":
-            self._status = state
-            return
-        if n < self.min_samples:
-            self._status = "few"
-            return
-        self._status = "checked"
-        self._check(window)
+        state = self._baseline.admit(window, self.min_samples)
+        self._status = "checked" if state == "ready" else state
+        if state == "ready":
+            self._check(window)
 
     def _check(self, window: Window) -> None:
         profiles = self._baseline.summary
