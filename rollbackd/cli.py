@@ -112,6 +112,28 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+def _prepare(config: Any, notifier_spec: Any, dry_run: bool) -> tuple[Any, Any, dict[str, Any]]:
+    """Everything a run needs that can fail on configuration, checked before any event is read
+    or any ledger row is written: a missing token, secret or reference file is a clear
+    start-up error, not a failure at the first incident. Returns the config (with a forced
+    dry-run applied), the notifier and the configured deployments' backends."""
+    from rollbackd.actions.factory import make_backend, make_notifier
+
+    if dry_run:
+        config = dataclasses.replace(config, settings=dataclasses.replace(config.settings, dry_run=True))
+    for dep in config.deployments.values():
+        if dep.reference and not Path(dep.reference).is_file():
+            click.echo(f"deployment {dep.name}: reference file {dep.reference} not found", err=True)
+            sys.exit(EXIT_CONFIG)
+    try:
+        notifier = make_notifier(notifier_spec or config.settings.notifier)
+        backends = {name: make_backend(dep.backend) for name, dep in config.deployments.items()}
+    except ValueError as exc:
+        click.echo(f"{config.source}: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    return config, notifier, backends
+
+
 def _run_replay(
     recording: str,
     config: Any,
@@ -126,30 +148,17 @@ def _run_replay(
     progress: bool = True,
     dry_run: bool = False,
 ) -> Any:
-    from rollbackd.actions.factory import make_backend, make_notifier
     from rollbackd.daemon.decisions import DecisionLog, NullDecisions
     from rollbackd.daemon.ledger import Ledger
     from rollbackd.daemon.replay import build_pipeline, open_recording, replay
     from rollbackd.rules.model import NotifierSpec
 
-    if dry_run:
-        config = dataclasses.replace(config, settings=dataclasses.replace(config.settings, dry_run=True))
-    for dep in config.deployments.values():
-        if dep.reference and not Path(dep.reference).is_file():
-            click.echo(f"deployment {dep.name}: reference file {dep.reference} not found", err=True)
-            sys.exit(EXIT_CONFIG)
+    config, notifier, backends = _prepare(
+        config, NotifierSpec(type=notifier_name) if notifier_name else None, dry_run
+    )
     run_id = f"{mode}-{uuid.uuid4().hex[:12]}"
     ledger = Ledger(db, run_id=run_id)
     ledger.start_run(mode, recording, config.source, datetime.now(timezone.utc).isoformat())
-    try:
-        # Built here, before any event is read, so a missing token or secret is a clear
-        # start-up error rather than a failure at the first incident.
-        notifier = make_notifier(NotifierSpec(type=notifier_name) if notifier_name else config.settings.notifier)
-        for dep in config.deployments.values():
-            make_backend(dep.backend)
-    except ValueError as exc:
-        click.echo(f"{config.source}: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
     pipeline = build_pipeline(
         config,
         silences=ledger.silences(),
@@ -158,6 +167,7 @@ def _run_replay(
         dead_letter_path=dead_letter,
         notifier=notifier,
         drill=drill,
+        backend_overrides=backends,
     )
     bar = _Progress(progress)
     try:
@@ -455,8 +465,6 @@ def _kafka_options(values: tuple[str, ...]) -> dict[str, str]:
 
 
 def _bootstrap(value: str | None) -> str:
-    import os
-
     value = value or os.environ.get("ROLLBACKD_BOOTSTRAP_SERVERS") or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if not value:
         raise click.UsageError("no Kafka cluster: pass --bootstrap-servers or set ROLLBACKD_BOOTSTRAP_SERVERS")
@@ -499,10 +507,8 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
         lag_limit: int | None, blind_after: float, batch_size: int, dry_run: bool,
         http_listen: str | None) -> None:
     """Run the daemon on Kafka: consume, decide, act; checkpoint and survive restarts."""
-    import os
     import signal
 
-    from rollbackd.actions.factory import make_backend, make_notifier
     from rollbackd.daemon.decisions import DecisionLog
     from rollbackd.daemon.kafka import KafkaDeadLetter, KafkaSource
     from rollbackd.daemon.ledger import Ledger
@@ -510,21 +516,12 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
     from rollbackd.daemon.run import Daemon, RunSettings
     from rollbackd.events import EventDecoder
 
-    config = _load_config(rules)
-    if dry_run:
-        config = dataclasses.replace(config, settings=dataclasses.replace(config.settings, dry_run=True))
+    config, notifier, backends = _prepare(_load_config(rules), None, dry_run)
     servers = _bootstrap(bootstrap_servers)
     topic_list = [t for item in topics for t in item.split()] or ["predictions", "outcomes"]
     kconf = {**_kafka_env(dict(os.environ)), **_kafka_options(kafka_config)}
     if instance_id:
         kconf["group.instance.id"] = instance_id
-    try:
-        notifier = make_notifier(config.settings.notifier)
-        for dep in config.deployments.values():
-            make_backend(dep.backend)
-    except ValueError as exc:
-        click.echo(f"{config.source}: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
     # One stable run id per consumer group: a restart continues the same run in the ledger,
     # which is how the outbox recognises actions that were already done.
     ledger = Ledger(db, run_id=f"live-{group_id}")
@@ -533,7 +530,7 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
     dead = KafkaDeadLetter(servers, dead_letter_topic, config=kconf) if dead_letter_topic else None
     pipeline = build_pipeline(
         config, silences=ledger.silences(), decisions=decisions, recorder=ledger,
-        dead_letter_path=None if dead else dead_letter, notifier=notifier,
+        dead_letter_path=None if dead else dead_letter, notifier=notifier, backend_overrides=backends,
     )
     if dead is not None:
         pipeline.edges.dead_letters = dead

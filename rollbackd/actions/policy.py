@@ -19,7 +19,6 @@ Verdict = Literal[
     "run", "dry_run", "cooldown", "duplicate", "no_target", "freeze", "notify_only",
     "loop_guard", "redeployed",
 ]
-POLICIES = ("rollback", "freeze", "notify-only")
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from operator import attrgetter
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import structlog
 
@@ -855,7 +855,3 @@ def _first_set(*values: bool | None) -> bool:
         if v is not None:
             return v
     return False
-
-
-def versions_record(versions: Mapping[Key, VersionHistory]) -> dict[str, Any]:
-    return {f"{k[0]}/{k[1]}": [s.to_record() for s in h.spans] for k, h in sorted(versions.items())}

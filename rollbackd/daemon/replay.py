@@ -17,13 +17,13 @@ from rollbackd.actions.base import Notifier, RollbackBackend
 from rollbackd.actions.factory import make_backend, make_notifier
 from rollbackd.daemon.clock import EventTimeClock
 from rollbackd.daemon.deadletter import JsonlDeadLetter
-from rollbackd.daemon.decisions import DecisionLog, DecisionSink, NullDecisions
+from rollbackd.daemon.decisions import DecisionSink, NullDecisions
 from rollbackd.daemon.pipeline import Edges, Pipeline
 from rollbackd.daemon.sources import EventSource, RecordingSource
 from rollbackd.daemon.references import load_reference
 from rollbackd.detectors.base import Reference
-from rollbackd.events import EventDecoder, Prediction
-from rollbackd.rules.model import Config, NotifierSpec
+from rollbackd.events import EventDecoder
+from rollbackd.rules.model import Config
 from rollbackd.rules.silences import Silence
 
 __all__ = ["ReplayResult", "replay", "build_pipeline"]
@@ -124,11 +124,3 @@ def replay(
 
 def open_recording(path: str, config: Config) -> RecordingSource:
     return RecordingSource(path, EventDecoder(config.settings.max_event_bytes))
-
-
-def console_notifier_spec() -> NotifierSpec:
-    return NotifierSpec(type="console")
-
-
-def decision_log(path: str | Path | None) -> DecisionSink:
-    return DecisionLog(path) if path else NullDecisions()
