@@ -188,3 +188,66 @@ def test_a_rollback_that_does_not_take_escalates(tmp_path):
     notice = next(r for r in recs if r.get("action") == "notify" and r["ts"] == failed[0]["ts"])
     assert notice["reason"].startswith("escalated: rollback not verified")
     assert "serving-error-rate" in notice["reason"]
+
+
+# Known-good needs traffic ---------------------------------------------------------------------
+def _served_by(path, version: str, before: float) -> int:
+    from rollbackd.events import Prediction
+
+    cfg = config()
+    src, n = open_recording(str(path), cfg), 0
+    while (b := src.read(4096)) is not None:
+        n += sum(1 for e in b.events if type(e) is Prediction and e.model_version == version and e.ts < before)
+    return n
+
+
+def test_known_good_needs_a_minimum_of_predictions(recordings):
+    """Version 1 served 10 minutes before the bad version 2: a target with as many predictions
+    as it served as the minimum, none with one more."""
+    first = rollbacks(recordings["resync"], config())[0]
+    served = _served_by(recordings["resync"], "1", first["ts"])
+    assert 10_000 < served < 14_000  # ~20/s for 600 s: the count is real, not the default
+    at_min = rollbacks(recordings["resync"], config(f", known_good_min_predictions: {served}"))[0]
+    assert (at_min["status"], at_min["to_version"]) == ("succeeded", "1")
+    above = rollbacks(recordings["resync"], config(f", known_good_min_predictions: {served + 1}"))[0]
+    assert (above["status"], above["reason"], above["to_version"]) == ("skipped", "no_target", None)
+    assert config().deployment("demo-scorer").known_good_min_predictions == 1000  # the default
+
+
+def test_known_good_min_predictions_is_validated():
+    with pytest.raises(ConfigError) as exc:
+        config(", known_good_min_predictions: -1")
+    assert "deployments.demo-scorer.known_good_min_predictions" in str(exc.value)
+    assert "must be >= 0" in str(exc.value) and ":6:" in str(exc.value)
+    with pytest.raises(ConfigError, match="expected an integer"):
+        config(", known_good_min_predictions: 1.5")
+
+
+def test_a_checkpoint_from_before_counting_still_restores(recordings):
+    """Spans pickled without a prediction count load; a version that ended before the
+    checkpoint is judged by time alone, as when it was recorded."""
+    from rollbackd.daemon.clock import EventTimeClock
+
+    cfg = config(", known_good_min_predictions: 1000000000")
+    assert rollbacks(recordings["resync"], cfg)[0]["reason"] == "no_target"
+    d1, d2 = MemoryDecisions(), MemoryDecisions()
+    first = build_pipeline(cfg, decisions=d1)
+    src = open_recording(str(recordings["resync"]), cfg)
+    clock = EventTimeClock(first.lateness)
+    while (b := src.read(1000)) is not None:
+        first.ingest(b.events)
+        clock.observe(first.max_event_time)
+        first.advance(clock.now())
+        if first._current_version(("demo-scorer", "primary")) == "2":
+            break
+    for hist in first.versions.values():
+        for span in hist.spans:
+            del span.predictions  # as a checkpoint of the previous release holds them
+    second = build_pipeline(cfg, decisions=d2)
+    second.restore(first.snapshot())
+    while (b := src.read(1000)) is not None:
+        second.ingest(b.events)
+        clock.observe(second.max_event_time)
+        second.advance(clock.now())
+    rb = [r for r in d2.records if r.get("action") == "rollback"]
+    assert (rb[0]["status"], rb[0]["from_version"], rb[0]["to_version"]) == ("succeeded", "2", "1")

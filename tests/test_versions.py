@@ -38,8 +38,9 @@ def test_observe_opens_a_span_on_change_only():
     assert h.observe("v2", at(12)) is True
     assert [s.to_record() for s in h.spans] == [
         {"version": "v1", "started": at(0), "ended": at(12), "bad": False,
-         "provenance": {"commit": "abc", "pipeline": "42"}},
-        {"version": "v2", "started": at(12), "ended": None, "bad": False, "provenance": {}},
+         "provenance": {"commit": "abc", "pipeline": "42"}, "predictions": 0},
+        {"version": "v2", "started": at(12), "ended": None, "bad": False, "provenance": {},
+         "predictions": 0},
     ]
     assert h.current.version == "v2"
 
@@ -95,3 +96,46 @@ def test_known_good_is_the_latest_healthy_long_enough_other_version(steps, now, 
 def test_mark_bad_marks_the_running_span():
     h = history((0, "v1"), (20, "v2"), (21, "bad"))
     assert [(s.version, s.bad) for s in h.spans] == [("v1", False), ("v2", True)]
+
+
+def test_served_counts_toward_each_versions_latest_span():
+    h = history((0, "v1"), (10, "v2"), (20, "v1"))
+    h.served({"v1": 5, "v2": 3})
+    h.served({"v1": 2, "v3": 9})  # a version with no span is not counted anywhere
+    assert [(s.version, s.predictions) for s in h.spans] == [("v1", 0), ("v2", 3), ("v1", 7)]
+
+
+# (predictions v1 served, minimum, target): v1 ran 20 min, long enough; traffic decides.
+@pytest.mark.parametrize(
+    "served, minimum, target",
+    [(999, 1000, None), (1000, 1000, "v1"), (0, 0, "v1"), (5000, 1000, "v1")],
+)
+def test_known_good_needs_a_minimum_of_traffic(served, minimum, target):
+    h = history((0, "v1"), (20, "v2"))
+    h.spans[0].predictions = served
+    assert h.known_good(at(25), KGA, minimum) == target
+
+
+def test_a_short_busy_span_does_not_qualify_and_an_older_one_does():
+    h = history((0, "v1"), (20, "v2"), (25, "v3"))
+    h.spans[0].predictions, h.spans[1].predictions = 2000, 10**6  # v2: busy but only 5 min
+    assert h.known_good(at(26), KGA, 1000) == "v1"
+    h.spans[0].predictions = 10
+    assert h.known_good(at(26), KGA, 1000) is None
+
+
+def test_a_span_pickled_before_counting_restores_uncounted_and_judged_by_time():
+    import pickle
+
+    h = history((0, "v1"), (20, "v2"))
+    for span in h.spans:
+        del span.predictions  # what a checkpoint written before the field holds
+    old = pickle.loads(pickle.dumps(h))
+    assert [s.predictions for s in old.spans] == [None, None]
+    assert old.known_good(at(25), KGA, 10**9) == "v1"
+    old.served({"v2": 4})  # an uncounted span stays uncounted, a new one counts
+    old.observe("v3", at(30))
+    old.served({"v3": 4})
+    assert [s.predictions for s in old.spans] == [None, None, 4]
+    fresh = pickle.loads(pickle.dumps(history((0, "v1"), (20, "v2"))))
+    assert [s.predictions for s in fresh.spans] == [0, 0]

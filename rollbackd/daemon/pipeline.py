@@ -261,17 +261,18 @@ class Pipeline:
             if pane is None:
                 continue
             history = self.versions.setdefault(key, VersionHistory())
+            versions = Counter(map(_model_version, pane.predictions))
             if pane.deploys:
                 # A deploy event says exactly when a version started, and where it came from.
                 for ev in sorted(pane.deploys, key=lambda d: d.ts):
                     if history.observe(ev.model_version, ev.ts, dict(ev.attrs)):
                         log.info("version.deployed", deployment=key[0], variant=key[1],
                                  version=ev.model_version, ts=iso(ev.ts))
-            elif pane.predictions:
+            elif versions:
                 # Without one, the version serving most of a pane is the running version.
-                versions = Counter(map(_model_version, pane.predictions))
                 version = max(versions, key=lambda v: (versions[v], v))
                 history.observe(version, last_idx * g)
+            history.served(versions)  # known-good needs traffic, not only time
         fired: list[tuple[RuleSpec, Alert, Any, Measurement, Window]] = []
         closed: list[Window] = []
         for spec, window in self.assembler.windows_at(t):
@@ -633,9 +634,9 @@ class Pipeline:
         key = (inc.deployment, variant)
         hist = self.versions.get(key) or VersionHistory()
         current = hist.current.version if hist.current is not None else None
-        target = hist.known_good(ts, spec.known_good_after) or self._stable_version(
-            inc.deployment, variant, current
-        )
+        target = hist.known_good(
+            ts, spec.known_good_after, spec.known_good_min_predictions
+        ) or self._stable_version(inc.deployment, variant, current)
         plan = (
             RollbackPlan(inc.deployment, variant, current, target, inc.id, f"rule {rule_name}")
             if target is not None

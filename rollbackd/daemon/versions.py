@@ -1,14 +1,14 @@
 """Which version serves each deployment × variant, since when, and which ones were good.
 
 A version becomes *known-good* once it served for ``known_good_after`` seconds of event time
-without an incident opening while it served. The rollback target is the most recent
-known-good version other than the current one.
+and at least ``min_predictions`` predictions without an incident opening while it served. The
+rollback target is the most recent known-good version other than the current one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 __all__ = ["VersionSpan", "VersionHistory"]
 
@@ -20,6 +20,16 @@ class VersionSpan:
     ended: float | None = None
     bad: bool = False  # an incident opened while it served
     provenance: dict[str, str] = field(default_factory=dict)
+    # Predictions served while this span ran; None for a span restored from a checkpoint
+    # written before rollbackd counted them: such a span is judged by time alone.
+    predictions: int | None = 0
+
+    def __setstate__(self, state: Any) -> None:
+        slots = state[1] if isinstance(state, tuple) else state
+        for name, value in slots.items():
+            setattr(self, name, value)
+        if "predictions" not in slots:
+            self.predictions = None
 
     def served_for(self, now: float) -> float:
         return (self.ended if self.ended is not None else now) - self.started
@@ -31,6 +41,7 @@ class VersionSpan:
             "ended": self.ended,
             "bad": self.bad,
             "provenance": dict(sorted(self.provenance.items())),
+            "predictions": self.predictions,
         }
 
 
@@ -56,12 +67,22 @@ class VersionHistory:
         self.spans.append(VersionSpan(version, ts, provenance=dict(provenance or {})))
         return True
 
+    def served(self, counts: Mapping[str, int]) -> None:
+        """Count predictions served, by version, toward each version's latest span."""
+        for version, n in counts.items():
+            for span in reversed(self.spans):
+                if span.version == version:
+                    if span.predictions is not None:
+                        span.predictions += n
+                    break
+
     def mark_bad(self) -> None:
         if self.current is not None:
             self.current.bad = True
 
-    def known_good(self, now: float, known_good_after: float) -> str | None:
-        """The most recent version, other than the current one, that ran healthy long enough."""
+    def known_good(self, now: float, known_good_after: float, min_predictions: int = 0) -> str | None:
+        """The most recent version, other than the current one, that ran healthy long enough
+        and served at least ``min_predictions`` predictions in that span."""
         cur = self.current
         bad = {s.version for s in self.spans if s.bad}
         for span in reversed(self.spans[:-1]):
@@ -69,6 +90,8 @@ class VersionHistory:
                 continue
             if span.version in bad:
                 continue
-            if span.served_for(now) >= known_good_after:
+            if span.served_for(now) < known_good_after:
+                continue
+            if span.predictions is None or span.predictions >= min_predictions:
                 return span.version
         return None

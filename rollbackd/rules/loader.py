@@ -950,6 +950,7 @@ class _Walker:
             "reference_size",
             "cooldown",
             "known_good_after",
+            "known_good_min_predictions",
             "dry_run",
             "false_alarm_budget",
             "policy",
@@ -981,6 +982,8 @@ class _Walker:
         )
         self.optional(pairs, path, kw, "cooldown", self.duration)
         self.optional(pairs, path, kw, "known_good_after", self.duration)
+        self.optional(pairs, path, kw, "known_good_min_predictions",
+                      lambda n, p: self.number(n, p, integer=True, ge=0))
         self.optional(pairs, path, kw, "dry_run", self.boolean)
         self.optional(pairs, path, kw, "policy", lambda n, p: self.string(n, p, choices=DEPLOYMENT_POLICIES))
         self.optional(pairs, path, kw, "verify_within", lambda n, p: self.duration(n, p, positive=True))

@@ -108,6 +108,7 @@ class DeploymentSpec:
     reference_size: int = 5000  # else: the first N predictions of the running version
     cooldown: float = 1800.0  # no second rollback of this deployment within it
     known_good_after: float = 600.0  # a version is known-good after this long without incident
+    known_good_min_predictions: int = 1000  # ...and after serving at least this many predictions
     dry_run: bool | None = None
     false_alarm_budget: FalseAlarmBudget | None = None
     policy: str = "rollback"  # rollback | freeze | notify-only
