@@ -808,7 +808,8 @@ def incidents_list(db: str, run_id: str | None) -> None:
 @click.option("--run", "run_id", default=None, help="Run id (default: the latest run that holds it).")
 def incidents_show(incident: str, db: str, run_id: str | None) -> None:
     """The incident's timeline (alerts, incident changes, actions) with the evidence of each
-    alert: measured value, threshold, p-value, sample size, window."""
+    alert (measured value, threshold, p-value, sample size, window) and what each backend call
+    returned."""
     from rollbackd.report import decisions_from_ledger
 
     try:
@@ -828,6 +829,9 @@ def incidents_show(incident: str, db: str, run_id: str | None) -> None:
             evidence = {k: m[k] for k in ("p_value", "effect_size", "evidence") if m.get(k) is not None}
             window = f"window {_ts(w[0])} – {_ts(w[1])}" if w[0] is not None else ""
             click.echo(f"      {window}  " + json.dumps(evidence, sort_keys=True, default=str))
+        elif rec["kind"] == "action" and rec.get("result"):
+            # What the backend changed or printed (a patch, a registry alias, a command's output).
+            click.echo("      result " + json.dumps(rec["result"], sort_keys=True, default=str))
 
 
 if __name__ == "__main__":  # pragma: no cover

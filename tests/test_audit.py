@@ -147,3 +147,67 @@ def test_incidents_list_and_show(replayed):
     assert "rollback  2 -> 1  succeeded" in text and "alert" in text and "window " in text
     missing = rollbackd("incidents", "show", "nope", "--db", "l.db", cwd=replayed)
     assert missing.returncode == 1
+
+
+def _command_rules(tmp_path, counter):
+    """The e2e rules with a command backend: a real program that prints what it did and counts
+    its runs in a file."""
+    import sys
+
+    code = ("import sys; open(sys.argv[1], 'a').write('x'); "
+            "print('helm rollback demo-scorer to', sys.argv[2])")
+    backend = (f'backend: {{type: command, argv: ["{sys.executable}", "-c", "{code}", '
+               f'"{counter}", "{{to_version}}"]}}')
+    path = tmp_path / "cmd.yaml"
+    path.write_text(RULES.read_text().replace("backend: {type: log}", backend))
+    return path
+
+
+def test_a_rollbacks_backend_output_is_kept_and_shown(tmp_path):
+    import json
+
+    counter = tmp_path / "runs"
+    rules = _command_rules(tmp_path, counter)
+    rec = tmp_path / "s.jsonl"
+    assert rollbackd("simulate", "sustained_errors", "--out", str(rec), cwd=tmp_path).returncode == 0
+    out = rollbackd("replay", str(rec), "--config", str(rules), "--db", "l.db", "--notifier", "none",
+                    cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert counter.read_text() == "x"
+    ledger = Ledger(tmp_path / "l.db")
+    (row,) = ledger.rows("actions", action="rollback", phase="finished")
+    ledger.close()
+    result = json.loads(row["data"])["result"]
+    assert (result["returncode"], result["stdout"]) == (0, "helm rollback demo-scorer to 1\n")
+    assert result["argv"][-2:] == [str(counter), "1"]
+    show = rollbackd("incidents", "show", row["incident_id"], "--db", "l.db", cwd=tmp_path)
+    assert show.returncode == 0, show.stderr
+    lines = show.stdout.decode().splitlines()
+    at = next(i for i, line in enumerate(lines) if "rollback  2 -> 1  succeeded" in line)
+    assert lines[at + 1].startswith("      result {")
+    assert json.loads(lines[at + 1].split("result ", 1)[1]) == result
+    assert verify_chain(tmp_path / "l.db").breaks == []
+
+
+def test_a_rollback_found_in_the_outbox_keeps_its_result(tmp_path):
+    """A decision re-made after a restart (same run) does not run the command again and
+    reports the recorded result."""
+    from rollbackd.actions.base import NullNotifier
+    from rollbackd.daemon.decisions import MemoryDecisions
+    from rollbackd.daemon.replay import build_pipeline, open_recording, replay
+    from rollbackd.rules.loader import load_config
+    from rollbackd.scenarios import BUILTIN, write_recording
+
+    counter = tmp_path / "runs"
+    cfg = load_config(_command_rules(tmp_path, counter))
+    rec = tmp_path / "s.jsonl"
+    write_recording(BUILTIN["sustained_errors"], rec)
+    got = []
+    for _ in range(2):
+        ledger, d = Ledger(tmp_path / "l.db", run_id="live"), MemoryDecisions()
+        replay(open_recording(str(rec), cfg), build_pipeline(cfg, decisions=d, recorder=ledger, notifier=NullNotifier()))
+        ledger.close()
+        got.append([r for r in d.records if r.get("action") == "rollback"])
+    assert counter.read_text() == "x"  # the second run found it done
+    assert got[0][0]["result"]["stdout"] == "helm rollback demo-scorer to 1\n"
+    assert got[1] == got[0]

@@ -178,13 +178,13 @@ def test_slack_notices_are_threaded_per_incident(recordings, config):
         notifier = SlackNotifier("xoxb-t", "#ml-oncall", base_url=server.url + "/api/")
         _, d = run(recordings["sustained_errors"][0], config, notifier=notifier)
         posts = [r.json() for r in server.requests if r.path.endswith("/chat.postMessage")]
-    assert len(posts) == 2  # incident opened, then "rollback succeeded" in its thread
-    parent, reply = posts
+    assert len(posts) == 3  # incident opened, then "rollback started" and "succeeded" in its thread
+    parent, started, reply = posts
     assert "thread_ts" not in parent or parent["thread_ts"] is None
-    assert reply["thread_ts"] == "1700000000.000001"
+    assert started["thread_ts"] == reply["thread_ts"] == "1700000000.000001"
     assert "serving-error-rate" in json.dumps(parent["blocks"])
-    assert "rollback succeeded" in reply["text"]
-    assert [n["status"] for n in of_kind(d, "action", action="notify")] == ["succeeded", "succeeded"]
+    assert "rollback started" in started["text"] and "rollback succeeded" in reply["text"]
+    assert [n["status"] for n in of_kind(d, "action", action="notify")] == ["succeeded"] * 3
 
 
 def test_a_failing_notifier_never_blocks_the_rollback(recordings, config):
@@ -196,5 +196,5 @@ def test_a_failing_notifier_never_blocks_the_rollback(recordings, config):
             _, d = run(recordings["sustained_errors"][0], config, notifier=notifier,
                        backend_overrides={"demo-scorer": backend})
             assert len(hook.requests) == 1
-    assert [n["status"] for n in of_kind(d, "action", action="notify")] == ["failed", "failed"]
+    assert [n["status"] for n in of_kind(d, "action", action="notify")] == ["failed"] * 3
     assert of_kind(d, "action", action="rollback")[0]["status"] == "succeeded"

@@ -195,3 +195,48 @@ def test_a_silence_written_to_the_ledger_applies_without_a_restart(tmp_path):
     firing = [r for r in d.records if r["kind"] == "alert" and r["state"] == "firing"]
     assert firing and all(r["suppressed"]["silence_id"] == "sil-1" for r in firing)
     assert not [r for r in d.records if r.get("action") == "rollback"]
+
+
+def test_rollback_started_is_a_thread_reply_posted_after_the_backend_call(tmp_path):
+    """One loopback server is the Slack Web API and the webhook backend, so its request log is
+    the order of calls: the rollback goes out first (no Slack call can delay it), then the
+    parent, the "rollback started" reply and the outcome's reply, both in the parent's thread."""
+    from rollbackd.actions.webhook import WebhookBackend
+    from rollbackd.daemon.decisions import MemoryDecisions
+    from rollbackd.daemon.replay import build_pipeline, open_recording, replay
+    from rollbackd.scenarios import Fault, Scenario, write_recording
+    from test_safety import config
+
+    path = tmp_path / "bad.jsonl.gz"
+    write_recording(Scenario(name="bad", seed=5, duration=1500.0, versions=((0.0, "1"), (600.0, "2")),
+                             faults=(Fault("error_rate", start=0.0, magnitude=0.25, version="2"),)), path)
+    slack = SlackWithUpdate(TOKEN)
+
+    def responder(req: Recorded) -> Reply:
+        return Reply(200, body={"ok": True}) if req.path == "/rollback" else slack(req)
+
+    cfg = config()
+    ledger = Ledger(tmp_path / "l.db", run_id="r")
+    with LoopbackServer(responder) as server:
+        pipeline = build_pipeline(
+            cfg, decisions=MemoryDecisions(), recorder=ledger,
+            notifier=SlackNotifier(TOKEN, "#ml-alerts", base_url=server.url + "/api/"),
+            backend_overrides={"demo-scorer": WebhookBackend(server.url + "/rollback")},
+        )
+        replay(open_recording(str(path), cfg), pipeline, batch_size=4096)
+        calls = list(server.requests)
+    posts = [r.json() for r in calls if r.path.endswith("/chat.postMessage")]
+    order = [r.path.rsplit("/", 1)[1] for r in calls]
+    assert order[:6] == ["rollback", "chat.postMessage", "chat.postMessage", "chat.update",
+                         "chat.postMessage", "chat.update"]
+    parent, started, outcome = posts[:3]
+    assert "thread_ts" not in parent and "incident opened" in parent["text"]
+    parent_ts = "1700000000.000001"
+    assert started["thread_ts"] == outcome["thread_ts"] == parent_ts
+    assert "rollback started: demo-scorer/primary 2 → 1 via log" in started["text"]
+    assert "rollback succeeded: demo-scorer/primary 2 → 1" in outcome["text"]
+    rows = ledger.rows("actions", action="notify", phase="finished")
+    ledger.close()
+    assert [r["detail"] for r in rows][:3] == ["posted to #ml-alerts"] * 3
+    assert [json.loads(r["data"])["reason"] for r in rows][:3] == [
+        "incident opened", "rollback started", "rollback succeeded"]

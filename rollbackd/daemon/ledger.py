@@ -96,6 +96,11 @@ def row_hash(prev_hash: str, row: dict[str, Any]) -> str:
     return hashlib.sha256((prev_hash + body).encode()).hexdigest()
 
 
+# What an action row keeps in `data` beside its columns; `result` is what the backend returned
+# (what it changed, a command's captured output).
+_ACTION_DATA = {"notice", "evidence", "thread", "reason", "backend", "dry_run", "approval", "result"}
+
+
 def _json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
@@ -203,7 +208,7 @@ class Ledger:
                 "from_version": rec.get("from_version"), "to_version": rec.get("to_version"),
                 "idempotency_key": rec.get("idempotency_key"), "attempts": rec.get("attempts"),
                 "detail": rec.get("detail"),
-                "data": _json({k: v for k, v in rec.items() if k in {"notice", "evidence", "thread", "reason", "backend", "dry_run", "approval"}}),
+                "data": _json({k: v for k, v in rec.items() if k in _ACTION_DATA}),
             },
         )
         # The outbox rule: an action's start is durable before it runs, and its end right after.

@@ -461,7 +461,7 @@ class Pipeline:
             elif isinstance(e, ActionsDue):
                 for action in e.actions:
                     if action == "rollback":
-                        notices.append(self._rollback(e.incident, e.alert.rule, e.alert.variant, e.ts))
+                        notices.extend(self._rollback(e.incident, e.alert.rule, e.alert.variant, e.ts))
         for notice in notices:
             self._notice(*notice)
 
@@ -574,7 +574,7 @@ class Pipeline:
         data = json.loads(row.get("data") or "{}")
         return ActionResult(
             row["status"], row.get("detail") or "", attempts=row.get("attempts") or 0,
-            thread=data.get("thread"),
+            thread=data.get("thread"), data=data.get("result") or {},
         )
 
     # Approval ---------------------------------------------------------------------------
@@ -610,7 +610,7 @@ class Pipeline:
             inc = self._incident_by_id(wait["incident_id"])
             if inc is None:
                 continue
-            notices.append(self._rollback(inc, wait["rule"], wait["variant"], ts, approval=approval))
+            notices.extend(self._rollback(inc, wait["rule"], wait["variant"], ts, approval=approval))
         for notice in notices:
             self._notice(*notice)
 
@@ -626,9 +626,9 @@ class Pipeline:
     def _rollback(
         self, inc: Incident, rule_name: str, variant: str, ts: float,
         approval: dict[str, Any] | None = None,
-    ) -> tuple[Incident, str, float, str, str]:
-        """Run (or refuse) one rollback; returns the notice to post about it. ``approval``: the
-        human (or timeout) answer when this rollback waited for one."""
+    ) -> list[tuple[Incident, str, float, str, str]]:
+        """Run (or refuse) one rollback; returns the notices to post about it, in order.
+        ``approval``: the human (or timeout) answer when this rollback waited for one."""
         spec = self.config.deployment(inc.deployment)
         rule = self._rule_index.get(rule_name)
         key = (inc.deployment, variant)
@@ -689,7 +689,7 @@ class Pipeline:
                     rec["idempotency_key"] = plan.idempotency_key + ":approval"
                 self._decide(rec, lambda r: self.edges.recorder.action(r, "finished"))
                 log.warning("rollback.pending_approval", incident=inc.id, deployment=inc.deployment)
-                return (inc, "updated", ts, "rollback awaits approval", why)
+                return [(inc, "updated", ts, "rollback awaits approval", why)]
             approval = rec["approval"] = {"decision": answer["decision"], "by": answer["by"],
                                           "at": answer["at"], "timed_out": False}
         if verdict == "run" and approval is not None and approval["decision"] == "reject":
@@ -703,9 +703,14 @@ class Pipeline:
             self._decide(rec, lambda r: self.edges.recorder.action(r, "finished"))
             log.warning("rollback." + verdict, incident=inc.id, deployment=inc.deployment, detail=why)
             if verdict in _ESCALATING:
-                return (inc, "updated", ts, f"escalated: rollback {verdict.replace('_', ' ')}", why)
-            return (inc, "updated", ts, f"rollback {status}", why)
+                return [(inc, "updated", ts, f"escalated: rollback {verdict.replace('_', ' ')}", why)]
+            return [(inc, "updated", ts, f"rollback {status}", why)]
         assert plan is not None
+        # The thread's "started" reply is queued, not posted first: at the incident's first
+        # step the parent message is not even out yet, and a rate-limited Slack must not
+        # delay the call. It goes out right after, before the outcome's reply.
+        moving = f"{inc.deployment}/{variant} {current} → {target}"
+        started = (inc, "updated", ts, "rollback started", f"{moving} via {spec.backend.type}")
         result = self._already_done(plan.idempotency_key)
         replayed = result is not None
         if result is None:
@@ -719,6 +724,8 @@ class Pipeline:
         if applied:
             self.book.rolled_back(inc, ts, spec.verify_within)
         rec.update(status=result.status, detail=result.detail, attempts=result.attempts)
+        if result.data:  # what the backend changed or printed: kept in the ledger
+            rec["result"] = json.loads(json.dumps(dict(result.data), default=str))
         if replayed:  # re-made after a restart: the ledger has it already
             self.edges.decisions.write(rec)
         else:
@@ -727,10 +734,10 @@ class Pipeline:
             "rollback." + result.status, incident=inc.id, deployment=inc.deployment,
             variant=variant, from_version=current, to_version=target, detail=result.detail,
         )
-        extra = f"{inc.deployment}/{variant} {current} → {target}"
+        extra = moving
         if result.status == "failed":
             extra += f" ({result.detail})"
-        return (inc, "updated", ts, f"rollback {result.status}", extra)
+        return [started, (inc, "updated", ts, f"rollback {result.status}", extra)]
 
     def _stable_version(self, deployment: str, variant: str, current: str | None) -> str | None:
         """For a canary-style arm with no known-good history of its own: the version the stable
