@@ -299,6 +299,8 @@ def _timeline_line(rec: dict[str, Any]) -> str:
     if rec["action"] == "rollback":
         return (f"{when}  rollback  {rec.get('from_version')} -> {rec.get('to_version')}  "
                 f"{rec['status']}  {where}  ({rec.get('detail', '')})")
+    if rec["action"] == "pause":
+        return f"{when}  pause     {rec['status']:<9} {where}  ({rec.get('detail', '')})"
     return f"{when}  notify    {rec.get('notice', ''):<22} {rec['status']:<9} {where}"
 
 

@@ -319,3 +319,43 @@ def test_factory_reads_token_from_env(api):
         "retry": {"max_attempts": 1}}), env={"K8S_TOKEN": TOKEN})
     assert b.apply(plan()).status == "succeeded"
     assert json.loads(patches(server)[0].body)["spec"]["predictor"]["canaryTrafficPercent"] == 0
+
+
+def test_argo_rollout_pause_for_the_freeze_policy(api):
+    from rollbackd.actions.base import pause_rollout
+
+    fake, server = api({ROLLOUT: rollout()})
+    b = backend(server, "argo-rollout")
+    result = pause_rollout(b, "demo-scorer", "canary", "inc-k8s-1")
+    assert result.status == "succeeded", result.detail
+    assert result.data["paused"] is True
+    (patch,) = patches(server)
+    assert patch.path == ROLLOUT  # the main resource, not the status subresource
+    assert patch.header("Content-Type") == "application/merge-patch+json"
+    assert patch.json() == {"metadata": {"annotations": {"rollbackd.io/incident": "inc-k8s-1"}},
+                            "spec": {"paused": True}}
+    assert fake.objects[ROLLOUT]["spec"]["paused"] is True
+    assert fake.objects[ROLLOUT]["spec"]["strategy"]  # merged, not replaced
+    again = b.pause("demo-scorer", "canary", "inc-k8s-2")
+    assert (again.status, again.data["paused"]) == ("skipped", True)
+    assert len(patches(server)) == 1
+    assert fake.problems == []
+
+
+def test_only_argo_rollouts_are_paused(api):
+    from rollbackd.actions.base import pause_rollout
+    from rollbackd.actions.logbackend import LogBackend
+
+    _, server = api({ISVC: isvc(), DEPLOY: deployment()})
+    for b in (backend(server, "kserve"), backend(server, "deployment", image_template="registry/demo:{version}")):
+        result = b.pause("demo-scorer", "canary", "inc-k8s-1")
+        assert (result.status, result.data["paused"]) == ("skipped", False)
+    assert server.requests == []
+    assert pause_rollout(LogBackend(), "demo-scorer", "canary", "inc-k8s-1") is None
+
+
+def test_a_failed_pause_is_reported(api):
+    _, server = api({})
+    result = backend(server, "argo-rollout").pause("demo-scorer", "canary", "inc-k8s-1")
+    assert (result.status, result.data["paused"]) == ("failed", False)
+    assert "404" in result.detail

@@ -6,10 +6,12 @@ from rollbackd.actions.base import (
     Notice,
     Notifier,
     NullNotifier,
+    PausableBackend,
     RollbackBackend,
     RollbackPlan,
     VersionedBackend,
     current_version,
+    pause_rollout,
     verify_plan,
 )
 from rollbackd.actions.command import CommandBackend
@@ -32,7 +34,9 @@ __all__ = [
     "RollbackBackend",
     "RollbackPlan",
     "VersionedBackend",
+    "PausableBackend",
     "current_version",
+    "pause_rollout",
     "verify_plan",
     "CommandBackend",
     "KubernetesBackend",

@@ -18,8 +18,10 @@ __all__ = [
     "Notice",
     "RollbackBackend",
     "VersionedBackend",
+    "PausableBackend",
     "current_version",
     "verify_plan",
+    "pause_rollout",
     "Notifier",
     "NullNotifier",
 ]
@@ -139,6 +141,22 @@ def verify_plan(backend: RollbackBackend, plan: RollbackPlan) -> ActionResult:
     if not callable(check):
         return ActionResult("skipped", f"{type(backend).__name__} cannot read back", attempts=0)
     return check(plan)
+
+
+@runtime_checkable
+class PausableBackend(Protocol):
+    """The optional freeze half: stop a rollout in progress where it stands, reverting nothing
+    (the ``freeze`` policy). ``succeeded`` when it paused it now, ``skipped`` when there was
+    nothing to do, ``failed`` when the call failed; ``data["paused"]`` says whether the rollout
+    is paused afterwards."""
+
+    def pause(self, deployment: str, variant: str, incident_id: str) -> ActionResult: ...
+
+
+def pause_rollout(backend: RollbackBackend, deployment: str, variant: str, incident_id: str) -> ActionResult | None:
+    """``backend.pause(...)``, or ``None`` when the backend has no way to pause a rollout."""
+    pause = getattr(backend, "pause", None)
+    return pause(deployment, variant, incident_id) if callable(pause) else None
 
 
 class Notifier(Protocol):

@@ -277,6 +277,36 @@ class KubernetesBackend(CountsAttempts):
         return ActionResult("succeeded", f"{self.kind} {self.namespace}/{target} {what}",
                             attempts=self.attempts, data=data)
 
+    def pause(self, deployment: str, variant: str, incident_id: str) -> ActionResult:
+        """Argo Rollouts: merge-patch ``spec.paused: true`` (what ``kubectl argo rollouts pause``
+        sends), so the rollout stops where it stands. Deployments and KServe are not paused."""
+        target = self.name or deployment
+        data: dict[str, Any] = {"kind": self.kind, "namespace": self.namespace, "name": target, "paused": False}
+        if self.kind != "argo-rollout":
+            return ActionResult("skipped", f"kind {self.kind}: no pause", attempts=0, data=data)
+        from kubernetes import client
+
+        bound = log.bind(deployment=deployment, variant=variant, incident=incident_id, kind=self.kind,
+                         namespace=self.namespace, name=target)
+        self.attempts = 0
+        try:
+            if ((self._get(target).get("spec") or {}).get("paused")) is True:
+                bound.info("pause.kubernetes", outcome="skipped", attempts=self.attempts)
+                return ActionResult("skipped", f"rollout {self.namespace}/{target} already paused",
+                                    attempts=self.attempts, data={**data, "paused": True})
+            body = {"metadata": {"annotations": {INCIDENT_ANNOTATION: incident_id}}, "spec": {"paused": True}}
+            data["patch"] = body
+            group, version, plural = ARGO
+            self._call(f"pause rollout {self.namespace}/{target}", client.CustomObjectsApi(self._client)
+                       .patch_namespaced_custom_object, group, version, self.namespace, plural, target, body,
+                       _content_type=MERGE)
+        except _Failed as exc:
+            bound.error("pause.kubernetes", outcome="failed", attempts=self.attempts, detail=str(exc))
+            return ActionResult("failed", str(exc), attempts=self.attempts, data=data)
+        bound.info("pause.kubernetes", outcome="succeeded", attempts=self.attempts)
+        return ActionResult("succeeded", f"rollout {self.namespace}/{target} paused", attempts=self.attempts,
+                            data={**data, "paused": True})
+
     def current(self, deployment: str, variant: str) -> str | None:
         if self.kind == "argo-rollout":
             return None  # the stable version lives in a ReplicaSet, not in the Rollout's spec

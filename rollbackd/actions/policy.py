@@ -58,7 +58,7 @@ class SafetyPolicy:
         if self.policy == "notify-only":
             return "notify_only", "policy notify-only: no rollback"
         if self.policy == "freeze":
-            return "freeze", "policy freeze: rollout stopped, not reverted; escalating to a human"
+            return "freeze", "policy freeze: not reverted; escalating to a human"
         if plan is None:
             return "no_target", "no known-good version to roll back to"
         if plan.idempotency_key in state.done:

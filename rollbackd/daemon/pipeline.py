@@ -32,6 +32,7 @@ from rollbackd.actions.base import (
     Notifier,
     RollbackBackend,
     RollbackPlan,
+    pause_rollout,
 )
 from rollbackd.actions.policy import SafetyPolicy, SafetyState
 from rollbackd.daemon.decisions import DecisionSink, NullDecisions
@@ -697,6 +698,9 @@ class Pipeline:
             verdict, why = "rejected", who
         if verdict != "run":
             status = "dry_run" if verdict == "dry_run" else "skipped"
+            if verdict == "freeze":
+                paused = self._pause(inc, rule_name, variant, current, ts, dry_run)
+                why = f"policy freeze: {paused}; not reverted; escalating to a human"
             rec.update(status=status, reason=verdict, detail=why)
             if plan is not None and verdict == "dry_run":
                 self.safety.record(plan, ts, applied=False)
@@ -738,6 +742,54 @@ class Pipeline:
         if result.status == "failed":
             extra += f" ({result.detail})"
         return [started, (inc, "updated", ts, f"rollback {result.status}", extra)]
+
+    def _pause(self, inc: Incident, rule_name: str, variant: str, current: str | None, ts: float,
+               dry_run: bool) -> str:
+        """The freeze policy stops the rollout where the backend can pause one (Argo Rollouts);
+        recorded like a rollback (started, then finished; found in the outbox after a restart).
+        Returns what the notice says about it."""
+        if dry_run:
+            return "rollout not paused (dry run)"
+        if variant == SHADOW_ARM:
+            return "rollout not paused (shadow arm: judged, never acted on)"
+        try:
+            backend = self.edges.backend_for(inc.deployment)
+        except Exception as exc:  # a misconfigured backend (a missing secret): said, not raised
+            return f"rollout not paused ({type(exc).__name__}: {exc})"
+        if not callable(getattr(backend, "pause", None)):
+            return "rollout not paused (backend cannot)"
+        key = f"{inc.id}:pause:{variant}"
+        rec: dict[str, Any] = {
+            "ts": ts, "kind": "action", "action": "pause", "incident_id": inc.id,
+            "deployment": inc.deployment, "variant": variant, "rule": rule_name,
+            "from_version": current, "backend": self.config.deployment(inc.deployment).backend.type,
+            "dry_run": False, "idempotency_key": key,
+        }
+        result = self._already_done(key)
+        replayed = result is not None
+        if result is None:
+            self.edges.recorder.action({**rec, "status": "started"}, "started")
+            try:
+                result = pause_rollout(backend, inc.deployment, variant, inc.id)
+            except Exception as exc:  # a backend bug must not kill the daemon; it is recorded
+                result = ActionResult("failed", f"{type(exc).__name__}: {exc}")
+            assert result is not None
+        rec.update(status=result.status, detail=result.detail, attempts=result.attempts)
+        if result.data:
+            rec["result"] = json.loads(json.dumps(dict(result.data), default=str))
+        if replayed:
+            self.edges.decisions.write(rec)
+        else:
+            self._decide(rec, lambda r: self.edges.recorder.action(r, "finished"))
+        (log.error if result.status == "failed" else log.info)(
+            "pause." + result.status, incident=inc.id, deployment=inc.deployment, variant=variant,
+            detail=result.detail,
+        )
+        if result.data.get("paused"):
+            return "rollout paused" if result.status == "succeeded" else "rollout already paused"
+        if result.status == "failed":
+            return f"rollout not paused ({result.detail})"
+        return f"rollout not paused (backend cannot: {result.detail})"
 
     def _stable_version(self, deployment: str, variant: str, current: str | None) -> str | None:
         """For a canary-style arm with no known-good history of its own: the version the stable
