@@ -140,7 +140,8 @@ def test_drill_backtest_report_and_test_rules_commands(tmp_path):
     out = rollbackd("backtest", str(rec), "-c", str(RULES), "--against", str(b), "--truth", str(truth), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     text = out.stdout.decode()
-    assert "difference: 6 decision(s) only under A, 0 only under B" in text
+    # pending, firing, opened, the rollback, and three notices: opened, rollback started, its outcome
+    assert "difference: 7 decision(s) only under A, 0 only under B" in text
     assert "serving-error-rate  1       1         0       2m40s" in text
 
     tests = tmp_path / "rules.test.yaml"
