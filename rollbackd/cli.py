@@ -466,6 +466,22 @@ def _kafka_options(values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def _start_digest(config: Any, notifier: Any, db: str, run_id: str) -> Any:
+    """The digest of incidents (``settings.notifier.digest``) on a background scheduler, or None."""
+    spec = config.settings.notifier.digest
+    if spec is None:
+        return None
+    from rollbackd.actions.digest import DigestScheduler
+    from rollbackd.daemon.clock import WallClock
+    from rollbackd.daemon.ledger import digest_rows
+
+    digest = DigestScheduler(spec, notifier, lambda start, end: digest_rows(db, run_id, start, end),
+                             WallClock().now)
+    digest.start()
+    click.echo(f"rollbackd: incident digest at '{spec.cron}' ({spec.timezone})", err=True)
+    return digest
+
+
 def _bootstrap(value: str | None) -> str:
     value = value or os.environ.get("ROLLBACKD_BOOTSTRAP_SERVERS") or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if not value:
@@ -572,10 +588,13 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
         click.echo(f"rollbackd: /metrics /healthz /readyz /incidents on {ops.url}", err=True)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    digest = _start_digest(config, notifier, db, ledger.run_id)
     click.echo(f"rollbackd: consuming {', '.join(topic_list)} from {servers} as group {group_id}", err=True)
     try:
         daemon.run()
     finally:
+        if digest is not None:
+            digest.stop()
         if ops is not None:
             ops.stop()
         decisions.close()

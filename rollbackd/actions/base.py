@@ -87,7 +87,7 @@ class Notice:
     """One message about an incident. ``thread`` is ``None`` for the incident's first notice."""
 
     incident_id: str
-    kind: Literal["opened", "updated", "action", "resolved", "repeat"]
+    kind: Literal["opened", "updated", "action", "resolved", "repeat", "digest"]
     ts: float  # event time it refers to (Unix seconds)
     deployment: str
     variant: str

@@ -62,9 +62,10 @@ def format_notice(notice: Notice, color: bool = False) -> str:
     drill = "[DRILL] " if notice.drill else ""
     header = f"{drill}{notice.kind.upper()} {notice.incident_id} at {utc_iso(notice.ts)}: {notice.title}"
     lines = [_paint(header, _BOLD, color)]
-    lines.append(
-        f"  deployment {notice.deployment}, variant {notice.variant}, version {notice.version or 'unknown'}"
-    )
+    if notice.kind != "digest":
+        lines.append(
+            f"  deployment {notice.deployment}, variant {notice.variant}, version {notice.version or 'unknown'}"
+        )
     if notice.text and notice.text != notice.title:
         lines.extend(f"  {line}" for line in notice.text.splitlines())
     for alert in notice.alerts:

@@ -101,11 +101,14 @@ def build_blocks(notice: Notice, buttons: bool = False) -> list[dict[str, Any]]:
             _field("Incident", notice.incident_id),
         ],
     }
+    if notice.kind == "digest":  # about many incidents: the text is all there is
+        del facts["fields"]
     if notice.text:
         facts["text"] = {"type": "mrkdwn", "text": _clip(_escape(notice.text), SECTION_MAX)}
-    blocks.append(facts)
+    if "fields" in facts or "text" in facts:
+        blocks.append(facts)
 
-    buttons = buttons and notice.kind != "resolved"
+    buttons = buttons and notice.kind not in ("resolved", "digest")
     room = BLOCKS_MAX - len(blocks) - 1 - int(buttons)  # keep one for the context block
     alerts = list(notice.alerts)
     shown = alerts if len(alerts) <= room else alerts[: room - 1]

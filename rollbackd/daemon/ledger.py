@@ -24,7 +24,7 @@ import sqlite_utils
 
 from rollbackd.rules.silences import Silence
 
-__all__ = ["Ledger", "ChainBreak", "verify_chain"]
+__all__ = ["Ledger", "ChainBreak", "verify_chain", "digest_rows"]
 
 _SCHEMA: dict[str, dict[str, type]] = {
     "runs": {"run_id": str, "mode": str, "source": str, "config": str, "started_wall": str, "summary": str},
@@ -389,3 +389,32 @@ def verify_chain(path: str | Path) -> ChainReport:
     finally:
         conn.close()
     return ChainReport(rows, unchained, dict(sorted(heads.items())), breaks)
+
+
+def digest_rows(path: str | Path, run_id: str, start: float, end: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(incident rows, finished rollback rows)`` of ``run_id`` for a digest of ``[start, end)``:
+    every row before ``end`` of the incidents that changed in the period or had not resolved
+    by its start. Read-only, on a connection of its own (the digest runs on another thread)."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        ids = [r[0] for r in conn.execute(
+            "select distinct incident_id from incidents i where run_id = ? and ts < ? and (ts >= ? or"
+            " not exists (select 1 from incidents r where r.run_id = i.run_id and"
+            "  r.incident_id = i.incident_id and r.change = 'resolved' and r.ts < ?))",
+            [run_id, end, start, start],
+        )]
+        marks = ",".join("?" * len(ids))
+        incidents = [dict(r) for r in conn.execute(
+            f"select * from incidents where run_id = ? and ts < ? and incident_id in ({marks}) order by seq",
+            [run_id, end, *ids],
+        )]
+        actions = [dict(r) for r in conn.execute(
+            f"select * from actions where run_id = ? and ts < ? and phase = 'finished' and action = 'rollback'"
+            f" and incident_id in ({marks}) order by seq", [run_id, end, *ids],
+        )]
+    finally:
+        conn.close()
+    return incidents, actions

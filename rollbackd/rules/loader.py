@@ -33,6 +33,7 @@ from rollbackd.rules.model import (
     BackendSpec,
     Config,
     DeploymentSpec,
+    DigestSpec,
     FalseAlarmBudget,
     MATCH_LABELS,
     GroupingSpec,
@@ -656,7 +657,7 @@ class _Walker:
     def notifier(self, node: Node, path: str) -> NotifierSpec | None:
         # The option names are those ``actions.factory.make_notifier`` reads.
         schema: dict[str, dict[str, Callable[[Node, str], Any]]] = {
-            "console": {"color": self.boolean},
+            "console": {"color": self.boolean, "digest": self.digest},
             "none": {},
             "slack": {
                 "channel": self.string,
@@ -664,13 +665,50 @@ class _Walker:
                 "base_url": self.url,
                 "timeout": lambda n, p: self.duration(n, p, positive=True),
                 "max_rate_limit_retries": lambda n, p: self.number(n, p, integer=True, ge=0),
+                "digest": self.digest,
             },
         }
         typed = self.typed_options(node, path, schema, "console", {"slack": ("channel",)})
         if typed is None:
             return None
         kind, options = typed
-        return NotifierSpec(type=kind, options=MappingProxyType(options))
+        digest = options.pop("digest", None)  # the notifier's schedule, not one of its options
+        return NotifierSpec(type=kind, options=MappingProxyType(options), digest=digest)
+
+    def digest(self, node: Node, path: str) -> Any:
+        """``"0 9 * * *"`` (UTC) or ``{cron: "0 9 * * *", timezone: Europe/Berlin}``."""
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        from apscheduler.triggers.cron import CronTrigger
+
+        if isinstance(node, ScalarNode):
+            cron_node, tz_node, pairs = node, None, None
+        else:
+            pairs = self.mapping(node, path, ("cron", "timezone"))
+            if pairs is None:
+                return INVALID
+            if "cron" not in pairs:
+                return self.error(node, path, 'missing `cron`: a 5-field cron expression, e.g. "0 9 * * *"')
+            cron_node, tz_node = pairs["cron"][1], pairs.get("timezone", (None, None))[1]
+        cron_path = path if pairs is None else _sub(path, "cron")
+        cron = self.string(cron_node, cron_path)
+        tz_name = "UTC" if tz_node is None else self.string(tz_node, _sub(path, "timezone"))
+        if INVALID in (cron, tz_name):
+            return INVALID
+        try:
+            tz = ZoneInfo(tz_name)
+        except (ZoneInfoNotFoundError, ValueError):
+            return self.error(tz_node, _sub(path, "timezone"),
+                              f"unknown time zone {tz_name!r} (an IANA name such as UTC or Europe/Berlin)")
+        try:
+            CronTrigger.from_crontab(cron, timezone=tz)
+        except ValueError as exc:
+            return self.error(cron_node, cron_path, f"not a cron expression (minute hour day month weekday): {exc}")
+        weekday = cron.split()[4]
+        if re.search(r"\d", weekday):
+            self.warn(cron_node, cron_path, f"weekday {weekday!r}: numbers count from 0 = Monday here "
+                      "(APScheduler), not from 0 = Sunday as in crontab; names (mon-fri, sun) are unambiguous")
+        return DigestSpec(cron=cron, timezone=tz_name)
 
     def backend(self, node: Node, path: str) -> BackendSpec | None:
         # The option names are those ``actions.factory.make_backend`` reads.

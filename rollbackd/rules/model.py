@@ -16,6 +16,7 @@ __all__ = [
     "WindowSpec",
     "BackendSpec",
     "NotifierSpec",
+    "DigestSpec",
     "FalseAlarmBudget",
     "DeploymentSpec",
     "RuleSpec",
@@ -64,11 +65,22 @@ class BackendSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class DigestSpec:
+    """A digest of the incidents since the previous one, posted at each time the 5-field
+    ``cron`` expression names in ``timezone`` (an IANA name). Live daemon only."""
+
+    cron: str
+    timezone: str = "UTC"
+
+
+@dataclass(frozen=True, slots=True)
 class NotifierSpec:
-    """Where notices go: ``console`` (default), ``slack`` or ``none``."""
+    """Where notices go: ``console`` (default), ``slack`` or ``none``; ``digest``: when to post
+    a digest of the incidents there."""
 
     type: str = "console"
     options: Mapping[str, Any] = field(default_factory=lambda: _frozen(None))
+    digest: DigestSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
