@@ -52,6 +52,8 @@ def test_validate_accepts_a_good_file(tmp_path):
     out = rollbackd("validate", str(RULES), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert b"OK" in out.stdout and b"serving-error-rate" in out.stdout
+    assert (b"  demo-scorer: backend log, policy rollback, cooldown 30m, loop guard 3 per 1d, no approval, "
+            b"verify within 15m, known-good after 10m and 1000 predictions, dry run off (global)\n") in out.stdout
 
 
 def test_simulate_then_replay_from_stdin_writes_decisions_ledger_and_dead_letters(tmp_path):

@@ -653,3 +653,37 @@ def test_summary_names_rules_and_deployments():
 def test_module_all_is_importable():
     for name in loader.__all__:
         assert hasattr(loader, name)
+
+
+def test_summary_lists_each_deployments_backend_and_safety_rails():
+    config = load_config_text(textwrap.dedent("""
+        version: 1
+        settings:
+          dry_run: true
+          notifier: {type: console, digest: {cron: "0 9 * * *", timezone: Europe/Berlin}}
+        deployments:
+          fraud:
+            backend: {type: kubernetes, kind: argo-rollout, api_url: "https://k8s.example"}
+            policy: freeze
+            cooldown: 1h
+            loop_guard: {max_rollbacks: 2, per: 6h}
+            approval: {approvers: [alice, bob], timeout: 10m, default: approve}
+            verify_within: 20m
+            known_good_after: 30m
+            known_good_min_predictions: 5000
+            dry_run: false
+          quiet:
+            loop_guard: false
+        rules: []
+    """))
+    lines = summarize(config).splitlines()
+    assert lines[0].endswith("notifier console (digest '0 9 * * *' Europe/Berlin); lateness 30s")
+    assert lines[2] == (
+        "  fraud: backend kubernetes (argo-rollout), policy freeze, cooldown 1h, loop guard 2 per 6h, "
+        "approval by alice/bob within 10m else approve, verify within 20m, "
+        "known-good after 30m and 5000 predictions, dry run off"
+    )
+    assert lines[3] == (
+        "  quiet: backend log, policy rollback, cooldown 30m, no loop guard, no approval, "
+        "verify within 15m, known-good after 10m and 1000 predictions, dry run on (global)"
+    )

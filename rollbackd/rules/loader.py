@@ -1499,28 +1499,45 @@ class _Walker:
 # --------------------------------------------------------------------------- summary
 
 
+def _safety(dep: DeploymentSpec, global_dry_run: bool) -> list[str]:
+    """A deployment's backend and safety rails, as ``validate`` lists them."""
+    kind = dep.backend.options.get("kind")
+    out = [f"backend {dep.backend.type}" + (f" ({kind})" if kind else ""), f"policy {dep.policy}",
+           f"cooldown {format_duration(dep.cooldown)}"]
+    if dep.max_rollbacks is None:
+        out.append("no loop guard")
+    else:
+        out.append(f"loop guard {dep.max_rollbacks} per {format_duration(dep.loop_period)}")
+    a = dep.approval
+    out.append("no approval" if a is None else
+               f"approval by {'/'.join(a.approvers)} within {format_duration(a.timeout)} else {a.default}")
+    out.append(f"verify within {format_duration(dep.verify_within)}")
+    out.append(f"known-good after {format_duration(dep.known_good_after)} "
+               f"and {dep.known_good_min_predictions} predictions")
+    if dep.dry_run is None:
+        out.append(f"dry run {'on' if global_dry_run else 'off'} (global)")
+    else:
+        out.append(f"dry run {'on' if dep.dry_run else 'off'}")
+    if dep.reference:
+        out.append(f"reference {dep.reference}")
+    return out
+
+
 def summarize(config: Config) -> str:
     """A short human summary: what ``rollbackd validate`` prints for a valid file."""
     s = config.settings
+    digest = ""
+    if s.notifier.digest is not None:
+        digest = f" (digest {s.notifier.digest.cron!r} {s.notifier.digest.timezone})"
     lines = [
         f"{config.source or '<config>'}: {len(config.deployments)} deployment(s), "
         f"{len(config.rules)} rule(s); dry run {'on' if s.dry_run else 'off'}; "
-        f"notifier {s.notifier.type}; lateness {format_duration(s.lateness)}",
+        f"notifier {s.notifier.type}{digest}; lateness {format_duration(s.lateness)}",
     ]
     if config.deployments:
         lines.append("deployments:")
         for dep in config.deployments.values():
-            extra = []
-            if dep.dry_run is not None:
-                extra.append(f"dry run {'on' if dep.dry_run else 'off'}")
-            if dep.reference:
-                extra.append(f"reference {dep.reference}")
-            lines.append(
-                f"  {dep.name}: backend {dep.backend.type}, "
-                f"cooldown {format_duration(dep.cooldown)}, "
-                f"known-good after {format_duration(dep.known_good_after)}"
-                + "".join(f", {e}" for e in extra)
-            )
+            lines.append(f"  {dep.name}: " + ", ".join(_safety(dep, s.dry_run)))
     if config.rules:
         lines.append("rules:")
         for r in config.rules:
