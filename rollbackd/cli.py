@@ -466,6 +466,33 @@ def _kafka_options(values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def _group_state(servers: str, group_id: str, state_topic: str, decisions_topic: str,
+                 inputs: list[str], kconf: dict[str, str]) -> Any:
+    """The scale-out store, its topics created when missing (decisions: one partition per
+    input partition, so each task writes its own)."""
+    from confluent_kafka.admin import AdminClient
+
+    from rollbackd.daemon.scaleout import GroupState, ensure_topics
+    from rollbackd.errors import Recoverable
+
+    admin_conf = {k: v for k, v in kconf.items() if not k.startswith(("group.", "partition.assignment"))}
+    try:
+        admin = AdminClient({**admin_conf, "bootstrap.servers": servers})
+        meta = admin.list_topics(timeout=10).topics
+        partitions = max((len(meta[t].partitions) for t in inputs if t in meta), default=1)
+        ensure_topics(admin, state_topic, decisions_topic, partitions)
+        have = admin.list_topics(timeout=10).topics
+    except (Recoverable, Exception) as exc:  # noqa: BLE001 - a start-up error, said clearly
+        click.echo(f"rollbackd: cannot prepare {state_topic} / {decisions_topic}: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    for name in (state_topic, decisions_topic):
+        if len(have[name].partitions) < partitions:
+            click.echo(f"rollbackd: {name} has {len(have[name].partitions)} partition(s); the inputs have "
+                       f"{partitions}: give it at least as many (one per task)", err=True)
+            sys.exit(EXIT_CONFIG)
+    return GroupState(servers, group_id, state_topic, decisions_topic, config=admin_conf)
+
+
 def _start_digest(config: Any, notifier: Any, db: str, run_id: str) -> Any:
     """The digest of incidents (``settings.notifier.digest``) on a background scheduler, or None."""
     spec = config.settings.notifier.digest
@@ -519,11 +546,16 @@ def _bootstrap(value: str | None) -> str:
 @click.option("--http", "http_listen", envvar="ROLLBACKD_HTTP", default=None, metavar="[HOST:]PORT",
               help="Serve /metrics, /healthz, /readyz, /incidents (a bare port means 127.0.0.1; "
                    "0.0.0.0:9464 in a container).")
+@click.option("--state-topic", envvar="ROLLBACKD_STATE_TOPIC", default=None,
+              help="Scale out: keep task state in this compacted topic (instead of --checkpoint), so "
+                   "partitions can move between the instances of the group.")
+@click.option("--decisions-topic", envvar="ROLLBACKD_DECISIONS_TOPIC", default=None,
+              help="With --state-topic: publish every decision here (default: <state topic>.decisions).")
 def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: str | None, topics: tuple[str, ...],
         kafka_config: tuple[str, ...], dead_letter_topic: str | None, dead_letter: str, db: str,
         decisions_out: str, checkpoint: str, checkpoint_every: float, idle_after: float,
         lag_limit: int | None, blind_after: float, batch_size: int, dry_run: bool,
-        http_listen: str | None) -> None:
+        http_listen: str | None, state_topic: str | None, decisions_topic: str | None) -> None:
     """Run the daemon on Kafka: consume, decide, act; checkpoint and survive restarts."""
     import signal
 
@@ -532,6 +564,7 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
     from rollbackd.daemon.ledger import Ledger
     from rollbackd.daemon.replay import build_pipeline
     from rollbackd.daemon.run import Daemon, RunSettings
+    from rollbackd.daemon.scaleout import GroupDecisions, GroupRecorder
     from rollbackd.events import EventDecoder
 
     config, notifier, backends = _prepare(_load_config(rules), None, dry_run)
@@ -546,8 +579,18 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
     ledger.start_run("live", ",".join(topic_list), config.source, datetime.now(timezone.utc).isoformat())
     decisions = DecisionLog(decisions_out, append=True)
     dead = KafkaDeadLetter(servers, dead_letter_topic, config=kconf) if dead_letter_topic else None
+    group = None
+    sink: Any = decisions
+    recorder: Any = ledger
+    if state_topic:
+        group = _group_state(servers, group_id, state_topic, decisions_topic or f"{state_topic}.decisions",
+                             topic_list, kconf)
+        sink, recorder = GroupDecisions(decisions, group), GroupRecorder(ledger, group)
+        if len(topic_list) > 1:
+            # A task is one partition number of every input topic: co-partitioned assignment.
+            kconf.setdefault("partition.assignment.strategy", "range")
     pipeline = build_pipeline(
-        config, silences=ledger.silences(), decisions=decisions, recorder=ledger,
+        config, silences=ledger.silences(), decisions=sink, recorder=recorder,
         dead_letter_path=None if dead else dead_letter, notifier=notifier, backend_overrides=backends,
     )
     if dead is not None:
@@ -558,6 +601,7 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
         settings=RunSettings(checkpoint_path=checkpoint, checkpoint_every=checkpoint_every,
                              batch_size=batch_size, idle_after=idle_after, lag_limit=lag_limit,
                              blind_after=blind_after),
+        state=group,
     )
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -600,7 +644,9 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
         decisions.close()
         if dead is not None:
             dead.close()
-        ledger.finish_run(pipeline.summary())
+        if group is not None:
+            group.close()
+        ledger.finish_run(daemon.pipeline.summary())
         ledger.close()
 
 

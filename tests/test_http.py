@@ -166,7 +166,7 @@ def test_readyz_is_not_ready_until_the_state_is_restored(tmp_path):
     config = load_config(RULES)
     pipeline = build_pipeline(config, notifier=NullNotifier())
     checkpoint = tmp_path / "state.ckpt"
-    Checkpoint(pipeline.snapshot(), {"p:0": 5}, 0, {}).save(str(checkpoint))
+    Checkpoint({0: pipeline.snapshot()}, {"p:0": 5}, 0, {}).save(str(checkpoint))
     source = GatedSource()
     daemon = Daemon(pipeline, source, settings=RunSettings(checkpoint_path=str(checkpoint), checkpoint_every=60))
     loop = threading.Thread(target=daemon.run, name="loop", daemon=True)

@@ -127,7 +127,9 @@ def _consumer_config(
         "auto.offset.reset": "earliest",
         # Partitions that stay put keep flowing during a rebalance; hooks see only what moved.
         "partition.assignment.strategy": "cooperative-sticky",
-        "enable.partition.eof": eof,
+        # Always on: a partition read to its end tells the daemon that nothing older is coming
+        # (its task's event time may follow the others'); with stop_at_end, where to stop.
+        "enable.partition.eof": True,
         "logger": log,
     }
     conf.update(config)
@@ -207,6 +209,7 @@ class KafkaSource:
         self._starts: dict[tuple[str, int], int] = {}  # seek() targets not yet assigned
         self._eof: set[tuple[str, int]] = set()
         self._last: dict[tuple[str, int], int] = {}  # the partitions of the last batch
+        self._parts: dict[int, list[Event]] = {}  # the batch being read, by partition number
         self._pending: BrokerUnavailable | KafkaFatal | None = None
         self._exhausted = False
         self._closed = False
@@ -243,6 +246,7 @@ class KafkaSource:
                 raise classify(exc, "consume") from exc
         events: list[Event] = []
         rejects: list[Rejected] = []
+        self._parts = {}
         if msgs:
             errs = list(map(_error, msgs))
             # By type: KafkaError's == against None leaves an exception set (confluent-kafka 2.x).
@@ -258,7 +262,8 @@ class KafkaSource:
             self._raise_pending()
             if self._down is not None:
                 self._probe()
-        return Batch(events, rejects, self.position)
+        parts, self._parts = self._parts, {}
+        return Batch(events, rejects, self.position, parts)
 
     def commit(self, position: Any) -> None:
         """Commits ``position``'s offsets synchronously, for the partitions still assigned.
@@ -331,6 +336,13 @@ class KafkaSource:
         """``{"topic:partition": next offset}`` for each assigned partition read or sought."""
         return {f"{t}:{p}": o for (t, p), o in sorted(self._offsets.items())}
 
+    def at_end(self, partition: int) -> bool:
+        """True when every assigned topic's ``partition`` has been read to its end."""
+        mine = [tp for tp in self._assigned if tp[1] == partition]
+        return bool(mine) and all(tp in self._eof for tp in mine) and not any(
+            m.partition() == partition for m in self._buffer
+        )
+
     def assignment(self) -> Partitions:
         """The partitions this member holds now, sorted."""
         return sorted(self._assigned)
@@ -396,8 +408,15 @@ class KafkaSource:
                     events.append(ev)
         else:
             events.extend(decoded)
+        parts = list(map(_partition, msgs))
+        if parts[0] == parts[-1] and parts.count(parts[0]) == len(parts):
+            self._parts.setdefault(parts[0], []).extend(ev for ev in decoded if ev.__class__ is not Rejected)
+        else:
+            for p, ev in zip(parts, decoded):
+                if ev.__class__ is not Rejected:
+                    self._parts.setdefault(p, []).append(ev)
         # dict() keeps the last offset of each partition: message order within one is preserved.
-        last = dict(zip(zip(map(_topic, msgs), map(_partition, msgs)), map(_offset, msgs)))
+        last = dict(zip(zip(map(_topic, msgs), parts), map(_offset, msgs)))
         offsets = self._offsets
         for tp, offset in last.items():
             offsets[tp] = offset + 1

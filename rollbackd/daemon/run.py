@@ -12,10 +12,19 @@ Time: decisions run on event time (the watermark). The wall clock only schedules
 checkpoints, the idle tick that lets event time follow the wall clock when no events arrive
 (so windows still close and a stopped stream raises its no-data alert), and the "monitoring
 blind" notice when the source cannot be read.
+
+Tasks: a partitioned source (Kafka) gets one pipeline per partition number, as Kafka Streams
+keeps one task per partition: each has its own event time (a partition that lags does not make
+another's events late) and its own state, so a partition can move to another instance with its
+state (``state`` store, a compacted Kafka topic: see ``daemon/scaleout.py``). A task whose
+partitions are read to their end follows the most advanced task's event time: nothing older can
+come for it, so its windows close (and a stopped stream raises no-data) as in a replay.
 """
 
 from __future__ import annotations
 
+import math
+import collections
 import os
 import pickle
 import tempfile
@@ -32,7 +41,7 @@ from rollbackd.daemon.pipeline import Pipeline
 from rollbackd.daemon.sources import EventSource
 from rollbackd.errors import Recoverable
 
-__all__ = ["RunSettings", "Checkpoint", "Daemon"]
+__all__ = ["RunSettings", "Checkpoint", "Daemon", "Task", "PipelinesView"]
 
 log = structlog.get_logger("rollbackd.run")
 
@@ -46,9 +55,13 @@ class RunSettings:
     blind_after: float = 30.0  # wall seconds the source fails before the blind notice
     lag_limit: int | None = None  # consumer lag (messages) that also counts as blind
     backoff_max: float = 10.0
+    # A partition read to its end that brought nothing for this long (wall seconds) lets its
+    # task's event time follow the most advanced task's: a short wait, so that a partition
+    # merely read faster than it is written is not taken for a silent one.
+    partition_idle_after: float = 2.0
 
     def __post_init__(self) -> None:
-        for name in ("checkpoint_every", "idle_after", "blind_after", "backoff_max"):
+        for name in ("checkpoint_every", "idle_after", "blind_after", "backoff_max", "partition_idle_after"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if self.batch_size < 1:
@@ -57,7 +70,7 @@ class RunSettings:
 
 @dataclass(slots=True)
 class Checkpoint:
-    pipeline: bytes
+    pipelines: dict[int, bytes]  # task (partition number; 0 for an unpartitioned source) -> snapshot
     position: Any
     decisions_offset: int
     ledger_marks: dict[str, int]
@@ -82,13 +95,134 @@ class Checkpoint:
                 cp = pickle.load(fh)
         except FileNotFoundError:
             return None
+        except (pickle.UnpicklingError, TypeError, AttributeError, EOFError) as exc:
+            raise ValueError(f"{path} is not a checkpoint this rollbackd can read ({exc}); "
+                             "move it away to start afresh") from exc
         if not isinstance(cp, Checkpoint):
             raise ValueError(f"{path} is not a rollbackd checkpoint")
         return cp
 
 
+@dataclass(slots=True)
+class Task:
+    """One partition's pipeline and the wall-clock facts its event time needs."""
+
+    key: int
+    pipeline: Pipeline
+    last_event_wall: float | None = None
+    event_time_at_last_event: float = -math.inf
+
+    @property
+    def watermark(self) -> float:
+        return self.pipeline.max_event_time - self.pipeline.lateness
+
+
+class PipelinesView:
+    """The tasks' pipelines read as one, for /metrics, /incidents and the gate."""
+
+    def __init__(self, daemon: "Daemon") -> None:
+        self._daemon = daemon
+
+    def _all(self) -> list[Pipeline]:
+        return [t.pipeline for _, t in sorted(self._daemon.tasks.items())] or [self._daemon.prototype]
+
+    def __getattr__(self, name: str) -> Any:  # config, lateness, edges, silences: shared
+        return getattr(self._daemon.prototype, name)
+
+    @property
+    def counters(self) -> Any:
+        return sum((p.counters for p in self._all()), collections.Counter())
+
+    @property
+    def rejects(self) -> Any:
+        return sum((p.rejects for p in self._all()), collections.Counter())
+
+    @property
+    def max_event_time(self) -> float:
+        return max(p.max_event_time for p in self._all())
+
+    @property
+    def alerts(self) -> dict[Any, Any]:
+        out: dict[Any, Any] = {}
+        for p in self._all():
+            out.update(p.alerts)
+        return out
+
+    @property
+    def joiner(self) -> Any:
+        return _JoinersView([p.joiner for p in self._all()])
+
+    @property
+    def book(self) -> Any:
+        books = [p.book for p in self._all()]
+        return _BooksView({k: v for b in books for k, v in dict(b.open).items()},
+                          [i for b in books for i in list(b.closed)])
+
+    @property
+    def versions(self) -> dict[Any, Any]:
+        out: dict[Any, Any] = {}
+        for p in self._all():
+            out.update(p.versions)
+        return out
+
+    def incidents(self) -> list[Any]:
+        return sorted((i for p in self._all() for i in p.incidents()), key=lambda i: (i.opened_at, i.id))
+
+    def summary(self) -> dict[str, Any]:
+        parts = [p.summary() for p in self._all()]
+        out: dict[str, Any] = {}
+        for part in parts:
+            for key, value in part.items():
+                if isinstance(value, dict):
+                    acc = out.setdefault(key, {})
+                    for k, v in value.items():
+                        acc[k] = acc.get(k, 0) + v if isinstance(v, (int, float)) else v
+                elif isinstance(value, list):
+                    out[key] = sorted([*out.get(key, []), *value])
+                else:
+                    out[key] = out.get(key, 0) + value
+        return out
+
+
+@dataclass
+class _BooksView:
+    open: dict[Any, Any]
+    closed: list[Any]
+
+
+class _JoinersView:
+    def __init__(self, joiners: list[Any]) -> None:
+        self._joiners = joiners
+
+    def __len__(self) -> int:
+        return sum(len(j) for j in self._joiners)
+
+    @property
+    def stats(self) -> Any:
+        return _StatsView([j.stats for j in self._joiners])
+
+
+class _StatsView:
+    def __init__(self, stats: list[Any]) -> None:
+        self._stats = stats
+
+    def to_record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for s in self._stats:
+            for k, v in s.to_record().items():
+                out[k] = out.get(k, 0) + v if isinstance(v, (int, float)) else v
+        return out
+
+
 class Daemon:
-    """Drives a pipeline from a live source until ``stop()``."""
+    """Drives a pipeline per source partition (one for an unpartitioned source) until ``stop()``.
+
+    ``pipeline`` is the first task's pipeline; ``make_pipeline`` builds the others (default: a
+    pipeline with the same config, edges and silences). With a ``state`` store (a compacted
+    Kafka topic, :class:`~rollbackd.daemon.scaleout.KafkaStateStore`), tasks are checkpointed
+    there, one record per partition, and restored when the partition is assigned to this
+    instance; without one, every task goes into one checkpoint file.
+    """
 
     def __init__(
         self,
@@ -102,14 +236,22 @@ class Daemon:
         clock: Clock | None = None,
         wait: Callable[[float], bool] | None = None,
         name: str = "rollbackd",
+        make_pipeline: Callable[[], Pipeline] | None = None,
+        state: Any = None,
     ) -> None:
-        self.pipeline = pipeline
+        self.prototype = pipeline
+        self._unused: Pipeline | None = pipeline
+        self.make_pipeline = make_pipeline or (
+            lambda: Pipeline(pipeline.config, pipeline.edges, pipeline.silences)
+        )
         self.source = source
         self.settings = settings
         self.ledger = ledger
         self.decisions = decisions
         self.notifier = notifier
         self.clock = clock or WallClock()
+        self.state = state
+        self.tasks: dict[int, Task] = {}
         self._stop = threading.Event()
         self._wait = wait or self._stop.wait
         self.name = name
@@ -117,10 +259,28 @@ class Daemon:
         self.blind_since: float | None = None
         self.blind_notified = False
         self.events = 0
-        self._last_event_wall: float | None = None
-        self._event_time_at_last_event = float("-inf")
         self._position: Any = None
         self._last_checkpoint = self.clock.now()
+        self.view = PipelinesView(self)
+        if state is not None:
+            for hook, fn in (("on_assign", self._assigned), ("on_revoke", self._revoked),
+                             ("on_lost", self._lost)):
+                if hasattr(source, hook):
+                    setattr(source, hook, fn)
+
+    @property
+    def pipeline(self) -> Any:
+        """The pipeline, or with several tasks a read-only view of them all."""
+        if len(self.tasks) <= 1 and self.state is None:
+            return next(iter(self.tasks.values())).pipeline if self.tasks else self.prototype
+        return self.view
+
+    def task(self, key: int) -> Task:
+        task = self.tasks.get(key)
+        if task is None:
+            pipeline, self._unused = (self._unused, None) if self._unused is not None else (self.make_pipeline(), None)
+            task = self.tasks[key] = Task(key, pipeline)
+        return task
 
     # Control -----------------------------------------------------------------------
     def stop(self) -> None:
@@ -132,13 +292,17 @@ class Daemon:
 
     # Start -------------------------------------------------------------------------
     def restore(self) -> bool:
+        if self.state is not None:  # tasks come back one by one, as partitions are assigned
+            self.ready.set()
+            return False
         cp = Checkpoint.load(self.settings.checkpoint_path)
         if cp is None:
             log.info("checkpoint.none", path=self.settings.checkpoint_path)
             self.ready.set()
             return False
-        for warning in self.pipeline.restore(cp.pipeline):
-            log.warning("checkpoint.rule_changed", detail=warning)
+        for key, blob in sorted(cp.pipelines.items()):
+            for warning in self.task(key).pipeline.restore(blob):
+                log.warning("checkpoint.rule_changed", task=key, detail=warning)
         if self.decisions is not None and hasattr(self.decisions, "truncate"):
             self.decisions.truncate(cp.decisions_offset)
         if self.ledger is not None:
@@ -148,27 +312,83 @@ class Daemon:
         if cp.position is not None and seek is not None:
             seek(cp.position)
         self._position = cp.position
-        log.info("checkpoint.restored", path=self.settings.checkpoint_path,
-                 event_time=self.pipeline.max_event_time)
+        log.info("checkpoint.restored", path=self.settings.checkpoint_path, tasks=sorted(cp.pipelines),
+                 event_time=max((t.pipeline.max_event_time for t in self.tasks.values()), default=None))
         self.ready.set()
         return True
 
     def checkpoint(self) -> None:
         if self._position is None:
             return
-        cp = Checkpoint(
-            pipeline=self.pipeline.snapshot(),
-            position=self._position,
-            decisions_offset=self.decisions.offset() if self.decisions is not None and hasattr(self.decisions, "offset") else 0,
-            ledger_marks=self.ledger.high_water() if self.ledger is not None else {},
-        )
-        flush = getattr(self.pipeline.edges.dead_letters, "flush", None)
+        flush = getattr(self.prototype.edges.dead_letters, "flush", None)
         if flush is not None:
             flush()
-        cp.save(self.settings.checkpoint_path)
+        if self.state is not None:
+            self.state.save({k: self._task_state(k) for k in sorted(self.tasks)})
+        else:
+            cp = Checkpoint(
+                pipelines={k: t.pipeline.snapshot() for k, t in sorted(self.tasks.items())},
+                position=self._position,
+                decisions_offset=self.decisions.offset() if self.decisions is not None and hasattr(self.decisions, "offset") else 0,
+                ledger_marks=self.ledger.high_water() if self.ledger is not None else {},
+            )
+            cp.save(self.settings.checkpoint_path)
         # Only now may the source forget these events.
         self.source.commit(self._position)
         self._last_checkpoint = self.clock.now()
+
+    # Partitions moving (state store) ------------------------------------------------
+    def _task_state(self, key: int) -> dict[str, Any]:
+        position = {tp: off for tp, off in (self._position or {}).items() if _partition_of(tp) == key}
+        return self.state.task_state(key, self.tasks[key].pipeline.snapshot(), position)
+
+    def _assigned(self, partitions: list[tuple[str, int]]) -> None:
+        for key in sorted({p for _, p in partitions} - set(self.tasks)):
+            task = self.task(key)
+            saved = self.state.load(key)
+            if saved is None:
+                log.info("task.started", task=key)
+                continue
+            for warning in task.pipeline.restore(saved["pipeline"]):
+                log.warning("checkpoint.rule_changed", task=key, detail=warning)
+            self.state.adopt(key, saved)
+            if saved["position"]:
+                self.source.seek(saved["position"])  # type: ignore[attr-defined]
+                self._position = {**(self._position or {}), **saved["position"]}
+            log.info("task.restored", task=key, position=saved["position"],
+                     event_time=task.pipeline.max_event_time)
+
+    def _revoked(self, partitions: list[tuple[str, int]]) -> None:
+        gone = self._gone(partitions)
+        if not gone:
+            return
+        if self._position is not None:
+            self.state.save({k: self._task_state(k) for k in gone})
+            mine = {tp: off for tp, off in self._position.items() if _partition_of(tp) in gone}
+            try:
+                self.source.commit(mine)
+            except Recoverable as exc:  # the state record covers them: the next owner seeks there
+                log.warning("task.commit_failed", tasks=gone, detail=str(exc))
+        self._drop(gone)
+
+    def _lost(self, partitions: list[tuple[str, int]]) -> None:
+        self._drop(self._gone(partitions))  # another member may own them already: no writes
+
+    def _gone(self, partitions: list[tuple[str, int]]) -> list[int]:
+        keys = {p for _, p in partitions}
+        held = set(getattr(self.source, "assignment", lambda: [])())
+        still = {p for tp, p in held if tp not in partitions and (tp, p) not in partitions}
+        return sorted(k for k in keys if k in self.tasks and k not in still)
+
+    def _drop(self, keys: list[int]) -> None:
+        release = getattr(self.state, "release", None)
+        for key in keys:
+            self.tasks.pop(key, None)
+            if release is not None:
+                release(key)
+            log.info("task.handed_over", task=key)
+        if self._position is not None:
+            self._position = {tp: o for tp, o in self._position.items() if _partition_of(tp) not in keys}
 
     # The loop ----------------------------------------------------------------------
     def run(self) -> None:
@@ -198,41 +418,71 @@ class Daemon:
     def step(self, batch: Any) -> None:
         """One batch (possibly empty): ingest, advance event time, checkpoint when due."""
         now = self.clock.now()
-        p = self.pipeline
+        parts = batch.parts if batch.parts is not None else ({0: batch.events} if batch.events else {})
         if batch.rejects:
-            p.reject(batch.rejects)
-        if batch.events:
-            p.ingest(batch.events)
-            self.events += len(batch.events)
-            self._last_event_wall = now
-            self._event_time_at_last_event = p.max_event_time
+            by_task: dict[int, list[Any]] = {}
+            for r in batch.rejects:
+                pos = r.position
+                key = pos.get("partition", 0) if isinstance(pos, dict) else 0
+                by_task.setdefault(key if batch.parts is not None else 0, []).append(r)
+            for key, rejects in sorted(by_task.items()):
+                self._select(key)
+                self.task(key).pipeline.reject(rejects)
+        for key, events in parts.items():
+            if not events:
+                continue
+            task = self.task(key)
+            self._select(key)
+            task.pipeline.ingest(events)
+            self.events += len(events)
+            task.last_event_wall = now
+            task.event_time_at_last_event = task.pipeline.max_event_time
         if batch.events or batch.rejects:
             self._position = batch.position
         self._source_ok()
-        p.advance(self.event_now(now))
+        lead = max((t.watermark for t in self.tasks.values()), default=-math.inf)
+        for key, task in sorted(self.tasks.items()):
+            self._select(key)
+            task.pipeline.advance(self.event_now(now, task, lead))
         self._check_lag()
         if now - self._last_checkpoint >= self.settings.checkpoint_every:
             try:
                 self.checkpoint()
             except Recoverable as exc:
-                # The checkpoint file is written; only the offset commit failed. The next
+                # The checkpoint is written; only the offset commit failed. The next
                 # checkpoint's commit covers these offsets too.
                 log.warning("checkpoint.commit_failed", detail=str(exc))
                 self._last_checkpoint = now
 
-    def event_now(self, wall_now: float) -> float:
-        """The watermark, moved on by the wall clock once the stream has been idle.
+    def _select(self, key: int) -> None:
+        """Decisions made from here on belong to task ``key`` (the decisions topic's partition)."""
+        select = getattr(self.state, "select", None)
+        if select is not None:
+            select(key)
 
-        Idle time is measured from the last event in wall time and added to the event
-        time of that event, so a recording published with old timestamps is not thrown
-        forward to today.
+    def event_now(self, wall_now: float, task: Task | None = None, lead: float | None = None) -> float:
+        """A task's watermark, moved on when nothing more can come for it now.
+
+        Read to the end of its partitions and quiet for ``partition_idle_after``, a task follows
+        ``lead`` (the most advanced task's watermark): as in a replay, where one stream's silence
+        does not stop the clock. Idle
+        for ``idle_after`` in wall time, it follows the wall clock from the event time of its
+        last event, so a recording published with old timestamps is not thrown forward to today.
         """
-        wm = self.pipeline.max_event_time - self.pipeline.lateness
-        if self._last_event_wall is None:
+        if task is None:
+            task = self.tasks[min(self.tasks)] if self.tasks else Task(0, self.prototype)
+        wm = task.watermark
+        at_end = getattr(self.source, "at_end", None)
+        if lead is not None and lead > wm and at_end is not None and at_end(task.key) and (
+            task.last_event_wall is None
+            or wall_now - task.last_event_wall >= self.settings.partition_idle_after
+        ):
+            wm = lead
+        if task.last_event_wall is None:
             return wm
-        idle = wall_now - self._last_event_wall
+        idle = wall_now - task.last_event_wall
         if idle >= self.settings.idle_after:
-            wm = max(wm, self._event_time_at_last_event + idle - self.pipeline.lateness)
+            wm = max(wm, task.event_time_at_last_event + idle - task.pipeline.lateness)
         return wm
 
     # Monitoring the monitor ----------------------------------------------------------
@@ -287,3 +537,8 @@ class Daemon:
                 "incident_id": notice.incident_id, "status": result.status,
                 "detail": text, "notice": kind,
             }, "finished")
+
+
+def _partition_of(tp: str) -> int:
+    """``"topic:3"`` → 3."""
+    return int(str(tp).rpartition(":")[2])

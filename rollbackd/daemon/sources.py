@@ -43,6 +43,9 @@ class Batch:
     events: list[Event]
     rejects: list[Rejected]
     position: Any
+    # A partitioned source (Kafka) also hands out ``events`` split by partition number, in order
+    # within each: the live daemon keeps one pipeline (task) per partition, as Kafka Streams does.
+    parts: dict[int, list[Event]] | None = None
 
 
 @runtime_checkable
