@@ -75,3 +75,19 @@ def test_each_partition_keeps_its_own_event_time_and_a_silent_one_follows_the_le
     view = daemon.pipeline
     assert view.counters["predictions"] == t0.pipeline.counters["predictions"] + t1.pipeline.counters["predictions"]
     assert view.max_event_time == t0.pipeline.max_event_time
+
+
+def test_a_task_is_handed_over_only_when_all_its_partitions_leave(tmp_path):
+    config = load_config(RULES)
+
+    class Source(Partitioned):
+        held = [("outcomes", 0), ("outcomes", 1), ("predictions", 0), ("predictions", 1)]
+
+        def assignment(self):
+            return list(self.held)
+
+    daemon = Daemon(build_pipeline(config), Source(), settings=RunSettings(checkpoint_path=str(tmp_path / "c")))
+    daemon.task(0), daemon.task(1)
+    assert daemon._gone([("predictions", 1)]) == []  # outcomes:1 stays: task 1 stays
+    assert daemon._gone([("predictions", 1), ("outcomes", 1)]) == [1]
+    assert daemon._gone([("predictions", 0), ("outcomes", 0), ("predictions", 1), ("outcomes", 1)]) == [0, 1]

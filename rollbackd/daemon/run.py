@@ -373,10 +373,11 @@ class Daemon:
         self._drop(self._gone(partitions))  # another member may own them already: no writes
 
     def _gone(self, partitions: list[tuple[str, int]]) -> list[int]:
-        keys = {p for _, p in partitions}
-        held = set(getattr(self.source, "assignment", lambda: [])())
-        still = {p for tp, p in held if tp not in partitions and (tp, p) not in partitions}
-        return sorted(k for k in keys if k in self.tasks and k not in still)
+        """The tasks left with none of their partitions once ``partitions`` go (the source still
+        lists them as assigned while the hook runs)."""
+        leaving = set(partitions)
+        staying = {p for t, p in getattr(self.source, "assignment", lambda: [])() if (t, p) not in leaving}
+        return sorted({p for _, p in leaving} & set(self.tasks) - staying)
 
     def _drop(self, keys: list[int]) -> None:
         release = getattr(self.state, "release", None)
