@@ -36,10 +36,10 @@ from rollbackd.actions.base import (
 )
 from rollbackd.actions.policy import SafetyPolicy, SafetyState
 from rollbackd.daemon.decisions import DecisionSink, NullDecisions
-from rollbackd.daemon.join import OutcomeJoiner
+from rollbackd.daemon.join import OutcomeJoiner, Pending
 from rollbackd.daemon.versions import VersionHistory
 from rollbackd.daemon.windows import WindowAssembler
-from rollbackd.detectors.base import REGISTRY, Detector, Measurement, Reference, Window, make_detector
+from rollbackd.detectors.base import REGISTRY, Detector, Labeled, Measurement, Reference, Window, make_detector
 from rollbackd.events import Deploy, Event, Outcome, Prediction, Rejected
 from rollbackd.rules.alerts import Alert, AlertState, step
 from rollbackd.rules.incidents import ActionsDue, Incident, IncidentBook, IncidentChange, NoticeDue
@@ -156,9 +156,10 @@ class Pipeline:
         slots = self._slots
         joiner = self.joiner
         pending_get = joiner.pending_books().get
-        match = self.joiner.match
-        pane_for = self.assembler.pane
+        horizon = joiner.horizon
         n_pred = n_out = n_late = n_pending = 0
+        # OutcomeJoiner.match's outcomes, counted here and added to its stats at the end.
+        n_popped = n_joined = n_unmatched = n_expired = n_not_needed = 0
         room = max(1, joiner.max_pending - len(joiner))  # inserts before the cap is reached
         for ev in events:
             ts = ev.ts
@@ -183,30 +184,69 @@ class Pipeline:
                     if ev.id in book:  # type: ignore[union-attr]
                         joiner.stats.duplicate_predictions += 1
                     else:
-                        book[ev.id] = (ts, ev.variant, ev.model_version, ev.prediction, ev.score)  # type: ignore[union-attr]
+                        book[ev.id] = Pending(ts, ev.variant, ev.model_version, ev.prediction, ev.score)  # type: ignore[union-attr]
                         n_pending += 1
                         if n_pending >= room:  # the cap binds: evict now, event by event
-                            joiner.added(n_pending)
-                            n_pending, room = 0, max(1, joiner.max_pending - len(joiner))
+                            joiner.added(n_pending, n_popped)
+                            n_pending = n_popped = 0
+                            room = max(1, joiner.max_pending - len(joiner))
             elif cls is Outcome:
                 n_out += 1
-                lab = match(ev)  # type: ignore[arg-type]
-                if lab is not None:
-                    pane_for((ev.deployment, lab.variant), int(ts // g)).outcomes.append(lab)  # type: ignore[union-attr]
+                # OutcomeJoiner.match, inlined: this runs for every outcome.
+                book = pending_get(ev.deployment)  # type: ignore[union-attr]
+                if book is None:
+                    n_not_needed += 1
+                    continue
+                entry = book.pop(ev.id, None)  # type: ignore[union-attr]
+                if entry is None:
+                    n_unmatched += 1
+                    continue
+                n_popped += 1
+                if type(entry) is not Pending:  # a tuple, from a checkpoint of an older rollbackd
+                    entry = Pending(*entry)
+                if ts - entry.ts > horizon:
+                    n_expired += 1
+                    continue
+                n_joined += 1
+                # The label goes into the pane of its own ts, under its prediction's variant.
+                key = (ev.deployment, entry.variant)  # type: ignore[union-attr]
+                idx = int(ts // g)
+                slot = slots.get(key)
+                if slot is None or slot[0] != idx:
+                    slot = self._outcome_slot(key, idx)
+                slot[2].append(Labeled(
+                    entry.ts, ts, entry.variant, entry.model_version, entry.prediction, entry.score,
+                    ev.label,  # type: ignore[union-attr]
+                ))
             else:
                 self.counters["deploys"] += 1
                 self._deploy(ev, ts)  # type: ignore[arg-type]
         self.max_event_time = max_ts
-        joiner.added(n_pending)
+        joiner.added(n_pending, n_popped)
+        stats = joiner.stats
+        stats.joined += n_joined
+        stats.unmatched_outcomes += n_unmatched
+        stats.expired_outcomes += n_expired
+        stats.not_needed += n_not_needed
         self.counters["predictions"] += n_pred
         self.counters["outcomes"] += n_out
         self.counters["late"] += n_late
 
-    def _slot(self, key: Key, idx: int) -> tuple[int, list[Prediction]]:
-        """The prediction list of pane ``idx`` of ``key``, cached for the hot loop."""
+    def _slot(self, key: Key, idx: int) -> tuple[int, list[Prediction], list[Labeled]]:
+        """The prediction and label lists of pane ``idx`` of ``key``, cached for the hot loop."""
         if key not in self._known_keys:
             self._new_key(key)
-        slot = self._slots[key] = (idx, self.assembler.pane(key, idx).predictions)
+        pane = self.assembler.pane(key, idx)
+        slot = self._slots[key] = (idx, pane.predictions, pane.outcomes)
+        return slot
+
+    def _outcome_slot(self, key: Key, idx: int) -> tuple[int, list[Prediction], list[Labeled]]:
+        """Like ``_slot`` for a label, which does not make its key known: cached only when the
+        key is known already (its predictions were seen)."""
+        pane = self.assembler.pane(key, idx)
+        slot = (idx, pane.predictions, pane.outcomes)
+        if key in self._known_keys:
+            self._slots[key] = slot
         return slot
 
     def reject(self, rejects: Iterable[Rejected]) -> None:
