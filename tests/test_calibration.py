@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from scipy import stats as sps
 
 from rollbackd.detectors import Calibration, Labeled, Window, make_detector
+from rollbackd.detectors.calibration import usable_pairs
+from rollbackd.detectors.model_error import binary_value
 from rollbackd.detectors.stats import (
     brier_score,
     calibration_bins,
@@ -122,6 +124,50 @@ def test_bins_validation_and_batched_ece() -> None:
     batched = ece_resampled(idx, p, ys, 7)
     for row, y in zip(batched, ys):
         assert math.isclose(row, expected_calibration_error(p, y, 7, "width"), rel_tol=1e-12)
+
+
+# Every spelling a label can have on the wire (msgspec: float | str | bool), the usual ones often.
+label_values = st.one_of(
+    st.booleans(),
+    st.sampled_from([0, 1, 2, -1, 255, 256, 2**70, 0.0, 1.0, -0.0, 0.5, math.nan, math.inf]),
+    st.sampled_from(["1", "0", "yes", "no", " True ", "1.0", "+1", "01", "nan", ""]),
+    st.floats(allow_nan=True),
+    st.integers(),
+)
+
+
+# A window's labels are usually all of one kind: all bools, all small ints, or a mix.
+label_columns = st.one_of(
+    st.lists(st.booleans(), max_size=60),
+    st.lists(st.one_of(st.booleans(), st.sampled_from([0, 1, 2, 255, 256, -1])), max_size=60),
+    st.lists(label_values, max_size=60),
+)
+
+
+@FAST
+@given(
+    labels=label_columns,
+    scores=st.lists(st.one_of(st.floats(0.0, 1.0), st.none(), st.just(math.nan)), min_size=60, max_size=60),
+    with_versions=st.booleans(),
+)
+def test_usable_pairs_read_labels_as_binary_value_does(
+    labels: list[Any], scores: list[float | None], with_versions: bool
+) -> None:
+    rows = list(zip(scores, labels))
+    outcomes = [
+        Labeled(float(i), i + 1.0, "primary", f"v{i % 3}", None, s, lab)
+        for i, (s, lab) in enumerate(rows)
+    ]
+    kept = [
+        (s, binary_value(lab), f"v{i % 3}")
+        for i, (s, lab) in enumerate(rows)
+        if s is not None and not math.isnan(s) and binary_value(lab) is not None
+    ]
+    p, y, versions, unusable = usable_pairs(outcomes, with_versions=with_versions)
+    assert p.tolist() == [k[0] for k in kept]
+    assert y.tolist() == [float(k[1]) for k in kept]
+    assert versions == ([k[2] for k in kept] if with_versions else [])
+    assert unusable == len(rows) - len(kept)
 
 
 # -- the detector ------------------------------------------------------------------------------

@@ -36,25 +36,40 @@ def usable_pairs(
     outcomes: Sequence[Labeled], with_versions: bool = False
 ) -> tuple[np.ndarray, np.ndarray, list[str], int]:
     """Scores, 0/1 labels (and model versions) of the outcomes that have both; the rest's count."""
-    if not outcomes:
+    n = len(outcomes)
+    if not n:
         return np.empty(0), np.empty(0), [], 0
-    scores = list(map(_get_score, outcomes))
-    raw = list(map(_get_label, outcomes))
-    # A label column holds a handful of distinct values: read each spelling once.
-    codes = {v: binary_value(v) for v in set(raw)}
-    if all(type(v) in _NUMERIC and codes[v] == v for v in codes):
-        y = np.array(raw, dtype=float)  # already 0/1 (bools, ints or floats): no lookups
-    else:
-        y = np.array([codes[v] for v in raw], dtype=float)  # None -> nan
-    p = np.array(scores, dtype=float)  # None -> nan
-    ok = ~(np.isnan(p) | np.isnan(y))
-    n_ok = int(ok.sum())
+    # One C-level pass per column: a missing score becomes nan.
+    p = np.fromiter(map(_get_score, outcomes), float, n)
+    y = _binary_labels(list(map(_get_label, outcomes)))
+    bad = np.isnan(p) | np.isnan(y)
+    if not bad.any():
+        return p, y, list(map(_get_version, outcomes)) if with_versions else [], 0
+    ok = ~bad
     versions: list[str] = []
     if with_versions:
         versions = [v for v, keep in zip(map(_get_version, outcomes), ok.tolist()) if keep]
-    if n_ok == len(outcomes):
-        return p, y, versions, 0
-    return p[ok], y[ok], versions, len(outcomes) - n_ok
+    return p[ok], y[ok], versions, n - int(np.count_nonzero(ok))
+
+
+def _binary_labels(raw: list[Any]) -> np.ndarray:
+    """Labels as :func:`binary_value` reads them, as floats (nan where it gives None)."""
+    try:
+        # bool (or int) labels, the usual case: bytes() converts them in one C loop and
+        # raises on anything else (floats, strings, None, negative or large ints).
+        codes = np.frombuffer(bytes(raw), dtype=np.uint8)
+    except (TypeError, ValueError):
+        pass
+    else:
+        y = codes.astype(float)
+        if codes.max() > 1:
+            y[codes > 1] = np.nan
+        return y
+    # A label column holds a handful of distinct values: read each spelling once.
+    codes_of = {v: binary_value(v) for v in set(raw)}
+    if all(type(v) in _NUMERIC and codes_of[v] == v for v in codes_of):
+        return np.array(raw, dtype=float)  # already 0/1 (ints or floats): no lookups
+    return np.array([codes_of[v] for v in raw], dtype=float)  # None -> nan
 
 
 @register("calibration")
