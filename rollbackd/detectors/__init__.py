@@ -14,6 +14,9 @@ from rollbackd.detectors.base import (
     make_detector,
     register,
 )
+# alibi-detect's detectors register by name; alibi-detect itself is imported only when one is
+# built (an optional, BSL-licensed extra).
+from rollbackd.detectors.alibi import AlibiCVMOnline, AlibiLSDD, AlibiMMD
 from rollbackd.detectors.burn_rate import BurnRate
 from rollbackd.detectors.calibration import Calibration
 from rollbackd.detectors.canary import Canary
@@ -35,6 +38,9 @@ __all__ = [
     "Window",
     "make_detector",
     "register",
+    "AlibiCVMOnline",
+    "AlibiLSDD",
+    "AlibiMMD",
     "BurnRate",
     "Calibration",
     "Canary",
