@@ -194,3 +194,21 @@ class EventDecoder:
         # No finiteness check needed here: JSON has no NaN/Infinity literals and msgspec
         # rejects numbers that overflow a double ("Number out of range"), features included.
         return ev
+
+    def decode_lines(self, lines: list[bytes]) -> list[Event | Rejected]:
+        """``[self.decode(raw) for raw in lines]``, faster: the lines are decoded in one C loop
+        and only a line that fails (or a batch holding one over the size limit) goes through
+        :meth:`decode`, so each bad line is still rejected on its own with its reason."""
+        out: list[Event | Rejected] = []
+        if lines and max(map(len, lines)) > self.max_event_bytes:
+            out.extend(map(self.decode, lines))
+            return out
+        it = iter(lines)
+        while True:
+            try:
+                # extend() keeps what it appended before an exception; map() has then taken
+                # exactly the line that failed from ``it``, and goes on after it.
+                out.extend(map(self._decoder.decode, it))
+                return out
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                out.append(self.decode(lines[len(out)]))

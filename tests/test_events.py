@@ -296,6 +296,26 @@ def test_decoder_never_raises_on_bytes(raw: bytes) -> None:
         assert out.reason in REJECT_REASONS
 
 
+def test_decode_lines_is_decode_of_each_line() -> None:
+    """The batch path: one C loop while lines decode, each bad line rejected on its own."""
+    good = [P(), O(), D(), P(ts="2016-12-31T23:59:60Z")]  # the last one through the leap fix
+    bad = [b"", b"{oops", O(label=None), P(score=1.5), b"\xff\xfe", O(ts="2026-11-20T10:15:02")]
+    cases = [good, bad, [bad[1], *good], [*good, bad[1]], good + bad + good, bad + good + bad, []]
+    for lines in cases:
+        assert DECODER.decode_lines(lines) == [DECODER.decode(raw) for raw in lines]
+    small = EventDecoder(max_event_bytes=120)
+    lines = [O(), P(features={"blob": "x" * 200}), b"{oops", O(id="r-2")]
+    out = small.decode_lines(lines)
+    assert out == [small.decode(raw) for raw in lines]
+    assert [getattr(r, "reason", None) for r in out] == [None, "oversize", "invalid_json", None]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([P(), O(), D(), b"", b"{oops", P(score=2.0), O(id=7)]), max_size=12))
+def test_decode_lines_on_any_mix(lines: list[bytes]) -> None:
+    assert DECODER.decode_lines(lines) == [DECODER.decode(raw) for raw in lines]
+
+
 JSONISH = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),

@@ -57,6 +57,14 @@ SHADOW_ARM = "shadow"
 _model_version = attrgetter("model_version")
 
 
+def _count_versions(predictions: list[Prediction]) -> dict[str, int]:
+    """Predictions per model version, in order of first appearance (as ``Window.versions``)."""
+    distinct = set(map(_model_version, predictions))
+    if len(distinct) == 1:  # the usual case, at a fraction of Counter's cost
+        return {distinct.pop(): len(predictions)}
+    return dict(Counter(map(_model_version, predictions)))
+
+
 class Recorder:
     """What the pipeline needs of a ledger (``daemon.ledger.Ledger`` implements it)."""
 
@@ -297,12 +305,18 @@ class Pipeline:
     def _boundary(self, t: float) -> None:
         g = self.assembler.granularity
         last_idx = int(round(t / g)) - 1
+        # The windows closing here, cut first: one that is exactly the pane that just closed
+        # has its versions counted already (on the way to its columns), so the pane is not read
+        # twice.
+        due = list(self.assembler.windows_at(t))
+        same_list: dict[int, Window] = {id(w.predictions): w for _, w in due}
         for key in self.assembler.keys():
             pane = self.assembler.panes[key].get(last_idx)
             if pane is None:
                 continue
             history = self.versions.setdefault(key, VersionHistory())
-            versions = Counter(map(_model_version, pane.predictions))
+            window = same_list.get(id(pane.predictions))
+            versions = window.versions if window is not None else _count_versions(pane.predictions)
             if pane.deploys:
                 # A deploy event says exactly when a version started, and where it came from.
                 for ev in sorted(pane.deploys, key=lambda d: d.ts):
@@ -316,7 +330,7 @@ class Pipeline:
             history.served(versions)  # known-good needs traffic, not only time
         fired: list[tuple[RuleSpec, Alert, Any, Measurement, Window]] = []
         closed: list[Window] = []
-        for spec, window in self.assembler.windows_at(t):
+        for spec, window in due:
             closed.append(window)
             for rule in self.rules_by_window.get(spec, ()):
                 if rule.applies_to(window.deployment, window.variant):

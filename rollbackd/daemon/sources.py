@@ -190,7 +190,7 @@ class RecordingSource:
         events: list[Event] = []
         rejects: list[Rejected] = []
         n = 0
-        decode = self._decoder.decode
+        decode_lines = self._decoder.decode_lines
         while n < max_events:
             if self._pending is not None:
                 rejects.append(self._pending)
@@ -210,7 +210,7 @@ class RecordingSource:
             self._i = i + len(segment)
             # The common case (no \r, no reject) runs as C loops: map, the type scan, extend.
             texts = [t[:-1] if t[-1:] == b"\r" else t for t in segment] if self._cr else segment
-            decoded = list(map(decode, texts))
+            decoded = decode_lines(texts)
             blanks = 0
             if Rejected in map(type, decoded):
                 blanks = self._sort_out(decoded, segment, texts, events, rejects)

@@ -168,7 +168,7 @@ class Window:
 
     @cached_property
     def feature_names(self) -> tuple[str, ...]:
-        return tuple(sorted(set(chain.from_iterable(self._scalars[4]))))
+        return self._rows[0]
 
     def feature(self, name: str) -> list[Any]:
         """Raw values of one feature, ``None`` where absent."""
@@ -176,16 +176,28 @@ class Window:
         return cols[name] if name in cols else [None] * len(self.predictions)
 
     @cached_property
-    def _columns(self) -> dict[str, list[Any]]:
-        names = self.feature_names
+    def _rows(self) -> tuple[tuple[str, ...], list[tuple[Any, ...]] | None]:
+        """The feature names, and each prediction's values of them when every prediction has
+        exactly those features (the usual case), else None."""
         feats = self._scalars[4]
-        if len(names) <= 1:
+        if feats:
+            # Every dict as long as the first one, and holding each of its keys: then they
+            # all have the same keys, and the names need not be collected from every dict.
+            names = tuple(sorted(feats[0]))
+            if len(names) > 1 and set(map(len, feats)) == {len(names)}:
+                try:
+                    return names, list(map(itemgetter(*names), feats))
+                except KeyError:  # same count, other names
+                    pass
+        return tuple(sorted(set(chain.from_iterable(feats)))), None
+
+    @cached_property
+    def _columns(self) -> dict[str, list[Any]]:
+        names, rows = self._rows
+        if rows is None:
+            feats = self._scalars[4]
             return {n: [f.get(n) for f in feats] for n in names}
-        try:
-            # Each feature dict is read once (itemgetter of all names), then transposed.
-            rows = list(map(itemgetter(*names), feats))
-        except KeyError:  # some event lacks a feature
-            return {n: [f.get(n) for f in feats] for n in names}
+        # Each feature dict was read once (itemgetter of all names); transposed here.
         return {n: list(col) for n, col in zip(names, zip(*rows))}
 
     @property
