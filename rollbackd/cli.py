@@ -565,6 +565,7 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
     from rollbackd.daemon.replay import build_pipeline
     from rollbackd.daemon.run import Daemon, RunSettings
     from rollbackd.daemon.scaleout import GroupDecisions, GroupRecorder
+    from rollbackd.errors import Fatal
     from rollbackd.events import EventDecoder
 
     config, notifier, backends = _prepare(_load_config(rules), None, dry_run)
@@ -634,8 +635,11 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
     signal.signal(signal.SIGINT, on_signal)
     digest = _start_digest(config, notifier, db, ledger.run_id)
     click.echo(f"rollbackd: consuming {', '.join(topic_list)} from {servers} as group {group_id}", err=True)
+    failure = None
     try:
         daemon.run()
+    except Fatal as exc:  # retrying cannot help: say why and exit non-zero (the supervisor restarts)
+        failure = str(exc)
     finally:
         if digest is not None:
             digest.stop()
@@ -648,6 +652,9 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
             group.close()
         ledger.finish_run(daemon.pipeline.summary())
         ledger.close()
+    if failure is not None:
+        click.echo(f"rollbackd: stopped: {failure}", err=True)
+        sys.exit(1)
 
 
 @main.command()

@@ -91,3 +91,22 @@ def test_a_task_is_handed_over_only_when_all_its_partitions_leave(tmp_path):
     assert daemon._gone([("predictions", 1)]) == []  # outcomes:1 stays: task 1 stays
     assert daemon._gone([("predictions", 1), ("outcomes", 1)]) == [1]
     assert daemon._gone([("predictions", 0), ("outcomes", 0), ("predictions", 1), ("outcomes", 1)]) == [0, 1]
+
+
+def test_a_partition_whose_state_cannot_be_read_stops_the_daemon_instead_of_starting_empty(tmp_path):
+    from rollbackd.errors import Fatal, Recoverable
+
+    class Store:
+        calls = 0
+
+        def load(self, key):
+            Store.calls += 1
+            raise Recoverable("state topic unreachable")
+
+    waits: list[float] = []
+    daemon = Daemon(build_pipeline(load_config(RULES)), Partitioned(), state=Store(), wait=waits.append,
+                    settings=RunSettings(checkpoint_path=str(tmp_path / "c")))
+    with pytest.raises(Fatal, match="partition 3"):
+        daemon._assigned([("events", 3)])
+    assert Store.calls == 5 and waits == [0.5, 1.0, 2.0, 4.0]
+    assert daemon.tasks == {}, "no task starts without its state"

@@ -39,7 +39,7 @@ from rollbackd.actions.base import ActionResult, Notice, Notifier
 from rollbackd.daemon.clock import Clock, WallClock
 from rollbackd.daemon.pipeline import Pipeline
 from rollbackd.daemon.sources import EventSource
-from rollbackd.errors import Recoverable
+from rollbackd.errors import Fatal, Recoverable
 
 __all__ = ["RunSettings", "Checkpoint", "Daemon", "Task", "PipelinesView"]
 
@@ -342,8 +342,8 @@ class Daemon:
 
     def _assigned(self, partitions: list[tuple[str, int]]) -> None:
         for key in sorted({p for _, p in partitions} - set(self.tasks)):
+            saved = self._load(key)
             task = self.task(key)
-            saved = self.state.load(key)
             if saved is None:
                 log.info("task.started", task=key)
                 continue
@@ -355,6 +355,22 @@ class Daemon:
                 self._position = {**(self._position or {}), **saved["position"]}
             log.info("task.restored", task=key, position=saved["position"],
                      event_time=task.pipeline.max_event_time)
+
+    def _load(self, key: int, attempts: int = 5) -> dict[str, Any] | None:
+        """Task ``key``'s saved state, retried with backoff. A partition must never start without
+        the state it had: if the store stays unreadable the daemon stops (its supervisor restarts
+        it, and the partition goes to a member that can read it)."""
+        delay = 0.5
+        for attempt in range(1, attempts + 1):
+            try:
+                return self.state.load(key)
+            except Recoverable as exc:
+                if attempt == attempts:
+                    raise Fatal(f"cannot read the state of partition {key}: {exc}") from exc
+                log.warning("task.restore_failed", task=key, attempt=attempt, detail=str(exc))
+                self._wait(delay)
+                delay = min(delay * 2, self.settings.backoff_max)
+        return None
 
     def _revoked(self, partitions: list[tuple[str, int]]) -> None:
         gone = self._gone(partitions)
