@@ -41,7 +41,7 @@ def usable_pairs(
         return np.empty(0), np.empty(0), [], 0
     # One C-level pass per column: a missing score becomes nan.
     p = np.fromiter(map(_get_score, outcomes), float, n)
-    y = _binary_labels(list(map(_get_label, outcomes)))
+    y = _binary_labels(outcomes)
     bad = np.isnan(p) | np.isnan(y)
     if not bad.any():
         return p, y, list(map(_get_version, outcomes)) if with_versions else [], 0
@@ -52,12 +52,12 @@ def usable_pairs(
     return p[ok], y[ok], versions, n - int(np.count_nonzero(ok))
 
 
-def _binary_labels(raw: list[Any]) -> np.ndarray:
+def _binary_labels(outcomes: Sequence[Labeled]) -> np.ndarray:
     """Labels as :func:`binary_value` reads them, as floats (nan where it gives None)."""
     try:
         # bool (or int) labels, the usual case: bytes() converts them in one C loop and
         # raises on anything else (floats, strings, None, negative or large ints).
-        codes = np.frombuffer(bytes(raw), dtype=np.uint8)
+        codes = np.frombuffer(bytes(map(_get_label, outcomes)), dtype=np.uint8)
     except (TypeError, ValueError):
         pass
     else:
@@ -65,6 +65,7 @@ def _binary_labels(raw: list[Any]) -> np.ndarray:
         if codes.max() > 1:
             y[codes > 1] = np.nan
         return y
+    raw = list(map(_get_label, outcomes))
     # A label column holds a handful of distinct values: read each spelling once.
     codes_of = {v: binary_value(v) for v in set(raw)}
     if all(type(v) in _NUMERIC and codes_of[v] == v for v in codes_of):
@@ -276,8 +277,8 @@ class Calibration:
             "brier": brier,
             "spiegelhalter_z": z,
             "spiegelhalter_p": pz,
-            "mean_score": float(p.mean()),
-            "positive_rate": float(y.mean()),
+            "mean_score": float(p.sum() / n),  # = mean(), without its overhead
+            "positive_rate": float(y.sum() / n),
             "bins": self.bins,
             "binning": self.binning,
         }
