@@ -26,7 +26,12 @@ from rollbackd.events import EventDecoder
 from rollbackd.rules.model import Config
 from rollbackd.rules.silences import Silence
 
-__all__ = ["ReplayResult", "replay", "build_pipeline"]
+__all__ = ["ReplayResult", "replay", "build_pipeline", "GC_THRESHOLDS"]
+
+# The pipeline allocates millions of small, acyclic objects (events, their feature dicts);
+# CPython's default gen-0 threshold of 700 makes the cycle collector rescan them constantly
+# (about 15 % of replay time, measured). Replay and the live daemon collect far less often.
+GC_THRESHOLDS = (200_000, 50, 100)
 
 Progress = Callable[[int, float | None], None]  # (events done, watermark)
 
@@ -91,10 +96,7 @@ def replay(
     clock = EventTimeClock(pipeline.lateness)
     events = batches = 0
     gc_thresholds = gc.get_threshold()
-    # The pipeline allocates millions of small, acyclic objects (events, their feature dicts);
-    # CPython's default gen-0 threshold of 700 makes the cycle collector rescan them
-    # constantly (about 15 % of replay time, measured). Collect far less often.
-    gc.set_threshold(200_000, 50, 100)
+    gc.set_threshold(*GC_THRESHOLDS)
     try:
         while (batch := source.read(batch_size)) is not None:
             batches += 1

@@ -23,8 +23,9 @@ come for it, so its windows close (and a stopped stream raises no-data) as in a 
 
 from __future__ import annotations
 
-import math
 import collections
+import gc
+import math
 import os
 import pickle
 import tempfile
@@ -407,8 +408,12 @@ class Daemon:
 
     # The loop ----------------------------------------------------------------------
     def run(self) -> None:
+        from rollbackd.daemon.replay import GC_THRESHOLDS
+
         self.restore()
         backoff = 0.5
+        gc_thresholds = gc.get_threshold()
+        gc.set_threshold(*GC_THRESHOLDS)
         try:
             while not self.stopping:
                 try:
@@ -427,6 +432,7 @@ class Daemon:
             except Recoverable as exc:
                 log.warning("checkpoint.commit_failed", detail=str(exc))
         finally:
+            gc.set_threshold(*gc_thresholds)
             self.source.close()
             log.info("daemon.stopped", events=self.events)
 
