@@ -398,8 +398,9 @@ class KafkaSource:
         values = list(map(_value, msgs))
         if None in values:  # a tombstone or an empty message
             values = [b"" if v is None else v for v in values]
-        decoded = list(map(self._decoder.decode, values))
-        if Rejected in map(type, decoded):
+        decoded = self._decoder.decode_lines(values)
+        clean = Rejected not in map(type, decoded)
+        if not clean:
             for msg, ev in zip(msgs, decoded):
                 if ev.__class__ is Rejected:
                     position = {"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()}
@@ -409,8 +410,8 @@ class KafkaSource:
         else:
             events.extend(decoded)
         parts = list(map(_partition, msgs))
-        if parts[0] == parts[-1] and parts.count(parts[0]) == len(parts):
-            self._parts.setdefault(parts[0], []).extend(ev for ev in decoded if ev.__class__ is not Rejected)
+        if clean and parts.count(parts[0]) == len(parts):  # one partition: C-level all the way
+            self._parts.setdefault(parts[0], []).extend(decoded)
         else:
             for p, ev in zip(parts, decoded):
                 if ev.__class__ is not Rejected:
