@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 import uuid
 from datetime import datetime, timezone
 from importlib import resources
@@ -481,7 +482,15 @@ def _group_state(servers: str, group_id: str, state_topic: str, decisions_topic:
         meta = admin.list_topics(timeout=10).topics
         partitions = max((len(meta[t].partitions) for t in inputs if t in meta), default=1)
         ensure_topics(admin, state_topic, decisions_topic, partitions)
-        have = admin.list_topics(timeout=10).topics
+        deadline = time.monotonic() + 15
+        while True:  # a topic just created takes a moment to show in the metadata
+            have = admin.list_topics(timeout=10).topics
+            if (state_topic in have and decisions_topic in have) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        missing = [t for t in (state_topic, decisions_topic) if t not in have]
+        if missing:
+            raise RuntimeError(f"{', '.join(missing)} not in the cluster's metadata 15 s after creation")
     except (Recoverable, Exception) as exc:  # noqa: BLE001 - a start-up error, said clearly
         click.echo(f"rollbackd: cannot prepare {state_topic} / {decisions_topic}: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
