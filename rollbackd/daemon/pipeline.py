@@ -143,7 +143,7 @@ class Pipeline:
         self.counters: Counter[str] = Counter()
         self.rejects: Counter[str] = Counter()
         self._known_keys: set[Key] = set()
-        self._slots: dict[Key, tuple[int, list[Prediction]]] = {}
+        self._slots: dict[Key, tuple[int, list[Prediction], list[Labeled]]] = {}
         self._next_boundary: float | None = None
         self._rule_index = {r.name: r for r in config.rules}
         # A traffic (no-data) rule must see the empty windows of a gap: no skipping then.
