@@ -746,6 +746,14 @@ CASES += [
 # expected run time between false alarms) and is not re-tuned, as its threshold configuration
 # costs minutes. rollbackd's ``sequential`` detector is river's ADWIN (identical detections,
 # checked here) but alerts when the window that holds the detection closes.
+#
+# The same tests on sliding windows (``window: {size: W, step: S}``: every S events, a fresh
+# Window of the last W) are calibrated on the alarm rate of the whole procedure: an alarm is
+# the first of a run of breaching evaluations (an alert that keeps firing is one alert), and
+# alpha is the loosest level at which the stationary calibration streams raise at most
+# events / fa_events of them. Per-window p-values would not do: overlapping windows are
+# correlated, so the alarm rate is far below (evaluations x alpha). The change streams are the
+# same; the delay counts from the first evaluation whose window holds a changed event.
 
 DELAY_SEED = 20240610
 DELAY_PRE = 10_000  # events before the change (plus a uniform offset within a window)
@@ -755,6 +763,7 @@ ALIBI_WINDOWS = (50, 100)
 ALIBI_POST = 5_000  # alibi is ~0.3 ms per event: a shorter cap
 ALIBI_MAX_ERT = 20_000  # beyond this its set-up (>= 3·ert simulated streams) takes many minutes
 CALIBRATION_ALARMS = 20  # calibration and held-out streams hold ~20 false alarms at the target
+SLIDING = ((1000, 100), (1000, 250), (500, 50), (500, 125), (250, 25))  # sliding: (size, step), events
 
 
 @dataclass(frozen=True)
@@ -835,6 +844,98 @@ class _Windowed:
             m = det.evaluate(float((k + 1) * self.size))
             if m.p_value is not None and m.p_value < self.alpha:
                 return (k + 1) * self.size - c
+        return None
+
+
+class _Sliding(_Windowed):
+    """A rollbackd windowed detector on *sliding* windows: every ``step`` events it evaluates a
+    fresh Window of the last ``size`` events (as the daemon does for ``window: {size, step}``:
+    each evaluation is the detector's update + evaluate on the union of the panes in
+    ``[T - size, T)``). An alarm is the start of a run of breaching evaluations: an alert that
+    keeps firing over consecutive overlapping windows is one alert, as in rollbackd's rules and
+    its false-alarm budget. Calibration is on that alarm rate of the whole procedure, not on
+    per-window p-values: overlapping windows are correlated, and a breach tends to last several
+    steps."""
+
+    family = "rollbackd (sliding)"
+    BLOCK = 20_000  # events turned into Predictions at a time (plus the window's overlap)
+
+    def __init__(self, name: str, size: int, step: int, make: Callable[[], Any], kind: str) -> None:
+        super().__init__(name, size, make, kind)
+        assert size % step == 0
+        self.step = step
+
+    def _preds(self, values: np.ndarray, offset: int) -> list[Prediction]:
+        if self.kind == "errors":
+            ok = Prediction(id="ok", ts=0.0, deployment="bench", model_version="v1", latency_ms=1.0)
+            bad = Prediction(id="bad", ts=0.0, deployment="bench", model_version="v1", latency_ms=1.0, error="e")
+            return [bad if v else ok for v in values.tolist()]
+        return [
+            Prediction(id=str(offset + j), ts=float(offset + j), deployment="bench", model_version="v1",
+                       features={"x": v})
+            for j, v in enumerate(values.tolist())
+        ]
+
+    def _evaluations(self, values: np.ndarray, first_end: int) -> Any:
+        """(end, p-value) of every evaluation whose window ``[end - size, end)`` lies in
+        ``values``, for ends that are multiples of ``step`` from ``first_end`` on."""
+        det, n = self.make(), values.shape[0]
+        end = max(first_end, self.size)
+        end += -end % self.step
+        while end <= n:
+            lo = end - self.size  # a block of Predictions covering several windows
+            hi = min(n, lo + self.size + self.BLOCK)
+            preds = self._preds(values[lo:hi], lo)
+            while end <= hi:
+                a = end - self.size - lo
+                det.update(Window("bench", "primary", float(end - self.size), float(end), preds[a : a + self.size]))
+                m = det.evaluate(float(end))
+                yield end, (1.0 if m.p_value is None else m.p_value)
+                end += self.step
+
+    def pvalues(self, values: np.ndarray, first: int = 0) -> list[float]:
+        return [p for _, p in self._evaluations(values, first)]
+
+    @staticmethod
+    def _episodes(flags: np.ndarray) -> int:
+        if flags.size == 0:
+            return 0
+        return int(np.count_nonzero(flags[1:] & ~flags[:-1]) + bool(flags[0]))
+
+    def calibrate(self, sc: Scenario, rng: np.random.Generator, fa_events: int) -> dict[str, Any]:
+        events = CALIBRATION_ALARMS * fa_events
+        ps = np.array(self.pvalues(sc.draw(rng, events, False)))
+        allowed = int(events / fa_events)
+        # Lower alpha through the distinct p-values, smallest first, flagging evaluations one
+        # group of equal p at a time and counting alarms (runs of flagged evaluations) as they
+        # merge: alpha is the first p-value whose group would push the count past `allowed`.
+        order = np.argsort(ps, kind="stable")
+        flagged = np.zeros(ps.shape[0] + 2, dtype=bool)  # padded: index i+1 is evaluation i
+        count, i, self.alpha = 0, 0, 1.0
+        while i < order.shape[0]:
+            p = ps[order[i]]
+            j = i
+            new = count
+            while j < order.shape[0] and ps[order[j]] == p:
+                k = order[j] + 1
+                new += 1 - int(flagged[k - 1]) - int(flagged[k + 1])
+                flagged[k] = True
+                j += 1
+            if new > allowed or p >= 1.0:
+                self.alpha = float(p)
+                break
+            count, i = new, j
+        return {"knob": self.alpha, "calibration_events": events}
+
+    def false_alarms(self, sc: Scenario, rng: np.random.Generator, events: int) -> tuple[int, int]:
+        ps = np.array(self.pvalues(sc.draw(rng, events, False)))
+        return self._episodes(ps < self.alpha), events
+
+    def delay(self, stream: np.ndarray, c: int) -> int | None:
+        # the first evaluation whose window holds a changed event: end > c
+        for end, p in self._evaluations(stream, c + 1):
+            if p < self.alpha:
+                return end - c
         return None
 
 
@@ -1009,6 +1110,10 @@ def _delay_detectors(sc: Scenario, reference: np.ndarray) -> list[Any]:
             _Windowed(f"error_rate binomial (W={w:,})", w, lambda: ErrorRate(threshold=p0), "errors")
             for w in (1000, 250)
         ]
+        out += [
+            _Sliding(f"error_rate binomial (W={w:,}, step {s:,})", w, s, lambda: ErrorRate(threshold=p0), "errors")
+            for w, s in SLIDING
+        ]
         out += [adwin, _SequentialWrapper(adwin, 1000)]
         for name in ("HDDM_A", "HDDM_W"):
             cls = _hddm(name)
@@ -1020,6 +1125,11 @@ def _delay_detectors(sc: Scenario, reference: np.ndarray) -> list[Any]:
         _Windowed(f"drift {test} (W={w:,})", w,
                   lambda test=test: Drift(threshold=0.0, alpha=0.5, test={"numeric": test}, reference=ref), "numeric")
         for test in ("ks", "cvm") for w in (1000, 250)
+    ]
+    out += [
+        _Sliding(f"drift {test} (W={w:,}, step {s:,})", w, s,
+                 lambda test=test: Drift(threshold=0.0, alpha=0.5, test={"numeric": test}, reference=ref), "numeric")
+        for test in ("ks", "cvm") for w, s in SLIDING
     ]
     return out + [adwin]
 
@@ -1042,7 +1152,10 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def run_delay(levels: list[int], reps: int, alibi_reps: int) -> dict[str, Any]:
+def run_delay(levels: list[int], reps: int, alibi_reps: int, match: str | None = None,
+              previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``match``: run only the detectors whose name contains it and take every other row from
+    ``previous`` (the delay section of an existing run, same seeds), in the usual order."""
     rng_ref = np.random.default_rng(DELAY_SEED)
     reference = rng_ref.normal(0.0, 1.0, REFERENCE_EVENTS)  # the numeric streams' "reference file"
     try:
@@ -1058,8 +1171,21 @@ def run_delay(levels: list[int], reps: int, alibi_reps: int) -> dict[str, Any]:
             detectors = _delay_detectors(sc, reference)
             if sc.kind == "numeric" and alibi is not None and fa_events <= ALIBI_MAX_ERT:
                 detectors.append(alibi)
-            for di, det in enumerate(detectors):
-                rows.append(_delay_row(sc, si, det, di, fa_events, reps, alibi_reps))
+            old = {(r["scenario"], r["detector"]): r for lv in (previous or {}).get("levels", [])
+                   if lv["fa_events"] == fa_events for r in lv["rows"]}
+            di = 0
+            for k, det in enumerate(detectors):
+                # seeds: the sliding variants came later and take their own, so the others'
+                # calibration streams are the same as before they were added
+                if isinstance(det, _Sliding):
+                    seed_index = 100 + sum(isinstance(d, _Sliding) for d in detectors[:k])
+                else:
+                    seed_index, di = di, di + 1
+                if match is not None and match not in det.name:
+                    if (sc.name, det.name) in old:
+                        rows.append(old[(sc.name, det.name)])
+                    continue
+                rows.append(_delay_row(sc, si, det, seed_index, fa_events, reps, alibi_reps))
             if sc.kind == "errors":
                 why = "its CvM thresholds assume continuous data; a 0/1 stream is all ties"
             elif alibi is None:
@@ -1122,7 +1248,9 @@ def delay_markdown(delay: dict[str, Any]) -> str:
         f"{delay['post_change_cap']:,} events of the change ({delay['alibi_post_change_cap']:,} "
         f"for alibi-detect); the median and p90 count misses as infinite (— when over half, "
         f"resp. a tenth, are missed); *(bound)*: the loosest knob tried, still quieter than the "
-        f"target.",
+        f"target. *rollbackd (sliding)* rows (W events, step S): evaluated every S events on the "
+        f"last W; a false alarm is the first of a run of breaching evaluations, and alpha is set on "
+        f"that rate of the whole procedure (overlapping windows are correlated).",
     ]
 
     def num(v: Any) -> str:
@@ -1266,6 +1394,9 @@ def main() -> None:
     ap.add_argument("--delay-reps", type=int, default=200, help="delay section: change streams per scenario")
     ap.add_argument("--alibi-reps", type=int, default=100,
                     help="delay section: change streams per scenario for alibi-detect (slow per event)")
+    ap.add_argument("--delay-match",
+                    help="delay section: run only the detectors whose name contains this; the other "
+                    "rows are kept from an existing --out")
     part = ap.add_mutually_exclusive_group()
     part.add_argument("--skip-delay", action="store_true",
                       help="per-window costs only (keeps the delay section of an existing --out)")
@@ -1296,7 +1427,8 @@ def main() -> None:
     if args.skip_delay:
         delay = previous.get("delay")
     else:
-        delay = run_delay(args.fa_events, args.delay_reps, args.alibi_reps)
+        delay = run_delay(args.fa_events, args.delay_reps, args.alibi_reps, args.delay_match,
+                          previous.get("delay") if args.delay_match else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**meta, "rows": rows, "delay": delay}, indent=2, sort_keys=True) + "\n")
     text = markdown(rows, meta)
