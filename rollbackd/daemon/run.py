@@ -220,7 +220,7 @@ class Daemon:
 
     ``pipeline`` is the first task's pipeline; ``make_pipeline`` builds the others (default: a
     pipeline with the same config, edges and silences). With a ``state`` store (a compacted
-    Kafka topic, :class:`~rollbackd.daemon.scaleout.KafkaStateStore`), tasks are checkpointed
+    Kafka topic, :class:`~rollbackd.daemon.scaleout.GroupState`), tasks are checkpointed
     there, one record per partition, and restored when the partition is assigned to this
     instance; without one, every task goes into one checkpoint file.
     """
@@ -486,9 +486,9 @@ class Daemon:
 
         Read to the end of its partitions and quiet for ``partition_idle_after``, a task follows
         ``lead`` (the most advanced task's watermark): as in a replay, where one stream's silence
-        does not stop the clock. Idle
-        for ``idle_after`` in wall time, it follows the wall clock from the event time of its
-        last event, so a recording published with old timestamps is not thrown forward to today.
+        does not stop the clock. Idle for ``idle_after`` in wall time, it follows the wall clock
+        from the event time of its last event, so a recording published with old timestamps is
+        not thrown forward to today.
         """
         if task is None:
             task = self.tasks[min(self.tasks)] if self.tasks else Task(0, self.prototype)
