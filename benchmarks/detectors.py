@@ -763,7 +763,7 @@ ALIBI_WINDOWS = (50, 100)
 ALIBI_POST = 5_000  # alibi is ~0.3 ms per event: a shorter cap
 ALIBI_MAX_ERT = 20_000  # beyond this its set-up (>= 3·ert simulated streams) takes many minutes
 CALIBRATION_ALARMS = 20  # calibration and held-out streams hold ~20 false alarms at the target
-SLIDING = ((1000, 100), (1000, 250), (500, 50), (500, 125), (250, 25))  # sliding: (size, step), events
+SLIDING = ((1000, 100), (1000, 250), (500, 50), (500, 125), (250, 25), (150, 15))  # sliding: (size, step), events
 
 
 @dataclass(frozen=True)
