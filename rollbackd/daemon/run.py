@@ -338,7 +338,7 @@ class Daemon:
 
     # Partitions moving (state store) ------------------------------------------------
     def _task_state(self, key: int) -> dict[str, Any]:
-        position = {tp: off for tp, off in (self._position or {}).items() if _partition_of(tp) == key}
+        position = _of_tasks(self._position, {key})
         return self.state.task_state(key, self.tasks[key].pipeline.snapshot(), position)
 
     def _assigned(self, partitions: list[tuple[str, int]]) -> None:
@@ -379,7 +379,7 @@ class Daemon:
             return
         if self._position is not None:
             self.state.save({k: self._task_state(k) for k in gone})
-            mine = {tp: off for tp, off in self._position.items() if _partition_of(tp) in gone}
+            mine = _of_tasks(self._position, set(gone))
             try:
                 self.source.commit(mine)
             except Recoverable as exc:  # the state record covers them: the next owner seeks there
@@ -404,7 +404,7 @@ class Daemon:
                 release(key)
             log.info("task.handed_over", task=key)
         if self._position is not None:
-            self._position = {tp: o for tp, o in self._position.items() if _partition_of(tp) not in keys}
+            self._position = _of_tasks(self._position, set(keys), exclude=True)
 
     # The loop ----------------------------------------------------------------------
     def run(self) -> None:
@@ -560,6 +560,8 @@ class Daemon:
             }, "finished")
 
 
-def _partition_of(tp: str) -> int:
-    """``"topic:3"`` → 3."""
-    return int(str(tp).rpartition(":")[2])
+def _of_tasks(position: dict[str, int] | None, keys: set[int], exclude: bool = False) -> dict[str, int]:
+    """The entries of a Kafka position (``{"topic:3": offset}``) for the partitions ``keys``
+    (with ``exclude``, for all the others)."""
+    return {tp: off for tp, off in (position or {}).items()
+            if (int(tp.rpartition(":")[2]) in keys) != exclude}

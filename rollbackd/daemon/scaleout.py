@@ -133,7 +133,8 @@ class GroupState:
         Task ``key`` writes to partition ``key`` of the state topic and nothing else does, so its
         latest state is the partition's last message (compaction never removes that one): one
         read, however much history compaction has not cleaned yet."""
-        last = self._read_last(self.state_topic, key)
+        msgs = self._read_partition(self.state_topic, key, -1)
+        last = msgs[-1] if msgs else None
         if last is None or last.value() is None:
             return None
         if last.key() != self._key(key):
@@ -242,27 +243,16 @@ class GroupState:
         self._next[key] = high  # from now on we are its only writer
         return high
 
-    def _read_last(self, topic: str, partition: int) -> Any:
-        c = self._consumer()
-        try:
-            low, high = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=_TIMEOUT)
-        except KafkaException as exc:
-            raise classify(exc, f"reading {topic}/{partition}") from exc
-        finally:
-            c.close()
-        if high <= low:
-            return None
-        msgs = self._read_partition(topic, partition, high - 1)
-        return msgs[-1] if msgs else None
-
     def _read_partition(self, topic: str, partition: int, start: int) -> list[Any]:
-        """Every message of ``topic``/``partition`` from ``start`` to its end now."""
+        """Every message of ``topic``/``partition`` from offset ``start`` to its end now; a
+        negative ``start`` counts back from the end (-1: the last message only)."""
         c = self._consumer()
         try:
             low, high = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=_TIMEOUT)
-            if high <= max(start, low):
+            begin = max(high + start if start < 0 else start, low)
+            if high <= begin:
                 return []
-            c.assign([TopicPartition(topic, partition, max(start, low))])
+            c.assign([TopicPartition(topic, partition, begin)])
             out: list[Any] = []
             while True:
                 msgs = c.consume(1000, _TIMEOUT)
