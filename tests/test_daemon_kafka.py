@@ -18,12 +18,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from loopback import LoopbackServer
+from live_reference import live_reference
 
-from rollbackd.actions.webhook import WebhookBackend
-from rollbackd.daemon.clock import EventTimeClock
-from rollbackd.daemon.decisions import DecisionLog
 from rollbackd.daemon.kafka import publish
-from rollbackd.daemon.replay import build_pipeline, open_recording
 from rollbackd.rules.loader import load_config
 from rollbackd.scenarios import BUILTIN, generate
 
@@ -42,21 +39,10 @@ def rules_with_webhook(tmp_path: Path, url: str) -> Path:
 
 
 def reference_decisions(recording: Path, rules: Path, tmp_path: Path, webhook: bool = False) -> bytes:
-    """What a replay decides, up to the watermark a live run reaches (no end-of-stream flush);
-    with ``webhook``, rollbacks go to a webhook server of its own, as the live run's do."""
-    config = load_config(rules)
-    out = tmp_path / "reference.jsonl"
-    with LoopbackServer() as hook:
-        overrides = {"demo-scorer": WebhookBackend(hook.url + "/rollback")} if webhook else {}
-        pipeline = build_pipeline(config, decisions=DecisionLog(out), backend_overrides=overrides)
-        src = open_recording(str(recording), config)
-        clock = EventTimeClock(pipeline.lateness)
-        while (b := src.read(5000)) is not None:
-            pipeline.ingest(b.events)
-            clock.observe(pipeline.max_event_time)
-            pipeline.advance(clock.now())
-        pipeline.edges.decisions.close()
-    return out.read_bytes()
+    """What a replay decides, up to the watermark a live run reaches; with ``webhook``, rollbacks
+    go to a webhook server of its own, as the live run's do."""
+    return live_reference(recording, load_config(rules), tmp_path / "reference.jsonl",
+                          webhook_deployments=["demo-scorer"] if webhook else [])
 
 
 def write_lines(path: Path, lines: list[bytes]) -> Path:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 from loopback import LoopbackServer
+from live_reference import live_reference
 
 from rollbackd.actions.webhook import WebhookBackend
-from rollbackd.daemon.clock import EventTimeClock
 from rollbackd.daemon.decisions import DecisionLog
 from rollbackd.daemon.ledger import Ledger
-from rollbackd.daemon.replay import build_pipeline, open_recording, replay
+from rollbackd.daemon.replay import build_pipeline
 from rollbackd.daemon.run import Checkpoint, Daemon, RunSettings
 from rollbackd.daemon.sources import RecordingSource
 from rollbackd.rules.loader import load_config
@@ -45,24 +45,10 @@ def config():
 
 
 def reference_log(recording: Path, config, tmp_path: Path) -> bytes:
-    """A replay's decisions, up to the watermark a live run reaches (no end-of-stream flush),
-    with its own webhook server so the outcome of the rollback reads the same."""
-    out = tmp_path / "ref.jsonl"
-    with LoopbackServer() as hook:
-        pipeline = build_pipeline(config, decisions=DecisionLog(out), backend_overrides={
-            "demo-scorer": WebhookBackend(hook.url + "/rollback", secret=b"k")})
-        _feed(recording, config, pipeline)
-    return out.read_bytes()
-
-
-def _feed(recording: Path, config, pipeline) -> None:
-    src = open_recording(str(recording), config)
-    clock = EventTimeClock(pipeline.lateness)
-    while (b := src.read(BATCH)) is not None:
-        pipeline.ingest(b.events)
-        clock.observe(pipeline.max_event_time)
-        pipeline.advance(clock.now())
-    pipeline.edges.decisions.close()
+    """A replay's decisions, up to the watermark a live run reaches, with its own webhook server
+    so the outcome of the rollback reads the same."""
+    return live_reference(recording, config, tmp_path / "ref.jsonl", webhook_deployments=["demo-scorer"],
+                          secret=b"k", batch=BATCH)
 
 
 def live(recording, config, tmp_path, hook_url, *, crash_after: int | None, checkpoint_at: set[int]):

@@ -22,11 +22,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from loopback import LoopbackServer
+from live_reference import live_reference
 
-from rollbackd.actions.webhook import WebhookBackend
-from rollbackd.daemon.clock import EventTimeClock
-from rollbackd.daemon.decisions import DecisionLog
-from rollbackd.daemon.replay import build_pipeline, open_recording
 from rollbackd.daemon.scaleout import decision_id
 from rollbackd.rules.loader import load_config
 from rollbackd.scenarios import BUILTIN, generate
@@ -53,22 +50,11 @@ def lines() -> list[bytes]:
 
 
 def reference(lines: list[bytes], rules: Path, tmp_path: Path) -> list[str]:
-    """A replay's decisions (no end-of-stream flush: a live run stops at its watermark)."""
-    config = load_config(rules)
+    """A replay's decisions (no end-of-stream flush: a live run stops at its watermark), sorted."""
     path = tmp_path / "all.jsonl"
     path.write_bytes(b"".join(line + b"\n" for line in lines))
-    out = tmp_path / "reference.jsonl"
-    with LoopbackServer() as hook:
-        backends = {d: WebhookBackend(hook.url + "/rollback") for d in DEPLOYMENTS}
-        pipeline = build_pipeline(config, decisions=DecisionLog(out), backend_overrides=backends)
-        src = open_recording(str(path), config)
-        clock = EventTimeClock(pipeline.lateness)
-        while (b := src.read(5000)) is not None:
-            pipeline.ingest(b.events)
-            clock.observe(pipeline.max_event_time)
-            pipeline.advance(clock.now())
-        pipeline.edges.decisions.close()
-    return sorted(out.read_text().splitlines())
+    out = live_reference(path, load_config(rules), tmp_path / "reference.jsonl", webhook_deployments=DEPLOYMENTS)
+    return sorted(out.decode().splitlines())
 
 
 def produce(bootstrap: str, topic: str, lines: list[bytes]) -> dict[int, int]:
