@@ -274,6 +274,23 @@ class Baseline(Generic[S]):
             return state
         return "few" if window.n < min_samples else "ready"
 
+    def not_tested(self, status: str | None, n: int, threshold: float, min_samples: int) -> Measurement | None:
+        """The "insufficient data" verdict for a window :meth:`admit` did not let through
+        (``status`` its answer, None before any window), or None when it was tested."""
+        if status is None:
+            return Measurement.insufficient_data(threshold, 0, "no window yet")
+        if status == "empty":
+            return Measurement.insufficient_data(threshold, 0, "no predictions in window")
+        if status == "building":
+            return Measurement.insufficient_data(threshold, n, "building reference", **self.progress)
+        if status in ("no previous version", "no reference file"):
+            return Measurement.insufficient_data(threshold, n, status)
+        if status == "few":
+            return Measurement.insufficient_data(
+                threshold, n, f"fewer than min_samples={min_samples} predictions"
+            )
+        return None
+
     def observe(self, window: Window) -> str:
         """Take in a non-empty window before it is tested; say whether it has a reference.
 
@@ -712,20 +729,9 @@ class Drift:
 
     def evaluate(self, now: float) -> Measurement:
         status, n = self._status, self._n or 0
-        if status is None:
-            return Measurement.insufficient_data(self.threshold, 0, "no window yet")
-        if status == "empty":
-            return Measurement.insufficient_data(self.threshold, 0, "no predictions in window")
-        if status == "building":
-            return Measurement.insufficient_data(
-                self.threshold, n, "building reference", **self._baseline.progress
-            )
-        if status in ("no previous version", "no reference file"):
-            return Measurement.insufficient_data(self.threshold, n, status)
-        if status == "few":
-            return Measurement.insufficient_data(
-                self.threshold, n, f"fewer than min_samples={self.min_samples} predictions"
-            )
+        waiting = self._baseline.not_tested(status, n, self.threshold, self.min_samples)
+        if waiting is not None:
+            return waiting
         if not self._tested:
             return Measurement.insufficient_data(
                 self.threshold, n, "no testable features", untested=list(self._untested)

@@ -292,20 +292,9 @@ class DataQuality:
 
     def evaluate(self, now: float) -> Measurement:
         status, n = self._status, self._n or 0
-        if status is None:
-            return Measurement.insufficient_data(self.threshold, 0, "no window yet")
-        if status == "empty":
-            return Measurement.insufficient_data(self.threshold, 0, "no predictions in window")
-        if status == "building":
-            return Measurement.insufficient_data(
-                self.threshold, n, "building reference", **self._baseline.progress
-            )
-        if status in ("no previous version", "no reference file"):
-            return Measurement.insufficient_data(self.threshold, n, status)
-        if status == "few":
-            return Measurement.insufficient_data(
-                self.threshold, n, f"fewer than min_samples={self.min_samples} predictions"
-            )
+        waiting = self._baseline.not_tested(status, n, self.threshold, self.min_samples)
+        if waiting is not None:
+            return waiting
         ranked = sorted(self._scores, key=lambda s: (-s.score, s.feature, s.check))
         value = ranked[0].score if ranked else 0.0
         failing = [s._asdict() for s in ranked if s.score > self.threshold]
