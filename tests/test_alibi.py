@@ -123,11 +123,14 @@ def test_without_alibi_the_loader_rejects_the_rules_with_the_hint(without_alibi:
     with pytest.raises(ConfigError) as info:
         load_config_text(RULES.lstrip("\n"), "rules.yaml")
     errors = info.value.errors
-    # the loader points at the rule's params (the message names no single parameter)
-    assert [e.path for e in errors] == ["rules[0].params", "rules[1].params"]
+    # the fix is to install the extra or pick another detector, not to change a parameter:
+    # the loader points at the rule's `detector` value, not at its `params`
+    assert [e.path for e in errors] == ["rules[0].detector", "rules[1].detector"]
+    lines = RULES.lstrip("\n").splitlines()
     for err, name in zip(errors, ("alibi_mmd", "alibi_cvm_online")):
-        assert f"detector {name} rejects this: {name} needs the optional alibi-detect" in err.message
-        assert INSTALL_HINT in err.message
+        assert lines[err.line - 1][err.column - 1 :] == name
+        assert err.message.startswith(f"{name} needs the optional alibi-detect package")
+        assert INSTALL_HINT in err.message and LICENSE_NOTE in err.message
 
 
 def test_the_loader_checks_alibi_parameters_by_name(without_alibi: None) -> None:

@@ -152,6 +152,19 @@ def test_river_is_optional(monkeypatch: pytest.MonkeyPatch) -> None:
         Sequential()
 
 
+def test_without_river_the_loader_points_at_the_detector(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rollbackd.rules.loader import ConfigError, load_config_text
+
+    monkeypatch.setitem(sys.modules, "river", None)
+    text = "rules:\n  - {name: s, detector: sequential, params: {method: adwin}, threshold: 0.5}\n"
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, "rules.yaml")
+    (err,) = info.value.errors
+    column = text.splitlines()[1].index("sequential") + 1
+    assert (err.path, err.line, err.column) == ("rules[0].detector", 2, column)
+    assert err.message.startswith("sequential needs the optional river package")
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

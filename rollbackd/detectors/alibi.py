@@ -4,7 +4,8 @@ alibi-detect (Seldon) is under the **Business Source License 1.1**: free for non
 use only; production use needs a commercial licence from Seldon. It is therefore never part
 of the default install: ``pip install 'rollbackd[alibi]'`` brings it in (with TensorFlow and
 ``numpy<2``, about 3 GB installed). Without it these detectors raise ``ValueError`` with that
-hint, so a rules file naming them is rejected at load time.
+hint (:class:`~rollbackd.detectors.base.MissingExtra`), so a rules file naming them is rejected
+at load time, at the rule's ``detector``.
 
 Three detectors are registered:
 
@@ -28,7 +29,7 @@ from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from rollbackd.detectors.base import Measurement, Reference, Window, register
+from rollbackd.detectors.base import Measurement, MissingExtra, Reference, Window, register
 from rollbackd.detectors.drift import BASELINES, SCORE_COLUMN, Baseline
 
 __all__ = ["AlibiMMD", "AlibiLSDD", "AlibiCVMOnline", "INSTALL_HINT", "LICENSE_NOTE"]
@@ -44,7 +45,7 @@ def _alibi_cd(detector: str) -> Any:
     try:
         from alibi_detect import cd
     except ImportError as exc:
-        raise ValueError(
+        raise MissingExtra(
             f"{detector} needs the optional alibi-detect package ({LICENSE_NOTE}): "
             f"{INSTALL_HINT} (import failed: {exc})"
         ) from None

@@ -28,6 +28,7 @@ __all__ = [
     "Reference",
     "Detector",
     "DetectorFactory",
+    "MissingExtra",
     "REGISTRY",
     "register",
     "make_detector",
@@ -235,6 +236,16 @@ class Detector(Protocol):
 
     def evaluate(self, now: float) -> Measurement:
         """Measure the data fed so far at event time ``now``."""
+
+
+class MissingExtra(ValueError):
+    """The detector needs an optional package that is not installed; the message starts with
+    the detector's name and says how to install the extra.
+
+    A ``ValueError`` like any bad parameter, so whoever builds detectors catches it the same
+    way; the rules loader tells it apart so the error points at the rule's ``detector``, the
+    choice the user has to change (or install for), rather than at its ``params``.
+    """
 
 
 DetectorFactory = Callable[..., Detector]

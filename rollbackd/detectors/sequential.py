@@ -6,7 +6,7 @@ import math
 from operator import attrgetter, itemgetter
 from typing import Any
 
-from rollbackd.detectors.base import Measurement, Window, register
+from rollbackd.detectors.base import Measurement, MissingExtra, Window, register
 from rollbackd.detectors.model_error import binary_value
 
 __all__ = ["Sequential", "METHODS", "SIGNALS"]
@@ -23,7 +23,7 @@ def _river() -> Any:
     try:
         from river import drift
     except ImportError:
-        raise ValueError(
+        raise MissingExtra(
             "sequential needs the optional river package: pip install 'rollbackd[river]'"
         ) from None
     return drift

@@ -1483,6 +1483,13 @@ class _Walker:
         try:
             factory(threshold=kw["threshold"], min_samples=kw.get("min_samples", 1), **kwargs)
         except (TypeError, ValueError) as exc:
+            from rollbackd.detectors.base import MissingExtra  # importable: factory is not None
+
+            if isinstance(exc, MissingExtra):
+                # No parameter can fix it: the extra must be installed or another detector
+                # chosen. The message already starts with the detector's name.
+                self.error(pairs["detector"][1], _sub(path, "detector"), str(exc))
+                return
             # Detectors name the offending argument first ("quantile must be in (0, 1)"):
             # point at it when the file has it.
             first = re.match(r"[A-Za-z_]+", str(exc))
