@@ -7,9 +7,11 @@ The rest run where ``alibi_detect`` imports (``pip install 'rollbackd[alibi]'``)
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +20,7 @@ import pytest
 from rollbackd.detectors import REGISTRY, Reference, Window, make_detector
 from rollbackd.detectors.alibi import INSTALL_HINT, LICENSE_NOTE
 from rollbackd.events import Prediction
-from rollbackd.rules.loader import ConfigError, load_config_text
+from rollbackd.rules.loader import ConfigError, check_text, load_config_text
 
 ALIBI_DETECTORS = ("alibi_mmd", "alibi_lsdd", "alibi_cvm_online")
 
@@ -140,6 +142,44 @@ def test_the_loader_checks_alibi_parameters_by_name(without_alibi: None) -> None
     first = info.value.errors[0]
     assert first.path == "rules[0].params.n_permutation"
     assert "did you mean 'n_permutations'?" in first.message
+
+
+OUT_OF_REACH = """
+rules:
+  - name: joint-drift
+    detector: alibi_mmd
+    params: {n_permutations: 100}
+    threshold: 0.0
+    alpha: 0.005
+"""
+OUT_OF_REACH_WARNING = (
+    "rules[0].alpha: warning: its smallest possible p-value (0.0099) is not below alpha 0.005: "
+    "with n_permutations 100 it is 1/(100 + 1), so the rule can never breach; "
+    "raise params.n_permutations to at least 200"
+)
+
+
+def test_without_alibi_validate_still_warns_about_an_alpha_out_of_the_permutations_reach(
+    without_alibi: None,
+) -> None:
+    _, issues = check_text(OUT_OF_REACH.lstrip("\n"), "rules.yaml")
+    assert [i.format("rules.yaml") for i in issues] == [
+        "rules.yaml:3:15: rules[0].detector: " + issues[0].message,
+        "rules.yaml:6:12: " + OUT_OF_REACH_WARNING,
+    ]
+    assert issues[0].message.startswith("alibi_mmd needs the optional alibi-detect package")
+
+
+def test_rollbackd_validate_warns_about_an_alpha_out_of_the_permutations_reach(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(OUT_OF_REACH.lstrip("\n"))
+    exe = shutil.which("rollbackd", path=str(Path(sys.executable).parent))
+    cmd = [exe] if exe else [sys.executable, "-m", "rollbackd.cli"]
+    out = subprocess.run([*cmd, "validate", str(rules)], capture_output=True, text=True, timeout=120)
+    assert f"{rules}:6:12: {OUT_OF_REACH_WARNING}\n" in out.stderr
+    # without alibi-detect the rule is also an error (at its detector); with it, only warned about
+    assert out.returncode == (0 if HAVE_ALIBI else 2), out.stderr
+    assert (f"{rules}:3:15: rules[0].detector: alibi_mmd needs" in out.stderr) is not HAVE_ALIBI
 
 
 @needs_alibi

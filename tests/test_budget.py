@@ -16,7 +16,7 @@ import pytest
 from rollbackd.detectors import Window, make_detector
 from rollbackd.events import Prediction
 from rollbackd.rules.alerts import Alert, step
-from rollbackd.rules.budget import WEEK, allocate, expected_false_alerts
+from rollbackd.rules.budget import WEEK, allocate, expected_false_alerts, unreachable_level
 from rollbackd.rules.loader import check_text, load_config_text, summarize
 from rollbackd.rules.model import FalseAlarmBudget
 
@@ -120,6 +120,80 @@ def test_what_the_budget_cannot_cover_is_said() -> None:
     assert "rules[1]: correction bh does not control the family-wise error" in text
     assert "rules[2]: its smallest possible p-value (0.00498) is not below alpha" in text
     assert "rules[3].detector: a canary rule without `variants` also runs on the baseline arm" in text
+
+
+@pytest.mark.parametrize(
+    "detector, params, alpha, need",
+    [
+        ("alibi_mmd", {}, 0.005, 200),  # 1/101 >= 0.005; 1/201 < 0.005 but 1/200 is not
+        ("alibi_lsdd", {"n_permutations": 100}, 1 / 101, 101),  # p < alpha is strict
+        ("alibi_mmd", {"n_permutations": 500}, 0.001, 1000),
+        ("calibration", {"metric": "ece_drift"}, 0.004, 250),  # resamples default 200
+        ("calibration", {"metric": "ece_drift", "resamples": 1000}, 0.0005, 2000),
+    ],
+)
+def test_a_level_below_the_smallest_resampled_p_value_is_unreachable(
+    detector: str, params: dict[str, Any], alpha: float, need: int
+) -> None:
+    name = "resamples" if detector == "calibration" else "n_permutations"
+    b = params.get(name, 200 if detector == "calibration" else 100)
+    message = unreachable_level(detector, params, alpha)
+    assert message is not None
+    assert message.startswith(f"its smallest possible p-value ({1 / (b + 1):.3g}) is not below alpha {alpha:g}")
+    assert "the rule can never breach" in message
+    assert message.endswith(f"raise params.{name} to at least {need}")
+    # the advice is the least that works: 1/(need + 1) < alpha <= 1/need
+    assert 1 / (need + 1) < alpha <= 1 / need
+    assert unreachable_level(detector, {**params, name: need}, alpha) is None
+    assert unreachable_level(detector, {**params, name: need - 1}, alpha) is not None
+
+
+@pytest.mark.parametrize(
+    "detector, params, alpha",
+    [
+        ("alibi_mmd", {}, 0.01),  # 1/101 < 0.01
+        ("alibi_lsdd", {"n_permutations": 1000}, 0.001),
+        ("calibration", {"metric": "ece"}, 1e-9),  # no p-value from resampling
+        ("drift", {}, 1e-9),  # continuous tests: no floor
+        ("alibi_cvm_online", {}, 1e-9),
+        ("alibi_mmd", {"n_permutations": "many"}, 0.001),  # the detector rejects that itself
+    ],
+)
+def test_a_reachable_level_or_a_continuous_test_is_not_warned_about(
+    detector: str, params: dict[str, Any], alpha: float
+) -> None:
+    assert unreachable_level(detector, params, alpha) is None
+
+
+def test_a_level_no_allowed_permutation_count_reaches_asks_for_a_larger_alpha() -> None:
+    message = unreachable_level("alibi_mmd", {}, 1e-6)
+    assert message is not None
+    assert message.endswith("n_permutations can be at most 100000, enough for alpha > 1e-05: raise alpha")
+    budgeted = unreachable_level("calibration", {"metric": "ece_drift"}, 2e-5, from_budget=True)
+    assert budgeted is not None
+    assert "is not below alpha 2e-05 (from the false-alarm budget)" in budgeted
+    assert budgeted.endswith("resamples can be at most 10000, enough for alpha > 0.0001: raise the budget")
+
+
+def test_validate_warns_at_the_rules_own_alpha_when_it_is_out_of_reach() -> None:
+    text = textwrap.dedent(
+        """
+        rules:
+          - name: calib
+            detector: calibration
+            params: {metric: ece_drift, resamples: 200}
+            threshold: 0.02
+            alpha: 0.001
+        """
+    )
+    cfg, issues = check_text(text, "rules.yaml")
+    assert cfg is not None
+    (issue,) = [i for i in issues if i.severity == "warning"]
+    assert (issue.path, issue.line, issue.column) == ("rules[0].alpha", 7, 12)
+    assert issue.message == (
+        "its smallest possible p-value (0.00498) is not below alpha 0.001: with resamples 200 it "
+        "is 1/(200 + 1), so the rule can never breach; raise params.resamples to at least 1000"
+    )
 
 
 def test_validate_prints_the_expected_false_alerts_per_week() -> None:

@@ -17,11 +17,14 @@ is family-wise: its Holm or Bonferroni correction splits it over the features.
 
 Only detectors that report a valid p-value can be held to a level; the others are listed as
 not covered. A rule that sets ``alpha`` itself keeps it, with a warning when it exceeds its
-share. Pure functions of the frozen config: no I/O.
+share. A resampled p-value ``(1 + k) / (B + 1)`` is never below ``1 / (B + 1)``, so a level at
+or below that can never be met: :func:`unreachable_level` says so, and how many resamples would
+do. Pure functions of the frozen config: no I/O.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
@@ -34,6 +37,7 @@ __all__ = [
     "BudgetNote",
     "reports_p_value",
     "smallest_p_value",
+    "unreachable_level",
     "allocate",
     "apply_budgets",
     "expected_false_alerts",
@@ -58,11 +62,65 @@ def reports_p_value(rule: RuleSpec) -> bool:
     return bool(check and check(rule.params))
 
 
+# Detectors whose p-value is resampled, ``(1 + k) / (B + 1)``: when it is (by their params),
+# the parameter that is ``B``, its default and its largest valid value (the detectors'
+# constructors enforce the same range; they are not imported here, see loader.known_detectors).
+_RESAMPLED: dict[str, tuple[Callable[[Mapping[str, Any]], bool], str, int, int]] = {
+    "calibration": (lambda p: p.get("metric") == "ece_drift", "resamples", 200, 10_000),
+    "alibi_mmd": (lambda p: True, "n_permutations", 100, 100_000),
+    "alibi_lsdd": (lambda p: True, "n_permutations", 100, 100_000),
+}
+
+
+def _resamples(detector: str, params: Mapping[str, Any]) -> tuple[str, int, int] | None:
+    """The resampling parameter's name, value and largest valid value, if the p-value is one."""
+    entry = _RESAMPLED.get(detector)
+    if entry is None or not entry[0](params):
+        return None
+    _, name, default, largest = entry
+    b = params.get(name, default)
+    if type(b) is not int or b < 1:
+        return None  # the detector rejects it, with the valid range
+    return name, b, largest
+
+
 def smallest_p_value(rule: RuleSpec) -> float:
     """The smallest p-value the detector can report (0 for continuous tests)."""
-    if rule.detector == "calibration" and rule.params.get("metric") == "ece_drift":
-        return 1.0 / (int(rule.params.get("resamples", 200)) + 1)
-    return 0.0
+    found = _resamples(rule.detector, rule.params)
+    return 0.0 if found is None else 1.0 / (found[1] + 1)
+
+
+def unreachable_level(
+    detector: str, params: Mapping[str, Any], alpha: float, *, from_budget: bool = False
+) -> str | None:
+    """Why a rule at level ``alpha`` can never breach, and the fix; ``None`` when it can.
+
+    A breach needs ``p_value < alpha`` and a resampled p-value is never below ``1 / (B + 1)``;
+    the fix is the smallest ``B`` with ``1 / (B + 1) < alpha``, or a larger ``alpha`` (the
+    budget, when it set the level) if that ``B`` is beyond the parameter's range.
+    """
+    found = _resamples(detector, params)
+    if found is None:
+        return None
+    name, b, largest = found
+    floor = 1.0 / (b + 1)
+    if floor < alpha:
+        return None
+    need = max(1, math.floor(1.0 / alpha) - 1)
+    while 1.0 / (need + 1) >= alpha:  # floor() of a rounded 1/alpha may be one short
+        need += 1
+    level = f"alpha {alpha:g}" + (" (from the false-alarm budget)" if from_budget else "")
+    if need <= largest:
+        fix = f"raise params.{name} to at least {need}"
+    else:
+        fix = (
+            f"{name} can be at most {largest}, enough for alpha > {1.0 / (largest + 1):.3g}: "
+            f"raise {'the budget' if from_budget else 'alpha'}"
+        )
+    return (
+        f"its smallest possible p-value ({floor:.3g}) is not below {level}: with {name} {b} it "
+        f"is 1/({b} + 1), so the rule can never breach; {fix}"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,13 +235,12 @@ def apply_budgets(
         else:
             alpha = tightest.alpha
             r = replace(r, alpha=alpha, alpha_source="budget")
-        floor = smallest_p_value(r)
-        if floor >= alpha:
-            notes.append(BudgetNote(
-                r.name, tightest.deployment,
-                f"its smallest possible p-value ({floor:.3g}) is not below alpha {alpha:.3g}: "
-                "the rule can never breach; raise params.resamples or the budget",
-            ))
+        # A rule's own alpha is checked as the loader reads the rule (even when the rule has
+        # other errors); the one the budget sets, here.
+        if not own:
+            unreachable = unreachable_level(r.detector, r.params, alpha, from_budget=True)
+            if unreachable is not None:
+                notes.append(BudgetNote(r.name, tightest.deployment, unreachable))
         if r.detector == "drift" and r.params.get("correction", "holm") in ("bh", "none"):
             notes.append(BudgetNote(
                 r.name, tightest.deployment,

@@ -22,7 +22,7 @@ from typing import Any, Callable, Collection, Iterable, Literal, Mapping
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from rollbackd.rules.budget import apply_budgets, budget_lines
+from rollbackd.rules.budget import apply_budgets, budget_lines, unreachable_level
 from rollbackd.rules.durations import DURATION_FORMS, format_duration, parse_duration
 from rollbackd.rules.model import (
     ACTIONS,
@@ -1273,6 +1273,13 @@ class _Walker:
                 path,
                 construct=errors_now == errors_before,
             )
+
+        if params_ok and isinstance(detector, str) and "alpha" in kw:
+            # Needs only the params, so it also runs when the detector could not be built
+            # (its optional package missing): the user learns both at once.
+            unreachable = unreachable_level(detector, params or {}, kw["alpha"])
+            if unreachable is not None:
+                self.warn(pairs["alpha"][1], _sub(path, "alpha"), unreachable)
 
         errors_after = sum(1 for i in self.issues if i.severity == "error")
         if errors_after != errors_before:
