@@ -273,3 +273,36 @@ rules:
     pipeline.advance(T0 + 15 * 60)
     table = [(int((r["ts"] - T0) // 60), r["state"]) for r in kind(d, "alert")]
     assert table == [(6, "pending"), (7, "firing"), (11, "resolved")]
+
+
+def test_the_stable_arms_version_is_a_target_before_it_is_known_good(tmp_path):
+    """The known-good rule (time and traffic) is not applied to the stable arm's version: it
+    is serving now, judged by the same rules, and rollbackd's history starts with its stream.
+    Here both arms already serve when the stream starts and the canary is bad from the start:
+    the stable arm never reaches 10m or 1000 predictions, yet the canary goes back to it."""
+    scenario = Scenario(
+        name="bad_canary_at_start", seed=5, duration=450.0, rate=4.0,
+        variants=(("stable", 0.5), ("canary", 0.5)),
+        versions=((0.0, "1", "stable"), (0.0, "2", "canary")),
+        faults=(Fault("error_rate", start=0.0, magnitude=0.3, version="2", variant="canary"),),
+    )
+    rec = tmp_path / "canary.jsonl"
+    write_recording(scenario, rec)
+    cfg = load_config_text("""
+version: 1
+settings: {notifier: {type: none}}
+deployments:
+  demo-scorer: {backend: {type: log}, known_good_after: 10m, known_good_min_predictions: 1000}
+rules:
+  - {name: canary-errors, detector: error_rate, threshold: 0.05, alpha: 0.01, for: 2m,
+     min_samples: 100, severity: critical, actions: [notify, rollback], variants: [canary]}
+""")
+    d = MemoryDecisions()
+    pipeline = build_pipeline(cfg, decisions=d)
+    replay(open_recording(str(rec), cfg), pipeline)
+    (rb,) = kind(d, "action", action="rollback")
+    assert (rb["variant"], rb["from_version"], rb["to_version"], rb["status"]) == ("canary", "2", "1", "succeeded")
+    stable = pipeline.versions[("demo-scorer", "stable")].current
+    # the stable arm's span, even at the end of the stream, meets neither half of the rule
+    assert stable.version == "1" and stable.served_for(pipeline.max_event_time) < 600.0
+    assert stable.predictions is not None and 0 < stable.predictions < 1000

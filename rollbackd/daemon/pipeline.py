@@ -689,6 +689,7 @@ class Pipeline:
         key = (inc.deployment, variant)
         hist = self.versions.get(key) or VersionHistory()
         current = hist.current.version if hist.current is not None else None
+        # The stable fallback is not held to the known-good rule: see _stable_version.
         target = hist.known_good(
             ts, spec.known_good_after, spec.known_good_min_predictions
         ) or self._stable_version(inc.deployment, variant, current)
@@ -847,7 +848,17 @@ class Pipeline:
 
     def _stable_version(self, deployment: str, variant: str, current: str | None) -> str | None:
         """For a canary-style arm with no known-good history of its own: the version the stable
-        arm serves, if that arm is healthy (no open incident on it)."""
+        arm serves, if that arm is healthy (no incident open on it, none opened while this
+        version served it).
+
+        Deliberately not held to ``known_good_after`` / ``known_good_min_predictions``. Those
+        ask a *past* version to have proved itself, because nothing watches it any more; the
+        stable arm's version is serving now, so sending the canary back to it (a canary abort)
+        puts nothing into service that is not already carrying traffic, and an incident on that
+        arm rules it out. Holding it to the rule would refuse the abort, and leave a failing
+        canary serving, whenever the stable span looks short: after a recent promotion, or
+        merely because rollbackd's history starts with its stream.
+        """
         for arm in STABLE_ARMS:
             if arm == variant:
                 continue
