@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,18 @@ def without_alibi(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in [m for m in sys.modules if m == "alibi_detect" or m.startswith("alibi_detect.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "alibi_detect", None)
+
+
+@pytest.fixture
+def stand_in_alibi(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``from alibi_detect import cd`` give an empty module, whether or not alibi-detect
+    is installed: enough for the loader, which builds a rule's detector to check its parameters
+    but never feeds it, so a rules file with alibi rules loads without the extra."""
+    for name in [m for m in sys.modules if m == "alibi_detect" or m.startswith("alibi_detect.")]:
+        monkeypatch.delitem(sys.modules, name)
+    stand_in = types.ModuleType("alibi_detect")
+    stand_in.cd = types.ModuleType("alibi_detect.cd")  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "alibi_detect", stand_in)
 
 
 # -- without alibi-detect (always run) ----------------------------------------------------------
@@ -180,6 +193,51 @@ def test_rollbackd_validate_warns_about_an_alpha_out_of_the_permutations_reach(t
     # without alibi-detect the rule is also an error (at its detector); with it, only warned about
     assert out.returncode == (0 if HAVE_ALIBI else 2), out.stderr
     assert (f"{rules}:3:15: rules[0].detector: alibi_mmd needs" in out.stderr) is not HAVE_ALIBI
+
+
+BUDGETED = """
+deployments:
+  fraud-scorer:
+    false_alarm_budget: {rollbacks: 1, per: 30d}
+rules:
+  - name: joint-drift
+    detector: alibi_mmd
+    params: {n_permutations: 100}
+    threshold: 0.0
+    window: {size: 10m}
+    actions: [notify, rollback]
+  - name: online-cvm
+    detector: alibi_cvm_online
+    params: {ert: 1000, window_sizes: [50, 100], max_reference: 300}
+    threshold: 0.5
+    actions: [notify, rollback]
+"""
+
+
+def test_the_budget_sets_an_alibi_rules_alpha_and_warns_when_its_permutations_cannot_reach_it(
+    stand_in_alibi: None,
+) -> None:
+    text = BUDGETED.lstrip("\n")
+    cfg, issues = check_text(text, "rules.yaml")
+    assert cfg is not None, [i.format("rules.yaml") for i in issues]
+    mmd, cvm = cfg.rules
+    # the whole budget goes to the one rule with a p-value: 1 per 4320 ten-minute windows
+    assert (mmd.alpha, mmd.alpha_source) == (pytest.approx(1 / 4320, rel=1e-12), "budget")
+    assert (cvm.alpha, cvm.alpha_source) == (None, None)
+    assert [i.format("rules.yaml") for i in issues] == [
+        "rules.yaml:5:5: rules[0]: warning: its smallest possible p-value (0.0099) is not below "
+        "alpha 0.000231481 (from the false-alarm budget): with n_permutations 100 it is "
+        "1/(100 + 1), so the rule can never breach; raise params.n_permutations to at least 4320",
+        "rules.yaml:11:5: rules[1]: warning: detector alibi_cvm_online reports no p-value: its "
+        "false alarms are set by params.ert, about one per ert events on a stream like the "
+        "reference, and a budget per period cannot be turned into ert without knowing the "
+        "event rate; so the rollbacks budget of fraud-scorer cannot bound its false alerts "
+        "(they are not counted)",
+    ]
+    # with enough permutations the same budget is reachable, and nothing is said about it
+    enough = text.replace("n_permutations: 100", "n_permutations: 4320")
+    _, issues = check_text(enough, "rules.yaml")
+    assert [i.path for i in issues] == ["rules[1]"]
 
 
 @needs_alibi

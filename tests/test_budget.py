@@ -16,9 +16,17 @@ import pytest
 from rollbackd.detectors import Window, make_detector
 from rollbackd.events import Prediction
 from rollbackd.rules.alerts import Alert, step
-from rollbackd.rules.budget import WEEK, allocate, expected_false_alerts, unreachable_level
+from rollbackd.rules.budget import (
+    WEEK,
+    allocate,
+    apply_budgets,
+    budget_lines,
+    expected_false_alerts,
+    reports_p_value,
+    unreachable_level,
+)
 from rollbackd.rules.loader import check_text, load_config_text, summarize
-from rollbackd.rules.model import FalseAlarmBudget
+from rollbackd.rules.model import DeploymentSpec, FalseAlarmBudget, RuleSpec, WindowSpec
 
 
 def config(rules: str, budget: str = "{rollbacks: 1, alerts: 4, per: 30d}") -> Any:
@@ -173,6 +181,48 @@ def test_a_level_no_allowed_permutation_count_reaches_asks_for_a_larger_alpha() 
     assert budgeted is not None
     assert "is not below alpha 2e-05 (from the false-alarm budget)" in budgeted
     assert budgeted.endswith("resamples can be at most 10000, enough for alpha > 0.0001: raise the budget")
+
+
+def test_the_alibi_permutation_tests_take_their_level_from_the_budget() -> None:
+    """alibi_mmd and alibi_lsdd report a valid permutation p-value, so the budget sets their
+    alpha, and a level their permutations cannot reach is warned about; alibi_cvm_online has
+    no p-value (ert sets its false alarms) and is left out, saying why. Pure functions on
+    hand-built rules: the loader rejects alibi rules where alibi-detect is not installed."""
+    month = 30 * 86400.0
+    deployments = {"fraud": DeploymentSpec(
+        "fraud", false_alarm_budget=FalseAlarmBudget(per=month, rollbacks=1.0)
+    )}
+    ten_minutes = WindowSpec(size=600.0, step=600.0)
+    act = ("notify", "rollback")
+    rules = (
+        RuleSpec("mmd", "alibi_mmd", 0.0, window=ten_minutes, actions=act),
+        RuleSpec("lsdd", "alibi_lsdd", 0.0, params={"n_permutations": 10_000}, window=ten_minutes, actions=act),
+        RuleSpec("cvm", "alibi_cvm_online", 0.5, params={"ert": 2000}, actions=act),
+    )
+    assert [reports_p_value(r) for r in rules] == [True, True, False]
+    out, notes = apply_budgets(deployments, rules)
+    mmd, lsdd, cvm = out
+    # the two permutation tests share the 1 rollback per 30d: 1/2 over 4320 ten-minute windows
+    alpha = 0.5 / (month / 600.0)  # = 1/8640
+    assert (mmd.alpha, mmd.alpha_source) == (pytest.approx(alpha, rel=1e-12), "budget")
+    assert (lsdd.alpha, lsdd.alpha_source) == (pytest.approx(alpha, rel=1e-12), "budget")
+    assert (cvm.alpha, cvm.alpha_source) == (None, None)
+    said = sorted((n.rule, n.message) for n in notes)
+    assert said == [
+        ("cvm", "detector alibi_cvm_online reports no p-value: its false alarms are set by "
+                "params.ert, about one per ert events on a stream like the reference, and a "
+                "budget per period cannot be turned into ert without knowing the event rate; so "
+                "the rollbacks budget of fraud cannot bound its false alerts (they are not counted)"),
+        # 100 permutations (the default) floor the p-value at 1/101; 10,000 (lsdd) reach 1/8640
+        ("mmd", "its smallest possible p-value (0.0099) is not below alpha 0.000115741 (from the "
+                "false-alarm budget): with n_permutations 100 it is 1/(100 + 1), so the rule can "
+                "never breach; raise params.n_permutations to at least 8640"),
+    ]
+    week = expected_false_alerts(mmd, deployments)
+    assert week == pytest.approx(0.5 * WEEK / month, rel=1e-12)
+    lines = budget_lines(out, deployments)
+    assert f"  mmd: {week:.3g} (alpha 0.000116, from the budget)" in lines
+    assert "  cvm: not bounded (no p-value)" in lines
 
 
 def test_validate_warns_at_the_rules_own_alpha_when_it_is_out_of_reach() -> None:

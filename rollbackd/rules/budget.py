@@ -16,8 +16,10 @@ windows only lower it). Summed over rules it is at most ``B``. Within a drift ru
 is family-wise: its Holm or Bonferroni correction splits it over the features.
 
 Only detectors that report a valid p-value can be held to a level; the others are listed as
-not covered. A rule that sets ``alpha`` itself keeps it, with a warning when it exceeds its
-share. A resampled p-value ``(1 + k) / (B + 1)`` is never below ``1 / (B + 1)``, so a level at
+not covered (with the reason when a parameter of their own sets their false alarms, as
+``alibi_cvm_online``'s ``ert`` does). A rule that sets ``alpha`` itself keeps it, with a
+warning when it exceeds its share. A resampled p-value ``(1 + k) / (B + 1)`` (``alibi_mmd``,
+``alibi_lsdd``, ``calibration``'s ``ece_drift``) is never below ``1 / (B + 1)``, so a level at
 or below that can never be met: :func:`unreachable_level` says so, and how many resamples would
 do. Pure functions of the frozen config: no I/O.
 """
@@ -53,6 +55,19 @@ _P_VALUE: dict[str, Callable[[Mapping[str, Any]], bool]] = {
     "drift": lambda p: True,
     "calibration": lambda p: p.get("metric", "ece") in ("spiegelhalter", "ece_drift"),
     "canary": lambda p: True,
+    # permutation p-value, (1 + k) / (n_permutations + 1): valid, and floored (_RESAMPLED)
+    "alibi_mmd": lambda p: True,
+    "alibi_lsdd": lambda p: True,
+}
+
+# Detectors left out of the split because their false alarms are controlled by a parameter of
+# their own, not by a level: why, as validate says it.
+_OWN_CONTROL: dict[str, str] = {
+    "alibi_cvm_online": (
+        "its false alarms are set by params.ert, about one per ert events on a stream like the "
+        "reference, and a budget per period cannot be turned into ert without knowing the "
+        "event rate"
+    ),
 }
 
 
@@ -190,9 +205,10 @@ def allocate(
                 ))
         for name, kinds in uncovered.items():
             detector = next(r.detector for r in rules if r.name == name)
+            why = f": {_OWN_CONTROL[detector]};" if detector in _OWN_CONTROL else " here,"
             notes.append(BudgetNote(
                 name, dep.name,
-                f"detector {detector} reports no p-value here, so the {' and '.join(kinds)} "
+                f"detector {detector} reports no p-value{why} so the {' and '.join(kinds)} "
                 f"budget{'s' if len(kinds) > 1 else ''} of {dep.name} cannot bound its false "
                 "alerts (they are not counted)",
             ))
