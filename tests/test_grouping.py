@@ -306,3 +306,45 @@ rules:
     # the stable arm's span, even at the end of the stream, meets neither half of the rule
     assert stable.version == "1" and stable.served_for(pipeline.max_event_time) < 600.0
     assert stable.predictions is not None and 0 < stable.predictions < 1000
+
+
+def test_a_version_marked_bad_as_a_canary_is_not_the_fallback_once_the_stable_arm_serves_it(tmp_path):
+    """A version marked bad is never a target, wherever it was marked: version 2 fails as a
+    canary and is rolled back; later the stable arm serves 2 (promoted anyway) and a new canary,
+    3, fails. 2's span on the stable arm is clean and no incident is open there, but 2 was
+    marked bad on the canary arm, so the canary is not sent back to it: no target."""
+    scenario = Scenario(
+        name="bad_canary_promoted", seed=21, duration=1500.0,
+        variants=(("stable", 0.8), ("canary", 0.2)),
+        versions=((0.0, "1", "stable"), (0.0, "2", "canary"), (900.0, "2", "stable"), (900.0, "3", "canary")),
+        faults=(
+            Fault("error_rate", start=0.0, end=300.0, magnitude=0.3, version="2", variant="canary"),
+            Fault("error_rate", start=900.0, magnitude=0.3, version="3", variant="canary"),
+        ),
+    )
+    rec = tmp_path / "canary.jsonl"
+    write_recording(scenario, rec)
+    cfg = load_config_text("""
+version: 1
+settings: {notifier: {type: none}}
+deployments:
+  demo-scorer: {backend: {type: log}, cooldown: 0s}
+rules:
+  - {name: canary-errors, detector: error_rate, threshold: 0.05, alpha: 0.01, for: 2m,
+     min_samples: 100, severity: critical, actions: [notify, rollback], variants: [canary]}
+""")
+    d = MemoryDecisions()
+    pipeline = build_pipeline(cfg, decisions=d)
+    replay(open_recording(str(rec), cfg), pipeline)
+    opened = [(r["variant"], r["version"]) for r in kind(d, "incident", state="opened")]
+    assert opened == [("canary", "2"), ("canary", "3")]
+    first, second = kind(d, "action", action="rollback")
+    assert (first["from_version"], first["to_version"], first["status"]) == ("2", "1", "succeeded")
+    assert (second["from_version"], second["to_version"], second["status"], second.get("reason")) == (
+        "3", None, "skipped", "no_target"
+    )
+    # what the old fallback looked at was clean: 2 serves the stable arm, whose span of it never
+    # saw an incident, and no incident is open there
+    stable = pipeline.versions[("demo-scorer", "stable")]
+    assert stable.current is not None and (stable.current.version, stable.current.bad) == ("2", False)
+    assert pipeline.book.incident_for("demo-scorer", "stable") is None

@@ -848,24 +848,29 @@ class Pipeline:
 
     def _stable_version(self, deployment: str, variant: str, current: str | None) -> str | None:
         """For a canary-style arm with no known-good history of its own: the version the stable
-        arm serves, if that arm is healthy (no incident open on it, none opened while this
-        version served it).
+        arm serves, if that arm is healthy (no incident open on it) and the version was never
+        marked bad on any arm of the deployment (as a canary earlier, say: it may have been
+        promoted since, but a version marked bad is never a target).
 
         Deliberately not held to ``known_good_after`` / ``known_good_min_predictions``. Those
         ask a *past* version to have proved itself, because nothing watches it any more; the
         stable arm's version is serving now, so sending the canary back to it (a canary abort)
-        puts nothing into service that is not already carrying traffic, and an incident on that
-        arm rules it out. Holding it to the rule would refuse the abort, and leave a failing
+        puts nothing into service that is not already carrying traffic, and an incident that
+        opened while it served, on any arm, rules it out. Holding it to the rule would refuse the abort, and leave a failing
         canary serving, whenever the stable span looks short: after a recent promotion, or
         merely because rollbackd's history starts with its stream.
         """
+        bad = {
+            v for (dep, _), hist in self.versions.items() if dep == deployment
+            for v in hist.bad_versions()
+        }
         for arm in STABLE_ARMS:
             if arm == variant:
                 continue
             hist = self.versions.get((deployment, arm))
             if hist is None or hist.current is None or hist.current.version == current:
                 continue
-            if hist.current.bad or self.book.incident_for(deployment, arm) is not None:
+            if hist.current.version in bad or self.book.incident_for(deployment, arm) is not None:
                 continue
             return hist.current.version
         return None

@@ -80,11 +80,15 @@ class VersionHistory:
         if self.current is not None:
             self.current.bad = True
 
+    def bad_versions(self) -> set[str]:
+        """The versions marked bad here: an incident opened while one of their spans served."""
+        return {s.version for s in self.spans if s.bad}
+
     def known_good(self, now: float, known_good_after: float, min_predictions: int = 0) -> str | None:
         """The most recent version, other than the current one, that ran healthy long enough
         and served at least ``min_predictions`` predictions in that span."""
         cur = self.current
-        bad = {s.version for s in self.spans if s.bad}
+        bad = self.bad_versions()
         for span in reversed(self.spans[:-1]):
             if cur is not None and span.version == cur.version:
                 continue
