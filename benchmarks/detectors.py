@@ -1,8 +1,11 @@
 """Per-window cost of the windowed detector tests, side by side with the equivalent scipy call;
-and detection delay versus false-alarm rate against river and alibi-detect.
+detection delay versus false-alarm rate against river and alibi-detect (exploratory tables);
+and a matched head-to-head on fresh seeds (pre-registered configurations, the same false
+alarms on the same stationary data, paired delays).
 
     python benchmarks/detectors.py [--windows 8] [--repeat 5] [--only drift]
-                                   [--fa-events 10000 100000] [--skip-delay | --delay-only]
+                                   [--fa-events 10000 100000]
+                                   [--skip-delay | --delay-only | --matched-only] [--skip-matched]
 
 Writes ``benchmarks/results/detectors.json`` and ``benchmarks/results/detectors.md`` (both
 sections; ``--out`` elsewhere, e.g. ``detectors-alibi.json`` from a venv with the ``alibi``
