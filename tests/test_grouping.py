@@ -348,3 +348,41 @@ rules:
     stable = pipeline.versions[("demo-scorer", "stable")]
     assert stable.current is not None and (stable.current.version, stable.current.bad) == ("2", False)
     assert pipeline.book.incident_for("demo-scorer", "stable") is None
+
+
+def test_a_version_marked_bad_as_a_canary_is_not_the_stable_arms_known_good_target(tmp_path):
+    """The same invariant for the known-good target: version 2 fails as a canary; later the
+    stable arm serves 2 healthily for 10 minutes (promoted anyway), then 3, which fails. 2 is
+    the stable arm's most recent healthy version, but it was marked bad on the canary arm, so
+    the stable arm goes back to 1."""
+    scenario = Scenario(
+        name="bad_canary_promoted_then_replaced", seed=22, duration=2400.0,
+        variants=(("stable", 0.8), ("canary", 0.2)),
+        versions=((0.0, "1", "stable"), (0.0, "2", "canary"), (900.0, "2", "stable"), (1500.0, "3", "stable")),
+        faults=(
+            Fault("error_rate", start=0.0, end=300.0, magnitude=0.3, version="2", variant="canary"),
+            Fault("error_rate", start=1500.0, magnitude=0.3, version="3", variant="stable"),
+        ),
+    )
+    rec = tmp_path / "promoted.jsonl"
+    write_recording(scenario, rec)
+    cfg = load_config_text("""
+version: 1
+settings: {notifier: {type: none}}
+deployments:
+  demo-scorer: {backend: {type: log}, cooldown: 0s, known_good_after: 5m, known_good_min_predictions: 100}
+rules:
+  - {name: errors, detector: error_rate, threshold: 0.05, alpha: 0.01, for: 2m,
+     min_samples: 100, severity: critical, actions: [notify, rollback]}
+""")
+    d = MemoryDecisions()
+    pipeline = build_pipeline(cfg, decisions=d)
+    replay(open_recording(str(rec), cfg), pipeline)
+    opened = [(r["variant"], r["version"]) for r in kind(d, "incident", state="opened")]
+    assert opened == [("canary", "2"), ("stable", "3")]
+    rollbacks = [(r["variant"], r["from_version"], r["to_version"], r["status"])
+                 for r in kind(d, "action", action="rollback")]
+    assert rollbacks == [("canary", "2", "1", "succeeded"), ("stable", "3", "1", "succeeded")]
+    # without the deployment-wide rule, the stable arm's own history offers 2: healthy there
+    stable = pipeline.versions[("demo-scorer", "stable")]
+    assert stable.known_good(pipeline.max_event_time, 300.0, 100) == "2"

@@ -689,10 +689,12 @@ class Pipeline:
         key = (inc.deployment, variant)
         hist = self.versions.get(key) or VersionHistory()
         current = hist.current.version if hist.current is not None else None
-        # The stable fallback is not held to the known-good rule: see _stable_version.
+        # A version marked bad on any arm is never a target. The stable fallback is not held
+        # to the known-good rule: see _stable_version.
+        bad = self._bad_versions(inc.deployment)
         target = hist.known_good(
-            ts, spec.known_good_after, spec.known_good_min_predictions
-        ) or self._stable_version(inc.deployment, variant, current)
+            ts, spec.known_good_after, spec.known_good_min_predictions, bad
+        ) or self._stable_version(inc.deployment, variant, current, bad)
         plan = (
             RollbackPlan(inc.deployment, variant, current, target, inc.id, f"rule {rule_name}")
             if target is not None
@@ -846,7 +848,14 @@ class Pipeline:
             return f"rollout not paused ({result.detail})"
         return f"rollout not paused (backend cannot: {result.detail})"
 
-    def _stable_version(self, deployment: str, variant: str, current: str | None) -> str | None:
+    def _bad_versions(self, deployment: str) -> set[str]:
+        """The versions marked bad on any arm of ``deployment``."""
+        return {
+            v for (dep, _), hist in self.versions.items() if dep == deployment
+            for v in hist.bad_versions()
+        }
+
+    def _stable_version(self, deployment: str, variant: str, current: str | None, bad: set[str]) -> str | None:
         """For a canary-style arm with no known-good history of its own: the version the stable
         arm serves, if that arm is healthy (no incident open on it) and the version was never
         marked bad on any arm of the deployment (as a canary earlier, say: it may have been
@@ -856,14 +865,11 @@ class Pipeline:
         ask a *past* version to have proved itself, because nothing watches it any more; the
         stable arm's version is serving now, so sending the canary back to it (a canary abort)
         puts nothing into service that is not already carrying traffic, and an incident that
-        opened while it served, on any arm, rules it out. Holding it to the rule would refuse the abort, and leave a failing
-        canary serving, whenever the stable span looks short: after a recent promotion, or
-        merely because rollbackd's history starts with its stream.
+        opened while it served, on any arm, rules it out (``bad``). Holding it to the rule would
+        refuse the abort, and leave a failing canary serving, whenever the stable span looks
+        short: after a recent promotion, or merely because rollbackd's history starts with its
+        stream.
         """
-        bad = {
-            v for (dep, _), hist in self.versions.items() if dep == deployment
-            for v in hist.bad_versions()
-        }
         for arm in STABLE_ARMS:
             if arm == variant:
                 continue

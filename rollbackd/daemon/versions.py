@@ -8,7 +8,7 @@ rollback target is the most recent known-good version other than the current one
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import AbstractSet as Set, Any, Mapping
 
 __all__ = ["VersionSpan", "VersionHistory"]
 
@@ -84,11 +84,14 @@ class VersionHistory:
         """The versions marked bad here: an incident opened while one of their spans served."""
         return {s.version for s in self.spans if s.bad}
 
-    def known_good(self, now: float, known_good_after: float, min_predictions: int = 0) -> str | None:
+    def known_good(
+        self, now: float, known_good_after: float, min_predictions: int = 0, bad: Set[str] = frozenset()
+    ) -> str | None:
         """The most recent version, other than the current one, that ran healthy long enough
-        and served at least ``min_predictions`` predictions in that span."""
+        and served at least ``min_predictions`` predictions in that span, and is marked bad
+        neither here nor in ``bad`` (the versions marked bad on the deployment's other arms)."""
         cur = self.current
-        bad = self.bad_versions()
+        bad = self.bad_versions() | bad
         for span in reversed(self.spans[:-1]):
             if cur is not None and span.version == cur.version:
                 continue
