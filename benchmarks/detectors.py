@@ -1177,18 +1177,22 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _alibi_online(reference: np.ndarray) -> _AlibiOnlineCVM | None:
+    """alibi-detect's online CvM on ``reference``, or None without the ``alibi`` extra."""
+    try:
+        import alibi_detect  # noqa: F401
+    except ImportError:
+        return None
+    return _AlibiOnlineCVM(reference)
+
+
 def run_delay(levels: list[int], reps: int, alibi_reps: int, match: str | None = None,
               previous: dict[str, Any] | None = None) -> dict[str, Any]:
     """``match``: run only the detectors whose name contains it and take every other row from
     ``previous`` (the delay section of an existing run, same seeds), in the usual order."""
     rng_ref = np.random.default_rng(DELAY_SEED)
     reference = rng_ref.normal(0.0, 1.0, REFERENCE_EVENTS)  # the numeric streams' "reference file"
-    try:
-        import alibi_detect  # noqa: F401
-
-        alibi: _AlibiOnlineCVM | None = _AlibiOnlineCVM(reference)
-    except ImportError:
-        alibi = None
+    alibi = _alibi_online(reference)
     out = []
     for fa_events in levels:
         rows = []
@@ -1477,12 +1481,7 @@ def run_matched(levels: list[int], reps: int = MATCHED_REPS, alibi_reps: int = M
                 match: str | None = None, against: str = "all") -> dict[str, Any]:
     """``match``: only the cells whose scenario holds it; ``against``: "all", "adwin" or "alibi"."""
     reference = np.random.default_rng(DELAY_SEED).normal(0.0, 1.0, REFERENCE_EVENTS)  # as run_delay's
-    try:
-        import alibi_detect  # noqa: F401
-
-        alibi: _AlibiOnlineCVM | None = _AlibiOnlineCVM(reference)
-    except ImportError:
-        alibi = None
+    alibi = _alibi_online(reference)
     rows = []
     for fa_events in levels:
         for si, sc in enumerate(SCENARIOS):

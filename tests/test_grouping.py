@@ -18,7 +18,7 @@ from rollbackd.daemon.replay import build_pipeline, open_recording, replay
 from rollbackd.events import Prediction
 from rollbackd.rules.loader import load_config_text
 from rollbackd.rules.silences import Silence
-from rollbackd.scenarios import BUILTIN, Fault, Scenario, write_recording
+from rollbackd.scenarios import Fault, Scenario, write_recording
 
 T0 = 1_789_999_980.0  # a whole minute: windows are aligned to the epoch
 
@@ -90,6 +90,24 @@ def run(path: Path, cfg, **kw):
 
 def kind(d, k, **match):
     return [r for r in d.records if r["kind"] == k and all(r.get(a) == b for a, b in match.items())]
+
+
+def replay_scenario(tmp_path: Path, scenario: Scenario, config_text: str):
+    """Record ``scenario``, replay it through a pipeline built from ``config_text``: (pipeline,
+    decisions)."""
+    rec = tmp_path / f"{scenario.name}.jsonl"
+    write_recording(scenario, rec)
+    cfg = load_config_text(config_text)
+    d = MemoryDecisions()
+    pipeline = build_pipeline(cfg, decisions=d)
+    replay(open_recording(str(rec), cfg), pipeline)
+    return pipeline, d
+
+
+CANARY_ERRORS = """
+  - {name: canary-errors, detector: error_rate, threshold: 0.05, alpha: 0.01, for: 2m,
+     min_samples: 100, severity: critical, actions: [notify, rollback], variants: [canary]}
+"""
 
 
 def test_a_bad_version_breaking_five_signals_is_one_incident_one_rollback_one_thread(files, tmp_path):
@@ -286,20 +304,12 @@ def test_the_stable_arms_version_is_a_target_before_it_is_known_good(tmp_path):
         versions=((0.0, "1", "stable"), (0.0, "2", "canary")),
         faults=(Fault("error_rate", start=0.0, magnitude=0.3, version="2", variant="canary"),),
     )
-    rec = tmp_path / "canary.jsonl"
-    write_recording(scenario, rec)
-    cfg = load_config_text("""
+    pipeline, d = replay_scenario(tmp_path, scenario, """
 version: 1
 settings: {notifier: {type: none}}
 deployments:
   demo-scorer: {backend: {type: log}, known_good_after: 10m, known_good_min_predictions: 1000}
-rules:
-  - {name: canary-errors, detector: error_rate, threshold: 0.05, alpha: 0.01, for: 2m,
-     min_samples: 100, severity: critical, actions: [notify, rollback], variants: [canary]}
-""")
-    d = MemoryDecisions()
-    pipeline = build_pipeline(cfg, decisions=d)
-    replay(open_recording(str(rec), cfg), pipeline)
+rules:""" + CANARY_ERRORS)
     (rb,) = kind(d, "action", action="rollback")
     assert (rb["variant"], rb["from_version"], rb["to_version"], rb["status"]) == ("canary", "2", "1", "succeeded")
     stable = pipeline.versions[("demo-scorer", "stable")].current
@@ -322,20 +332,12 @@ def test_a_version_marked_bad_as_a_canary_is_not_the_fallback_once_the_stable_ar
             Fault("error_rate", start=900.0, magnitude=0.3, version="3", variant="canary"),
         ),
     )
-    rec = tmp_path / "canary.jsonl"
-    write_recording(scenario, rec)
-    cfg = load_config_text("""
+    pipeline, d = replay_scenario(tmp_path, scenario, """
 version: 1
 settings: {notifier: {type: none}}
 deployments:
   demo-scorer: {backend: {type: log}, cooldown: 0s}
-rules:
-  - {name: canary-errors, detector: error_rate, threshold: 0.05, alpha: 0.01, for: 2m,
-     min_samples: 100, severity: critical, actions: [notify, rollback], variants: [canary]}
-""")
-    d = MemoryDecisions()
-    pipeline = build_pipeline(cfg, decisions=d)
-    replay(open_recording(str(rec), cfg), pipeline)
+rules:""" + CANARY_ERRORS)
     opened = [(r["variant"], r["version"]) for r in kind(d, "incident", state="opened")]
     assert opened == [("canary", "2"), ("canary", "3")]
     first, second = kind(d, "action", action="rollback")
@@ -364,9 +366,7 @@ def test_a_version_marked_bad_as_a_canary_is_not_the_stable_arms_known_good_targ
             Fault("error_rate", start=1500.0, magnitude=0.3, version="3", variant="stable"),
         ),
     )
-    rec = tmp_path / "promoted.jsonl"
-    write_recording(scenario, rec)
-    cfg = load_config_text("""
+    pipeline, d = replay_scenario(tmp_path, scenario, """
 version: 1
 settings: {notifier: {type: none}}
 deployments:
@@ -375,9 +375,6 @@ rules:
   - {name: errors, detector: error_rate, threshold: 0.05, alpha: 0.01, for: 2m,
      min_samples: 100, severity: critical, actions: [notify, rollback]}
 """)
-    d = MemoryDecisions()
-    pipeline = build_pipeline(cfg, decisions=d)
-    replay(open_recording(str(rec), cfg), pipeline)
     opened = [(r["variant"], r["version"]) for r in kind(d, "incident", state="opened")]
     assert opened == [("canary", "2"), ("stable", "3")]
     rollbacks = [(r["variant"], r["from_version"], r["to_version"], r["status"])
