@@ -129,3 +129,37 @@ def test_idle_stream_lets_event_time_follow_the_wall_clock(recording, config, tm
     assert daemon.event_now(clock.t) == wm  # not idle yet
     clock.t += 51.0  # 60 s without an event: event time moved on by 60 s
     assert daemon.event_now(clock.t) == pytest.approx(wm + 60.0)
+
+
+def test_the_last_checkpoints_duration_and_size_are_exported(recording, config, tmp_path):
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from rollbackd.daemon.http import MetricsCollector
+
+    class TickingClock(ManualClock):
+        def now(self) -> float:  # every reading is 0.25 s after the one before
+            self.t += 0.25
+            return self.t
+
+    source = RecordingSource(str(recording))
+    pipeline = build_pipeline(config)
+    daemon = Daemon(pipeline, source, clock=TickingClock(),
+                    settings=RunSettings(checkpoint_path=str(tmp_path / "state.ckpt"), checkpoint_every=1e9,
+                                         batch_size=BATCH, idle_after=1e9))
+    daemon.restore()
+    for _ in range(5):
+        daemon.step(source.read(BATCH))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MetricsCollector(daemon.pipeline, daemon=daemon, clock=ManualClock()))
+
+    def exported() -> dict[str, float]:
+        text = generate_latest(registry).decode()
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+    assert "rollbackd_checkpoint_duration_seconds" not in exported()  # none written yet
+    daemon.checkpoint()
+    got = exported()
+    assert got["rollbackd_checkpoint_duration_seconds"] == 0.25  # two clock readings, one tick apart
+    snapshots = Checkpoint.load(str(tmp_path / "state.ckpt")).pipelines
+    assert got["rollbackd_checkpoint_bytes"] == sum(map(len, snapshots.values())) > 0

@@ -349,6 +349,15 @@ class MetricsCollector:
             age = GaugeMetricFamily("rollbackd_checkpoint_age_seconds", "Wall seconds since the last checkpoint.")
             age.add_metric([], now - last_cp)
             yield age
+        if getattr(d, "checkpoint_seconds", None) is not None:
+            took = GaugeMetricFamily(
+                "rollbackd_checkpoint_duration_seconds",
+                "How long the last checkpoint held up processing (snapshot, write, commit).")
+            took.add_metric([], d.checkpoint_seconds)
+            yield took
+            size = GaugeMetricFamily("rollbackd_checkpoint_bytes", "Size of the last checkpoint's task snapshots.")
+            size.add_metric([], d.checkpoint_bytes)
+            yield size
         lag = self._consumer_lag(now)
         if lag is not None:
             g = GaugeMetricFamily("rollbackd_consumer_lag", "Messages in the assigned partitions not yet read.")

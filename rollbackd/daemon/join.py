@@ -22,11 +22,12 @@ from rollbackd.events import Outcome, Prediction
 __all__ = ["JoinStats", "OutcomeJoiner", "Pending"]
 
 
-class Pending(msgspec.Struct, frozen=True, gc=False):
+class Pending(msgspec.Struct, frozen=True, gc=False, array_like=True):
     """One buffered prediction: what its outcome's :class:`Labeled` needs.
 
     A C-level struct outside the cycle collector, not a tuple: there may be millions, and
     every collection walked each tuple and its five fields (0.4 s of a 1M-event replay).
+    ``array_like``: in a snapshot it is a five-element array, like the tuples of old books.
     """
 
     ts: float
@@ -41,6 +42,9 @@ def _ts(entry: Any) -> float:
     # rollbackd before this one (a checkpoint) or by a test.
     return entry.ts if type(entry) is Pending else entry[0]
 
+
+_BOOKS = msgspec.msgpack.Encoder()
+_BOOKS_DECODER = msgspec.msgpack.Decoder(dict[str, dict[str, Pending]])
 
 _GONE = object()
 # Eviction reads a book's oldest entries from a snapshot of its front of at least this many.
@@ -80,6 +84,20 @@ class OutcomeJoiner:
 
     def __len__(self) -> int:
         return self._size
+
+    def books_snapshot(self) -> bytes | dict[str, dict[str, Any]]:
+        """The buffered predictions for a checkpoint, as msgpack: one C loop, about 15x faster
+        than pickling the structs, which is what a checkpoint of a large buffer spent its time
+        on (on the processing thread). The books themselves when a value does not fit msgpack
+        (an integer beyond 64 bits): the snapshot pickles them then."""
+        try:
+            return _BOOKS.encode(self._pending)
+        except (OverflowError, TypeError):
+            return self._pending
+
+    def restore_books(self, books: bytes | dict[str, dict[str, Any]]) -> None:
+        self._pending = _BOOKS_DECODER.decode(books) if isinstance(books, bytes) else books
+        self._fronts = {}
 
     def wants(self, deployment: str) -> bool:
         return deployment in self._pending

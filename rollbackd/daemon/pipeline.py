@@ -882,7 +882,9 @@ class Pipeline:
         return None
 
     # Checkpoints -------------------------------------------------------------------------
-    SNAPSHOT_VERSION = 1
+    # 2: the join buffer is a msgpack blob (1: pickled books; still read)
+    SNAPSHOT_VERSION = 2
+    READS_SNAPSHOT_VERSIONS = (1, 2)
 
     def snapshot(self) -> bytes:
         """Everything a restart needs to continue exactly where this pipeline is: windows,
@@ -903,7 +905,7 @@ class Pipeline:
             "muted": self._muted,
             "panes": self.assembler.panes,
             "first_index": self.assembler.first_index,
-            "join": (self.joiner._pending, self.joiner._size, self.joiner.stats),
+            "join": (self.joiner.books_snapshot(), self.joiner._size, self.joiner.stats),
             "detectors": self.detectors,
             "alerts": self.alerts,
             "versions": self.versions,
@@ -916,8 +918,11 @@ class Pipeline:
     def restore(self, blob: bytes) -> list[str]:
         """Load a snapshot; returns warnings (rules whose definition changed start afresh)."""
         state = pickle.loads(blob)
-        if state.get("snapshot_version") != self.SNAPSHOT_VERSION:
-            raise ValueError(f"snapshot version {state.get('snapshot_version')} is not {self.SNAPSHOT_VERSION}")
+        if state.get("snapshot_version") not in self.READS_SNAPSHOT_VERSIONS:
+            raise ValueError(
+                f"snapshot version {state.get('snapshot_version')} is not one this rollbackd reads "
+                f"({', '.join(map(str, self.READS_SNAPSHOT_VERSIONS))})"
+            )
         now_rules = {r.name: repr(r) for r in self.config.rules}
         changed = {n for n, spec in state["rules"].items() if now_rules.get(n) != spec}
         warnings = [f"rule {n} changed or was removed since the checkpoint: its state starts afresh"
@@ -930,7 +935,8 @@ class Pipeline:
         self._muted = {m for m in state["muted"] if m[0] not in changed}
         self.assembler.panes = state["panes"]
         self.assembler.first_index = state["first_index"]
-        self.joiner._pending, self.joiner._size, self.joiner.stats = state["join"]
+        books, self.joiner._size, self.joiner.stats = state["join"]
+        self.joiner.restore_books(books)
         if state.get("rollbackd_version") == __version__:
             self.detectors = {k: v for k, v in state["detectors"].items() if k[0] not in changed}
         else:

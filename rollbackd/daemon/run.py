@@ -262,6 +262,8 @@ class Daemon:
         self.events = 0
         self._position: Any = None
         self._last_checkpoint = self.clock.now()
+        self.checkpoint_seconds: float | None = None  # the last checkpoint's, and its snapshots' size
+        self.checkpoint_bytes: int | None = None
         self.view = PipelinesView(self)
         if state is not None:
             for hook, fn in (("on_assign", self._assigned), ("on_revoke", self._revoked),
@@ -319,14 +321,19 @@ class Daemon:
     def checkpoint(self) -> None:
         if self._position is None:
             return
+        started = self.clock.now()
         flush = getattr(self.prototype.edges.dead_letters, "flush", None)
         if flush is not None:
             flush()
         if self.state is not None:
-            self.state.save({k: self._task_state(k) for k in sorted(self.tasks)})
+            states = {k: self._task_state(k) for k in sorted(self.tasks)}
+            self.checkpoint_bytes = sum(len(s["pipeline"]) for s in states.values())
+            self.state.save(states)
         else:
+            snapshots = {k: t.pipeline.snapshot() for k, t in sorted(self.tasks.items())}
+            self.checkpoint_bytes = sum(map(len, snapshots.values()))
             cp = Checkpoint(
-                pipelines={k: t.pipeline.snapshot() for k, t in sorted(self.tasks.items())},
+                pipelines=snapshots,
                 position=self._position,
                 decisions_offset=self.decisions.offset() if self.decisions is not None and hasattr(self.decisions, "offset") else 0,
                 ledger_marks=self.ledger.high_water() if self.ledger is not None else {},
@@ -335,6 +342,8 @@ class Daemon:
         # Only now may the source forget these events.
         self.source.commit(self._position)
         self._last_checkpoint = self.clock.now()
+        # written and committed on the processing thread: this long, no event was processed
+        self.checkpoint_seconds = self._last_checkpoint - started
 
     # Partitions moving (state store) ------------------------------------------------
     def _task_state(self, key: int) -> dict[str, Any]:
