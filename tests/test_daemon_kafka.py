@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from loopback import LoopbackServer
 from live_reference import live_reference
 
@@ -50,11 +50,22 @@ def write_lines(path: Path, lines: list[bytes]) -> Path:
     return path
 
 
+_COORDINATOR_MOVING = {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                       KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError._TIMED_OUT}
+
+
 def committed(bootstrap: str, group: str, topic: str) -> int:
+    """The group's committed offset, or -1 while the broker cannot say (a retriable error such as
+    NOT_COORDINATOR while the group coordinator loads or moves: the caller asks again)."""
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     try:
         (tp,) = c.committed([TopicPartition(topic, 0)], timeout=10)
         return max(tp.offset, 0)
+    except KafkaException as exc:
+        err = exc.args[0]
+        if not (err.retriable() or err.code() in _COORDINATOR_MOVING):
+            raise
+        return -1
     finally:
         c.close()
 
