@@ -15,7 +15,6 @@ import pytest
 from rollbackd.events import Deploy, EventDecoder, Outcome, Prediction, Rejected
 from rollbackd.scenarios import (
     BUILTIN,
-    MALFORMED_KINDS,
     Fault,
     RecordingStats,
     Scenario,
