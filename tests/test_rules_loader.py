@@ -357,6 +357,31 @@ def test_detector_names_come_from_the_registry(monkeypatch):
     assert "set by the rule itself" in errors[2].message
 
 
+def test_every_parameter_a_detector_rejects_is_reported_with_the_rules_other_errors():
+    """A constructor stops at its first complaint; the loader still reports each rejected
+    parameter, and does so even when another key of the same rule is wrong too."""
+    errors = errors_of("""
+        rules:
+          - name: a
+            detector: drift
+            threshold: 0.1
+            for: soon
+            params: {correction: holmes, alpha: 2, test: ks}
+        """)
+    assert places(errors) == [
+        (5, 10, "rules[0].for"),
+        (6, 14, "rules[0].params.correction"),
+        (6, 34, "rules[0].params.alpha"),
+    ]
+    assert "got 'holmes'" in errors[1].message and "alpha must be in (0, 1)" in errors[2].message
+
+
+def test_a_bad_threshold_is_reported_once_not_again_by_the_detector():
+    # the detector is not built without a valid threshold: its complaint would repeat ours
+    (err,) = errors_of("rules:\n  - {name: a, detector: calibration, threshold: lots, params: {metric: ece}}\n")
+    assert err.path == "rules[0].threshold"
+
+
 def test_a_detectors_own_range_check_points_at_the_threshold():
     (err,) = errors_of("rules:\n  - {name: a, detector: error_rate, threshold: 2}\n")
     assert (err.line, err.path) == (2, "rules[0].threshold")

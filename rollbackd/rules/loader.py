@@ -1260,9 +1260,9 @@ class _Walker:
 
         params_ok = "params" in kw or "params" not in pairs or _is_null(pairs["params"][1])
         if isinstance(detector, str) and detector in detectors and params_ok:
-            # Build the detector only from a rule that is otherwise valid: its complaints
-            # about a bad threshold would repeat ours.
-            errors_now = sum(1 for i in self.issues if i.severity == "error")
+            # Build the detector when what it takes from the rule is valid, even if other keys
+            # of the rule are not, so that every error is reported in one go; not from a
+            # missing or invalid threshold or min_samples: its complaints would repeat ours.
             self.check_detector(
                 detectors[detector],
                 detector,
@@ -1271,7 +1271,7 @@ class _Walker:
                 pairs,
                 kw,
                 path,
-                construct=errors_now == errors_before,
+                construct="threshold" in kw and ("min_samples" in kw or "min_samples" not in pairs),
             )
 
         if params_ok and isinstance(detector, str) and "alpha" in kw:
@@ -1487,27 +1487,35 @@ class _Walker:
         kwargs = dict(params)
         if getattr(factory, "needs_reference", False):
             kwargs["reference"] = None  # built later, from the deployment's reference file
-        try:
-            factory(threshold=kw["threshold"], min_samples=kw.get("min_samples", 1), **kwargs)
-        except (TypeError, ValueError) as exc:
-            from rollbackd.detectors.base import MissingExtra  # importable: factory is not None
-
-            if isinstance(exc, MissingExtra):
-                # No parameter can fix it: the extra must be installed or another detector
-                # chosen. The message already starts with the detector's name.
-                self.error(pairs["detector"][1], _sub(path, "detector"), str(exc))
+        # A constructor stops at the first value it rejects. To report every one in one go,
+        # build again without each parameter it named (its default then), until it accepts
+        # the rest or names something that is not a parameter of the file's.
+        while True:
+            try:
+                factory(threshold=kw["threshold"], min_samples=kw.get("min_samples", 1), **kwargs)
                 return
-            # Detectors name the offending argument first ("quantile must be in (0, 1)"):
-            # point at it when the file has it.
-            first = re.match(r"[A-Za-z_]+", str(exc))
-            word = first.group(0) if first else ""
-            if word in param_keys:
-                where, where_path = param_keys[word], _sub(params_path, word)
-            elif word in ("threshold", "min_samples") and word in pairs:
-                where, where_path = pairs[word][1], _sub(path, word)
-            else:
-                where, where_path = fallback[1], _sub(path, fallback[0].value)
-            self.error(where, where_path, f"detector {name} rejects this: {exc}")
+            except (TypeError, ValueError) as exc:
+                from rollbackd.detectors.base import MissingExtra  # importable: factory is not None
+
+                if isinstance(exc, MissingExtra):
+                    # No parameter can fix it: the extra must be installed or another detector
+                    # chosen. The message already starts with the detector's name.
+                    self.error(pairs["detector"][1], _sub(path, "detector"), str(exc))
+                    return
+                # Detectors name the offending argument first ("quantile must be in (0, 1)"):
+                # point at it when the file has it.
+                first = re.match(r"[A-Za-z_]+", str(exc))
+                word = first.group(0) if first else ""
+                if word in param_keys:
+                    where, where_path = param_keys[word], _sub(params_path, word)
+                elif word in ("threshold", "min_samples") and word in pairs:
+                    where, where_path = pairs[word][1], _sub(path, word)
+                else:
+                    where, where_path = fallback[1], _sub(path, fallback[0].value)
+                self.error(where, where_path, f"detector {name} rejects this: {exc}")
+                if word not in param_keys or word not in kwargs:
+                    return
+                del kwargs[word]
 
 
 # --------------------------------------------------------------------------- summary
