@@ -273,15 +273,42 @@ def _deployment_count(rule: RuleSpec, deployments: Mapping[str, DeploymentSpec])
     return max(1, len(deployments))
 
 
+def drift_level(rule: RuleSpec) -> float | None:
+    """The level a ``drift`` rule's own parameters hold each evaluation to, without a rule
+    ``alpha``: its value is the largest effect among *drifted* features (0 if none), so with a
+    threshold at or above 0 a breach needs one, and under Holm or Bonferroni the chance that
+    any feature is flagged under no drift is at most ``params.alpha`` (family-wise). ``bh``
+    and ``none`` do not bound it."""
+    if rule.detector != "drift" or rule.direction != "above" or rule.threshold < 0:
+        return None
+    if rule.params.get("correction", "holm") not in ("holm", "bonferroni"):
+        return None
+    level = rule.params.get("alpha", 0.01)
+    return float(level) if isinstance(level, (int, float)) and 0 < level < 1 else None
+
+
+def _level(rule: RuleSpec) -> tuple[float, str] | None:
+    """The per-evaluation level that bounds the rule's false breaches, and where it comes from."""
+    if not reports_p_value(rule):
+        return None
+    own = drift_level(rule)
+    if rule.alpha is not None and (own is None or rule.alpha <= own):
+        return rule.alpha, ", from the budget" if rule.alpha_source == "budget" else ""
+    if own is not None:
+        return own, f", params.alpha under {rule.params.get('correction', 'holm')}"
+    return None
+
+
 def expected_false_alerts(
     rule: RuleSpec, deployments: Mapping[str, DeploymentSpec], period: float = WEEK
 ) -> float | None:
     """Upper bound on the rule's expected false alerts per ``period`` (all its deployments and
     listed variants), or ``None`` when nothing bounds it (no ``alpha``, or no p-value)."""
-    if rule.alpha is None or not reports_p_value(rule):
+    level = _level(rule)
+    if level is None:
         return None
     evaluations = period / rule.window.step
-    return rule.alpha * evaluations * _streams(rule) * _deployment_count(rule, deployments)
+    return level[0] * evaluations * _streams(rule) * _deployment_count(rule, deployments)
 
 
 def budget_lines(
@@ -299,8 +326,8 @@ def budget_lines(
             lines.append(f"  {r.name}: not bounded ({why})")
             continue
         total += e
-        source = ", from the budget" if r.alpha_source == "budget" else ""
-        lines.append(f"  {r.name}: {_fmt(e)} (alpha {r.alpha:.3g}{source})")
+        level, source = _level(r)  # type: ignore[misc]  # bounded: it has one
+        lines.append(f"  {r.name}: {_fmt(e)} (alpha {level:.3g}{source})")
     lines.append(
         f"  total: {_fmt(total)}"
         + (
