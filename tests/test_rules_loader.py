@@ -76,6 +76,12 @@ def test_parse_duration_rejects_with_the_accepted_forms(value):
     assert "30s" in str(info.value) or ">= 0" in str(info.value)
 
 
+@pytest.mark.parametrize("value", ["-5s", " -1h30m", -5])
+def test_a_negative_duration_is_told_it_must_not_be(value):
+    with pytest.raises(ValueError, match="must be (finite and )?>= 0"):
+        parse_duration(value)
+
+
 @pytest.mark.parametrize("seconds", [0.0, 0.25, 30.0, 90.0, 5400.0, 86400.0 + 61.5, 604800.0])
 def test_format_duration_round_trips(seconds):
     assert parse_duration(format_duration(seconds)) == seconds

@@ -46,6 +46,8 @@ def parse_duration(value: object) -> float:
     text = value.strip()
     if text == "0":
         return 0.0
+    if text.startswith("-"):
+        raise ValueError(f"a duration must be >= 0, got {value!r}")
     total = 0.0
     pos = 0
     last_rank = -1
