@@ -1043,31 +1043,48 @@ def _write_pngs(out: Path, figures: list[tuple[str, dict[str, Any]]]) -> Iterabl
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.dates import DateFormatter
     except Exception:  # optional: no matplotlib, no PNGs
         return []
     paths = []
     for slug, data in figures:
-        fig, ax = plt.subplots(figsize=(8, 3), dpi=100)
-        for run in _runs(data["points"]):
-            ax.plot([datetime.fromtimestamp(t, timezone.utc) for t, _ in run], [v for _, v in run],
-                    color="#1f2937", lw=1.4, ls="-" if data["from_tap"] else "--")
-        if data["threshold"] is not None:
-            ax.axhline(data["threshold"], color="#dc2626", ls="--", lw=1, label="threshold")
-        if data["clear"] is not None:
-            ax.axhline(data["clear"], color="#d97706", ls=":", lw=1, label="clear threshold")
-        for t, state, v in data["marks"]:
-            if v is not None:
-                colour = _MARK_STYLE.get(str(state), ("#374151", ""))[0]
-                ax.plot([datetime.fromtimestamp(t, timezone.utc)], [v], "o", color=colour)
-        for t, label in data["rollbacks"]:
-            ax.axvline(datetime.fromtimestamp(t, timezone.utc), color="#b91c1c", lw=2, label=label)
-        ax.set_title(data["title"], fontsize=10)
-        ax.set_xlabel(f"event time (UTC), {_utc(data['lo'], '%Y-%m-%d')}", fontsize=8)
-        ax.xaxis.set_major_formatter(DateFormatter("%H:%M", tz=timezone.utc))
-        ax.legend(fontsize=7, loc="upper left")
+        fig = _png_figure(plt, data)
         path = out.with_name(f"{out.stem}-{slug}.png")
         fig.savefig(path, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _png_figure(plt: Any, data: dict[str, Any]) -> Any:
+    """One alert's figure, as the HTML's SVG draws it: value, thresholds, state marks, the
+    deploys and the rollbacks."""
+    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
+
+    def when(t: float) -> datetime:
+        return datetime.fromtimestamp(t, timezone.utc)
+
+    fig, ax = plt.subplots(figsize=(8, 3), dpi=100)
+    for run in _runs(data["points"]):
+        ax.plot([when(t) for t, _ in run], [v for _, v in run],
+                color="#1f2937", lw=1.4, ls="-" if data["from_tap"] else "--")
+    if data["threshold"] is not None:
+        ax.axhline(data["threshold"], color="#dc2626", ls="--", lw=1, label="threshold")
+    if data["clear"] is not None:
+        ax.axhline(data["clear"], color="#d97706", ls=":", lw=1, label="clear threshold")
+    for t, state, v in data["marks"]:
+        if v is not None:
+            colour = _MARK_STYLE.get(str(state), ("#374151", ""))[0]
+            ax.plot([when(t)], [v], "o", color=colour)
+    for t, label in data["deploys"]:
+        ax.axvline(when(t), color="#7c3aed", ls="--", lw=1, label=label)
+    for t, label in data["rollbacks"]:
+        ax.axvline(when(t), color="#b91c1c", lw=2, label=label)
+    ax.set_title(data["title"], fontsize=10)
+    ax.set_xlabel(f"event time (UTC), {_utc(data['lo'], '%Y-%m-%d')}", fontsize=8)
+    # Ticks where the span needs them (every 30 s on a few minutes), labelled to the second
+    # when a minute has several: "%H:%M" on 30-second ticks printed each minute twice.
+    locator = AutoDateLocator(tz=timezone.utc, minticks=3, maxticks=9)
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(ConciseDateFormatter(locator, tz=timezone.utc, show_offset=False))
+    ax.legend(fontsize=7, loc="upper left")
+    return fig

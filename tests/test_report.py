@@ -200,3 +200,27 @@ def test_pngs_are_written_beside_the_report_when_matplotlib_is_there(replayed, t
     report = write_report(decisions, tmp_path / "r.html", title="t", config=config)
     (png,) = report.pngs
     assert png.parent == tmp_path and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_png_shows_the_deploy_and_labels_each_tick_once(replayed, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import rollbackd.report as report_module
+
+    figures = []
+    real = report_module._png_figure
+
+    def keep(plt, data):
+        fig = real(plt, data)
+        figures.append(fig)
+        return fig
+
+    monkeypatch.setattr(report_module, "_png_figure", keep)
+    config, decisions, _ = replayed
+    write_report(decisions, tmp_path / "r.html", title="t", config=config)
+    (fig,) = figures
+    (ax,) = fig.axes
+    fig.canvas.draw()
+    ticks = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert len(ticks) >= 3 and len(set(ticks)) == len(ticks), ticks
+    labels = {line.get_label() for line in ax.get_lines()}
+    assert any(label.endswith(" deployed") for label in labels), labels
