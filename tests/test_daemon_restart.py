@@ -131,6 +131,17 @@ def test_idle_stream_lets_event_time_follow_the_wall_clock(recording, config, tm
     assert daemon.event_now(clock.t) == pytest.approx(wm + 60.0)
 
 
+def test_the_daemons_dead_letter_file_exists_from_the_start(config, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    dead = tmp_path / "rollbackd.rejected.jsonl"
+    pipeline = build_pipeline(config, dead_letter_path=dead)
+    daemon = Daemon(pipeline, RecordingSource(str(empty)), clock=ManualClock(),
+                    settings=RunSettings(checkpoint_path=str(tmp_path / "c")))
+    daemon.run()  # no event at all: no checkpoint, and still the (empty) file
+    assert dead.read_bytes() == b""
+
+
 def test_the_last_checkpoints_duration_and_size_are_exported(recording, config, tmp_path):
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.parser import text_string_to_metric_families

@@ -89,6 +89,7 @@ def test_a_drill_rehearses_the_incident_and_touches_no_real_edge(recording, tmp_
     assert logged == result.decisions
     with sqlite3.connect(result.ledger_path) as db:
         assert db.execute("select mode from runs where run_id = ?", [result.run_id]).fetchone() == ("drill",)
+    assert (tmp_path / "out" / "rejected.jsonl").read_bytes() == b"", "the dead-letter file, empty"
 
 
 def test_a_drill_report_plots_every_evaluation_when_the_pipeline_feeds_the_tap(recording, tmp_path):

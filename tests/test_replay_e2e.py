@@ -120,6 +120,31 @@ def test_malformed_lines_are_counted_and_dead_lettered_without_changing_decision
     assert d.records == clean.records
 
 
+def test_the_dead_letter_file_is_created_empty_when_nothing_is_rejected(recordings, config, tmp_path):
+    dead = tmp_path / "dead.jsonl"
+    result, _ = run(recordings["stationary"][0], config, dead_letter_path=dead)
+    assert sum(result.summary["rejected"].values()) == 0
+    assert dead.read_bytes() == b"", "on-call scripts read this file after every run"
+
+
+def test_replay_and_demo_leave_the_documented_dead_letter_files(recordings, tmp_path, monkeypatch):
+    """The CLI's defaults: `<recording>.rejected.jsonl` in the current directory after `replay`,
+    `rejected.jsonl` in `demo --out-dir`; both exist though nothing was rejected."""
+    from click.testing import CliRunner
+
+    from rollbackd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    replayed = runner.invoke(main, ["replay", str(recordings["stationary"][0]), "-c", str(RULES),
+                                    "--db", "x.db", "--notifier", "none"])
+    assert replayed.exit_code == 0, replayed.output
+    assert (tmp_path / "stationary.jsonl.gz.rejected.jsonl").read_bytes() == b""
+    demo = runner.invoke(main, ["demo", "--out-dir", "demo", "--db", "demo.db"])
+    assert demo.exit_code == 0, demo.output
+    assert (tmp_path / "demo" / "rejected.jsonl").read_bytes() == b""
+
+
 @pytest.mark.parametrize("scenario", ["sustained_errors", "feature_shift"])
 def test_decision_logs_are_byte_identical_across_runs_and_batch_sizes(recordings, config, tmp_path, scenario):
     logs = []

@@ -547,6 +547,18 @@ def test_dead_letter_file_appends_and_flushes(tmp_path: Path) -> None:
     assert path.read_bytes() == encode_dead_letter(rej) * 2
 
 
+def test_dead_letter_file_exists_even_when_nothing_was_rejected(tmp_path: Path) -> None:
+    made, flushed, closed = tmp_path / "made.jsonl", tmp_path / "flushed.jsonl", tmp_path / "closed.jsonl"
+    JsonlDeadLetter(made)
+    assert not made.exists(), "making the sink opens nothing (a run that never starts leaves no file)"
+    sink = JsonlDeadLetter(flushed)
+    sink.flush()
+    assert flushed.read_bytes() == b""
+    sink.close()
+    JsonlDeadLetter(closed).close()
+    assert closed.read_bytes() == b""
+
+
 def test_dead_letter_encoding_is_deterministic() -> None:
     a = Rejected("oversize", "9 bytes > limit 1", b"\x00\n\"", {"partition": 3, "offset": 7})
     assert encode_dead_letter(a) == encode_dead_letter(a._replace(position={"offset": 7, "partition": 3}))

@@ -40,27 +40,36 @@ def encode_dead_letter(rejected: Rejected) -> bytes:
 
 
 class JsonlDeadLetter:
-    """Appends one JSON object per rejected input to a file, created on the first reject."""
+    """Appends one JSON object per rejected input to a file.
+
+    The file is opened by the first ``put`` or ``flush``, whichever comes first, and ``close``
+    creates it if neither did: after a run it exists, empty when nothing was rejected, so a
+    script can always read it. Making the sink opens nothing, so a run that fails before it
+    starts (a missing recording) leaves no stray file.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         self.count = 0
         self._file: Any = None
 
-    def put(self, rejected: Rejected) -> None:
+    def _open(self) -> Any:
         if self._file is None:
             self._file = open(self.path, "ab")
-        self._file.write(encode_dead_letter(rejected))
+        return self._file
+
+    def put(self, rejected: Rejected) -> None:
+        self._open().write(encode_dead_letter(rejected))
         self.count += 1
 
     def flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
+        self._open().flush()
 
     def close(self) -> None:
-        if self._file is not None and not self._file.closed:
-            self._file.flush()
-            self._file.close()
+        f = self._open()
+        if not f.closed:
+            f.flush()
+            f.close()
 
     def __enter__(self) -> JsonlDeadLetter:
         return self

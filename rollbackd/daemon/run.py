@@ -420,6 +420,9 @@ class Daemon:
         from rollbackd.daemon.replay import GC_THRESHOLDS
 
         self.restore()
+        flush = getattr(self.prototype.edges.dead_letters, "flush", None)
+        if flush is not None:
+            flush()  # a dead-letter file exists from the start, empty until something is rejected
         backoff = 0.5
         gc_thresholds = gc.get_threshold()
         gc.set_threshold(*GC_THRESHOLDS)
