@@ -174,12 +174,16 @@ def test_dry_run_records_the_plan_and_calls_no_backend(recordings, tmp_path):
     cfg_path = tmp_path / "dry.yaml"
     cfg_path.write_text(text)
     cfg = load_config(cfg_path)
-    with LoopbackServer() as server:
+    import structlog
+
+    with LoopbackServer() as server, structlog.testing.capture_logs() as logs:
         backend = WebhookBackend(server.url + "/rollback", secret=b"s3cret")
         _, d = run(recordings["sustained_errors"][0], cfg, backend_overrides={"demo-scorer": backend})
         assert server.requests == []
     (rb,) = of_kind(d, "action", action="rollback")
     assert (rb["status"], rb["dry_run"], rb["to_version"]) == ("dry_run", True, "1")
+    # asked for, so logged as information, not as a warning (a drill logs one per rollback)
+    assert [e["log_level"] for e in logs if e["event"] == "rollback.dry_run"] == ["info"]
 
 
 def test_rollback_reaches_a_real_webhook_server_signed_and_once(recordings, config):

@@ -762,7 +762,9 @@ class Pipeline:
             if plan is not None and verdict == "dry_run":
                 self.safety.record(plan, ts, applied=False)
             self._decide(rec, lambda r: self.edges.recorder.action(r, "finished"))
-            log.warning("rollback." + verdict, incident=inc.id, deployment=inc.deployment, detail=why)
+            # A dry run is what was asked for (a drill runs every rollback dry): not a warning.
+            emit = log.info if verdict == "dry_run" else log.warning
+            emit("rollback." + verdict, incident=inc.id, deployment=inc.deployment, detail=why)
             if verdict in _ESCALATING:
                 return [(inc, "updated", ts, f"escalated: rollback {verdict.replace('_', ' ')}", why)]
             return [(inc, "updated", ts, f"rollback {status}", why)]
