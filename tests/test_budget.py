@@ -102,8 +102,8 @@ def test_split_by_weight_over_evaluations_and_variants() -> None:
 def test_an_explicit_alpha_is_kept_and_checked() -> None:
     cfg, issues = config(
         """
-        - {name: loose, detector: error_rate, threshold: 0.05, alpha: 0.01, actions: [rollback]}
-        - {name: tight, detector: error_rate, threshold: 0.05, alpha: 1.0e-9, actions: [rollback]}
+        - {name: loose, detector: error_rate, threshold: 0.05, alpha: 0.01, actions: [notify, rollback]}
+        - {name: tight, detector: error_rate, threshold: 0.05, alpha: 1.0e-9, actions: [notify, rollback]}
         """
     )
     loose, tight = cfg.rules

@@ -718,3 +718,15 @@ def test_summary_lists_each_deployments_backend_and_safety_rails():
         "  quiet: backend log, policy rollback, cooldown 30m, no loop guard, no approval, "
         "verify within 15m, known-good after 10m and 1000 predictions, dry run on (global)"
     )
+
+
+def test_a_rule_that_rolls_back_without_notify_is_warned_about():
+    config, issues = check_text(text("""
+        rules:
+          - {name: quiet, detector: error_rate, threshold: 0.1, actions: [rollback]}
+          - {name: loud, detector: error_rate, threshold: 0.1, actions: [notify, rollback]}
+        """))
+    assert config is not None  # a warning, not an error
+    (warning,) = issues
+    assert (warning.severity, warning.path) == ("warning", "rules[0].actions")
+    assert "posts no notice" in warning.message

@@ -1249,6 +1249,12 @@ class _Walker:
             self.warn(
                 pairs["actions"][1], _sub(path, "actions"), "no actions: the alert is only recorded"
             )
+        elif isinstance(actions, tuple) and "rollback" in actions and "notify" not in actions:
+            self.warn(
+                pairs["actions"][1], _sub(path, "actions"),
+                "rollback without notify: an incident of this rule alone rolls back and posts no "
+                "notice, so nobody on call hears of it; add notify",
+            )
         if "deployments" in pairs and not _is_null(pairs["deployments"][1]):
             self.rule_deployments(
                 pairs["deployments"][1], _sub(path, "deployments"), deployments, kw
