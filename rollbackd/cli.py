@@ -23,6 +23,62 @@ from rollbackd import __version__
 EXIT_CONFIG = 2
 
 
+class Refused(click.ClickException):
+    """A path or file given on the command line cannot be used: one line ``Error: ...`` on
+    stderr and exit 2, like a usage error, instead of a traceback."""
+
+    exit_code = EXIT_CONFIG
+
+
+def _parent_exists(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Option callback for a file the command will write: its directory must exist (checked
+    before the command writes anything, e.g. a ledger's ``runs`` row)."""
+    if value is None or value == "-":
+        return value
+    path = Path(value)
+    if path.is_dir():
+        raise click.BadParameter(f"{value} is a directory")
+    parent = path.parent
+    if not parent.is_dir():
+        raise click.BadParameter(f"directory {str(parent)!r} does not exist")
+    return value
+
+
+def _existing_ledger(db: str) -> None:
+    """A command that only reads (or answers into) a ledger: refuse a missing file rather
+    than create an empty one, and a file that is not a rollbackd ledger."""
+    import sqlite3
+
+    path = Path(db)
+    if not path.is_file():
+        raise Refused(f"{db}: no such ledger")
+    try:
+        conn = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in conn.execute("select name from sqlite_master where type = 'table'")}
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise Refused(f"{db}: not a rollbackd ledger ({exc})") from None
+    if "runs" not in tables:
+        raise Refused(f"{db}: not a rollbackd ledger (no runs table)")
+
+
+def _open_ledger(db: str, run_id: str = "run") -> Any:
+    """The ledger at ``db``, created when missing; a file that is not SQLite (or cannot be
+    opened) is a one-line error."""
+    import sqlite3
+
+    from rollbackd.daemon.ledger import Ledger
+
+    if Path(db).is_dir():
+        raise Refused(f"{db}: is a directory, not a ledger")
+    try:
+        return Ledger(db, run_id=run_id)
+    except (sqlite3.Error, OSError) as exc:
+        raise Refused(f"{db}: cannot open the ledger ({exc})") from None
+
+
 def _configure_logging(level: str, json_logs: bool) -> None:
     renderer: Any = (
         structlog.processors.JSONRenderer(sort_keys=True)
@@ -158,12 +214,18 @@ def _run_replay(
         config, NotifierSpec(type=notifier_name) if notifier_name else None, dry_run
     )
     run_id = f"{mode}-{uuid.uuid4().hex[:12]}"
-    ledger = Ledger(db, run_id=run_id)
+    # Everything that can fail on a path is opened before the run's first ledger row.
+    try:
+        source = open_recording(recording, config)
+        decisions: Any = DecisionLog(decisions_out) if decisions_out else NullDecisions()
+    except OSError as exc:
+        raise Refused(f"{exc.filename or recording}: {exc.strerror or exc}") from None
+    ledger: Ledger = _open_ledger(db, run_id)
     ledger.start_run(mode, recording, config.source, datetime.now(timezone.utc).isoformat())
     pipeline = build_pipeline(
         config,
         silences=ledger.silences(),
-        decisions=DecisionLog(decisions_out) if decisions_out else NullDecisions(),
+        decisions=decisions,
         recorder=ledger,
         dead_letter_path=dead_letter,
         notifier=notifier,
@@ -172,7 +234,7 @@ def _run_replay(
     )
     bar = _Progress(progress)
     try:
-        result = replay(open_recording(recording, config), pipeline, batch_size=batch_size, progress=bar)
+        result = replay(source, pipeline, batch_size=batch_size, progress=bar)
     finally:
         bar.done()
     ledger.counters(
@@ -187,15 +249,18 @@ def _run_replay(
 
 
 @main.command()
-@click.argument("recording")
+@click.argument("recording", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
 @click.option("--config", "-c", "rules", required=True, type=click.Path(dir_okay=False), help="Rules file.")
-@click.option("--decisions-out", type=click.Path(dir_okay=False), help="Write the decision log (JSON Lines).")
-@click.option("--db", default="rollbackd.db", show_default=True, help="SQLite ledger file.")
-@click.option("--dead-letter", type=click.Path(dir_okay=False),
+@click.option("--decisions-out", type=click.Path(dir_okay=False), callback=_parent_exists,
+              help="Write the decision log (JSON Lines).")
+@click.option("--db", default="rollbackd.db", show_default=True, callback=_parent_exists,
+              help="SQLite ledger file (created if missing; the run is appended).")
+@click.option("--dead-letter", type=click.Path(dir_okay=False), callback=_parent_exists,
               help="Where rejected lines go (default: RECORDING's name + .rejected.jsonl).")
 @click.option("--notifier", type=click.Choice(["console", "slack", "none"]), default=None,
               help="Override the rules file's notifier.")
-@click.option("--batch-size", default=8192, show_default=True)
+@click.option("--batch-size", default=8192, show_default=True, type=click.IntRange(min=1),
+              help="Events read and processed per step.")
 @click.option("--dry-run", is_flag=True,
               help="Force dry-run for every rollback: record what would be done, call no backend.")
 @click.option("--summary-json", is_flag=True, help="Print the run summary as JSON on stdout.")
@@ -256,7 +321,8 @@ def _print_incident(inc: Any, pipeline: Any) -> None:
 @main.command()
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None,
               help="Keep the generated recording, decision log and ledger here.")
-@click.option("--db", default="rollbackd.db", show_default=True, help="SQLite ledger file.")
+@click.option("--db", default="rollbackd.db", show_default=True, callback=_parent_exists,
+              help="SQLite ledger file (created if missing; the run is appended).")
 def demo(out_dir: str | None, db: str) -> None:
     """Generate a built-in scenario (healthy traffic, then a bad version) and replay it:
     console notices, a rollback to the last known-good version, and the incident timeline."""
@@ -264,7 +330,10 @@ def demo(out_dir: str | None, db: str) -> None:
     from rollbackd.scenarios import BUILTIN, write_recording
 
     work = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="rollbackd-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Refused(f"--out-dir {out_dir}: {exc.strerror or exc}") from None
     recording = work / "demo.jsonl.gz"
     stats = write_recording(BUILTIN["demo"], recording)
     rules_path = resources.files("rollbackd") / "examples" / "demo.yaml"
@@ -307,8 +376,9 @@ def _timeline_line(rec: dict[str, Any]) -> str:
 
 @main.command()
 @click.argument("scenario")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Recording to write (.jsonl or .jsonl.gz).")
-@click.option("--truth", type=click.Path(dir_okay=False), default=None,
+@click.option("--out", required=True, type=click.Path(dir_okay=False), callback=_parent_exists,
+              help="Recording to write (.jsonl or .jsonl.gz).")
+@click.option("--truth", type=click.Path(dir_okay=False), default=None, callback=_parent_exists,
               help="Also write the scenario's fault intervals, for backtest --truth.")
 def simulate(scenario: str, out: str, truth: str | None) -> None:
     """Write a built-in synthetic scenario as a recording in the event contract."""
@@ -347,7 +417,11 @@ def drill(recording: str, rules: str, speed: str, out_dir: str | None, notifier:
         factor = parse_speed(speed)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--speed") from None
-    out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="drill-", dir="."))
+    try:
+        out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="drill-", dir="."))
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Refused(f"--out-dir {out_dir or '.'}: {exc.strerror or exc}") from None
     result = run_drill(recording, config, speed=factor, out_dir=out,
                        notifier=ConsoleNotifier() if notifier == "console" else NullNotifier(),
                        progress=ProgressPrinter(sys.stderr))
@@ -376,6 +450,8 @@ def backtest(recording: str, rules: str, against: str | None, truth: str | None,
     """Run rules over history: when each alert would have fired and each rollback run; with
     --against, the difference between two rule versions; with --truth, how well each rule did.
     Nothing is called: rollbacks go to a simulated backend, notices nowhere."""
+    import yaml
+
     from rollbackd.drills import backtest as run_backtest
     from rollbackd.rules.durations import parse_duration
 
@@ -383,8 +459,8 @@ def backtest(recording: str, rules: str, against: str | None, truth: str | None,
     config_b = _load_config(against) if against else None
     try:
         result = run_backtest(recording, config_a, config_b, truth, grace=parse_duration(grace))
-    except ValueError as exc:  # the truth file or --grace
-        click.echo(str(exc), err=True)
+    except (ValueError, yaml.YAMLError) as exc:  # the truth file or --grace
+        click.echo(f"{truth}: {exc}" if isinstance(exc, yaml.YAMLError) else str(exc), err=True)
         sys.exit(EXIT_CONFIG)
     if as_json:
         click.echo(json.dumps(result.to_record(), sort_keys=True))
@@ -421,7 +497,8 @@ def test_rules(files: tuple[str, ...]) -> None:
               help="Read a decision log instead of the ledger.")
 @click.option("--config", "-c", "rules", type=click.Path(dir_okay=False), default=None,
               help="The rules file: adds clear thresholds and directions to the plots.")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="HTML file (default: INCIDENT.html).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, callback=_parent_exists,
+              help="HTML file (default: INCIDENT.html).")
 def report(incident: str | None, db: str, run_id: str | None, decisions: str | None, rules: str | None,
            out: str | None) -> None:
     """Write an incident report: one self-contained HTML file with the timeline and plots of the
@@ -437,6 +514,7 @@ def report(incident: str | None, db: str, run_id: str | None, decisions: str | N
                 records = select_incident(records, incident)
             source = decisions
         else:
+            _existing_ledger(db)
             run, records = decisions_from_ledger(db, incident_id=incident, run_id=run_id)
             source = f"{db}, run {run}"
     except LookupError as exc:
@@ -529,7 +607,9 @@ def _bootstrap(value: str | None) -> str:
 @click.option("--config", "-c", "rules", required=True, type=click.Path(dir_okay=False), help="Rules file.")
 @click.option("--bootstrap-servers", envvar="ROLLBACKD_BOOTSTRAP_SERVERS", default=None,
               help="Kafka bootstrap servers (env ROLLBACKD_BOOTSTRAP_SERVERS or KAFKA_BOOTSTRAP_SERVERS).")
-@click.option("--group-id", envvar="ROLLBACKD_GROUP_ID", default="rollbackd", show_default=True)
+@click.option("--group-id", envvar="ROLLBACKD_GROUP_ID", default="rollbackd", show_default=True,
+              help="Kafka consumer group (env ROLLBACKD_GROUP_ID); also names the run in the ledger "
+                   "(live-GROUP), so a restart continues the same run.")
 @click.option("--instance-id", envvar="ROLLBACKD_INSTANCE_ID", default=None,
               help="Static group membership (group.instance.id): a restarted instance gets its "
                    "partitions back at once instead of after the session timeout.")
@@ -540,17 +620,22 @@ def _bootstrap(value: str | None) -> str:
               help="librdkafka setting KEY=VALUE (repeatable), e.g. security.protocol=SASL_SSL. "
                    "Also from env ROLLBACKD_KAFKA_<KEY> (dots as underscores).")
 @click.option("--dead-letter-topic", default=None, help="Send rejected messages here (default: a JSONL file).")
-@click.option("--dead-letter", default="rollbackd.rejected.jsonl", show_default=True)
-@click.option("--db", default="rollbackd.db", show_default=True, help="SQLite ledger file.")
-@click.option("--decisions-out", default="rollbackd.decisions.jsonl", show_default=True)
-@click.option("--checkpoint", default="rollbackd.checkpoint", show_default=True)
+@click.option("--dead-letter", default="rollbackd.rejected.jsonl", show_default=True, callback=_parent_exists,
+              help="File that rejected messages are appended to (without --dead-letter-topic).")
+@click.option("--db", default="rollbackd.db", show_default=True, callback=_parent_exists,
+              help="SQLite ledger file (created if missing).")
+@click.option("--decisions-out", default="rollbackd.decisions.jsonl", show_default=True, callback=_parent_exists,
+              help="Decision log (JSON Lines), appended to.")
+@click.option("--checkpoint", default="rollbackd.checkpoint", show_default=True, callback=_parent_exists,
+              help="State snapshot file: a restart resumes from it (not used with --state-topic).")
 @click.option("--checkpoint-every", default=5.0, show_default=True, help="Seconds between checkpoints.")
 @click.option("--idle-after", default=30.0, show_default=True,
               help="Seconds without events before event time follows the wall clock.")
 @click.option("--lag-limit", default=None, type=int, help="Consumer lag that counts as blind.")
 @click.option("--blind-after", default=30.0, show_default=True,
               help="Seconds the source may fail before the 'monitoring blind' notice.")
-@click.option("--batch-size", default=5000, show_default=True)
+@click.option("--batch-size", default=5000, show_default=True, type=click.IntRange(min=1),
+              help="Most messages consumed and processed per step.")
 @click.option("--dry-run", is_flag=True, help="Force dry-run for every rollback.")
 @click.option("--http", "http_listen", envvar="ROLLBACKD_HTTP", default=None, metavar="[HOST:]PORT",
               help="Serve /metrics, /healthz, /readyz, /incidents (a bare port means 127.0.0.1; "
@@ -585,9 +670,12 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
         kconf["group.instance.id"] = instance_id
     # One stable run id per consumer group: a restart continues the same run in the ledger,
     # which is how the outbox recognises actions that were already done.
-    ledger = Ledger(db, run_id=f"live-{group_id}")
+    try:
+        decisions = DecisionLog(decisions_out, append=True)
+    except OSError as exc:
+        raise Refused(f"{decisions_out}: {exc.strerror or exc}") from None
+    ledger: Ledger = _open_ledger(db, run_id=f"live-{group_id}")
     ledger.start_run("live", ",".join(topic_list), config.source, datetime.now(timezone.utc).isoformat())
-    decisions = DecisionLog(decisions_out, append=True)
     dead = KafkaDeadLetter(servers, dead_letter_topic, config=kconf) if dead_letter_topic else None
     group = None
     sink: Any = decisions
@@ -669,16 +757,21 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
 @main.command()
 @click.option("--bootstrap-servers", default=None, help="Kafka bootstrap servers (or env).")
 @click.option("--topic", "topics", multiple=True, required=True)
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Recording (.jsonl or .jsonl.gz).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), callback=_parent_exists,
+              help="Recording (.jsonl or .jsonl.gz).")
 @click.option("--duration", default=None, help="Stop after this long (e.g. 10m); default: at the end of the topics.")
-@click.option("--max-events", default=None, type=int)
+@click.option("--max-events", default=None, type=click.IntRange(min=1),
+              help="Stop after this many events (default: no limit).")
 def record(bootstrap_servers: str | None, topics: tuple[str, ...], out: str, duration: str | None,
            max_events: int | None) -> None:
     """Capture live events from Kafka into a recording, for drills and backtests."""
     from rollbackd.daemon.kafka import record as do_record
     from rollbackd.rules.durations import parse_duration
 
-    seconds = parse_duration(duration) if duration else None
+    try:
+        seconds = parse_duration(duration) if duration else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--duration") from None
     n = do_record(_bootstrap(bootstrap_servers), list(topics), out, duration=seconds, max_events=max_events)
     click.echo(f"{out}: {n:,} events")
 

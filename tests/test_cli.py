@@ -78,6 +78,7 @@ def test_simulate_then_replay_from_stdin_writes_decisions_ledger_and_dead_letter
 def test_replay_with_a_bad_rules_file_exits_nonzero_before_reading(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nrules: [{name: x}]\n")
+    (tmp_path / "does-not-matter.jsonl").write_text("")
     out = rollbackd("replay", "does-not-matter.jsonl", "--config", str(bad), cwd=tmp_path)
     assert out.returncode == 2
     assert b"rules[0]" in out.stderr
@@ -159,3 +160,70 @@ def test_drill_backtest_report_and_test_rules_commands(tmp_path):
     tests.write_text(tests.read_text().replace("18m", "16m"))
     out = rollbackd("test-rules", str(tests), cwd=tmp_path)
     assert out.returncode == 1 and b"- expected: serving-error-rate demo-scorer/* firing at or before +16m" in out.stdout
+
+
+def runs_rows(db: Path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        return conn.execute("select count(*) from runs").fetchone()[0]
+
+
+def refused(out: subprocess.CompletedProcess, *words: str) -> str:
+    """Exit 2 with a short ``Error: ...`` and no Python traceback."""
+    err = out.stderr.decode()
+    assert out.returncode == 2, (out.returncode, err)
+    assert "Traceback" not in err and "Error: " in err, err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+@pytest.mark.parametrize("args,words", [
+    (["nosuch.jsonl"], ["'RECORDING'", "does not exist"]),
+    (["."], ["'RECORDING'", "is a directory"]),
+    (["s.jsonl", "--batch-size", "0"], ["'--batch-size'"]),
+    (["s.jsonl", "--decisions-out", "/nonexistent/d.jsonl"], ["'--decisions-out'", "/nonexistent"]),
+    (["s.jsonl", "--dead-letter", "/nonexistent/r.jsonl"], ["'--dead-letter'", "/nonexistent"]),
+    (["s.jsonl", "--db", "/nonexistent/q.db"], ["'--db'", "/nonexistent"]),
+    (["s.jsonl", "--db", "s.jsonl"], ["s.jsonl: cannot open the ledger (file is not a database)"]),
+])
+def test_replay_refuses_bad_paths_and_numbers_before_writing_a_run(tmp_path, args, words):
+    from rollbackd.daemon.ledger import Ledger
+
+    (tmp_path / "s.jsonl").write_text('{"a": 1}\n')
+    Ledger(tmp_path / "l.db").close()
+    db = [] if "--db" in args else ["--db", "l.db"]
+    out = rollbackd("replay", *args, "-c", str(RULES), "--notifier", "none", *db, cwd=tmp_path)
+    refused(out, *words)
+    assert runs_rows(tmp_path / "l.db") == 0
+    assert (tmp_path / "s.jsonl").read_text() == '{"a": 1}\n'  # the non-ledger file is left alone
+
+
+@pytest.mark.parametrize("args,words", [
+    (["simulate", "stationary", "--out", "/nonexistent/dir/x.jsonl.gz"], ["'--out'", "/nonexistent/dir"]),
+    (["simulate", "stationary", "--out", "x.jsonl", "--truth", "/nonexistent/t.yaml"], ["'--truth'"]),
+    (["demo", "--db", "/nonexistent/q.db"], ["'--db'"]),
+    (["demo", "--out-dir", "f/sub"], ["--out-dir f/sub"]),
+    (["drill", "s.jsonl", "-c", str(RULES), "--out-dir", "f/sub"], ["--out-dir f/sub"]),
+    (["run", "-c", str(RULES), "--bootstrap-servers", "127.0.0.1:1", "--batch-size", "0"], ["'--batch-size'"]),
+    (["run", "-c", str(RULES), "--bootstrap-servers", "127.0.0.1:1", "--db", "s.jsonl"],
+     ["s.jsonl: cannot open the ledger"]),
+    (["run", "-c", str(RULES), "--bootstrap-servers", "127.0.0.1:1", "--checkpoint", "/nonexistent/c"],
+     ["'--checkpoint'"]),
+    (["record", "--topic", "t", "--bootstrap-servers", "127.0.0.1:1", "--out", "r.jsonl", "--max-events", "0"],
+     ["'--max-events'"]),
+    (["record", "--topic", "t", "--bootstrap-servers", "127.0.0.1:1", "--out", "/nonexistent/r.jsonl"],
+     ["'--out'"]),
+    (["report", "--db", "s.jsonl"], ["s.jsonl: not a rollbackd ledger"]),
+    (["report", "--db", "l.db", "--out", "/nonexistent/r.html"], ["'--out'"]),
+    (["backtest", "s.jsonl", "-c", str(RULES), "--truth", "s.jsonl"], ["s.jsonl: "]),
+])
+def test_other_commands_refuse_bad_paths_without_a_traceback(tmp_path, args, words):
+    (tmp_path / "s.jsonl").write_text('{"not": "yaml truth"}\n{"a": 1}\n')
+    (tmp_path / "f").write_text("a file where a folder is expected")
+    out = rollbackd(*args, cwd=tmp_path)
+    err = out.stderr.decode()
+    assert out.returncode == 2 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
