@@ -491,7 +491,8 @@ def test_rules(files: tuple[str, ...]) -> None:
 
 @main.command()
 @click.argument("incident", required=False)
-@click.option("--db", default="rollbackd.db", show_default=True, help="Ledger to read the incident from.")
+@click.option("--db", default="rollbackd.db", show_default=True,
+              help="Ledger to read the incident from (must exist; not read with --decisions).")
 @click.option("--run", "run_id", default=None, help="Run id (default: the latest run that holds the incident).")
 @click.option("--decisions", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Read a decision log instead of the ledger.")
@@ -797,6 +798,25 @@ def publish(recording: str, bootstrap_servers: str | None, topic: str, speed: st
     click.echo(f"{topic}: {n:,} events published")
 
 
+def _check_names(config: Any, rules: str, deployment: str, rule: str | None) -> None:
+    """A silence's deployment and rule must be named in the rules file (a typo would mute
+    nothing): a usage error with the closest name, as validate suggests one."""
+    import difflib
+
+    def unknown(kind: str, name: str, known: set[str]) -> None:
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(known)) or 'none'}"
+        raise click.BadParameter(f"{rules} has no {kind} {name!r}{hint}", param_hint=f"--{kind}")
+
+    deployments = set(config.deployments) | {d for r in config.rules for d in (r.deployments or ())}
+    if deployment not in deployments:
+        unknown("deployment", deployment, deployments)
+    if rule is not None:
+        names = {r.name for r in config.rules}
+        if rule not in names:
+            unknown("rule", rule, names)
+
+
 def _parse_when(value: str | None, default: float) -> float:
     if value is None:
         return default
@@ -819,20 +839,23 @@ def silence() -> None:
 
 
 @silence.command("add")
-@click.option("--deployment", required=True)
+@click.option("--deployment", required=True, help="The deployment to mute.")
 @click.option("--rule", default=None, help="Only this rule (default: every rule).")
 @click.option("--variant", default=None, help="Only this variant (default: every variant).")
 @click.option("--for", "duration", required=True, help="How long, e.g. 2h, 30m.")
 @click.option("--starts-at", default=None,
               help="Start (ISO 8601 with offset, or Unix seconds); default now. Event time: a "
                    "silence for a drill or a replay is set in the recording's time.")
-@click.option("--reason", required=True)
+@click.option("--reason", required=True, help="Why (shown in silence list and kept in the ledger).")
 @click.option("--by", "by", required=True, help="Who sets it.")
-@click.option("--db", default="rollbackd.db", show_default=True)
+@click.option("--config", "-c", "rules", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Rules file: refuse a deployment or rule name it does not know.")
+@click.option("--db", default="rollbackd.db", show_default=True, callback=_parent_exists,
+              help="SQLite ledger file; created if missing, so a silence can precede the daemon's first run.")
 def silence_add(deployment: str, rule: str | None, variant: str | None, duration: str,
-                starts_at: str | None, reason: str, by: str, db: str) -> None:
+                starts_at: str | None, reason: str, by: str, rules: str | None, db: str) -> None:
+    """Add a silence of DEPLOYMENT (or one rule or variant of it) for a while."""
     from rollbackd.daemon.clock import WallClock
-    from rollbackd.daemon.ledger import Ledger
     from rollbackd.rules.durations import parse_duration
     from rollbackd.rules.silences import Silence
 
@@ -846,22 +869,28 @@ def silence_add(deployment: str, rule: str | None, variant: str | None, duration
                     ends_at=start + seconds, reason=reason, created_by=by, rule=rule, variant=variant)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    ledger = Ledger(db)
+    if rules:
+        _check_names(_load_config(rules), rules, deployment, rule)
+    created = not Path(db).exists()
+    ledger = _open_ledger(db)
     ledger.add_silence(s, datetime.now(timezone.utc).isoformat())
     ledger.close()
+    if created:
+        click.echo(f"rollbackd: created a new ledger {Path(db).resolve()}", err=True)
     click.echo(f"{s.id}: {deployment}{'/' + variant if variant else ''} rule {rule or '*'} "
                f"silenced {_ts(s.starts_at)} to {_ts(s.ends_at)} UTC by {by}: {reason}")
 
 
 @silence.command("list")
-@click.option("--db", default="rollbackd.db", show_default=True)
+@click.option("--db", default="rollbackd.db", show_default=True, help="SQLite ledger file (must exist).")
 @click.option("--all", "show_all", is_flag=True, help="Include silences that have ended.")
 def silence_list(db: str, show_all: bool) -> None:
+    """List the silences in force or upcoming (with --all, ended ones too)."""
     from rollbackd.daemon.clock import WallClock
-    from rollbackd.daemon.ledger import Ledger
 
     now = WallClock().now()
-    ledger = Ledger(db)
+    _existing_ledger(db)
+    ledger = _open_ledger(db)
     rows = [s for s in ledger.silences() if show_all or s.ends_at > now]
     ledger.close()
     if not rows:
@@ -874,14 +903,15 @@ def silence_list(db: str, show_all: bool) -> None:
 
 @silence.command("expire")
 @click.argument("silence_id")
-@click.option("--by", "by", default="cli", show_default=True)
+@click.option("--by", "by", default="cli", show_default=True, help="Who ends it.")
 @click.option("--at", "at", default=None, help="When it ends (default now; ISO 8601 or Unix seconds).")
-@click.option("--db", default="rollbackd.db", show_default=True)
+@click.option("--db", default="rollbackd.db", show_default=True, help="SQLite ledger file (must exist).")
 def silence_expire(silence_id: str, by: str, at: str | None, db: str) -> None:
+    """End silence SILENCE_ID (now, or --at); exit 1 when the ledger has no such silence."""
     from rollbackd.daemon.clock import WallClock
-    from rollbackd.daemon.ledger import Ledger
 
-    ledger = Ledger(db)
+    _existing_ledger(db)
+    ledger = _open_ledger(db)
     ok = ledger.expire_silence(silence_id, _parse_when(at, WallClock().now()), by,
                                datetime.now(timezone.utc).isoformat())
     ledger.close()
@@ -922,16 +952,14 @@ def audit() -> None:
 
 
 @audit.command("verify")
-@click.option("--db", default="rollbackd.db", show_default=True)
+@click.option("--db", default="rollbackd.db", show_default=True, help="SQLite ledger file (must exist).")
 def audit_verify(db: str) -> None:
     """Recompute the ledger's hash chains; exit 1 naming the first row that was edited, inserted
     or deleted out of turn. Prints each chain's head: a copy kept elsewhere also reveals a
     truncated tail, which no chain can show by itself."""
     from rollbackd.daemon.ledger import verify_chain
 
-    if not Path(db).is_file():
-        click.echo(f"{db}: no such ledger", err=True)
-        sys.exit(EXIT_CONFIG)
+    _existing_ledger(db)
     report = verify_chain(db)
     for chain, head in report.heads.items():
         click.echo(f"head {chain} {head}")
@@ -950,15 +978,13 @@ def incidents() -> None:
 
 
 @incidents.command("list")
-@click.option("--db", default="rollbackd.db", show_default=True)
+@click.option("--db", default="rollbackd.db", show_default=True, help="SQLite ledger file (must exist).")
 @click.option("--run", "run_id", default=None, help="Only this run (default: every run).")
 def incidents_list(db: str, run_id: str | None) -> None:
     """One line per incident: id, run, deployment, opened, last state, severity, rollbacks."""
     import sqlite3
 
-    if not Path(db).is_file():
-        click.echo(f"{db}: no such ledger", err=True)
-        sys.exit(1)
+    _existing_ledger(db)
     conn = sqlite3.connect(f"file:{Path(db).resolve()}?mode=ro", uri=True)
     conn.row_factory = sqlite3.Row
     where, args = ("where run_id = ?", [run_id]) if run_id else ("", [])
@@ -980,7 +1006,7 @@ def incidents_list(db: str, run_id: str | None) -> None:
 
 @incidents.command("show")
 @click.argument("incident")
-@click.option("--db", default="rollbackd.db", show_default=True)
+@click.option("--db", default="rollbackd.db", show_default=True, help="SQLite ledger file (must exist).")
 @click.option("--run", "run_id", default=None, help="Run id (default: the latest run that holds it).")
 def incidents_show(incident: str, db: str, run_id: str | None) -> None:
     """The incident's timeline (alerts, incident changes, actions) with the evidence of each
@@ -988,6 +1014,7 @@ def incidents_show(incident: str, db: str, run_id: str | None) -> None:
     returned."""
     from rollbackd.report import decisions_from_ledger
 
+    _existing_ledger(db)
     try:
         run, records = decisions_from_ledger(db, incident_id=incident, run_id=run_id)
     except LookupError as exc:

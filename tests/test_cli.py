@@ -227,3 +227,34 @@ def test_other_commands_refuse_bad_paths_without_a_traceback(tmp_path, args, wor
     assert out.returncode == 2 and "Traceback" not in err, err
     for w in words:
         assert w in err, err
+
+
+@pytest.mark.parametrize("args", [
+    ["silence", "list"], ["silence", "expire", "sil-1"], ["incidents", "list"], ["incidents", "show", "inc-1"],
+    ["audit", "verify"], ["report", "inc-1"],
+])
+def test_commands_that_read_a_ledger_refuse_a_missing_one_and_do_not_create_it(tmp_path, args):
+    out = rollbackd(*args, "--db", "typo2.db", cwd=tmp_path)
+    refused(out, "typo2.db: no such ledger")
+    assert not (tmp_path / "typo2.db").exists()
+    (tmp_path / "not.db").write_text("not a ledger\n")
+    out = rollbackd(*args, "--db", "not.db", cwd=tmp_path)
+    refused(out, "not.db: not a rollbackd ledger")
+
+
+def test_silence_add_says_which_ledger_it_created_and_checks_names_against_the_rules(tmp_path):
+    base = ["silence", "add", "--for", "1h", "--reason", "r", "--by", "alice", "--db", "new.db"]
+    out = rollbackd(*base, "--deployment", "demo-scorr", "-c", str(RULES), cwd=tmp_path)
+    refused(out, "has no deployment 'demo-scorr'; did you mean 'demo-scorer'?")
+    out = rollbackd(*base, "--deployment", "demo-scorer", "--rule", "serving-error-rat", "-c", str(RULES),
+                    cwd=tmp_path)
+    refused(out, "has no rule 'serving-error-rat'; did you mean 'serving-error-rate'?")
+    assert not (tmp_path / "new.db").exists()
+    out = rollbackd(*base, "--deployment", "demo-scorer", "--rule", "serving-error-rate", "-c", str(RULES),
+                    cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"created a new ledger {tmp_path / 'new.db'}".encode() in out.stderr
+    out = rollbackd(*base, "--deployment", "demo-scorer", cwd=tmp_path)  # no rules file: not checked
+    assert out.returncode == 0 and b"created" not in out.stderr, out.stderr
+    listed = rollbackd("silence", "list", "--db", "new.db", cwd=tmp_path)
+    assert listed.stdout.count(b"demo-scorer") == 2
