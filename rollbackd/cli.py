@@ -929,21 +929,52 @@ def silence_expire(silence_id: str, by: str, at: str | None, db: str) -> None:
               help="When the answer takes effect (ISO 8601 with offset, or Unix seconds); default "
                    "now. Event time: for a drill or a replay, set it in the recording's time.")
 @click.option("--reason", default="", help="Why (kept in the ledger).")
-@click.option("--db", default="rollbackd.db", show_default=True)
+@click.option("--db", default="rollbackd.db", show_default=True,
+              help="The SQLite ledger the daemon (or replay) writes; must exist and hold the waiting rollback.")
 def approve(incident: str, reject: bool, by: str, at: str | None, reason: str, db: str) -> None:
     """Approve (or --reject) a rollback of INCIDENT that waits for approval. The daemon reads
     the answer from the ledger at its next window boundary; an answer from someone who is not
-    among the deployment's `approval.approvers` is recorded but does not count."""
+    among the deployment's `approval.approvers` is recorded but does not count. Refused (exit 2)
+    when the ledger does not exist or no rollback of INCIDENT waits in it."""
     from rollbackd.daemon.clock import WallClock
-    from rollbackd.daemon.ledger import Ledger
 
     when = _parse_when(at, WallClock().now())
-    ledger = Ledger(db)
+    _existing_ledger(db)
+    _check_waiting(db, incident)
+    ledger = _open_ledger(db)
     decision = "reject" if reject else "approve"
     ledger.add_approval(incident, decision, by, when, datetime.now(timezone.utc).isoformat(),
                         reason=reason, source="cli")
     ledger.close()
     click.echo(f"{incident}: {decision.rstrip('e')}ed by {by} at {_ts(when)} UTC")
+
+
+def _check_waiting(db: str, incident: str) -> None:
+    """Refuse an answer nothing ever waited for: INCIDENT must have had a rollback that waited
+    for approval (``pending_approval``) in the ledger. When every such wait is settled already
+    (answered, or its timeout applied) the answer is still recorded, with a warning: a replay
+    of the same events reads it at its ``at``, which is how a drill is answered."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{Path(db).resolve()}?mode=ro", uri=True)
+    try:
+        rows = conn.execute(
+            "select run_id, variant, status from actions where incident_id = ? and action = 'rollback'"
+            " and phase = 'finished' order by seq", [incident],
+        ).fetchall()
+        known = rows or conn.execute("select 1 from incidents where incident_id = ? limit 1", [incident]).fetchone()
+    finally:
+        conn.close()
+    if not known:
+        raise Refused(f"{db}: no incident {incident}")
+    if not any(status == "pending_approval" for _, _, status in rows):
+        last = f"its last rollback is {rows[-1][2]}" if rows else "it has no rollback"
+        raise Refused(f"{incident}: no rollback of it waited for approval in {db} ({last})")
+    latest = {(run, variant): (run, status) for run, variant, status in rows}
+    if not any(status == "pending_approval" for _, status in latest.values()):
+        run, status = rows[-1][0], rows[-1][2]
+        click.echo(f"warning: {incident}: its wait is settled already (run {run}: {status}); this answer "
+                   "counts only for a later replay of the same events", err=True)
 
 
 @main.group()

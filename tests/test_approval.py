@@ -115,18 +115,19 @@ def test_an_answer_given_before_the_request_counts(recording, tmp_path):
     assert [r["status"] for r in rb] == ["succeeded"] and rb[0]["ts"] == wait["ts"]
 
 
-def test_approve_command_writes_a_chained_row(tmp_path):
-    out = rollbackd("approve", "inc-abc", "--by", "alice", "--at", "1790000000", "--db", "l.db",
+def test_approve_command_writes_a_chained_row(recording, tmp_path):
+    inc = pending(recording, tmp_path, config())["incident_id"]  # the command needs a waiting rollback
+    out = rollbackd("approve", inc, "--by", "alice", "--at", "1790000000", "--db", "probe.db",
                     cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert b"inc-abc: approved by alice" in out.stdout
-    out = rollbackd("approve", "inc-abc", "--reject", "--by", "bob", "--db", "l.db", cwd=tmp_path)
+    assert f"{inc}: approved by alice".encode() in out.stdout
+    out = rollbackd("approve", inc, "--reject", "--by", "bob", "--db", "probe.db", cwd=tmp_path)
     assert out.returncode == 0 and b"rejected by bob" in out.stdout
-    ledger = Ledger(tmp_path / "l.db")
-    rows = ledger.approvals("inc-abc")
+    ledger = Ledger(tmp_path / "probe.db")
+    rows = ledger.approvals(inc)
     ledger.close()
     assert [(r["decision"], r["by"]) for r in rows] == [("approve", "alice"), ("reject", "bob")]
-    assert rollbackd("audit", "verify", "--db", "l.db", cwd=tmp_path).returncode == 0
+    assert rollbackd("audit", "verify", "--db", "probe.db", cwd=tmp_path).returncode == 0
 
 
 def test_a_wait_survives_a_checkpoint(recording, tmp_path):

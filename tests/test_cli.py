@@ -258,3 +258,47 @@ def test_silence_add_says_which_ledger_it_created_and_checks_names_against_the_r
     assert out.returncode == 0 and b"created" not in out.stderr, out.stderr
     listed = rollbackd("silence", "list", "--db", "new.db", cwd=tmp_path)
     assert listed.stdout.count(b"demo-scorer") == 2
+
+
+def test_approve_refuses_a_missing_ledger_and_an_incident_with_nothing_waiting(tmp_path):
+    from rollbackd.daemon.ledger import Ledger
+
+    out = rollbackd("approve", "inc-a", "--by", "alice", "--db", "mixed.db", cwd=tmp_path)
+    refused(out, "mixed.db: no such ledger")
+    assert not (tmp_path / "mixed.db").exists()
+
+    ledger = Ledger(tmp_path / "l.db", run_id="r1")
+    ledger.start_run("replay", "x", "rules.yaml", "wall")
+    base = {"kind": "action", "action": "rollback", "deployment": "demo-scorer", "variant": "primary", "ts": 10.0}
+    ledger.incident({"ts": 1.0, "incident_id": "inc-quiet", "state": "opened", "deployment": "demo-scorer"})
+    ledger.incident({"ts": 1.0, "incident_id": "inc-a", "state": "opened", "deployment": "demo-scorer"})
+    ledger.action({**base, "incident_id": "inc-a", "status": "pending_approval"}, "finished")
+    ledger.incident({"ts": 1.0, "incident_id": "inc-b", "state": "opened", "deployment": "demo-scorer"})
+    ledger.action({**base, "incident_id": "inc-b", "status": "pending_approval"}, "finished")
+    ledger.action({**base, "incident_id": "inc-b", "status": "skipped"}, "finished")  # settled
+    ledger.close()
+
+    def approvals() -> int:
+        import sqlite3
+
+        with sqlite3.connect(tmp_path / "l.db") as conn:
+            return conn.execute("select count(*) from approvals").fetchone()[0]
+
+    refused(rollbackd("approve", "inc-nope", "--by", "alice", "--db", "l.db", cwd=tmp_path),
+            "l.db: no incident inc-nope")
+    ledger = Ledger(tmp_path / "l.db", run_id="r1")
+    ledger.action({**base, "incident_id": "inc-c", "status": "succeeded"}, "finished")
+    ledger.close()
+    refused(rollbackd("approve", "inc-quiet", "--by", "alice", "--db", "l.db", cwd=tmp_path),
+            "inc-quiet: no rollback of it waited for approval in l.db (it has no rollback)")
+    refused(rollbackd("approve", "inc-c", "--by", "alice", "--db", "l.db", cwd=tmp_path),
+            "inc-c: no rollback of it waited for approval in l.db (its last rollback is succeeded)")
+    assert approvals() == 0
+    out = rollbackd("approve", "inc-a", "--by", "alice", "--db", "l.db", cwd=tmp_path)
+    assert out.returncode == 0 and b"inc-a: approved by alice" in out.stdout, out.stderr
+    assert b"warning" not in out.stderr
+    # A settled wait (timeout or an earlier answer): recorded for a replay, with a warning.
+    out = rollbackd("approve", "inc-b", "--reject", "--by", "alice", "--db", "l.db", cwd=tmp_path)
+    assert out.returncode == 0 and b"inc-b: rejected by alice" in out.stdout, out.stderr
+    assert b"warning: inc-b: its wait is settled already (run r1: skipped)" in out.stderr
+    assert approvals() == 2
