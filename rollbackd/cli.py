@@ -98,11 +98,31 @@ def _configure_logging(level: str, json_logs: bool) -> None:
     )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+_GLOBAL_OPTIONS = ("--log-level", "--log-json", "--no-log-json")
+
+
+class _Main(click.Group):
+    """Says where a global option goes when it is given after the subcommand."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.NoSuchOption as exc:
+            if exc.option_name in _GLOBAL_OPTIONS:
+                exc.message = (f"{exc.option_name} is an option of rollbackd itself: put it before the "
+                               f"subcommand, e.g. rollbackd {exc.option_name}"
+                               f"{' LEVEL' if exc.option_name == '--log-level' else ''} "
+                               f"{ctx.invoked_subcommand} ...")
+            raise
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="rollbackd")
 @click.option("--log-level", default="warning", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
-@click.option("--log-json/--no-log-json", default=False, help="Structured JSON logs on stderr.")
+              type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Least severe log events written to stderr (goes before the subcommand).")
+@click.option("--log-json/--no-log-json", default=False,
+              help="Structured JSON logs on stderr (goes before the subcommand).")
 def main(log_level: str, log_json: bool) -> None:
     """rollbackd watches model-serving events, detects when a deployment goes bad, and rolls it
     back to its last known-good version, with every decision in an audit ledger."""
@@ -374,14 +394,31 @@ def _timeline_line(rec: dict[str, Any]) -> str:
     return f"{when}  notify    {rec.get('notice', ''):<22} {rec['status']:<9} {where}"
 
 
-@main.command()
+# One line per built-in scenario (rollbackd.scenarios.BUILTIN) for `simulate --help`;
+# tests/test_cli.py checks that every built-in is listed.
+_SCENARIOS = {
+    "stationary": "healthy traffic, nothing to find",
+    "error_blip": "one minute of 30 % errors: a pending alert that cancels, no incident",
+    "sustained_errors": "version 2 at 15 min with 20 % errors from then on: incident, rollback 2 -> 1",
+    "feature_shift": "feature num_0 shifts at 15 min: drift",
+    "malformed": "healthy traffic with 2 % malformed lines (dead letters)",
+    "calibration_decay": "scores shift away from the labels at 15 min (80 % labelled): calibration",
+    "bad_canary": "a canary (20 %) of version 2 at 10 min with 15 % errors; stable stays healthy",
+    "label_delay": "model errors from 15 min, labels arriving 10-30 min late (60 min long)",
+    "traffic_stop": "no traffic from 15 to 22 min",
+    "demo": "35 min at 10/s, version 2 at 20 min with errors and latency: what `rollbackd demo` shows",
+}
+
+
+@main.command(epilog="\b\nScenarios (30 minutes of deployment demo-scorer unless said):\n" + "\n".join(
+    f"  {name:<18} {text}" for name, text in _SCENARIOS.items()))
 @click.argument("scenario")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), callback=_parent_exists,
               help="Recording to write (.jsonl or .jsonl.gz).")
 @click.option("--truth", type=click.Path(dir_okay=False), default=None, callback=_parent_exists,
               help="Also write the scenario's fault intervals, for backtest --truth.")
 def simulate(scenario: str, out: str, truth: str | None) -> None:
-    """Write a built-in synthetic scenario as a recording in the event contract."""
+    """Write the built-in synthetic SCENARIO (listed below) as a recording in the event contract."""
     from rollbackd.scenarios import BUILTIN, write_recording
 
     if scenario not in BUILTIN:
@@ -757,7 +794,7 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
 
 @main.command()
 @click.option("--bootstrap-servers", default=None, help="Kafka bootstrap servers (or env).")
-@click.option("--topic", "topics", multiple=True, required=True)
+@click.option("--topic", "topics", multiple=True, required=True, help="Topic to capture (repeatable).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), callback=_parent_exists,
               help="Recording (.jsonl or .jsonl.gz).")
 @click.option("--duration", default=None, help="Stop after this long (e.g. 10m); default: at the end of the topics.")
@@ -780,7 +817,7 @@ def record(bootstrap_servers: str | None, topics: tuple[str, ...], out: str, dur
 @main.command()
 @click.argument("recording", type=click.Path(dir_okay=False, exists=True))
 @click.option("--bootstrap-servers", default=None, help="Kafka bootstrap servers (or env).")
-@click.option("--topic", required=True)
+@click.option("--topic", required=True, help="Topic to write the events to.")
 @click.option("--speed", default="max", show_default=True,
               help="1x keeps the recording's timing, 10x plays ten times faster, max as fast as possible.")
 def publish(recording: str, bootstrap_servers: str | None, topic: str, speed: str) -> None:

@@ -302,3 +302,42 @@ def test_approve_refuses_a_missing_ledger_and_an_incident_with_nothing_waiting(t
     assert out.returncode == 0 and b"inc-b: rejected by alice" in out.stdout, out.stderr
     assert b"warning: inc-b: its wait is settled already (run r1: skipped)" in out.stderr
     assert approvals() == 2
+
+
+def test_every_command_and_option_has_help():
+    import click
+
+    from rollbackd.cli import main
+
+    missing = []
+
+    def walk(cmd: click.Command, path: str) -> None:
+        if not (cmd.help or cmd.short_help):
+            missing.append(path)
+        missing.extend(f"{path} {p.opts[0]}" for p in cmd.params if isinstance(p, click.Option) and not p.help)
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, f"{path} {name}")
+
+    walk(main, "rollbackd")
+    assert missing == []
+
+
+def test_group_help_describes_its_subcommands(tmp_path):
+    out = rollbackd("silence", "--help", cwd=tmp_path).stdout.decode()
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and line.split()}
+    for sub in ("add", "expire", "list"):
+        assert len(lines[sub].split()) > 1, out  # a description beside the name
+
+
+def test_simulate_help_lists_every_builtin_scenario(tmp_path):
+    from rollbackd.scenarios import BUILTIN
+
+    out = rollbackd("simulate", "--help", cwd=tmp_path).stdout.decode()
+    listed = {line.split()[0] for line in out.splitlines() if line.startswith("    ") and line.split()}
+    assert set(BUILTIN) <= listed, out
+
+
+@pytest.mark.parametrize("option", [["--log-level", "debug"], ["--log-json"]])
+def test_a_global_option_after_the_subcommand_says_where_it_goes(tmp_path, option):
+    out = rollbackd("incidents", "list", *option, cwd=tmp_path)
+    refused(out, f"{option[0]} is an option of rollbackd itself: put it before the subcommand")
