@@ -10,6 +10,9 @@ decision logs across runs and batch sizes.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,21 +130,20 @@ def test_the_dead_letter_file_is_created_empty_when_nothing_is_rejected(recordin
     assert dead.read_bytes() == b"", "on-call scripts read this file after every run"
 
 
-def test_replay_and_demo_leave_the_documented_dead_letter_files(recordings, tmp_path, monkeypatch):
+def test_replay_and_demo_leave_the_documented_dead_letter_files(recordings, tmp_path):
     """The CLI's defaults: `<recording>.rejected.jsonl` in the current directory after `replay`,
-    `rejected.jsonl` in `demo --out-dir`; both exist though nothing was rejected."""
-    from click.testing import CliRunner
+    `rejected.jsonl` in `demo --out-dir`; both exist though nothing was rejected. In a
+    subprocess: the CLI configures structlog for the whole process."""
+    exe = shutil.which("rollbackd", path=str(Path(sys.executable).parent))
+    cmd = [exe] if exe else [sys.executable, "-m", "rollbackd.cli"]
 
-    from rollbackd.cli import main
+    def cli(*args: str) -> None:
+        out = subprocess.run([*cmd, *args], cwd=tmp_path, capture_output=True, timeout=120)
+        assert out.returncode == 0, out.stderr
 
-    monkeypatch.chdir(tmp_path)
-    runner = CliRunner()
-    replayed = runner.invoke(main, ["replay", str(recordings["stationary"][0]), "-c", str(RULES),
-                                    "--db", "x.db", "--notifier", "none"])
-    assert replayed.exit_code == 0, replayed.output
+    cli("replay", str(recordings["stationary"][0]), "-c", str(RULES), "--db", "x.db", "--notifier", "none")
     assert (tmp_path / "stationary.jsonl.gz.rejected.jsonl").read_bytes() == b""
-    demo = runner.invoke(main, ["demo", "--out-dir", "demo", "--db", "demo.db"])
-    assert demo.exit_code == 0, demo.output
+    cli("demo", "--out-dir", "demo", "--db", "demo.db")
     assert (tmp_path / "demo" / "rejected.jsonl").read_bytes() == b""
 
 
