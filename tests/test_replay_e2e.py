@@ -188,6 +188,34 @@ def test_dry_run_records_the_plan_and_calls_no_backend(recordings, tmp_path):
     assert [e["log_level"] for e in logs if e["event"] == "rollback.dry_run"] == ["info"]
 
 
+def test_a_forced_dry_run_overrides_a_deployment_and_a_rule_that_say_dry_run_false(recordings, tmp_path):
+    """settings.force_dry_run (the command line's --dry-run) is an operator's override: a
+    deployment or rule with dry_run: false, which overrides the file's own settings.dry_run,
+    does not override it."""
+    import dataclasses
+
+    text = (RULES.read_text()
+            .replace("    cooldown: 30m", "    cooldown: 30m\n    dry_run: false")
+            .replace("    actions: [notify, rollback]", "    actions: [notify, rollback]\n    dry_run: false", 1))
+    cfg_path = tmp_path / "real.yaml"
+    cfg_path.write_text(text)
+    cfg = load_config(cfg_path)
+    assert cfg.deployments["demo-scorer"].dry_run is False and cfg.rules[0].dry_run is False
+    forced = dataclasses.replace(cfg, settings=dataclasses.replace(cfg.settings, dry_run=True, force_dry_run=True))
+    with LoopbackServer() as server:
+        backend = WebhookBackend(server.url + "/rollback", secret=b"s3cret")
+        _, d = run(recordings["sustained_errors"][0], forced, backend_overrides={"demo-scorer": backend})
+        assert server.requests == []
+    (rb,) = of_kind(d, "action", action="rollback")
+    assert (rb["status"], rb["dry_run"]) == ("dry_run", True)
+    # the file's own settings.dry_run does not override them (their documented precedence)
+    own = dataclasses.replace(cfg, settings=dataclasses.replace(cfg.settings, dry_run=True))
+    with LoopbackServer() as server:
+        backend = WebhookBackend(server.url + "/rollback", secret=b"s3cret")
+        _, d = run(recordings["sustained_errors"][0], own, backend_overrides={"demo-scorer": backend})
+        assert len(server.requests) == 1
+
+
 def test_rollback_reaches_a_real_webhook_server_signed_and_once(recordings, config):
     with LoopbackServer() as server:
         backend = WebhookBackend(server.url + "/rollback", secret=b"s3cret")

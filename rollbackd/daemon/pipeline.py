@@ -700,7 +700,7 @@ class Pipeline:
             if target is not None
             else None
         )
-        dry_run = _first_set(
+        dry_run = self.config.settings.force_dry_run or _first_set(
             rule.dry_run if rule else None, spec.dry_run, self.config.settings.dry_run
         ) or self.edges.drill
         policy = SafetyPolicy(

@@ -231,7 +231,10 @@ def _matches(matchers: Mapping[str, tuple[str, ...]], labels: Mapping[str, str])
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    dry_run: bool = False
+    dry_run: bool = False  # the default level: a deployment's or rule's dry_run overrides it
+    # Set by the command line's --dry-run, never by a rules file: every rollback is dry,
+    # whatever a deployment or rule says (an operator's override must not be overridden).
+    force_dry_run: bool = False
     lateness: float = 30.0
     join_horizon: float = 86400.0
     max_pending_labels: int = 2_000_000
