@@ -196,8 +196,10 @@ def _prepare(config: Any, notifier_spec: Any, dry_run: bool) -> tuple[Any, Any, 
     dry-run applied), the notifier and the configured deployments' backends."""
     from rollbackd.actions.factory import make_backend, make_notifier
 
-    if dry_run:
-        config = dataclasses.replace(config, settings=dataclasses.replace(config.settings, dry_run=True))
+    if dry_run:  # an operator's override: no rule's or deployment's dry_run: false beats it
+        config = dataclasses.replace(
+            config, settings=dataclasses.replace(config.settings, dry_run=True, force_dry_run=True)
+        )
     for dep in config.deployments.values():
         if dep.reference and not Path(dep.reference).is_file():
             click.echo(f"deployment {dep.name}: reference file {dep.reference} not found", err=True)
@@ -282,7 +284,8 @@ def _run_replay(
 @click.option("--batch-size", default=8192, show_default=True, type=click.IntRange(min=1),
               help="Events read and processed per step.")
 @click.option("--dry-run", is_flag=True,
-              help="Force dry-run for every rollback: record what would be done, call no backend.")
+              help="Every rollback is a dry run, whatever the rules file says (even dry_run: false): "
+                   "record what would be done, call no backend.")
 @click.option("--summary-json", is_flag=True, help="Print the run summary as JSON on stdout.")
 def replay(recording: str, rules: str, decisions_out: str | None, db: str, dead_letter: str | None,
            notifier: str | None, batch_size: int, dry_run: bool, summary_json: bool) -> None:
@@ -674,7 +677,8 @@ def _bootstrap(value: str | None) -> str:
               help="Seconds the source may fail before the 'monitoring blind' notice.")
 @click.option("--batch-size", default=5000, show_default=True, type=click.IntRange(min=1),
               help="Most messages consumed and processed per step.")
-@click.option("--dry-run", is_flag=True, help="Force dry-run for every rollback.")
+@click.option("--dry-run", is_flag=True,
+              help="Every rollback is a dry run, whatever the rules file says (even dry_run: false).")
 @click.option("--http", "http_listen", envvar="ROLLBACKD_HTTP", default=None, metavar="[HOST:]PORT",
               help="Serve /metrics, /healthz, /readyz, /incidents (a bare port means 127.0.0.1; "
                    "0.0.0.0:9464 in a container).")

@@ -341,3 +341,29 @@ def test_simulate_help_lists_every_builtin_scenario(tmp_path):
 def test_a_global_option_after_the_subcommand_says_where_it_goes(tmp_path, option):
     out = rollbackd("incidents", "list", *option, cwd=tmp_path)
     refused(out, f"{option[0]} is an option of rollbackd itself: put it before the subcommand")
+
+
+def test_dry_run_on_the_command_line_beats_a_deployments_and_a_rules_dry_run_false(tmp_path):
+    """--dry-run is an operator's override: a production rules file whose deployment and rule
+    say dry_run: false must still not reach its real webhook."""
+    from loopback import LoopbackServer
+
+    rec = tmp_path / "s.jsonl"
+    assert rollbackd("simulate", "sustained_errors", "--out", str(rec), cwd=tmp_path).returncode == 0
+    with LoopbackServer() as hook:
+        text = (RULES.read_text()
+                .replace("backend: {type: log}", f"backend: {{type: webhook, url: '{hook.url}/rollback'}}\n    dry_run: false")
+                .replace("    actions: [notify, rollback]", "    actions: [notify, rollback]\n    dry_run: false", 1))
+        rules = tmp_path / "prod.yaml"
+        rules.write_text(text)
+        out = rollbackd("replay", str(rec), "--config", str(rules), "--dry-run", "--notifier", "none",
+                        "--decisions-out", "d.jsonl", cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert hook.requests == []
+        # without the flag the same file rolls back for real: the test can fail
+        out = rollbackd("replay", str(rec), "--config", str(rules), "--notifier", "none", cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert len(hook.requests) == 1
+    decisions = [json.loads(x) for x in (tmp_path / "d.jsonl").read_text().splitlines()]
+    (rb,) = [d for d in decisions if d["kind"] == "action" and d["action"] == "rollback"]
+    assert (rb["status"], rb["dry_run"]) == ("dry_run", True)
