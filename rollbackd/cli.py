@@ -30,6 +30,9 @@ class Refused(click.ClickException):
     exit_code = EXIT_CONFIG
 
 
+_SECONDS = click.FloatRange(min=0.0, min_open=True)  # a positive number of seconds
+
+
 def _parent_exists(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     """Option callback for a file the command will write: its directory must exist (checked
     before the command writes anything, e.g. a ledger's ``runs`` row)."""
@@ -669,11 +672,12 @@ def _bootstrap(value: str | None) -> str:
               help="Decision log (JSON Lines), appended to.")
 @click.option("--checkpoint", default="rollbackd.checkpoint", show_default=True, callback=_parent_exists,
               help="State snapshot file: a restart resumes from it (not used with --state-topic).")
-@click.option("--checkpoint-every", default=5.0, show_default=True, help="Seconds between checkpoints.")
-@click.option("--idle-after", default=30.0, show_default=True,
+@click.option("--checkpoint-every", default=5.0, show_default=True, type=_SECONDS,
+              help="Seconds between checkpoints.")
+@click.option("--idle-after", default=30.0, show_default=True, type=_SECONDS,
               help="Seconds without events before event time follows the wall clock.")
-@click.option("--lag-limit", default=None, type=int, help="Consumer lag that counts as blind.")
-@click.option("--blind-after", default=30.0, show_default=True,
+@click.option("--lag-limit", default=None, type=click.IntRange(min=1), help="Consumer lag that counts as blind.")
+@click.option("--blind-after", default=30.0, show_default=True, type=_SECONDS,
               help="Seconds the source may fail before the 'monitoring blind' notice.")
 @click.option("--batch-size", default=5000, show_default=True, type=click.IntRange(min=1),
               help="Most messages consumed and processed per step.")
