@@ -389,15 +389,15 @@ def _timeline_line(rec: dict[str, Any]) -> str:
     where = f"{rec['deployment']}/{rec.get('variant')}"
     if rec["kind"] == "alert":
         m = rec.get("measurement", {})
-        return f"{when}  alert     {rec['rule']:<22} {rec['state']:<9} {where}  value={_num(m.get('value'))} threshold={_num(m.get('threshold'))} n={m.get('sample_size')}"
+        return f"{when}  alert     {rec['rule']:<22} {rec['state']:<12} {where}  value={_num(m.get('value'))} threshold={_num(m.get('threshold'))} n={m.get('sample_size')}"
     if rec["kind"] == "incident":
-        return f"{when}  incident  {rec['incident_id']:<22} {rec['state']:<9} {where}"
+        return f"{when}  incident  {rec['incident_id']:<22} {rec['state']:<12} {where}"
     if rec["action"] == "rollback":
         return (f"{when}  rollback  {rec.get('from_version')} -> {rec.get('to_version')}  "
                 f"{rec['status']}  {where}  ({rec.get('detail', '')})")
     if rec["action"] == "pause":
-        return f"{when}  pause     {rec['status']:<9} {where}  ({rec.get('detail', '')})"
-    return f"{when}  notify    {rec.get('notice', ''):<22} {rec['status']:<9} {where}"
+        return f"{when}  pause     {rec['status']:<12} {where}  ({rec.get('detail', '')})"
+    return f"{when}  notify    {rec.get('notice', ''):<22} {rec['status']:<12} {where}"
 
 
 # One line per built-in scenario (rollbackd.scenarios.BUILTIN) for `simulate --help`;
