@@ -326,6 +326,10 @@ def _print_summary(result: Any, dead_letter: str | None) -> None:
     click.echo(f"incidents: {len(incidents)}")
     for inc in incidents:
         _print_incident(inc, result.pipeline)
+    muted = s.get("alerts_muted") or {}
+    if muted:
+        by = ", ".join(f"{n} by {what}" for what, n in muted.items())
+        click.echo(f"alerts muted (recorded, not notified, no action): {by}")
 
 
 def _ts(ts: float) -> str:

@@ -107,14 +107,20 @@ def test_silence_add_list_expire_and_replay_applies_it_by_event_time(tmp_path):
     listed = rollbackd("silence", "list", "--all", "--db", "l.db", cwd=tmp_path)
     assert sil_id.encode() in listed.stdout and b"load test of v2" in listed.stdout
 
+    summaries = []
+
     def replay_rollbacks() -> list[dict]:
         out = rollbackd("replay", str(rec), "--config", str(RULES), "--db", "l.db",
                         "--decisions-out", "d.jsonl", "--notifier", "none", cwd=tmp_path)
         assert out.returncode == 0, out.stderr
+        summaries.append(out.stdout.decode())
         lines = [json.loads(x) for x in (tmp_path / "d.jsonl").read_text().splitlines()]
         return [d for d in lines if d["kind"] == "action" and d["action"] == "rollback"]
 
     assert replay_rollbacks() == []
+    # "incidents: 0" alone would not say why: the summary names what muted the alerts
+    muted = [x for x in summaries[0].splitlines() if x.startswith("alerts muted")]
+    assert len(muted) == 1 and f"by {sil_id}" in muted[0], summaries[0]
     # Expired before the fault began (event time): the replay rolls back again.
     out = rollbackd("silence", "expire", sil_id, "--at", "2026-09-21T14:21:00Z", "--by", "bob",
                     "--db", "l.db", cwd=tmp_path)

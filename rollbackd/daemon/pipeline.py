@@ -452,6 +452,8 @@ class Pipeline:
                 # Muted for this firing episode: recorded with the reason, never notified
                 # nor acted on; its resolution later is recorded the same way.
                 self._muted.add((rule.name, key))
+                by = suppressed.get("silence_id") or f"inhibit rule {suppressed.get('inhibit_rule')}"
+                self.counters[f"muted by {by}"] += 1
         elif transition.new == "resolved":
             if (rule.name, key) in self._muted:
                 suppressed = {"by": "muted episode"}
@@ -960,8 +962,11 @@ class Pipeline:
 
     # Summary ----------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
+        muted = {k: v for k, v in self.counters.items() if k.startswith("muted by ")}
         return {
-            "events": dict(sorted(self.counters.items())),
+            "events": dict(sorted((k, v) for k, v in self.counters.items() if k not in muted)),
+            # firing episodes a silence or an inhibit rule muted, by what muted them
+            "alerts_muted": {k.removeprefix("muted by "): v for k, v in sorted(muted.items())},
             "rejected": dict(sorted(self.rejects.items())),
             "join": self.joiner.stats.to_record(),
             "pending_labels": len(self.joiner),
