@@ -326,7 +326,11 @@ def _print_summary(result: Any, dead_letter: str | None) -> None:
     click.echo(f"incidents: {len(incidents)}")
     for inc in incidents:
         _print_incident(inc, result.pipeline)
-    muted = s.get("alerts_muted") or {}
+    _print_muted(s)
+
+
+def _print_muted(summary: dict[str, Any]) -> None:
+    muted = summary.get("alerts_muted") or {}
     if muted:
         by = ", ".join(f"{n} by {what}" for what, n in muted.items())
         click.echo(f"alerts muted (recorded, not notified, no action): {by}")
@@ -478,6 +482,7 @@ def drill(recording: str, rules: str, speed: str, out_dir: str | None, notifier:
         rules_hit = ", ".join(a["rule"] for a in inc["alerts"])
         click.echo(f"  {inc['id']}  {inc['deployment']}  opened {_ts(inc['opened_at'])}  {status}  "
                    f"severity {inc['severity']}  ({rules_hit})")
+    _print_muted(result.summary)
     click.echo(f"report: {result.report_path}" + "".join(f"\n  {p}" for p in result.report.pngs))
     click.echo(f"decision log: {result.decisions_path}\nledger: {result.ledger_path} (run {result.run_id})")
 
