@@ -216,7 +216,8 @@ def test_a_snapshot_of_the_books_restores_every_entry_in_order():
     assert sorted(i for b in k.pending_books().values() for i in b) == ["p4", "p6"]
 
 
-def test_books_msgpack_cannot_hold_stay_as_they_are_and_round_trip_through_the_snapshot():
+def _labelled_pipeline():
+    """A pipeline whose one rule needs labels, so the deployment's predictions are buffered."""
     from rollbackd.daemon.replay import build_pipeline
     from rollbackd.rules.loader import load_config_text
 
@@ -226,12 +227,16 @@ settings: {notifier: {type: none}}
 rules:
   - {name: model-errors, detector: model_error, threshold: 0.2, severity: warning, actions: [notify]}
 """)
-    a = build_pipeline(cfg)
+    return build_pipeline(cfg)
+
+
+def test_books_msgpack_cannot_hold_stay_as_they_are_and_round_trip_through_the_snapshot():
+    a = _labelled_pipeline()
     big = Prediction(id="big", ts=T0, deployment="demo", model_version="v1", prediction=2**70, score=0.5)
     a.ingest([big, pred("small", 1.0, dep="demo")])
     assert len(a.joiner) == 2
     assert isinstance(a.joiner.books_snapshot(), dict)  # 2**70 does not fit msgpack
-    b = build_pipeline(cfg)
+    b = _labelled_pipeline()
     b.restore(a.snapshot())
     assert list(b.joiner.pending_books()["demo"]) == ["big", "small"]
     assert b.joiner.pending_books()["demo"]["big"].prediction == 2**70
@@ -240,26 +245,17 @@ rules:
 def test_a_snapshot_written_before_the_msgpack_books_still_restores():
     import pickle
 
-    from rollbackd.daemon.replay import build_pipeline
-    from rollbackd.rules.loader import load_config_text
-
-    cfg = load_config_text("""
-version: 1
-settings: {notifier: {type: none}}
-rules:
-  - {name: model-errors, detector: model_error, threshold: 0.2, severity: warning, actions: [notify]}
-""")
-    a = build_pipeline(cfg)
+    a = _labelled_pipeline()
     a.ingest([pred(f"p{k}", float(k), dep="demo") for k in range(5)])
     state = pickle.loads(a.snapshot())
     # version 1: the books pickled as they are, entries as tuples (older still)
     books = {d: {i: (e.ts, e.variant, e.model_version, e.prediction, e.score) for i, e in b.items()}
              for d, b in a.joiner.pending_books().items()}
     state.update(snapshot_version=1, join=(books, len(a.joiner), a.joiner.stats))
-    b = build_pipeline(cfg)
+    b = _labelled_pipeline()
     b.restore(pickle.dumps(state))
     assert list(b.joiner.pending_books()["demo"]) == [f"p{k}" for k in range(5)]
     assert b.joiner.match(out("p3", 100.0, dep="demo")) is not None
     state["snapshot_version"] = 99
     with pytest.raises(ValueError, match="snapshot version 99 is not one this rollbackd reads"):
-        build_pipeline(cfg).restore(pickle.dumps(state))
+        _labelled_pipeline().restore(pickle.dumps(state))
