@@ -382,6 +382,15 @@ def test_every_parameter_a_detector_rejects_is_reported_with_the_rules_other_err
     assert "got 'holmes'" in errors[1].message and "alpha must be in (0, 1)" in errors[2].message
 
 
+def test_a_misspelt_parameter_does_not_hide_a_bad_value_of_another():
+    errors = errors_of("""
+        rules:
+          - {name: p99, detector: latency, threshold: 500, params: {quantile: 1.5, estimatr: sketch}}
+        """)
+    assert [e.path for e in errors] == ["rules[0].params.quantile", "rules[0].params.estimatr"]
+    assert "quantile must be in (0, 1)" in errors[0].message and "did you mean 'estimator'" in errors[1].message
+
+
 def test_a_bad_threshold_is_reported_once_not_again_by_the_detector():
     # the detector is not built without a valid threshold: its complaint would repeat ours
     (err,) = errors_of("rules:\n  - {name: a, detector: calibration, threshold: lots, params: {metric: ece}}\n")

@@ -1486,11 +1486,12 @@ class _Walker:
                     f"detector {name} has no parameter {p!r}{_suggest(p, accepted)} "
                     f"(it takes: {', '.join(accepted) or 'none'})",
                 )
-            if unknown:
-                return
+        else:
+            unknown = []
         if not construct:
             return
-        kwargs = dict(params)
+        # the known ones are still checked: every error in one go
+        kwargs = {k: v for k, v in params.items() if k not in unknown}
         if getattr(factory, "needs_reference", False):
             kwargs["reference"] = None  # built later, from the deployment's reference file
         # A constructor stops at the first value it rejects. To report every one in one go,
