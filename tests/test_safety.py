@@ -156,7 +156,7 @@ def test_freeze_pauses_an_argo_rollout(recordings, tmp_path):
     out = rollbackd("incidents", "show", rb[0]["incident_id"], "--db", "l.db", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     text = out.stdout.decode()
-    assert "pause     succeeded demo-scorer/primary  (rollout ml/demo-scorer paused)" in text
+    assert "pause     succeeded    demo-scorer/primary  (rollout ml/demo-scorer paused)" in text
     assert '"paused": true' in text
 
 
