@@ -30,7 +30,7 @@ from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from rollbackd.detectors.base import Measurement, MissingExtra, Reference, Window, register
-from rollbackd.detectors.drift import BASELINES, SCORE_COLUMN, Baseline
+from rollbackd.detectors.drift import BASELINES, SCORE_COLUMN, Baseline, wants_score
 
 __all__ = ["AlibiMMD", "AlibiLSDD", "AlibiCVMOnline", "INSTALL_HINT", "LICENSE_NOTE"]
 
@@ -227,15 +227,14 @@ class _WindowedAlibi:
         self.reference_size = reference_size
         self.rolling_windows = rolling_windows
         self.reference = reference
-        wants_score = include_score or (self.features is not None and SCORE_COLUMN in self.features)
         self._baseline: Baseline[_Fitted] = Baseline(
-            baseline or ("file" if reference is not None else "first_n"),
+            baseline or None,
             summarise=self._fit,
             reference=reference,
             reference_size=reference_size,
             rolling_windows=rolling_windows,
             names=self.features,
-            with_score=wants_score,
+            with_score=wants_score(include_score, self.features),
         )
         self._reset()
 
@@ -437,14 +436,13 @@ class AlibiCVMOnline:
         self.reference_size = reference_size
         self.reference = reference
         self._boots = boots
-        wants_score = include_score or (self.features is not None and SCORE_COLUMN in self.features)
         self._baseline: Baseline[_Online] = Baseline(
-            baseline or ("file" if reference is not None else "first_n"),
+            baseline or None,
             summarise=self._configure,
             reference=reference,
             reference_size=reference_size,
             names=self.features,
-            with_score=wants_score,
+            with_score=wants_score(include_score, self.features),
         )
         self._reset()
 

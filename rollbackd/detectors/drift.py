@@ -198,10 +198,15 @@ class _Chunks:
         return out
 
 
+def wants_score(include_score: bool, features: Sequence[str] | None) -> bool:
+    """Whether a detector's reference must keep the scores: asked for, or named as a feature."""
+    return include_score or (features is not None and SCORE_COLUMN in features)
+
+
 class Baseline(Generic[S]):
     """Which reference a window is compared with, and its summary (computed once per reference).
 
-    ``mode``:
+    ``mode`` (``None``: ``file`` when a reference is given, else ``first_n``):
 
     - ``file``: the given :class:`Reference` (``None``: no verdicts, "no reference file");
     - ``first_n``: the first ``reference_size`` predictions of the running version (the
@@ -218,7 +223,7 @@ class Baseline(Generic[S]):
 
     def __init__(
         self,
-        mode: str,
+        mode: str | None,
         *,
         summarise: Callable[[Mapping[str, Sequence[Any]]], S],
         reference: Reference | None = None,
@@ -228,6 +233,8 @@ class Baseline(Generic[S]):
         with_score: bool = False,
         max_versions: int = 3,
     ) -> None:
+        if mode is None:
+            mode = "file" if reference is not None else "first_n"
         if mode not in BASELINES:
             raise ValueError(f"baseline must be one of {', '.join(BASELINES)}; got {mode!r}")
         self.mode = mode
@@ -590,16 +597,15 @@ class Drift:
         self.reference = reference
         self._numeric_test = numeric_test
         self._categorical_test = categorical_test
-        mode = baseline or ("file" if reference is not None else "first_n")
         # A given reference is configuration, not moving state: Baseline summarises it once.
         self._baseline: Baseline[dict[str, _Numeric | _Categorical | None]] = Baseline(
-            mode,
+            baseline or None,
             summarise=self._summarise,
             reference=reference,
             reference_size=reference_size,
             rolling_windows=rolling_windows,
             names=self.features,
-            with_score=self._wants_score,
+            with_score=wants_score(include_score, self.features),
         )
         self._reset()
 
@@ -611,10 +617,6 @@ class Drift:
         self._untested: list[str] = []
 
     # -- reference ---------------------------------------------------------------------------
-
-    @property
-    def _wants_score(self) -> bool:
-        return self.include_score or (self.features is not None and SCORE_COLUMN in self.features)
 
     def _names(self, available: Iterable[str]) -> list[str]:
         if self.features is not None:

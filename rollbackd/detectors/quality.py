@@ -181,9 +181,8 @@ class DataQuality:
         self.rolling_windows = rolling_windows
         self.max_evidence = max_evidence
         self.reference = reference
-        mode = baseline or ("file" if reference is not None else "first_n")
         self._baseline: Baseline[dict[str, _Profile]] = Baseline(
-            mode,
+            baseline or None,
             summarise=self._profile,
             reference=reference,
             reference_size=reference_size,
