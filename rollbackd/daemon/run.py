@@ -142,12 +142,16 @@ class PipelinesView:
     def max_event_time(self) -> float:
         return max(p.max_event_time for p in self._all())
 
-    @property
-    def alerts(self) -> dict[Any, Any]:
+    def _merged(self, name: str) -> dict[Any, Any]:
+        """Every task's ``name`` dict merged into one, in task order."""
         out: dict[Any, Any] = {}
         for p in self._all():
-            out.update(p.alerts)
+            out.update(getattr(p, name))
         return out
+
+    @property
+    def alerts(self) -> dict[Any, Any]:
+        return self._merged("alerts")
 
     @property
     def joiner(self) -> Any:
@@ -161,10 +165,7 @@ class PipelinesView:
 
     @property
     def versions(self) -> dict[Any, Any]:
-        out: dict[Any, Any] = {}
-        for p in self._all():
-            out.update(p.versions)
-        return out
+        return self._merged("versions")
 
     def incidents(self) -> list[Any]:
         return sorted((i for p in self._all() for i in p.incidents()), key=lambda i: (i.opened_at, i.id))
