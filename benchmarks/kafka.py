@@ -451,15 +451,11 @@ def replay_reference(recording: Path, rules: Path, cwd: Path) -> dict[str, Any]:
 
 def throughput(bootstrap: str, args: argparse.Namespace, url: str, work: Path) -> dict[str, Any]:
     from rollbackd.daemon.kafka import publish
-    from rollbackd.scenarios import benchmark_scenario, write_recording
+
+    from replay import cached_recording  # benchmarks/replay.py, beside this script
 
     cache = Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    recording = cache / f"bench-{args.events}.jsonl.gz"
-    if not recording.exists():
-        t0 = time.perf_counter()
-        stats = write_recording(benchmark_scenario(args.events), recording)
-        print(f"generated {stats.lines:,} lines in {time.perf_counter() - t0:.1f}s -> {recording}")
+    recording = cached_recording(cache, args.events, ".jsonl.gz")
     plain = cache / f"bench-{args.events}.jsonl"  # benchmarks/replay.py's copy, if there
     rules = work / "throughput-rules.yaml"
     rules.write_text(throughput_rules(url, ["bench-a", "bench-b"]))

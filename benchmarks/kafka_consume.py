@@ -82,15 +82,11 @@ def main() -> None:
 
     from kafka_broker import KAFKA_VERSION, resolve_cluster
     from rollbackd.daemon.kafka import publish
-    from rollbackd.scenarios import benchmark_scenario, write_recording
+
+    from replay import cached_recording  # benchmarks/replay.py, beside this script
 
     cache = Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    recording = cache / f"bench-{args.events}.jsonl.gz"
-    if not recording.exists():
-        t0 = time.perf_counter()
-        stats = write_recording(benchmark_scenario(args.events), recording)
-        print(f"generated {stats.lines:,} lines in {time.perf_counter() - t0:.1f}s -> {recording}")
+    recording = cached_recording(cache, args.events, ".jsonl.gz")
 
     cluster = resolve_cluster()
     t0 = time.perf_counter()

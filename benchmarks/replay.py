@@ -64,6 +64,20 @@ def child(recording: str, rules: str, batch_size: int) -> None:
     }))
 
 
+def cached_recording(cache: Path, events: int, suffix: str) -> Path:
+    """The benchmark scenario's recording of ``events`` events in ``cache`` (``suffix``
+    ``.jsonl`` or ``.jsonl.gz``), generated the first time; the Kafka benchmarks use it too."""
+    from rollbackd.scenarios import benchmark_scenario, write_recording
+
+    cache.mkdir(parents=True, exist_ok=True)
+    recording = cache / f"bench-{events}{suffix}"
+    if not recording.exists():
+        t0 = time.perf_counter()
+        stats = write_recording(benchmark_scenario(events), recording)
+        print(f"generated {stats.lines:,} lines in {time.perf_counter() - t0:.1f}s -> {recording}")
+    return recording
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--events", type=int, default=1_000_000)
@@ -77,15 +91,8 @@ def main() -> None:
         child(args.child[0], args.child[1], args.batch_size)
         return
 
-    from rollbackd.scenarios import benchmark_scenario, write_recording
-
     cache = Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    recording = cache / f"bench-{args.events}.jsonl"
-    if not recording.exists():
-        t0 = time.perf_counter()
-        stats = write_recording(benchmark_scenario(args.events), recording)
-        print(f"generated {stats.lines:,} lines in {time.perf_counter() - t0:.1f}s -> {recording}")
+    recording = cached_recording(cache, args.events, ".jsonl")
     rules = cache / "bench-rules.yaml"
     rules.write_text(RULES)
 
