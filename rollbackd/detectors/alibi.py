@@ -29,7 +29,7 @@ from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from rollbackd.detectors.base import Measurement, MissingExtra, Reference, Window, register
+from rollbackd.detectors.base import Measurement, MissingExtra, Reference, Window, check_feature_names, register
 from rollbackd.detectors.drift import BASELINES, SCORE_COLUMN, Baseline, wants_score
 
 __all__ = ["AlibiMMD", "AlibiLSDD", "AlibiCVMOnline", "INSTALL_HINT", "LICENSE_NOTE"]
@@ -138,10 +138,7 @@ def _check_common(
         raise ValueError(f"threshold must be a finite number >= 0, got {threshold}")
     if min_samples < 0:
         raise ValueError(f"min_samples must be >= 0, got {min_samples}")
-    if features is not None and (
-        isinstance(features, str) or not all(isinstance(f, str) for f in features)
-    ):
-        raise ValueError(f"features must be a list of feature names, got {features!r}")
+    check_feature_names(features)
     if baseline is not None and baseline not in baselines:
         raise ValueError(f"baseline must be one of {', '.join(baselines)}; got {baseline!r}")
     if reference_size < 1:

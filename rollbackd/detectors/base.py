@@ -29,6 +29,7 @@ __all__ = [
     "Detector",
     "DetectorFactory",
     "MissingExtra",
+    "check_feature_names",
     "REGISTRY",
     "register",
     "make_detector",
@@ -246,6 +247,14 @@ class MissingExtra(ValueError):
     way; the rules loader tells it apart so the error points at the rule's ``detector``, the
     choice the user has to change (or install for), rather than at its ``params``.
     """
+
+
+def check_feature_names(features: Any) -> None:
+    """A detector's ``features`` parameter: ``None`` (all) or a list of names, never one string."""
+    if features is not None and (
+        isinstance(features, str) or not all(isinstance(f, str) for f in features)
+    ):
+        raise ValueError(f"features must be a list of feature names, got {features!r}")
 
 
 DetectorFactory = Callable[..., Detector]

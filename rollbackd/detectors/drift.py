@@ -13,7 +13,7 @@ from typing import Any, Callable, Generic, Iterable, Mapping, NamedTuple, Sequen
 
 import numpy as np
 
-from rollbackd.detectors.base import Measurement, Reference, Window, register
+from rollbackd.detectors.base import Measurement, Reference, Window, check_feature_names, register
 from rollbackd.detectors.stats import (
     CORRECTIONS,
     ad_pvalue,
@@ -555,10 +555,7 @@ class Drift:
             raise ValueError(f"threshold must be >= 0 (an effect size), got {threshold}")
         if min_samples < 0:
             raise ValueError(f"min_samples must be >= 0, got {min_samples}")
-        if features is not None and (
-            isinstance(features, str) or not all(isinstance(f, str) for f in features)
-        ):
-            raise ValueError(f"features must be a list of feature names, got {features!r}")
+        check_feature_names(features)
         if not isinstance(bins, int) or not 2 <= bins <= 1000:
             raise ValueError(f"bins must be an integer in [2, 1000], got {bins!r}")
         if unseen_categories not in UNSEEN_MODES:

@@ -12,7 +12,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from rollbackd.detectors.base import Measurement, Reference, Window, register
+from rollbackd.detectors.base import Measurement, Reference, Window, check_feature_names, register
 from rollbackd.detectors.drift import (
     BASELINES,
     SCORE_COLUMN,
@@ -147,10 +147,7 @@ class DataQuality:
             raise ValueError(f"threshold must be in [0, 1] (a rate), got {threshold}")
         if min_samples < 0:
             raise ValueError(f"min_samples must be >= 0, got {min_samples}")
-        if features is not None and (
-            isinstance(features, str) or not all(isinstance(f, str) for f in features)
-        ):
-            raise ValueError(f"features must be a list of feature names, got {features!r}")
+        check_feature_names(features)
         if checks is not None and (
             isinstance(checks, str) or not checks or any(c not in QUALITY_CHECKS for c in checks)
         ):
