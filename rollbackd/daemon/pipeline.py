@@ -141,6 +141,7 @@ class Pipeline:
         self.awaiting: dict[str, dict[str, Any]] = {}
         self.max_event_time = -math.inf
         self.counters: Counter[str] = Counter()
+        self.muted_episodes: Counter[str] = Counter()  # firing episodes muted, by what muted them
         self.rejects: Counter[str] = Counter()
         self._known_keys: set[Key] = set()
         self._slots: dict[Key, tuple[int, list[Prediction], list[Labeled]]] = {}
@@ -453,7 +454,7 @@ class Pipeline:
                 # nor acted on; its resolution later is recorded the same way.
                 self._muted.add((rule.name, key))
                 by = suppressed.get("silence_id") or f"inhibit rule {suppressed.get('inhibit_rule')}"
-                self.counters[f"muted by {by}"] += 1
+                self.muted_episodes[by] += 1
         elif transition.new == "resolved":
             if (rule.name, key) in self._muted:
                 suppressed = {"by": "muted episode"}
@@ -904,6 +905,7 @@ class Pipeline:
             "max_event_time": self.max_event_time,
             "next_boundary": self._next_boundary,
             "counters": self.counters,
+            "muted_episodes": self.muted_episodes,
             "rejects": self.rejects,
             "known_keys": self._known_keys,
             "muted": self._muted,
@@ -934,6 +936,7 @@ class Pipeline:
         self.max_event_time = state["max_event_time"]
         self._next_boundary = state["next_boundary"]
         self.counters = state["counters"]
+        self.muted_episodes = state.get("muted_episodes", Counter())  # absent before it existed
         self.rejects = state["rejects"]
         self._known_keys = state["known_keys"]
         self._muted = {m for m in state["muted"] if m[0] not in changed}
@@ -962,11 +965,10 @@ class Pipeline:
 
     # Summary ----------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
-        muted = {k: v for k, v in self.counters.items() if k.startswith("muted by ")}
         return {
-            "events": dict(sorted((k, v) for k, v in self.counters.items() if k not in muted)),
+            "events": dict(sorted(self.counters.items())),
             # firing episodes a silence or an inhibit rule muted, by what muted them
-            "alerts_muted": {k.removeprefix("muted by "): v for k, v in sorted(muted.items())},
+            "alerts_muted": dict(sorted(self.muted_episodes.items())),
             "rejected": dict(sorted(self.rejects.items())),
             "join": self.joiner.stats.to_record(),
             "pending_labels": len(self.joiner),
