@@ -310,6 +310,16 @@ class Ledger:
             " where incident_id = ? order by at, seq", [incident_id],
         ))
 
+    def answers(self) -> dict[str, list[dict[str, Any]]]:
+        """Every recorded answer, by incident and in event-time order: pushed into a pipeline,
+        which picks the first one from a listed approver that its event time has reached."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for row in self.db.query(
+            "select incident_id, decision, by, at, reason, source from approvals order by at, seq"
+        ):
+            out.setdefault(row["incident_id"], []).append(row)
+        return out
+
     # Reading ----------------------------------------------------------------------------
     def rows(self, table: str, **where: Any) -> list[dict[str, Any]]:
         clauses = " and ".join(f"{k} = ?" for k in where) or "1"

@@ -25,24 +25,20 @@ from typing import Any, Callable, Iterable, Sequence
 import structlog
 
 from rollbackd import __version__
-from rollbackd.actions.base import (
-    ActionResult,
-    AlertSummary,
-    Notice,
-    Notifier,
-    RollbackBackend,
-    RollbackPlan,
-    pause_rollout,
-)
-from rollbackd.actions.policy import SafetyPolicy, SafetyState
+from rollbackd.actions.base import ActionResult, Notifier, RollbackBackend
+from rollbackd.actions.delivery import Delivery, Recorder
+from rollbackd.actions.intents import Call
+from rollbackd.actions.policy import SafetyState
 from rollbackd.daemon.decisions import DecisionSink, NullDecisions
+from rollbackd.daemon.executor import Executor, SyncExecutor
 from rollbackd.daemon.join import OutcomeJoiner, Pending
+from rollbackd.daemon.response import Responder
 from rollbackd.daemon.versions import VersionHistory
 from rollbackd.daemon.windows import WindowAssembler
 from rollbackd.detectors.base import REGISTRY, Detector, Labeled, Measurement, Reference, Window, make_detector
 from rollbackd.events import Deploy, Event, Outcome, Prediction, Rejected
 from rollbackd.rules.alerts import Alert, AlertState, step
-from rollbackd.rules.incidents import ActionsDue, Incident, IncidentBook, IncidentChange, NoticeDue
+from rollbackd.rules.incidents import IncidentBook, IncidentChange
 from rollbackd.rules.model import Config, RuleSpec, WindowSpec
 from rollbackd.rules.silences import Silence, first_match
 
@@ -51,9 +47,6 @@ __all__ = ["Pipeline", "Edges"]
 log = structlog.get_logger("rollbackd")
 
 Key = tuple[str, str]
-# Arms whose version a canary (or any arm without history of its own) falls back to.
-STABLE_ARMS = ("stable", "primary")
-SHADOW_ARM = "shadow"
 _model_version = attrgetter("model_version")
 
 
@@ -65,17 +58,9 @@ def _count_versions(predictions: list[Prediction]) -> dict[str, int]:
     return dict(Counter(map(_model_version, predictions)))
 
 
-class Recorder:
-    """What the pipeline needs of a ledger (``daemon.ledger.Ledger`` implements it)."""
+class _NullRecorder:
+    """No ledger: nothing is recorded, nothing was done before."""
 
-    def alert(self, rec: dict[str, Any]) -> None: ...
-    def incident(self, rec: dict[str, Any]) -> None: ...
-    def action(self, rec: dict[str, Any], phase: str) -> None: ...
-    def finished_action(self, key: str) -> dict[str, Any] | None: ...
-    def approvals(self, incident_id: str) -> list[dict[str, Any]]: ...
-
-
-class _NullRecorder(Recorder):
     def alert(self, rec: dict[str, Any]) -> None:
         pass
 
@@ -87,9 +72,6 @@ class _NullRecorder(Recorder):
 
     def finished_action(self, key: str) -> dict[str, Any] | None:
         return None
-
-    def approvals(self, incident_id: str) -> list[dict[str, Any]]:
-        return []
 
 
 class _NullDeadLetters:
@@ -150,6 +132,7 @@ class Pipeline:
         # A traffic (no-data) rule must see the empty windows of a gap: no skipping then.
         self._watches_silence = any(r.detector == "traffic" for r in config.rules)
         self._references: dict[str, Reference | None] = {}
+        self._init_effects()
 
     # Hot path -------------------------------------------------------------------------
     def ingest(self, events: list[Event]) -> None:
@@ -399,17 +382,10 @@ class Pipeline:
         labels = self._labels(rule, alert.deployment, alert.variant)
         return any(ir.targets(labels) for ir in self.config.inhibit_rules)
 
-    def _recorded_silences(self) -> tuple[Silence, ...]:
-        """Silences in the ledger now (``rollbackd silence add``, Slack's Silence button): read
-        at each firing, so a live daemon honours one set after it started. Event time decides
-        whether one applies, so a replay over the same ledger decides the same."""
-        read = getattr(self.edges.recorder, "silences", None)
-        return tuple(read()) if read is not None else ()
-
     def _suppression(self, rule: RuleSpec, alert: Alert, now: float) -> dict[str, Any] | None:
         """Why this alert may neither notify nor act right now, or None."""
         labels = self._labels(rule, alert.deployment, alert.variant)
-        silence = first_match(self.silences + self._recorded_silences(), labels, now)
+        silence = first_match(self.silences + self.recorded_silences, labels, now)
         if silence is not None:
             return {"by": "silence", "silence_id": silence.id, "reason": silence.reason,
                     "created_by": silence.created_by, "until": silence.ends_at}
@@ -483,7 +459,7 @@ class Pipeline:
         }
         if suppressed is not None:
             rec["suppressed"] = suppressed
-        self._decide(rec, self.edges.recorder.alert)
+        self.responder.record(rec, "alert")
         log.info(
             "alert." + transition.new, rule=rule.name, deployment=key[0], variant=key[1],
             value=m.value, threshold=m.threshold, n=m.sample_size, ts=iso(now),
@@ -502,389 +478,31 @@ class Pipeline:
         hist = self.versions.get(key)
         return hist.current.version if hist is not None and hist.current is not None else None
 
-    # Effects ----------------------------------------------------------------------------
-    def _decide(self, rec: dict[str, Any], record: Callable[[dict[str, Any]], None]) -> None:
-        self.edges.decisions.write(rec)
-        record(rec)
+    # Effects: decided by the responder, carried out by the executor ------------------------
+    def _init_effects(self) -> None:
+        self.recorded_silences: tuple[Silence, ...] = ()
+        self.responder = Responder(self)
+        # Synchronous until a driver installs another (the live daemon's LaneExecutor).
+        self.executor: Executor = SyncExecutor(Delivery(self.edges), self)
 
     def _effects(self, effects: Iterable[Any]) -> None:
-        # Rollbacks run before any notice of the same step is posted: a slow or rate-limited
-        # notifier must never delay a rollback. Notices then go out in the order decided.
-        notices: list[tuple[Incident, str, float, str, str]] = []
-        for e in effects:
-            if isinstance(e, IncidentChange):
-                self._incident_change(e)
-            elif isinstance(e, NoticeDue):
-                notices.append((e.incident, e.kind, e.ts, e.reason, ""))
-            elif isinstance(e, ActionsDue):
-                for action in e.actions:
-                    if action == "rollback":
-                        notices.extend(self._rollback(e.incident, e.alert.rule, e.alert.variant, e.ts))
-        for notice in notices:
-            self._notice(*notice)
-
-    def _incident_change(self, e: IncidentChange) -> None:
-        inc = e.incident
-        alert = e.alert
-        variant = alert.variant if alert is not None else inc.lead_alert().variant
-        key = (inc.deployment, variant)
-        rec: dict[str, Any] = {
-            "ts": e.ts,
-            "kind": "incident",
-            "state": e.change,
-            "incident_id": inc.id,
-            "deployment": inc.deployment,
-            "variant": variant,
-            "rule": alert.rule if alert is not None else None,
-            "severity": inc.severity,
-        }
-        if e.change in ("verified", "verification_failed"):
-            rec["verify_by"] = inc.verify_by
-        if e.change == "opened":
-            hist = self.versions.get(key)
-            if hist is not None and hist.current is not None:
-                hist.mark_bad()
-                rec["version"] = hist.current.version
-                rec["version_started"] = hist.current.started
-                if hist.current.provenance:
-                    rec["provenance"] = dict(sorted(hist.current.provenance.items()))
-        self._decide(rec, self.edges.recorder.incident)
-        log.info("incident." + e.change, incident=inc.id, deployment=inc.deployment, ts=iso(e.ts))
-
-    def _wants_notice(self, inc: Incident) -> bool:
-        return any("notify" in a.actions for a in inc.alerts.values())
-
-    def _notice(self, inc: Incident, kind: str, ts: float, reason: str, extra: str = "") -> None:
-        if not self._wants_notice(inc):
-            return
-        lead = inc.lead_alert()
-        spec = self.config.deployment(inc.deployment)
-        rule = self._rule_index.get(lead.rule)
-        version = self._current_version((inc.deployment, lead.variant))
-        state = "RESOLVED" if kind == "resolved" else lead.severity.upper()
-        title = f"[{state}] {inc.deployment}/{lead.variant}: {lead.rule}"
-        if len(inc.alerts) > 1:
-            title += f" (+{len(inc.alerts) - 1} more)"
-        alerts = tuple(
-            AlertSummary(
-                rule=a.rule,
-                severity=a.severity,
-                state=a.state,
-                value=a.measurement.get("value"),
-                threshold=a.measurement.get("threshold", math.nan),
-                sample_size=a.measurement.get("sample_size", 0),
-                window_start=a.window[0],
-                window_end=a.window[1],
-                p_value=a.measurement.get("p_value"),
-                summary=a.summary,
-            )
-            for a in inc.alerts.values()
-        )
-        text = f"{title} — {reason}" + (f": {extra}" if extra else "")
-        notice = Notice(
-            incident_id=inc.id,
-            kind=kind,  # type: ignore[arg-type]
-            ts=ts,
-            deployment=inc.deployment,
-            variant=lead.variant,
-            version=version,
-            title=title,
-            text=text,
-            alerts=alerts,
-            runbook=(rule.runbook if rule and rule.runbook else spec.runbook),
-            channel=spec.slack_channel,
-            thread=inc.thread,
-            drill=self.edges.drill,
-        )
-        key = f"{inc.id}:notice:{inc.notices_sent}"
-        inc.notices_sent += 1
-        rec: dict[str, Any] = {
-            "ts": ts,
-            "kind": "action",
-            "action": "notify",
-            "notice": kind,
-            "incident_id": inc.id,
-            "deployment": inc.deployment,
-            "variant": lead.variant,
-            "rule": lead.rule,
-            "status": "started",
-            "idempotency_key": key,
-        }
-        result = self._already_done(key)
-        if result is None:
-            self.edges.recorder.action(rec, "started")
-            try:
-                result = self.edges.notifier.post(notice)
-            except Exception as exc:  # a notifier must never stop the pipeline or a rollback
-                result = ActionResult("failed", f"{type(exc).__name__}: {exc}")
-            rec.update(status=result.status, reason=reason, detail=result.detail, thread=result.thread)
-            self._decide(rec, lambda r: self.edges.recorder.action(r, "finished"))
-        else:
-            rec.update(status=result.status, reason=reason, detail=result.detail, thread=result.thread)
-            self.edges.decisions.write(rec)
-        self.book.noticed(inc, ts, result.thread)
-
-    def _already_done(self, key: str) -> ActionResult | None:
-        """The recorded outcome of an action this run already finished (outbox), if any."""
-        row = self.edges.recorder.finished_action(key)
-        if row is None:
-            return None
-        data = json.loads(row.get("data") or "{}")
-        return ActionResult(
-            row["status"], row.get("detail") or "", attempts=row.get("attempts") or 0,
-            thread=data.get("thread"), data=data.get("result") or {},
-        )
-
-    # Approval ---------------------------------------------------------------------------
-    def _answer(self, incident_id: str, approvers: Sequence[str], now: float) -> dict[str, Any] | None:
-        """The first answer from a listed approver that event time ``now`` has reached."""
-        read = getattr(self.edges.recorder, "approvals", None)  # a recorder may not keep any
-        for row in (read(incident_id) if read is not None else None) or ():
-            if row["at"] <= now and row["by"] in approvers:
-                return row
-        return None
+        self.responder.effects(effects)
 
     def _approvals(self, now: float) -> None:
-        """Settle the rollbacks waiting for a human: an answer arrived, or the timeout ran out
-        and the configured default applies."""
-        if not self.awaiting:
-            return
-        notices = []
-        for key in sorted(self.awaiting):
-            wait = self.awaiting[key]
-            spec = self.config.deployment(wait["deployment"]).approval
-            answer = self._answer(wait["incident_id"], spec.approvers if spec else (), now)
-            if answer is not None:
-                approval = {"decision": answer["decision"], "by": answer["by"], "at": answer["at"],
-                            "timed_out": False}
-                ts = now
-            elif now >= wait["deadline"]:
-                approval = {"decision": spec.default if spec else "reject", "by": None,
-                            "at": wait["deadline"], "timed_out": True}
-                ts = wait["deadline"]
-            else:
-                continue
-            del self.awaiting[key]
-            inc = self._incident_by_id(wait["incident_id"])
-            if inc is None:
-                continue
-            notices.extend(self._rollback(inc, wait["rule"], wait["variant"], ts, approval=approval))
-        for notice in notices:
-            self._notice(*notice)
+        self.responder.approvals(now)
 
-    def _incident_by_id(self, incident_id: str) -> Incident | None:
-        for inc in self.book.open.values():
-            if inc.id == incident_id:
-                return inc
-        for inc in reversed(self.book.closed):
-            if inc.id == incident_id:
-                return inc
-        return None
+    def apply_result(self, call: Call, result: ActionResult) -> None:
+        """A call's outcome, reported by the executor: what follows from it is decided now."""
+        self.responder.apply_result(call, result)
 
-    def _rollback(
-        self, inc: Incident, rule_name: str, variant: str, ts: float,
-        approval: dict[str, Any] | None = None,
-    ) -> list[tuple[Incident, str, float, str, str]]:
-        """Run (or refuse) one rollback; returns the notices to post about it, in order.
-        ``approval``: the human (or timeout) answer when this rollback waited for one."""
-        spec = self.config.deployment(inc.deployment)
-        rule = self._rule_index.get(rule_name)
-        key = (inc.deployment, variant)
-        hist = self.versions.get(key) or VersionHistory()
-        current = hist.current.version if hist.current is not None else None
-        # A version marked bad on any arm is never a target. The stable fallback is not held
-        # to the known-good rule: see _stable_version.
-        bad = self._bad_versions(inc.deployment)
-        target = hist.known_good(
-            ts, spec.known_good_after, spec.known_good_min_predictions, bad
-        ) or self._stable_version(inc.deployment, variant, current, bad)
-        plan = (
-            RollbackPlan(inc.deployment, variant, current, target, inc.id, f"rule {rule_name}")
-            if target is not None
-            else None
-        )
-        dry_run = self.config.settings.force_dry_run or _first_set(
-            rule.dry_run if rule else None, spec.dry_run, self.config.settings.dry_run
-        ) or self.edges.drill
-        policy = SafetyPolicy(
-            dry_run=dry_run, cooldown=spec.cooldown, policy=spec.policy,
-            max_rollbacks=spec.max_rollbacks, loop_period=spec.loop_period,
-        )
-        self.safety.prune(ts - spec.loop_period)
-        since = hist.current.started if hist.current is not None else None
-        verdict, why = policy.decide(self.safety, plan, ts, serving_since=since)
-        rec: dict[str, Any] = {
-            "ts": ts,
-            "kind": "action",
-            "action": "rollback",
-            "incident_id": inc.id,
-            "deployment": inc.deployment,
-            "variant": variant,
-            "rule": rule_name,
-            "from_version": current,
-            "to_version": target,
-            "backend": spec.backend.type,
-            "dry_run": dry_run,
-        }
-        if plan is not None:
-            rec["idempotency_key"] = plan.idempotency_key
-        if approval is not None:
-            rec["approval"] = approval
-        if variant == SHADOW_ARM and verdict in ("run", "dry_run"):
-            # A shadow arm serves nobody: it is judged (alerts, the gate) but never rolled back.
-            verdict, why = "shadow", "shadow arm: judged, never rolled back"
-        if verdict == "run" and not inc.is_open:
-            verdict, why = "resolved", "the incident resolved while the rollback waited for approval"
-        elif verdict == "run" and spec.approval is not None and approval is None:
-            answer = self._answer(inc.id, spec.approval.approvers, ts)
-            if answer is None:
-                deadline = ts + spec.approval.timeout
-                self.awaiting[f"{inc.id}:{variant}"] = {
-                    "incident_id": inc.id, "deployment": inc.deployment, "rule": rule_name,
-                    "variant": variant, "requested_at": ts, "deadline": deadline,
-                }
-                why = (f"waiting for {', '.join(spec.approval.approvers)} until {iso(deadline)}; "
-                       f"then {spec.approval.default}")
-                rec.update(status="pending_approval", reason="approval", detail=why)
-                if plan is not None:  # not the plan's own key: the outbox must not take it as done
-                    rec["idempotency_key"] = plan.idempotency_key + ":approval"
-                self._decide(rec, lambda r: self.edges.recorder.action(r, "finished"))
-                log.warning("rollback.pending_approval", incident=inc.id, deployment=inc.deployment)
-                return [(inc, "updated", ts, "rollback awaits approval", why)]
-            approval = rec["approval"] = {"decision": answer["decision"], "by": answer["by"],
-                                          "at": answer["at"], "timed_out": False}
-        if verdict == "run" and approval is not None and approval["decision"] == "reject":
-            who = "nobody answered (default reject)" if approval["timed_out"] else f"rejected by {approval['by']}"
-            verdict, why = "rejected", who
-        if verdict != "run":
-            status = "dry_run" if verdict == "dry_run" else "skipped"
-            if verdict == "freeze":
-                paused = self._pause(inc, rule_name, variant, current, ts, dry_run)
-                why = f"policy freeze: {paused}; not reverted; escalating to a human"
-            rec.update(status=status, reason=verdict, detail=why)
-            if plan is not None and verdict == "dry_run":
-                self.safety.record(plan, ts, applied=False)
-            self._decide(rec, lambda r: self.edges.recorder.action(r, "finished"))
-            # A dry run is what was asked for (a drill runs every rollback dry): not a warning.
-            emit = log.info if verdict == "dry_run" else log.warning
-            emit("rollback." + verdict, incident=inc.id, deployment=inc.deployment, detail=why)
-            if verdict in _ESCALATING:
-                return [(inc, "updated", ts, f"escalated: rollback {verdict.replace('_', ' ')}", why)]
-            return [(inc, "updated", ts, f"rollback {status}", why)]
-        assert plan is not None
-        # The thread's "started" reply is queued, not posted first: at the incident's first
-        # step the parent message is not even out yet, and a rate-limited Slack must not
-        # delay the call. It goes out right after, before the outcome's reply.
-        moving = f"{inc.deployment}/{variant} {current} → {target}"
-        started = (inc, "updated", ts, "rollback started", f"{moving} via {spec.backend.type}")
-        result = self._already_done(plan.idempotency_key)
-        replayed = result is not None
-        if result is None:
-            self.edges.recorder.action({**rec, "status": "started"}, "started")
-            try:
-                result = self.edges.backend_for(inc.deployment).apply(plan)
-            except Exception as exc:  # a backend bug must not kill the daemon; it is recorded
-                result = ActionResult("failed", f"{type(exc).__name__}: {exc}")
-        applied = result.status in ("succeeded", "skipped")
-        self.safety.record(plan, ts, applied=applied)
-        if applied:
-            self.book.rolled_back(inc, ts, spec.verify_within)
-        rec.update(status=result.status, detail=result.detail, attempts=result.attempts)
-        if result.data:  # what the backend changed or printed: kept in the ledger
-            rec["result"] = json.loads(json.dumps(dict(result.data), default=str))
-        if replayed:  # re-made after a restart: the ledger has it already
-            self.edges.decisions.write(rec)
-        else:
-            self._decide(rec, lambda r: self.edges.recorder.action(r, "finished"))
-        (log.info if result.status in ("succeeded", "skipped") else log.error)(
-            "rollback." + result.status, incident=inc.id, deployment=inc.deployment,
-            variant=variant, from_version=current, to_version=target, detail=result.detail,
-        )
-        extra = moving
-        if result.status == "failed":
-            extra += f" ({result.detail})"
-        return [started, (inc, "updated", ts, f"rollback {result.status}", extra)]
+    def set_silences(self, recorded: Iterable[Silence]) -> None:
+        """The silences recorded in the ledger (``rollbackd silence add``, Slack's button),
+        pushed in by the driver; event time decides whether one applies."""
+        self.recorded_silences = tuple(recorded)
 
-    def _pause(self, inc: Incident, rule_name: str, variant: str, current: str | None, ts: float,
-               dry_run: bool) -> str:
-        """The freeze policy stops the rollout where the backend can pause one (Argo Rollouts);
-        recorded like a rollback (started, then finished; found in the outbox after a restart).
-        Returns what the notice says about it."""
-        if dry_run:
-            return "rollout not paused (dry run)"
-        if variant == SHADOW_ARM:
-            return "rollout not paused (shadow arm: judged, never acted on)"
-        try:
-            backend = self.edges.backend_for(inc.deployment)
-        except Exception as exc:  # a misconfigured backend (a missing secret): said, not raised
-            return f"rollout not paused ({type(exc).__name__}: {exc})"
-        if not callable(getattr(backend, "pause", None)):
-            return "rollout not paused (backend cannot)"
-        key = f"{inc.id}:pause:{variant}"
-        rec: dict[str, Any] = {
-            "ts": ts, "kind": "action", "action": "pause", "incident_id": inc.id,
-            "deployment": inc.deployment, "variant": variant, "rule": rule_name,
-            "from_version": current, "backend": self.config.deployment(inc.deployment).backend.type,
-            "dry_run": False, "idempotency_key": key,
-        }
-        result = self._already_done(key)
-        replayed = result is not None
-        if result is None:
-            self.edges.recorder.action({**rec, "status": "started"}, "started")
-            try:
-                result = pause_rollout(backend, inc.deployment, variant, inc.id)
-            except Exception as exc:  # a backend bug must not kill the daemon; it is recorded
-                result = ActionResult("failed", f"{type(exc).__name__}: {exc}")
-            assert result is not None
-        rec.update(status=result.status, detail=result.detail, attempts=result.attempts)
-        if result.data:
-            rec["result"] = json.loads(json.dumps(dict(result.data), default=str))
-        if replayed:
-            self.edges.decisions.write(rec)
-        else:
-            self._decide(rec, lambda r: self.edges.recorder.action(r, "finished"))
-        (log.error if result.status == "failed" else log.info)(
-            "pause." + result.status, incident=inc.id, deployment=inc.deployment, variant=variant,
-            detail=result.detail,
-        )
-        if result.data.get("paused"):
-            return "rollout paused" if result.status == "succeeded" else "rollout already paused"
-        if result.status == "failed":
-            return f"rollout not paused ({result.detail})"
-        return f"rollout not paused (backend cannot: {result.detail})"
-
-    def _bad_versions(self, deployment: str) -> set[str]:
-        """The versions marked bad on any arm of ``deployment``."""
-        return {
-            v for (dep, _), hist in self.versions.items() if dep == deployment
-            for v in hist.bad_versions()
-        }
-
-    def _stable_version(self, deployment: str, variant: str, current: str | None, bad: set[str]) -> str | None:
-        """For a canary-style arm with no known-good history of its own: the version the stable
-        arm serves, if that arm is healthy (no incident open on it) and the version was never
-        marked bad on any arm of the deployment (as a canary earlier, say: it may have been
-        promoted since, but a version marked bad is never a target).
-
-        Deliberately not held to ``known_good_after`` / ``known_good_min_predictions``. Those
-        ask a *past* version to have proved itself, because nothing watches it any more; the
-        stable arm's version is serving now, so sending the canary back to it (a canary abort)
-        puts nothing into service that is not already carrying traffic, and an incident that
-        opened while it served, on any arm, rules it out (``bad``). Holding it to the rule would
-        refuse the abort, and leave a failing canary serving, whenever the stable span looks
-        short: after a recent promotion, or merely because rollbackd's history starts with its
-        stream.
-        """
-        for arm in STABLE_ARMS:
-            if arm == variant:
-                continue
-            hist = self.versions.get((deployment, arm))
-            if hist is None or hist.current is None or hist.current.version == current:
-                continue
-            if hist.current.version in bad or self.book.incident_for(deployment, arm) is not None:
-                continue
-            return hist.current.version
-        return None
+    def set_answers(self, answers: dict[str, list[dict[str, Any]]]) -> None:
+        """Approvers' answers by incident (ordered by their time), pushed in by the driver."""
+        self.responder.answers = answers
 
     # Checkpoints -------------------------------------------------------------------------
     # 2: the join buffer is a msgpack blob (1: pickled books; still read)
@@ -985,11 +603,6 @@ class Pipeline:
         return sorted([*self.book.closed, *self.book.open.values()], key=lambda i: (i.opened_at, i.id))
 
 
-# Safety verdicts that leave a bad version serving because a rail stopped rollbackd, not because
-# the operator asked for less: the notice says so, so on-call takes over.
-_ESCALATING = ("freeze", "loop_guard", "redeployed", "no_target")
-
-
 def _fill_defaults(obj: Any) -> None:
     from dataclasses import MISSING, fields
 
@@ -999,10 +612,3 @@ def _fill_defaults(obj: Any) -> None:
                 setattr(obj, f.name, f.default)
             elif f.default_factory is not MISSING:
                 setattr(obj, f.name, f.default_factory())
-
-
-def _first_set(*values: bool | None) -> bool:
-    for v in values:
-        if v is not None:
-            return v
-    return False

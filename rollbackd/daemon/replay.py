@@ -11,7 +11,7 @@ import gc
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from rollbackd.actions.base import Notifier, RollbackBackend
 from rollbackd.actions.factory import make_backend, make_notifier
@@ -26,7 +26,7 @@ from rollbackd.events import EventDecoder
 from rollbackd.rules.model import Config
 from rollbackd.rules.silences import Silence
 
-__all__ = ["ReplayResult", "replay", "build_pipeline", "GC_THRESHOLDS"]
+__all__ = ["ReplayResult", "replay", "build_pipeline", "push_human_input", "GC_THRESHOLDS"]
 
 # The pipeline allocates millions of small objects (events, their feature dicts); CPython's
 # default gen-0 threshold of 700 makes the cycle collector rescan the tracked ones constantly.
@@ -44,6 +44,24 @@ class ReplayResult:
     events: int = 0
     batches: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class HumanInput(Protocol):
+    """What people said, as a ledger keeps it: silences and approvers' answers."""
+
+    def silences(self) -> list[Silence]: ...
+    def answers(self) -> dict[str, list[dict[str, Any]]]: ...
+
+
+def push_human_input(pipeline: Pipeline) -> None:
+    """Hand the pipeline the silences and approvals recorded in its ledger. The engine reads
+    no ledger while deciding; event time decides which of them apply, so a replay over the
+    same ledger decides the same."""
+    recorder = pipeline.edges.recorder
+    if isinstance(recorder, HumanInput):
+        pipeline.set_silences(recorder.silences())
+        pipeline.set_answers(recorder.answers())
 
 
 def build_pipeline(
@@ -84,7 +102,9 @@ def build_pipeline(
     )
     if recorder is not None:
         edges.recorder = recorder
-    return Pipeline(config, edges, silences=silences)
+    pipeline = Pipeline(config, edges, silences=silences)
+    push_human_input(pipeline)
+    return pipeline
 
 
 def replay(
@@ -104,6 +124,7 @@ def replay(
             events += len(batch.events) + len(batch.rejects)
             if batch.rejects:
                 pipeline.reject(batch.rejects)
+            push_human_input(pipeline)
             pipeline.ingest(batch.events)
             clock.observe(pipeline.max_event_time)
             pipeline.advance(clock.now())

@@ -1,0 +1,130 @@
+"""What the engine decides, as data: the intents an executor carries out.
+
+The engine (``daemon/pipeline.py``) never calls a backend, a notifier, the ledger or the
+decision log. It hands intents to an executor (``daemon/executor.py``), which performs them
+through the delivery stages (``actions/delivery.py``) and reports each call's
+:class:`~rollbackd.actions.base.ActionResult` back to the engine (``apply_result``).
+
+- :class:`Record`: write a decision (decision log + ledger). Cheap and local: always done at
+  once, in order, on the thread that decided it.
+- :class:`Notify`, :class:`Rollback`, :class:`Pause`: calls to the outside world, each with an
+  idempotency ``key`` (the outbox key) and the decision record ``rec`` that the result
+  completes. A live executor runs them off the processing thread, one lane per deployment.
+- :class:`FollowUps`: a place in a lane for the notices that a call's result produces (the
+  "rollback succeeded" reply goes after the incident's first notice, yet is worded only once
+  the rollback has answered). The engine fills it through :class:`Fill`.
+
+Intents are plain frozen data: a checkpoint carries the ones still in flight, and a restart
+hands them to the executor again; the outbox (the ledger's finished rows) makes each call run
+once per key.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Union
+
+from rollbackd.actions.base import ActionResult, Notice, RollbackPlan
+
+__all__ = [
+    "Record",
+    "Notify",
+    "Rollback",
+    "Pause",
+    "FollowUps",
+    "Fill",
+    "Call",
+    "Intent",
+    "finished_record",
+    "lane_of",
+]
+
+RecordKind = Literal["alert", "incident", "action"]
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A decision to write: ``rec`` to the decision log, and to the ledger table ``kind``."""
+
+    rec: Mapping[str, Any]
+    kind: RecordKind
+
+
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """Post ``notice``. ``reason`` goes into the finished record beside the notifier's answer."""
+
+    key: str
+    notice: Notice
+    rec: Mapping[str, Any]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rollback:
+    """Apply ``plan`` through the deployment's backend."""
+
+    key: str
+    plan: RollbackPlan
+    rec: Mapping[str, Any]
+    # What the engine needs back with the result (the rule's verify_within, the notice texts).
+    context: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def deployment(self) -> str:
+        return self.plan.deployment
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Pause the deployment's rollout where it stands (the ``freeze`` policy)."""
+
+    key: str
+    deployment: str
+    variant: str
+    incident_id: str
+    rec: Mapping[str, Any]
+    context: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class FollowUps:
+    """The place, in ``deployment``'s lane, of the notices that call ``key``'s result produces."""
+
+    key: str
+    deployment: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fill:
+    """The notices for the :class:`FollowUps` place ``key``."""
+
+    key: str
+    deployment: str
+    notices: tuple[Notify, ...]
+
+
+Call = Union[Notify, Rollback, Pause]
+Intent = Union[Record, Notify, Rollback, Pause, FollowUps, Fill]
+
+
+def lane_of(intent: Intent) -> str:
+    """The lane an intent runs in: its deployment's, so each incident's steps keep their order."""
+    if isinstance(intent, Notify):
+        return intent.notice.deployment
+    if isinstance(intent, Record):
+        return str(intent.rec.get("deployment", "*"))
+    return intent.deployment
+
+
+def finished_record(call: Call, result: ActionResult) -> dict[str, Any]:
+    """The decision record of a finished call: the engine's ``rec`` plus what the call answered."""
+    rec = dict(call.rec)
+    if isinstance(call, Notify):
+        rec.update(status=result.status, reason=call.reason, detail=result.detail, thread=result.thread)
+        return rec
+    rec.update(status=result.status, detail=result.detail, attempts=result.attempts)
+    if result.data:  # what the backend changed or printed: kept in the ledger
+        rec["result"] = json.loads(json.dumps(dict(result.data), default=str))
+    return rec

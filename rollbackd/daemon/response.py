@@ -1,0 +1,468 @@
+"""The engine's response to an incident: what to record, post, roll back or pause.
+
+The incident book (``rules/incidents.py``) says *that* a notice or an action is due; the
+:class:`Responder` decides *what* exactly — which version to go back to, whether the safety
+policy, an approval or a dry run stops it, the words of each notice — and hands each step to
+the executor as an intent (``actions/intents.py``). It calls no edge itself. The executor
+reports each call's result back (:meth:`Responder.apply_result`), and what follows from it
+(the outcome's notice, a freeze's record) is decided then.
+
+Order is part of the decision: a step's rollbacks are handed over before its notices, so a
+slow or rate-limited notifier never delays a rollback, and a rollback's own notices
+("started", "succeeded") take the place in the incident's thread where they were decided.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import structlog
+
+from rollbackd.actions.base import ActionResult, AlertSummary, Notice, PausableBackend, RollbackPlan
+from rollbackd.actions.intents import Call, Fill, FollowUps, Notify, Pause, Record, RecordKind, Rollback
+from rollbackd.actions.policy import SafetyPolicy
+from rollbackd.daemon.versions import VersionHistory
+from rollbackd.rules.incidents import ActionsDue, Incident, IncidentChange, NoticeDue
+
+if TYPE_CHECKING:
+    from rollbackd.daemon.pipeline import Pipeline
+
+__all__ = ["Responder", "STABLE_ARMS", "SHADOW_ARM"]
+
+log = structlog.get_logger("rollbackd")
+
+# Arms whose version a canary (or any arm without history of its own) falls back to.
+STABLE_ARMS = ("stable", "primary")
+SHADOW_ARM = "shadow"
+# Safety verdicts that leave a bad version serving because a rail stopped rollbackd, not because
+# the operator asked for less: the notice says so, so on-call takes over.
+_ESCALATING = ("freeze", "loop_guard", "redeployed", "no_target")
+
+# (incident, notice kind, event time, reason, extra): a notice decided, not yet worded.
+NoticeDraft = tuple[Incident, str, float, str, str]
+
+
+def _iso(ts: float) -> str:
+    from rollbackd.daemon.pipeline import iso
+
+    return iso(ts)
+
+
+class Responder:
+    """Turns incident effects into intents. Reads and updates the pipeline's incident state
+    (book, versions, safety, approvals waiting); ``pipeline.executor`` receives the intents."""
+
+    def __init__(self, pipeline: "Pipeline") -> None:
+        self.p = pipeline
+        # Follow-up notices of calls whose result came back before their place was reached.
+        self._followups: dict[str, list[NoticeDraft]] = {}
+        # Places (FollowUps) handed to the executor whose call has not answered yet.
+        self.parked: dict[str, str] = {}  # call key -> deployment
+        # Answers from approvers, by incident, pushed in by whoever drives the pipeline.
+        self.answers: dict[str, list[dict[str, Any]]] = {}
+
+    # Records ------------------------------------------------------------------------------
+    def record(self, rec: dict[str, Any], kind: RecordKind) -> None:
+        self.p.executor.submit(Record(rec, kind))
+
+    # Incident effects ---------------------------------------------------------------------
+    def effects(self, effects: Iterable[Any]) -> None:
+        notices: list[NoticeDraft | FollowUps] = []
+        for e in effects:
+            if isinstance(e, IncidentChange):
+                self._incident_change(e)
+            elif isinstance(e, NoticeDue):
+                notices.append((e.incident, e.kind, e.ts, e.reason, ""))
+            elif isinstance(e, ActionsDue):
+                for action in e.actions:
+                    if action == "rollback":
+                        notices.extend(self._rollback(e.incident, e.alert.rule, e.alert.variant, e.ts))
+        self._post(notices)
+
+    def _post(self, notices: Sequence[NoticeDraft | FollowUps]) -> None:
+        for n in notices:
+            if isinstance(n, FollowUps):
+                ready = self._followups.pop(n.key, None)
+                if ready is None:  # the call has not answered: its place waits in the lane
+                    self.parked[n.key] = n.deployment
+                    self.p.executor.submit(n)
+                else:
+                    for draft in ready:
+                        self._notice(*draft)
+            else:
+                self._notice(*n)
+
+    def _follow(self, call: Call, drafts: list[NoticeDraft]) -> None:
+        """The notices a call's result produced: posted at their place."""
+        deployment = self.parked.pop(call.key, None)
+        if deployment is None:
+            self._followups[call.key] = drafts
+            return
+        intents = tuple(i for d in drafts if (i := self._build_notice(*d)) is not None)
+        self.p.executor.submit(Fill(call.key, deployment, intents))
+
+    def _incident_change(self, e: IncidentChange) -> None:
+        inc = e.incident
+        alert = e.alert
+        variant = alert.variant if alert is not None else inc.lead_alert().variant
+        key = (inc.deployment, variant)
+        rec: dict[str, Any] = {
+            "ts": e.ts,
+            "kind": "incident",
+            "state": e.change,
+            "incident_id": inc.id,
+            "deployment": inc.deployment,
+            "variant": variant,
+            "rule": alert.rule if alert is not None else None,
+            "severity": inc.severity,
+        }
+        if e.change in ("verified", "verification_failed"):
+            rec["verify_by"] = inc.verify_by
+        if e.change == "opened":
+            hist = self.p.versions.get(key)
+            if hist is not None and hist.current is not None:
+                hist.mark_bad()
+                rec["version"] = hist.current.version
+                rec["version_started"] = hist.current.started
+                if hist.current.provenance:
+                    rec["provenance"] = dict(sorted(hist.current.provenance.items()))
+        self.record(rec, "incident")
+        log.info("incident." + e.change, incident=inc.id, deployment=inc.deployment, ts=_iso(e.ts))
+
+    # Notices ------------------------------------------------------------------------------
+    def _notice(self, inc: Incident, kind: str, ts: float, reason: str, extra: str = "") -> None:
+        intent = self._build_notice(inc, kind, ts, reason, extra)
+        if intent is not None:
+            self.p.executor.submit(intent)
+
+    def _build_notice(self, inc: Incident, kind: str, ts: float, reason: str, extra: str = "") -> Notify | None:
+        if not any("notify" in a.actions for a in inc.alerts.values()):
+            return None
+        p = self.p
+        lead = inc.lead_alert()
+        spec = p.config.deployment(inc.deployment)
+        rule = p._rule_index.get(lead.rule)
+        version = p._current_version((inc.deployment, lead.variant))
+        state = "RESOLVED" if kind == "resolved" else lead.severity.upper()
+        title = f"[{state}] {inc.deployment}/{lead.variant}: {lead.rule}"
+        if len(inc.alerts) > 1:
+            title += f" (+{len(inc.alerts) - 1} more)"
+        alerts = tuple(
+            AlertSummary(
+                rule=a.rule,
+                severity=a.severity,
+                state=a.state,
+                value=a.measurement.get("value"),
+                threshold=a.measurement.get("threshold", math.nan),
+                sample_size=a.measurement.get("sample_size", 0),
+                window_start=a.window[0],
+                window_end=a.window[1],
+                p_value=a.measurement.get("p_value"),
+                summary=a.summary,
+            )
+            for a in inc.alerts.values()
+        )
+        text = f"{title} — {reason}" + (f": {extra}" if extra else "")
+        notice = Notice(
+            incident_id=inc.id,
+            kind=kind,  # type: ignore[arg-type]
+            ts=ts,
+            deployment=inc.deployment,
+            variant=lead.variant,
+            version=version,
+            title=title,
+            text=text,
+            alerts=alerts,
+            runbook=(rule.runbook if rule and rule.runbook else spec.runbook),
+            channel=spec.slack_channel,
+            thread=inc.thread,
+            drill=p.edges.drill,
+        )
+        key = f"{inc.id}:notice:{inc.notices_sent}"
+        inc.notices_sent += 1
+        rec: dict[str, Any] = {
+            "ts": ts,
+            "kind": "action",
+            "action": "notify",
+            "notice": kind,
+            "incident_id": inc.id,
+            "deployment": inc.deployment,
+            "variant": lead.variant,
+            "rule": lead.rule,
+            "status": "started",
+            "idempotency_key": key,
+        }
+        p.book.noticed(inc, ts, None)  # the repeat clock runs from the decision, not the answer
+        return Notify(key, notice, rec, reason)
+
+    # Results ------------------------------------------------------------------------------
+    def apply_result(self, call: Call, result: ActionResult) -> None:
+        if isinstance(call, Notify):
+            inc = self._incident_by_id(call.notice.incident_id)
+            if inc is not None and result.thread is not None:
+                self.p.book.noticed(inc, call.notice.ts, result.thread)
+        elif isinstance(call, Rollback):
+            self._rolled_back(call, result)
+        elif isinstance(call, Pause):
+            self._paused(call, result)
+
+    # Approval -----------------------------------------------------------------------------
+    def _answer(self, incident_id: str, approvers: Sequence[str], now: float) -> dict[str, Any] | None:
+        """The first answer from a listed approver that event time ``now`` has reached."""
+        for row in self.answers.get(incident_id, ()):
+            if row["at"] <= now and row["by"] in approvers:
+                return row
+        return None
+
+    def approvals(self, now: float) -> None:
+        """Settle the rollbacks waiting for a human: an answer arrived, or the timeout ran out
+        and the configured default applies."""
+        awaiting = self.p.awaiting
+        if not awaiting:
+            return
+        notices: list[NoticeDraft | FollowUps] = []
+        for key in sorted(awaiting):
+            wait = awaiting[key]
+            spec = self.p.config.deployment(wait["deployment"]).approval
+            answer = self._answer(wait["incident_id"], spec.approvers if spec else (), now)
+            if answer is not None:
+                approval = {"decision": answer["decision"], "by": answer["by"], "at": answer["at"],
+                            "timed_out": False}
+                ts = now
+            elif now >= wait["deadline"]:
+                approval = {"decision": spec.default if spec else "reject", "by": None,
+                            "at": wait["deadline"], "timed_out": True}
+                ts = wait["deadline"]
+            else:
+                continue
+            del awaiting[key]
+            inc = self._incident_by_id(wait["incident_id"])
+            if inc is None:
+                continue
+            notices.extend(self._rollback(inc, wait["rule"], wait["variant"], ts, approval=approval))
+        self._post(notices)
+
+    def _incident_by_id(self, incident_id: str) -> Incident | None:
+        book = self.p.book
+        for inc in book.open.values():
+            if inc.id == incident_id:
+                return inc
+        for inc in reversed(book.closed):
+            if inc.id == incident_id:
+                return inc
+        return None
+
+    # Rollbacks ----------------------------------------------------------------------------
+    def _rollback(
+        self, inc: Incident, rule_name: str, variant: str, ts: float,
+        approval: dict[str, Any] | None = None,
+    ) -> list[NoticeDraft | FollowUps]:
+        """Decide one rollback (or its refusal); returns the notices about it, in order.
+        ``approval``: the human (or timeout) answer when this rollback waited for one."""
+        p = self.p
+        spec = p.config.deployment(inc.deployment)
+        rule = p._rule_index.get(rule_name)
+        key = (inc.deployment, variant)
+        hist = p.versions.get(key) or VersionHistory()
+        current = hist.current.version if hist.current is not None else None
+        # A version marked bad on any arm is never a target. The stable fallback is not held
+        # to the known-good rule: see _stable_version.
+        bad = self._bad_versions(inc.deployment)
+        target = hist.known_good(
+            ts, spec.known_good_after, spec.known_good_min_predictions, bad
+        ) or self._stable_version(inc.deployment, variant, current, bad)
+        plan = (
+            RollbackPlan(inc.deployment, variant, current, target, inc.id, f"rule {rule_name}")
+            if target is not None
+            else None
+        )
+        dry_run = p.config.settings.force_dry_run or _first_set(
+            rule.dry_run if rule else None, spec.dry_run, p.config.settings.dry_run
+        ) or p.edges.drill
+        policy = SafetyPolicy(
+            dry_run=dry_run, cooldown=spec.cooldown, policy=spec.policy,
+            max_rollbacks=spec.max_rollbacks, loop_period=spec.loop_period,
+        )
+        p.safety.prune(ts - spec.loop_period)
+        since = hist.current.started if hist.current is not None else None
+        verdict, why = policy.decide(p.safety, plan, ts, serving_since=since)
+        rec: dict[str, Any] = {
+            "ts": ts,
+            "kind": "action",
+            "action": "rollback",
+            "incident_id": inc.id,
+            "deployment": inc.deployment,
+            "variant": variant,
+            "rule": rule_name,
+            "from_version": current,
+            "to_version": target,
+            "backend": spec.backend.type,
+            "dry_run": dry_run,
+        }
+        if plan is not None:
+            rec["idempotency_key"] = plan.idempotency_key
+        if approval is not None:
+            rec["approval"] = approval
+        if variant == SHADOW_ARM and verdict in ("run", "dry_run"):
+            # A shadow arm serves nobody: it is judged (alerts, the gate) but never rolled back.
+            verdict, why = "shadow", "shadow arm: judged, never rolled back"
+        if verdict == "run" and not inc.is_open:
+            verdict, why = "resolved", "the incident resolved while the rollback waited for approval"
+        elif verdict == "run" and spec.approval is not None and approval is None:
+            answer = self._answer(inc.id, spec.approval.approvers, ts)
+            if answer is None:
+                deadline = ts + spec.approval.timeout
+                p.awaiting[f"{inc.id}:{variant}"] = {
+                    "incident_id": inc.id, "deployment": inc.deployment, "rule": rule_name,
+                    "variant": variant, "requested_at": ts, "deadline": deadline,
+                }
+                why = (f"waiting for {', '.join(spec.approval.approvers)} until {_iso(deadline)}; "
+                       f"then {spec.approval.default}")
+                rec.update(status="pending_approval", reason="approval", detail=why)
+                if plan is not None:  # not the plan's own key: the outbox must not take it as done
+                    rec["idempotency_key"] = plan.idempotency_key + ":approval"
+                self.record(rec, "action")
+                log.warning("rollback.pending_approval", incident=inc.id, deployment=inc.deployment)
+                return [(inc, "updated", ts, "rollback awaits approval", why)]
+            approval = rec["approval"] = {"decision": answer["decision"], "by": answer["by"],
+                                          "at": answer["at"], "timed_out": False}
+        if verdict == "run" and approval is not None and approval["decision"] == "reject":
+            who = "nobody answered (default reject)" if approval["timed_out"] else f"rejected by {approval['by']}"
+            verdict, why = "rejected", who
+        if verdict != "run":
+            if plan is not None and verdict == "dry_run":
+                p.safety.record(plan, ts, applied=False)
+            if verdict == "freeze":
+                pause = self._pause(inc, rule_name, variant, current, ts, dry_run, rec, why)
+                if isinstance(pause, FollowUps):
+                    return [pause]
+                why = f"policy freeze: {pause}; not reverted; escalating to a human"
+            return self._refused(inc, rec, verdict, why, ts)
+        assert plan is not None
+        moving = f"{inc.deployment}/{variant} {current} → {target}"
+        call = Rollback(plan.idempotency_key, plan, rec, {
+            "verify_within": spec.verify_within, "moving": moving, "backend": spec.backend.type,
+        })
+        p.executor.submit(call)
+        return [FollowUps(call.key, inc.deployment)]
+
+    def _refused(self, inc: Incident, rec: dict[str, Any], verdict: str, why: str, ts: float) -> list[NoticeDraft | FollowUps]:
+        status = "dry_run" if verdict == "dry_run" else "skipped"
+        rec.update(status=status, reason=verdict, detail=why)
+        self.record(rec, "action")
+        # A dry run is what was asked for (a drill runs every rollback dry): not a warning.
+        emit = log.info if verdict == "dry_run" else log.warning
+        emit("rollback." + verdict, incident=inc.id, deployment=inc.deployment, detail=why)
+        if verdict in _ESCALATING:
+            return [(inc, "updated", ts, f"escalated: rollback {verdict.replace('_', ' ')}", why)]
+        return [(inc, "updated", ts, f"rollback {status}", why)]
+
+    def _rolled_back(self, call: Rollback, result: ActionResult) -> None:
+        plan, ts = call.plan, call.rec["ts"]
+        applied = result.status in ("succeeded", "skipped")
+        self.p.safety.record(plan, ts, applied=applied)
+        inc = self._incident_by_id(plan.incident_id)
+        if applied and inc is not None:
+            self.p.book.rolled_back(inc, ts, call.context["verify_within"])
+        (log.info if applied else log.error)(
+            "rollback." + result.status, incident=plan.incident_id, deployment=plan.deployment,
+            variant=plan.variant, from_version=plan.from_version, to_version=plan.to_version,
+            detail=result.detail,
+        )
+        if inc is None:
+            return
+        # The thread's "started" reply follows the incident's first notice, and the outcome
+        # follows it: both are posted at the place the rollback was decided.
+        moving = call.context["moving"]
+        extra = moving + (f" ({result.detail})" if result.status == "failed" else "")
+        self._follow(call, [
+            (inc, "updated", ts, "rollback started", f"{moving} via {call.context['backend']}"),
+            (inc, "updated", ts, f"rollback {result.status}", extra),
+        ])
+
+    # Pause (the freeze policy) ------------------------------------------------------------
+    def _pause(self, inc: Incident, rule_name: str, variant: str, current: str | None, ts: float,
+               dry_run: bool, refusal: dict[str, Any], why: str) -> str | FollowUps:
+        """The freeze policy stops the rollout where the backend can pause one (Argo Rollouts).
+        Returns what the notice says about it, or the place of the notices that follow the
+        pause call's result."""
+        if dry_run:
+            return "rollout not paused (dry run)"
+        if variant == SHADOW_ARM:
+            return "rollout not paused (shadow arm: judged, never acted on)"
+        try:
+            backend = self.p.edges.backend_for(inc.deployment)
+        except Exception as exc:  # a misconfigured backend (a missing secret): said, not raised
+            return f"rollout not paused ({type(exc).__name__}: {exc})"
+        if not isinstance(backend, PausableBackend):
+            return "rollout not paused (backend cannot)"
+        key = f"{inc.id}:pause:{variant}"
+        rec: dict[str, Any] = {
+            "ts": ts, "kind": "action", "action": "pause", "incident_id": inc.id,
+            "deployment": inc.deployment, "variant": variant, "rule": rule_name,
+            "from_version": current, "backend": self.p.config.deployment(inc.deployment).backend.type,
+            "dry_run": False, "idempotency_key": key,
+        }
+        call = Pause(key, inc.deployment, variant, inc.id, rec, {"refusal": refusal, "why": why})
+        self.p.executor.submit(call)
+        return FollowUps(key, inc.deployment)
+
+    def _paused(self, call: Pause, result: ActionResult) -> None:
+        (log.error if result.status == "failed" else log.info)(
+            "pause." + result.status, incident=call.incident_id, deployment=call.deployment,
+            variant=call.variant, detail=result.detail,
+        )
+        if result.data.get("paused"):
+            paused = "rollout paused" if result.status == "succeeded" else "rollout already paused"
+        elif result.status == "failed":
+            paused = f"rollout not paused ({result.detail})"
+        else:
+            paused = f"rollout not paused (backend cannot: {result.detail})"
+        inc = self._incident_by_id(call.incident_id)
+        if inc is None:
+            return
+        why = f"policy freeze: {paused}; not reverted; escalating to a human"
+        drafts = self._refused(inc, dict(call.context["refusal"]), "freeze", why, call.rec["ts"])
+        self._follow(call, [d for d in drafts if not isinstance(d, FollowUps)])
+
+    # Targets ------------------------------------------------------------------------------
+    def _bad_versions(self, deployment: str) -> set[str]:
+        """The versions marked bad on any arm of ``deployment``."""
+        return {
+            v for (dep, _), hist in self.p.versions.items() if dep == deployment
+            for v in hist.bad_versions()
+        }
+
+    def _stable_version(self, deployment: str, variant: str, current: str | None, bad: set[str]) -> str | None:
+        """For a canary-style arm with no known-good history of its own: the version the stable
+        arm serves, if that arm is healthy (no incident open on it) and the version was never
+        marked bad on any arm of the deployment (as a canary earlier, say: it may have been
+        promoted since, but a version marked bad is never a target).
+
+        Deliberately not held to ``known_good_after`` / ``known_good_min_predictions``. Those
+        ask a *past* version to have proved itself, because nothing watches it any more; the
+        stable arm's version is serving now, so sending the canary back to it (a canary abort)
+        puts nothing into service that is not already carrying traffic, and an incident that
+        opened while it served, on any arm, rules it out (``bad``). Holding it to the rule would
+        refuse the abort, and leave a failing canary serving, whenever the stable span looks
+        short: after a recent promotion, or merely because rollbackd's history starts with its
+        stream.
+        """
+        for arm in STABLE_ARMS:
+            if arm == variant:
+                continue
+            hist = self.p.versions.get((deployment, arm))
+            if hist is None or hist.current is None or hist.current.version == current:
+                continue
+            if hist.current.version in bad or self.p.book.incident_for(deployment, arm) is not None:
+                continue
+            return hist.current.version
+        return None
+
+
+def _first_set(*values: bool | None) -> bool:
+    for v in values:
+        if v is not None:
+            return v
+    return False
