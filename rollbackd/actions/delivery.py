@@ -106,7 +106,8 @@ class Delivery:
         ledger already: only the decision log gets it again."""
         self.remember(call, result)
         rec = finished_record(call, result)
-        self.edges.decisions.write(rec)
+        if not isinstance(call, Notify) or call.decision:
+            self.edges.decisions.write(rec)
         if not replayed:
             self.edges.recorder.action(rec, "finished")
 

@@ -59,6 +59,9 @@ class Notify:
     notice: Notice
     rec: Mapping[str, Any]
     reason: str
+    # False for the daemon's own notices (blind, effect queue full): the ledger keeps them, the
+    # decision log, which a replay must reproduce, does not.
+    decision: bool = True
 
 
 @dataclass(frozen=True, slots=True)

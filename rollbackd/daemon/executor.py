@@ -32,7 +32,7 @@ from rollbackd.actions.base import ActionResult
 from rollbackd.actions.delivery import Delivery, perform
 from rollbackd.actions.intents import Call, Fill, FollowUps, Intent, Notify, Pause, Record, Rollback, lane_of
 
-__all__ = ["Engine", "Executor", "SyncExecutor", "LaneExecutor", "DEFAULT_LANE_LIMIT"]
+__all__ = ["Engine", "Executor", "SyncExecutor", "LaneExecutor", "BoundExecutor", "DEFAULT_LANE_LIMIT"]
 
 log = structlog.get_logger("rollbackd.executor")
 
@@ -49,7 +49,11 @@ class Engine(Protocol):
 
 
 class Executor(Protocol):
+    """Where an engine hands its intents."""
+
     def submit(self, intent: Intent) -> None: ...
+
+    def in_flight(self) -> list[Intent]: ...
 
 
 class SyncExecutor:
@@ -92,36 +96,36 @@ class SyncExecutor:
 
 @dataclass
 class _Lane:
-    items: collections.deque[Intent] = field(default_factory=collections.deque)
+    items: collections.deque[tuple[Engine, Intent]] = field(default_factory=collections.deque)
     running: bool = False
-    calls: int = 0  # calls waiting (not markers)
+    calls: int = 0  # calls waiting or running (places not counted)
 
 
 class LaneExecutor:
-    """Calls on worker threads, one lane per deployment; records and results on the caller's
-    (the processing loop's) thread. ``drain()`` must be called by that thread regularly."""
+    """Calls on worker threads, one lane per deployment; records, outbox look-ups and results
+    on the processing thread, which must call :meth:`drain` regularly. Serves several engines
+    (one pipeline per partition): each gets a :class:`BoundExecutor` from :meth:`bind`."""
 
     def __init__(
         self,
         delivery: Delivery,
-        engine: Engine,
         *,
         lane_limit: int = DEFAULT_LANE_LIMIT,
         workers: int = DEFAULT_WORKERS,
         on_full: Callable[[str, int], None] | None = None,
     ) -> None:
         if lane_limit < 1 or workers < 1:
-            raise ValueError("lane_limit and workers must be >= 1")
+            raise ValueError(f"lane_limit and workers must be >= 1, got {lane_limit} and {workers}")
         self.delivery = delivery
-        self.engine = engine
         self.lane_limit = lane_limit
         self.on_full = on_full
         self._lanes: dict[str, _Lane] = {}
-        self._lock = threading.Lock()
+        self._wake = threading.Condition()
         self._ready: collections.deque[str] = collections.deque()
-        self._wake = threading.Condition(self._lock)
-        self._results: collections.deque[tuple[Call, ActionResult]] = collections.deque()
+        self._results: collections.deque[tuple[Engine, Call, ActionResult]] = collections.deque()
+        self._full: set[str] = set()  # lanes whose overflow was reported and has not cleared
         self._closed = False
+        self._running: dict[int, tuple[Engine, Call]] = {}
         self.dropped = 0  # notices dropped because their lane was full
         self.completed = 0
         self._threads = [
@@ -131,126 +135,142 @@ class LaneExecutor:
         for t in self._threads:
             t.start()
 
+    def bind(self, engine: Engine) -> "BoundExecutor":
+        return BoundExecutor(self, engine)
+
     # The processing thread -------------------------------------------------------------
-    def submit(self, intent: Intent) -> None:
+    def submit(self, intent: Intent, engine: Engine) -> None:
         if isinstance(intent, Record):
             self.delivery.record(intent)
-            return
-        if isinstance(intent, Fill):
-            self._fill(intent)
-            return
-        if isinstance(intent, FollowUps):
-            self._enqueue(intent.deployment, intent)
-            return
-        done = self.delivery.outbox(intent)
-        if done is not None:  # re-decided after a restart: done already
-            self.delivery.finished(intent, done, replayed=True)
-            self.engine.apply_result(intent, done)
-            return
-        lane = lane_of(intent)
-        if isinstance(intent, Notify) and self._waiting(lane) >= self.lane_limit:
-            self.dropped += 1
-            result = ActionResult("failed", f"effect queue full: {self.lane_limit} calls waiting for {lane}",
-                                  attempts=0)
-            self.delivery.finished(intent, result, replayed=False)
-            self.engine.apply_result(intent, result)
-            if self.on_full is not None:
-                self.on_full(lane, self.lane_limit)
-            return
-        self.delivery.started(intent)
-        self._enqueue(lane, intent)
+        elif isinstance(intent, Fill):
+            self._fill(intent, engine)
+        elif isinstance(intent, FollowUps):
+            self._enqueue(intent.deployment, engine, intent)
+        elif not self._done_already(intent, engine):
+            self._start(intent, engine)
 
-    def resubmit(self, intents: Iterable[Intent]) -> None:
-        """Intents a checkpoint carried: calls the outbox knows are finished are not run again;
-        the others run (their start is recorded already)."""
+    def resubmit(self, intents: Iterable[Intent], engine: Engine) -> None:
+        """The intents a checkpoint carried: a call the outbox knows as finished is not run
+        again; the others run once more with the same key (their start is recorded)."""
         for intent in intents:
             if isinstance(intent, (Notify, Rollback, Pause)):
-                done = self.delivery.outbox(intent)
-                if done is not None:
-                    self.delivery.finished(intent, done, replayed=True)
-                    self.engine.apply_result(intent, done)
-                    continue
-                self._enqueue(lane_of(intent), intent)
-            else:
-                self.submit(intent)
+                if not self._done_already(intent, engine):
+                    self._enqueue(lane_of(intent), engine, intent)
+            elif isinstance(intent, FollowUps):
+                self._enqueue(intent.deployment, engine, intent)
 
     def drain(self) -> int:
-        """Report the results that came back; returns how many."""
+        """Report the results that came back, in the order they came; returns how many."""
         n = 0
         while True:
-            with self._lock:
+            with self._wake:
                 if not self._results:
                     return n
-                call, result = self._results.popleft()
+                engine, call, result = self._results.popleft()
             self.delivery.finished(call, result, replayed=False)
-            self.engine.apply_result(call, result)
+            engine.apply_result(call, result)
             n += 1
 
-    def in_flight(self) -> list[Intent]:
-        """Everything not finished yet, in lane order (for a checkpoint), including calls whose
-        result has come back but was not reported yet."""
-        with self._lock:
-            out: list[Intent] = [call for call, _ in self._results]
+    def in_flight(self, engine: Engine | None = None) -> list[Intent]:
+        """What is not finished yet (of ``engine``, or all), for a checkpoint: calls waiting or
+        running, places, and calls that answered but were not drained yet."""
+        with self._wake:
+            out = [c for e, c, _ in self._results if engine is None or e is engine]
             for name in sorted(self._lanes):
-                out.extend(self._lanes[name].items)
+                out.extend(i for e, i in self._lanes[name].items if engine is None or e is engine)
+            out.extend(self._running_calls(engine))
             return out
 
     def waiting(self) -> int:
-        with self._lock:
+        """Calls queued or running, and results not drained yet."""
+        with self._wake:
             return sum(lane.calls for lane in self._lanes.values()) + len(self._results)
 
     def close(self, timeout: float) -> bool:
-        """Stop the workers; wait up to ``timeout`` seconds for the lanes to empty. True when
-        nothing was left (what is left is in the last checkpoint and runs after a restart)."""
+        """Let the lanes empty for up to ``timeout`` seconds, reporting results, then stop the
+        workers. True when nothing was left; what is left is in the last checkpoint and runs
+        after a restart."""
         deadline = time.monotonic() + max(0.0, timeout)  # waiting only: no decision reads it
-        while time.monotonic() < deadline:
+        while self.waiting() and time.monotonic() < deadline:
             self.drain()
-            with self._lock:
-                busy = any(lane.items or lane.running for lane in self._lanes.values())
-            if not busy:
-                break
-            time.sleep(0.05)
+            time.sleep(0.02)
         self.drain()
         with self._wake:
             self._closed = True
             self._wake.notify_all()
-            return not any(lane.items or lane.running for lane in self._lanes.values())
+            return not any(lane.calls for lane in self._lanes.values())
 
     # Internals ----------------------------------------------------------------------------
-    def _waiting(self, lane: str) -> int:
-        with self._lock:
-            entry = self._lanes.get(lane)
-            return entry.calls if entry is not None else 0
+    def _done_already(self, call: Call, engine: Engine) -> bool:
+        done = self.delivery.outbox(call)
+        if done is None:
+            return False
+        self.delivery.finished(call, done, replayed=True)
+        engine.apply_result(call, done)
+        return True
 
-    def _enqueue(self, name: str, intent: Intent) -> None:
+    def _start(self, call: Call, engine: Engine) -> None:
+        lane = lane_of(call)
+        with self._wake:
+            entry = self._lanes.get(lane)
+            waiting = entry.calls if entry is not None else 0
+        if isinstance(call, Notify) and waiting >= self.lane_limit:
+            self._drop(call, engine, lane)
+            return
+        self.delivery.started(call)
+        self._enqueue(lane, engine, call)
+
+    def _drop(self, call: Notify, engine: Engine, lane: str) -> None:
+        """A notice that found its lane full: recorded as failed, and the overflow reported
+        once until the lane has drained."""
+        self.dropped += 1
+        result = ActionResult("failed", f"effect queue full: {self.lane_limit} calls waiting for {lane}",
+                              attempts=0)
+        self.delivery.finished(call, result, replayed=False)
+        engine.apply_result(call, result)
+        log.error("effects.queue_full", deployment=lane, limit=self.lane_limit, notice=call.key)
+        if lane not in self._full:
+            self._full.add(lane)
+            if self.on_full is not None:
+                self.on_full(lane, self.lane_limit)
+
+    def _enqueue(self, name: str, engine: Engine, intent: Intent) -> None:
         with self._wake:
             lane = self._lanes.setdefault(name, _Lane())
-            lane.items.append(intent)
+            lane.items.append((engine, intent))
             if not isinstance(intent, FollowUps):
                 lane.calls += 1
-            if not lane.running and name not in self._ready:
-                self._ready.append(name)
-                self._wake.notify()
+            self._schedule(name, lane)
 
-    def _fill(self, fill: Fill) -> None:
+    def _schedule(self, name: str, lane: _Lane) -> None:
+        """Hand the lane to a worker if it can move (lock held)."""
+        if lane.running or not lane.items or isinstance(lane.items[0][1], FollowUps):
+            return
+        if name not in self._ready:
+            self._ready.append(name)
+            self._wake.notify()
+
+    def _fill(self, fill: Fill, engine: Engine) -> None:
+        for notice in fill.notices:
+            self.delivery.started(notice)
         with self._wake:
             lane = self._lanes.get(fill.deployment)
             if lane is None:
                 return
-            for i, item in enumerate(lane.items):
+            for i, (_, item) in enumerate(lane.items):
                 if isinstance(item, FollowUps) and item.key == fill.key:
                     del lane.items[i]
                     for j, notice in enumerate(fill.notices):
-                        lane.items.insert(i + j, notice)
+                        lane.items.insert(i + j, (engine, notice))
                     lane.calls += len(fill.notices)
                     break
-            for notice in fill.notices:
-                self.delivery.started(notice)
-            if not lane.running and lane.items and fill.deployment not in self._ready:
-                self._ready.append(fill.deployment)
-                self._wake.notify()
+            self._schedule(fill.deployment, lane)
+
+    def _running_calls(self, engine: Engine | None) -> list[Intent]:
+        return [c for e, c in self._running.values() if engine is None or e is engine]
 
     def _work(self) -> None:
+        me = threading.get_ident()
         while True:
             with self._wake:
                 while not self._ready and not self._closed:
@@ -259,18 +279,34 @@ class LaneExecutor:
                     return
                 name = self._ready.popleft()
                 lane = self._lanes[name]
-                if lane.running or not lane.items or isinstance(lane.items[0], FollowUps):
-                    continue  # parked at a place not filled yet: _fill wakes it
-                call = lane.items.popleft()
+                if lane.running or not lane.items or isinstance(lane.items[0][1], FollowUps):
+                    continue  # parked at a place not filled yet: _fill schedules it again
+                engine, call = lane.items.popleft()
                 lane.running = True
+                self._running[me] = (engine, call)
             assert isinstance(call, (Notify, Rollback, Pause))
             result = self.delivery.call(self.delivery.prepare(call))
             self.delivery.remember(call, result)  # the lane's next notice replies in its thread
             with self._wake:
+                del self._running[me]
                 lane.running = False
                 lane.calls -= 1
-                self._results.append((call, result))
+                if lane.calls < self.lane_limit // 2:
+                    self._full.discard(name)
+                self._results.append((engine, call, result))
                 self.completed += 1
-                if lane.items and not isinstance(lane.items[0], FollowUps):
-                    self._ready.append(name)
-                    self._wake.notify()
+                self._schedule(name, lane)
+
+
+class BoundExecutor:
+    """A :class:`LaneExecutor` as one engine's executor."""
+
+    def __init__(self, pool: LaneExecutor, engine: Engine) -> None:
+        self.pool = pool
+        self.engine = engine
+
+    def submit(self, intent: Intent) -> None:
+        self.pool.submit(intent, self.engine)
+
+    def in_flight(self) -> list[Intent]:
+        return self.pool.in_flight(self.engine)

@@ -27,7 +27,7 @@ import structlog
 from rollbackd import __version__
 from rollbackd.actions.base import ActionResult, Notifier, RollbackBackend
 from rollbackd.actions.delivery import Delivery, Recorder
-from rollbackd.actions.intents import Call
+from rollbackd.actions.intents import Call, Intent
 from rollbackd.actions.policy import SafetyState
 from rollbackd.daemon.decisions import DecisionSink, NullDecisions
 from rollbackd.daemon.executor import Executor, SyncExecutor
@@ -484,6 +484,7 @@ class Pipeline:
         self.responder = Responder(self)
         # Synchronous until a driver installs another (the live daemon's LaneExecutor).
         self.executor: Executor = SyncExecutor(Delivery(self.edges), self)
+        self.restored_effects: list[Intent] = []  # in flight at the checkpoint restored
 
     def _effects(self, effects: Iterable[Any]) -> None:
         self.responder.effects(effects)
@@ -536,6 +537,9 @@ class Pipeline:
             "safety": self.safety,
             "awaiting": self.awaiting,
             "incidents": (self.book.open, self.book.closed[-1000:]),
+            # calls not finished yet, and the places their notices wait at: run after a restart
+            "effects": self.executor.in_flight(),
+            "parked": self.responder.parked,
         }
         return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -578,6 +582,8 @@ class Pipeline:
         self.book.open, self.book.closed = state["incidents"]
         for inc in [*self.book.open.values(), *self.book.closed]:
             _fill_defaults(inc)  # written before a field existed: it gets the default
+        self.restored_effects = list(state.get("effects", ()))
+        self.responder.parked = dict(state.get("parked", {}))
         self._slots = {}
         return warnings
 

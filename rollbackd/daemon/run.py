@@ -37,8 +37,12 @@ from typing import Any, Callable
 import structlog
 
 from rollbackd.actions.base import ActionResult, Notice, Notifier
+from rollbackd.actions.delivery import Delivery
+from rollbackd.actions.intents import Call, Notify
 from rollbackd.daemon.clock import Clock, WallClock
+from rollbackd.daemon.executor import DEFAULT_LANE_LIMIT, LaneExecutor
 from rollbackd.daemon.pipeline import Pipeline
+from rollbackd.daemon.replay import push_human_input
 from rollbackd.daemon.sources import EventSource
 from rollbackd.errors import Fatal, Recoverable
 
@@ -60,6 +64,12 @@ class RunSettings:
     # task's event time follow the most advanced task's: a short wait, so that a partition
     # merely read faster than it is written is not taken for a silent one.
     partition_idle_after: float = 2.0
+    # Calls (notices) waiting per deployment before a further notice is dropped and said to be.
+    effect_lane_limit: int = DEFAULT_LANE_LIMIT
+    # Wall seconds at shutdown for the calls in flight; the rest stay in the checkpoint.
+    effects_stop_timeout: float = 10.0
+    # Wall seconds between reads of the silences and approvals recorded in the ledger.
+    human_input_every: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("checkpoint_every", "idle_after", "blind_after", "backoff_max", "partition_idle_after"):
@@ -266,6 +276,11 @@ class Daemon:
         self.checkpoint_seconds: float | None = None  # the last checkpoint's, and its snapshots' size
         self.checkpoint_bytes: int | None = None
         self.view = PipelinesView(self)
+        # Effects run off this thread, one lane per deployment; results come back in step().
+        self.effects = LaneExecutor(Delivery(pipeline.edges), lane_limit=settings.effect_lane_limit,
+                                    on_full=self._effects_full)
+        pipeline.executor = self.effects.bind(pipeline)
+        self._human_input_at = -math.inf
         if state is not None:
             for hook, fn in (("on_assign", self._assigned), ("on_revoke", self._revoked),
                              ("on_lost", self._lost)):
@@ -281,6 +296,8 @@ class Daemon:
         task = self.tasks.get(key)
         if task is None:
             pipeline, self._unused = (self._unused, None) if self._unused is not None else (self.make_pipeline(), None)
+            pipeline.executor = self.effects.bind(pipeline)
+            push_human_input(pipeline)
             task = self.tasks[key] = Task(key, pipeline)
         return task
 
@@ -303,8 +320,10 @@ class Daemon:
             self.ready.set()
             return False
         for key, blob in sorted(cp.pipelines.items()):
-            for warning in self.task(key).pipeline.restore(blob):
+            pipeline = self.task(key).pipeline
+            for warning in pipeline.restore(blob):
                 log.warning("checkpoint.rule_changed", task=key, detail=warning)
+            self.effects.resubmit(pipeline.restored_effects, pipeline)
         if self.decisions is not None and hasattr(self.decisions, "truncate"):
             self.decisions.truncate(cp.decisions_offset)
         if self.ledger is not None:
@@ -323,6 +342,7 @@ class Daemon:
         if self._position is None:
             return
         started = self.clock.now()
+        self.effects.drain()  # what came back is recorded; what is still out is in the snapshot
         flush = getattr(self.prototype.edges.dead_letters, "flush", None)
         if flush is not None:
             flush()
@@ -360,6 +380,7 @@ class Daemon:
                 continue
             for warning in task.pipeline.restore(saved["pipeline"]):
                 log.warning("checkpoint.rule_changed", task=key, detail=warning)
+            self.effects.resubmit(task.pipeline.restored_effects, task.pipeline)
             self.state.adopt(key, saved)
             if saved["position"]:
                 self.source.seek(saved["position"])  # type: ignore[attr-defined]
@@ -440,6 +461,9 @@ class Daemon:
                 if batch is None:  # a finite source is exhausted
                     break
                 self.step(batch)
+            if not self.effects.close(self.settings.effects_stop_timeout):
+                log.warning("effects.unfinished", calls=self.effects.waiting(),
+                            detail="kept in the checkpoint: they run after the restart")
             try:
                 self.checkpoint()
             except Recoverable as exc:
@@ -452,6 +476,11 @@ class Daemon:
     def step(self, batch: Any) -> None:
         """One batch (possibly empty): ingest, advance event time, checkpoint when due."""
         now = self.clock.now()
+        self.effects.drain()
+        if now - self._human_input_at >= self.settings.human_input_every:
+            self._human_input_at = now
+            for task in self.tasks.values():
+                push_human_input(task.pipeline)
         parts = batch.parts if batch.parts is not None else ({0: batch.events} if batch.events else {})
         if batch.rejects:
             by_task: dict[int, list[Any]] = {}
@@ -518,6 +547,23 @@ class Daemon:
         if idle >= self.settings.idle_after:
             wm = max(wm, task.event_time_at_last_event + idle - task.pipeline.lateness)
         return wm
+
+    # Effects -----------------------------------------------------------------------------
+    def apply_result(self, call: Call, result: ActionResult) -> None:
+        """The daemon's own notices (blind, effect queue full) decide nothing further."""
+
+    def _effects_full(self, deployment: str, limit: int) -> None:
+        text = (f"{limit} notices are waiting for {deployment}'s notifier: further notices for it "
+                "are dropped (recorded as failed in the ledger) until it catches up")
+        title = f"[EFFECTS] {self.name}: notice queue full for {deployment}"
+        notice = Notice(incident_id=f"effects-{self.name}-{deployment}", kind="opened",
+                        ts=self.clock.now(), deployment="*", variant="*", version=None,
+                        title=title, text=f"{title}: {text}")
+        key = f"{notice.incident_id}:notice:{notice.ts:.3f}"
+        rec = {"ts": notice.ts, "kind": "action", "action": "notify", "notice": "opened",
+               "incident_id": notice.incident_id, "deployment": "*", "variant": "*",
+               "status": "started", "idempotency_key": key}
+        self.effects.submit(Notify(key, notice, rec, "effect queue full", decision=False), self)
 
     # Monitoring the monitor ----------------------------------------------------------
     def _source_failing(self, detail: str) -> None:

@@ -1,0 +1,214 @@
+"""The executors: a lane per deployment, order kept inside a lane, a slow edge holding up only its
+own lane, bounded lanes, and in-flight calls that run once by key after a restart.
+
+The edges are real: a webhook backend and the Slack notifier against HTTP servers on loopback.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from loopback import LoopbackServer, Reply, SlackAPI
+
+from rollbackd.actions.base import ActionResult, Notice, RollbackPlan
+from rollbackd.actions.delivery import Delivery
+from rollbackd.actions.intents import Call, Fill, FollowUps, Notify, Record, Rollback
+from rollbackd.actions.slack import SlackNotifier
+from rollbackd.actions.webhook import WebhookBackend
+from rollbackd.actions.retry import RetryPolicy
+from rollbackd.daemon.decisions import MemoryDecisions
+from rollbackd.daemon.executor import LaneExecutor, SyncExecutor
+from rollbackd.daemon.ledger import Ledger
+from rollbackd.daemon.pipeline import Edges
+
+
+class Engine:
+    """Records what comes back; optionally decides follow-ups like the responder does."""
+
+    def __init__(self) -> None:
+        self.results: list[tuple[str, str, float]] = []
+        self.executor: Any = None
+        self.follow: dict[str, tuple[Notify, ...]] = {}
+
+    def apply_result(self, call: Call, result: ActionResult) -> None:
+        self.results.append((call.key, result.status, time.monotonic()))
+        if call.key in self.follow:
+            self.executor.submit(Fill(call.key, call.rec["deployment"], self.follow.pop(call.key)))
+
+
+def notice(deployment: str, n: int, incident: str = "inc-1") -> Notify:
+    note = Notice(incident_id=incident, kind="updated", ts=1.0e9 + n, deployment=deployment,
+                  variant="primary", version="2", title=f"t{n}", text=f"notice {n}")
+    rec = {"ts": note.ts, "kind": "action", "action": "notify", "incident_id": incident,
+           "deployment": deployment, "variant": "primary", "status": "started",
+           "idempotency_key": f"{incident}:notice:{n}"}
+    return Notify(f"{incident}:notice:{n}", note, rec, f"reason {n}")
+
+
+def rollback(deployment: str, incident: str = "inc-1") -> Rollback:
+    plan = RollbackPlan(deployment, "primary", "2", "1", incident, "rule r")
+    rec = {"ts": 1.0e9, "kind": "action", "action": "rollback", "incident_id": incident,
+           "deployment": deployment, "variant": "primary", "idempotency_key": plan.idempotency_key}
+    return Rollback(plan.idempotency_key, plan, rec)
+
+
+def wait_for(predicate, timeout: float = 10.0, pool: LaneExecutor | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pool is not None:
+            pool.drain()
+        if predicate():
+            return
+        time.sleep(0.01)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.fixture
+def servers():
+    slack = LoopbackServer(SlackAPI("xoxb-t"))
+    hooks = LoopbackServer()
+    with slack, hooks:
+        yield slack, hooks
+
+
+def make_edges(slack: LoopbackServer, hooks: LoopbackServer, ledger: Any = None, **backend: Any) -> Edges:
+    backends = {
+        name: WebhookBackend(f"{hooks.url}/{name}", timeout=backend.get("timeout", 5.0),
+                             policy=RetryPolicy(max_attempts=1))
+        for name in ("slow", "fast")
+    }
+    edges = Edges(notifier=SlackNotifier("xoxb-t", "#oncall", base_url=slack.url + "/api/"),
+                  backend_for=backends.__getitem__, decisions=MemoryDecisions())
+    if ledger is not None:
+        edges.recorder = ledger
+    return edges
+
+
+def test_a_slow_lane_holds_up_only_its_own_deployment(servers):
+    """The slow deployment's webhook holds its request until released: the fast deployment's
+    rollback is answered and reported meanwhile."""
+    slack, hooks = servers
+    release = threading.Event()
+    hooks.responder = lambda req: (release.wait(20) if req.path == "/slow" else None, Reply(200))[1]  # type: ignore[attr-defined]
+    engine = Engine()
+    pool = LaneExecutor(Delivery(make_edges(slack, hooks, timeout=30.0)), workers=4)
+    engine.executor = pool.bind(engine)
+    try:
+        engine.executor.submit(rollback("slow", "inc-s"))
+        engine.executor.submit(rollback("fast", "inc-f"))
+        wait_for(lambda: any(k.startswith("inc-f") for k, _, _ in engine.results), pool=pool)
+        assert [k.split(":")[0] for k, _, _ in engine.results] == ["inc-f"]
+        assert [type(i).__name__ for i in pool.in_flight()] == ["Rollback"]  # the slow one, running
+        release.set()
+        wait_for(lambda: len(engine.results) == 2, pool=pool)
+        assert [s for _, s, _ in engine.results] == ["succeeded", "succeeded"]
+    finally:
+        release.set()
+        assert pool.close(5.0)
+
+
+def test_a_lane_keeps_its_order_and_follow_ups_take_their_place(servers):
+    """Rollback, then the incident's notice, then the rollback's own notices, whatever the
+    timing: the engine fills the place after the result comes back on the processing thread."""
+    slack, hooks = servers
+    hooks.responder = lambda req: Reply(200, delay=0.3)  # type: ignore[attr-defined]
+    engine = Engine()
+    pool = LaneExecutor(Delivery(make_edges(slack, hooks)))
+    engine.executor = pool.bind(engine)
+    rb = rollback("fast")
+    engine.follow[rb.key] = (notice("fast", 2), notice("fast", 3))
+    try:
+        engine.executor.submit(rb)
+        engine.executor.submit(notice("fast", 1))
+        engine.executor.submit(FollowUps(rb.key, "fast"))
+        engine.executor.submit(notice("fast", 4))
+        wait_for(lambda: len(engine.results) == 5, pool=pool)
+    finally:
+        pool.close(5.0)
+    posts = [fields(r) for r in slack.requests if r.path.endswith("/chat.postMessage")]
+    assert [p["text"] for p in posts] == ["notice 1", "notice 2", "notice 3", "notice 4"]
+    assert [k for k, _, _ in engine.results] == [rb.key] + [f"inc-1:notice:{n}" for n in (1, 2, 3, 4)]
+    # the first notice opens the thread, the others reply in it
+    assert "thread_ts" not in posts[0] and {p.get("thread_ts") for p in posts[1:]} == {"1700000000.000001"}
+    assert hooks.requests[0].path == "/fast"
+
+
+def fields(request: Any) -> dict[str, Any]:
+    try:
+        return dict(request.json())
+    except ValueError:
+        return request.form()
+
+
+def test_a_full_lane_drops_notices_with_a_record_and_says_so_once(servers, tmp_path):
+    slack, hooks = servers
+    gate = threading.Event()
+    slack.responder = lambda req: (gate.wait(10), SlackAPI("xoxb-t")(req))[1]  # type: ignore[attr-defined]
+    full: list[tuple[str, int]] = []
+    ledger = Ledger(tmp_path / "l.db", run_id="r")
+    edges = make_edges(slack, hooks, ledger)
+    engine = Engine()
+    pool = LaneExecutor(Delivery(edges), lane_limit=3, on_full=lambda lane, n: full.append((lane, n)))
+    engine.executor = pool.bind(engine)
+    try:
+        for n in range(8):
+            engine.executor.submit(notice("fast", n))
+        assert full == [("fast", 3)]
+        dropped = [k for k, s, _ in engine.results if s == "failed"]
+        assert len(dropped) == 5 and pool.dropped == 5
+        rollback_call = rollback("fast")
+        engine.executor.submit(rollback_call)  # never dropped, even on a full lane
+        gate.set()
+        wait_for(lambda: len(engine.results) == 9, pool=pool)
+    finally:
+        pool.close(5.0)
+        ledger.close()
+    finished = [r for r in edges.decisions.records if r["status"] == "failed"]
+    assert len(finished) == 5 and all("effect queue full" in r["detail"] for r in finished)
+    assert (rollback_call.key, "succeeded") in [(k, s) for k, s, _ in engine.results]
+
+
+def test_in_flight_calls_run_once_by_key_after_a_restart(servers, tmp_path):
+    """A checkpoint carries what was in flight; a resubmitted call that the outbox knows as
+    finished does not run again, one that never finished runs once."""
+    slack, hooks = servers
+    ledger = Ledger(tmp_path / "l.db", run_id="r")
+    engine = Engine()
+    pool = LaneExecutor(Delivery(make_edges(slack, hooks, ledger)))
+    engine.executor = pool.bind(engine)
+    done, waiting = rollback("fast", "inc-a"), rollback("slow", "inc-b")
+    engine.executor.submit(done)
+    wait_for(lambda: len(engine.results) == 1, pool=pool)
+    pool.close(5.0)
+    assert len(hooks.requests) == 1
+    # after a crash: both were in the checkpoint's in-flight list
+    engine2 = Engine()
+    pool2 = LaneExecutor(Delivery(make_edges(slack, hooks, ledger)))
+    pool2.resubmit([done, waiting], engine2)
+    wait_for(lambda: len(engine2.results) == 2, pool=pool2)
+    pool2.close(5.0)
+    ledger.close()
+    assert sorted(r.path for r in hooks.requests) == ["/fast", "/slow"]  # each once
+    assert sorted(s for _, s, _ in engine2.results) == ["succeeded", "succeeded"]
+
+
+def test_the_sync_executor_reports_before_it_returns_and_queues_follow_ups_behind(servers):
+    slack, hooks = servers
+    edges = make_edges(slack, hooks)
+    order: list[str] = []
+
+    class Follower(Engine):
+        def apply_result(self, call: Call, result: ActionResult) -> None:
+            order.append(call.key)
+            if call.key == "inc-1:notice:1":
+                self.executor.submit(notice("fast", 3))  # decided on the result: goes behind 2
+
+    engine = Follower()
+    engine.executor = SyncExecutor(Delivery(edges), engine)
+    engine.executor.submit(Record({"ts": 1.0, "kind": "alert", "deployment": "fast"}, "alert"))
+    engine.executor.submit(notice("fast", 1))
+    assert order == ["inc-1:notice:1", "inc-1:notice:3"]
+    assert [r["kind"] for r in edges.decisions.records] == ["alert", "action", "action"]
