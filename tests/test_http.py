@@ -228,7 +228,8 @@ def _exported_names(replayed) -> set[str]:
     names = {s.name for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
     # Only present with a daemon (readiness, blindness, lag, checkpoints):
     return names | {"rollbackd_ready", "rollbackd_blind", "rollbackd_consumer_lag", "rollbackd_checkpoint_age_seconds",
-                    "rollbackd_source_failing_seconds", "rollbackd_daemon_events_total", "up"}
+                    "rollbackd_source_failing_seconds", "rollbackd_daemon_events_total",
+                    "rollbackd_heartbeat_age_seconds", "up"}
 
 
 def _metric_names(expr: str) -> set[str]:
@@ -239,7 +240,7 @@ def test_the_alert_rules_parse_and_use_served_metrics(replayed):
     doc = yaml.safe_load((ROOT / "ops" / "prometheus-alerts.yaml").read_text())
     rules = [r for g in doc["groups"] for r in g["rules"]]
     names = {r["alert"] for r in rules}
-    assert {"RollbackdDown", "RollbackdBlind", "RollbackdConsumerLag"} <= names
+    assert {"RollbackdDown", "RollbackdAbsent", "RollbackdBlind", "RollbackdConsumerLag"} <= names
     served = _exported_names(replayed)
     for r in rules:
         assert set(r) <= {"alert", "expr", "for", "labels", "annotations", "keep_firing_for"}, r
