@@ -9,6 +9,10 @@ outcome; :func:`instrument` times each batch; a ``report.MeasurementTap`` (when 
 pipeline calls it) gives every measurement, else the measurements of alert transitions are
 shown.
 
+Clients are bounded (a socket timeout, a deadline per connection, a cap on connections at once,
+request bodies checked before they are read) and never see an exception: a handler error is a
+fixed 500 and a log line. ``/healthz`` follows the loop's heartbeat, so a hung loop is not alive.
+
 Reads from the HTTP thread take copies in single C-level calls (``dict(d)``, ``list(d)``), which
 the GIL makes atomic; the one Python-level walk (incident records) retries if the loop
 changed it meanwhile.
