@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -82,23 +83,76 @@ def _open_ledger(db: str, run_id: str = "run") -> Any:
         raise Refused(f"{db}: cannot open the ledger ({exc})") from None
 
 
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler on ``sys.stderr`` as it is when a record comes (click's test runner swaps it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _configure_logging(level: str, json_logs: bool) -> None:
-    renderer: Any = (
-        structlog.processors.JSONRenderer(sort_keys=True)
+    """structlog to stderr, and stdlib logging (librdkafka's lines through the Kafka clients'
+    ``logger``, APScheduler, warnings) bridged into the same processors and renderer, so that
+    with ``json_logs`` every line on stderr is one JSON object with ``logged_at``, ``level``
+    and ``event``."""
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="logged_at"),
+    ]
+    rendering: list[Any] = (
+        [structlog.processors.format_exc_info, structlog.processors.JSONRenderer(sort_keys=True)]
         if json_logs
-        else structlog.dev.ConsoleRenderer(colors=False)
+        else [structlog.dev.ConsoleRenderer(colors=False)]
     )
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True, key="logged_at"),
-            renderer,
-        ],
+        processors=[*shared, *rendering],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    handler = _Stderr()
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *rendering],
+    ))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _Stderr)]:  # configured again (tests)
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper()))
+    logging.captureWarnings(True)
+    if json_logs:  # an uncaught exception is a JSON line too, not a bare traceback
+        crash = structlog.get_logger("rollbackd")
+
+        def on_uncaught(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+            crash.critical("uncaught_exception", exc_info=(kind, exc, tb))
+
+        def on_thread(args: Any) -> None:
+            if args.exc_type is not SystemExit:
+                crash.critical("thread.uncaught_exception", thread=getattr(args.thread, "name", None),
+                               exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+        sys.excepthook = on_uncaught
+        threading.excepthook = on_thread
+
+
+def _say(event: str, text: str, *, error: bool = False, **fields: Any) -> None:
+    """A line ``run`` always writes on stderr, whatever ``--log-level`` (where it listens, what
+    it consumes, why it stopped): ``text`` as is, or with ``--log-json`` a JSON log line
+    ``event`` with ``fields``."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or not ctx.find_root().params.get("log_json"):
+        click.echo(text, err=True)
+        return
+    line = structlog.wrap_logger(structlog.PrintLogger(sys.stderr), wrapper_class=structlog.BoundLogger,
+                                 processors=structlog.get_config()["processors"])
+    (line.error if error else line.info)(event, **fields)
 
 
 _GLOBAL_OPTIONS = ("--log-level", "--log-json", "--no-log-json")
@@ -604,12 +658,13 @@ def _group_state(servers: str, group_id: str, state_topic: str, decisions_topic:
     input partition, so each task writes its own)."""
     from confluent_kafka.admin import AdminClient
 
+    from rollbackd.daemon.kafka import librdkafka_log
     from rollbackd.daemon.scaleout import GroupState, ensure_topics
     from rollbackd.errors import Recoverable
 
     admin_conf = {k: v for k, v in kconf.items() if not k.startswith(("group.", "partition.assignment"))}
     try:
-        admin = AdminClient({**admin_conf, "bootstrap.servers": servers})
+        admin = AdminClient({**admin_conf, "bootstrap.servers": servers, "logger": librdkafka_log})
         meta = admin.list_topics(timeout=10).topics
         partitions = max((len(meta[t].partitions) for t in inputs if t in meta), default=1)
         ensure_topics(admin, state_topic, decisions_topic, partitions)
@@ -623,12 +678,15 @@ def _group_state(servers: str, group_id: str, state_topic: str, decisions_topic:
         if missing:
             raise RuntimeError(f"{', '.join(missing)} not in the cluster's metadata 15 s after creation")
     except (Recoverable, Exception) as exc:  # noqa: BLE001 - a start-up error, said clearly
-        click.echo(f"rollbackd: cannot prepare {state_topic} / {decisions_topic}: {exc}", err=True)
+        _say("state_topics.unavailable", f"rollbackd: cannot prepare {state_topic} / {decisions_topic}: {exc}",
+             error=True, state_topic=state_topic, decisions_topic=decisions_topic, detail=str(exc))
         sys.exit(EXIT_CONFIG)
     for name in (state_topic, decisions_topic):
         if len(have[name].partitions) < partitions:
-            click.echo(f"rollbackd: {name} has {len(have[name].partitions)} partition(s); the inputs have "
-                       f"{partitions}: give it at least as many (one per task)", err=True)
+            _say("state_topics.too_few_partitions",
+                 f"rollbackd: {name} has {len(have[name].partitions)} partition(s); the inputs have "
+                 f"{partitions}: give it at least as many (one per task)",
+                 error=True, topic=name, partitions=len(have[name].partitions), needed=partitions)
             sys.exit(EXIT_CONFIG)
     return GroupState(servers, group_id, state_topic, decisions_topic, config=admin_conf)
 
@@ -645,7 +703,8 @@ def _start_digest(config: Any, notifier: Any, db: str, run_id: str) -> Any:
     digest = DigestScheduler(spec, notifier, lambda start, end: digest_rows(db, run_id, start, end),
                              WallClock().now)
     digest.start()
-    click.echo(f"rollbackd: incident digest at '{spec.cron}' ({spec.timezone})", err=True)
+    _say("digest.scheduled", f"rollbackd: incident digest at '{spec.cron}' ({spec.timezone})",
+         cron=spec.cron, timezone=spec.timezone)
     return digest
 
 
@@ -780,13 +839,15 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--http") from None
         except OSError as exc:
-            click.echo(f"--http {http_listen}: {exc.strerror or exc}", err=True)
+            _say("http.cannot_listen", f"--http {http_listen}: {exc.strerror or exc}", error=True,
+                 listen=http_listen, detail=str(exc.strerror or exc))
             sys.exit(EXIT_CONFIG)
-        click.echo(f"rollbackd: /metrics /healthz /readyz /incidents on {ops.url}", err=True)
+        _say("http.serving", f"rollbackd: /metrics /healthz /readyz /incidents on {ops.url}", url=ops.url)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     digest = _start_digest(config, notifier, db, ledger.run_id)
-    click.echo(f"rollbackd: consuming {', '.join(topic_list)} from {servers} as group {group_id}", err=True)
+    _say("daemon.consuming", f"rollbackd: consuming {', '.join(topic_list)} from {servers} as group {group_id}",
+         topics=topic_list, bootstrap_servers=servers, group=group_id)
     failure = None
     try:
         daemon.run()
@@ -805,7 +866,7 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
         ledger.finish_run(daemon.pipeline.summary())
         ledger.close()
     if failure is not None:
-        click.echo(f"rollbackd: stopped: {failure}", err=True)
+        _say("daemon.failed", f"rollbackd: stopped: {failure}", error=True, detail=failure)
         sys.exit(1)
 
 

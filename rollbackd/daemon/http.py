@@ -9,6 +9,10 @@ outcome; :func:`instrument` times each batch; a ``report.MeasurementTap`` (when 
 pipeline calls it) gives every measurement, else the measurements of alert transitions are
 shown.
 
+Clients are bounded (a socket timeout, a deadline per connection, a cap on connections at once,
+request bodies checked before they are read) and never see an exception: a handler error is a
+fixed 500 and a log line. ``/healthz`` follows the loop's heartbeat, so a hung loop is not alive.
+
 Reads from the HTTP thread take copies in single C-level calls (``dict(d)``, ``list(d)``), which
 the GIL makes atomic; the one Python-level walk (incident records) retries if the loop
 changed it meanwhile.
@@ -20,25 +24,32 @@ import hashlib
 import hmac
 import json
 import math
+import re
+import socket
 import threading
 import time
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, get_args
 from urllib.parse import parse_qs, urlsplit
 
+import structlog
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from rollbackd import __version__
+from rollbackd.actions.base import Status
 from rollbackd.daemon.clock import Clock, WallClock
 
 __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_PORT",
     "DecisionMeter",
+    "INTERNAL_ERROR",
     "SlackInteractions",
+    "expected_actions",
     "gate_verdict",
     "MetricsCollector",
     "OpsServer",
@@ -47,9 +58,12 @@ __all__ = [
     "serve_daemon",
 ]
 
+log = structlog.get_logger("rollbackd.http")
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9464
 ALERT_STATES = ("inactive", "pending", "firing")
+MAX_BODY = 1 << 20  # the largest request body read (Slack's interaction payloads are a few KiB)
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -108,6 +122,18 @@ class DecisionMeter:
         if name == "inner":  # not set yet (a copy being built): no recursion
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+
+def expected_actions(config: Any, notifier: str) -> list[tuple[str, str, str]]:
+    """The (action, backend, status) series of ``rollbackd_actions_total`` that exist from the
+    start, at 0: an alert on ``increase()`` of a failure needs the series before the failure.
+    Rollbacks and pauses go through the configured deployments' backends (and ``log``, the
+    backend of a deployment seen only in the stream); notices through ``notifier``."""
+    backends = sorted({"log"} | {d.backend.type for d in config.deployments.values()})
+    statuses = get_args(Status)
+    return ([(action, backend, status) for action in ("rollback", "pause") for backend in backends
+             for status in statuses]
+            + [("notify", notifier, status) for status in statuses])
 
 
 def _batch_histogram(registry: CollectorRegistry) -> Histogram:
@@ -171,6 +197,7 @@ class MetricsCollector:
         yield from self._incidents()
         yield from self._actions()
         yield from self._daemon()
+        yield from self._heartbeat()
         errors = CounterMetricFamily("rollbackd_scrape_errors", "Scrapes that could not read part of the state.")
         errors.add_metric([], self.scrape_errors)
         yield errors
@@ -256,7 +283,8 @@ class MetricsCollector:
         yield g
         if self.meter is not None:
             t = CounterMetricFamily("rollbackd_alert_transitions", "Alert transitions, by new state.", labels=["state"])
-            for state, n in sorted(dict(self.meter.transitions).items()):
+            transitions = {**dict.fromkeys(ALERT_STATES, 0), **dict(self.meter.transitions)}
+            for state, n in sorted(transitions.items()):
                 t.add_metric([state], n)
             yield t
 
@@ -321,9 +349,20 @@ class MetricsCollector:
             labels=["action", "backend", "status"],
         )
         if self.meter is not None:
-            for (action, backend, status), n in sorted(dict(self.meter.actions).items()):
+            counts = dict.fromkeys(expected_actions(self.pipeline.config, self.meter.notifier), 0)
+            counts.update(dict(self.meter.actions))
+            for (action, backend, status), n in sorted(counts.items()):
                 c.add_metric([action, backend, status], n)
         yield c
+
+    def _heartbeat(self) -> Iterator[Metric]:
+        beat = getattr(self.daemon, "last_beat", None)
+        if beat is None:
+            return
+        g = GaugeMetricFamily("rollbackd_heartbeat_age_seconds",
+                              "Wall seconds since the processing loop last went round (/healthz fails past a limit).")
+        g.add_metric([], max(0.0, self.clock.now() - beat))
+        yield g
 
     def _daemon(self) -> Iterator[Metric]:
         d = self.daemon
@@ -541,11 +580,98 @@ def _incident_records(pipeline: Any, only_open: bool) -> list[dict[str, Any]]:
     return []
 
 
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,15}")  # digits only: no sign, no exponent, no spaces
+_JSON = "application/json"
+_TEXT = "text/plain; charset=utf-8"
+# What a client sees when a handler fails: never the exception (it may carry paths, secrets or
+# payload pieces); the log line has it.
+INTERNAL_ERROR = b'{"error": "internal error"}\n'
+_BUSY = b'{"error": "too many connections"}\n'
+_BUSY_RESPONSE = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                  b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
+                  + str(len(_BUSY)).encode() + b"\r\n\r\n" + _BUSY)
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per connection (a scrape never waits behind another client), within bounds.
+
+    At most ``max_connections`` connections are served at once: one more is answered 503 from
+    the accept loop and closed, so a flood of idle sockets costs no threads. The handler's
+    socket timeout bounds each read and write; ``deadline`` bounds a connection's whole life,
+    so a client that trickles a byte per timeout cannot keep its thread either: the accept
+    loop shuts down connections past it.
+    """
+
+    daemon_threads = True
+    # socketserver's default backlog of 5 drops the SYN of a scrape arriving behind a burst of
+    # connections, and the client only retries a second later.
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], *,
+                 max_connections: int, deadline: float) -> None:
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+        if not deadline > 0:
+            raise ValueError(f"deadline must be > 0 seconds, got {deadline}")
+        self.deadline = deadline
+        self.refused = 0
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._open: dict[socket.socket, float] = {}  # connection -> when it must be gone (monotonic)
+        self._open_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            try:  # a fresh socket's send buffer takes these few bytes without blocking
+                request.setblocking(False)
+                request.send(_BUSY_RESPONSE)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        with self._open_lock:
+            # A duration, not a time of day: monotonic, and it never decides anything.
+            self._open[request] = time.monotonic() + self.deadline
+        try:
+            super().process_request(request, client_address)  # starts the connection's thread
+        except BaseException:
+            self._release(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release(request)
+
+    def _release(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.pop(request, None)
+        self._slots.release()
+
+    def service_actions(self) -> None:  # on the accept loop, every poll interval
+        now = time.monotonic()
+        with self._open_lock:
+            late = [s for s, until in self._open.items() if until <= now]
+        for s in late:
+            try:  # the handler's blocked read or write returns; its thread ends and releases the slot
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver would print a traceback on stderr (plain text among JSON logs)
+        log.error("http.connection_failed", exc_info=True)
+
+
 class OpsServer:
     """``/metrics``, ``/healthz``, ``/readyz``, ``/incidents`` on a thread of its own.
 
     ``alive()`` says whether the processing loop runs (``/healthz``); ``ready()`` whether the
-    daemon has restored its state and may be trusted (``/readyz``).
+    daemon has restored its state and may be trusted (``/readyz``). Clients are bounded:
+    ``timeout`` seconds per socket read or write, ``deadline`` seconds per connection, and
+    ``max_connections`` at once (see :class:`_BoundedServer`).
     """
 
     def __init__(
@@ -559,16 +685,22 @@ class OpsServer:
         ready: Callable[[], tuple[bool, str]] = lambda: (True, "ready"),
         slack: SlackInteractions | None = None,
         measurements: Callable[[], Mapping[tuple[str, str, str], tuple[float, Mapping[str, Any]]]] = dict,
+        timeout: float = 10.0,
+        deadline: float = 30.0,
+        max_connections: int = 100,
     ) -> None:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.slack = slack
         self.measurements = measurements
         self.registry = registry
         self.pipeline = pipeline
         self.alive = alive
         self.ready = ready
-        self.errors: list[BaseException] = []
-        self._server = ThreadingHTTPServer((host, port), self._handler())
-        self._server.daemon_threads = True
+        self.timeout = timeout
+        self.errors: list[BaseException] = []  # the first few handler errors, for tests to see
+        self._server = _BoundedServer((host, port), self._handler(), max_connections=max_connections,
+                                      deadline=deadline)
         self._thread: threading.Thread | None = None
 
     @property
@@ -580,6 +712,11 @@ class OpsServer:
     def url(self) -> str:
         host, port = self.address
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    @property
+    def refused(self) -> int:
+        """Connections answered 503 because ``max_connections`` were open."""
+        return self._server.refused
 
     def start(self) -> "OpsServer":
         self._thread = threading.Thread(
@@ -600,71 +737,122 @@ class OpsServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _failed(self, exc: BaseException) -> None:
+        if len(self.errors) < 100:
+            self.errors.append(exc)
+
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
             server_version = f"rollbackd/{__version__}"
+            timeout = owner.timeout  # StreamRequestHandler sets it on the connection's socket
+
+            def version_string(self) -> str:
+                return self.server_version  # not the Python version too
+
+            def handle(self) -> None:
+                try:
+                    super().handle()
+                except ConnectionError:  # the client went away: nobody to answer
+                    self.close_connection = True
 
             def do_GET(self) -> None:
-                url = urlsplit(self.path)
+                self._safely(self._get)
+
+            def do_POST(self) -> None:
+                self._safely(self._post)
+
+            def _safely(self, route: Callable[[], None]) -> None:
                 try:
-                    if url.path == "/metrics":
-                        self._send(200, generate_latest(owner.registry), CONTENT_TYPE_LATEST)
-                    elif url.path == "/healthz":
-                        ok, why = owner.alive()
-                        self._send(200 if ok else 503, (why + "\n").encode(), "text/plain; charset=utf-8")
-                    elif url.path == "/readyz":
-                        ok, why = owner.ready()
-                        self._send(200 if ok else 503, (why + "\n").encode(), "text/plain; charset=utf-8")
-                    elif url.path == "/incidents":
-                        only_open = parse_qs(url.query).get("open", ["0"])[-1] in ("1", "true", "yes")
-                        records = _incident_records(owner.pipeline, only_open)
-                        body = json.dumps({"incidents": records}, sort_keys=True, default=str).encode()
-                        self._send(200, body, "application/json")
-                    elif url.path.startswith("/v1/gate/"):
-                        parts = url.path[len("/v1/gate/"):].split("/")
-                        if len(parts) != 2 or not all(parts):
-                            self._send(404, b"use /v1/gate/DEPLOYMENT/VARIANT\n", "text/plain; charset=utf-8")
-                            return
-                        self._gate(parts)
-                    elif url.path == "/":
-                        self._send(200, b"rollbackd: /metrics /healthz /readyz /incidents\n", "text/plain; charset=utf-8")
-                    else:
-                        self._send(404, b"not found\n", "text/plain; charset=utf-8")
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-                except Exception as exc:  # a scrape must never take the daemon down
-                    owner.errors.append(exc)
-                    self._send(500, f"{type(exc).__name__}: {exc}\n".encode(), "text/plain; charset=utf-8")
+                    route()
+                except (TimeoutError, ConnectionError):  # slow or gone: drop the connection
+                    self.close_connection = True
+                except Exception as exc:  # a request must never take the daemon down, nor see its insides
+                    owner._failed(exc)
+                    log.error("http.request_failed", method=self.command, path=urlsplit(self.path).path,
+                              error=type(exc).__name__, exc_info=True)
+                    self.close_connection = True
+                    self._send(500, INTERNAL_ERROR, _JSON)
+
+            def _get(self) -> None:
+                url = urlsplit(self.path)
+                if url.path == "/metrics":
+                    self._send(200, generate_latest(owner.registry), CONTENT_TYPE_LATEST)
+                elif url.path == "/healthz":
+                    ok, why = owner.alive()
+                    self._send(200 if ok else 503, (why + "\n").encode(), _TEXT)
+                elif url.path == "/readyz":
+                    ok, why = owner.ready()
+                    self._send(200 if ok else 503, (why + "\n").encode(), _TEXT)
+                elif url.path == "/incidents":
+                    only_open = parse_qs(url.query).get("open", ["0"])[-1] in ("1", "true", "yes")
+                    records = _incident_records(owner.pipeline, only_open)
+                    body = json.dumps({"incidents": records}, sort_keys=True, default=str).encode()
+                    self._send(200, body, _JSON)
+                elif url.path.startswith("/v1/gate/"):
+                    parts = url.path[len("/v1/gate/"):].split("/")
+                    if len(parts) != 2 or not all(parts):
+                        self._send(404, b"use /v1/gate/DEPLOYMENT/VARIANT\n", _TEXT)
+                        return
+                    self._gate(parts)
+                elif url.path == "/":
+                    self._send(200, b"rollbackd: /metrics /healthz /readyz /incidents\n", _TEXT)
+                else:
+                    self._send(404, b"not found\n", _TEXT)
 
             def _gate(self, parts: list[str]) -> None:
                 result = gate_verdict(owner.pipeline, owner.measurements(), *parts)
                 body = json.dumps(result, sort_keys=True, default=str).encode()
-                self._send(GATE_STATUS[result["verdict"]], body, "application/json")
+                self._send(GATE_STATUS[result["verdict"]], body, _JSON)
 
-            def do_POST(self) -> None:
+            def _post(self) -> None:
                 url = urlsplit(self.path)
-                try:
-                    parts = url.path[len("/v1/gate/"):].split("/")
-                    if url.path.startswith("/v1/gate/") and len(parts) == 2 and all(parts):
-                        self._gate(parts)  # Flagger's webhooks POST; the body is not needed
-                        return
-                    if url.path != "/v1/slack/interactions" or owner.slack is None:
-                        self._send(404, b"not found\n", "text/plain; charset=utf-8")
-                        return
-                    length = int(self.headers.get("Content-Length") or 0)
-                    if length > 1 << 20:
-                        self._send(413, b"too large\n", "text/plain; charset=utf-8")
-                        return
-                    body = self.rfile.read(length)
-                    status, answer = owner.slack.handle(body, self.headers)
-                    self._send(status, json.dumps(answer, sort_keys=True).encode(), "application/json")
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-                except Exception as exc:  # a bad request must never take the daemon down
-                    owner.errors.append(exc)
-                    self._send(500, f"{type(exc).__name__}: {exc}\n".encode(), "text/plain; charset=utf-8")
+                parts = url.path[len("/v1/gate/"):].split("/")
+                gate = url.path.startswith("/v1/gate/") and len(parts) == 2 and all(parts)
+                slack = url.path == "/v1/slack/interactions" and owner.slack is not None
+                if not gate and not slack:
+                    self._send(404, b"not found\n", _TEXT)
+                    return
+                length = self._content_length(required=slack)
+                if length is None:
+                    return
+                if gate:
+                    self._gate(parts)  # Flagger's webhooks POST; the body is not needed
+                    return
+                assert owner.slack is not None
+                body = self.rfile.read(length)
+                if len(body) < length:  # the client closed before sending what it announced
+                    self.close_connection = True
+                    return
+                status, answer = owner.slack.handle(body, self.headers)
+                self._send(status, json.dumps(answer, sort_keys=True).encode(), _JSON)
+
+            def _content_length(self, *, required: bool) -> int | None:
+                """The body's announced length, or None once a refusal (400, 411, 413) is sent:
+                checked before a byte of the body is read."""
+                values = [v.strip() for v in self.headers.get_all("Content-Length") or []]
+                if self.headers.get("Transfer-Encoding") is not None:  # no chunked bodies here
+                    self._refuse(411 if not values else 400, "Transfer-Encoding is not supported; "
+                                 "send a Content-Length")
+                    return None
+                if not values:
+                    if required:
+                        self._refuse(411, "Content-Length required")
+                        return None
+                    return 0
+                if len(set(values)) != 1 or not _CONTENT_LENGTH.fullmatch(values[0]):
+                    self._refuse(400, "bad Content-Length")
+                    return None
+                length = int(values[0])
+                if length > MAX_BODY:
+                    self._refuse(413, f"body larger than {MAX_BODY} bytes")
+                    return None
+                return length
+
+            def _refuse(self, status: int, why: str) -> None:
+                self.close_connection = True  # the unread body must not be taken for a request
+                self._send(status, json.dumps({"error": why}).encode() + b"\n", _JSON)
 
             def _send(self, status: int, body: bytes, content_type: str) -> None:
                 self.send_response(status)
@@ -689,11 +877,19 @@ def serve_daemon(
     notifier: str = "notifier",
     tap: Any = None,
     slack: SlackInteractions | None = None,
+    heartbeat_timeout: float = 30.0,
 ) -> OpsServer:
     """Start the endpoints for a live ``Daemon``: wraps its pipeline's decision sink in a
     :class:`DecisionMeter`, times its batches, attaches ``tap`` (a ``MeasurementTap``, or a
     values-only one when None), and serves on ``host:port``. ``loop_thread`` is the thread
-    that runs ``daemon.run()`` (default: the thread calling this)."""
+    that runs ``daemon.run()`` (default: the thread calling this).
+
+    ``/healthz`` fails when the loop thread is gone, and once the state is restored, when the
+    loop's heartbeat (``daemon.last_beat``, on ``daemon.clock``) is older than
+    ``heartbeat_timeout`` seconds: a hung loop is not alive. The loop's own waits (a poll, a
+    backoff of at most ``RunSettings.backoff_max``) are shorter, so a waiting loop still beats."""
+    if not heartbeat_timeout > 0:
+        raise ValueError(f"heartbeat_timeout must be > 0 seconds, got {heartbeat_timeout}")
     from rollbackd.report import MeasurementTap
 
     pipeline = daemon.pipeline
@@ -705,6 +901,11 @@ def serve_daemon(
     edges.tap = tap
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MetricsCollector(pipeline, daemon=daemon, tap=tap, meter=meter))
+    # process_* (CPU, memory, file descriptors), python_info and python_gc_*, read from /proc
+    # and the interpreter at scrape time: nothing on the loop.
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
     instrument(daemon, _batch_histogram(registry))
     loop = loop_thread or threading.current_thread()
 
@@ -713,6 +914,10 @@ def serve_daemon(
             return False, "stopping"
         if not loop.is_alive():
             return False, "processing loop is not running"
+        if daemon.ready.is_set():  # restoring a large state may take long; /readyz says so
+            silent = daemon.clock.now() - daemon.last_beat
+            if silent > heartbeat_timeout:
+                return False, f"processing loop stalled: no heartbeat for {silent:.0f}s (limit {heartbeat_timeout:g}s)"
         return True, "ok"
 
     def ready() -> tuple[bool, str]:

@@ -36,9 +36,14 @@ __all__ = [
     "publish",
     "parse_position",
     "DEAD_LETTER_HEADERS",
+    "librdkafka_log",
 ]
 
 log = logging.getLogger("rollbackd.kafka")
+# Every client's ``logger``: librdkafka's own lines (connection failures, ...) go through stdlib
+# logging, which the command line renders like every other log line (JSON with --log-json),
+# instead of librdkafka printing plain text on stderr.
+librdkafka_log = logging.getLogger("rollbackd.kafka.librdkafka")
 
 Partitions = list[tuple[str, int]]
 PartitionHook = Callable[[Partitions], None]
@@ -130,7 +135,7 @@ def _consumer_config(
         # Always on: a partition read to its end tells the daemon that nothing older is coming
         # (its task's event time may follow the others'); with stop_at_end, where to stop.
         "enable.partition.eof": True,
-        "logger": log,
+        "logger": librdkafka_log,
     }
     conf.update(config)
     if str(conf.get("group.protocol", "classic")).lower() == "consumer":
@@ -569,7 +574,7 @@ class KafkaDeadLetter:
             "acks": "all",
             "enable.idempotence": True,
             "linger.ms": 5,
-            "logger": log,
+            "logger": librdkafka_log,
         }
         conf.update(config)
         try:
@@ -780,7 +785,7 @@ def publish(
         "enable.idempotence": True,
         "linger.ms": 20,
         "partitioner": "murmur2_random",
-        "logger": log,
+        "logger": librdkafka_log,
     }
     conf.update(config)
     producer = Producer(conf)

@@ -273,6 +273,9 @@ class Daemon:
         self.events = 0
         self._position: Any = None
         self._last_checkpoint = self.clock.now()
+        # When the loop last showed it is moving (/healthz fails when this gets old): set at each
+        # iteration, whose waits (a poll, a backoff) are bounded, and between a checkpoint's waits.
+        self.last_beat = self.clock.now()
         self.checkpoint_seconds: float | None = None  # the last checkpoint's, and its snapshots' size
         self.checkpoint_bytes: int | None = None
         self.view = PipelinesView(self)
@@ -360,6 +363,7 @@ class Daemon:
                 ledger_marks=self.ledger.high_water() if self.ledger is not None else {},
             )
             cp.save(self.settings.checkpoint_path)
+        self.last_beat = self.clock.now()  # the flush and the save may each have waited
         # Only now may the source forget these events.
         self.source.commit(self._position)
         self._last_checkpoint = self.clock.now()
@@ -450,6 +454,7 @@ class Daemon:
         gc.set_threshold(*GC_THRESHOLDS)
         try:
             while not self.stopping:
+                self.last_beat = self.clock.now()
                 try:
                     batch = self.source.read(self.settings.batch_size)
                 except Recoverable as exc:

@@ -34,7 +34,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from rollbackd import __version__
 from rollbackd.daemon.decisions import encode_decision
-from rollbackd.daemon.kafka import BrokerUnavailable, classify
+from rollbackd.daemon.kafka import BrokerUnavailable, classify, librdkafka_log
 
 __all__ = ["GroupState", "GroupDecisions", "GroupRecorder", "decision_id", "ensure_topics"]
 
@@ -100,6 +100,7 @@ class GroupState:
             "compression.type": "lz4",
             "message.max.bytes": MAX_STATE_BYTES,
             "linger.ms": 5,
+            "logger": librdkafka_log,
         })
         self._failure: str | None = None
         self._next: dict[int, int] = {}  # decisions partition -> next offset (ours, delivered)
@@ -227,6 +228,7 @@ class GroupState:
             "enable.auto.commit": False,
             "enable.partition.eof": True,
             "fetch.message.max.bytes": MAX_STATE_BYTES,
+            "logger": librdkafka_log,
         })
 
     def _decisions_end(self, key: int) -> int:
