@@ -383,6 +383,18 @@ class MetricsCollector:
         processed = CounterMetricFamily("rollbackd_daemon_events", "Events handed to the pipeline by this process.")
         processed.add_metric([], d.events)
         yield processed
+        effects = getattr(d, "effects", None)
+        if effects is not None:
+            waiting = GaugeMetricFamily(
+                "rollbackd_effects_waiting",
+                "Calls (rollbacks, pauses, notices) queued or running off the processing loop.")
+            waiting.add_metric([], effects.waiting())
+            yield waiting
+            dropped = CounterMetricFamily(
+                "rollbackd_effects_dropped",
+                "Notices dropped (recorded as failed) because their deployment's lane was full.")
+            dropped.add_metric([], effects.dropped)
+            yield dropped
         last_cp = getattr(d, "_last_checkpoint", None)
         if last_cp is not None:
             age = GaugeMetricFamily("rollbackd_checkpoint_age_seconds", "Wall seconds since the last checkpoint.")
