@@ -662,3 +662,26 @@ def test_examples_on_the_contract_page_are_valid() -> None:
         assert not isinstance(DECODER.decode(raw), Rejected), raw
         assert schema_accepts(raw), raw
     assert EXAMPLE_PREDICTION in lines and EXAMPLE_OUTCOME in lines and EXAMPLE_DEPLOY in lines
+
+
+def test_schema_bounds_are_the_decoders() -> None:
+    """Each bound is defined once in rollbackd.events; the schema repeats it, and must agree."""
+    defs = event_schema()["$defs"]
+    number_ts = next(b for b in defs["timestamp"]["oneOf"] if b["type"] == "number")
+    assert (number_ts["minimum"], number_ts["maximum"]) == (TS_MIN, TS_MAX)
+    assert defs["name"]["maxLength"] == MAX_NAME_LENGTH
+    for kind, fields in (("prediction", ("id", "deployment", "model_version", "variant")),
+                         ("outcome", ("id", "deployment")), ("deploy", ("deployment", "model_version", "variant"))):
+        for field in fields:
+            assert defs[kind]["properties"][field]["$ref"] == "#/$defs/name", (kind, field)
+    features = defs["prediction"]["properties"]["features"]
+    assert (features["maxProperties"], features["propertyNames"]["maxLength"]) == (MAX_FEATURES, MAX_NAME_LENGTH)
+    assert (defs["attrs"]["maxProperties"], defs["attrs"]["propertyNames"]["maxLength"]) == (MAX_ATTRS, MAX_NAME_LENGTH)
+    page = (Path(__file__).parents[1] / "docs" / "event-contract.md").read_text("utf-8")
+    bounds = page[page.index("## Bounds"): page.index("## What happens")]
+    for reason in ("oversize", "too_deep", "ts_out_of_range", "name_too_long", "too_many_features", "too_many_attrs"):
+        assert f"`{reason}`" in bounds
+    assert f"{MAX_DEPTH} levels" in bounds and f"{MAX_NAME_LENGTH} characters" in bounds
+    assert f"{MAX_FEATURES:,}" in bounds and f"{MAX_ATTRS:,}" in bounds
+    table = page[page.index("## What happens"):]
+    assert all(f"| `{reason}` |" in table for reason in REJECT_REASONS)
