@@ -92,11 +92,13 @@ def _long_name(ev: Event) -> str | None:
     return None
 
 
-# Measuring every name costs 10-15 % of decoding, so only a line that can hold a too-long name
-# is measured: the shortest event with a name is this one, plus the name's characters (at least
-# one byte each in JSON). A line of at most _NAME_FITS bytes holds no name over the bound.
+# Measuring names is the one bound msgspec cannot check for free (see Features), so it is
+# skipped where it cannot fail: the shortest event with a name is this one, plus the name's
+# characters (at least one byte each in JSON), so a line of at most _NAME_FITS bytes holds no
+# name over the bound. Longer lines are checked against the names already found good.
 _SHORTEST_NAMED = b'{"type":"deploy","ts":0,"deployment":"","model_version":"","attrs":{"":""}}'
 _NAME_FITS = len(_SHORTEST_NAMED) + MAX_NAME_LENGTH
+_GOOD_NAMES_MAX = 1 << 16
 
 
 # Unknown fields are forbidden *here*, not in the contract: an event without any decodes in one
@@ -307,6 +309,7 @@ class EventDecoder:
             raise ValueError(f"max_event_bytes must be > 0, got {max_event_bytes}")
         self.max_event_bytes = max_event_bytes
         self._decoder = msgspec.json.Decoder(Event)
+        self._good_names: set[str] = set()  # feature and attribute names within the bound
 
     def decode(self, raw: bytes, position: Any = None) -> Event | Rejected:
         if len(raw) > self.max_event_bytes:
@@ -319,10 +322,23 @@ class EventDecoder:
             return self._careful(raw, position)
         return self._named(ev, raw, position) if len(raw) > _NAME_FITS else ev
 
-    @staticmethod
-    def _named(ev: Event, raw: bytes, position: Any) -> Event | Rejected:
+    def _named(self, ev: Event, raw: bytes, position: Any) -> Event | Rejected:
+        """``ev``, or its rejection if a feature or attribute name is over the bound."""
+        good = self._good_names
+        cls = type(ev)
+        if cls is Prediction:
+            if ev.features.keys() <= good and (not ev.attrs or ev.attrs.keys() <= good):  # type: ignore[union-attr]
+                return ev
+        elif cls is not Deploy or ev.attrs.keys() <= good:  # type: ignore[union-attr]
+            return ev
         detail = _long_name(ev)
-        return ev if detail is None else Rejected("name_too_long", detail, raw, position)
+        if detail is not None:
+            return Rejected("name_too_long", detail, raw, position)
+        if len(good) > _GOOD_NAMES_MAX:  # a cache, bounded; a name's verdict never depends on it
+            good.clear()
+        good.update(getattr(ev, "features", ()))
+        good.update(ev.attrs)  # type: ignore[union-attr]
+        return ev
 
     def _careful(self, raw: bytes, position: Any) -> Event | Rejected:
         """The path of an input the strict decode refused: a bad event, or a good one with
@@ -375,7 +391,16 @@ class EventDecoder:
             except Exception:  # noqa: BLE001 - judged again, carefully
                 out.append(self._careful(lines[len(out)], None))
         if longest > _NAME_FITS:
-            for i, raw in enumerate(lines):
-                if len(raw) > _NAME_FITS and type(out[i]) is not Rejected:
-                    out[i] = self._named(out[i], raw, None)  # type: ignore[arg-type]
+            # _named's first test inlined: this loop runs for every event of a batch with a
+            # long line, and a call per event would cost more than the test.
+            good = self._good_names
+            for i, ev in enumerate(out):
+                cls = type(ev)
+                if cls is Prediction:
+                    if not ev.attrs and ev.features.keys() <= good:  # type: ignore[union-attr]
+                        continue
+                elif cls is not Deploy:
+                    continue
+                if len(lines[i]) > _NAME_FITS:
+                    out[i] = self._named(ev, lines[i], None)  # type: ignore[arg-type]
         return out

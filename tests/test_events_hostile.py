@@ -335,3 +335,26 @@ def test_decode_lines_never_raises(lines: list[bytes]) -> None:
     assert out == [DECODER.decode(raw) for raw in lines]
     for x in out:
         _ok(x)
+
+
+def test_name_cache_never_changes_a_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names found good are remembered (a cache, bounded by clearing); a long name is still
+    rejected whatever the decoder has seen, and a good one accepted after a clear."""
+    import rollbackd.events as events
+
+    monkeypatch.setattr(events, "_GOOD_NAMES_MAX", 20)
+    dec = EventDecoder()
+    pad = "p" * 400  # long lines: the names are measured
+
+    def pred(names: list[str]) -> bytes:
+        return json.dumps({"type": "prediction", "id": "r", "ts": 1, "deployment": "d", "model_version": "1",
+                           "error": pad, "features": {n: 1 for n in names}}).encode()
+
+    lines = [pred([f"f{i}_{j}" for j in range(7)]) for i in range(10)]
+    lines.insert(5, pred(["ok", "x" * (MAX_NAME_LENGTH + 1)]))
+    lines.append(pred(["f0_0", "f9_6"]))
+    out = dec.decode_lines(lines)
+    assert [type(x).__name__ for x in out] == ["Prediction"] * 5 + ["Rejected"] + ["Prediction"] * 6
+    assert out[5].reason == "name_too_long"
+    assert len(dec._good_names) <= 20 + 7
+    assert out == [EventDecoder().decode(raw) for raw in lines]
