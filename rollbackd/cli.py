@@ -205,7 +205,12 @@ def validate(rules: str) -> None:
     """Check a rules file; print every error and warning with its line, exit non-zero on any error."""
     from rollbackd.rules.loader import check_file, summarize
 
-    config, issues = check_file(rules)
+    try:
+        config, issues = check_file(rules)
+    except Exception as exc:  # noqa: BLE001 - a bug in the checker; still no traceback for the user
+        click.echo(f"{rules}: internal error while checking the file ({type(exc).__name__}: "
+                   f"{' '.join(str(exc).split())[:300]}); please report it", err=True)
+        sys.exit(EXIT_CONFIG)
     for issue in issues:
         click.echo(issue.format(rules), err=True)
     if config is None:

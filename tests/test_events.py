@@ -14,7 +14,13 @@ from jsonschema import Draft202012Validator
 
 from rollbackd.events import (
     DEFAULT_MAX_EVENT_BYTES,
+    MAX_ATTRS,
+    MAX_DEPTH,
+    MAX_FEATURES,
+    MAX_NAME_LENGTH,
     REJECT_REASONS,
+    TS_MAX,
+    TS_MIN,
     Deploy,
     EventDecoder,
     Outcome,
@@ -141,7 +147,10 @@ def test_rfc3339_with_offset_is_unix_seconds_exactly(ts: str) -> None:
         (T0 + 0.25, T0 + 0.25),
         (0, 0.0),
         (-1.5, -1.5),
-        (1e12, 1e12),
+        (TS_MIN, TS_MIN),
+        (TS_MAX, TS_MAX),
+        (-62135596800, TS_MIN),
+        (253402300799, TS_MAX),
     ],
 )
 def test_numeric_ts_is_unix_seconds(ts: float, expected: float) -> None:
@@ -231,7 +240,9 @@ def test_oversize_with_a_small_limit() -> None:
 
 
 def test_every_reason_is_covered() -> None:
-    assert set(REJECT_REASONS) == {r for r, _, _ in CORPUS_INVALID} | {"oversize"}
+    # Not in the corpus: the schema cannot express a size or a depth, and decoder_error is a
+    # bug that no input should reach (test_events_hostile.py checks that).
+    assert set(REJECT_REASONS) == {r for r, _, _ in CORPUS_INVALID} | {"oversize", "too_deep", "decoder_error"}
 
 
 @pytest.mark.parametrize("bad", [0, -1])
@@ -407,7 +418,23 @@ CORPUS_INVALID: list[tuple[str, bytes, str]] = [
     ("out_of_range", P(score=-0.01), "score below 0"),
     ("out_of_range", P(latency_ms=-1), "negative latency"),
     ("out_of_range", D(traffic=1.01), "traffic above 1"),
+    ("ts_out_of_range", O(ts=1e300), "ts 1e300"),
+    ("ts_out_of_range", O(ts=-1e300), "ts -1e300"),
+    ("ts_out_of_range", O(ts=1e12), "ts in year 33658"),
+    ("ts_out_of_range", O(ts=TS_MAX + 1), "ts one second after 9999"),
+    ("ts_out_of_range", O(ts=TS_MIN - 1), "ts one second before year 1"),
+    ("name_too_long", P(deployment="d" * (MAX_NAME_LENGTH + 1)), "long deployment"),
+    ("name_too_long", P(id="r" * (MAX_NAME_LENGTH + 1)), "long id"),
+    ("name_too_long", D(model_version="1" * (MAX_NAME_LENGTH + 1)), "long model_version"),
+    ("name_too_long", P(variant="v" * (MAX_NAME_LENGTH + 1)), "long variant"),
+    ("name_too_long", O(deployment="\u00e9" * (MAX_NAME_LENGTH + 1)), "long non-ASCII deployment"),
+    ("name_too_long", P(features={"f" * (MAX_NAME_LENGTH + 1): 1}), "long feature name"),
+    ("name_too_long", D(attrs={"a" * (MAX_NAME_LENGTH + 1): "x"}), "long attribute name"),
+    ("too_many_features", P(features={f"f{i}": i for i in range(MAX_FEATURES + 1)}), "too many features"),
+    ("too_many_attrs", D(attrs={f"a{i}": "x" for i in range(MAX_ATTRS + 1)}), "too many attrs"),
     ("non_finite", P(latency_ms=0.5).replace(b"0.5", b"-1e999"), "latency overflows a double"),
+    ("non_finite", O(ts=1.0).replace(b"1.0", b"1e999"), "ts overflows a double"),
+    ("non_finite", O(ts=1.0).replace(b"1.0", b"1" * 5000), "ts with 5,000 digits"),
     ("non_finite", P(score=0.5).replace(b"0.5", b"-1e999"), "score overflows a double"),
     ("unknown_type", O(type="feedback"), "unknown type"),
     ("unknown_type", O(type="Prediction"), "types are case-sensitive"),
@@ -428,7 +455,16 @@ CORPUS_VALID: list[tuple[bytes, str]] = [
     (O(ts="2026-11-20t10:15:02z"), "lower-case t and z (RFC 3339 5.6)"),
     (O(ts="2016-12-31T23:59:60Z"), "leap second"),
     (O(ts="0001-01-01T00:00:00Z"), "year 1"),
-    (O(ts="9999-12-31T23:59:59.999999Z"), "year 9999"),
+    (O(ts="9999-12-31T23:59:59Z"), "last second of 9999"),
+    (O(ts="0001-01-01T00:00:00Z"), "first second of year 1"),
+    (O(ts=TS_MIN), "ts at the lower bound"),
+    (O(ts=TS_MAX), "ts at the upper bound"),
+    (O(ts=0), "1970"),
+    (P(deployment="d" * MAX_NAME_LENGTH, id="\u00e9" * MAX_NAME_LENGTH), "names at the bound"),
+    (P(features={"f" * MAX_NAME_LENGTH: 1}), "feature name at the bound"),
+    (P(features={f"f{i}": i for i in range(MAX_FEATURES)}), "features at the bound"),
+    (D(attrs={f"a{i}": "x" for i in range(MAX_ATTRS)}), "attrs at the bound"),
+    (P(x=json.loads("[" * (MAX_DEPTH - 1) + "]" * (MAX_DEPTH - 1))), "unknown field at the depth bound"),
     (O(label=True), "boolean label"),
     (O(label="fraud"), "string label"),
     (O(label=0.37), "regression target"),
@@ -477,12 +513,20 @@ KNOWN_DIFFERENCES: list[tuple[bytes, bool, bool, str]] = [
     # Tolerated by the decoder, not RFC 3339: producers must not rely on them.
     (O(ts="2026-11-20T10:15:02+0100"), True, False, "offset without colon"),
     (O(ts="2026-11-20 10:15:02Z"), True, False, "space instead of T"),
-    # JSON Schema has no notion of a finite double: Python's json turns 1e999 into inf.
-    (O(ts=1.0).replace(b"1.0", b"1e999"), False, True, "ts overflows a double"),
+    # JSON Schema has no notion of a finite double: Python's json turns 1e999 into inf. (For
+    # ts the schema's maximum refuses it too: see the corpus.)
+    (P(latency_ms=1.0).replace(b"1.0", b"1e999"), False, True, "latency_ms overflows a double"),
     # Size is a transport limit, not a schema property.
     (P(features={"blob": "x" * (DEFAULT_MAX_EVENT_BYTES + 1)}), False, True, "oversize"),
     # A lone surrogate escape is legal JSON syntax but no Unicode text (I-JSON forbids it).
     (b'{"type":"outcome","id":"\\ud800","ts":1,"deployment":"d","label":1}', False, True, "lone surrogate"),
+    # Depth is a bound of the decoder (msgspec recurses into a skipped value); a schema has none.
+    (P(x=json.loads("[" * MAX_DEPTH + "]" * MAX_DEPTH)), False, True, "unknown field one level too deep"),
+    # ts names an instant in 0001..9999 UTC; the pattern checks the written date, not the instant.
+    (O(ts="9999-12-31T23:59:60Z"), False, True, "leap second at the end of 9999"),
+    (O(ts="9999-12-31T23:59:59.5Z"), False, True, "half a second into the last second of 9999"),
+    (O(ts="9999-12-31T23:59:59-01:00"), False, True, "9999 local time, year 10000 in UTC"),
+    (O(ts="0001-01-01T00:00:00+01:00"), False, True, "year 1 local time, year 0 in UTC"),
     # Bytes in a field rollbackd ignores are never read; the schema needs the whole text.
     (b'{"type":"outcome","id":"r","ts":1,"deployment":"d","label":1,"x":"\xff"}', True, False, "bad UTF-8 in an unknown field"),
 ]
@@ -521,7 +565,7 @@ def _rfc3339(moment: dt.datetime, offset: dt.timedelta, zulu: bool, digits: int)
 def timestamps(draw: st.DrawFn) -> tuple[object, float]:
     """A ``ts`` value and the Unix seconds it stands for."""
     if draw(st.booleans()):
-        ts = draw(st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False))
+        ts = draw(st.integers(int(TS_MIN), int(TS_MAX)) | st.floats(TS_MIN, TS_MAX))
         return ts, float(ts)
     moment = draw(st.datetimes(dt.datetime(1, 1, 2), dt.datetime(9999, 12, 30)))
     digits = draw(st.sampled_from([0, 3, 6]))
@@ -618,3 +662,26 @@ def test_examples_on_the_contract_page_are_valid() -> None:
         assert not isinstance(DECODER.decode(raw), Rejected), raw
         assert schema_accepts(raw), raw
     assert EXAMPLE_PREDICTION in lines and EXAMPLE_OUTCOME in lines and EXAMPLE_DEPLOY in lines
+
+
+def test_schema_bounds_are_the_decoders() -> None:
+    """Each bound is defined once in rollbackd.events; the schema repeats it, and must agree."""
+    defs = event_schema()["$defs"]
+    number_ts = next(b for b in defs["timestamp"]["oneOf"] if b["type"] == "number")
+    assert (number_ts["minimum"], number_ts["maximum"]) == (TS_MIN, TS_MAX)
+    assert defs["name"]["maxLength"] == MAX_NAME_LENGTH
+    for kind, fields in (("prediction", ("id", "deployment", "model_version", "variant")),
+                         ("outcome", ("id", "deployment")), ("deploy", ("deployment", "model_version", "variant"))):
+        for field in fields:
+            assert defs[kind]["properties"][field]["$ref"] == "#/$defs/name", (kind, field)
+    features = defs["prediction"]["properties"]["features"]
+    assert (features["maxProperties"], features["propertyNames"]["maxLength"]) == (MAX_FEATURES, MAX_NAME_LENGTH)
+    assert (defs["attrs"]["maxProperties"], defs["attrs"]["propertyNames"]["maxLength"]) == (MAX_ATTRS, MAX_NAME_LENGTH)
+    page = (Path(__file__).parents[1] / "docs" / "event-contract.md").read_text("utf-8")
+    bounds = page[page.index("## Bounds"): page.index("## What happens")]
+    for reason in ("oversize", "too_deep", "ts_out_of_range", "name_too_long", "too_many_features", "too_many_attrs"):
+        assert f"`{reason}`" in bounds
+    assert f"{MAX_DEPTH} levels" in bounds and f"{MAX_NAME_LENGTH} characters" in bounds
+    assert f"{MAX_FEATURES:,}" in bounds and f"{MAX_ATTRS:,}" in bounds
+    table = page[page.index("## What happens"):]
+    assert all(f"| `{reason}` |" in table for reason in REJECT_REASONS)

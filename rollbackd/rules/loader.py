@@ -24,6 +24,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from rollbackd.rules.budget import apply_budgets, budget_lines, unreachable_level
 from rollbackd.rules.durations import DURATION_FORMS, format_duration, parse_duration
+from rollbackd.rules.parse import RulesFileError, TooLarge, compose, read_rules_file
 from rollbackd.rules.model import (
     ACTIONS,
     APPROVAL_DEFAULTS,
@@ -146,10 +147,11 @@ def load_config_text(
 def check_file(path: str | os.PathLike[str]) -> tuple[Config | None, list[ConfigIssue]]:
     """Every issue (errors and warnings) in the file, and the config when there was no error."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        return None, [ConfigIssue("", 0, 0, f"cannot read the rules file: {reason}")]
+        text = read_rules_file(path)
+    except RulesFileError as exc:
+        return None, [ConfigIssue("", exc.line, exc.column, f"cannot read the rules file: {exc.message}")]
+    except OSError as exc:
+        return None, [ConfigIssue("", 0, 0, f"cannot read the rules file: {exc.strerror or exc}")]
     return check_text(text, str(path), base_dir=Path(path).parent)
 
 
@@ -236,6 +238,7 @@ class _Walker:
     def __init__(self, base_dir: Path | None) -> None:
         self.base_dir = base_dir
         self.issues: list[ConfigIssue] = []
+        self.errors = 0  # issues with severity "error": counted, not recounted per rule
         self.ctor = yaml.constructor.SafeConstructor()
         # Where budget warnings point: a rule's item node, a deployment's budget node.
         self.rule_nodes: dict[str, Node] = {}
@@ -254,6 +257,7 @@ class _Walker:
         line = node.start_mark.line + 1 if node is not None else 1
         column = node.start_mark.column + 1 if node is not None else 1
         self.issues.append(ConfigIssue(path, line, column, message, severity))
+        self.errors += severity == "error"
 
     # ----------------------------------------------------------------- structure
 
@@ -316,6 +320,8 @@ class _Walker:
         except yaml.YAMLError as exc:
             problem = getattr(exc, "problem", None) or str(exc)
             return self.error(node, path, f"cannot read value: {problem}")
+        except (ValueError, OverflowError) as exc:  # a date like 2026-13-45 (datetime's own check)
+            return self.error(node, path, f"cannot read value: {exc}")
 
     # ----------------------------------------------------------------- scalars
 
@@ -413,7 +419,18 @@ class _Walker:
 
     def load(self, text: str, source: str) -> Config | None:
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            root = compose(text)
+        except TooLarge as exc:
+            mark = exc.problem_mark
+            line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+            self.issues.append(ConfigIssue("", line, col, str(exc.problem)))
+            return None
+        except yaml.reader.ReaderError as exc:  # a character YAML does not allow (NUL, ...)
+            line = text.count("\n", 0, exc.position) + 1
+            col = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+            what = f"character #x{exc.character:04x}" if isinstance(exc.character, int) else "character"
+            self.issues.append(ConfigIssue("", line, col, f"YAML syntax error: unacceptable {what}: {exc.reason}"))
+            return None
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             message = exc.problem or "invalid YAML"
@@ -427,7 +444,7 @@ class _Walker:
             self.issues.append(ConfigIssue("", line, col, f"YAML syntax error: {message}"))
             return None
         except yaml.YAMLError as exc:
-            self.issues.append(ConfigIssue("", 1, 1, f"YAML syntax error: {exc}"))
+            self.issues.append(ConfigIssue("", 1, 1, f"YAML syntax error: {' '.join(str(exc).split())}"))
             return None
         if root is None:
             self.issues.append(
@@ -1150,7 +1167,7 @@ class _Walker:
         detectors: Mapping[str, Callable[..., Any] | None],
         names: dict[str, Node],
     ) -> RuleSpec | None:
-        errors_before = sum(1 for i in self.issues if i.severity == "error")
+        errors_before = self.errors
         pairs = self.mapping(node, path, self.RULE_KEYS)
         if pairs is None:
             return None
@@ -1287,7 +1304,7 @@ class _Walker:
             if unreachable is not None:
                 self.warn(pairs["alpha"][1], _sub(path, "alpha"), unreachable)
 
-        errors_after = sum(1 for i in self.issues if i.severity == "error")
+        errors_after = self.errors
         if errors_after != errors_before:
             return None
         if isinstance(name, str):
