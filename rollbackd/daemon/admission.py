@@ -14,9 +14,9 @@ against batch boundaries):
   so the reference is the stream's own: the first :data:`WARM_UP` events are held and the
   reference anchors on their median (a bogus first event cannot anchor it); from then on it is
   the largest accepted ``ts``, so one event can move it by at most the skew. A genuine jump of
-  the whole stream (two recordings a week apart) is followed: when more than half of the last
-  :data:`JUMP_WINDOW` events were beyond the reference, it re-anchors on their median. The
-  events that came before the jump was recognised stay dead-lettered.
+  the whole stream (two recordings a week apart) is followed: when the last :data:`JUMP_RUN`
+  events were all beyond the reference, it re-anchors on their median. The events before the
+  one that completes the run (``JUMP_RUN - 1`` of them) stay dead-lettered.
 - ``too_old``: ``ts`` before ``settings.min_event_time``, or more than the join horizon behind
   the largest accepted ``ts`` (live too: an old recording published for a drill still works,
   it is only judged against itself).
@@ -47,15 +47,18 @@ import structlog
 from rollbackd.events import Event, Prediction, Rejected
 from rollbackd.rules.model import Settings
 
-__all__ = ["Admission", "DeploymentSeen", "EventTime", "WARM_UP", "JUMP_WINDOW", "MAX_EVENT_TIME"]
+__all__ = ["Admission", "DeploymentSeen", "EventTime", "WARM_UP", "JUMP_RUN", "MAX_EVENT_TIME"]
 
 log = structlog.get_logger("rollbackd")
 
 # Events a replay holds before its reference anchors on their median: a count, not a time,
 # so the anchor is the same whatever the batch size.
 WARM_UP = 64
-# The window of recent events in which a majority beyond the reference is a jump of the stream.
-JUMP_WINDOW = 64
+# This many events in a row beyond the reference are a jump of the whole stream. A run, not a
+# majority of a window: a producer whose clock runs ahead, however much of the traffic it
+# carries, is followed only if it sends this many events with nothing from anyone else between
+# (for one with half the traffic: a chance of 2^-32 at each event).
+JUMP_RUN = 32
 # Nothing is later than this (10000-01-01T00:00:00Z), whatever the reference: every timestamp
 # the pipeline handles stays far from where adding a window step stops changing a float.
 MAX_EVENT_TIME = 253_402_300_800.0
@@ -180,7 +183,8 @@ class Admission:
         self.anchor: float | None = None
         self.held: list[Event] = []
         self.seen = 0  # events judged so far (positions for the jump window)
-        self._beyond: deque[tuple[int, float]] = deque()  # (position, ts) beyond the reference
+        # (position, ts) of the latest run of consecutive events beyond the reference
+        self._beyond: deque[tuple[int, float]] = deque(maxlen=JUMP_RUN)
         self.unconfigured = 0  # admitted deployments not named in the rules file
         self._warned: set[tuple[str, str]] = set()
 
@@ -242,12 +246,13 @@ class Admission:
         if wall_now is not None or ts >= MAX_EVENT_TIME:
             return rejected
         beyond = self._beyond
+        if beyond and beyond[-1][0] != position - 1:
+            beyond.clear()  # an event within the reference came between: no run
         beyond.append((position, ts))
-        while beyond[0][0] <= position - JUMP_WINDOW:
-            beyond.popleft()
-        if 2 * len(beyond) <= JUMP_WINDOW:
+        if len(beyond) < JUMP_RUN:
             return rejected
-        # Most of the stream is beyond: it jumped (a second recording, days later). Follow it.
+        # Every one of the last JUMP_RUN events was beyond: the stream jumped (a second
+        # recording, days later). Follow it.
         stamps = sorted(t for _, t in beyond)
         beyond.clear()
         self.anchor = stamps[(len(stamps) - 1) // 2]
@@ -267,11 +272,11 @@ class Admission:
         self.unconfigured += 1
         return True
 
-    def admit_variant(self, seen: DeploymentSeen) -> bool:
+    def room_for_variant(self, seen: DeploymentSeen) -> bool:
+        """Whether ``seen`` may have one more variant (counted when it is made known)."""
         if seen.variants >= self.max_variants:
             self._warn(seen.name, "variants", self.max_variants)
             return False
-        seen.variants += 1
         return True
 
     def admit_features(self, seen: DeploymentSeen, ev: Prediction) -> bool:
@@ -292,12 +297,11 @@ class Admission:
         log.warning("admission.cardinality", deployment=deployment, kind=kind, cap=cap)
 
     def cardinality_detail(self, kind: str, deployment: str) -> str:
-        setting = {
-            "deployments": "max_deployments",
-            "variants": "max_variants_per_deployment",
-            "features": "max_features_per_deployment",
+        setting, cap = {
+            "deployments": ("max_deployments", self.max_deployments),
+            "variants": ("max_variants_per_deployment", self.max_variants),
+            "features": ("max_features_per_deployment", self.max_features),
         }[kind]
-        cap = getattr(self, "max_" + kind)
         return f"deployment {deployment!r}: more than settings.{setting} ({cap}) distinct {kind}"
 
     # Checkpoints --------------------------------------------------------------------------
@@ -309,5 +313,5 @@ class Admission:
         self.anchor = state["anchor"]
         self.held = list(state["held"])
         self.seen = state["seen"]
-        self._beyond = deque(state["beyond"])
+        self._beyond = deque(state["beyond"], maxlen=JUMP_RUN)
         self.unconfigured = state["unconfigured"]

@@ -239,21 +239,21 @@ class Pipeline:
                 continue
             cls = type(ev)
             if cls is Prediction:
-                feats = ev.features  # type: ignore[union-attr]
-                if feats and not seen.features.issuperset(feats) and not adm.admit_features(seen, ev):  # type: ignore[arg-type]
-                    rejected.append(adm.rejected(ev, "cardinality", adm.cardinality_detail("features", dep)))
-                    continue
                 key = (dep, ev.variant)  # type: ignore[union-attr]
                 idx = int(ts // g)
                 slot = slots.get(key)
                 if slot is None or slot[0] != idx:
-                    if key not in known_keys and not adm.admit_variant(seen):
+                    if key not in known_keys and not adm.room_for_variant(seen):
                         rejected.append(adm.rejected(ev, "cardinality", adm.cardinality_detail("variants", dep)))
                         continue
                     slot = None
+                feats = ev.features  # type: ignore[union-attr]
+                if feats and not seen.features.issuperset(feats) and not adm.admit_features(seen, ev):  # type: ignore[arg-type]
+                    rejected.append(adm.rejected(ev, "cardinality", adm.cardinality_detail("features", dep)))
+                    continue
             elif cls is not Outcome:  # a deploy: it makes its variant known
                 key = (dep, ev.variant)  # type: ignore[union-attr]
-                if key not in known_keys and not adm.admit_variant(seen):
+                if key not in known_keys and not adm.room_for_variant(seen):
                     rejected.append(adm.rejected(ev, "cardinality", adm.cardinality_detail("variants", dep)))
                     continue
             # Admitted: the event moves its deployment's time (and perhaps the watermark).
@@ -358,6 +358,9 @@ class Pipeline:
 
     def _new_key(self, key: Key) -> None:
         self._known_keys.add(key)
+        seen = self.event_time.deployments.get(key[0])
+        if seen is not None:  # None: a key of a checkpoint older than admission
+            seen.variants += 1
         if any(r.needs_labels and r.applies_to(*key) for r in self.config.rules):
             self.joiner.track(key[0])
         self.versions.setdefault(key, VersionHistory())
