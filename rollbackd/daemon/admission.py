@@ -62,6 +62,9 @@ JUMP_RUN = 32
 # Nothing is later than this (10000-01-01T00:00:00Z), whatever the reference: every timestamp
 # the pipeline handles stays far from where adding a window step stops changing a float.
 MAX_EVENT_TIME = 253_402_300_800.0
+# Event time (seconds) the slowest deployment may pass the next one by before the heap of
+# active deployments is refreshed (see EventTime): bounds how far the watermark may lag.
+REFRESH = 1.0
 
 _JSON = msgspec.json.Encoder()
 
@@ -103,8 +106,14 @@ class EventTime:
     ``lead`` is the newest event time of any deployment. The watermark is the smallest newest
     event time among *active* deployments (those within ``skew`` of the lead) minus
     ``lateness``, and it never goes back. The active ones are a heap with one entry per
-    deployment, refreshed lazily: an entry is corrected only when it reaches the top, so an
-    event costs a dict lookup and a comparison unless its deployment is the slowest one.
+    deployment, refreshed lazily: an entry is corrected only when it reaches the top.
+
+    The hot loop (``Pipeline._ingest``) does the common case itself: when the slowest
+    deployment (:attr:`top`) moves on, the watermark follows it up to :attr:`runner` (the next
+    entry's value: a lower bound of every other deployment's time, as entries only lag), and
+    the heap is touched only once it passes ``runner`` by :data:`REFRESH` seconds. With one
+    deployment the watermark is exact; with several it may lag the true one by up to
+    ``REFRESH``, which only makes it later to close and slower to call an event late.
     """
 
     def __init__(self, lateness: float, skew: float) -> None:
@@ -115,6 +124,8 @@ class EventTime:
         self.watermark = -math.inf
         self._heap: list[tuple[float, str]] = []
         self.top: DeploymentSeen | None = None  # the slowest active deployment
+        self.runner = math.inf  # the next heap entry's value
+        self.refresh_at = math.inf  # the top beyond this: refresh the heap
         self.drop_at = math.inf  # a lead beyond this leaves the top inactive
 
     def add(self, name: str) -> DeploymentSeen:
@@ -122,7 +133,7 @@ class EventTime:
         return seen
 
     def moved(self, seen: DeploymentSeen) -> None:
-        """``seen.max_ts`` (and perhaps the lead) moved on: refresh the watermark."""
+        """``seen.max_ts`` (and perhaps the lead) moved on: refresh the heap and watermark."""
         if seen.max_ts > self.lead:
             self.lead = seen.max_ts
         if not seen.queued:
@@ -144,23 +155,25 @@ class EventTime:
             else:
                 break
         if not heap:
-            self.top, self.drop_at = None, math.inf
+            self.top, self.runner, self.refresh_at, self.drop_at = None, math.inf, math.inf, math.inf
             return
         value, name = heap[0]
         self.top = deployments[name]
+        self.runner = min((heap[i][0] for i in (1, 2) if i < len(heap)), default=math.inf)
+        self.refresh_at = self.runner + REFRESH
         self.drop_at = value + self.skew
         if value - self.lateness > self.watermark:
             self.watermark = value - self.lateness
 
     def state(self) -> dict[str, Any]:
-        return {"deployments": self.deployments, "lead": self.lead, "watermark": self.watermark}
+        return {"deployments": self.deployments, "lead": self.lead, "watermark": self.watermark,
+                "heap": list(self._heap)}
 
     def restore(self, state: Mapping[str, Any]) -> None:
         self.deployments = dict(state["deployments"])
         self.lead = state["lead"]
         self.watermark = state["watermark"]
-        self._heap = [(s.max_ts, s.name) for s in self.deployments.values() if s.queued]
-        heapq.heapify(self._heap)
+        self._heap = list(state["heap"])
         self._settle()
 
 

@@ -203,10 +203,11 @@ class Pipeline:
         fut = adm.future_limit(lead, wall_now)
         old = adm.old_limit(lead)
         skew_ref = wall_now is None  # the future limit follows the lead (a replay)
+        skew = adm.skew
         # Nothing may go before the watermark nor a boundary already processed.
-        floor = max(et.watermark, self._closed)
-        top = et.top
-        drop_at = et.drop_at
+        wm = et.watermark
+        floor = max(wm, self._closed)
+        top, runner, refresh_at, drop_at = et.top, et.runner, et.refresh_at, et.drop_at
         slots = self._slots
         known_keys = self._known_keys
         joiner = self.joiner
@@ -234,7 +235,8 @@ class Pipeline:
                     rejected.append(adm.rejected(ev, "cardinality", adm.cardinality_detail("deployments", dep)))
                     continue
                 seen = et.add(dep)
-            if ts < floor or ts < seen.max_ts - lateness:
+            newest = seen.max_ts
+            if ts < floor or ts < newest - lateness:
                 n_late += 1
                 continue
             cls = type(ev)
@@ -257,19 +259,31 @@ class Pipeline:
                     rejected.append(adm.rejected(ev, "cardinality", adm.cardinality_detail("variants", dep)))
                     continue
             # Admitted: the event moves its deployment's time (and perhaps the watermark).
-            if ts > seen.max_ts:
+            if ts > newest:
                 seen.max_ts = ts
                 if ts > lead:
                     lead = ts
-                    old = lead - horizon if lead - horizon > old else old
-                    if skew_ref:
-                        fut = adm.future_limit(lead, None)
-                if seen is top or not seen.queued or lead > drop_at:
-                    et.lead = lead
+                    if ts - horizon > old:
+                        old = ts - horizon
+                    if skew_ref and ts + skew > fut:  # a replay's reference is the lead
+                        fut = ts + skew
+                        if fut > MAX_EVENT_TIME:
+                            fut = MAX_EVENT_TIME
+                if seen is top and ts < refresh_at and lead <= drop_at:
+                    # The slowest deployment moved on: the watermark follows it up to the
+                    # next one's (EventTime's fast path, inlined).
+                    mark = (ts if ts < runner else runner) - lateness
+                    if mark > wm:
+                        wm = mark
+                        if mark > floor:
+                            floor = mark
+                elif seen is top or not seen.queued or lead > drop_at:
+                    et.lead, et.watermark = lead, wm
                     et.moved(seen)
-                    top, drop_at = et.top, et.drop_at
-                    if et.watermark > floor:
-                        floor = et.watermark
+                    wm = et.watermark
+                    top, runner, refresh_at, drop_at = et.top, et.runner, et.refresh_at, et.drop_at
+                    if wm > floor:
+                        floor = wm
             if cls is Prediction:
                 n_pred += 1
                 if slot is None:
@@ -318,7 +332,7 @@ class Pipeline:
             else:
                 n_dep += 1
                 self._deploy(ev, ts)  # type: ignore[arg-type]
-        et.lead = lead
+        et.lead, et.watermark = lead, wm
         adm.seen = seen_before + n_pred + n_out + n_late + n_dep + len(rejected)
         joiner.added(n_pending, n_popped)
         stats = joiner.stats
