@@ -246,11 +246,12 @@ T0 = 1_790_000_000.0
 
 
 def pred(i: int, deployment: str = "d", variant: str = "primary", features: dict | None = None) -> bytes:
-    return json.dumps({"type": "prediction", "id": f"p{i}", "ts": T0 + i * 0.01, "deployment": deployment,
+    return json.dumps({"type": "prediction", "id": f"p{i}", "ts": T0 + i * 0.05, "deployment": deployment,
                        "model_version": "1", "variant": variant, "features": features or {}}).encode()
 
 
 def test_distinct_deployment_names_beyond_the_cap_are_dead_lettered(tmp_path):
+    # 1000 s of event time: the refused events move the stream's time too (none is "future").
     lines = [pred(i, deployment=f"dep-{i}") for i in range(20_000)] + [pred(20_000, deployment="configured")]
     _, pipeline, dead, seconds = run(lines, load_config_text(CAPS), tmp_path)
     assert len(pipeline.event_time.deployments) == 101  # 100 unnamed + the configured one

@@ -13,12 +13,12 @@ against batch boundaries):
   Live the reference is the wall clock (the daemon passes it in). A replay has no wall clock,
   so the reference is the stream's own: the first :data:`WARM_UP` events are held and the
   reference anchors on their median (a bogus first event cannot anchor it); from then on it is
-  the largest accepted ``ts``, so one event can move it by at most the skew. A genuine jump of
+  the newest ``ts`` within the limits, so one event can move it by at most the skew. A genuine jump of
   the whole stream (two recordings a week apart) is followed: when the last :data:`JUMP_RUN`
   events were all beyond the reference, it re-anchors on their median. The events before the
   one that completes the run (``JUMP_RUN - 1`` of them) stay dead-lettered.
 - ``too_old``: ``ts`` before ``settings.min_event_time``, or more than the join horizon behind
-  the largest accepted ``ts`` (live too: an old recording published for a drill still works,
+  the newest ``ts`` within the limits (live too: an old recording published for a drill still works,
   it is only judged against itself).
 - ``cardinality``: a new deployment beyond ``max_deployments`` (deployments named in the rules
   file are always admitted), a new variant beyond ``max_variants_per_deployment``, or a
@@ -180,7 +180,7 @@ class EventTime:
 class Admission:
     """Bounds on ``ts`` and on the names an event may add. Pure: the wall clock is passed in.
 
-    The pipeline's hot loop compares each ``ts`` with :attr:`future_limit` and :attr:`old_limit`
+    The pipeline's hot loop compares each ``ts`` with :meth:`future_limit` and :meth:`old_limit`
     itself and calls :meth:`judge` only for an event outside them.
     """
 
@@ -195,23 +195,27 @@ class Admission:
         # The stream's own reference (a replay): None until the warm-up anchors it.
         self.anchor: float | None = None
         self.held: list[Event] = []
-        self.seen = 0  # events judged so far (positions for the jump window)
+        self.seen = 0  # events judged so far (positions for the jump run)
+        # The newest ts within the limits so far, admitted or refused for a name: the stream's
+        # time (too_old is judged against it, and so is the future in a replay).
+        self.newest = -math.inf
         # (position, ts) of the latest run of consecutive events beyond the reference
         self._beyond: deque[tuple[int, float]] = deque(maxlen=JUMP_RUN)
         self.unconfigured = 0  # admitted deployments not named in the rules file
         self._warned: set[tuple[str, str]] = set()
 
     # Limits -----------------------------------------------------------------------------
-    def reference(self, lead: float, wall_now: float | None) -> float:
+    def reference(self, wall_now: float | None) -> float:
         if wall_now is not None:
             return wall_now
-        return lead if self.anchor is None or lead > self.anchor else self.anchor
+        newest = self.newest
+        return newest if self.anchor is None or newest > self.anchor else self.anchor
 
-    def future_limit(self, lead: float, wall_now: float | None) -> float:
-        return min(self.reference(lead, wall_now) + self.skew, MAX_EVENT_TIME)
+    def future_limit(self, wall_now: float | None) -> float:
+        return min(self.reference(wall_now) + self.skew, MAX_EVENT_TIME)
 
-    def old_limit(self, lead: float) -> float:
-        return max(self.min_event_time, lead - self.horizon)
+    def old_limit(self) -> float:
+        return max(self.min_event_time, self.newest - self.horizon)
 
     # Warm-up (a replay) -------------------------------------------------------------------
     @property
@@ -237,24 +241,25 @@ class Admission:
         return held
 
     # The slow path ------------------------------------------------------------------------
-    def judge(self, ev: Event, position: int, lead: float, wall_now: float | None) -> Rejected | None:
+    def judge(self, ev: Event, position: int, wall_now: float | None) -> Rejected | None:
         """An event outside the limits: its rejection, or None when a jump of the whole stream
         was just recognised and it is within the new reference."""
         ts = ev.ts
+        newest = self.newest
         if ts < self.min_event_time:
             return self.rejected(ev, "too_old", f"ts {_iso(ts)} is before settings.min_event_time "
                                  f"{_iso(self.min_event_time)}")
-        if ts < lead - self.horizon:
+        if ts < newest - self.horizon:
             return self.rejected(ev, "too_old", f"ts {_iso(ts)} is more than the join horizon "
-                                 f"({self.horizon:g}s) behind the newest event {_iso(lead)}")
-        limit = self.future_limit(lead, wall_now)
+                                 f"({self.horizon:g}s) behind the newest event {_iso(newest)}")
+        limit = self.future_limit(wall_now)
         if ts <= limit:
             return None
         what = "the wall clock" if wall_now is not None else "the stream's newest event"
         rejected = self.rejected(
             ev, "future_timestamp",
             f"ts {_iso(ts)} is more than settings.max_future_skew ({self.skew:g}s) ahead of "
-            f"{what} {_iso(self.reference(lead, wall_now))}",
+            f"{what} {_iso(self.reference(wall_now))}",
         )
         if wall_now is not None or ts >= MAX_EVENT_TIME:
             return rejected
@@ -269,8 +274,8 @@ class Admission:
         stamps = sorted(t for _, t in beyond)
         beyond.clear()
         self.anchor = stamps[(len(stamps) - 1) // 2]
-        log.warning("admission.stream_jump", anchor=_iso(self.anchor), previous=_iso(lead))
-        return None if ts <= self.future_limit(lead, None) else rejected
+        log.warning("admission.stream_jump", anchor=_iso(self.anchor), previous=_iso(newest))
+        return None if ts <= self.future_limit(None) else rejected
 
     def rejected(self, ev: Event, reason: str, detail: str) -> Rejected:
         return Rejected(reason, detail, _JSON.encode(ev))
@@ -319,12 +324,13 @@ class Admission:
 
     # Checkpoints --------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {"anchor": self.anchor, "held": self.held, "seen": self.seen,
+        return {"anchor": self.anchor, "held": self.held, "seen": self.seen, "newest": self.newest,
                 "beyond": list(self._beyond), "unconfigured": self.unconfigured}
 
     def restore(self, state: Mapping[str, Any]) -> None:
         self.anchor = state["anchor"]
         self.held = list(state["held"])
         self.seen = state["seen"]
+        self.newest = state["newest"]
         self._beyond = deque(state["beyond"], maxlen=JUMP_RUN)
         self.unconfigured = state["unconfigured"]

@@ -200,8 +200,9 @@ class Pipeline:
         et = self.event_time
         deployments_get = et.deployments.get
         lead = et.lead
-        fut = adm.future_limit(lead, wall_now)
-        old = adm.old_limit(lead)
+        newest = adm.newest  # the stream's newest time, whatever became of its event
+        fut = adm.future_limit(wall_now)
+        old = adm.old_limit()
         skew_ref = wall_now is None  # the future limit follows the lead (a replay)
         skew = adm.skew
         # Nothing may go before the watermark nor a boundary already processed.
@@ -223,11 +224,22 @@ class Pipeline:
             ts = ev.ts
             if ts > fut or ts < old:
                 position = seen_before + n_pred + n_out + n_late + n_dep + len(rejected)
-                refused = adm.judge(ev, position, lead, wall_now)
+                adm.newest = newest
+                refused = adm.judge(ev, position, wall_now)
                 if refused is not None:
                     rejected.append(refused)
                     continue
-                fut = adm.future_limit(lead, wall_now)  # the stream jumped: followed
+                fut = adm.future_limit(wall_now)  # the stream jumped: followed
+            if ts > newest:
+                # The stream's time moves on with every event within the limits, also one that
+                # is refused below (a name beyond a cap): its clock is not in doubt.
+                newest = ts
+                if ts - horizon > old:
+                    old = ts - horizon
+                if skew_ref and ts + skew > fut:  # a replay's reference is the stream's time
+                    fut = ts + skew
+                    if fut > MAX_EVENT_TIME:
+                        fut = MAX_EVENT_TIME
             dep = ev.deployment
             seen = deployments_get(dep)
             if seen is None:
@@ -235,8 +247,8 @@ class Pipeline:
                     rejected.append(adm.rejected(ev, "cardinality", adm.cardinality_detail("deployments", dep)))
                     continue
                 seen = et.add(dep)
-            newest = seen.max_ts
-            if ts < floor or ts < newest - lateness:
+            latest = seen.max_ts
+            if ts < floor or ts < latest - lateness:
                 n_late += 1
                 continue
             cls = type(ev)
@@ -259,16 +271,10 @@ class Pipeline:
                     rejected.append(adm.rejected(ev, "cardinality", adm.cardinality_detail("variants", dep)))
                     continue
             # Admitted: the event moves its deployment's time (and perhaps the watermark).
-            if ts > newest:
+            if ts > latest:
                 seen.max_ts = ts
                 if ts > lead:
                     lead = ts
-                    if ts - horizon > old:
-                        old = ts - horizon
-                    if skew_ref and ts + skew > fut:  # a replay's reference is the lead
-                        fut = ts + skew
-                        if fut > MAX_EVENT_TIME:
-                            fut = MAX_EVENT_TIME
                 if seen is top and ts < refresh_at and lead <= drop_at:
                     # The slowest deployment moved on: the watermark follows it up to the
                     # next one's (EventTime's fast path, inlined).
@@ -333,6 +339,7 @@ class Pipeline:
                 n_dep += 1
                 self._deploy(ev, ts)  # type: ignore[arg-type]
         et.lead, et.watermark = lead, wm
+        adm.newest = newest
         adm.seen = seen_before + n_pred + n_out + n_late + n_dep + len(rejected)
         joiner.added(n_pending, n_popped)
         stats = joiner.stats
@@ -1087,7 +1094,7 @@ class Pipeline:
             lead = state["max_event_time"]
             self.event_time.lead = lead
             self.event_time.watermark = lead - self.lateness
-            self.admission.anchor = lead
+            self.admission.anchor = self.admission.newest = lead
             self._closed = -math.inf
             self._data_until = -math.inf if self._next_boundary is None else self._next_boundary
         self.counters = state["counters"]
