@@ -2,13 +2,15 @@
 
 source → decode → **join → windows → detectors → rules → incidents → actions**
 
-``ingest`` is the hot path (per event: lateness check, pane append, join bookkeeping).
+``ingest`` is the hot path (per event: admission and lateness against its own deployment's
+event time, pane append, join bookkeeping; see ``daemon/admission.py``).
 ``advance(now)`` does everything time-driven, in event-time order: at each window boundary it
 closes windows, runs the detectors and steps the alert state machines; between boundaries it
 fires incident deadlines (group_wait, repeat_interval). No method reads a clock; whoever
 drives the pipeline (replay, the live daemon, a test) passes ``now``. Given the same events
-and the same ``now`` sequence up to batch boundaries, the decisions are identical: lateness is
-judged per event against the events before it, never against batch boundaries.
+and the same ``now`` sequence up to batch boundaries, the decisions are identical: admission
+and lateness are judged per event against the events before it, never against batch
+boundaries.
 """
 
 from __future__ import annotations
