@@ -323,3 +323,24 @@ def test_a_checkpoint_carries_event_time_and_an_older_one_still_restores(lines, 
     assert c.max_event_time == a.max_event_time
     assert c.watermark == a.max_event_time - config.settings.lateness
     assert not c.admission.warming
+
+
+def test_a_silent_deployment_holds_no_one_back_and_its_no_data_rule_fires_on_time(tmp_path):
+    scenario = Scenario(
+        name="two", seed=13, deployments=("alpha", "beta"), rate=10.0, duration=1800.0,
+        faults=(Fault("traffic_stop", start=900.0, deployment="beta"),),
+    )
+    rules = load_config_text(TWO + """
+  - {name: no-traffic, detector: traffic, threshold: 1, direction: below, for: 1m,
+     severity: warning, actions: [notify]}
+""")
+    log, pipeline, dead, _ = run(list(generate(scenario)), rules, tmp_path)
+    stop = scenario.start + 900.0
+    fired = [r["ts"] for r in records(log, "beta")
+             if r.get("kind") == "alert" and r["rule"] == "no-traffic" and r["state"] == "firing"]
+    # The first empty one-minute window ends at the first boundary a minute after the stop;
+    # `for: 1m` fires it one boundary later: as with beta alone, not at the end of the stream.
+    assert fired == [(stop // 60 + 2) * 60 + 60]
+    # alpha's windows kept closing: the watermark is alpha's, not beta's last event.
+    assert pipeline.watermark > stop + 600
+    assert dead == [] and pipeline.counters["late"] == 0

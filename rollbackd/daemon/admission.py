@@ -103,9 +103,10 @@ def _seen(name: str, max_ts: float, queued: bool, variants: int, features: list[
 class EventTime:
     """Per-deployment newest event times and the watermark they make.
 
-    ``lead`` is the newest event time of any deployment. The watermark is the smallest newest
-    event time among *active* deployments (those within ``skew`` of the lead) minus
-    ``lateness``, and it never goes back. The active ones are a heap with one entry per
+    ``lead`` is the stream's newest event time (``Admission.newest``). The watermark is the
+    smallest newest event time among *active* deployments (those within ``skew`` of the lead)
+    minus ``lateness``, or the lead minus ``skew`` and ``lateness`` when none is active; it
+    never goes back. The active ones are a heap with one entry per
     deployment, refreshed lazily: an entry is corrected only when it reaches the top.
 
     The hot loop (``Pipeline._ingest``) does the common case itself: when the slowest
@@ -133,7 +134,8 @@ class EventTime:
         return seen
 
     def moved(self, seen: DeploymentSeen) -> None:
-        """``seen.max_ts`` (and perhaps the lead) moved on: refresh the heap and watermark."""
+        """``seen.max_ts`` (or the lead, which the caller sets) moved on: refresh the heap and
+        the watermark."""
         if seen.max_ts > self.lead:
             self.lead = seen.max_ts
         if not seen.queued:
@@ -155,7 +157,10 @@ class EventTime:
             else:
                 break
         if not heap:
+            # Every deployment is silent: the watermark follows the lead, the skew behind.
             self.top, self.runner, self.refresh_at, self.drop_at = None, math.inf, math.inf, math.inf
+            if active_from - self.lateness > self.watermark:
+                self.watermark = active_from - self.lateness
             return
         value, name = heap[0]
         self.top = deployments[name]

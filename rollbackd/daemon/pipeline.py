@@ -166,7 +166,7 @@ class Pipeline:
     # Hot path -------------------------------------------------------------------------
     @property
     def max_event_time(self) -> float:
-        """The newest event time admitted, of any deployment (the lead)."""
+        """The stream's newest event time (the lead): the newest ``ts`` within admission's limits."""
         return self.event_time.lead
 
     @property
@@ -201,8 +201,8 @@ class Pipeline:
         adm = self.admission
         et = self.event_time
         deployments_get = et.deployments.get
-        lead = et.lead
-        newest = adm.newest  # the stream's newest time, whatever became of its event
+        # The stream's newest time, whatever became of its event: the lead of event time.
+        newest = adm.newest
         fut = adm.future_limit(wall_now)
         old = adm.old_limit()
         skew_ref = wall_now is None  # the future limit follows the lead (a replay)
@@ -242,6 +242,11 @@ class Pipeline:
                     fut = ts + skew
                     if fut > MAX_EVENT_TIME:
                         fut = MAX_EVENT_TIME
+                if top is None and ts - skew - lateness > wm:
+                    # Every deployment is silent (or none admitted yet): time still passes.
+                    wm = ts - skew - lateness
+                    if wm > floor:
+                        floor = wm
             dep = ev.deployment
             seen = deployments_get(dep)
             if seen is None:
@@ -275,9 +280,7 @@ class Pipeline:
             # Admitted: the event moves its deployment's time (and perhaps the watermark).
             if ts > latest:
                 seen.max_ts = ts
-                if ts > lead:
-                    lead = ts
-                if seen is top and ts < refresh_at and lead <= drop_at:
+                if seen is top and ts < refresh_at and newest <= drop_at:
                     # The slowest deployment moved on: the watermark follows it up to the
                     # next one's (EventTime's fast path, inlined).
                     mark = (ts if ts < runner else runner) - lateness
@@ -285,8 +288,8 @@ class Pipeline:
                         wm = mark
                         if mark > floor:
                             floor = mark
-                elif seen is top or not seen.queued or lead > drop_at:
-                    et.lead, et.watermark = lead, wm
+                elif seen is top or not seen.queued or newest > drop_at:
+                    et.lead, et.watermark = newest, wm
                     et.moved(seen)
                     wm = et.watermark
                     top, runner, refresh_at, drop_at = et.top, et.runner, et.refresh_at, et.drop_at
@@ -340,7 +343,7 @@ class Pipeline:
             else:
                 n_dep += 1
                 self._deploy(ev, ts)  # type: ignore[arg-type]
-        et.lead, et.watermark = lead, wm
+        et.lead, et.watermark = newest, wm
         adm.newest = newest
         adm.seen = seen_before + n_pred + n_out + n_late + n_dep + len(rejected)
         joiner.added(n_pending, n_popped)
