@@ -26,7 +26,8 @@ BATCH = 1000
 
 class ManualClock:
     def __init__(self) -> None:
-        self.t = 1_000.0
+        # After the recording, as a live wall clock is (the reference for future timestamps).
+        self.t = 1_790_010_000.0
 
     def now(self) -> float:
         return self.t

@@ -20,8 +20,13 @@ from rollbackd.scenarios import BUILTIN, generate
 RULES = Path(__file__).parent / "data" / "e2e-rules.yaml"
 
 
+# The wall clock of these runs: after the recording, as it would be live (the wall clock is
+# the reference for future timestamps: an event ahead of it is dead-lettered).
+WALL = 1_790_010_000.0
+
+
 class Clock:
-    t = 0.0
+    t = WALL
 
     def now(self) -> float:
         return self.t
@@ -62,14 +67,14 @@ def test_each_partition_keeps_its_own_event_time_and_a_silent_one_follows_the_le
     assert t1.watermark == max(e.ts for e in early) - 30
     lead = t0.watermark
     # Not read to its end: partition 1 keeps its own time however long it waits.
-    clock.t = 100.0
+    clock.t = WALL + 100.0
     assert daemon.event_now(clock.t, t1, lead) == t1.watermark
     # Read to its end, but its last events came less than partition_idle_after ago: its own.
     source.ends.add(1)
-    clock.t = 0.5
+    clock.t = WALL + 0.5
     assert daemon.event_now(clock.t, t1, lead) == t1.watermark
     # Read to its end and quiet: it follows the most advanced task.
-    clock.t = 2.5
+    clock.t = WALL + 2.5
     assert daemon.event_now(clock.t, t1, lead) == lead
     # The view adds the tasks up.
     view = daemon.pipeline

@@ -2,13 +2,15 @@
 
 source → decode → **join → windows → detectors → rules → incidents → actions**
 
-``ingest`` is the hot path (per event: lateness check, pane append, join bookkeeping).
+``ingest`` is the hot path (per event: admission and lateness against its own deployment's
+event time, pane append, join bookkeeping; see ``daemon/admission.py``).
 ``advance(now)`` does everything time-driven, in event-time order: at each window boundary it
 closes windows, runs the detectors and steps the alert state machines; between boundaries it
 fires incident deadlines (group_wait, repeat_interval). No method reads a clock; whoever
 drives the pipeline (replay, the live daemon, a test) passes ``now``. Given the same events
-and the same ``now`` sequence up to batch boundaries, the decisions are identical: lateness is
-judged per event against the events before it, never against batch boundaries.
+and the same ``now`` sequence up to batch boundaries, the decisions are identical: admission
+and lateness are judged per event against the events before it, never against batch
+boundaries.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from rollbackd.actions.base import ActionResult, Notifier, RollbackBackend
 from rollbackd.actions.delivery import Delivery, Recorder
 from rollbackd.actions.intents import Call, Intent
 from rollbackd.actions.policy import SafetyState
+from rollbackd.daemon.admission import MAX_EVENT_TIME, Admission, EventTime
 from rollbackd.daemon.decisions import DecisionSink, NullDecisions
 from rollbackd.daemon.executor import Executor, SyncExecutor
 from rollbackd.daemon.join import OutcomeJoiner, Pending
@@ -121,7 +124,16 @@ class Pipeline:
         self.safety = SafetyState()
         # Rollbacks waiting for a human, by "<incident>:<variant>": rule, variant, deadline.
         self.awaiting: dict[str, dict[str, Any]] = {}
-        self.max_event_time = -math.inf
+        # What gets in, and event time per deployment (see daemon/admission.py).
+        self.admission = Admission(s, s.join_horizon, config.deployments)
+        self.event_time = EventTime(s.lateness, s.max_future_skew)
+        # The last window boundary processed (or skipped as quiet): nothing may be filed before
+        # it. In a replay it never passes the watermark; live, the idle tick may move it on.
+        self._closed = -math.inf
+        # The last boundary at which any data was buffered, and how long after it every alert
+        # has settled (see _settle_span): past that, empty boundaries are skipped.
+        self._data_until = -math.inf
+        self._settle = _settle_span(config.rules, self.assembler)
         self.counters: Counter[str] = Counter()
         self.muted_episodes: Counter[str] = Counter()  # firing episodes muted, by what muted them
         self.rejects: Counter[str] = Counter()
@@ -135,42 +147,143 @@ class Pipeline:
         self._init_effects()
 
     # Hot path -------------------------------------------------------------------------
-    def ingest(self, events: list[Event]) -> None:
-        if not events:
-            return
+    @property
+    def max_event_time(self) -> float:
+        """The stream's newest event time (the lead): the newest ``ts`` within admission's limits."""
+        return self.event_time.lead
+
+    @property
+    def watermark(self) -> float:
+        """Event time up to which every window may close: the slowest active deployment's
+        newest event minus the lateness (``admission.EventTime``). Drivers advance to it."""
+        return self.event_time.watermark
+
+    def ingest(self, events: list[Event], wall_now: float | None = None) -> None:
+        """Admit, judge lateness and file ``events``.
+
+        ``wall_now`` is the wall clock of a live run: the reference for future timestamps.
+        Without it (a replay, a drill, a test) the reference is the stream's own, and the first
+        ``admission.WARM_UP`` events are held until it is anchored (see :meth:`finish`).
+        """
+        adm = self.admission
+        if wall_now is None and adm.warming:
+            events = adm.hold(events)
+        if events:
+            self._ingest(events, wall_now)
+
+    def finish(self) -> None:
+        """The end of a finite stream: the events still held for the warm-up go in."""
+        if self.admission.warming:
+            held = self.admission.release()
+            if held:
+                self._ingest(held, None)
+
+    def _ingest(self, events: list[Event], wall_now: float | None) -> None:
         g = self.assembler.granularity
-        if self._next_boundary is None:
-            first = min(ev.ts for ev in events)
-            self._next_boundary = (math.floor(first / g) + 1) * g
         lateness = self.lateness
-        max_ts = self.max_event_time
-        floor = max_ts - lateness  # the watermark before the event at hand
+        adm = self.admission
+        et = self.event_time
+        deployments_get = et.deployments.get
+        # The stream's newest time, whatever became of its event: the lead of event time.
+        newest = adm.newest
+        fut = adm.future_limit(wall_now)
+        old = adm.old_limit()
+        skew_ref = wall_now is None  # the future limit follows the lead (a replay)
+        skew = adm.skew
+        # Nothing may go before the watermark nor a boundary already processed.
+        wm = et.watermark
+        floor = max(wm, self._closed)
+        top, runner, refresh_at, drop_at = et.top, et.runner, et.refresh_at, et.drop_at
         slots = self._slots
+        known_keys = self._known_keys
         joiner = self.joiner
         pending_get = joiner.pending_books().get
         horizon = joiner.horizon
-        n_pred = n_out = n_late = n_pending = 0
+        rejected: list[Rejected] = []
+        n_pred = n_out = n_late = n_pending = n_dep = 0
         # OutcomeJoiner.match's outcomes, counted here and added to its stats at the end.
         n_popped = n_joined = n_unmatched = n_expired = n_not_needed = 0
         room = max(1, joiner.max_pending - len(joiner))  # inserts before the cap is reached
+        seen_before = adm.seen
         for ev in events:
             ts = ev.ts
-            if ts < floor:
+            if ts > fut or ts < old:
+                position = seen_before + n_pred + n_out + n_late + n_dep + len(rejected)
+                adm.newest = newest
+                refused = adm.judge(ev, position, wall_now)
+                if refused is not None:
+                    rejected.append(refused)
+                    continue
+                fut = adm.future_limit(wall_now)  # the stream jumped: followed
+            if ts > newest:
+                # The stream's time moves on with every event within the limits, also one that
+                # is refused below (a name beyond a cap): its clock is not in doubt.
+                newest = ts
+                if ts - horizon > old:
+                    old = ts - horizon
+                if skew_ref and ts + skew > fut:  # a replay's reference is the stream's time
+                    fut = ts + skew
+                    if fut > MAX_EVENT_TIME:
+                        fut = MAX_EVENT_TIME
+                if top is None and ts - skew - lateness > wm:
+                    # Every deployment is silent (or none admitted yet): time still passes.
+                    wm = ts - skew - lateness
+                    if wm > floor:
+                        floor = wm
+            dep = ev.deployment
+            seen = deployments_get(dep)
+            if seen is None:
+                if not adm.admit_deployment(dep):
+                    rejected.append(adm.rejected(ev, "cardinality", adm.cardinality_detail("deployments", dep)))
+                    continue
+                seen = et.add(dep)
+            latest = seen.max_ts
+            if ts < floor or ts < latest - lateness:
                 n_late += 1
                 continue
-            if ts > max_ts:
-                max_ts = ts
-                floor = ts - lateness
             cls = type(ev)
             if cls is Prediction:
-                n_pred += 1
-                key = (ev.deployment, ev.variant)  # type: ignore[union-attr]
+                key = (dep, ev.variant)  # type: ignore[union-attr]
                 idx = int(ts // g)
                 slot = slots.get(key)
                 if slot is None or slot[0] != idx:
+                    if key not in known_keys and not adm.room_for_variant(seen):
+                        rejected.append(adm.rejected(ev, "cardinality", adm.cardinality_detail("variants", dep)))
+                        continue
+                    slot = None
+                feats = ev.features  # type: ignore[union-attr]
+                if feats and not seen.features.issuperset(feats) and not adm.admit_features(seen, ev):  # type: ignore[arg-type]
+                    rejected.append(adm.rejected(ev, "cardinality", adm.cardinality_detail("features", dep)))
+                    continue
+            elif cls is not Outcome:  # a deploy: it makes its variant known
+                key = (dep, ev.variant)  # type: ignore[union-attr]
+                if key not in known_keys and not adm.room_for_variant(seen):
+                    rejected.append(adm.rejected(ev, "cardinality", adm.cardinality_detail("variants", dep)))
+                    continue
+            # Admitted: the event moves its deployment's time (and perhaps the watermark).
+            if ts > latest:
+                seen.max_ts = ts
+                if seen is top and ts < refresh_at and newest <= drop_at:
+                    # The slowest deployment moved on: the watermark follows it up to the
+                    # next one's (EventTime's fast path, inlined).
+                    mark = (ts if ts < runner else runner) - lateness
+                    if mark > wm:
+                        wm = mark
+                        if mark > floor:
+                            floor = mark
+                elif seen is top or not seen.queued or newest > drop_at:
+                    et.lead, et.watermark = newest, wm
+                    et.moved(seen)
+                    wm = et.watermark
+                    top, runner, refresh_at, drop_at = et.top, et.runner, et.refresh_at, et.drop_at
+                    if wm > floor:
+                        floor = wm
+            if cls is Prediction:
+                n_pred += 1
+                if slot is None:
                     slot = self._slot(key, idx)
                 slot[1].append(ev)
-                book = pending_get(ev.deployment)  # type: ignore[union-attr]
+                book = pending_get(dep)
                 if book is not None:
                     # OutcomeJoiner.add, inlined: this line runs for every prediction.
                     if ev.id in book:  # type: ignore[union-attr]
@@ -185,7 +298,7 @@ class Pipeline:
             elif cls is Outcome:
                 n_out += 1
                 # OutcomeJoiner.match, inlined: this runs for every outcome.
-                book = pending_get(ev.deployment)  # type: ignore[union-attr]
+                book = pending_get(dep)
                 if book is None:
                     n_not_needed += 1
                     continue
@@ -201,7 +314,7 @@ class Pipeline:
                     continue
                 n_joined += 1
                 # The label goes into the pane of its own ts, under its prediction's variant.
-                key = (ev.deployment, entry.variant)  # type: ignore[union-attr]
+                key = (dep, entry.variant)
                 idx = int(ts // g)
                 slot = slots.get(key)
                 if slot is None or slot[0] != idx:
@@ -211,9 +324,11 @@ class Pipeline:
                     ev.label,  # type: ignore[union-attr]
                 ))
             else:
-                self.counters["deploys"] += 1
+                n_dep += 1
                 self._deploy(ev, ts)  # type: ignore[arg-type]
-        self.max_event_time = max_ts
+        et.lead, et.watermark = newest, wm
+        adm.newest = newest
+        adm.seen = seen_before + n_pred + n_out + n_late + n_dep + len(rejected)
         joiner.added(n_pending, n_popped)
         stats = joiner.stats
         stats.joined += n_joined
@@ -223,6 +338,10 @@ class Pipeline:
         self.counters["predictions"] += n_pred
         self.counters["outcomes"] += n_out
         self.counters["late"] += n_late
+        if n_dep:
+            self.counters["deploys"] += n_dep
+        if rejected:
+            self.reject(rejected)
 
     def _slot(self, key: Key, idx: int) -> tuple[int, list[Prediction], list[Labeled]]:
         """The prediction and label lists of pane ``idx`` of ``key``, cached for the hot loop."""
@@ -248,6 +367,9 @@ class Pipeline:
 
     def _new_key(self, key: Key) -> None:
         self._known_keys.add(key)
+        seen = self.event_time.deployments.get(key[0])
+        if seen is not None:  # None: a key of a checkpoint older than admission
+            seen.variants += 1
         if any(r.needs_labels and r.applies_to(*key) for r in self.config.rules):
             self.joiner.track(key[0])
         self.versions.setdefault(key, VersionHistory())
@@ -262,13 +384,36 @@ class Pipeline:
 
     # Time-driven ------------------------------------------------------------------------
     def advance(self, now: float) -> None:
-        """Process every window boundary and incident deadline up to event time ``now``."""
+        """Process every window boundary and incident deadline up to event time ``now``.
+
+        Crossing a long gap costs O(rules x deployments), not O(gap / step): once every alert
+        has settled after the last data (``_settle_span``), empty boundaries are skipped up to
+        the next one with data, an incident deadline or ``now``, whichever comes first.
+        """
+        if not now > -math.inf:  # no event yet (or NaN)
+            return
+        now = min(now, MAX_EVENT_TIME)
         g = self.assembler.granularity
-        while self._next_boundary is not None:
+        if self._next_boundary is None:
+            first = self.assembler.earliest_pane_end()
+            if first is None:
+                return
+            self._next_boundary = first
+        while True:
             nb = self._next_boundary
             first = self.assembler.earliest_pane_end()
-            if first is not None and first > nb and not self.book.open and not self._watches_silence:
-                nb = self._next_boundary = first  # nothing buffered before it: skip idle time
+            if first is not None and first <= nb:
+                self._data_until = nb
+            if first is None or first > nb:
+                quiet = nb >= self._data_until + self._settle
+                if quiet or (first is not None and not self.book.open and not self._watches_silence):
+                    # Nothing buffered before `first`: skip the empty boundaries, never past
+                    # `now` (an event may still come for the ones after it).
+                    after_now = (math.floor(now / g) + 1) * g
+                    target = after_now if first is None else min(first, after_now)
+                    if target > nb:
+                        nb = self._next_boundary = target
+                        self._closed = max(self._closed, target - g)
             deadline = self.book.next_deadline()
             if self.awaiting:
                 first_wait = min(w["deadline"] for w in self.awaiting.values())
@@ -284,7 +429,11 @@ class Pipeline:
             self._boundary(nb)
             self._effects(self.book.tick(nb))
             self._approvals(nb)
-            self._next_boundary = nb + g
+            self._closed = nb
+            following = nb + g
+            if not following > nb:  # cannot happen within admission's bounds; never spin on it
+                raise ValueError(f"event time {nb} is beyond what a window step can advance")
+            self._next_boundary = following
 
     def _boundary(self, t: float) -> None:
         g = self.assembler.granularity
@@ -522,6 +671,10 @@ class Pipeline:
             "rollbackd_version": __version__,
             "rules": {r.name: repr(r) for r in self.config.rules},
             "max_event_time": self.max_event_time,
+            "event_time": self.event_time.state(),
+            "admission": self.admission.state(),
+            "closed": self._closed,
+            "data_until": self._data_until,
             "next_boundary": self._next_boundary,
             "counters": self.counters,
             "muted_episodes": self.muted_episodes,
@@ -555,8 +708,22 @@ class Pipeline:
         changed = {n for n, spec in state["rules"].items() if now_rules.get(n) != spec}
         warnings = [f"rule {n} changed or was removed since the checkpoint: its state starts afresh"
                     for n in sorted(changed)]
-        self.max_event_time = state["max_event_time"]
         self._next_boundary = state["next_boundary"]
+        if "event_time" in state:
+            self.event_time.restore(state["event_time"])
+            self.admission.restore(state["admission"])
+            self._closed = state["closed"]
+            self._data_until = state["data_until"]
+        else:
+            # Written before event time was kept per deployment: one global watermark, as
+            # that rollbackd judged lateness; the reference anchored (no warm-up mid-stream);
+            # every alert given the full settle span again before a gap is skipped.
+            lead = state["max_event_time"]
+            self.event_time.lead = lead
+            self.event_time.watermark = lead - self.lateness
+            self.admission.anchor = self.admission.newest = lead
+            self._closed = -math.inf
+            self._data_until = -math.inf if self._next_boundary is None else self._next_boundary
         self.counters = state["counters"]
         self.muted_episodes = state.get("muted_episodes", Counter())  # absent before it existed
         self.rejects = state["rejects"]
@@ -607,6 +774,39 @@ class Pipeline:
 
     def incidents(self) -> list[Incident]:
         return sorted([*self.book.closed, *self.book.open.values()], key=lambda i: (i.opened_at, i.id))
+
+
+def _settle_span(rules: Sequence[RuleSpec], assembler: WindowAssembler) -> float:
+    """How long after the last buffered data every alert has stopped changing, if no data comes.
+
+    After it, each rule sees only empty windows, whose measurement no longer changes: the
+    longest reach of a window (count-based windows reach further back), plus what a detector
+    remembers beyond its window (burn_rate: its longest lookback), plus ``for``,
+    ``keep_firing_for`` and a k-of-n history, plus two steps. A no-data (``traffic``) rule
+    has fired by then. Boundaries past it are skipped when nothing is buffered.
+    """
+    if not rules:
+        return 0.0
+    reach = assembler.retain_panes * assembler.granularity
+    memory = max(_lookback(r) for r in rules)
+    timing = max(r.for_ for r in rules) + max(r.keep_firing_for for r in rules)
+    history = max(r.n * r.window.step for r in rules)
+    step = max(r.window.step for r in rules)
+    return reach + memory + timing + history + 2 * step
+
+
+def _lookback(rule: RuleSpec) -> float:
+    """Event time a rule's detector remembers beyond the window it is fed (0 for most)."""
+    if rule.detector != "burn_rate":
+        return 0.0
+    from rollbackd.detectors.burn_rate import DEFAULT_WINDOWS
+    from rollbackd.rules.durations import parse_duration
+
+    pairs = rule.params.get("windows", DEFAULT_WINDOWS)
+    try:
+        return max(parse_duration(p) for pair in pairs for p in pair[:2])
+    except (TypeError, ValueError, IndexError):  # validated at load; a day if it were not
+        return 86400.0
 
 
 def _fill_defaults(obj: Any) -> None:

@@ -1,8 +1,9 @@
 """Replay: drive the pipeline from a finite source with the event-time clock.
 
 This is the same core the live daemon runs; only the clock and the source differ. The
-watermark advances with the stream, so timers (window closes, ``for`` durations, group_wait)
-fire exactly where they would have live.
+watermark advances with the stream (the pipeline's own, per deployment: see
+``daemon/admission.py``), so timers (window closes, ``for`` durations, group_wait) fire
+exactly where they would have live.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from rollbackd.actions.base import Notifier, RollbackBackend
 from rollbackd.actions.factory import make_backend, make_notifier
-from rollbackd.daemon.clock import EventTimeClock
 from rollbackd.daemon.deadletter import JsonlDeadLetter
 from rollbackd.daemon.decisions import DecisionSink, NullDecisions
 from rollbackd.daemon.pipeline import Edges, Pipeline
@@ -114,7 +114,6 @@ def replay(
     batch_size: int = 8192,
     progress: Progress | None = None,
 ) -> ReplayResult:
-    clock = EventTimeClock(pipeline.lateness)
     events = batches = 0
     gc_thresholds = gc.get_threshold()
     gc.set_threshold(*GC_THRESHOLDS)
@@ -126,16 +125,18 @@ def replay(
                 pipeline.reject(batch.rejects)
             push_human_input(pipeline)
             pipeline.ingest(batch.events)
-            clock.observe(pipeline.max_event_time)
-            pipeline.advance(clock.now())
+            # The pipeline's watermark: per deployment, so one fast producer moves no one else.
+            pipeline.advance(pipeline.watermark)
             flush = getattr(pipeline.edges.dead_letters, "flush", None)
             if flush is not None:
                 flush()  # dead letters are durable before their position is committed
             source.commit(batch.position)
             if progress is not None:
-                progress(events, clock.now())
-        # End of a finite stream: every window that ended by the last event is complete.
-        pipeline.advance(clock.flush())
+                progress(events, pipeline.watermark)
+        # End of a finite stream: a short one is still held for the warm-up; then every
+        # window that ended by the last event is complete.
+        pipeline.finish()
+        pipeline.advance(pipeline.max_event_time)
     finally:
         gc.set_threshold(*gc_thresholds)
         source.close()

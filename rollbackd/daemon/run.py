@@ -125,7 +125,7 @@ class Task:
 
     @property
     def watermark(self) -> float:
-        return self.pipeline.max_event_time - self.pipeline.lateness
+        return self.pipeline.watermark
 
 
 class PipelinesView:
@@ -501,7 +501,8 @@ class Daemon:
                 continue
             task = self.task(key)
             self._select(key)
-            task.pipeline.ingest(events)
+            # Live, the wall clock is the reference for future timestamps (daemon/admission.py).
+            task.pipeline.ingest(events, wall_now=now)
             self.events += len(events)
             task.last_event_wall = now
             task.event_time_at_last_event = task.pipeline.max_event_time

@@ -83,6 +83,7 @@ _NULL = "tag:yaml.org,2002:null"
 _MERGE = "tag:yaml.org,2002:merge"
 _FOR_WINDOWS = re.compile(r"^\s*(\d+)\s+windows?\s*$")
 _PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_YEAR_10000 = 253_402_300_800.0  # 10000-01-01T00:00:00Z in Unix seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -623,6 +624,11 @@ class _Walker:
             "join_horizon",
             "max_pending_labels",
             "max_event_bytes",
+            "max_future_skew",
+            "min_event_time",
+            "max_deployments",
+            "max_variants_per_deployment",
+            "max_features_per_deployment",
             "notifier",
         )
         pairs = self.mapping(node, "settings", keys)
@@ -648,11 +654,49 @@ class _Walker:
             "max_event_bytes",
             lambda n, p: self.number(n, p, integer=True, ge=1),
         )
+        self.optional(
+            pairs, "settings", kw, "max_future_skew",
+            lambda n, p: self.duration(n, p, positive=True),
+        )
+        self.optional(pairs, "settings", kw, "min_event_time", self.event_time)
+        for cap in ("max_deployments", "max_variants_per_deployment", "max_features_per_deployment"):
+            self.optional(
+                pairs, "settings", kw, cap, lambda n, p: self.number(n, p, integer=True, ge=1)
+            )
         if "notifier" in pairs:
             notifier = self.notifier(pairs["notifier"][1], "settings.notifier")
             if notifier is not None:
                 kw["notifier"] = notifier
         return Settings(**kw)
+
+    def event_time(self, node: Node, path: str) -> Any:
+        """A point in time: RFC 3339 (``2000-01-01T00:00:00Z``, quoted or not) or Unix seconds,
+        between 1970 and 9999 (what the event contract can carry)."""
+        import datetime as dt
+
+        value = self.construct(node, path) if isinstance(node, ScalarNode) else None
+        if value is INVALID:
+            return INVALID
+        if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+            value = dt.datetime(value.year, value.month, value.day)
+        if isinstance(value, str):
+            try:
+                value = dt.datetime.fromisoformat(value.strip().replace("z", "Z").replace("Z", "+00:00"))
+            except ValueError:
+                return self.error(
+                    node, path, f"expected an RFC 3339 time (2000-01-01T00:00:00Z) or Unix seconds, got {value!r}"
+                )
+        if isinstance(value, dt.datetime):
+            if value.tzinfo is None:  # YAML reads an unquoted ...Z time as naive UTC
+                value = value.replace(tzinfo=dt.timezone.utc)
+            value = value.timestamp()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return self.error(
+                node, path, f"expected an RFC 3339 time (2000-01-01T00:00:00Z) or Unix seconds, got {_kind(node)}"
+            )
+        if not 0 <= value < _YEAR_10000:
+            return self.error(node, path, f"must be between 1970 and 9999, got {value}")
+        return float(value)
 
     def optional(
         self,

@@ -239,6 +239,14 @@ class Settings:
     join_horizon: float = 86400.0
     max_pending_labels: int = 2_000_000
     max_event_bytes: int = 1 << 20
+    # Event time that one bad clock cannot move (``daemon/admission.py``): an event stamped
+    # further ahead of the reference clock than this is dead-lettered as future_timestamp.
+    max_future_skew: float = 300.0
+    min_event_time: float = 946_684_800.0  # 2000-01-01T00:00:00Z: older is too_old
+    # Cardinality caps: names beyond them are dead-lettered (reason cardinality).
+    max_deployments: int = 10_000
+    max_variants_per_deployment: int = 16
+    max_features_per_deployment: int = 1_000
     notifier: NotifierSpec = NotifierSpec()
 
 
