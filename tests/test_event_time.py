@@ -259,6 +259,10 @@ def test_distinct_deployment_names_beyond_the_cap_are_dead_lettered(tmp_path):
     assert "max_deployments (100)" in dead[0]["detail"]
     assert pipeline.counters["predictions"] == 101
     assert len(pipeline.assembler.panes) <= 101
+    # one notice says so, however many names were refused; it is not a decision
+    printed = pipeline.edges.notifier.stream.getvalue()
+    assert printed.count("[CARDINALITY]") == 1 and "too many distinct deployments" in printed
+    assert "max_deployments (100)" in printed
 
 
 def test_variants_and_feature_names_per_deployment_are_capped(tmp_path):
@@ -274,6 +278,9 @@ def test_variants_and_feature_names_per_deployment_are_capped(tmp_path):
     assert reasons.count("max_variants_per_deployment") == 6
     assert reasons.count("max_features_per_deployment") == 398
     assert pipeline.counters["predictions"] == 4 + 2 + 10
+    printed = pipeline.edges.notifier.stream.getvalue()
+    assert printed.count("[CARDINALITY] d: too many distinct variants") == 1
+    assert printed.count("[CARDINALITY] d: too many distinct features") == 1
 
 
 def test_the_warm_up_holds_a_count_not_a_time(tmp_path):

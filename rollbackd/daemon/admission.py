@@ -47,7 +47,14 @@ import structlog
 from rollbackd.events import Event, Prediction, Rejected
 from rollbackd.rules.model import Settings
 
-__all__ = ["Admission", "DeploymentSeen", "EventTime", "WARM_UP", "JUMP_RUN", "MAX_EVENT_TIME"]
+__all__ = ["Admission", "DeploymentSeen", "EventTime", "WARM_UP", "JUMP_RUN", "MAX_EVENT_TIME",
+           "ADMISSION_REASONS", "FUTURE_TIMESTAMP", "TOO_OLD", "CARDINALITY"]
+
+# Dead-letter reasons of well-formed events that admission turns away (docs/event-contract.md).
+FUTURE_TIMESTAMP = "future_timestamp"
+TOO_OLD = "too_old"
+CARDINALITY = "cardinality"
+ADMISSION_REASONS = (FUTURE_TIMESTAMP, TOO_OLD, CARDINALITY)
 
 log = structlog.get_logger("rollbackd")
 
@@ -208,6 +215,7 @@ class Admission:
         self._beyond: deque[tuple[int, float]] = deque(maxlen=JUMP_RUN)
         self.unconfigured = 0  # admitted deployments not named in the rules file
         self._warned: set[tuple[str, str]] = set()
+        self.alarms: list[tuple[str, str]] = []  # (deployment, kind) first rejected, not said yet
 
     # Limits -----------------------------------------------------------------------------
     def reference(self, wall_now: float | None) -> float:
@@ -252,17 +260,17 @@ class Admission:
         ts = ev.ts
         newest = self.newest
         if ts < self.min_event_time:
-            return self.rejected(ev, "too_old", f"ts {_iso(ts)} is before settings.min_event_time "
+            return self.rejected(ev, TOO_OLD, f"ts {_iso(ts)} is before settings.min_event_time "
                                  f"{_iso(self.min_event_time)}")
         if ts < newest - self.horizon:
-            return self.rejected(ev, "too_old", f"ts {_iso(ts)} is more than the join horizon "
+            return self.rejected(ev, TOO_OLD, f"ts {_iso(ts)} is more than the join horizon "
                                  f"({self.horizon:g}s) behind the newest event {_iso(newest)}")
         limit = self.future_limit(wall_now)
         if ts <= limit:
             return None
         what = "the wall clock" if wall_now is not None else "the stream's newest event"
         rejected = self.rejected(
-            ev, "future_timestamp",
+            ev, FUTURE_TIMESTAMP,
             f"ts {_iso(ts)} is more than settings.max_future_skew ({self.skew:g}s) ahead of "
             f"{what} {_iso(self.reference(wall_now))}",
         )
@@ -316,7 +324,9 @@ class Admission:
         if (deployment, kind) in self._warned:
             return
         self._warned.add((deployment, kind))
-        # The first rejection per deployment and kind: later ones are only counted.
+        # The first rejection per deployment and kind: said in a notice (the pipeline takes it
+        # from ``alarms``); later ones are only counted.
+        self.alarms.append((deployment, kind))
         log.warning("admission.cardinality", deployment=deployment, kind=kind, cap=cap)
 
     def cardinality_detail(self, kind: str, deployment: str) -> str:

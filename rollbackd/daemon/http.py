@@ -225,10 +225,11 @@ class MetricsCollector:
             "rollbackd_events_rejected", "Inputs that broke the event contract, by reason (dead-lettered).",
             labels=["reason"],
         )
+        from rollbackd.daemon.admission import ADMISSION_REASONS
         from rollbackd.events import REJECT_REASONS
 
         rejects = dict(self.pipeline.rejects)
-        for reason in sorted(set(REJECT_REASONS) | set(rejects)):
+        for reason in sorted(set(REJECT_REASONS) | set(ADMISSION_REASONS) | set(rejects)):
             rejected.add_metric([reason], rejects.get(reason, 0))
         yield rejected
 
@@ -236,7 +237,7 @@ class MetricsCollector:
         max_ts = self.pipeline.max_event_time
         if not math.isfinite(max_ts):
             return
-        watermark = max_ts - self.pipeline.lateness
+        watermark = self.pipeline.watermark  # per deployment: the slowest active one's
         g = GaugeMetricFamily("rollbackd_event_time_seconds", "Newest event time seen (Unix seconds).")
         g.add_metric([], max_ts)
         yield g

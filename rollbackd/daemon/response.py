@@ -196,6 +196,17 @@ class Responder:
         p.book.noticed(inc, ts, None)  # the repeat clock runs from the decision, not the answer
         return Notify(key, notice, rec, reason)
 
+    def system_notice(self, key: str, ts: float, title: str, text: str) -> None:
+        """A notice about rollbackd itself rather than an incident (a cardinality cap that
+        binds): posted and kept in the ledger, not in the decision log."""
+        notice = Notice(incident_id=key, kind="opened", ts=ts, deployment="*", variant="*",
+                        version=None, title=title, text=text, drill=self.p.edges.drill)
+        rec: dict[str, Any] = {
+            "ts": ts, "kind": "action", "action": "notify", "notice": "opened", "incident_id": key,
+            "deployment": "*", "variant": "*", "status": "started", "idempotency_key": f"{key}:notice",
+        }
+        self.p.executor.submit(Notify(f"{key}:notice", notice, rec, title, decision=False))
+
     # Results ------------------------------------------------------------------------------
     def apply_result(self, call: Call, result: ActionResult) -> None:
         if isinstance(call, Notify):

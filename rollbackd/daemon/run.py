@@ -152,6 +152,10 @@ class PipelinesView:
     def max_event_time(self) -> float:
         return max(p.max_event_time for p in self._all())
 
+    @property
+    def watermark(self) -> float:
+        return max(p.watermark for p in self._all())
+
     def _merged(self, name: str) -> dict[Any, Any]:
         """Every task's ``name`` dict merged into one, in task order."""
         out: dict[Any, Any] = {}
@@ -564,7 +568,7 @@ class Daemon:
         title = f"[EFFECTS] {self.name}: notice queue full for {deployment}"
         notice = Notice(incident_id=f"effects-{self.name}-{deployment}", kind="opened",
                         ts=self.clock.now(), deployment="*", variant="*", version=None,
-                        title=title, text=f"{title}: {text}")
+                        title=title, text=text)
         key = f"{notice.incident_id}:notice:{notice.ts:.3f}"
         rec = {"ts": notice.ts, "kind": "action", "action": "notify", "notice": "opened",
                "incident_id": notice.incident_id, "deployment": "*", "variant": "*",
