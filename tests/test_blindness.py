@@ -156,3 +156,191 @@ def test_bad_settings_are_refused():
         Blindness(blind_after=0)
     with pytest.raises(ValueError, match="lag_limit"):
         Blindness(blind_after=1, lag_limit=-1)
+
+
+# -- The daemon: the check runs on a timer, the state is checkpointed, shutdown is bounded ------
+
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from rollbackd.actions.base import ActionResult  # noqa: E402
+from rollbackd.daemon.blindness import SourceHealth  # noqa: E402
+from rollbackd.daemon.replay import build_pipeline  # noqa: E402
+from rollbackd.daemon.run import Checkpoint, Daemon, RunSettings  # noqa: E402
+from rollbackd.daemon.sources import Batch  # noqa: E402
+from rollbackd.errors import Recoverable  # noqa: E402
+from rollbackd.rules.loader import load_config  # noqa: E402
+
+RULES = Path(__file__).parent / "data" / "e2e-rules.yaml"
+
+
+class SteppedClock:
+    """Wall time that moves only when the daemon waits (its injected ``wait``)."""
+
+    def __init__(self) -> None:
+        self.t = T0
+
+    def now(self) -> float:
+        return self.t
+
+    def wait(self, seconds: float) -> bool:
+        self.t += seconds
+        return False
+
+
+class Notices:
+    def __init__(self) -> None:
+        self.posted: list = []
+
+    def post(self, notice):
+        self.posted.append(notice)
+        return ActionResult("succeeded", "kept", thread=f"thread-{len(self.posted)}")
+
+
+class Outage:
+    """A stand-in source for fault injection: reads fail while ``down``; health() says what a
+    Kafka source would (reachable, lag)."""
+
+    def __init__(self, clock: SteppedClock, daemon_stop=None, down_until: float = float("inf"),
+                 lag: int = 0, stop_after: float | None = None) -> None:
+        self.clock = clock
+        self.down_until = down_until
+        self.lag_now = lag
+        self.stop_after = stop_after
+        self.daemon: Daemon | None = None
+        self.reads = 0
+
+    def read(self, max_events: int) -> Batch:
+        self.reads += 1
+        if self.stop_after is not None and self.clock.t >= self.stop_after:
+            self.daemon.stop()
+        if self.clock.t < self.down_until:
+            raise Recoverable("consumer: _ALL_BROKERS_DOWN: 1/1 brokers are down")
+        self.clock.t += 0.5  # a poll that brought nothing
+        return Batch([], [], {"t:0": 0})
+
+    def health(self) -> SourceHealth:
+        up = self.clock.t >= self.down_until
+        return SourceHealth(reachable=up, silent_for=0.0, detail="" if up else "down",
+                            lag=self.lag_now, lag_age=0.0 if up else 99.0)
+
+    def commit(self, position) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def daemon_for(source, clock, tmp_path, notifier, **settings) -> Daemon:
+    config = load_config(RULES)
+    d = Daemon(build_pipeline(config), source, clock=clock, wait=clock.wait, notifier=notifier,
+               settings=RunSettings(checkpoint_path=str(tmp_path / "state.ckpt"), **settings))
+    source.daemon = d
+    return d
+
+
+def test_backoff_does_not_postpone_the_notice(tmp_path):
+    """Reads fail from T0 with backoff growing to 10 s: the notice still comes at 15 s, not at
+    the end of the backoff wait that spans it (main raised it at ~20 s)."""
+    clock = SteppedClock()
+    notices = Notices()
+    source = Outage(clock, down_until=T0 + 40, lag=0, stop_after=T0 + 45)
+    daemon = daemon_for(source, clock, tmp_path, notices, blind_after=15, backoff_max=10)
+    daemon.run()
+    opened, resolved = notices.posted
+    assert opened.kind == "opened" and T0 + 15 <= opened.ts <= T0 + 16  # looked at every second
+    assert opened.title.startswith("[BLIND] rollbackd: not watching since 2023-11-14T22:13:20Z (")
+    assert opened.title.endswith("s): cannot read events: consumer: _ALL_BROKERS_DOWN: 1/1 brokers are down")
+    assert resolved.kind == "resolved" and resolved.thread == "thread-1"
+    # Seen at the first read after the outage: at most one backoff (10 s) after it ended.
+    assert T0 + 40 <= resolved.ts <= T0 + 51
+    assert "consumer lag 0" in resolved.title and "blind (since 2023-11-14T22:13:20Z)" in resolved.title
+    assert daemon.lag == 0
+
+
+def test_a_restart_while_blind_keeps_the_notice_and_resolves_it(tmp_path):
+    clock = SteppedClock()
+    first = Notices()
+    d1 = daemon_for(Outage(clock, stop_after=T0 + 20), clock, tmp_path, first, blind_after=5)
+    d1._position = {"t:0": 0}  # a source that has been read: checkpoints are written
+    d1.run()
+    assert [n.kind for n in first.posted] == ["opened"]
+    assert Checkpoint.load(str(tmp_path / "state.ckpt")).blind["notified"] is True
+
+    # Restarted, still blind: no second notice. Then the brokers come back: resolved in the
+    # first notice's thread, counting the whole spell.
+    second = Notices()
+    clock.t += 60  # the daemon was down a minute
+    d2 = daemon_for(Outage(clock, down_until=clock.t + 10, lag=7, stop_after=clock.t + 15), clock, tmp_path,
+                    second, blind_after=5)
+    d2.restore()
+    assert d2.blind_notified and d2.blind_since == T0
+    d2.run()
+    (resolved,) = second.posted
+    assert resolved.kind == "resolved" and resolved.thread == "thread-1"
+    assert resolved.ts >= T0 + 90
+    assert (f"watching again after {round(resolved.ts - T0)} s blind (since 2023-11-14T22:13:20Z); "
+            "consumer lag 7") in resolved.title
+
+
+def test_a_checkpoint_from_before_the_blind_state_still_loads(tmp_path, monkeypatch):
+    import dataclasses
+
+    import rollbackd.daemon.run as run_module
+
+    @dataclasses.dataclass(slots=True)
+    class Checkpoint:  # as rollbackd wrote it before the blind state: four slots
+        pipelines: dict
+        position: object
+        decisions_offset: int
+        ledger_marks: dict
+
+    Checkpoint.__module__, Checkpoint.__qualname__ = run_module.__name__, "Checkpoint"
+    path = tmp_path / "old.ckpt"
+    with monkeypatch.context() as m:
+        m.setattr(run_module, "Checkpoint", Checkpoint)
+        path.write_bytes(pickle.dumps(Checkpoint({0: b""}, {"t:0": 1}, 0, {})))
+    loaded = run_module.Checkpoint.load(str(path))
+    assert type(loaded) is run_module.Checkpoint
+    assert loaded.position == {"t:0": 1} and loaded.blind is None
+
+
+def test_stop_returns_within_the_stop_timeout_when_close_hangs(tmp_path):
+    class Hung(Outage):
+        released = threading.Event()
+
+        def close(self) -> None:  # a consumer leaving a group whose coordinator is gone
+            self.released.wait(60)
+
+    clock = SteppedClock()
+    source = Hung(clock, stop_after=T0 + 2)
+    daemon = daemon_for(source, clock, tmp_path, Notices(), blind_after=30, stop_timeout=1.0)
+    t = time.monotonic()
+    try:
+        daemon.run()
+        took = time.monotonic() - t
+    finally:
+        Hung.released.set()
+    assert took < 2.0, took
+
+
+def test_metrics_read_the_kept_lag_without_asking_the_source(tmp_path):
+    from rollbackd.daemon.http import MetricsCollector
+
+    class Counting(Outage):
+        asked = 0
+
+        def lag(self) -> int:
+            Counting.asked += 1
+            raise AssertionError("a scrape must not ask the source")
+
+    clock = SteppedClock()
+    source = Counting(clock, down_until=T0, lag=12, stop_after=T0 + 3)
+    daemon = daemon_for(source, clock, tmp_path, Notices())
+    daemon.run()
+    collector = MetricsCollector(daemon.pipeline, daemon=daemon, clock=clock)
+    names = {m.name: m for m in collector.collect()}
+    assert names["rollbackd_consumer_lag"].samples[0].value == 12
+    assert Counting.asked == 0
+    assert daemon.lag_at is not None
