@@ -446,21 +446,19 @@ class KafkaSource:
         self._stats = (time.monotonic(), raw)
 
     def _read_stats(self, at: float, stats: dict[str, Any]) -> None:
-        """One statistics report: when the leaders last answered, what is wrong, and the lag."""
-        listed = stats.get("brokers", {}).values()
+        """One statistics report: when the brokers were last heard, what is wrong, and the lag.
+
+        Only evidence moves ``_heard``: every held partition's leader connected and answering
+        (the longest silence among them counts), or, with nothing held, the group coordinator
+        answering heartbeats. A report without such evidence (leaders unknown, coordinator being
+        looked for) leaves it, so the silence grows until ``stall_after``.
+        """
+        listed = list(stats.get("brokers", {}).values())
         brokers = {b.get("nodeid"): b for b in listed if b.get("nodeid", -1) >= 0}
         topics = stats.get("topics", {})
         problems: list[str] = []
-        quiet = 0.0  # the longest any leader has been silent, as of this report
-        # Nothing assigned: nothing to be behind on (lag unknown), and only the group
-        # coordinator can say whether the brokers answer. A healthy one answers a heartbeat
-        # every heartbeat.interval.ms; a JoinGroup it holds is a rebalance, and no partition is
-        # being read meanwhile either.
-        lag: int | None = 0 if self._assigned else None
-        if not self._assigned:
-            coordinator = next((b for b in listed if b.get("name") == "GroupCoordinator"), None)
-            if coordinator is not None and coordinator.get("rxidle", -1) >= 0:
-                quiet = max(0.0, coordinator["rxidle"] / 1e6 - self._heartbeat)
+        quiet = 0.0  # the longest any of them has been silent, as of this report
+        lag: int | None = 0 if self._assigned else None  # nothing held: nothing to be behind on
         for t, p in sorted(self._assigned):
             part = topics.get(t, {}).get("partitions", {}).get(str(p))
             leader = brokers.get(part.get("leader", -1)) if part is not None else None
@@ -482,19 +480,28 @@ class KafkaSource:
             else:
                 lag += max(0, high - max(at_offset, part.get("lo_offset", 0), 0))
         group = stats.get("cgrp")
-        if group is not None and group.get("state") != "up" and group.get("stateage", 0) / 1e3 > self.stall_after:
-            problems.append(f"no group coordinator ({group.get('state')} for {group['stateage'] / 1e3:.0f} s)")
-        if quiet > self.stall_after and self._assigned:
-            problems.append(f"partition leaders silent for {quiet:.0f} s")
-        elif quiet > self.stall_after:
-            joining = (group or {}).get("join_state", "?")
-            problems.append(f"no partition assigned, group coordinator silent for {quiet:.0f} s (join state "
-                            f"{joining}: unreachable, or holding a rebalance for a member that left)")
-        self._problem = "; ".join(problems)
-        if not problems:
-            self._heard = max(self._heard, at - quiet)
-            if lag is not None:  # as of the leaders' last answer
-                self._lag, self._lag_at = lag, at - quiet
+        if not self._assigned:
+            # A healthy coordinator answers a heartbeat every heartbeat.interval.ms. One that
+            # holds a JoinGroup is in a rebalance: no partition is read meanwhile either.
+            coordinator = next((b for b in listed if b.get("name") == "GroupCoordinator"), None)
+            if coordinator is None or coordinator.get("state") != "UP" or coordinator.get("rxidle", -1) < 0:
+                problems.append("no partition assigned and no group coordinator connected")
+            else:
+                quiet = max(0.0, coordinator["rxidle"] / 1e6 - self._heartbeat)
+        if group is not None and group.get("state") != "up":
+            problems.append(f"no group coordinator ({group.get('state')} for {group.get('stateage', 0) / 1e3:.0f} s)")
+        silence = []
+        if quiet > self.stall_after:
+            silence.append(f"partition leaders silent for {quiet:.0f} s" if self._assigned else
+                           f"no partition assigned, group coordinator silent for {quiet:.0f} s (join state "
+                           f"{(group or {}).get('join_state', '?')}: unreachable, or holding a rebalance "
+                           "for a member that left)")
+        self._problem = "; ".join(problems + silence)
+        if problems:
+            return  # no evidence in this report
+        self._heard = max(self._heard, at - quiet)  # silent ones too: of when they last answered
+        if not silence and lag is not None:  # as of the leaders' last answer
+            self._lag, self._lag_at = lag, at - quiet
 
     def _decode(self, msgs: list[Message], events: list[Event], rejects: list[Rejected]) -> bool:
         values = list(map(_value, msgs))
