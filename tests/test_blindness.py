@@ -344,3 +344,25 @@ def test_metrics_read_the_kept_lag_without_asking_the_source(tmp_path):
     assert names["rollbackd_consumer_lag"].samples[0].value == 12
     assert Counting.asked == 0
     assert daemon.lag_at is not None
+
+
+def test_the_resolution_says_the_lag_measured_after_the_outage_not_before(tmp_path):
+    """A lag measured a moment before the outage looks recent when reads resume; the notice
+    waits for one measured since, so it says how far behind the daemon is now."""
+
+    class Recovering(Outage):
+        def health(self) -> SourceHealth:
+            up = self.clock.t >= self.down_until
+            if not up:  # the pre-outage value, one second old when the outage began
+                return SourceHealth(False, 0.0, "down", lag=500, lag_age=self.clock.t - (T0 - 1))
+            if self.clock.t < self.down_until + 2:  # back, not yet measured again
+                return SourceHealth(True, 0.0, "", lag=500, lag_age=self.clock.t - (T0 - 1))
+            return SourceHealth(True, 0.0, "", lag=3, lag_age=0.0)
+
+    clock = SteppedClock()
+    notices = Notices()
+    source = Recovering(clock, down_until=T0 + 4, stop_after=T0 + 12)
+    daemon = daemon_for(source, clock, tmp_path, notices, blind_after=2, backoff_max=1, lag_every=5)
+    daemon.run()
+    opened, resolved = notices.posted
+    assert resolved.ts >= T0 + 6 and "consumer lag 3" in resolved.title

@@ -292,6 +292,7 @@ class Daemon:
         self.lag_at: float | None = None  # when (clock time)
         self._lag_asked = -math.inf
         self._reading = True  # the last look found the source readable (see _watch)
+        self._unreadable_at = -math.inf  # the last look that did not (clock time)
         self._stop_at: float | None = None  # monotonic time stop() was called
         self._committed: Any = None  # the position last committed
         self.events = 0
@@ -619,6 +620,8 @@ class Daemon:
             else:
                 log.warning("source.failing", detail=why)
             self._reading = reading
+        if not reading:
+            self._unreadable_at = now
         change = self.blindness.observe(now, reading, lag, why or "", since)
         if change is not None:
             self._post(self._blind_notice(now, change))
@@ -626,18 +629,17 @@ class Daemon:
     def _measure(self, now: float, read_failure: str | None) -> tuple[int | None, float | None, str | None]:
         """(current lag or None, when the source stopped answering or None, why it cannot be read
         or None). Never a network round trip from a source that reports its health; sources that
-        only answer ``lag()`` are asked every ``lag_every`` seconds."""
+        only answer ``lag()`` are asked every ``lag_every`` seconds.
+
+        The current lag is one measured lately and since the source was last seen unreadable: a
+        value from before an outage is kept for /metrics, but says nothing about now."""
         source = self.source
-        fresh: int | None = None
         since: float | None = None
         why = read_failure
         if isinstance(source, ReportsHealth):
             health = source.health()
             if health.lag is not None and health.lag_age is not None:
                 self.lag, self.lag_at = health.lag, now - health.lag_age
-                # Measured while the brokers answered, and lately: the real lag now.
-                if health.lag_age <= 2 * self.settings.lag_every:
-                    fresh = health.lag
             if not health.reachable:
                 why = why or health.detail or "the brokers do not answer"
                 since = now - health.silent_for
@@ -648,9 +650,9 @@ class Daemon:
                     self.lag, self.lag_at = int(source.lag()), now
                 except Recoverable as exc:
                     log.info("source.lag_unknown", detail=str(exc))
-            if self.lag_at is not None and now - self.lag_at <= 2 * self.settings.lag_every:
-                fresh = self.lag
-        return fresh, since, why
+        fresh = self.lag_at is not None and self.lag_at > self._unreadable_at and (
+            now - self.lag_at <= 2 * self.settings.lag_every)
+        return self.lag if fresh else None, since, why
 
     def _restore_blind(self, saved: Any) -> None:
         state = BlindState.from_dict(saved if isinstance(saved, dict) else None)
