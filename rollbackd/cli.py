@@ -749,9 +749,14 @@ def _bootstrap(value: str | None) -> str:
               help="Seconds between checkpoints.")
 @click.option("--idle-after", default=30.0, show_default=True, type=_SECONDS,
               help="Seconds without events before event time follows the wall clock.")
-@click.option("--lag-limit", default=None, type=click.IntRange(min=1), help="Consumer lag that counts as blind.")
+@click.option("--lag-limit", default=None, type=click.IntRange(min=1),
+              help="Consumer lag (messages) that counts as blind, as failing reads do.")
 @click.option("--blind-after", default=30.0, show_default=True, type=_SECONDS,
-              help="Seconds the source may fail before the 'monitoring blind' notice.")
+              help="Seconds blind (reads failing, brokers silent, or lag over --lag-limit) before "
+                   "the 'monitoring blind' notice.")
+@click.option("--stop-timeout", default=25.0, show_default=True, type=_SECONDS,
+              help="Seconds from SIGTERM to exit, even with the brokers gone (the checkpoint is "
+                   "written; a commit or group leave that cannot finish in time is given up).")
 @click.option("--batch-size", default=5000, show_default=True, type=click.IntRange(min=1),
               help="Most messages consumed and processed per step.")
 @click.option("--dry-run", is_flag=True,
@@ -767,7 +772,7 @@ def _bootstrap(value: str | None) -> str:
 def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: str | None, topics: tuple[str, ...],
         kafka_config: tuple[str, ...], dead_letter_topic: str | None, dead_letter: str, db: str,
         decisions_out: str, checkpoint: str, checkpoint_every: float, idle_after: float,
-        lag_limit: int | None, blind_after: float, batch_size: int, dry_run: bool,
+        lag_limit: int | None, blind_after: float, stop_timeout: float, batch_size: int, dry_run: bool,
         http_listen: str | None, state_topic: str | None, decisions_topic: str | None) -> None:
     """Run the daemon on Kafka: consume, decide, act; checkpoint and survive restarts."""
     import signal
@@ -812,12 +817,14 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
     )
     if dead is not None:
         pipeline.edges.dead_letters = dead
-    source = KafkaSource(servers, group_id, topic_list, EventDecoder(config.settings.max_event_bytes), config=kconf)
+    # A commit waiting for an absent coordinator must leave room for the rest of a bounded stop.
+    source = KafkaSource(servers, group_id, topic_list, EventDecoder(config.settings.max_event_bytes), config=kconf,
+                         commit_timeout=min(10.0, stop_timeout / 2))
     daemon = Daemon(
         pipeline, source, ledger=ledger, decisions=decisions, notifier=notifier, name=f"rollbackd/{group_id}",
         settings=RunSettings(checkpoint_path=checkpoint, checkpoint_every=checkpoint_every,
                              batch_size=batch_size, idle_after=idle_after, lag_limit=lag_limit,
-                             blind_after=blind_after),
+                             blind_after=blind_after, stop_timeout=stop_timeout),
         state=group,
     )
 

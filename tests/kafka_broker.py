@@ -4,6 +4,7 @@
     broker.start()            # jars fetched once into the cache, storage formatted, broker up
     ...                       # point clients at broker.bootstrap
     broker.restart(down=5.0)  # same ports, same data: an outage as clients see it
+    broker.pause(); broker.resume()  # SIGSTOP / SIGCONT: a stall (connections open, no answers)
     broker.stop()
 
 The jars come from Maven Central through ``tests/kafka/pom.xml`` (``kafka_2.13`` plus an SLF4J
@@ -224,8 +225,20 @@ class KafkaBroker:
             raise BrokerFailed(f"{exc}\n--- {self.log_path} (tail) ---\n{self.log_tail()}") from None
         self.timings["start"] = time.monotonic() - t2
 
+    def pause(self) -> None:
+        """A stall (SIGSTOP): connections stay open and nothing is answered, as with a hung disk
+        or a long GC pause. Clients see no error until their request timeouts."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """The end of a :meth:`pause` (SIGCONT)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+
     def stop(self, timeout: float = 15.0) -> None:
         """Controlled shutdown (SIGTERM), then SIGKILL after ``timeout`` seconds."""
+        self.resume()  # a paused broker would not act on SIGTERM
         proc, self.process = self.process, None
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

@@ -126,6 +126,7 @@ class LaneExecutor:
         self._full: set[str] = set()  # lanes whose overflow was reported and has not cleared
         self._closed = False
         self._running: dict[int, tuple[Engine, Call]] = {}
+        self._deliveries: dict[int, Delivery] = {}  # engines whose calls use edges of their own
         self.dropped = 0  # notices dropped because their lane was full
         self.completed = 0
         self._threads = [
@@ -135,13 +136,19 @@ class LaneExecutor:
         for t in self._threads:
             t.start()
 
-    def bind(self, engine: Engine) -> "BoundExecutor":
+    def bind(self, engine: Engine, delivery: Delivery | None = None) -> "BoundExecutor":
+        """``engine``'s executor; its calls go through ``delivery`` (default: the pool's)."""
+        if delivery is not None:
+            self._deliveries[id(engine)] = delivery
         return BoundExecutor(self, engine)
+
+    def _via(self, engine: Engine) -> Delivery:
+        return self._deliveries.get(id(engine), self.delivery)
 
     # The processing thread -------------------------------------------------------------
     def submit(self, intent: Intent, engine: Engine) -> None:
         if isinstance(intent, Record):
-            self.delivery.record(intent)
+            self._via(engine).record(intent)
         elif isinstance(intent, Fill):
             self._fill(intent, engine)
         elif isinstance(intent, FollowUps):
@@ -167,7 +174,7 @@ class LaneExecutor:
                 if not self._results:
                     return n
                 engine, call, result = self._results.popleft()
-            self.delivery.finished(call, result, replayed=False)
+            self._via(engine).finished(call, result, replayed=False)
             engine.apply_result(call, result)
             n += 1
 
@@ -202,10 +209,10 @@ class LaneExecutor:
 
     # Internals ----------------------------------------------------------------------------
     def _done_already(self, call: Call, engine: Engine) -> bool:
-        done = self.delivery.outbox(call)
+        done = self._via(engine).outbox(call)
         if done is None:
             return False
-        self.delivery.finished(call, done, replayed=True)
+        self._via(engine).finished(call, done, replayed=True)
         engine.apply_result(call, done)
         return True
 
@@ -217,7 +224,7 @@ class LaneExecutor:
         if isinstance(call, Notify) and waiting >= self.lane_limit:
             self._drop(call, engine, lane)
             return
-        self.delivery.started(call)
+        self._via(engine).started(call)
         self._enqueue(lane, engine, call)
 
     def _drop(self, call: Notify, engine: Engine, lane: str) -> None:
@@ -226,7 +233,7 @@ class LaneExecutor:
         self.dropped += 1
         result = ActionResult("failed", f"effect queue full: {self.lane_limit} calls waiting for {lane}",
                               attempts=0)
-        self.delivery.finished(call, result, replayed=False)
+        self._via(engine).finished(call, result, replayed=False)
         engine.apply_result(call, result)
         log.error("effects.queue_full", deployment=lane, limit=self.lane_limit, notice=call.key)
         if lane not in self._full:
@@ -252,7 +259,7 @@ class LaneExecutor:
 
     def _fill(self, fill: Fill, engine: Engine) -> None:
         for notice in fill.notices:
-            self.delivery.started(notice)
+            self._via(engine).started(notice)
         with self._wake:
             lane = self._lanes.get(fill.deployment)
             if lane is None:
@@ -285,8 +292,8 @@ class LaneExecutor:
                 lane.running = True
                 self._running[me] = (engine, call)
             assert isinstance(call, (Notify, Rollback, Pause))
-            result = self.delivery.call(self.delivery.prepare(call))
-            self.delivery.remember(call, result)  # the lane's next notice replies in its thread
+            result = self._via(engine).call(self._via(engine).prepare(call))
+            self._via(engine).remember(call, result)  # the lane's next notice replies in its thread
             with self._wake:
                 del self._running[me]
                 lane.running = False

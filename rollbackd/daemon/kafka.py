@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import msgspec
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from rollbackd.daemon.blindness import SourceHealth
 from rollbackd.daemon.clock import Clock, WallClock
 from rollbackd.daemon.sources import Batch
 from rollbackd.errors import Fatal, Recoverable
@@ -70,6 +71,9 @@ _FATAL = frozenset(
 _PROBE_INTERVAL = 1.0  # seconds between "are the brokers back?" checks during an outage
 _PROBE_TIMEOUT = 0.5
 _BUFFER_LIMIT = 50_000  # messages kept while a commit waits for its acknowledgement
+# librdkafka's statistics (JSON) this often: the lag and the brokers' health, without a request.
+_STATS_INTERVAL_MS = 1000
+_NO_OFFSET = -1001  # librdkafka's RD_KAFKA_OFFSET_INVALID, as the statistics show it
 _value = Message.value
 _error = Message.error
 _topic = Message.topic
@@ -168,6 +172,14 @@ class KafkaSource:
     Once every broker is down, each ``read`` that brings nothing raises BrokerUnavailable until
     a message arrives or a metadata request (at most one a second) is answered, so "blind" lasts
     as long as the outage. ``errors`` counts every error seen by name, raised or not.
+
+    ``health()`` says, from librdkafka's statistics (``statistics.interval.ms``, 1 s unless set)
+    and without a request, whether the brokers answer and how far behind the reads are: a read
+    that returns normally says nothing while the partition leaders are stalled (SIGSTOP, a hung
+    disk) or gone, and no error arrives before ``socket.timeout.ms`` (60 s). The leaders of the
+    assigned partitions answer a fetch at least every ``fetch.wait.max.ms`` (500 ms): silent for
+    ``stall_after`` seconds, or without a leader, or with the group coordinator lost, the source
+    is unreachable. ``lag()`` is the exact count, with round trips (tools and tests).
     """
 
     def __init__(
@@ -183,6 +195,7 @@ class KafkaSource:
         on_assign: PartitionHook | None = None,
         on_revoke: PartitionHook | None = None,
         on_lost: PartitionHook | None = None,
+        stall_after: float = 5.0,
     ) -> None:
         if poll_timeout < 0:
             raise ValueError(f"poll_timeout must be >= 0 seconds, got {poll_timeout}")
@@ -203,6 +216,14 @@ class KafkaSource:
         conf = _consumer_config(bootstrap_servers, group_id, config, stop_at_end)
         conf["error_cb"] = self._on_error
         conf["on_commit"] = self._on_commit
+        conf.setdefault("statistics.interval.ms", _STATS_INTERVAL_MS)
+        conf["stats_cb"] = self._on_stats
+        self._stats_on = int(conf["statistics.interval.ms"]) > 0
+        if not stall_after > 0:
+            raise ValueError(f"stall_after must be > 0 seconds, got {stall_after}")
+        # A healthy leader may take fetch.wait.max.ms to answer an idle fetch.
+        self.stall_after = max(stall_after, 2 * int(conf.get("fetch.wait.max.ms", 500)) / 1000)
+        self._heartbeat = int(conf.get("heartbeat.interval.ms", 3000)) / 1000
         strategy = str(conf.get("partition.assignment.strategy", ""))
         self._incremental = "cooperative" in strategy or str(conf.get("group.protocol", "")).lower() == "consumer"
         try:
@@ -224,6 +245,13 @@ class KafkaSource:
         self._in_rebalance = False
         self._down: str | None = None  # all brokers down, and no sign of them since
         self._next_probe = 0.0
+        # Health, from the statistics (monotonic seconds): the latest unread report, when the
+        # brokers were last heard, what is wrong now, and the lag with the time it was measured.
+        self._stats: tuple[float, str] | None = None
+        self._heard = time.monotonic()
+        self._problem = ""
+        self._lag: int | None = None
+        self._lag_at = 0.0
         self._consumer.subscribe(
             self.topics, on_assign=self._assigned_cb, on_revoke=self._revoked_cb, on_lost=self._lost_cb
         )
@@ -262,6 +290,7 @@ class KafkaSource:
             elif self._decode(msgs, events, rejects) and self._eof:
                 self._eof.difference_update(self._last)
         if events or rejects:
+            self._heard = time.monotonic()
             self._down = None
         else:
             self._raise_pending()
@@ -397,7 +426,87 @@ class KafkaSource:
         except KafkaException as exc:
             raise classify(exc, "lag") from exc
 
+    def health(self) -> SourceHealth:
+        """Whether the brokers answer and the lag, from the latest statistics: no request."""
+        now = time.monotonic()
+        if self._stats is not None:
+            at, raw = self._stats
+            self._stats = None
+            try:
+                self._read_stats(at, msgspec.json.decode(raw))
+            except (msgspec.DecodeError, TypeError, ValueError, KeyError, AttributeError) as exc:
+                log.warning("unreadable librdkafka statistics: %s", exc)
+        silent = now - self._heard
+        reachable = not self._stats_on or self._down is None and silent <= self.stall_after
+        detail = self._down or self._problem or f"the brokers have been silent for {silent:.0f} s"
+        return SourceHealth(
+            reachable=reachable, silent_for=0.0 if reachable else silent, detail="" if reachable else detail,
+            lag=self._lag, lag_age=now - self._lag_at if self._lag is not None else None,
+        )
+
     # -- internals
+
+    def _on_stats(self, raw: str) -> None:
+        # Parsed in health(), and only the latest: reports pile up while the loop is busy.
+        self._stats = (time.monotonic(), raw)
+
+    def _read_stats(self, at: float, stats: dict[str, Any]) -> None:
+        """One statistics report: when the brokers were last heard, what is wrong, and the lag.
+
+        Only evidence moves ``_heard``: every held partition's leader connected and answering
+        (the longest silence among them counts), or, with nothing held, the group coordinator
+        answering heartbeats. A report without such evidence (leaders unknown, coordinator being
+        looked for) leaves it, so the silence grows until ``stall_after``.
+        """
+        listed = list(stats.get("brokers", {}).values())
+        brokers = {b.get("nodeid"): b for b in listed if b.get("nodeid", -1) >= 0}
+        topics = stats.get("topics", {})
+        problems: list[str] = []
+        quiet = 0.0  # the longest any of them has been silent, as of this report
+        lag: int | None = 0 if self._assigned else None  # nothing held: nothing to be behind on
+        for t, p in sorted(self._assigned):
+            part = topics.get(t, {}).get("partitions", {}).get(str(p))
+            leader = brokers.get(part.get("leader", -1)) if part is not None else None
+            if leader is None:
+                problems.append(f"partition {t}:{p} has no reachable leader")
+                continue
+            idle = leader.get("rxidle", -1)
+            if leader.get("state") != "UP" or idle < 0:
+                problems.append(f"broker {leader.get('name')} is {leader.get('state')}")
+                continue
+            quiet = max(quiet, idle / 1e6)
+            high = part["ls_offset"] if part.get("ls_offset", -1) >= 0 else part.get("hi_offset", -1)
+            at_offset = self._offsets.get((t, p))
+            if at_offset is None:  # not read yet: where the consumer will start
+                at_offset = next((part[k] for k in ("app_offset", "committed_offset") if part.get(k, -1) >= 0),
+                                 part.get("lo_offset", -1))
+            if high < 0 or lag is None:
+                lag = None  # the leader has not said yet
+            else:
+                lag += max(0, high - max(at_offset, part.get("lo_offset", 0), 0))
+        group = stats.get("cgrp")
+        if not self._assigned:
+            # A healthy coordinator answers a heartbeat every heartbeat.interval.ms. One that
+            # holds a JoinGroup is in a rebalance: no partition is read meanwhile either.
+            coordinator = next((b for b in listed if b.get("name") == "GroupCoordinator"), None)
+            if coordinator is None or coordinator.get("state") != "UP" or coordinator.get("rxidle", -1) < 0:
+                problems.append("no partition assigned and no group coordinator connected")
+            else:
+                quiet = max(0.0, coordinator["rxidle"] / 1e6 - self._heartbeat)
+        if group is not None and group.get("state") != "up":
+            problems.append(f"no group coordinator ({group.get('state')} for {group.get('stateage', 0) / 1e3:.0f} s)")
+        silence = []
+        if quiet > self.stall_after:
+            silence.append(f"partition leaders silent for {quiet:.0f} s" if self._assigned else
+                           f"no partition assigned, group coordinator silent for {quiet:.0f} s (join state "
+                           f"{(group or {}).get('join_state', '?')}: unreachable, or holding a rebalance "
+                           "for a member that left)")
+        self._problem = "; ".join(problems + silence)
+        if problems:
+            return  # no evidence in this report
+        self._heard = max(self._heard, at - quiet)  # silent ones too: of when they last answered
+        if not silence and lag is not None:  # as of the leaders' last answer
+            self._lag, self._lag_at = lag, at - quiet
 
     def _decode(self, msgs: list[Message], events: list[Event], rejects: list[Rejected]) -> bool:
         values = list(map(_value, msgs))
@@ -438,6 +547,7 @@ class KafkaSource:
                 self._eof.discard((msg.topic(), msg.partition()))
             elif err.code() == _EOF:
                 self._eof.add((msg.topic(), msg.partition()))
+                self._heard = time.monotonic()  # a fetch answered: nothing more there
             else:
                 self._on_error(err)
         return data

@@ -13,6 +13,17 @@ checkpoints, the idle tick that lets event time follow the wall clock when no ev
 (so windows still close and a stopped stream raises its no-data alert), and the "monitoring
 blind" notice when the source cannot be read.
 
+Blindness (``daemon/blindness.py``) is a state the loop steps on a timer: every iteration, and
+every second of a backoff wait, so no backoff postpones the notice. The consumer lag is read from
+the source without a round trip (librdkafka's statistics for Kafka) and kept, with its time, for
+/metrics: a scrape never talks to a broker. The blind state is saved with each checkpoint, so a
+restart resolves (or keeps) the notice it had raised.
+
+Shutdown is bounded by ``stop_timeout`` from the moment ``stop()`` is called: the last
+checkpoint file is always written; the offset commit is skipped while the brokers do not answer,
+and a source whose ``close`` hangs (a consumer leaving a group whose coordinator is gone) is
+left behind when the time is up.
+
 Tasks: a partitioned source (Kafka) gets one pipeline per partition number, as Kafka Streams
 keeps one task per partition: each has its own event time (a partition that lags does not make
 another's events late) and its own state, so a partition can move to another instance with its
@@ -30,18 +41,20 @@ import os
 import pickle
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import structlog
 
-from rollbackd.actions.base import ActionResult, Notice, Notifier
+from rollbackd.actions.base import ActionResult, Notice, Notifier, NullNotifier, RollbackBackend
 from rollbackd.actions.delivery import Delivery
 from rollbackd.actions.intents import Call, Notify
+from rollbackd.daemon.blindness import BlindState, BlindTransition, Blindness, ReportsHealth, ReportsLag
 from rollbackd.daemon.clock import Clock, WallClock
 from rollbackd.daemon.executor import DEFAULT_LANE_LIMIT, LaneExecutor
-from rollbackd.daemon.pipeline import Pipeline
+from rollbackd.daemon.pipeline import Edges, Pipeline
 from rollbackd.daemon.replay import push_human_input
 from rollbackd.daemon.sources import EventSource
 from rollbackd.errors import Fatal, Recoverable
@@ -57,9 +70,14 @@ class RunSettings:
     checkpoint_every: float = 5.0  # wall seconds between checkpoints (and offset commits)
     batch_size: int = 5000
     idle_after: float = 30.0  # wall seconds without events before event time follows the wall
-    blind_after: float = 30.0  # wall seconds the source fails before the blind notice
+    blind_after: float = 30.0  # wall seconds blind (cannot read, or lag over the limit) before the notice
     lag_limit: int | None = None  # consumer lag (messages) that also counts as blind
     backoff_max: float = 10.0
+    # From stop() to run() returning, whatever the brokers do (Kubernetes' grace period is 30 s).
+    stop_timeout: float = 25.0
+    # Sources that measure their lag only when asked (a round trip) are asked this often, by the
+    # loop; sources with a health() report keep it current themselves.
+    lag_every: float = 5.0
     # A partition read to its end that brought nothing for this long (wall seconds) lets its
     # task's event time follow the most advanced task's: a short wait, so that a partition
     # merely read faster than it is written is not taken for a silent one.
@@ -72,7 +90,8 @@ class RunSettings:
     human_input_every: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("checkpoint_every", "idle_after", "blind_after", "backoff_max", "partition_idle_after"):
+        for name in ("checkpoint_every", "idle_after", "blind_after", "backoff_max", "partition_idle_after",
+                     "stop_timeout", "lag_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if self.batch_size < 1:
@@ -85,6 +104,15 @@ class Checkpoint:
     position: Any
     decisions_offset: int
     ledger_marks: dict[str, int]
+    # The blind state (BlindState.to_dict(): plain values). Absent from checkpoints written before
+    # it existed; an older rollbackd reading a newer checkpoint ignores it.
+    blind: dict[str, Any] | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        # Pickled as (None, {slot: value}): a checkpoint from before a field existed lacks it.
+        saved = state[1] if isinstance(state, tuple) else state
+        for name in self.__slots__:  # type: ignore[attr-defined]
+            object.__setattr__(self, name, (saved or {}).get(name))
 
     def save(self, path: str) -> None:
         folder = os.path.dirname(os.path.abspath(path))
@@ -272,8 +300,15 @@ class Daemon:
         self._wait = wait or self._stop.wait
         self.name = name
         self.ready = threading.Event()  # set once the checkpoint is restored
-        self.blind_since: float | None = None
-        self.blind_notified = False
+        self.blindness = Blindness(settings.blind_after, settings.lag_limit,
+                                   lag_measured=isinstance(source, (ReportsHealth, ReportsLag)))
+        self.lag: int | None = None  # consumer lag as last measured (kept while the brokers are away)
+        self.lag_at: float | None = None  # when (clock time)
+        self._lag_asked = -math.inf
+        self._reading = True  # the last look found the source readable (see _watch)
+        self._unreadable_at = -math.inf  # the last look that did not (clock time)
+        self._stop_at: float | None = None  # monotonic time stop() was called
+        self._committed: Any = None  # the position last committed
         self.events = 0
         self._position: Any = None
         self._last_checkpoint = self.clock.now()
@@ -287,6 +322,11 @@ class Daemon:
         self.effects = LaneExecutor(Delivery(pipeline.edges), lane_limit=settings.effect_lane_limit,
                                     on_full=self._effects_full)
         pipeline.executor = self.effects.bind(pipeline)
+        # The daemon's own notices (blind, effect queue full) go through the same lanes, to its
+        # own notifier, recorded in the ledger but not in the decision log.
+        own = Edges(notifier=notifier or NullNotifier(), backend_for=_no_backend,
+                    recorder=ledger if ledger is not None else pipeline.edges.recorder)
+        self._own = self.effects.bind(self, Delivery(own))
         self._human_input_at = -math.inf
         if state is not None:
             for hook, fn in (("on_assign", self._assigned), ("on_revoke", self._revoked),
@@ -310,6 +350,9 @@ class Daemon:
 
     # Control -----------------------------------------------------------------------
     def stop(self) -> None:
+        if self._stop_at is None:
+            # Monotonic: the shutdown budget must not depend on an injected (test or event) clock.
+            self._stop_at = time.monotonic()
         self._stop.set()
 
     @property
@@ -340,6 +383,7 @@ class Daemon:
         if cp.position is not None and seek is not None:
             seek(cp.position)
         self._position = cp.position
+        self._restore_blind(cp.blind)
         log.info("checkpoint.restored", path=self.settings.checkpoint_path, tasks=sorted(cp.pipelines),
                  event_time=max((t.pipeline.max_event_time for t in self.tasks.values()), default=None))
         self.ready.set()
@@ -365,11 +409,16 @@ class Daemon:
                 position=self._position,
                 decisions_offset=self.decisions.offset() if self.decisions is not None and hasattr(self.decisions, "offset") else 0,
                 ledger_marks=self.ledger.high_water() if self.ledger is not None else {},
+                blind=self.blindness.state.to_dict(),
             )
             cp.save(self.settings.checkpoint_path)
         self.last_beat = self.clock.now()  # the flush and the save may each have waited
-        # Only now may the source forget these events.
-        self.source.commit(self._position)
+        # Only now may the source forget these events. Not while reads fail (the commit would
+        # wait out its timeout on the same unreachable brokers, and the loop with it) and not
+        # the same offsets again: the next commit covers these.
+        if self._reading and self._position != self._committed:
+            self.source.commit(self._position)
+            self._committed = self._position
         self._last_checkpoint = self.clock.now()
         # written and committed on the processing thread: this long, no event was processed
         self.checkpoint_seconds = self._last_checkpoint - started
@@ -377,7 +426,10 @@ class Daemon:
     # Partitions moving (state store) ------------------------------------------------
     def _task_state(self, key: int) -> dict[str, Any]:
         position = _of_tasks(self._position, {key})
-        return self.state.task_state(key, self.tasks[key].pipeline.snapshot(), position)
+        # The instance's blind state rides along with each of its tasks: whoever holds one next
+        # (this instance after a restart, or another) resolves an open notice once it reads.
+        return {**self.state.task_state(key, self.tasks[key].pipeline.snapshot(), position),
+                "blind": self.blindness.state.to_dict()}
 
     def _assigned(self, partitions: list[tuple[str, int]]) -> None:
         for key in sorted({p for _, p in partitions} - set(self.tasks)):
@@ -390,6 +442,7 @@ class Daemon:
                 log.warning("checkpoint.rule_changed", task=key, detail=warning)
             self.effects.resubmit(task.pipeline.restored_effects, task.pipeline)
             self.state.adopt(key, saved)
+            self._restore_blind(saved.get("blind"))
             if saved["position"]:
                 self.source.seek(saved["position"])  # type: ignore[attr-defined]
                 self._position = {**(self._position or {}), **saved["position"]}
@@ -449,6 +502,7 @@ class Daemon:
     def run(self) -> None:
         from rollbackd.daemon.replay import GC_THRESHOLDS
 
+        self._measure(self.clock.now(), None)  # the lag from the start, for /metrics
         self.restore()
         flush = getattr(self.prototype.edges.dead_letters, "flush", None)
         if flush is not None:
@@ -462,8 +516,7 @@ class Daemon:
                 try:
                     batch = self.source.read(self.settings.batch_size)
                 except Recoverable as exc:
-                    self._source_failing(str(exc))
-                    self._wait(backoff)
+                    self._pause(backoff, str(exc))
                     backoff = min(backoff * 2, self.settings.backoff_max)
                     continue
                 backoff = 0.5
@@ -474,13 +527,44 @@ class Daemon:
                 log.warning("effects.unfinished", calls=self.effects.waiting(),
                             detail="kept in the checkpoint: they run after the restart")
             try:
-                self.checkpoint()
+                self.checkpoint()  # the file always; the commit only while the brokers answer
             except Recoverable as exc:
                 log.warning("checkpoint.commit_failed", detail=str(exc))
         finally:
             gc.set_threshold(*gc_thresholds)
-            self.source.close()
+            self._close_source()
             log.info("daemon.stopped", events=self.events)
+
+    def _pause(self, seconds: float, failure: str) -> None:
+        """A backoff wait after a failed read, looking at the blindness every second of it, so a
+        long backoff never postpones the notice."""
+        left = seconds
+        while True:
+            self._watch(self.clock.now(), failure)
+            if left <= 0 or self.stopping:
+                return
+            self._wait(min(1.0, left))
+            left -= 1.0
+
+    def _close_source(self) -> None:
+        """``source.close()`` within what is left of the stop timeout.
+
+        A Kafka consumer leaving its group waits for the group coordinator, with no deadline of
+        its own (up to the session timeout, 45 s by default) when the brokers are gone. Past the
+        deadline the close is left running on its thread and the daemon stops: what is given up
+        is leaving the group cleanly (the partitions move once the session times out) and the
+        revoke hook's commit. Nothing is lost: the checkpoint file (or the state topic) holds
+        the state and the offsets it covers, and the next start seeks there.
+        """
+        started = self._stop_at if self._stop_at is not None else time.monotonic()
+        left = max(0.5, started + self.settings.stop_timeout - time.monotonic())
+        closer = threading.Thread(target=self.source.close, name="rollbackd-source-close", daemon=True)
+        closer.start()
+        closer.join(left)
+        if closer.is_alive():
+            log.warning("source.close_abandoned", after_seconds=round(left, 1),
+                        detail="the source did not close in time (brokers unreachable?): leaving the "
+                               "group is given up; the checkpoint holds the state and the offsets it covers")
 
     def step(self, batch: Any) -> None:
         """One batch (possibly empty): ingest, advance event time, checkpoint when due."""
@@ -512,12 +596,11 @@ class Daemon:
             task.event_time_at_last_event = task.pipeline.max_event_time
         if batch.events or batch.rejects:
             self._position = batch.position
-        self._source_ok()
+        self._watch(now)
         lead = max((t.watermark for t in self.tasks.values()), default=-math.inf)
         for key, task in sorted(self.tasks.items()):
             self._select(key)
             task.pipeline.advance(self.event_now(now, task, lead))
-        self._check_lag()
         if now - self._last_checkpoint >= self.settings.checkpoint_every:
             try:
                 self.checkpoint()
@@ -560,73 +643,111 @@ class Daemon:
 
     # Effects -----------------------------------------------------------------------------
     def apply_result(self, call: Call, result: ActionResult) -> None:
-        """The daemon's own notices (blind, effect queue full) decide nothing further."""
+        """A notice of the daemon's own came back: the blind notice's thread is kept, so its
+        resolution (after a restart too) replies in it."""
+        if isinstance(call, Notify) and call.notice.incident_id == f"blind-{self.name}" \
+                and call.notice.kind == "opened":
+            self.blindness.noticed(result.thread)
+
+    def _own_notice(self, notice: Notice, reason: str) -> None:
+        key = f"{notice.incident_id}:{notice.kind}:{notice.ts:.3f}"
+        rec = {"ts": notice.ts, "kind": "action", "action": "notify", "notice": notice.kind,
+               "incident_id": notice.incident_id, "deployment": "*", "variant": "*",
+               "status": "started", "idempotency_key": key}
+        self._own.submit(Notify(key, notice, rec, reason, decision=False))
 
     def _effects_full(self, deployment: str, limit: int) -> None:
         text = (f"{limit} notices are waiting for {deployment}'s notifier: further notices for it "
                 "are dropped (recorded as failed in the ledger) until it catches up")
         title = f"[EFFECTS] {self.name}: notice queue full for {deployment}"
-        notice = Notice(incident_id=f"effects-{self.name}-{deployment}", kind="opened",
-                        ts=self.clock.now(), deployment="*", variant="*", version=None,
-                        title=title, text=text)
-        key = f"{notice.incident_id}:notice:{notice.ts:.3f}"
-        rec = {"ts": notice.ts, "kind": "action", "action": "notify", "notice": "opened",
-               "incident_id": notice.incident_id, "deployment": "*", "variant": "*",
-               "status": "started", "idempotency_key": key}
-        self.effects.submit(Notify(key, notice, rec, "effect queue full", decision=False), self)
+        self._own_notice(Notice(incident_id=f"effects-{self.name}-{deployment}", kind="opened",
+                                ts=self.clock.now(), deployment="*", variant="*", version=None,
+                                title=title, text=text), "effect queue full")
 
     # Monitoring the monitor ----------------------------------------------------------
-    def _source_failing(self, detail: str) -> None:
-        now = self.clock.now()
-        if self.blind_since is None:
-            self.blind_since = now
-            log.warning("source.failing", detail=detail)
-        if not self.blind_notified and now - self.blind_since >= self.settings.blind_after:
-            self._blind_notice("opened", f"cannot read events for {now - self.blind_since:.0f}s: {detail}")
+    @property
+    def blind_notified(self) -> bool:
+        """The [BLIND] notice is out."""
+        return self.blindness.state.notified
 
-    def _source_ok(self) -> None:
-        if self.blind_since is not None:
-            if self.blind_notified:
-                self._blind_notice("resolved", "reading events again; caught up")
-            self.blind_since = None
+    @property
+    def blind_since(self) -> float | None:
+        """Start of the current spell of blindness (notified or not yet), or None."""
+        return self.blindness.state.since
 
-    def _check_lag(self) -> None:
-        limit = self.settings.lag_limit
-        lag_fn = getattr(self.source, "lag", None)
-        if limit is None or lag_fn is None:
-            return
-        try:
-            lag = lag_fn()
-        except Recoverable:
-            return
-        if lag is not None and lag > limit and not self.blind_notified:
-            self._blind_notice("opened", f"consumer lag {lag} > {limit}")
-        elif lag is not None and lag <= limit and self.blind_notified and self.blind_since is None:
-            self._blind_notice("resolved", f"consumer lag {lag} back under {limit}")
+    def _watch(self, now: float, read_failure: str | None = None) -> None:
+        """One look: can the daemon read, how far behind is it? Steps the blind state and sends
+        its notice. Called after every read (``read_failure``: why it raised) and every second
+        of a backoff wait."""
+        lag, since, why = self._measure(now, read_failure)
+        reading = why is None
+        if reading != self._reading:
+            if reading:
+                log.info("source.reading", lag=lag)
+            else:
+                log.warning("source.failing", detail=why)
+            self._reading = reading
+        if not reading:
+            self._unreadable_at = now
+        change = self.blindness.observe(now, reading, lag, why or "", since)
+        if change is not None:
+            self._post(self._blind_notice(now, change))
 
-    def _blind_notice(self, kind: str, text: str) -> None:
-        self.blind_notified = kind == "opened"
-        title = f"[{'BLIND' if kind == 'opened' else 'RESOLVED'}] {self.name} is not watching: {text}"
-        log.error("monitoring.blind", state=kind, detail=text) if kind == "opened" else log.warning(
-            "monitoring.blind", state=kind, detail=text
+    def _measure(self, now: float, read_failure: str | None) -> tuple[int | None, float | None, str | None]:
+        """(current lag or None, when the source stopped answering or None, why it cannot be read
+        or None). Never a network round trip from a source that reports its health; sources that
+        only answer ``lag()`` are asked every ``lag_every`` seconds.
+
+        The current lag is one measured lately and since the source was last seen unreadable: a
+        value from before an outage is kept for /metrics, but says nothing about now."""
+        source = self.source
+        since: float | None = None
+        why = read_failure
+        if isinstance(source, ReportsHealth):
+            health = source.health()
+            if health.lag is not None and health.lag_age is not None:
+                self.lag, self.lag_at = health.lag, now - health.lag_age
+            if not health.reachable:
+                why = why or health.detail or "the brokers do not answer"
+                since = now - health.silent_for
+        elif isinstance(source, ReportsLag) and read_failure is None:
+            if now - self._lag_asked >= self.settings.lag_every:
+                self._lag_asked = now
+                try:
+                    self.lag, self.lag_at = int(source.lag()), now
+                except Recoverable as exc:
+                    log.info("source.lag_unknown", detail=str(exc))
+        fresh = self.lag_at is not None and self.lag_at > self._unreadable_at and (
+            now - self.lag_at <= 2 * self.settings.lag_every)
+        return self.lag if fresh else None, since, why
+
+    def _restore_blind(self, saved: Any) -> None:
+        state = BlindState.from_dict(saved if isinstance(saved, dict) else None)
+        self.blindness.adopt(state)
+        if state.notified:
+            log.warning("monitoring.blind_restored", since=state.since, detail=state.text)
+
+    def _blind_notice(self, now: float, change: BlindTransition) -> Notice:
+        opened = change.kind == "opened"
+        title = f"[{'BLIND' if opened else 'RESOLVED'}] {self.name}: {change.text}"
+        (log.error if opened else log.warning)("monitoring.blind", state=change.kind, detail=change.text,
+                                               since=change.since, lag=change.lag)
+        return Notice(
+            incident_id=f"blind-{self.name}", kind=change.kind,
+            ts=now, deployment="*", variant="*", version=None,
+            title=title, text=title, thread=change.thread,
         )
+
+    def _post(self, notice: Notice) -> None:
+        """The one place a notice of the daemon's own (the blind notice) is decided: the
+        executor posts it, off this thread."""
         if self.notifier is None:
             return
-        notice = Notice(
-            incident_id=f"blind-{self.name}", kind=kind,  # type: ignore[arg-type]
-            ts=self.clock.now(), deployment="*", variant="*", version=None,
-            title=title, text=title,
-        )
-        try:
-            result = self.notifier.post(notice)
-        except Exception as exc:
-            result = ActionResult("failed", f"{type(exc).__name__}: {exc}")
-        if self.ledger is not None:
-            self.ledger.action({
-                "ts": notice.ts, "action": "notify", "deployment": "*", "variant": "*",
-                "incident_id": notice.incident_id, "status": result.status,
-                "detail": text, "notice": kind,
-            }, "finished")
+        self._own_notice(notice, "monitoring blind" if notice.kind == "opened" else "monitoring again")
+
+
+def _no_backend(deployment: str) -> RollbackBackend:
+    raise LookupError("the daemon's own notices roll nothing back")
 
 
 def _of_tasks(position: dict[str, int] | None, keys: set[int], exclude: bool = False) -> dict[str, int]:
