@@ -581,7 +581,8 @@ def test_a_loop_in_backoff_still_beats(tmp_path):
     try:
         _wait_for(lambda: clock.now() > 1_000_000.0 + 300)
         assert get(server.url + "/healthz")[0] == 200
-        assert max(waited) == 10.0 and max(ages) <= 10.0 + 1e-9
+        # the backoff is waited out a second at a time (the blind check runs between)
+        assert max(waited) <= 10.0 and max(ages) <= 10.0 + 1e-9
         assert daemon.blind_notified  # blind, and rightly so: but alive
     finally:
         daemon.stop()
