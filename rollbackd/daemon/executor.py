@@ -237,7 +237,15 @@ class LaneExecutor:
     def _enqueue(self, name: str, engine: Engine, intent: Intent) -> None:
         with self._wake:
             lane = self._lanes.setdefault(name, _Lane())
-            lane.items.append((engine, intent))
+            if isinstance(intent, (Rollback, Pause)):
+                # A rollback goes ahead of the notices waiting in its lane: they are earlier
+                # incidents' (its own are decided after it), and a notification never blocks a
+                # rollback. Rollbacks and pauses keep their order among themselves.
+                at = next((i for i, (_, item) in enumerate(lane.items)
+                           if not isinstance(item, (Rollback, Pause))), len(lane.items))
+                lane.items.insert(at, (engine, intent))
+            else:
+                lane.items.append((engine, intent))
             if not isinstance(intent, FollowUps):
                 lane.calls += 1
             self._schedule(name, lane)
