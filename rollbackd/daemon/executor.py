@@ -125,7 +125,7 @@ class LaneExecutor:
         self._results: collections.deque[tuple[Engine, Call, ActionResult]] = collections.deque()
         self._full: set[str] = set()  # lanes whose overflow was reported and has not cleared
         self._closed = False
-        self._running: dict[int, tuple[Engine, Call]] = {}
+        self._running: dict[int, tuple[Engine, Call, str]] = {}  # worker -> its call and lane
         self.dropped = 0  # notices dropped because their lane was full
         self.completed = 0
         self._threads = [
@@ -176,9 +176,14 @@ class LaneExecutor:
         running, places, and calls that answered but were not drained yet."""
         with self._wake:
             out = [c for e, c, _ in self._results if engine is None or e is engine]
+            running = {name: (e, c) for e, c, name in self._running.values()}
             for name in sorted(self._lanes):
+                # A lane's running call before the ones waiting behind it: resubmitted in this
+                # order after a restart, the lane keeps its order (an incident's first notice,
+                # the thread's parent, before its replies).
+                if name in running and (engine is None or running[name][0] is engine):
+                    out.append(running[name][1])
                 out.extend(i for e, i in self._lanes[name].items if engine is None or e is engine)
-            out.extend(self._running_calls(engine))
             return out
 
     def waiting(self) -> int:
@@ -274,9 +279,6 @@ class LaneExecutor:
                     break
             self._schedule(fill.deployment, lane)
 
-    def _running_calls(self, engine: Engine | None) -> list[Intent]:
-        return [c for e, c in self._running.values() if engine is None or e is engine]
-
     def _work(self) -> None:
         me = threading.get_ident()
         while True:
@@ -291,7 +293,7 @@ class LaneExecutor:
                     continue  # parked at a place not filled yet: _fill schedules it again
                 engine, call = lane.items.popleft()
                 lane.running = True
-                self._running[me] = (engine, call)
+                self._running[me] = (engine, call, name)
             assert isinstance(call, (Notify, Rollback, Pause))
             result = self.delivery.call(self.delivery.prepare(call))
             self.delivery.remember(call, result)  # the lane's next notice replies in its thread
