@@ -178,6 +178,14 @@ class RunningDaemon:
         self._out.close()
         return time.monotonic() - t0
 
+    def close(self) -> None:
+        """A failed test leaves no daemon behind."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if self._out is not None:
+            self._out.close()
+
     def scrape(self, timeout: float = 5.0) -> tuple[float, str]:
         t0 = time.monotonic()
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=timeout) as r:
@@ -228,6 +236,7 @@ def test_a_stuck_webhook_and_a_slow_slack_stop_neither_another_rollback_nor_chec
     slack = Edge(SlackAPI(TOKEN), hold=SLACK_DELAY)
     hook_a = Edge(hold=None)  # accepts, reads the request, never answers
     hook_b = Edge()
+    daemon = None
     try:
         rules_path = tmp_path / "rules.yaml"
         rules_path.write_text(rules({"dep-a": hook_a.url, "dep-b": hook_b.url}, slack.url, WEBHOOK_TIMEOUT))
@@ -285,6 +294,8 @@ def test_a_stuck_webhook_and_a_slow_slack_stop_neither_another_rollback_nor_chec
         # SIGTERM with calls still out: bounded by the effects' stop timeout (10 s), not by them
         assert daemon.stop(timeout=40) < 25 and daemon.proc.returncode == 0, daemon.tail()
     finally:
+        if daemon is not None:
+            daemon.close()
         for edge in (slack, hook_a, hook_b):
             edge.close()
 
@@ -306,6 +317,7 @@ def test_sigkill_with_notices_queued_runs_each_once_after_the_restart(kafka_boot
     name = topic(partitions=1)
     slack = Edge(SlackAPI(TOKEN), hold=SLACK_DELAY)
     hooks = {d: Edge() for d in ("dep-a", "dep-b")}
+    daemon = None
     try:
         rules_path = tmp_path / "rules.yaml"
         rules_path.write_text(rules({d: h.url for d, h in hooks.items()}, slack.url, 5.0))
@@ -347,14 +359,24 @@ def test_sigkill_with_notices_queued_runs_each_once_after_the_restart(kafka_boot
         assert len(counts) == 6, counts
         assert counts == {t: 2 if t in in_flight else 1 for t in counts}, counts
         assert in_flight <= set(after)
+        for d in ("dep-a", "dep-b"):  # each incident's thread as before the kill: its parent first
+            mine = [r for came, _, r in slack.posts("/chat.postMessage") if came > restarted and d in text(r)]
+            assert len(mine) == 3 and text(mine[0]) in in_flight, [text(r) for r in mine]
+            assert "thread_ts" not in body(mine[0]) and all(body(r).get("thread_ts") for r in mine[1:])
     finally:
+        if daemon is not None:
+            daemon.close()
         for edge in (slack, *hooks.values()):
             edge.close()
 
 
+def body(request: Recorded) -> dict[str, Any]:
+    try:
+        return dict(request.json())
+    except ValueError:
+        return request.form()
+
+
 def text(request: Recorded) -> str:
     """A Slack post's text (each notice's text is distinct here: incident and step)."""
-    try:
-        return str(request.json()["text"])
-    except ValueError:
-        return request.form()["text"]
+    return str(body(request)["text"])
