@@ -213,16 +213,23 @@ class DaemonProcess:
         self.proc = subprocess.Popen(self.cmd, cwd=workdir, stdout=self.out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.started = CLK()
+        self.scrape_s: list[float] = []  # wall seconds of each /metrics scrape that answered
+        self.ready = False
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
     def metrics_text(self, timeout: float = 2.0) -> str | None:
+        t0 = CLK()
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=timeout) as r:
-                return r.read().decode()
+                text = r.read().decode()
         except OSError:
             return None
+        if self.ready:  # after the first answer: start-up (imports, the port opening) is not a scrape's cost
+            self.scrape_s.append(CLK() - t0)
+        self.ready = True
+        return text
 
     def metrics(self, timeout: float = 2.0) -> dict[str, float] | None:
         """Unlabelled samples, and labelled ones summed per name; None while not serving."""
@@ -421,6 +428,7 @@ def throughput_run(bootstrap: str, topic: str, partitions: int, rules: Path, wor
         "exit_code": d.proc.returncode,
         "committed": committed,
         "batch_processing": batch_times(last_text),
+        "scrape_s": quantiles(d.scrape_s),
         "counters": {k.removeprefix("rollbackd_"): v for k, v in last.items()
                      if k in ("rollbackd_events_late_total", "rollbackd_incidents_opened_total",
                               "rollbackd_labels_pending", "rollbackd_events_rejected_total")},
@@ -658,13 +666,16 @@ def quantiles(xs: list[float]) -> dict[str, float]:
             "mean": float(a.mean())}
 
 
-def live_run(bootstrap: str, args: argparse.Namespace, hook: Hook, work: Path, run: int) -> dict[str, Any]:
+def live_run(bootstrap: str, args: argparse.Namespace, hook: Hook, work: Path, run: int,
+             rules_text: Any = live_rules) -> dict[str, Any]:
+    """One live run; ``rules_text(url, deployments, window, lateness)`` writes its rules
+    (``benchmarks/effects.py`` adds a Slack notifier and slow edges)."""
     workdir = work / f"live-{run}"
     workdir.mkdir(parents=True, exist_ok=True)
     scenarios, bad = live_plan(args, run)
     deployments = [s.deployments[0] for s in scenarios]
     rules = workdir / "rules.yaml"
-    rules.write_text(live_rules(hook.url, deployments, args.window, args.lateness))
+    rules.write_text(rules_text(hook.url, deployments, args.window, args.lateness))
     t0 = time.perf_counter()
     lines, ts, keys = live_events(scenarios)
     print(f"  live run {run}: {len(lines):,} events of {len(deployments)} deployments over "

@@ -110,6 +110,45 @@ def test_a_slow_lane_holds_up_only_its_own_deployment(servers):
         assert pool.close(5.0)
 
 
+def test_a_rollback_goes_ahead_of_the_notices_waiting_in_its_lane(servers):
+    """A slow Slack leaves an earlier incident's notices queued in the deployment's lane; the
+    next incident's rollback waits for the notice being posted, not for the whole queue. Order
+    among rollbacks and of each incident's own steps is kept."""
+    slack, hooks = servers
+    gate = threading.Event()
+    order: list[str] = []
+    api = SlackAPI("xoxb-t")
+
+    def slow_slack(req):  # type: ignore[no-untyped-def]
+        if req.path.endswith("/chat.postMessage"):  # not the parent's edits (chat.update)
+            order.append(fields(req)["text"])
+        gate.wait(10)
+        return api(req)
+
+    slack.responder = slow_slack  # type: ignore[attr-defined]
+    hooks.responder = lambda req: (order.append(req.header("Idempotency-Key").split(":")[0]), Reply(200))[1]  # type: ignore[attr-defined]
+    engine = Engine()
+    pool = LaneExecutor(Delivery(make_edges(slack, hooks)))
+    engine.executor = pool.bind(engine)
+    try:
+        for n in (1, 2, 3):
+            engine.executor.submit(notice("fast", n, "inc-1"))
+        wait_for(lambda: order == ["notice 1"])  # posting; 2 and 3 wait
+        engine.executor.submit(rollback("fast", "inc-2"))
+        engine.executor.submit(notice("fast", 4, "inc-2"))
+        engine.executor.submit(rollback("fast", "inc-3"))
+        waiting = [i.key if isinstance(i, Notify) else type(i).__name__ + " " + i.key.split(":")[0]
+                   for i in pool.in_flight()]
+        assert waiting == ["inc-1:notice:1", "Rollback inc-2", "Rollback inc-3", "inc-1:notice:2",
+                           "inc-1:notice:3", "inc-2:notice:4"]  # the call running, then the lane's queue
+        gate.set()
+        wait_for(lambda: len(engine.results) == 6, pool=pool)
+    finally:
+        gate.set()
+        pool.close(5.0)
+    assert order == ["notice 1", "inc-2", "inc-3", "notice 2", "notice 3", "notice 4"]
+
+
 def test_a_lane_keeps_its_order_and_follow_ups_take_their_place(servers):
     """Rollback, then the incident's notice, then the rollback's own notices, whatever the
     timing: the engine fills the place after the result comes back on the processing thread."""
@@ -193,6 +232,39 @@ def test_in_flight_calls_run_once_by_key_after_a_restart(servers, tmp_path):
     ledger.close()
     assert sorted(r.path for r in hooks.requests) == ["/fast", "/slow"]  # each once
     assert sorted(s for _, s, _ in engine2.results) == ["succeeded", "succeeded"]
+
+
+def test_a_checkpoint_lists_each_lane_in_order_so_a_restart_keeps_it(servers, tmp_path):
+    """The call running at the checkpoint comes before the calls waiting behind it in its lane:
+    resubmitted after a crash, the incident's first notice (the thread's parent) still goes out
+    first, and the replies in its thread."""
+    slack, hooks = servers
+    gate = threading.Event()
+    api = SlackAPI("xoxb-t")
+    slack.responder = lambda req: (gate.wait(10), api(req))[1]  # type: ignore[attr-defined]
+    ledger = Ledger(tmp_path / "l.db", run_id="r")
+    engine = Engine()
+    pool = LaneExecutor(Delivery(make_edges(slack, hooks, ledger)))
+    engine.executor = pool.bind(engine)
+    try:
+        for n in (1, 2, 3):
+            engine.executor.submit(notice("fast", n))
+        wait_for(lambda: len(slack.requests) == 1)  # notice 1 is being posted
+        carried = pool.in_flight()
+        assert [i.key for i in carried] == ["inc-1:notice:1", "inc-1:notice:2", "inc-1:notice:3"]
+    finally:
+        gate.set()
+        pool.close(0.0)  # the crash: what was out is in the checkpoint
+    slack.requests.clear()
+    engine2 = Engine()
+    pool2 = LaneExecutor(Delivery(make_edges(slack, hooks, ledger)))
+    pool2.resubmit(carried, engine2)
+    wait_for(lambda: len(engine2.results) == 3, pool=pool2)
+    pool2.close(5.0)
+    ledger.close()
+    posts = [fields(r) for r in slack.requests if r.path.endswith("/chat.postMessage")]
+    assert [p["text"] for p in posts] == ["notice 1", "notice 2", "notice 3"]
+    assert "thread_ts" not in posts[0] and posts[1].get("thread_ts") and posts[2].get("thread_ts")
 
 
 def test_the_sync_executor_reports_before_it_returns_and_queues_follow_ups_behind(servers):

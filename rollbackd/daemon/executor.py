@@ -125,7 +125,7 @@ class LaneExecutor:
         self._results: collections.deque[tuple[Engine, Call, ActionResult]] = collections.deque()
         self._full: set[str] = set()  # lanes whose overflow was reported and has not cleared
         self._closed = False
-        self._running: dict[int, tuple[Engine, Call]] = {}
+        self._running: dict[int, tuple[Engine, Call, str]] = {}  # worker -> its call and lane
         self._deliveries: dict[int, Delivery] = {}  # engines whose calls use edges of their own
         self.dropped = 0  # notices dropped because their lane was full
         self.completed = 0
@@ -183,9 +183,14 @@ class LaneExecutor:
         running, places, and calls that answered but were not drained yet."""
         with self._wake:
             out = [c for e, c, _ in self._results if engine is None or e is engine]
+            running = {name: (e, c) for e, c, name in self._running.values()}
             for name in sorted(self._lanes):
+                # A lane's running call before the ones waiting behind it: resubmitted in this
+                # order after a restart, the lane keeps its order (an incident's first notice,
+                # the thread's parent, before its replies).
+                if name in running and (engine is None or running[name][0] is engine):
+                    out.append(running[name][1])
                 out.extend(i for e, i in self._lanes[name].items if engine is None or e is engine)
-            out.extend(self._running_calls(engine))
             return out
 
     def waiting(self) -> int:
@@ -244,7 +249,15 @@ class LaneExecutor:
     def _enqueue(self, name: str, engine: Engine, intent: Intent) -> None:
         with self._wake:
             lane = self._lanes.setdefault(name, _Lane())
-            lane.items.append((engine, intent))
+            if isinstance(intent, (Rollback, Pause)):
+                # A rollback goes ahead of the notices waiting in its lane: they are earlier
+                # incidents' (its own are decided after it), and a notification never blocks a
+                # rollback. Rollbacks and pauses keep their order among themselves.
+                at = next((i for i, (_, item) in enumerate(lane.items)
+                           if not isinstance(item, (Rollback, Pause))), len(lane.items))
+                lane.items.insert(at, (engine, intent))
+            else:
+                lane.items.append((engine, intent))
             if not isinstance(intent, FollowUps):
                 lane.calls += 1
             self._schedule(name, lane)
@@ -273,9 +286,6 @@ class LaneExecutor:
                     break
             self._schedule(fill.deployment, lane)
 
-    def _running_calls(self, engine: Engine | None) -> list[Intent]:
-        return [c for e, c in self._running.values() if engine is None or e is engine]
-
     def _work(self) -> None:
         me = threading.get_ident()
         while True:
@@ -290,7 +300,7 @@ class LaneExecutor:
                     continue  # parked at a place not filled yet: _fill schedules it again
                 engine, call = lane.items.popleft()
                 lane.running = True
-                self._running[me] = (engine, call)
+                self._running[me] = (engine, call, name)
             assert isinstance(call, (Notify, Rollback, Pause))
             result = self._via(engine).call(self._via(engine).prepare(call))
             self._via(engine).remember(call, result)  # the lane's next notice replies in its thread
