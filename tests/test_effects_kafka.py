@@ -246,7 +246,9 @@ def test_a_stuck_webhook_and_a_slow_slack_stop_neither_another_rollback_nor_chec
         daemon.start()
         # dep-a's breach is read and its rollback is out: the call hangs at its webhook
         came_a = wait_until(lambda: hook_a.posts("/rollback/dep-a"), 60, daemon, "dep-a's rollback call")
-        assert not slack.posts()  # dep-a's notices wait behind its rollback, in its lane
+        # dep-a's incident notice may go out beside its hung rollback; the rollback's own
+        # replies ("rollback started", its outcome) wait for its result
+        assert not [r for _, _, r in slack.posts() if b"rollback started" in r.body]
 
         publish(kafka_bootstrap, name, str(write_lines(tmp_path / "p2.jsonl", parts[1])))
         published_b = time.monotonic()
@@ -260,7 +262,8 @@ def test_a_stuck_webhook_and_a_slow_slack_stop_neither_another_rollback_nor_chec
         assert json.loads(req_b.body)["deployment"] == "dep-b" and json.loads(req_a.body)["deployment"] == "dep-a"
 
         # dep-b's first notice is now held by Slack: the last part is read and committed meanwhile
-        wait_until(lambda: slack.posts("/chat.postMessage"), PROMPT, daemon, "dep-b's first notice")
+        wait_until(lambda: [r for _, _, r in slack.posts("/chat.postMessage") if b"dep-b" in r.body],
+                   PROMPT, daemon, "dep-b's first notice")
         publish(kafka_bootstrap, name, str(write_lines(tmp_path / "p3.jsonl", parts[2])))
         published_end = time.monotonic()
         total = sum(map(len, parts))

@@ -110,10 +110,10 @@ def test_a_slow_lane_holds_up_only_its_own_deployment(servers):
         assert pool.close(5.0)
 
 
-def test_a_rollback_goes_ahead_of_the_notices_waiting_in_its_lane(servers):
-    """A slow Slack leaves an earlier incident's notices queued in the deployment's lane; the
-    next incident's rollback waits for the notice being posted, not for the whole queue. Order
-    among rollbacks and of each incident's own steps is kept."""
+def test_a_rollback_never_waits_for_a_notice(servers):
+    """A slow Slack holds the notice being posted and leaves an earlier incident's notices queued;
+    the next incidents' rollbacks reach their webhook meanwhile, in order, and a notice decided
+    after a rollback is posted only once that rollback has started."""
     slack, hooks = servers
     gate = threading.Event()
     order: list[str] = []
@@ -137,16 +137,40 @@ def test_a_rollback_goes_ahead_of_the_notices_waiting_in_its_lane(servers):
         engine.executor.submit(rollback("fast", "inc-2"))
         engine.executor.submit(notice("fast", 4, "inc-2"))
         engine.executor.submit(rollback("fast", "inc-3"))
-        waiting = [i.key if isinstance(i, Notify) else type(i).__name__ + " " + i.key.split(":")[0]
-                   for i in pool.in_flight()]
-        assert waiting == ["inc-1:notice:1", "Rollback inc-2", "Rollback inc-3", "inc-1:notice:2",
-                           "inc-1:notice:3", "inc-2:notice:4"]  # the call running, then the lane's queue
+        # both rollbacks answered while Slack still holds notice 1
+        wait_for(lambda: order == ["notice 1", "inc-2", "inc-3"], pool=pool)
+        assert [k.split(":")[0] for k, _, _ in engine.results] == ["inc-2", "inc-3"]
         gate.set()
         wait_for(lambda: len(engine.results) == 6, pool=pool)
     finally:
         gate.set()
         pool.close(5.0)
     assert order == ["notice 1", "inc-2", "inc-3", "notice 2", "notice 3", "notice 4"]
+
+
+def test_a_notice_decided_after_a_rollback_waits_for_it_to_start(servers):
+    """The act lane is busy with a held rollback; the notice decided after the second rollback
+    waits until that rollback has started, not for it to finish."""
+    slack, hooks = servers
+    release = threading.Event()
+    hooks.responder = lambda req: (release.wait(10) if req.path == "/fast" else None, Reply(200))[1]  # type: ignore[attr-defined]
+    engine = Engine()
+    pool = LaneExecutor(Delivery(make_edges(slack, hooks, timeout=30.0)))
+    engine.executor = pool.bind(engine)
+    try:
+        engine.executor.submit(rollback("fast", "inc-1"))
+        engine.executor.submit(rollback("fast", "inc-2"))
+        engine.executor.submit(notice("fast", 1, "inc-2"))
+        wait_for(lambda: len(hooks.requests) == 1)
+        time.sleep(0.3)  # room for a wrong post to show
+        assert slack.requests == []  # rollback inc-2 has not started: the notice waits
+        release.set()
+        wait_for(lambda: len(engine.results) == 3, pool=pool)
+    finally:
+        release.set()
+        pool.close(5.0)
+    assert [k for k, _, _ in engine.results][0] == "inc-1:rollback:primary:1"
+    assert len(slack.requests) == 1
 
 
 def test_a_lane_keeps_its_order_and_follow_ups_take_their_place(servers):
@@ -169,7 +193,11 @@ def test_a_lane_keeps_its_order_and_follow_ups_take_their_place(servers):
         pool.close(5.0)
     posts = [fields(r) for r in slack.requests if r.path.endswith("/chat.postMessage")]
     assert [p["text"] for p in posts] == ["notice 1", "notice 2", "notice 3", "notice 4"]
-    assert [k for k, _, _ in engine.results] == [rb.key] + [f"inc-1:notice:{n}" for n in (1, 2, 3, 4)]
+    results = [k for k, _, _ in engine.results]
+    # notice 1 runs beside the rollback (once it has started); the rollback's own notices and
+    # the one after them only once its result has come back
+    assert results[2:] == [f"inc-1:notice:{n}" for n in (2, 3, 4)]
+    assert sorted(results[:2]) == sorted([rb.key, "inc-1:notice:1"])
     # the first notice opens the thread, the others reply in it
     assert "thread_ts" not in posts[0] and {p.get("thread_ts") for p in posts[1:]} == {"1700000000.000001"}
     assert hooks.requests[0].path == "/fast"

@@ -94,11 +94,23 @@ class SyncExecutor:
         return []
 
 
+# Each deployment has two lanes: "act" (rollbacks, pauses) and "say" (notices and the places
+# of follow-up notices). Each runs one call at a time, in order; a notice never starts before
+# the rollbacks decided ahead of it have started, and a rollback never waits for a notice.
+ACT, SAY = "act", "say"
+LaneKey = tuple[str, str]  # (deployment, ACT | SAY)
+
+
 @dataclass
 class _Lane:
-    items: collections.deque[tuple[Engine, Intent]] = field(default_factory=collections.deque)
+    # (engine, intent, gate): a notice waits until its deployment has started `gate` acts
+    items: collections.deque[tuple[Engine, Intent, int]] = field(default_factory=collections.deque)
     running: bool = False
     calls: int = 0  # calls waiting or running (places not counted)
+
+
+def _kind(intent: Intent) -> str:
+    return ACT if isinstance(intent, (Rollback, Pause)) else SAY
 
 
 class LaneExecutor:
@@ -119,13 +131,14 @@ class LaneExecutor:
         self.delivery = delivery
         self.lane_limit = lane_limit
         self.on_full = on_full
-        self._lanes: dict[str, _Lane] = {}
+        self._lanes: dict[LaneKey, _Lane] = {}
+        self._acts: dict[str, list[int]] = {}  # deployment -> [acts enqueued, acts started]
         self._wake = threading.Condition()
-        self._ready: collections.deque[str] = collections.deque()
+        self._ready: collections.deque[LaneKey] = collections.deque()
         self._results: collections.deque[tuple[Engine, Call, ActionResult]] = collections.deque()
         self._full: set[str] = set()  # lanes whose overflow was reported and has not cleared
         self._closed = False
-        self._running: dict[int, tuple[Engine, Call, str]] = {}  # worker -> its call and lane
+        self._running: dict[int, tuple[Engine, Call, LaneKey]] = {}  # worker -> its call and lane
         self._deliveries: dict[int, Delivery] = {}  # engines whose calls use edges of their own
         self.dropped = 0  # notices dropped because their lane was full
         self.completed = 0
@@ -183,14 +196,14 @@ class LaneExecutor:
         running, places, and calls that answered but were not drained yet."""
         with self._wake:
             out = [c for e, c, _ in self._results if engine is None or e is engine]
-            running = {name: (e, c) for e, c, name in self._running.values()}
-            for name in sorted(self._lanes):
-                # A lane's running call before the ones waiting behind it: resubmitted in this
-                # order after a restart, the lane keeps its order (an incident's first notice,
-                # the thread's parent, before its replies).
-                if name in running and (engine is None or running[name][0] is engine):
-                    out.append(running[name][1])
-                out.extend(i for e, i in self._lanes[name].items if engine is None or e is engine)
+            running = {key: (e, c) for e, c, key in self._running.values()}
+            # by deployment, its acts before its notices, and in each lane the running call
+            # before the ones waiting behind it: resubmitted in this order after a restart, the
+            # lanes keep their order (an incident's first notice, the thread's parent, first)
+            for key in sorted(self._lanes):
+                if key in running and (engine is None or running[key][0] is engine):
+                    out.append(running[key][1])
+                out.extend(i for e, i, _ in self._lanes[key].items if engine is None or e is engine)
             return out
 
     def waiting(self) -> int:
@@ -224,7 +237,7 @@ class LaneExecutor:
     def _start(self, call: Call, engine: Engine) -> None:
         lane = lane_of(call)
         with self._wake:
-            entry = self._lanes.get(lane)
+            entry = self._lanes.get((lane, SAY))
             waiting = entry.calls if entry is not None else 0
         if isinstance(call, Notify) and waiting >= self.lane_limit:
             self._drop(call, engine, lane)
@@ -246,45 +259,50 @@ class LaneExecutor:
             if self.on_full is not None:
                 self.on_full(lane, self.lane_limit)
 
-    def _enqueue(self, name: str, engine: Engine, intent: Intent) -> None:
+    def _enqueue(self, deployment: str, engine: Engine, intent: Intent) -> None:
         with self._wake:
-            lane = self._lanes.setdefault(name, _Lane())
-            if isinstance(intent, (Rollback, Pause)):
-                # A rollback goes ahead of the notices waiting in its lane: they are earlier
-                # incidents' (its own are decided after it), and a notification never blocks a
-                # rollback. Rollbacks and pauses keep their order among themselves.
-                at = next((i for i, (_, item) in enumerate(lane.items)
-                           if not isinstance(item, (Rollback, Pause))), len(lane.items))
-                lane.items.insert(at, (engine, intent))
-            else:
-                lane.items.append((engine, intent))
+            kind = _kind(intent)
+            key = (deployment, kind)
+            lane = self._lanes.setdefault(key, _Lane())
+            acts = self._acts.setdefault(deployment, [0, 0])
+            if kind == ACT:
+                acts[0] += 1
+            lane.items.append((engine, intent, 0 if kind == ACT else acts[0]))
             if not isinstance(intent, FollowUps):
                 lane.calls += 1
-            self._schedule(name, lane)
+            self._schedule(key, lane)
 
-    def _schedule(self, name: str, lane: _Lane) -> None:
+    def _can_move(self, key: LaneKey, lane: _Lane) -> bool:
+        """Whether a worker can take the lane's head now (lock held)."""
+        if lane.running or not lane.items:
+            return False
+        _, head, gate = lane.items[0]
+        if isinstance(head, FollowUps):
+            return False  # parked until the engine fills it
+        return key[1] == ACT or self._acts[key[0]][1] >= gate
+
+    def _schedule(self, key: LaneKey, lane: _Lane) -> None:
         """Hand the lane to a worker if it can move (lock held)."""
-        if lane.running or not lane.items or isinstance(lane.items[0][1], FollowUps):
-            return
-        if name not in self._ready:
-            self._ready.append(name)
+        if self._can_move(key, lane) and key not in self._ready:
+            self._ready.append(key)
             self._wake.notify()
 
     def _fill(self, fill: Fill, engine: Engine) -> None:
         for notice in fill.notices:
             self._via(engine).started(notice)
         with self._wake:
-            lane = self._lanes.get(fill.deployment)
+            key = (fill.deployment, SAY)
+            lane = self._lanes.get(key)
             if lane is None:
                 return
-            for i, (_, item) in enumerate(lane.items):
+            for i, (_, item, gate) in enumerate(lane.items):
                 if isinstance(item, FollowUps) and item.key == fill.key:
                     del lane.items[i]
                     for j, notice in enumerate(fill.notices):
-                        lane.items.insert(i + j, (engine, notice))
+                        lane.items.insert(i + j, (engine, notice, gate))
                     lane.calls += len(fill.notices)
                     break
-            self._schedule(fill.deployment, lane)
+            self._schedule(key, lane)
 
     def _work(self) -> None:
         me = threading.get_ident()
@@ -294,25 +312,31 @@ class LaneExecutor:
                     self._wake.wait()
                 if self._closed:
                     return
-                name = self._ready.popleft()
-                lane = self._lanes[name]
-                if lane.running or not lane.items or isinstance(lane.items[0][1], FollowUps):
-                    continue  # parked at a place not filled yet: _fill schedules it again
-                engine, call = lane.items.popleft()
+                key = self._ready.popleft()
+                lane = self._lanes[key]
+                if not self._can_move(key, lane):
+                    continue  # _fill or a starting act schedules it again
+                engine, call, _ = lane.items.popleft()
                 lane.running = True
-                self._running[me] = (engine, call, name)
+                self._running[me] = (engine, call, key)
+                if key[1] == ACT:
+                    self._acts[key[0]][1] += 1
+                    say = self._lanes.get((key[0], SAY))
+                    if say is not None:
+                        self._schedule((key[0], SAY), say)
             assert isinstance(call, (Notify, Rollback, Pause))
-            result = self._via(engine).call(self._via(engine).prepare(call))
-            self._via(engine).remember(call, result)  # the lane's next notice replies in its thread
+            via = self._via(engine)
+            result = via.call(via.prepare(call))
+            via.remember(call, result)  # the lane's next notice replies in its thread
             with self._wake:
                 del self._running[me]
                 lane.running = False
                 lane.calls -= 1
-                if lane.calls < self.lane_limit // 2:
-                    self._full.discard(name)
+                if key[1] == SAY and lane.calls < self.lane_limit // 2:
+                    self._full.discard(key[0])
                 self._results.append((engine, call, result))
                 self.completed += 1
-                self._schedule(name, lane)
+                self._schedule(key, lane)
 
 
 class BoundExecutor:
