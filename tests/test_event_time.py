@@ -298,14 +298,30 @@ def test_a_bogus_first_event_does_not_anchor_the_reference(tmp_path):
     assert pipeline.counters["predictions"] == 499 and pipeline.counters["late"] == 0
 
 
-def test_live_the_wall_clock_bounds_the_future_and_an_old_recording_still_works():
-    config = load_config_text(CAPS)
-    pipeline = build_pipeline(config)
+def test_live_an_old_recording_is_judged_against_itself():
+    """A recording published for a drill has times long past: live, it goes in (the warm-up
+    ends once all there is has been read), and an outlier a day ahead of it is refused although
+    it is still in the wall clock's past."""
+    pipeline = build_pipeline(load_config_text(CAPS))
     old = [Prediction(id=f"o{i}", ts=T0 - 365 * DAY + i, deployment="d", model_version="1") for i in range(10)]
+    outlier = Prediction(id="x", ts=T0 - 364 * DAY, deployment="d", model_version="1")
+    pipeline.ingest(old, wall_now=T0)
+    assert pipeline.counters["predictions"] == 0  # held: the warm-up
+    pipeline.finish(T0)  # the daemon read everything there was
+    pipeline.ingest([outlier], wall_now=T0 + 1)
+    assert pipeline.counters["predictions"] == 10
+    assert dict(pipeline.rejects) == {"future_timestamp": 1}
+
+
+def test_live_the_wall_clock_bounds_the_future():
+    pipeline = build_pipeline(load_config_text(CAPS))
+    now = [Prediction(id=f"n{i}", ts=T0 - 10 + i, deployment="d", model_version="1") for i in range(10)]
+    pipeline.ingest(now, wall_now=T0)
+    pipeline.finish(T0)
     ahead = Prediction(id="ahead", ts=T0 + 301.0, deployment="d", model_version="1")
     near = Prediction(id="near", ts=T0 + 299.0, deployment="e", model_version="1")
-    pipeline.ingest([*old, ahead, near], wall_now=T0)
-    assert pipeline.counters["predictions"] == 11  # no warm-up hold live, nothing too old
+    pipeline.ingest([ahead, near], wall_now=T0)
+    assert pipeline.counters["predictions"] == 11
     assert dict(pipeline.rejects) == {"future_timestamp": 1}
 
 

@@ -10,10 +10,13 @@ against batch boundaries):
 :class:`Admission` dead-letters what must not get in:
 
 - ``future_timestamp``: ``ts`` more than ``settings.max_future_skew`` ahead of the *reference*.
-  Live the reference is the wall clock (the daemon passes it in). A replay has no wall clock,
-  so the reference is the stream's own: the first :data:`WARM_UP` events are held and the
+  The reference is the stream's own: the first :data:`WARM_UP` events are held and the
   reference anchors on their median (a bogus first event cannot anchor it); from then on it is
-  the newest ``ts`` within the limits, so one event can move it by at most the skew. A genuine jump of
+  the newest ``ts`` within the limits, so one event can move it by at most the skew. Live, the
+  wall clock (the daemon passes it in) bounds it too, and the warm-up ends as soon as the
+  daemon has read all there is (a sparse stream is not held for 64 events). So a replay and a
+  live run of the same stream judge alike, and a recording published for a drill, whose times
+  are all in the past, is judged against itself. A genuine jump of
   the whole stream (two recordings a week apart) is followed: when the last :data:`JUMP_RUN`
   events were all beyond the reference, it re-anchors on their median. The events before the
   one that completes the run (``JUMP_RUN - 1`` of them) stay dead-lettered.
@@ -225,7 +228,9 @@ class Admission:
         return newest if self.anchor is None or newest > self.anchor else self.anchor
 
     def future_limit(self, wall_now: float | None) -> float:
-        return min(self.reference(wall_now) + self.skew, MAX_EVENT_TIME)
+        """Live, the earlier of the wall clock's limit and the stream's; in a replay, the stream's."""
+        limit = min(self.reference(None) + self.skew, MAX_EVENT_TIME)
+        return limit if wall_now is None else min(limit, wall_now + self.skew)
 
     def old_limit(self) -> float:
         return max(self.min_event_time, self.newest - self.horizon)
@@ -268,14 +273,15 @@ class Admission:
         limit = self.future_limit(wall_now)
         if ts <= limit:
             return None
-        what = "the wall clock" if wall_now is not None else "the stream's newest event"
+        beyond_wall = wall_now is not None and ts > wall_now + self.skew
+        what, ref = ("the wall clock", wall_now) if beyond_wall else ("the stream's newest event", self.reference(None))
         rejected = self.rejected(
             ev, FUTURE_TIMESTAMP,
             f"ts {_iso(ts)} is more than settings.max_future_skew ({self.skew:g}s) ahead of "
-            f"{what} {_iso(self.reference(wall_now))}",
+            f"{what} {_iso(ref)}",
         )
-        if wall_now is not None or ts >= MAX_EVENT_TIME:
-            return rejected
+        if beyond_wall or ts >= MAX_EVENT_TIME:
+            return rejected  # no jump of the stream goes past the wall clock
         beyond = self._beyond
         if beyond and beyond[-1][0] != position - 1:
             beyond.clear()  # an event within the reference came between: no run
@@ -288,7 +294,7 @@ class Admission:
         beyond.clear()
         self.anchor = stamps[(len(stamps) - 1) // 2]
         log.warning("admission.stream_jump", anchor=_iso(self.anchor), previous=_iso(newest))
-        return None if ts <= self.future_limit(None) else rejected
+        return None if ts <= self.future_limit(wall_now) else rejected
 
     def rejected(self, ev: Event, reason: str, detail: str) -> Rejected:
         return Rejected(reason, detail, _JSON.encode(ev))

@@ -101,10 +101,21 @@ ACT, SAY = "act", "say"
 LaneKey = tuple[str, str]  # (deployment, ACT | SAY)
 
 
+@dataclass(eq=False)
+class _Slot:
+    """A call's (or a follow-up place's) place in its deployment's order of decision. Results
+    are reported in that order, so the decision log of a deployment reads as a replay's does,
+    whichever lane answered first."""
+
+    intent: Intent
+    engine: Engine
+    result: ActionResult | None = None
+
+
 @dataclass
 class _Lane:
-    # (engine, intent, gate): a notice waits until its deployment has started `gate` acts
-    items: collections.deque[tuple[Engine, Intent, int]] = field(default_factory=collections.deque)
+    # (engine, intent, gate, slot): a notice waits until its deployment has started `gate` acts
+    items: collections.deque[tuple[Engine, Intent, int, _Slot]] = field(default_factory=collections.deque)
     running: bool = False
     calls: int = 0  # calls waiting or running (places not counted)
 
@@ -135,7 +146,11 @@ class LaneExecutor:
         self._acts: dict[str, list[int]] = {}  # deployment -> [acts enqueued, acts started]
         self._wake = threading.Condition()
         self._ready: collections.deque[LaneKey] = collections.deque()
-        self._results: collections.deque[tuple[Engine, Call, ActionResult]] = collections.deque()
+        # Per deployment, its calls and places in the order decided; answered ones are reported
+        # from the front, so each deployment's results reach the engine in that order.
+        self._order: dict[str, collections.deque[_Slot]] = {}
+        self._answered: set[str] = set()  # deployments with an answer waiting to be reported
+        self._unreported = 0
         self._full: set[str] = set()  # lanes whose overflow was reported and has not cleared
         self._closed = False
         self._running: dict[int, tuple[Engine, Call, LaneKey]] = {}  # worker -> its call and lane
@@ -180,22 +195,39 @@ class LaneExecutor:
                 self._enqueue(intent.deployment, engine, intent)
 
     def drain(self) -> int:
-        """Report the results that came back, in the order they came; returns how many."""
+        """Report the results that came back, each deployment's in the order decided; returns
+        how many."""
         n = 0
         while True:
             with self._wake:
-                if not self._results:
+                ready = self._next_answer()
+                if ready is None:
                     return n
-                engine, call, result = self._results.popleft()
+                engine, call, result = ready
             self._via(engine).finished(call, result, replayed=False)
             engine.apply_result(call, result)
             n += 1
 
+    def _next_answer(self) -> tuple[Engine, Call, ActionResult] | None:
+        """The next result to report, if a deployment's earliest outstanding call has one
+        (lock held)."""
+        while self._answered:
+            deployment = min(self._answered)
+            order = self._order[deployment]
+            if order and order[0].result is not None:
+                slot = order.popleft()
+                self._unreported -= 1
+                assert isinstance(slot.intent, (Notify, Rollback, Pause)) and slot.result is not None
+                return slot.engine, slot.intent, slot.result
+            self._answered.discard(deployment)
+        return None
+
     def in_flight(self, engine: Engine | None = None) -> list[Intent]:
         """What is not finished yet (of ``engine``, or all), for a checkpoint: calls waiting or
-        running, places, and calls that answered but were not drained yet."""
+        running, places, and calls that answered but were not reported yet."""
         with self._wake:
-            out = [c for e, c, _ in self._results if engine is None or e is engine]
+            out = [slot.intent for dep in sorted(self._order) for slot in self._order[dep]
+                   if slot.result is not None and (engine is None or slot.engine is engine)]
             running = {key: (e, c) for e, c, key in self._running.values()}
             # by deployment, its acts before its notices, and in each lane the running call
             # before the ones waiting behind it: resubmitted in this order after a restart, the
@@ -203,13 +235,13 @@ class LaneExecutor:
             for key in sorted(self._lanes):
                 if key in running and (engine is None or running[key][0] is engine):
                     out.append(running[key][1])
-                out.extend(i for e, i, _ in self._lanes[key].items if engine is None or e is engine)
+                out.extend(i for e, i, _, _ in self._lanes[key].items if engine is None or e is engine)
             return out
 
     def waiting(self) -> int:
-        """Calls queued or running, and results not drained yet."""
+        """Calls queued or running, and results not reported yet."""
         with self._wake:
-            return sum(lane.calls for lane in self._lanes.values()) + len(self._results)
+            return sum(lane.calls for lane in self._lanes.values()) + self._unreported
 
     def close(self, timeout: float) -> bool:
         """Let the lanes empty for up to ``timeout`` seconds, reporting results, then stop the
@@ -267,7 +299,9 @@ class LaneExecutor:
             acts = self._acts.setdefault(deployment, [0, 0])
             if kind == ACT:
                 acts[0] += 1
-            lane.items.append((engine, intent, 0 if kind == ACT else acts[0]))
+            slot = _Slot(intent, engine)
+            self._order.setdefault(deployment, collections.deque()).append(slot)
+            lane.items.append((engine, intent, 0 if kind == ACT else acts[0], slot))
             if not isinstance(intent, FollowUps):
                 lane.calls += 1
             self._schedule(key, lane)
@@ -276,7 +310,7 @@ class LaneExecutor:
         """Whether a worker can take the lane's head now (lock held)."""
         if lane.running or not lane.items:
             return False
-        _, head, gate = lane.items[0]
+        _, head, gate, _ = lane.items[0]
         if isinstance(head, FollowUps):
             return False  # parked until the engine fills it
         return key[1] == ACT or self._acts[key[0]][1] >= gate
@@ -295,12 +329,18 @@ class LaneExecutor:
             lane = self._lanes.get(key)
             if lane is None:
                 return
-            for i, (_, item, gate) in enumerate(lane.items):
+            for i, (_, item, gate, place) in enumerate(lane.items):
                 if isinstance(item, FollowUps) and item.key == fill.key:
                     del lane.items[i]
+                    order = self._order[fill.deployment]
+                    at = order.index(place)
+                    del order[at]
                     for j, notice in enumerate(fill.notices):
-                        lane.items.insert(i + j, (engine, notice, gate))
+                        slot = _Slot(notice, engine)
+                        lane.items.insert(i + j, (engine, notice, gate, slot))
+                        order.insert(at + j, slot)
                     lane.calls += len(fill.notices)
+                    self._answered.add(fill.deployment)  # an empty fill may unblock the order
                     break
             self._schedule(key, lane)
 
@@ -316,7 +356,7 @@ class LaneExecutor:
                 lane = self._lanes[key]
                 if not self._can_move(key, lane):
                     continue  # _fill or a starting act schedules it again
-                engine, call, _ = lane.items.popleft()
+                engine, call, _, slot = lane.items.popleft()
                 lane.running = True
                 self._running[me] = (engine, call, key)
                 if key[1] == ACT:
@@ -334,7 +374,9 @@ class LaneExecutor:
                 lane.calls -= 1
                 if key[1] == SAY and lane.calls < self.lane_limit // 2:
                     self._full.discard(key[0])
-                self._results.append((engine, call, result))
+                slot.result = result
+                self._unreported += 1
+                self._answered.add(key[0])
                 self.completed += 1
                 self._schedule(key, lane)
 

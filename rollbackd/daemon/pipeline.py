@@ -161,12 +161,12 @@ class Pipeline:
     def ingest(self, events: list[Event], wall_now: float | None = None) -> None:
         """Admit, judge lateness and file ``events``.
 
-        ``wall_now`` is the wall clock of a live run: the reference for future timestamps.
-        Without it (a replay, a drill, a test) the reference is the stream's own, and the first
+        The reference for future timestamps is the stream's own: the first
         ``admission.WARM_UP`` events are held until it is anchored (see :meth:`finish`).
+        ``wall_now``, the wall clock of a live run, bounds it too.
         """
         adm = self.admission
-        if wall_now is None and adm.warming:
+        if adm.warming:
             events = adm.hold(events)
         if events:
             self._ingest(events, wall_now)
@@ -188,12 +188,13 @@ class Pipeline:
                 f"{detail}; the excess is dead-lettered (reason cardinality) and not watched")
         adm.alarms.clear()
 
-    def finish(self) -> None:
-        """The end of a finite stream: the events still held for the warm-up go in."""
+    def finish(self, wall_now: float | None = None) -> None:
+        """The events still held for the warm-up go in: at the end of a finite stream, or live
+        once everything there is to read has been read."""
         if self.admission.warming:
             held = self.admission.release()
             if held:
-                self._ingest(held, None)
+                self._ingest(held, wall_now)
             if self.admission.alarms:
                 self._cardinality_notices()
 
@@ -207,8 +208,9 @@ class Pipeline:
         newest = adm.newest
         fut = adm.future_limit(wall_now)
         old = adm.old_limit()
-        skew_ref = wall_now is None  # the future limit follows the lead (a replay)
         skew = adm.skew
+        # The future limit follows the stream's time, live bounded by the wall clock's.
+        cap = MAX_EVENT_TIME if wall_now is None else min(MAX_EVENT_TIME, wall_now + skew)
         # Nothing may go before the watermark nor a boundary already processed.
         wm = et.watermark
         floor = max(wm, self._closed)
@@ -240,10 +242,10 @@ class Pipeline:
                 newest = ts
                 if ts - horizon > old:
                     old = ts - horizon
-                if skew_ref and ts + skew > fut:  # a replay's reference is the stream's time
+                if ts + skew > fut:
                     fut = ts + skew
-                    if fut > MAX_EVENT_TIME:
-                        fut = MAX_EVENT_TIME
+                    if fut > cap:
+                        fut = cap
                 if top is None and ts - skew - lateness > wm:
                     # Every deployment is silent (or none admitted yet): time still passes.
                     wm = ts - skew - lateness

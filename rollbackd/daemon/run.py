@@ -589,11 +589,19 @@ class Daemon:
                 continue
             task = self.task(key)
             self._select(key)
-            # Live, the wall clock is the reference for future timestamps (daemon/admission.py).
+            # Live, the wall clock bounds future timestamps too (daemon/admission.py).
             task.pipeline.ingest(events, wall_now=now)
             self.events += len(events)
             task.last_event_wall = now
             task.event_time_at_last_event = task.pipeline.max_event_time
+        at_end = getattr(self.source, "at_end", None)
+        for key, task in self.tasks.items():
+            # The warm-up holds a backlog's first events until the reference is anchored on
+            # them; once all there is has been read, what is held goes in.
+            if task.pipeline.admission.warming and (at_end is None or at_end(key)):
+                self._select(key)
+                task.pipeline.finish(now)
+                task.event_time_at_last_event = task.pipeline.max_event_time
         if batch.events or batch.rejects:
             self._position = batch.position
         self._watch(now)
