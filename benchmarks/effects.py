@@ -347,10 +347,9 @@ def markdown(result: dict[str, Any]) -> str:
             f"p90 {f(r['fast_delay_p90_s'], '.2f')}x ({'within' if ok['delay_p90'] else 'NOT within'})")
     lines += ["", "A delay is measured for a rollback whose outcome is in the decision log; a call still out "
               "when the daemon stopped counts only as a request at the webhook.",
-              "", "/metrics latency is of the throughput runs' scrapes after the first. A run this short "
-              "(under 15 s) sees no refresh of the collector's consumer lag (one every 15 s, with broker "
-              "round trips on the scrape thread: about 1 s in tests/test_effects_kafka.py), so its cost is "
-              "not in these numbers.",
+              "", "/metrics latency is of the throughput runs' scrapes after the first. The consumer "
+              "lag a scrape shows is the one the processing loop took from librdkafka's statistics: a "
+              "scrape makes no broker round trip.",
               "", "See the module docstring of `benchmarks/effects.py` for what each number measures.", ""]
     return "\n".join(lines)
 
