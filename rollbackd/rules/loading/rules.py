@@ -92,35 +92,12 @@ class RulesReader:
             )
 
         kw: dict[str, Any] = {}
-        name = read.optional(pairs, path, kw, "name", read.string)
-        if isinstance(name, str):
-            if name in names:
-                first = names[name].start_mark.line + 1
-                read.error(
-                    pairs["name"][1],
-                    sub(path, "name"),
-                    f"duplicate rule name {name!r} (first on line {first})",
-                )
-            else:
-                names[name] = pairs["name"][1]
+        name = self.name(pairs, path, kw, names)
         detector = read.optional(
             pairs, path, kw, "detector", lambda n, p: read.string(n, p, choices=sorted(detectors))
         )
-        params: dict[str, Any] | None = None
         param_keys: dict[str, Node] = {}
-        if "params" in pairs and not is_null(pairs["params"][1]):
-            params_node = pairs["params"][1]
-            if not isinstance(params_node, MappingNode):
-                read.error(
-                    params_node,
-                    sub(path, "params"),
-                    f"expected a mapping, got {kind(params_node)}",
-                )
-            else:
-                params = self.detector.params(params_node, sub(path, "params"), param_keys)
-                if params is not None:
-                    kw["params"] = MappingProxyType(params)
-
+        params = self.params(pairs, path, kw, param_keys)
         self.thresholds(pairs, path, kw)
         window = WindowSpec()
         if "window" in pairs:
@@ -147,6 +124,61 @@ class RulesReader:
         read.optional(pairs, path, kw, "summary", read.string)
         read.optional(pairs, path, kw, "runbook", read.string)
 
+        self.check_detector(pairs, path, kw, detector, detectors, params, param_keys)
+        if read.errors != errors_before:
+            return None
+        if isinstance(name, str):
+            self.rule_nodes[name] = node
+        self.valid_rule_warnings(pairs, path, kw, detector, window)
+        return RuleSpec(**kw)
+
+    def name(self, pairs: Pairs, path: str, kw: dict[str, Any], names: dict[str, Node]) -> Any:
+        """The rule's ``name``, unique in the file (``names``: the name nodes seen so far)."""
+        read = self.read
+        name = read.optional(pairs, path, kw, "name", read.string)
+        if isinstance(name, str):
+            if name in names:
+                first = names[name].start_mark.line + 1
+                read.error(
+                    pairs["name"][1],
+                    sub(path, "name"),
+                    f"duplicate rule name {name!r} (first on line {first})",
+                )
+            else:
+                names[name] = pairs["name"][1]
+        return name
+
+    def params(
+        self, pairs: Pairs, path: str, kw: dict[str, Any], param_keys: dict[str, Node]
+    ) -> dict[str, Any] | None:
+        """The detector's ``params`` as given (``None`` if absent or invalid); ``param_keys``
+        gets their key nodes."""
+        if "params" not in pairs or is_null(pairs["params"][1]):
+            return None
+        params_node = pairs["params"][1]
+        if not isinstance(params_node, MappingNode):
+            self.read.error(
+                params_node,
+                sub(path, "params"),
+                f"expected a mapping, got {kind(params_node)}",
+            )
+            return None
+        params = self.detector.params(params_node, sub(path, "params"), param_keys)
+        if params is not None:
+            kw["params"] = MappingProxyType(params)
+        return params
+
+    def check_detector(
+        self,
+        pairs: Pairs,
+        path: str,
+        kw: Mapping[str, Any],
+        detector: Any,
+        detectors: DetectorFactories,
+        params: Mapping[str, Any] | None,
+        param_keys: Mapping[str, Node],
+    ) -> None:
+        """What only the detector can tell: its parameters, and whether ``alpha`` is reachable."""
         params_ok = "params" in kw or "params" not in pairs or is_null(pairs["params"][1])
         if isinstance(detector, str) and detector in detectors and params_ok:
             # Build the detector when what it takes from the rule is valid, even if other keys
@@ -168,14 +200,7 @@ class RulesReader:
             # (its optional package missing): the user learns both at once.
             unreachable = unreachable_level(detector, params or {}, kw["alpha"])
             if unreachable is not None:
-                read.warn(pairs["alpha"][1], sub(path, "alpha"), unreachable)
-
-        if read.errors != errors_before:
-            return None
-        if isinstance(name, str):
-            self.rule_nodes[name] = node
-        self.valid_rule_warnings(pairs, path, kw, detector, window)
-        return RuleSpec(**kw)
+                self.read.warn(pairs["alpha"][1], sub(path, "alpha"), unreachable)
 
     def thresholds(self, pairs: Pairs, path: str, kw: dict[str, Any]) -> None:
         """``threshold``, ``clear_threshold`` (hysteresis on the right side), ``direction``,
