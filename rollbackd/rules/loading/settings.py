@@ -1,0 +1,141 @@
+"""The ``settings:`` section: global switches, event-time limits, caps and the notifier."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from types import MappingProxyType
+from typing import Any
+
+from yaml.nodes import Node, ScalarNode
+
+from rollbackd.rules.loading.reader import INVALID, Check, NodeReader, kind, sub
+from rollbackd.rules.model import DigestSpec, NotifierSpec, Settings
+
+NOTIFIER_TYPES = ("console", "slack", "none")
+
+_YEAR_10000 = 253_402_300_800.0  # 10000-01-01T00:00:00Z in Unix seconds
+_CAPS = ("max_deployments", "max_variants_per_deployment", "max_features_per_deployment")
+
+
+class SettingsReader:
+    def __init__(self, read: NodeReader) -> None:
+        self.read = read
+
+    def settings(self, node: Node) -> Settings:
+        keys = (
+            "dry_run",
+            "lateness",
+            "join_horizon",
+            "max_pending_labels",
+            "max_event_bytes",
+            "max_future_skew",
+            "min_event_time",
+            *_CAPS,
+            "notifier",
+        )
+        read = self.read
+        pairs = read.mapping(node, "settings", keys)
+        if not pairs:
+            return Settings()
+        kw: dict[str, Any] = {}
+        read.optional(pairs, "settings", kw, "dry_run", read.boolean)
+        read.optional(pairs, "settings", kw, "lateness", read.duration)
+        read.optional(pairs, "settings", kw, "join_horizon", read.positive_duration)
+        read.optional(pairs, "settings", kw, "max_pending_labels", read.count)
+        read.optional(pairs, "settings", kw, "max_event_bytes", read.count)
+        read.optional(pairs, "settings", kw, "max_future_skew", read.positive_duration)
+        read.optional(pairs, "settings", kw, "min_event_time", self.event_time)
+        for cap in _CAPS:
+            read.optional(pairs, "settings", kw, cap, read.count)
+        if "notifier" in pairs:
+            notifier = self.notifier(pairs["notifier"][1], "settings.notifier")
+            if notifier is not None:
+                kw["notifier"] = notifier
+        return Settings(**kw)
+
+    def event_time(self, node: Node, path: str) -> Any:
+        """A point in time: RFC 3339 (``2000-01-01T00:00:00Z``, quoted or not) or Unix seconds,
+        between 1970 and 9999 (what the event contract can carry)."""
+        read = self.read
+        value = read.construct(node, path) if isinstance(node, ScalarNode) else None
+        if value is INVALID:
+            return INVALID
+        if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+            value = dt.datetime(value.year, value.month, value.day)
+        if isinstance(value, str):
+            try:
+                value = dt.datetime.fromisoformat(value.strip().replace("z", "Z").replace("Z", "+00:00"))
+            except ValueError:
+                return read.error(
+                    node, path, f"expected an RFC 3339 time (2000-01-01T00:00:00Z) or Unix seconds, got {value!r}"
+                )
+        if isinstance(value, dt.datetime):
+            if value.tzinfo is None:  # YAML reads an unquoted ...Z time as naive UTC
+                value = value.replace(tzinfo=dt.timezone.utc)
+            value = value.timestamp()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return read.error(
+                node, path, f"expected an RFC 3339 time (2000-01-01T00:00:00Z) or Unix seconds, got {kind(node)}"
+            )
+        if not 0 <= value < _YEAR_10000:
+            return read.error(node, path, f"must be between 1970 and 9999, got {value}")
+        return float(value)
+
+    def notifier(self, node: Node, path: str) -> NotifierSpec | None:
+        read = self.read
+        # The option names are those ``actions.factory.make_notifier`` reads.
+        schema: dict[str, dict[str, Check]] = {
+            "console": {"color": read.boolean, "digest": self.digest},
+            "none": {},
+            "slack": {
+                "channel": read.string,
+                "token_env": read.string,
+                "base_url": read.url,
+                "timeout": read.positive_duration,
+                "max_rate_limit_retries": lambda n, p: read.number(n, p, integer=True, ge=0),
+                "digest": self.digest,
+            },
+        }
+        typed = read.typed_options(node, path, schema, "console", {"slack": ("channel",)})
+        if typed is None:
+            return None
+        notifier_type, options = typed
+        digest = options.pop("digest", None)  # the notifier's schedule, not one of its options
+        return NotifierSpec(type=notifier_type, options=MappingProxyType(options), digest=digest)
+
+    def digest(self, node: Node, path: str) -> Any:
+        """``"0 9 * * *"`` (UTC) or ``{cron: "0 9 * * *", timezone: Europe/Berlin}``."""
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        from apscheduler.triggers.cron import CronTrigger
+
+        read = self.read
+        if isinstance(node, ScalarNode):
+            cron_node, tz_node, pairs = node, None, None
+        else:
+            pairs = read.mapping(node, path, ("cron", "timezone"))
+            if pairs is None:
+                return INVALID
+            if "cron" not in pairs:
+                return read.error(node, path, 'missing `cron`: a 5-field cron expression, e.g. "0 9 * * *"')
+            cron_node, tz_node = pairs["cron"][1], pairs.get("timezone", (None, None))[1]
+        cron_path = path if pairs is None else sub(path, "cron")
+        cron = read.string(cron_node, cron_path)
+        tz_name = "UTC" if tz_node is None else read.string(tz_node, sub(path, "timezone"))
+        if INVALID in (cron, tz_name):
+            return INVALID
+        try:
+            tz = ZoneInfo(tz_name)
+        except (ZoneInfoNotFoundError, ValueError):
+            return read.error(tz_node, sub(path, "timezone"),
+                              f"unknown time zone {tz_name!r} (an IANA name such as UTC or Europe/Berlin)")
+        try:
+            CronTrigger.from_crontab(cron, timezone=tz)
+        except ValueError as exc:
+            return read.error(cron_node, cron_path, f"not a cron expression (minute hour day month weekday): {exc}")
+        weekday = cron.split()[4]
+        if re.search(r"\d", weekday):
+            read.warn(cron_node, cron_path, f"weekday {weekday!r}: numbers count from 0 = Monday here "
+                      "(APScheduler), not from 0 = Sunday as in crontab; names (mon-fri, sun) are unambiguous")
+        return DigestSpec(cron=cron, timezone=tz_name)

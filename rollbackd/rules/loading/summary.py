@@ -1,0 +1,78 @@
+"""What ``rollbackd validate`` prints for a valid rules file."""
+
+from __future__ import annotations
+
+from rollbackd.rules.budget import budget_lines
+from rollbackd.rules.durations import format_duration
+from rollbackd.rules.loading.reader import fmt_num
+from rollbackd.rules.model import Config, DeploymentSpec
+
+
+def _safety(dep: DeploymentSpec, global_dry_run: bool) -> list[str]:
+    """A deployment's backend and safety rails, as ``validate`` lists them."""
+    kind = dep.backend.options.get("kind")
+    out = [f"backend {dep.backend.type}" + (f" ({kind})" if kind else ""), f"policy {dep.policy}",
+           f"cooldown {format_duration(dep.cooldown)}"]
+    if dep.max_rollbacks is None:
+        out.append("no loop guard")
+    else:
+        out.append(f"loop guard {dep.max_rollbacks} per {format_duration(dep.loop_period)}")
+    a = dep.approval
+    out.append("no approval" if a is None else
+               f"approval by {'/'.join(a.approvers)} within {format_duration(a.timeout)} else {a.default}")
+    out.append(f"verify within {format_duration(dep.verify_within)}")
+    out.append(f"known-good after {format_duration(dep.known_good_after)} "
+               f"and {dep.known_good_min_predictions} predictions")
+    if dep.dry_run is None:
+        out.append(f"dry run {'on' if global_dry_run else 'off'} (global)")
+    else:
+        out.append(f"dry run {'on' if dep.dry_run else 'off'}")
+    if dep.reference:
+        out.append(f"reference {dep.reference}")
+    return out
+
+
+def summarize(config: Config) -> str:
+    """A short human summary: what ``rollbackd validate`` prints for a valid file."""
+    s = config.settings
+    digest = ""
+    if s.notifier.digest is not None:
+        digest = f" (digest {s.notifier.digest.cron!r} {s.notifier.digest.timezone})"
+    lines = [
+        f"{config.source or '<config>'}: {len(config.deployments)} deployment(s), "
+        f"{len(config.rules)} rule(s); dry run {'on' if s.dry_run else 'off'}; "
+        f"notifier {s.notifier.type}{digest}; lateness {format_duration(s.lateness)}",
+    ]
+    if config.deployments:
+        lines.append("deployments:")
+        for dep in config.deployments.values():
+            lines.append(f"  {dep.name}: " + ", ".join(_safety(dep, s.dry_run)))
+    if config.rules:
+        lines.append("rules:")
+        for r in config.rules:
+            op = ">" if r.direction == "above" else "<"
+            cond = f"{r.detector} {op} {fmt_num(r.threshold)}"
+            if r.clear_threshold is not None and r.clear_threshold != r.threshold:
+                cond += f" (clears at {fmt_num(r.clear_threshold)})"
+            if r.alpha is not None:
+                cond += f", p < {fmt_num(r.alpha)}"
+                if r.alpha_source == "budget":
+                    cond += " (from the false-alarm budget)"
+            timing = f"for {format_duration(r.for_)}"
+            if r.n > 1:
+                timing += f", {r.k} of {r.n}"
+            if r.keep_firing_for:
+                timing += f", keep firing {format_duration(r.keep_firing_for)}"
+            scope = ", ".join(r.deployments) if r.deployments is not None else "all deployments"
+            if r.variants is not None:
+                scope += f" / {', '.join(r.variants)}"
+            actions = ", ".join(r.actions) or "record only"
+            window = format_duration(r.window.size)
+            if not r.window.tumbling:
+                window += f" every {format_duration(r.window.step)}"
+            lines.append(
+                f"  {r.name}: {cond}; {timing}; window {window}; "
+                f"{r.severity} → {actions}; {scope}" + ("; dry run" if r.dry_run else "")
+            )
+        lines.extend(budget_lines(config.rules, config.deployments))
+    return "\n".join(lines)
