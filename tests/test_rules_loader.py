@@ -739,3 +739,16 @@ def test_a_rule_that_rolls_back_without_notify_is_warned_about():
     (warning,) = issues
     assert (warning.severity, warning.path) == ("warning", "rules[0].actions")
     assert "posts no notice" in warning.message
+
+
+def test_a_window_without_a_size_takes_the_default_one_minute():
+    """``window: {min_count: 5}`` and ``{step: 30s}`` once gave an internal error (the frozen slots
+    class's descriptor taken for the default size)."""
+    text = """
+version: 1
+rules:
+  - {name: r, detector: error_rate, threshold: 0.1, window: {min_count: 5}, severity: warning, actions: [notify]}
+  - {name: s, detector: error_rate, threshold: 0.1, window: {step: 30s}, for: 1m, severity: warning, actions: [notify]}
+"""
+    config = load_config_text(text)
+    assert [(r.window.size, r.window.step) for r in config.rules] == [(60.0, 60.0), (60.0, 30.0)]

@@ -31,7 +31,7 @@ class TimingReader:
         )
         if size is INVALID or step is INVALID:
             return None
-        size = WindowSpec.size if size is None else size
+        size = WindowSpec().size if size is None else size  # the default (a slots class: not WindowSpec.size)
         if step is None:
             step = size
         elif step > size:
