@@ -666,7 +666,10 @@ class KafkaDeadLetter:
     the JSON of a non-Kafka position). An ``oversize`` input carries only its first 4 KiB.
 
     ``flush`` waits until every message put so far is acknowledged (``acks=all``) and raises
-    :class:`BrokerUnavailable` if some are not within ``flush_timeout``.
+    :class:`BrokerUnavailable` if some are not within ``flush_timeout``. The checkpoint that
+    called it is then skipped (the dead letters must be durable before their position is
+    committed) and the next one tries again; 10 s keeps the loop's wait well inside the
+    30 s heartbeat limit of ``/healthz`` during a broker outage.
     """
 
     def __init__(
@@ -674,7 +677,7 @@ class KafkaDeadLetter:
         bootstrap_servers: str,
         topic: str,
         config: Mapping[str, str] = {},
-        flush_timeout: float = 30.0,
+        flush_timeout: float = 10.0,
     ) -> None:
         self.topic = topic
         self.flush_timeout = flush_timeout
