@@ -523,7 +523,11 @@ class Daemon:
                 if batch is None:  # a finite source is exhausted
                     break
                 self.step(batch)
-            if not self.effects.close(self.settings.effects_stop_timeout):
+            # The calls in flight get their time, within half of what is left of the stop
+            # timeout: the checkpoint and the source's close need the rest.
+            stop_at = self._stop_at if self._stop_at is not None else time.monotonic()
+            left = stop_at + self.settings.stop_timeout - time.monotonic()
+            if not self.effects.close(min(self.settings.effects_stop_timeout, max(0.0, left / 2))):
                 log.warning("effects.unfinished", calls=self.effects.waiting(),
                             detail="kept in the checkpoint: they run after the restart")
             try:
