@@ -696,7 +696,7 @@ def _group_state(servers: str, group_id: str, state_topic: str, decisions_topic:
     return GroupState(servers, group_id, state_topic, decisions_topic, config=admin_conf)
 
 
-def _start_digest(config: Any, notifier: Any, db: str, run_id: str) -> Any:
+def _start_digest(config: Any, notifier: Any, db: str, run_id: str, deliver: Any = None) -> Any:
     """The digest of incidents (``settings.notifier.digest``) on a background scheduler, or None."""
     spec = config.settings.notifier.digest
     if spec is None:
@@ -706,7 +706,7 @@ def _start_digest(config: Any, notifier: Any, db: str, run_id: str) -> Any:
     from rollbackd.daemon.ledger import digest_rows
 
     digest = DigestScheduler(spec, notifier, lambda start, end: digest_rows(db, run_id, start, end),
-                             WallClock().now)
+                             WallClock().now, deliver=deliver)
     digest.start()
     _say("digest.scheduled", f"rollbackd: incident digest at '{spec.cron}' ({spec.timezone})",
          cron=spec.cron, timezone=spec.timezone)
@@ -857,7 +857,8 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
         _say("http.serving", f"rollbackd: /metrics /healthz /readyz /incidents on {ops.url}", url=ops.url)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    digest = _start_digest(config, notifier, db, ledger.run_id)
+    # The digest's notice goes through the daemon's executor like every other notice.
+    digest = _start_digest(config, notifier, db, ledger.run_id, deliver=daemon.post_from_thread)
     _say("daemon.consuming", f"rollbackd: consuming {', '.join(topic_list)} from {servers} as group {group_id}",
          topics=topic_list, bootstrap_servers=servers, group=group_id)
     failure = None

@@ -224,3 +224,38 @@ def test_run_starts_the_digest_only_when_configured(tmp_path):
         digest.stop()
     assert not digest.scheduler.running
     assert _start_digest(load_config_text(notifier_yaml("null")), None, "l.db", "live-g") is None
+
+
+def test_live_the_digest_goes_through_the_daemons_executor(tmp_path):
+    """In `rollbackd run` the scheduler hands the digest to the daemon: posted from its lanes to
+    the real Slack API stand-in, recorded in the ledger (started, finished) like any notice, and
+    the period moves on only once Slack has answered."""
+    from pathlib import Path
+
+    from rollbackd.daemon.replay import build_pipeline
+    from rollbackd.daemon.run import Daemon, RunSettings
+    from rollbackd.daemon.sources import Batch, RecordingSource
+    from rollbackd.rules.loader import load_config
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    ledger = Ledger(tmp_path / "l.db", run_id="live-g")
+    with LoopbackServer(SlackWithUpdate(TOKEN)) as server:
+        notifier = SlackNotifier(TOKEN, "#ml-digest", base_url=server.url + "/api/")
+        config = load_config(Path(__file__).parent / "data" / "e2e-rules.yaml")
+        daemon = Daemon(build_pipeline(config, recorder=ledger), RecordingSource(str(empty)), ledger=ledger,
+                        notifier=notifier, settings=RunSettings(checkpoint_path=str(tmp_path / "c")))
+        digest = DigestScheduler(DigestSpec("0 9 * * *"), notifier, lambda s, e: ([], []), WallClock().now,
+                                 deliver=daemon.post_from_thread)
+        thread = threading.Thread(target=digest.post, args=(T0,))
+        thread.start()
+        thread.join(5)
+        assert digest.last is None and server.requests == []  # handed over, not posted by the scheduler
+        daemon.step(Batch([], [], None))
+        assert daemon.effects.close(5.0)
+    rows = [(r["phase"], r["status"]) for r in ledger.rows("actions", action="notify")]
+    ledger.close()
+    posts = [r.json() for r in server.requests if r.path.endswith("/chat.postMessage")]
+    assert len(posts) == 1 and "rollbackd digest" in json.dumps(posts[0]["blocks"])
+    assert rows == [("started", "started"), ("finished", "succeeded")]
+    assert digest.last == T0

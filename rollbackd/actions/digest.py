@@ -115,7 +115,10 @@ class DigestScheduler:
 
     ``read(start, end)`` returns ``(incident_rows, action_rows)`` from the ledger, opening its
     own connection (it runs on the scheduler's thread); ``now`` is the wall clock; ``trigger``
-    replaces the cron trigger (tests fire every second).
+    replaces the cron trigger (tests fire every second). With ``deliver`` (the live daemon's
+    ``post_from_thread``), the notice is handed to the daemon's executor, which posts it like
+    every other notice (outbox, ledger rows) and reports the result back; without it, the
+    digest posts through ``notifier`` itself.
     """
 
     def __init__(
@@ -125,6 +128,7 @@ class DigestScheduler:
         read: Callable[[float, float], tuple[Rows, Rows]],
         now: Callable[[], float],
         trigger: Any = None,
+        deliver: Callable[[Notice, Callable[[ActionResult], None]], None] | None = None,
     ) -> None:
         from apscheduler.schedulers.background import BackgroundScheduler
         from apscheduler.triggers.cron import CronTrigger
@@ -132,6 +136,7 @@ class DigestScheduler:
         self.spec = spec
         self.tz = ZoneInfo(spec.timezone)
         self.notifier = notifier
+        self.deliver = deliver
         self.read = read
         self.now = now
         self.trigger = trigger if trigger is not None else CronTrigger.from_crontab(spec.cron, timezone=self.tz)
@@ -152,18 +157,25 @@ class DigestScheduler:
     def _fire(self) -> None:
         self.post(self.now())
 
-    def post(self, end: float) -> ActionResult:
-        """Build and post the digest of the period ending at ``end``; never raises."""
+    def post(self, end: float) -> ActionResult | None:
+        """Build and post the digest of the period ending at ``end``; never raises. Returns the
+        result, or None when the notice was handed to ``deliver`` (the result comes later)."""
         start = self.last if self.last is not None else end - DAY
         try:
             incident_rows, action_rows = self.read(start, end)
             notice = build_digest(summarize_incidents(incident_rows, action_rows, start, end), start, end, self.tz)
+            if self.deliver is not None:
+                self.deliver(notice, lambda result: self._posted(start, end, result))
+                return None
             result = self.notifier.post(notice)
         except Exception as exc:  # a digest is a courtesy: it never takes the daemon down
             result = ActionResult("failed", f"{type(exc).__name__}: {exc}")
+        self._posted(start, end, result)
+        return result
+
+    def _posted(self, start: float, end: float, result: ActionResult) -> None:
         (log.info if result.status != "failed" else log.warning)(
             "digest.posted", outcome=result.status, detail=result.detail, start=start, end=end
         )
-        if result.status != "failed":
+        if result.status != "failed":  # a failed one: the next digest covers this period too
             self.last = end
-        return result

@@ -39,6 +39,7 @@ import gc
 import math
 import os
 import pickle
+import queue
 import tempfile
 import threading
 import time
@@ -327,6 +328,10 @@ class Daemon:
         own = Edges(notifier=notifier or NullNotifier(), backend_for=_no_backend,
                     recorder=ledger if ledger is not None else pipeline.edges.recorder)
         self._own = self.effects.bind(self, Delivery(own))
+        # Notices other threads hand over (the digest), posted from the loop; and who wants to
+        # hear how each of the daemon's own notices went.
+        self._inbox: queue.SimpleQueue[tuple[Notice, str, Callable[[ActionResult], None] | None]] = queue.SimpleQueue()
+        self._on_result: dict[str, Callable[[ActionResult], None]] = {}
         self._human_input_at = -math.inf
         if state is not None:
             for hook, fn in (("on_assign", self._assigned), ("on_revoke", self._revoked),
@@ -544,6 +549,7 @@ class Daemon:
         long backoff never postpones the notice."""
         left = seconds
         while True:
+            self._tend()
             self._watch(self.clock.now(), failure)
             if left <= 0 or self.stopping:
                 return
@@ -573,7 +579,7 @@ class Daemon:
     def step(self, batch: Any) -> None:
         """One batch (possibly empty): ingest, advance event time, checkpoint when due."""
         now = self.clock.now()
-        self.effects.drain()
+        self._tend()
         if now - self._human_input_at >= self.settings.human_input_every:
             self._human_input_at = now
             for task in self.tasks.values():
@@ -660,13 +666,34 @@ class Daemon:
         if isinstance(call, Notify) and call.notice.incident_id == f"blind-{self.name}" \
                 and call.notice.kind == "opened":
             self.blindness.noticed(result.thread)
+        callback = self._on_result.pop(call.key, None)
+        if callback is not None:
+            callback(result)
 
-    def _own_notice(self, notice: Notice, reason: str) -> None:
+    def post_from_thread(self, notice: Notice, on_result: Callable[[ActionResult], None] | None = None) -> None:
+        """Hand a notice from another thread (the digest's scheduler) to the loop, which posts
+        it through the executor; ``on_result`` hears how it went (on the loop's thread)."""
+        self._inbox.put((notice, notice.kind, on_result))
+
+    def _own_notice(self, notice: Notice, reason: str,
+                    on_result: Callable[[ActionResult], None] | None = None) -> None:
         key = f"{notice.incident_id}:{notice.kind}:{notice.ts:.3f}"
         rec = {"ts": notice.ts, "kind": "action", "action": "notify", "notice": notice.kind,
                "incident_id": notice.incident_id, "deployment": "*", "variant": "*",
                "status": "started", "idempotency_key": key}
+        if on_result is not None:
+            self._on_result[key] = on_result
         self._own.submit(Notify(key, notice, rec, reason, decision=False))
+
+    def _tend(self) -> None:
+        """Work the loop does whether or not it can read: results, handed-over notices."""
+        self.effects.drain()
+        while True:
+            try:
+                notice, reason, on_result = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            self._own_notice(notice, reason, on_result)
 
     def _effects_full(self, deployment: str, limit: int) -> None:
         text = (f"{limit} notices are waiting for {deployment}'s notifier: further notices for it "
