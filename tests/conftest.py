@@ -37,6 +37,24 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """A test that runs the CLI in-process (click's CliRunner) configures structlog and the root
+    logger for the whole process: a level filter then hides info events from the next test's
+    ``structlog.testing.capture_logs``. Each test leaves logging as it found it."""
+    import logging
+
+    import structlog
+
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def kafka_cluster() -> Iterator[Cluster]:
     """The session's cluster: the harness broker, or the one ``KAFKA_BOOTSTRAP_SERVERS`` names."""

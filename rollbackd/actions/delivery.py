@@ -15,8 +15,8 @@ from typing import Any, Callable, Protocol
 
 import structlog
 
-from rollbackd.actions.base import ActionResult, Notifier, RollbackBackend, pause_rollout
-from rollbackd.actions.intents import Call, Notify, Pause, Record, Rollback, finished_record
+from rollbackd.actions.base import ActionResult, RollbackBackend, pause_rollout
+from rollbackd.actions.intents import Call, Notify, Record, Rollback, finished_record
 
 __all__ = ["Recorder", "DecisionWriter", "Delivery"]
 

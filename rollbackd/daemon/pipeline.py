@@ -6,8 +6,11 @@ source → decode → **join → windows → detectors → rules → incidents �
 event time, pane append, join bookkeeping; see ``daemon/admission.py``).
 ``advance(now)`` does everything time-driven, in event-time order: at each window boundary it
 closes windows, runs the detectors and steps the alert state machines; between boundaries it
-fires incident deadlines (group_wait, repeat_interval). No method reads a clock; whoever
-drives the pipeline (replay, the live daemon, a test) passes ``now``. Given the same events
+fires incident deadlines (group_wait, repeat_interval). What to record, post, roll back or
+pause is decided by the responder (``daemon/response.py``) and handed as intents to
+``self.executor`` (``daemon/executor.py``), which reports each call's result back through
+``apply_result``: nothing here calls a backend, a notifier or the ledger. No method reads a
+clock; whoever drives the pipeline (replay, the live daemon, a test) passes ``now``. Given the same events
 and the same ``now`` sequence up to batch boundaries, the decisions are identical: admission
 and lateness are judged per event against the events before it, never against batch
 boundaries.
@@ -15,7 +18,6 @@ boundaries.
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
 from collections import Counter
@@ -41,7 +43,7 @@ from rollbackd.daemon.windows import WindowAssembler
 from rollbackd.detectors.base import REGISTRY, Detector, Labeled, Measurement, Reference, Window, make_detector
 from rollbackd.events import Deploy, Event, Outcome, Prediction, Rejected
 from rollbackd.rules.alerts import Alert, AlertState, step
-from rollbackd.rules.incidents import IncidentBook, IncidentChange
+from rollbackd.rules.incidents import Incident, IncidentBook, IncidentChange
 from rollbackd.rules.model import Config, RuleSpec, WindowSpec
 from rollbackd.rules.silences import Silence, first_match
 
