@@ -381,7 +381,8 @@ class Responder:
             variant=plan.variant, from_version=plan.from_version, to_version=plan.to_version,
             detail=result.detail,
         )
-        if inc is None:
+        if inc is None:  # gone from the book: nothing to say, but its place must not wait forever
+            self._follow(call, [])
             return
         # The thread's "started" reply follows the incident's first notice, and the outcome
         # follows it: both are posted at the place the rollback was decided.
@@ -432,6 +433,7 @@ class Responder:
             paused = f"rollout not paused (backend cannot: {result.detail})"
         inc = self._incident_by_id(call.incident_id)
         if inc is None:
+            self._follow(call, [])
             return
         why = f"policy freeze: {paused}; not reverted; escalating to a human"
         drafts = self._refused(inc, dict(call.context["refusal"]), "freeze", why, call.rec["ts"])
