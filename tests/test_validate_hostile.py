@@ -55,13 +55,17 @@ CASES: list[tuple[str, bytes, str, int]] = [
 ]
 
 
-# `rollbackd validate` as `python -m rollbackd.cli` does it, writing its own peak RSS (KiB on
-# Linux) to RSS_OUT as it exits: RUSAGE_CHILDREN would be the largest child of the whole test
-# session (a Kafka broker, an MLflow server), not this one.
+# `rollbackd validate` as `python -m rollbackd.cli` does it, writing its own peak RSS (KiB) to
+# RSS_OUT as it exits. VmHWM is the high-water mark of this program's own memory map; neither
+# RUSAGE_CHILDREN (the session's largest child: a Kafka broker, an MLflow server) nor the
+# child's ru_maxrss (which starts at the forking pytest process's size) would be.
 _MEASURED = (
-    "import atexit, os, resource, runpy, sys\n"
-    "atexit.register(lambda: open(os.environ['RSS_OUT'], 'w').write("
-    "str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))\n"
+    "import atexit, os, runpy, sys\n"
+    "def _hwm():\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith('VmHWM:'):\n"
+    "            return line.split()[1]\n"
+    "atexit.register(lambda: open(os.environ['RSS_OUT'], 'w').write(_hwm()))\n"
     "sys.argv = ['rollbackd', *sys.argv[1:]]\n"
     "runpy.run_module('rollbackd.cli', run_name='__main__')\n"
 )
