@@ -10,12 +10,14 @@ record).
   result before the engine goes on: replays, drills, backtests and tests. The decisions, and
   their order in the decision log, are those of an engine that called its edges itself.
 - :class:`LaneExecutor` (the live daemon) writes records at once, but runs calls on worker
-  threads, one *lane* per deployment so an incident's steps keep their order (its rollback
-  before its notices), while a slow webhook or Slack holds up only its own deployment. Results
-  come back to the processing thread through :meth:`LaneExecutor.drain`, called by the loop:
-  the engine and the ledger are only ever touched from that thread. Work in flight is bounded;
-  a notice that finds its lane full is recorded as dropped and the condition is reported
-  (``on_full``), never a stall; rollbacks and pauses are never dropped.
+  threads, two *lanes* per deployment: rollbacks and pauses in one, notices in the other, each
+  in the order decided; a notice waits for the rollbacks decided before it to start, a rollback
+  never waits for a notice, and a slow webhook or Slack holds up only its own deployment.
+  Results come back to the processing thread through :meth:`LaneExecutor.drain`, called by the
+  loop, each deployment's in the order decided: the engine and the ledger are only ever touched
+  from that thread. Work in flight is bounded; a notice that finds its lane full is recorded as
+  dropped and the condition is reported (``on_full``), never a stall; rollbacks and pauses are
+  never dropped.
 """
 
 from __future__ import annotations
@@ -114,8 +116,8 @@ class _Slot:
 
 @dataclass
 class _Lane:
-    # (engine, intent, gate, slot): a notice waits until its deployment has started `gate` acts
-    items: collections.deque[tuple[Engine, Intent, int, _Slot]] = field(default_factory=collections.deque)
+    # (gate, slot): a notice waits until its deployment has started `gate` acts
+    items: collections.deque[tuple[int, _Slot]] = field(default_factory=collections.deque)
     running: bool = False
     calls: int = 0  # calls waiting or running (places not counted)
 
@@ -153,10 +155,9 @@ class LaneExecutor:
         self._unreported = 0
         self._full: set[str] = set()  # lanes whose overflow was reported and has not cleared
         self._closed = False
-        self._running: dict[int, tuple[Engine, Call, LaneKey]] = {}  # worker -> its call and lane
+        self._running: dict[int, tuple[_Slot, LaneKey]] = {}  # worker -> its call and lane
         self._deliveries: dict[int, Delivery] = {}  # engines whose calls use edges of their own
         self.dropped = 0  # notices dropped because their lane was full
-        self.completed = 0
         self._threads = [
             threading.Thread(target=self._work, name=f"rollbackd-effects-{i}", daemon=True)
             for i in range(workers)
@@ -228,14 +229,14 @@ class LaneExecutor:
         with self._wake:
             out = [slot.intent for dep in sorted(self._order) for slot in self._order[dep]
                    if slot.result is not None and (engine is None or slot.engine is engine)]
-            running = {key: (e, c) for e, c, key in self._running.values()}
+            running = {key: slot for slot, key in self._running.values()}
             # by deployment, its acts before its notices, and in each lane the running call
             # before the ones waiting behind it: resubmitted in this order after a restart, the
             # lanes keep their order (an incident's first notice, the thread's parent, first)
             for key in sorted(self._lanes):
-                if key in running and (engine is None or running[key][0] is engine):
-                    out.append(running[key][1])
-                out.extend(i for e, i, _, _ in self._lanes[key].items if engine is None or e is engine)
+                slots = [running[key]] if key in running else []
+                slots.extend(slot for _, slot in self._lanes[key].items)
+                out.extend(slot.intent for slot in slots if engine is None or slot.engine is engine)
             return out
 
     def waiting(self) -> int:
@@ -301,7 +302,7 @@ class LaneExecutor:
                 acts[0] += 1
             slot = _Slot(intent, engine)
             self._order.setdefault(deployment, collections.deque()).append(slot)
-            lane.items.append((engine, intent, 0 if kind == ACT else acts[0], slot))
+            lane.items.append((0 if kind == ACT else acts[0], slot))
             if not isinstance(intent, FollowUps):
                 lane.calls += 1
             self._schedule(key, lane)
@@ -310,8 +311,8 @@ class LaneExecutor:
         """Whether a worker can take the lane's head now (lock held)."""
         if lane.running or not lane.items:
             return False
-        _, head, gate, _ = lane.items[0]
-        if isinstance(head, FollowUps):
+        gate, head = lane.items[0]
+        if isinstance(head.intent, FollowUps):
             return False  # parked until the engine fills it
         return key[1] == ACT or self._acts[key[0]][1] >= gate
 
@@ -329,15 +330,15 @@ class LaneExecutor:
             lane = self._lanes.get(key)
             if lane is None:
                 return
-            for i, (_, item, gate, place) in enumerate(lane.items):
-                if isinstance(item, FollowUps) and item.key == fill.key:
+            for i, (gate, place) in enumerate(lane.items):
+                if isinstance(place.intent, FollowUps) and place.intent.key == fill.key:
                     del lane.items[i]
                     order = self._order[fill.deployment]
                     at = order.index(place)
                     del order[at]
                     for j, notice in enumerate(fill.notices):
                         slot = _Slot(notice, engine)
-                        lane.items.insert(i + j, (engine, notice, gate, slot))
+                        lane.items.insert(i + j, (gate, slot))
                         order.insert(at + j, slot)
                     lane.calls += len(fill.notices)
                     self._answered.add(fill.deployment)  # an empty fill may unblock the order
@@ -356,9 +357,10 @@ class LaneExecutor:
                 lane = self._lanes[key]
                 if not self._can_move(key, lane):
                     continue  # _fill or a starting act schedules it again
-                engine, call, _, slot = lane.items.popleft()
+                _, slot = lane.items.popleft()
+                engine, call = slot.engine, slot.intent
                 lane.running = True
-                self._running[me] = (engine, call, key)
+                self._running[me] = (slot, key)
                 if key[1] == ACT:
                     self._acts[key[0]][1] += 1
                     say = self._lanes.get((key[0], SAY))
@@ -377,7 +379,6 @@ class LaneExecutor:
                 slot.result = result
                 self._unreported += 1
                 self._answered.add(key[0])
-                self.completed += 1
                 self._schedule(key, lane)
 
 
