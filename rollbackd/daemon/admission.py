@@ -47,6 +47,7 @@ from typing import Any, Iterable, Mapping
 import msgspec
 import structlog
 
+from rollbackd.daemon.clock import iso
 from rollbackd.events import Event, Prediction, Rejected
 from rollbackd.rules.model import Settings
 
@@ -77,15 +78,6 @@ MAX_EVENT_TIME = 253_402_300_800.0
 REFRESH = 1.0
 
 _JSON = msgspec.json.Encoder()
-
-
-def _iso(ts: float) -> str:
-    from datetime import datetime, timezone
-
-    try:
-        return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
-    except (OverflowError, OSError, ValueError):
-        return repr(ts)
 
 
 class DeploymentSeen:
@@ -265,11 +257,11 @@ class Admission:
         ts = ev.ts
         newest = self.newest
         if ts < self.min_event_time:
-            return self.rejected(ev, TOO_OLD, f"ts {_iso(ts)} is before settings.min_event_time "
-                                 f"{_iso(self.min_event_time)}")
+            return self.rejected(ev, TOO_OLD, f"ts {iso(ts)} is before settings.min_event_time "
+                                 f"{iso(self.min_event_time)}")
         if ts < newest - self.horizon:
-            return self.rejected(ev, TOO_OLD, f"ts {_iso(ts)} is more than the join horizon "
-                                 f"({self.horizon:g}s) behind the newest event {_iso(newest)}")
+            return self.rejected(ev, TOO_OLD, f"ts {iso(ts)} is more than the join horizon "
+                                 f"({self.horizon:g}s) behind the newest event {iso(newest)}")
         limit = self.future_limit(wall_now)
         if ts <= limit:
             return None
@@ -277,8 +269,8 @@ class Admission:
         what, ref = ("the wall clock", wall_now) if beyond_wall else ("the stream's newest event", self.reference(None))
         rejected = self.rejected(
             ev, FUTURE_TIMESTAMP,
-            f"ts {_iso(ts)} is more than settings.max_future_skew ({self.skew:g}s) ahead of "
-            f"{what} {_iso(ref)}",
+            f"ts {iso(ts)} is more than settings.max_future_skew ({self.skew:g}s) ahead of "
+            f"{what} {iso(ref)}",
         )
         if beyond_wall or ts >= MAX_EVENT_TIME:
             return rejected  # no jump of the stream goes past the wall clock
@@ -293,7 +285,7 @@ class Admission:
         stamps = sorted(t for _, t in beyond)
         beyond.clear()
         self.anchor = stamps[(len(stamps) - 1) // 2]
-        log.warning("admission.stream_jump", anchor=_iso(self.anchor), previous=_iso(newest))
+        log.warning("admission.stream_jump", anchor=iso(self.anchor), previous=iso(newest))
         return None if ts <= self.future_limit(wall_now) else rejected
 
     def rejected(self, ev: Event, reason: str, detail: str) -> Rejected:

@@ -9,9 +9,19 @@ from __future__ import annotations
 
 import heapq
 import time
+from datetime import datetime, timezone
 from typing import Generic, Protocol, TypeVar
 
-__all__ = ["Clock", "EventTimeClock", "WallClock", "TimerQueue"]
+__all__ = ["Clock", "EventTimeClock", "WallClock", "TimerQueue", "iso"]
+
+
+def iso(ts: float) -> str:
+    """A time as ISO 8601 UTC text (``2026-09-21T14:36:00Z``, to the microsecond when it has
+    one); ``repr`` of one no calendar holds (an out-of-range or non-finite float)."""
+    try:
+        return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):
+        return repr(ts)
 
 
 class Clock(Protocol):

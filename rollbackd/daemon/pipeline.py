@@ -23,7 +23,6 @@ import pickle
 from collections import Counter
 from dataclasses import dataclass
 from operator import attrgetter
-from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Sequence
 
 import structlog
@@ -34,6 +33,7 @@ from rollbackd.actions.delivery import Delivery, Recorder
 from rollbackd.actions.intents import Call, Intent
 from rollbackd.actions.policy import SafetyState
 from rollbackd.daemon.admission import CARDINALITY, MAX_EVENT_TIME, Admission, EventTime
+from rollbackd.daemon.clock import iso
 from rollbackd.daemon.decisions import DecisionSink, NullDecisions
 from rollbackd.daemon.executor import Executor, SyncExecutor
 from rollbackd.daemon.join import OutcomeJoiner, Pending
@@ -98,10 +98,6 @@ class Edges:
     references: Callable[[str], Reference | None] = lambda deployment: None
     drill: bool = False
     tap: Any = None  # report.MeasurementTap: sees every evaluation (reports, /metrics)
-
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 class Pipeline:

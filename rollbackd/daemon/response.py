@@ -22,6 +22,7 @@ import structlog
 from rollbackd.actions.base import ActionResult, AlertSummary, Notice, PausableBackend, RollbackPlan
 from rollbackd.actions.intents import Call, Fill, FollowUps, Notify, Pause, Record, RecordKind, Rollback
 from rollbackd.actions.policy import SafetyPolicy
+from rollbackd.daemon.clock import iso
 from rollbackd.daemon.versions import VersionHistory
 from rollbackd.rules.incidents import ActionsDue, Incident, IncidentChange, NoticeDue
 
@@ -41,12 +42,6 @@ _ESCALATING = ("freeze", "loop_guard", "redeployed", "no_target")
 
 # (incident, notice kind, event time, reason, extra): a notice decided, not yet worded.
 NoticeDraft = tuple[Incident, str, float, str, str]
-
-
-def _iso(ts: float) -> str:
-    from rollbackd.daemon.pipeline import iso
-
-    return iso(ts)
 
 
 class Responder:
@@ -128,7 +123,7 @@ class Responder:
                 if hist.current.provenance:
                     rec["provenance"] = dict(sorted(hist.current.provenance.items()))
         self.record(rec, "incident")
-        log.info("incident." + e.change, incident=inc.id, deployment=inc.deployment, ts=_iso(e.ts))
+        log.info("incident." + e.change, incident=inc.id, deployment=inc.deployment, ts=iso(e.ts))
 
     # Notices ------------------------------------------------------------------------------
     def _notice(self, inc: Incident, kind: str, ts: float, reason: str, extra: str = "") -> None:
@@ -328,7 +323,7 @@ class Responder:
                     "incident_id": inc.id, "deployment": inc.deployment, "rule": rule_name,
                     "variant": variant, "requested_at": ts, "deadline": deadline,
                 }
-                why = (f"waiting for {', '.join(spec.approval.approvers)} until {_iso(deadline)}; "
+                why = (f"waiting for {', '.join(spec.approval.approvers)} until {iso(deadline)}; "
                        f"then {spec.approval.default}")
                 rec.update(status="pending_approval", reason="approval", detail=why)
                 if plan is not None:  # not the plan's own key: the outbox must not take it as done
