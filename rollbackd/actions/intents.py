@@ -38,6 +38,7 @@ __all__ = [
     "Intent",
     "finished_record",
     "lane_of",
+    "own_notice",
 ]
 
 RecordKind = Literal["alert", "incident", "action"]
@@ -110,6 +111,17 @@ class Fill:
 
 Call = Union[Notify, Rollback, Pause]
 Intent = Union[Record, Notify, Rollback, Pause, FollowUps, Fill]
+
+
+def own_notice(notice: Notice, key: str, reason: str) -> Notify:
+    """A notice about rollbackd itself (blind, a queue or a cap that binds, the digest) rather
+    than an incident: posted and kept in the ledger under ``key``, not in the decision log."""
+    rec = {
+        "ts": notice.ts, "kind": "action", "action": "notify", "notice": notice.kind,
+        "incident_id": notice.incident_id, "deployment": "*", "variant": "*", "status": "started",
+        "idempotency_key": key,
+    }
+    return Notify(key, notice, rec, reason, decision=False)
 
 
 def lane_of(intent: Intent) -> str:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import structlog
 
 from rollbackd.actions.base import ActionResult, AlertSummary, Notice, PausableBackend, RollbackPlan
-from rollbackd.actions.intents import Call, Fill, FollowUps, Notify, Pause, Record, RecordKind, Rollback
+from rollbackd.actions.intents import Call, Fill, FollowUps, Notify, Pause, Record, RecordKind, Rollback, own_notice
 from rollbackd.actions.policy import SafetyPolicy
 from rollbackd.daemon.clock import iso
 from rollbackd.daemon.versions import VersionHistory
@@ -196,11 +196,7 @@ class Responder:
         binds): posted and kept in the ledger, not in the decision log."""
         notice = Notice(incident_id=key, kind="opened", ts=ts, deployment="*", variant="*",
                         version=None, title=title, text=text, drill=self.p.edges.drill)
-        rec: dict[str, Any] = {
-            "ts": ts, "kind": "action", "action": "notify", "notice": "opened", "incident_id": key,
-            "deployment": "*", "variant": "*", "status": "started", "idempotency_key": f"{key}:notice",
-        }
-        self.p.executor.submit(Notify(f"{key}:notice", notice, rec, title, decision=False))
+        self.p.executor.submit(own_notice(notice, f"{key}:notice", title))
 
     # Results ------------------------------------------------------------------------------
     def apply_result(self, call: Call, result: ActionResult) -> None:

@@ -51,7 +51,7 @@ import structlog
 
 from rollbackd.actions.base import ActionResult, Notice, Notifier, NullNotifier, RollbackBackend
 from rollbackd.actions.delivery import Delivery
-from rollbackd.actions.intents import Call, Notify
+from rollbackd.actions.intents import Call, own_notice
 from rollbackd.daemon.blindness import BlindState, BlindTransition, Blindness, ReportsHealth, ReportsLag
 from rollbackd.daemon.clock import Clock, WallClock
 from rollbackd.daemon.executor import DEFAULT_LANE_LIMIT, LaneExecutor
@@ -661,11 +661,7 @@ class Daemon:
 
     # Effects -----------------------------------------------------------------------------
     def apply_result(self, call: Call, result: ActionResult) -> None:
-        """A notice of the daemon's own came back: the blind notice's thread is kept, so its
-        resolution (after a restart too) replies in it."""
-        if isinstance(call, Notify) and call.notice.incident_id == f"blind-{self.name}" \
-                and call.notice.kind == "opened":
-            self.blindness.noticed(result.thread)
+        """A notice of the daemon's own came back: whoever asked hears how it went."""
         callback = self._on_result.pop(call.key, None)
         if callback is not None:
             callback(result)
@@ -678,12 +674,9 @@ class Daemon:
     def _own_notice(self, notice: Notice, reason: str,
                     on_result: Callable[[ActionResult], None] | None = None) -> None:
         key = f"{notice.incident_id}:{notice.kind}:{notice.ts:.3f}"
-        rec = {"ts": notice.ts, "kind": "action", "action": "notify", "notice": notice.kind,
-               "incident_id": notice.incident_id, "deployment": "*", "variant": "*",
-               "status": "started", "idempotency_key": key}
         if on_result is not None:
             self._on_result[key] = on_result
-        self._own.submit(Notify(key, notice, rec, reason, decision=False))
+        self._own.submit(own_notice(notice, key, reason))
 
     def _tend(self) -> None:
         """Work the loop does whether or not it can read: results, handed-over notices."""
@@ -782,7 +775,11 @@ class Daemon:
         executor posts it, off this thread."""
         if self.notifier is None:
             return
-        self._own_notice(notice, "monitoring blind" if notice.kind == "opened" else "monitoring again")
+        if notice.kind == "opened":
+            # its thread is kept, so the resolution (after a restart too) replies in it
+            self._own_notice(notice, "monitoring blind", lambda result: self.blindness.noticed(result.thread))
+        else:
+            self._own_notice(notice, "monitoring again")
 
 
 def _no_backend(deployment: str) -> RollbackBackend:
