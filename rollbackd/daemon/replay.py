@@ -54,14 +54,20 @@ class HumanInput(Protocol):
     def answers(self) -> dict[str, list[dict[str, Any]]]: ...
 
 
-def push_human_input(pipeline: Pipeline) -> None:
-    """Hand the pipeline the silences and approvals recorded in its ledger. The engine reads
-    no ledger while deciding; event time decides which of them apply, so a replay over the
-    same ledger decides the same."""
-    recorder = pipeline.edges.recorder
-    if isinstance(recorder, HumanInput):
-        pipeline.set_silences(recorder.silences())
-        pipeline.set_answers(recorder.answers())
+def push_human_input(*pipelines: Pipeline) -> None:
+    """Hand each pipeline the silences and approvals recorded in its ledger, read once for the
+    pipelines that share one (a daemon's tasks). The engine reads no ledger while deciding;
+    event time decides which of them apply, so a replay over the same ledger decides the same."""
+    read: dict[int, tuple[list[Silence], dict[str, list[dict[str, Any]]]]] = {}
+    for pipeline in pipelines:
+        recorder = pipeline.edges.recorder
+        if not isinstance(recorder, HumanInput):
+            continue
+        if id(recorder) not in read:
+            read[id(recorder)] = (recorder.silences(), recorder.answers())
+        silences, answers = read[id(recorder)]
+        pipeline.set_silences(silences)
+        pipeline.set_answers(answers)
 
 
 def build_pipeline(

@@ -582,8 +582,7 @@ class Daemon:
         self._tend()
         if now - self._human_input_at >= self.settings.human_input_every:
             self._human_input_at = now
-            for task in self.tasks.values():
-                push_human_input(task.pipeline)
+            push_human_input(*(task.pipeline for task in self.tasks.values()))
         parts = batch.parts if batch.parts is not None else ({0: batch.events} if batch.events else {})
         if batch.rejects:
             by_task: dict[int, list[Any]] = {}
