@@ -303,12 +303,8 @@ class Ledger:
                                           "source": source, "created_wall": created_wall})
 
     def approvals(self, incident_id: str) -> list[dict[str, Any]]:
-        """Every answer recorded for ``incident_id``, by event time: the pipeline picks the first
-        one from a listed approver that its event time has reached."""
-        return list(self.db.query(
-            "select incident_id, decision, by, at, reason, source from approvals"
-            " where incident_id = ? order by at, seq", [incident_id],
-        ))
+        """Every answer recorded for ``incident_id``, by event time."""
+        return self.answers().get(incident_id, [])
 
     def answers(self) -> dict[str, list[dict[str, Any]]]:
         """Every recorded answer, by incident and in event-time order: pushed into a pipeline,
