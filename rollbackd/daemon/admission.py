@@ -327,13 +327,18 @@ class Admission:
         self.alarms.append((deployment, kind))
         log.warning("admission.cardinality", deployment=deployment, kind=kind, cap=cap)
 
-    def cardinality_detail(self, kind: str, deployment: str) -> str:
+    def cap_text(self, kind: str) -> str:
+        """The cap on ``kind`` (deployments, variants, features), as a notice or a dead letter
+        says it."""
         setting, cap = {
             "deployments": ("max_deployments", self.max_deployments),
             "variants": ("max_variants_per_deployment", self.max_variants),
             "features": ("max_features_per_deployment", self.max_features),
         }[kind]
-        return f"deployment {deployment!r}: more than settings.{setting} ({cap}) distinct {kind}"
+        return f"more than settings.{setting} ({cap}) distinct {kind}"
+
+    def cardinality_rejected(self, ev: Event, kind: str, deployment: str) -> Rejected:
+        return self.rejected(ev, CARDINALITY, f"deployment {deployment!r}: {self.cap_text(kind)}")
 
     # Checkpoints --------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from rollbackd.actions.base import ActionResult, Notifier, RollbackBackend
 from rollbackd.actions.delivery import Delivery, Recorder
 from rollbackd.actions.intents import Call, Intent
 from rollbackd.actions.policy import SafetyState
-from rollbackd.daemon.admission import CARDINALITY, MAX_EVENT_TIME, Admission, EventTime
+from rollbackd.daemon.admission import MAX_EVENT_TIME, Admission, EventTime
 from rollbackd.daemon.clock import iso
 from rollbackd.daemon.decisions import DecisionSink, NullDecisions
 from rollbackd.daemon.executor import Executor, SyncExecutor
@@ -176,11 +176,11 @@ class Pipeline:
         dead-lettered, so on-call must know some of that deployment's traffic is not watched."""
         adm = self.admission
         for deployment, kind in adm.alarms:
-            detail = adm.cardinality_detail(kind, deployment)
-            if kind == "deployments":
-                title, detail = "[CARDINALITY] too many distinct deployments", detail.split(": ", 1)[1]
+            if kind == "deployments":  # one notice for all the names: no deployment to name
+                title, detail = "[CARDINALITY] too many distinct deployments", adm.cap_text(kind)
             else:
                 title = f"[CARDINALITY] {deployment}: too many distinct {kind}"
+                detail = f"deployment {deployment!r}: {adm.cap_text(kind)}"
             self.responder.system_notice(
                 f"cardinality-{deployment}-{kind}", self.max_event_time, title,
                 f"{detail}; the excess is dead-lettered (reason cardinality) and not watched")
@@ -253,7 +253,7 @@ class Pipeline:
             seen = deployments_get(dep)
             if seen is None:
                 if not adm.admit_deployment(dep):
-                    rejected.append(adm.rejected(ev, CARDINALITY, adm.cardinality_detail("deployments", dep)))
+                    rejected.append(adm.cardinality_rejected(ev, "deployments", dep))
                     continue
                 seen = et.add(dep)
             latest = seen.max_ts
@@ -267,17 +267,17 @@ class Pipeline:
                 slot = slots.get(key)
                 if slot is None or slot[0] != idx:
                     if key not in known_keys and not adm.room_for_variant(seen):
-                        rejected.append(adm.rejected(ev, CARDINALITY, adm.cardinality_detail("variants", dep)))
+                        rejected.append(adm.cardinality_rejected(ev, "variants", dep))
                         continue
                     slot = None
                 feats = ev.features  # type: ignore[union-attr]
                 if feats and not seen.features.issuperset(feats) and not adm.admit_features(seen, ev):  # type: ignore[arg-type]
-                    rejected.append(adm.rejected(ev, CARDINALITY, adm.cardinality_detail("features", dep)))
+                    rejected.append(adm.cardinality_rejected(ev, "features", dep))
                     continue
             elif cls is not Outcome:  # a deploy: it makes its variant known
                 key = (dep, ev.variant)  # type: ignore[union-attr]
                 if key not in known_keys and not adm.room_for_variant(seen):
-                    rejected.append(adm.rejected(ev, CARDINALITY, adm.cardinality_detail("variants", dep)))
+                    rejected.append(adm.cardinality_rejected(ev, "variants", dep))
                     continue
             # Admitted: the event moves its deployment's time (and perhaps the watermark).
             if ts > latest:
