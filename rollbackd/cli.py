@@ -306,9 +306,8 @@ def _run_replay(
         raise Refused(f"{exc.filename or recording}: {exc.strerror or exc}") from None
     ledger: Ledger = _open_ledger(db, run_id)
     ledger.start_run(mode, recording, config.source, datetime.now(timezone.utc).isoformat())
-    pipeline = build_pipeline(
+    pipeline = build_pipeline(  # the ledger's silences and approvals are pushed in from it
         config,
-        silences=ledger.silences(),
         decisions=decisions,
         recorder=ledger,
         dead_letter_path=dead_letter,
@@ -812,7 +811,7 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
             # A task is one partition number of every input topic: co-partitioned assignment.
             kconf.setdefault("partition.assignment.strategy", "range")
     pipeline = build_pipeline(
-        config, silences=ledger.silences(), decisions=sink, recorder=recorder,
+        config, decisions=sink, recorder=recorder,  # silences and approvals: pushed in from the ledger
         dead_letter_path=None if dead else dead_letter, notifier=notifier, backend_overrides=backends,
     )
     if dead is not None:

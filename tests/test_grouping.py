@@ -383,3 +383,31 @@ rules:
     # without the deployment-wide rule, the stable arm's own history offers 2: healthy there
     stable = pipeline.versions[("demo-scorer", "stable")]
     assert stable.known_good(pipeline.max_event_time, 300.0, 100) == "2"
+
+
+def test_a_silence_expired_in_the_ledger_stops_muting_once_pushed_in(tmp_path):
+    """The ledger's silences are pushed into the pipeline (every second live); an early expiry
+    (`rollbackd silence expire`, Slack) is honoured from the next push: no copy taken at start
+    keeps it muting."""
+    from rollbackd.daemon.ledger import Ledger
+    from rollbackd.daemon.replay import push_human_input
+    from rollbackd.rules.silences import first_match
+
+    config = load_config_text("""
+version: 1
+rules:
+  - {name: errors, detector: error_rate, threshold: 0.1, window: {size: 1m}, severity: warning, actions: [notify]}
+""")
+    ledger = Ledger(tmp_path / "l.db", run_id="live-t")
+    ledger.add_silence(Silence("sil-1", "demo-scorer", T0, T0 + 7200, "migration", "alice"), "wall")
+    pipeline = build_pipeline(config, recorder=ledger)
+    labels = {"rule": "errors", "deployment": "demo-scorer", "variant": "primary", "severity": "warning"}
+
+    def muted(at: float) -> bool:
+        return first_match(pipeline.silences + pipeline.recorded_silences, labels, at) is not None
+
+    assert muted(T0 + 120)
+    ledger.expire_silence("sil-1", T0 + 60, "bob", "wall")
+    push_human_input(pipeline)
+    assert muted(T0 + 30) and not muted(T0 + 120)
+    ledger.close()
