@@ -291,3 +291,57 @@ def test_a_checkpoint_from_before_counting_still_restores(recordings):
         second.advance(clock.now())
     rb = [r for r in d2.records if r.get("action") == "rollback"]
     assert (rb[0]["status"], rb[0]["from_version"], rb[0]["to_version"]) == ("succeeded", "2", "1")
+
+
+# Which incidents take a version's known-good status away ---------------------------------------
+MARKS = """
+version: 1
+settings: {{lateness: 30s, notifier: {{type: none}}}}
+grouping: {{group_by: [deployment, variant], group_wait: 30s, repeat_interval: 4h}}
+deployments:
+  demo-scorer: {{backend: {{type: log}}, known_good_after: 5m, cooldown: 0s}}
+rules:
+  - {{name: errors-warning, detector: error_rate, threshold: 0.05, clear_threshold: 0.03, for: 2m,
+     min_samples: 100, severity: warning, actions: [notify]{warn}}}
+  - {{name: errors-critical, detector: error_rate, threshold: 0.25, clear_threshold: 0.15, for: 2m,
+     min_samples: 100, severity: critical, actions: [notify, rollback]{crit}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def warned_then_broken(tmp_path_factory):
+    """Version 1 raises a warning (10 % errors for ten minutes) and recovers; version 2 fails
+    (40 % errors)."""
+    path = tmp_path_factory.mktemp("marks") / "warned.jsonl.gz"
+    write_recording(Scenario(
+        name="warned_then_broken", seed=11, duration=2700.0, versions=((0.0, "1"), (1500.0, "2")),
+        faults=(Fault("error_rate", start=300.0, end=900.0, magnitude=0.10, version="1"),
+                Fault("error_rate", start=0.0, magnitude=0.40, version="2")),
+    ), path)
+    return path
+
+
+@pytest.mark.parametrize("warn, crit, want", [
+    ("", "", ("1", "succeeded")),  # a notify-only warning leaves version 1 a target
+    (", marks_bad: true", "", (None, "skipped")),  # unless the rule says it marks bad
+    ("", ", marks_bad: false", ("1", "succeeded")),  # a rollback rule may opt out; 1 was never bad
+])
+def test_only_rules_that_roll_back_mark_a_version_bad(warned_then_broken, warn, crit, want):
+    cfg = load_config_text(MARKS.format(warn=warn, crit=crit))
+    records = decisions(warned_then_broken, cfg)
+    warned = [r for r in records if r["kind"] == "alert" and r["rule"] == "errors-warning"
+              and r["state"] == "firing" and r["ts"] < T0 + 1500]
+    assert warned, "version 1's warning must fire for the test to mean anything"
+    rb = [r for r in records if r["kind"] == "action" and r["action"] == "rollback"]
+    assert rb and (rb[0]["to_version"], rb[0]["status"]) == want, rb[0]
+    assert rb[0]["from_version"] == "2"
+
+
+def test_marks_bad_false_leaves_the_rolled_back_version_unmarked(warned_then_broken):
+    """The version history after the replay: version 2 is marked bad by the rule that rolled it
+    back, unless that rule says ``marks_bad: false``."""
+    for crit, bad in (("", {"2"}), (", marks_bad: false", set())):
+        cfg = load_config_text(MARKS.format(warn="", crit=crit))
+        pipe = build_pipeline(cfg, decisions=MemoryDecisions())
+        replay(open_recording(str(warned_then_broken), cfg), pipe, batch_size=4096)
+        assert pipe.versions[("demo-scorer", "primary")].bad_versions() == bad

@@ -56,6 +56,7 @@ class Responder:
         self.parked: dict[str, str] = {}  # call key -> deployment
         # Answers from approvers, by incident, pushed in by whoever drives the pipeline.
         self.answers: dict[str, list[dict[str, Any]]] = {}
+        self._marking = {r.name for r in pipeline.config.rules if r.marks_version_bad}
 
     # Records ------------------------------------------------------------------------------
     def record(self, rec: dict[str, Any], kind: RecordKind) -> None:
@@ -114,10 +115,13 @@ class Responder:
         }
         if e.change in ("verified", "verification_failed"):
             rec["verify_by"] = inc.verify_by
-        if e.change == "opened":
+        if e.change in ("opened", "alert_joined") and alert is not None and self._marks_bad(alert.rule):
             hist = self.p.versions.get(key)
             if hist is not None and hist.current is not None:
                 hist.mark_bad()
+        if e.change == "opened":
+            hist = self.p.versions.get(key)
+            if hist is not None and hist.current is not None:
                 rec["version"] = hist.current.version
                 rec["version_started"] = hist.current.started
                 if hist.current.provenance:
@@ -431,6 +435,12 @@ class Responder:
         self._follow(call, [d for d in drafts if not isinstance(d, FollowUps)])
 
     # Targets ------------------------------------------------------------------------------
+    def _marks_bad(self, rule: str) -> bool:
+        """Whether an incident alert of ``rule`` takes its version's known-good status away: a
+        rule that rolls back says the version is bad; a notify-only warning does not
+        (``marks_bad`` overrides either way)."""
+        return rule in self._marking
+
     def _bad_versions(self, deployment: str) -> set[str]:
         """The versions marked bad on any arm of ``deployment``."""
         return {

@@ -18,7 +18,7 @@ class VersionSpan:
     version: str
     started: float
     ended: float | None = None
-    bad: bool = False  # an incident opened while it served
+    bad: bool = False  # an alert of a rule that marks bad fired while it served
     provenance: dict[str, str] = field(default_factory=dict)
     # Predictions served while this span ran; None for a span restored from a checkpoint
     # written before rollbackd counted them: such a span is judged by time alone.
@@ -81,7 +81,7 @@ class VersionHistory:
             self.current.bad = True
 
     def bad_versions(self) -> set[str]:
-        """The versions marked bad here: an incident opened while one of their spans served."""
+        """The versions marked bad here: a rule that marks bad fired while one of their spans served."""
         return {s.version for s in self.spans if s.bad}
 
     def known_good(

@@ -166,6 +166,13 @@ class RuleSpec:
     runbook: str | None = None
     weight: float = 1.0
     alpha_source: Literal["budget"] | None = None
+    # Whether an incident of this rule marks the serving version bad (no longer a rollback
+    # target). None: the rule's own verdict, i.e. it rolls back; a notify-only warning does not.
+    marks_bad: bool | None = None
+
+    @property
+    def marks_version_bad(self) -> bool:
+        return "rollback" in self.actions if self.marks_bad is None else self.marks_bad
 
     @property
     def clear(self) -> float:

@@ -38,6 +38,7 @@ RULE_KEYS = (
     "dry_run",
     "summary",
     "runbook",
+    "marks_bad",
     "weight",
 )
 
@@ -123,6 +124,7 @@ class RulesReader:
         read.optional(pairs, path, kw, "dry_run", read.boolean)
         read.optional(pairs, path, kw, "summary", read.string)
         read.optional(pairs, path, kw, "runbook", read.string)
+        read.optional(pairs, path, kw, "marks_bad", read.boolean)
 
         self.check_detector(pairs, path, kw, detector, detectors, params, param_keys)
         if read.errors != errors_before:
