@@ -4,7 +4,7 @@ Everything is inline (CSS, and SVG plots drawn here), there is no script, and a
 Content-Security-Policy forbids any fetch, so the file opens the same on a laptop without a
 network, attached to a ticket or in a browser's file:// view. What it shows:
 
-- the incidents (version marked bad, rollback outcome) and a timeline of every decision:
+- the incidents (the version serving when each opened, rollback outcome) and a timeline of every decision:
   alert transitions, incident changes, rollbacks, notices, approvals;
 - per breached measurement (an alert that went pending or firing), its value over time with
   the threshold and clear threshold, the pending/fire/resolve points, the deploys and the
@@ -547,7 +547,7 @@ def _summary(decisions: list[dict[str, Any]]) -> str:
             v = f"{opened['version']} (serving since {_utc(started)})" if started is not None else str(opened["version"])
             if prov:
                 v += " · " + ", ".join(f"{k}={val}" for k, val in sorted(prov.items()))
-            rows.append(("version marked bad", v))
+            rows.append(("version serving", v))
         for rb in rbs:
             rows.append((
                 "rollback",
@@ -599,7 +599,7 @@ def _describe(d: Mapping[str, Any]) -> tuple[str, str, str]:
         if d.get("rule"):
             detail += f", rule {d['rule']}"
         if d.get("version") is not None:
-            detail += f", version {d['version']} marked bad"
+            detail += f", version {d['version']} serving"
         return "incident", what, detail
     if kind == "action" and d.get("action") == "rollback":
         what = f"rollback {_e(where)} {_e(d.get('from_version'))} → {_e(d.get('to_version'))}: <b>{_e(d.get('status'))}</b>"

@@ -68,7 +68,7 @@ def test_a_report_from_transitions_alone_is_self_contained_and_marks_the_inciden
     assert "alert transitions only" in html
     # The timeline, the incident card.
     assert html.count('<span class="badge alert">') == 2 and "inc-2cc2bbac8759" in html
-    assert "version marked bad" in html and "2 → 1: succeeded" in html
+    assert "version serving" in html and "2 → 1: succeeded" in html
     # Same decisions, same bytes.
     again = write_report(decisions, tmp_path / "r2.html", title="sustained errors <drill>", config=config)
     assert again.html.read_bytes() == report.html.read_bytes()
