@@ -752,3 +752,18 @@ rules:
 """
     config = load_config_text(text)
     assert [(r.window.size, r.window.step) for r in config.rules] == [(60.0, 60.0), (60.0, 30.0)]
+
+
+
+def test_one_list_of_backend_and_notifier_types():
+    """The loader's option schemas cover exactly the types in rules.model, the list the
+    factory (actions/factory.py) checks against."""
+    from rollbackd.rules.loading.backends import BackendReader
+    from rollbackd.rules.loading.reader import NodeReader
+    from rollbackd.rules.model import BACKEND_TYPES, NOTIFIER_TYPES
+
+    assert tuple(BackendReader(NodeReader()).schema()) == BACKEND_TYPES
+    for t in NOTIFIER_TYPES:
+        cfg = loader.load_config_text(
+            f"version: 1\nsettings: {{notifier: {{type: {t}, {'channel: c' if t == 'slack' else ''}}}}}\n")
+        assert cfg.settings.notifier.type == t

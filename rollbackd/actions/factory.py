@@ -18,12 +18,10 @@ from rollbackd.actions.logbackend import LogBackend
 from rollbackd.actions.retry import RetryPolicy
 from rollbackd.actions.slack import SlackNotifier
 from rollbackd.actions.webhook import WebhookBackend
-from rollbackd.rules.model import BackendSpec, NotifierSpec
+from rollbackd.rules.model import BACKEND_TYPES, NOTIFIER_TYPES, BackendSpec, NotifierSpec
 
 __all__ = ["BACKEND_TYPES", "NOTIFIER_TYPES", "make_backend", "make_notifier"]
 
-BACKEND_TYPES = ("log", "webhook", "mlflow", "kubernetes", "command", "traffic-file")
-NOTIFIER_TYPES = ("console", "none", "slack")
 
 _RETRY_OPTIONS = ("max_attempts", "base_delay", "max_delay", "multiplier")
 _OPTIONS = {

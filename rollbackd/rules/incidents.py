@@ -20,7 +20,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
-from rollbackd.rules.model import GroupingSpec, RuleSpec, severity_rank
+from rollbackd.rules.model import GROUP_LABELS, GroupingSpec, RuleSpec, severity_rank
 
 __all__ = [
     "IncidentAlert",
@@ -32,7 +32,6 @@ __all__ = [
     "incident_id",
 ]
 
-GROUP_LABELS = ("deployment", "variant", "rule", "severity")
 
 
 def incident_id(group: Mapping[str, str], opened_at: float) -> str:

@@ -16,15 +16,13 @@ import os
 from pathlib import Path
 
 # The schema's lists of allowed values are importable from here with the entry points.
-from rollbackd.rules.loading.backends import BACKEND_TYPES, COMMAND_PLACEHOLDERS, KUBERNETES_KINDS  # noqa: F401
+from rollbackd.rules.loading.backends import COMMAND_PLACEHOLDERS, KUBERNETES_KINDS  # noqa: F401
 from rollbackd.rules.loading.detector_check import FALLBACK_DETECTORS, known_detectors
 from rollbackd.rules.loading.document import SUPPORTED_VERSIONS, DocumentReader  # noqa: F401
-from rollbackd.rules.loading.grouping import GROUP_LABELS
 from rollbackd.rules.loading.reader import ConfigIssue
 from rollbackd.rules.loading.rules import DIRECTIONS  # noqa: F401
-from rollbackd.rules.loading.settings import NOTIFIER_TYPES
 from rollbackd.rules.loading.summary import summarize
-from rollbackd.rules.model import Config
+from rollbackd.rules.model import BACKEND_TYPES, GROUP_LABELS, NOTIFIER_TYPES, Config
 from rollbackd.rules.parse import RulesFileError, read_rules_file
 
 __all__ = [

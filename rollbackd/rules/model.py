@@ -29,6 +29,11 @@ __all__ = [
 
 SEVERITIES = ("info", "warning", "critical")
 ACTIONS = ("notify", "rollback")
+# The names a rules file may use; actions/factory.py builds one of each.
+BACKEND_TYPES = ("log", "webhook", "mlflow", "kubernetes", "command", "traffic-file")
+NOTIFIER_TYPES = ("console", "slack", "none")
+# The labels an incident may be grouped by.
+GROUP_LABELS = ("rule", "deployment", "variant", "severity")
 
 
 def severity_rank(severity: str) -> int:

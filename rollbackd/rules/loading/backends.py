@@ -11,7 +11,6 @@ from yaml.nodes import MappingNode, Node, SequenceNode
 from rollbackd.rules.loading.reader import INVALID, Check, NodeReader, kind, sub
 from rollbackd.rules.model import BackendSpec
 
-BACKEND_TYPES = ("log", "webhook", "mlflow", "kubernetes", "command", "traffic-file")
 KUBERNETES_KINDS = ("deployment", "argo-rollout", "kserve")
 COMMAND_PLACEHOLDERS = ("deployment", "variant", "to_version", "from_version", "incident")
 
@@ -29,7 +28,7 @@ class BackendReader:
         self.read = read
 
     def schema(self) -> dict[str, dict[str, Check]]:
-        """Each backend type's options and their checks, in :data:`BACKEND_TYPES` order.
+        """Each backend type's options and their checks, in ``rules.model.BACKEND_TYPES`` order.
 
         The option names are those ``actions.factory.make_backend`` reads.
         """

@@ -7,9 +7,7 @@ from typing import Any
 from yaml.nodes import Node
 
 from rollbackd.rules.loading.reader import NodeReader
-from rollbackd.rules.model import GroupingSpec
-
-GROUP_LABELS = ("rule", "deployment", "variant", "severity")
+from rollbackd.rules.model import GROUP_LABELS, GroupingSpec
 
 
 class GroupingReader:

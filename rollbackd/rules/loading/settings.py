@@ -12,7 +12,6 @@ from yaml.nodes import Node, ScalarNode
 from rollbackd.rules.loading.reader import INVALID, Check, NodeReader, kind, sub
 from rollbackd.rules.model import DigestSpec, NotifierSpec, Settings
 
-NOTIFIER_TYPES = ("console", "slack", "none")
 
 _YEAR_10000 = 253_402_300_800.0  # 10000-01-01T00:00:00Z in Unix seconds
 _CAPS = ("max_deployments", "max_variants_per_deployment", "max_features_per_deployment")
@@ -84,7 +83,8 @@ class SettingsReader:
 
     def notifier(self, node: Node, path: str) -> NotifierSpec | None:
         read = self.read
-        # The option names are those ``actions.factory.make_notifier`` reads.
+        # The option names are those ``actions.factory.make_notifier`` reads; the types are
+        # ``rules.model.NOTIFIER_TYPES``.
         schema: dict[str, dict[str, Check]] = {
             "console": {"color": read.boolean, "digest": self.digest},
             "none": {},
