@@ -767,3 +767,22 @@ def test_one_list_of_backend_and_notifier_types():
         cfg = loader.load_config_text(
             f"version: 1\nsettings: {{notifier: {{type: {t}, {'channel: c' if t == 'slack' else ''}}}}}\n")
         assert cfg.settings.notifier.type == t
+
+
+@pytest.mark.parametrize("backend, where", [
+    # A secret header given twice (HTTP names are case-insensitive) would send only the second.
+    ("{type: webhook, url: 'http://127.0.0.1:9/x', headers: {X-Token: a, x-token: b}}", "headers.x-token"),
+    ("{type: command, argv: [/bin/true], env: {TOKEN: a, TOKEN: b}}", "env.TOKEN"),
+])
+def test_a_name_given_twice_in_headers_or_env_is_an_error(backend, where):
+    errors = errors_of(f"version: 1\ndeployments:\n  d:\n    backend: {backend}\n")
+    assert [e.message for e in errors if "duplicate key" in e.message], errors
+    assert any(e.path.endswith(where) and "first set on line 4" in e.message for e in errors), errors
+
+
+def test_a_merged_header_is_overridden_by_an_explicit_one():
+    cfg = load_config_text(
+        "version: 1\ndeployments:\n  d:\n    backend:\n      type: webhook\n"
+        "      url: 'http://127.0.0.1:9/x'\n      headers: {<<: {X-A: '1', X-B: '3'}, X-A: '2'}\n"
+    )
+    assert dict(cfg.deployment("d").backend.options["headers"]) == {"X-A": "2", "X-B": "3"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from yaml.nodes import MappingNode, Node, SequenceNode
 
@@ -146,21 +146,31 @@ class BackendReader:
                     return INVALID
         return out
 
-    def string_mapping(self, node: Node, path: str, what: str = "name to string") -> Any:
+    def string_mapping(self, node: Node, path: str, what: str = "name to string",
+                       fold: Callable[[str], str] = str) -> Any:
+        """A mapping of strings to strings; a name given twice (after ``fold``) is an error, not
+        a silent override: the second value of a secret header would otherwise win unseen."""
         read = self.read
         if not isinstance(node, MappingNode):
             return read.error(node, path, f"expected a mapping of {what}, got {kind(node)}")
         out: dict[str, str] = {}
-        for key, value, _ in read.flatten(node, path):
+        lines: dict[str, int] = {}
+        for key, value, merged in read.flatten(node, path):
             name = read.string(key, path)
             text = read.string(value, sub(path, name) if isinstance(name, str) else path)
             if name is INVALID or text is INVALID:
                 return INVALID
+            if fold(name) in lines:
+                if merged:  # an explicit key overrides a merged one (YAML merge semantics)
+                    continue
+                return read.error(key, sub(path, name), f"duplicate key (first set on line {lines[fold(name)]})")
+            lines[fold(name)] = key.start_mark.line + 1
             out[name] = text
         return MappingProxyType(out)
 
     def headers(self, node: Node, path: str) -> Any:
-        return self.string_mapping(node, path, "header to value")
+        # HTTP header names are case-insensitive: X-Token and x-token are one header.
+        return self.string_mapping(node, path, "header to value", fold=str.lower)
 
     def retry(self, node: Node, path: str) -> Any:
         read = self.read
