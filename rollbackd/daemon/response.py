@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import structlog
 
-from rollbackd.actions.base import ActionResult, AlertSummary, Notice, PausableBackend, RollbackPlan
+from rollbackd.actions.base import ActionResult, AlertSummary, Notice, PausableBackend, RollbackPlan, Verification
 from rollbackd.actions.intents import Call, Fill, FollowUps, Notify, Pause, Record, RecordKind, Rollback, own_notice
 from rollbackd.actions.policy import SafetyPolicy
 from rollbackd.daemon.clock import iso
@@ -379,10 +379,30 @@ class Responder:
         # follows it: both are posted at the place the rollback was decided.
         moving = call.context["moving"]
         extra = moving + (f" ({result.detail})" if result.status == "failed" else "")
-        self._follow(call, [
+        checked = result.verification
+        if checked is not None and checked.verdict == "confirmed":
+            extra += f" (confirmed by {checked.backend}: {checked.detail or checked.observed})"
+        drafts: list[NoticeDraft] = [
             (inc, "updated", ts, "rollback started", f"{moving} via {call.context['backend']}"),
             (inc, "updated", ts, f"rollback {result.status}", extra),
-        ])
+        ]
+        if checked is not None and checked.verdict == "unconfirmed":
+            drafts.append(self._unconfirmed(inc, call, checked, ts))
+        self._follow(call, drafts)
+
+    def _unconfirmed(self, inc: Incident, call: Rollback, checked: Verification, ts: float) -> NoticeDraft:
+        """The backend accepted the rollback but never reported its target within the bound: a
+        human must look at the target system. Independent of the alerts' own verification."""
+        plan = call.plan
+        self.record({
+            "ts": ts, "kind": "incident", "state": "rollback_unconfirmed", "incident_id": inc.id,
+            "deployment": plan.deployment, "variant": plan.variant, "rule": call.rec.get("rule"),
+            "severity": inc.severity, "idempotency_key": plan.idempotency_key,
+            "verification": checked.to_record(),
+        }, "incident")
+        log.error("incident.rollback_unconfirmed", incident=inc.id, deployment=plan.deployment,
+                  backend=checked.backend, observed=checked.observed, expected=checked.expected)
+        return (inc, "updated", ts, f"escalated: rollback not confirmed by {checked.backend}", checked.describe())
 
     # Pause (the freeze policy) ------------------------------------------------------------
     def _pause(self, inc: Incident, rule_name: str, variant: str, current: str | None, ts: float,
