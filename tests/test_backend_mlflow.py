@@ -177,7 +177,7 @@ def test_token_sent_as_bearer():
     from loopback import LoopbackServer, Reply
 
     with LoopbackServer() as server:
-        server.reply(Reply(200, body={"model_version": {"version": "1"}}))
+        server.reply(Reply(200, body={"model_version": {"name": "demo-scorer", "version": "1"}}))
         backend = make_backend(
             BackendSpec(type="mlflow", options={"tracking_uri": server.url, "token_env": "ML_TOKEN"}),
             env={"ML_TOKEN": "t0k"},
