@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from click.testing import CliRunner
 from loopback import LoopbackServer
 
 from rollbackd.actions.base import ActionResult, Notice, RollbackPlan, Verification
@@ -23,6 +24,7 @@ from rollbackd.actions.logbackend import LogBackend
 from rollbackd.actions.trafficfile import TrafficFileBackend
 from rollbackd.actions.verification import Confirmer, PollPolicy
 from rollbackd.actions.webhook import WebhookBackend
+from rollbackd.cli import main
 from rollbackd.daemon.decisions import MemoryDecisions
 from rollbackd.daemon.executor import SyncExecutor
 from rollbackd.daemon.ledger import Ledger
@@ -293,6 +295,12 @@ def test_a_rollback_a_writer_keeps_undoing_escalates_after_verify_within(sustain
     assert rollback_rows(ledger)[0]["verification"]["verdict"] == "unconfirmed"
     (row,) = ledger.rows("incidents", change="rollback_unconfirmed")
     assert json.loads(row["data"])["verification"]["observed"] == "2"
+    ledger.close()
+    shown = CliRunner().invoke(main, ["incidents", "show", rb["incident_id"], "--db", str(tmp_path / "ledger.db")])
+    assert shown.exit_code == 0, shown.output
+    assert (f"      target NOT confirmed by traffic-file: observed 2, expected 1 "
+            f"(weights are {{'1': 0, '2': 100}}; {looks} polls in 600s)") in shown.output.splitlines()
+    assert "rollback_unconfirmed" in shown.output
     # The stream's own verdict is independent: the scenario's errors never stop, so the alerts'
     # verification fails at its deadline as well.
     assert [d["state"] for d in records if d.get("state") == "verification_failed"] == ["verification_failed"]
