@@ -338,3 +338,28 @@ def test_a_webhook_rollback_says_cannot_observe_in_the_ledger_and_nothing_in_the
     assert len(logged) == len(hooked)
     differ = {k for a, b in zip(logged, hooked) for k in a if a[k] != b.get(k)}
     assert differ <= {"backend", "detail", "result"}
+
+
+def test_a_rollback_still_being_confirmed_counts_for_the_cooldown(sustained, tmp_path):
+    """Live, a rollback is in flight while its target is being confirmed: a second rollback of
+    the deployment decided meanwhile is held to the cooldown from the first one's decision, as
+    in a replay, where the first would have answered at once."""
+    from rollbackd.actions.intents import Rollback
+
+    config = load_config_text(RULES.format(backend="{type: log}"), "verify.yaml")
+    decisions = MemoryDecisions()
+    pipeline = build_pipeline(config, decisions=decisions, env={})
+    start = BUILTIN["sustained_errors"].start
+    earlier = plan()
+    confirming = Rollback(earlier.idempotency_key, earlier,
+                          {"ts": start + 900.0, "deployment": "demo-scorer"})
+
+    class StillConfirming(SyncExecutor):
+        def in_flight(self):
+            return [confirming]
+
+    pipeline.executor = StillConfirming(Delivery(pipeline.edges), pipeline)
+    replay(open_recording(str(sustained), config), pipeline)
+    (rb,) = [d for d in decisions.records if d.get("action") == "rollback"]
+    assert (rb["status"], rb["reason"]) == ("skipped", "cooldown")
+    assert rb["detail"] == f"last rollback of demo-scorer at {start + 900.0:.3f}, cooldown 1800s"

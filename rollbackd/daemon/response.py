@@ -15,13 +15,14 @@ slow or rate-limited notifier never delays a rollback, and a rollback's own noti
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import structlog
 
 from rollbackd.actions.base import ActionResult, AlertSummary, Notice, PausableBackend, RollbackPlan, Verification
 from rollbackd.actions.intents import Call, Fill, FollowUps, Notify, Pause, Record, RecordKind, Rollback, own_notice
-from rollbackd.actions.policy import SafetyPolicy
+from rollbackd.actions.policy import SafetyPolicy, SafetyState
 from rollbackd.daemon.clock import iso
 from rollbackd.daemon.versions import VersionHistory
 from rollbackd.rules.incidents import ActionsDue, Incident, IncidentChange, NoticeDue
@@ -288,7 +289,7 @@ class Responder:
         )
         p.safety.prune(ts - spec.loop_period)
         since = hist.current.started if hist.current is not None else None
-        verdict, why = policy.decide(p.safety, plan, ts, serving_since=since)
+        verdict, why = policy.decide(self._safety_with_in_flight(inc.deployment), plan, ts, serving_since=since)
         rec: dict[str, Any] = {
             "ts": ts,
             "kind": "action",
@@ -348,6 +349,19 @@ class Responder:
         })
         p.executor.submit(call)
         return [FollowUps(call.key, inc.deployment)]
+
+    def _safety_with_in_flight(self, deployment: str) -> SafetyState:
+        """The safety state as it will be once the rollbacks of ``deployment`` still in flight
+        have answered: each counts for the cooldown from its decision, as it does in a replay,
+        where the answer comes at once. Live, a rollback stays in flight while its target is
+        being confirmed (up to ``verify_within``), and a second one must not slip through."""
+        state = self.p.safety
+        started = [c.rec["ts"] for c in self.p.executor.in_flight()
+                   if isinstance(c, Rollback) and c.deployment == deployment]
+        if not started:
+            return state
+        last = max(state.last_rollback.get(deployment, -math.inf), max(started))
+        return replace(state, last_rollback={**state.last_rollback, deployment: last})
 
     def _refused(self, inc: Incident, rec: dict[str, Any], verdict: str, why: str, ts: float) -> list[NoticeDraft | FollowUps]:
         status = "dry_run" if verdict == "dry_run" else "skipped"
