@@ -1190,9 +1190,22 @@ def incidents_show(incident: str, db: str, run_id: str | None) -> None:
             evidence = {k: m[k] for k in ("p_value", "effect_size", "evidence") if m.get(k) is not None}
             window = f"window {_ts(w[0])} – {_ts(w[1])}" if w[0] is not None else ""
             click.echo(f"      {window}  " + json.dumps(evidence, sort_keys=True, default=str))
-        elif rec["kind"] == "action" and rec.get("result"):
-            # What the backend changed or printed (a patch, a registry alias, a command's output).
-            click.echo("      result " + json.dumps(rec["result"], sort_keys=True, default=str))
+        elif rec["kind"] == "action":
+            if rec.get("result"):
+                # What the backend changed or printed (a patch, a registry alias, a command's output).
+                click.echo("      result " + json.dumps(rec["result"], sort_keys=True, default=str))
+            if isinstance(rec.get("verification"), dict):
+                click.echo("      " + _checked_line(rec["verification"]))
+
+
+def _checked_line(rec: dict[str, Any]) -> str:
+    """What the target system reported back after a rollback (a ledger ``verification``)."""
+    from rollbackd.actions.base import Verification
+
+    v = Verification.from_record(rec)
+    if v.verdict == "cannot_observe":
+        return f"target not checked: {v.describe()}"
+    return f"target {'confirmed' if v.verdict == 'confirmed' else 'NOT confirmed'} by {v.backend}: {v.describe()}"
 
 
 if __name__ == "__main__":  # pragma: no cover

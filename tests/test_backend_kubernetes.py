@@ -359,3 +359,32 @@ def test_a_failed_pause_is_reported(api):
     result = backend(server, "argo-rollout").pause("demo-scorer", "canary", "inc-k8s-1")
     assert (result.status, result.data["paused"]) == ("failed", False)
     assert "404" in result.detail
+
+
+def test_a_rollout_is_confirmed_once_it_converges_and_not_before(api):
+    """The executor's confirmation polls verify(): the Deployment's rollout converges after the
+    third look (the controller, played between looks); one that never does is unconfirmed."""
+    from rollbackd.actions.verification import Confirmer
+
+    fake, server = api({DEPLOY: deployment()})
+    b = backend(server, "deployment", container="model", image_template="registry/demo:{version}")
+    assert b.apply(plan()).status == "succeeded"
+    fake.objects[DEPLOY]["metadata"]["generation"] = 6
+    status = fake.objects[DEPLOY]["status"]
+    steps = iter([{"updatedReplicas": 1}, {"observedGeneration": 6, "updatedReplicas": 2, "availableReplicas": 2}])
+    t = [0.0]
+
+    def controller(s: float) -> None:
+        t[0] += s
+        status.update(next(steps, {}))
+
+    v = Confirmer(sleep=controller, monotonic=lambda: t[0]).confirm(b, plan(), 900.0, "kubernetes")
+    assert (v.verdict, v.polls, t[0]) == ("confirmed", 3, 3.0)
+    assert v.detail == "rolled out: 2 replicas at 1"
+
+    status.update(availableReplicas=1)  # a pod that never becomes available
+    t[0] = 0.0
+    v = Confirmer(sleep=controller, monotonic=lambda: t[0]).confirm(b, plan(), 60.0, "kubernetes")
+    assert (v.verdict, v.polls, t[0]) == ("unconfirmed", 7, 60.0)
+    assert v.detail == "rollout in progress: {'updatedReplicas': 2, 'availableReplicas': 1}, want 2"
+    assert fake.problems == []

@@ -177,7 +177,7 @@ def test_token_sent_as_bearer():
     from loopback import LoopbackServer, Reply
 
     with LoopbackServer() as server:
-        server.reply(Reply(200, body={"model_version": {"version": "1"}}))
+        server.reply(Reply(200, body={"model_version": {"name": "demo-scorer", "version": "1"}}))
         backend = make_backend(
             BackendSpec(type="mlflow", options={"tracking_uri": server.url, "token_env": "ML_TOKEN"}),
             env={"ML_TOKEN": "t0k"},
@@ -199,3 +199,142 @@ def test_factory_options():
     b = make_backend(BackendSpec(type="mlflow", options={"tracking_uri": "http://x"}),
                      env={"MLFLOW_TRACKING_TOKEN": "abc"})
     assert b.token == "abc"
+
+
+# Confirmation against the registry, and answers that are not the registry's ----------------
+class Clock:
+    """Injected time for the confirmer: ``sleep`` advances ``monotonic`` and lets ``between``
+    (another writer) act."""
+
+    def __init__(self, between=None) -> None:
+        self.t = 0.0
+        self.sleeps: list[float] = []
+        self.between = between
+
+    def sleep(self, s: float) -> None:
+        self.sleeps.append(s)
+        self.t += s
+        if self.between is not None:
+            self.between()
+
+    def monotonic(self) -> float:
+        return self.t
+
+
+def confirmer(clock: Clock):
+    from rollbackd.actions.verification import Confirmer
+
+    return Confirmer(sleep=clock.sleep, monotonic=clock.monotonic)
+
+
+def test_a_rollback_is_confirmed_by_reading_the_alias_back(mlflow_url):
+    register(mlflow_url, "confirm-scorer")
+    backend = MlflowRegistryBackend(mlflow_url)
+    result = backend.apply(plan("confirm-scorer"))
+    assert result.status == "succeeded" and result.data["after"] == "1"
+    clock = Clock()
+    v = confirmer(clock).confirm(backend, plan("confirm-scorer"), 900.0, "mlflow")
+    assert (v.verdict, v.observed, v.polls, clock.sleeps) == ("confirmed", "1", 1, [])
+    assert v.detail == "alias 'champion' at version 1"
+
+
+def test_an_alias_another_writer_moves_back_is_unconfirmed_and_names_what_it_saw(mlflow_url):
+    """A CI job that keeps promoting version 2: the registry itself reports the alias at 2 at every
+    look, until the bound."""
+    register(mlflow_url, "contested-scorer")
+    backend = MlflowRegistryBackend(mlflow_url)
+    assert backend.apply(plan("contested-scorer")).status == "succeeded"
+
+    def promote_again() -> None:
+        rest(mlflow_url, "POST", "registered-models/alias",
+             {"name": "contested-scorer", "alias": "champion", "version": "2"})
+
+    promote_again()
+    clock = Clock(between=promote_again)
+    v = confirmer(clock).confirm(backend, plan("contested-scorer"), 60.0, "mlflow")
+    # looks at 0, 1, 3, 7, 15, 31 and at the bound: 60 s
+    assert (v.verdict, v.observed, v.expected, v.polls) == ("unconfirmed", "2", "1", 7)
+    assert clock.sleeps == [1.0, 2.0, 4.0, 8.0, 16.0, 29.0] and v.elapsed == 60.0
+    assert v.detail == "alias 'champion' at version '2', expected '1'"
+
+
+NONSENSE = {"status": "ok", "items": [], "service": "inventory"}
+
+
+def test_a_200_with_unrelated_json_is_a_failure_never_success():
+    """Another service on the port answers 200 with its own JSON to everything (the finding:
+    this used to read as "None -> 1", succeeded)."""
+    from loopback import LoopbackServer, Reply
+
+    with LoopbackServer(lambda req: Reply(200, body=NONSENSE)) as server:
+        backend = MlflowRegistryBackend(server.url, policy=RetryPolicy(max_attempts=1))
+        result = backend.apply(plan("demo-scorer"))
+        assert result.status == "failed"
+        assert result.detail == ("GET registered-models/alias: unexpected answer: no model_version with a version "
+                                 "in it (JSON object with keys items, service, status)")
+        assert [r.method for r in server.requests] == ["GET"]  # nothing was written after it
+        assert backend.verify(plan("demo-scorer")).status == "failed"
+        assert backend.current("demo-scorer", "canary") is None
+        v = confirmer(Clock()).confirm(backend, plan("demo-scorer"), 10.0, "mlflow")
+        assert v.verdict == "unconfirmed" and "unexpected answer" in v.detail
+
+
+def test_a_200_that_is_not_json_is_a_failure():
+    """A proxy's sign-in page, answered with 200."""
+    from loopback import LoopbackServer, Reply
+
+    with LoopbackServer(lambda req: Reply(200, body="<html>Sign in</html>")) as server:
+        result = MlflowRegistryBackend(server.url).apply(plan("demo-scorer"))
+    assert result.status == "failed"
+    assert result.detail == "GET registered-models/alias: unexpected answer: HTTP 200 with a body that is not JSON"
+
+
+def registry_like(alias_version: str, model: str = "demo-scorer"):
+    """Answers GETs as the registry would, with the alias stuck at ``alias_version``; every POST
+    answers ``{}`` (as MLflow's set-tag and set-alias do) and changes nothing."""
+    from loopback import Reply
+
+    def answer(req):
+        if req.method == "POST":
+            return Reply(200, body={})
+        if "registered-models/alias" in req.path:
+            return Reply(200, body={"model_version": {"name": model, "version": alias_version,
+                                                      "aliases": ["champion"]}})
+        version = req.path.rsplit("version=", 1)[-1]
+        return Reply(200, body={"model_version": {"name": model, "version": version}})
+
+    return answer
+
+
+def test_an_alias_set_that_does_not_take_is_a_failure():
+    from loopback import LoopbackServer
+
+    with LoopbackServer(registry_like("2")) as server:
+        result = MlflowRegistryBackend(server.url).apply(plan("demo-scorer"))
+        assert result.status == "failed"
+        assert result.detail == "alias 'champion' of 'demo-scorer' reads back version '2' after it was set to '1'"
+        assert result.data["after"] == "2"
+        assert [r.path.split("?")[0].rsplit("/", 2)[-2:] for r in server.requests][-2:] == [
+            ["registered-models", "alias"], ["registered-models", "alias"]]  # set, then read back
+
+
+def test_answers_about_another_model_or_version_are_refused():
+    from loopback import LoopbackServer
+
+    with LoopbackServer(registry_like("2", model="other-model")) as server:
+        result = MlflowRegistryBackend(server.url).apply(plan("demo-scorer"))
+    assert result.status == "failed"
+    assert result.detail.endswith("model_version names model 'other-model', not 'demo-scorer'")
+
+    from loopback import Reply
+
+    def wrong_version(req):
+        if "model-versions/get" in req.path:
+            return Reply(200, body={"model_version": {"name": "demo-scorer", "version": "7"}})
+        return registry_like("2")(req)
+
+    with LoopbackServer(wrong_version) as server:
+        result = MlflowRegistryBackend(server.url).apply(plan("demo-scorer"))
+    assert result.status == "failed"
+    assert result.detail == "GET model-versions/get: unexpected answer: model_version is version '7', not '1'"
+    assert not [r for r in server.requests if r.method == "POST"]  # no tag, no alias: refused before writing

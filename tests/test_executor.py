@@ -314,3 +314,125 @@ def test_the_sync_executor_reports_before_it_returns_and_queues_follow_ups_behin
     engine.executor.submit(notice("fast", 1))
     assert order == ["inc-1:notice:1", "inc-1:notice:3"]
     assert [r["kind"] for r in edges.decisions.records] == ["alert", "action", "action"]
+
+
+# Confirming a rollback against its target runs in the act lane ----------------------------
+class Gated:
+    """The confirmer's time: each pause waits for ``release`` (a slow convergence) and then
+    advances the fake clock by the pause."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.t = 0.0
+        self.slept = threading.Event()
+
+    def sleep(self, s: float) -> None:
+        self.slept.set()
+        assert self.release.wait(20)
+        self.t += s
+
+    def monotonic(self) -> float:
+        return self.t
+
+
+def confirming_rollback(deployment: str, incident: str) -> Rollback:
+    base = rollback(deployment, incident)
+    return Rollback(base.key, base.plan, base.rec, {"verify_within": 60.0, "backend": "traffic-file"})
+
+
+def traffic_edges(tmp_path, slack: LoopbackServer, stuck: str, ledger: Any = None) -> Edges:
+    """A traffic file per deployment; ``stuck``'s is put back to version 2 right after each
+    rollback writes it (another writer), so it never reports the target."""
+    from rollbackd.actions.trafficfile import TrafficFileBackend
+
+    old = '{"routes": {"%s": {"1": 0, "2": 100}}}'
+
+    class Undone(TrafficFileBackend):
+        def apply(self, plan: RollbackPlan) -> ActionResult:
+            result = super().apply(plan)
+            self.path.write_text(old % plan.deployment)
+            return result
+
+    backends = {}
+    for name in ("slow", "fast"):
+        path = tmp_path / f"{name}.json"
+        path.write_text(old % name)
+        backends[name] = (Undone if name == stuck else TrafficFileBackend)(path)
+    edges = Edges(notifier=SlackNotifier("xoxb-t", "#oncall", base_url=slack.url + "/api/"),
+                  backend_for=backends.__getitem__, decisions=MemoryDecisions())
+    if ledger is not None:
+        edges.recorder = ledger
+    return edges
+
+
+def test_a_rollback_being_confirmed_holds_up_only_its_own_lane(servers, tmp_path):
+    """The slow deployment's target never reports back: its confirmation polls in its act lane,
+    while the processing thread drains and the fast deployment's rollback is confirmed and
+    reported; released, the slow one ends unconfirmed at the bound."""
+    from rollbackd.actions.verification import Confirmer
+
+    slack, _ = servers
+    clock = Gated()
+    edges = traffic_edges(tmp_path, slack, stuck="slow")
+    engine = Engine()
+    pool = LaneExecutor(Delivery(edges, Confirmer(sleep=clock.sleep, monotonic=clock.monotonic)), workers=4)
+    engine.executor = pool.bind(engine)
+    try:
+        engine.executor.submit(confirming_rollback("slow", "inc-s"))
+        assert clock.slept.wait(10)  # the slow one is between looks
+        engine.executor.submit(confirming_rollback("fast", "inc-f"))
+        started = time.monotonic()
+        wait_for(lambda: len(engine.results) == 1, pool=pool)
+        assert time.monotonic() - started < 5
+        assert [k.split(":")[0] for k, _, _ in engine.results] == ["inc-f"]
+        assert [i.key.split(":")[0] for i in pool.in_flight()] == ["inc-s"]
+        clock.release.set()
+        wait_for(lambda: len(engine.results) == 2, pool=pool)
+    finally:
+        clock.release.set()
+        assert pool.close(5.0)
+    checked = {r["incident_id"]: r["verification"] for r in edges.decisions.records}
+    assert (checked["inc-f"]["verdict"], checked["inc-f"]["polls"]) == ("confirmed", 1)
+    assert (checked["inc-s"]["verdict"], checked["inc-s"]["observed"], checked["inc-s"]["elapsed"]) == (
+        "unconfirmed", "2", 60.0)
+
+
+def test_a_restart_finds_the_verification_in_the_outbox_and_looks_no_more(servers, tmp_path):
+    """The rollback finished (unconfirmed) before the crash: resubmitted from the checkpoint, its
+    result, verification included, comes from the ledger; nothing is applied or polled again."""
+    from rollbackd.actions.verification import Confirmer
+
+    slack, _ = servers
+    ledger = Ledger(tmp_path / "l.db", run_id="r")
+    clock = Gated()
+    clock.release.set()
+    seen: list[ActionResult] = []
+
+    class Keeps(Engine):
+        def apply_result(self, call: Call, result: ActionResult) -> None:
+            seen.append(result)
+            super().apply_result(call, result)
+
+    engine = Keeps()
+    confirmer = Confirmer(sleep=clock.sleep, monotonic=clock.monotonic)
+    pool = LaneExecutor(Delivery(traffic_edges(tmp_path, slack, "slow", ledger), confirmer))
+    engine.executor = pool.bind(engine)
+    call = confirming_rollback("slow", "inc-s")
+    engine.executor.submit(call)
+    wait_for(lambda: len(seen) == 1, pool=pool)
+    pool.close(5.0)
+
+    def no_backend(deployment: str) -> Any:
+        raise AssertionError(f"backend of {deployment} asked again")
+
+    engine2 = Keeps()
+    edges2 = Edges(notifier=SlackNotifier("xoxb-t", "#oncall", base_url=slack.url + "/api/"),
+                   backend_for=no_backend, decisions=MemoryDecisions(), recorder=ledger)
+    pool2 = LaneExecutor(Delivery(edges2, confirmer))
+    pool2.resubmit([call], engine2)
+    wait_for(lambda: len(seen) == 2, pool=pool2)
+    pool2.close(5.0)
+    ledger.close()
+    assert seen[1].status == "succeeded"  # from the outbox: asking the backend would have failed
+    assert seen[1].verification == seen[0].verification
+    assert seen[1].verification is not None and seen[1].verification.verdict == "unconfirmed"

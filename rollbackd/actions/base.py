@@ -16,8 +16,9 @@ __all__ = [
     "ActionResult",
     "AlertSummary",
     "Notice",
+    "Verification",
     "RollbackBackend",
-    "VersionedBackend",
+    "ObservableBackend",
     "PausableBackend",
     "current_version",
     "verify_plan",
@@ -27,6 +28,10 @@ __all__ = [
 ]
 
 Status = Literal["succeeded", "failed", "skipped", "dry_run"]
+# What the target system said after a rollback was applied: it reports the target
+# (``confirmed``), it never did within the bound (``unconfirmed``), or the backend has no way to
+# read the system back (``cannot_observe``: not a failure).
+Verdict = Literal["confirmed", "unconfirmed", "cannot_observe"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,49 @@ class RollbackPlan:
 
 
 @dataclass(frozen=True, slots=True)
+class Verification:
+    """A rollback checked against the system it changed, after ``apply`` answered.
+
+    ``observed`` is the version (or state) the backend last read, ``polls`` how many reads it
+    took and ``elapsed`` how long (seconds, processing time: it schedules, it decides nothing)."""
+
+    verdict: Verdict
+    backend: str
+    expected: str
+    observed: str | None = None
+    polls: int = 0
+    elapsed: float = 0.0
+    detail: str = ""
+
+    @property
+    def observes(self) -> bool:
+        return self.verdict != "cannot_observe"
+
+    def describe(self) -> str:
+        """One line for a notice or a log: what was seen against what was wanted."""
+        if self.verdict == "cannot_observe":
+            return f"cannot observe: {self.detail}"
+        seen = f"observed {self.observed}, expected {self.expected}"
+        took = f"{self.polls} poll{'s' if self.polls != 1 else ''} in {self.elapsed:.0f}s"
+        return f"{seen} ({self.detail}; {took})" if self.detail else f"{seen} ({took})"
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict, "backend": self.backend, "expected": self.expected,
+            "observed": self.observed, "polls": self.polls, "elapsed": round(self.elapsed, 3),
+            "detail": self.detail,
+        }
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any]) -> "Verification":
+        return cls(
+            rec["verdict"], str(rec.get("backend", "")), str(rec.get("expected", "")),
+            None if rec.get("observed") is None else str(rec["observed"]),
+            int(rec.get("polls") or 0), float(rec.get("elapsed") or 0.0), str(rec.get("detail") or ""),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ActionResult:
     status: Status
     detail: str = ""
@@ -64,6 +112,8 @@ class ActionResult:
     # Notifiers return the thread reference (Slack: the parent message ``ts``) here.
     thread: str | None = None
     data: Mapping[str, Any] = field(default_factory=dict)
+    # A rollback's check against its target, made by the executor after ``apply`` answered.
+    verification: Verification | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,42 +155,29 @@ class RollbackBackend(Protocol):
     """Moves a deployment to a version. Must be idempotent per ``plan.idempotency_key``.
 
     ``apply`` is the whole required protocol. Backends that can also *read* the system they
-    act on implement :class:`VersionedBackend` as well; callers reach both optional methods
-    through :func:`current_version` and :func:`verify_plan`, which fall back for backends
-    (webhook, log) that cannot read anything back.
+    act on implement :class:`ObservableBackend` as well, and those that can stop a rollout
+    :class:`PausableBackend`; callers test for them with ``isinstance``.
     """
 
     def apply(self, plan: RollbackPlan) -> ActionResult: ...
 
 
 @runtime_checkable
-class VersionedBackend(Protocol):
-    """The optional half of the backend protocol: read the current version, verify a plan.
+class ObservableBackend(Protocol):
+    """The optional read-back half of the backend protocol: read the current version, verify a
+    plan. The executor polls ``verify`` after each applied rollback (``actions/verification.py``).
 
     ``current(deployment, variant)`` is the version the target system serves now, or ``None``
     when it cannot tell. ``verify(plan)`` checks, once and without waiting, that the system
     reflects the plan: ``succeeded`` when it does, ``failed`` (``data["pending"]`` true when a
-    rollout is still converging, so a caller may ask again) when not, ``skipped`` when the
-    backend cannot check. Neither method changes anything.
+    rollout is still converging; ``data["current"]`` the version seen, where there is one) when
+    not, ``skipped`` when this instance cannot check (a ``command`` without ``current_argv``).
+    Neither method changes anything.
     """
 
     def current(self, deployment: str, variant: str) -> str | None: ...
 
     def verify(self, plan: RollbackPlan) -> ActionResult: ...
-
-
-def current_version(backend: RollbackBackend, deployment: str, variant: str) -> str | None:
-    """``backend.current(...)`` if the backend can read back, else ``None``."""
-    read = getattr(backend, "current", None)
-    return read(deployment, variant) if callable(read) else None
-
-
-def verify_plan(backend: RollbackBackend, plan: RollbackPlan) -> ActionResult:
-    """``backend.verify(plan)`` if the backend can read back, else ``skipped``."""
-    check = getattr(backend, "verify", None)
-    if not callable(check):
-        return ActionResult("skipped", f"{type(backend).__name__} cannot read back", attempts=0)
-    return check(plan)
 
 
 @runtime_checkable
@@ -153,10 +190,21 @@ class PausableBackend(Protocol):
     def pause(self, deployment: str, variant: str, incident_id: str) -> ActionResult: ...
 
 
+def current_version(backend: RollbackBackend, deployment: str, variant: str) -> str | None:
+    """``backend.current(...)`` if the backend can read back, else ``None``."""
+    return backend.current(deployment, variant) if isinstance(backend, ObservableBackend) else None
+
+
+def verify_plan(backend: RollbackBackend, plan: RollbackPlan) -> ActionResult:
+    """``backend.verify(plan)`` if the backend can read back, else ``skipped``."""
+    if not isinstance(backend, ObservableBackend):
+        return ActionResult("skipped", f"{type(backend).__name__} cannot read back", attempts=0)
+    return backend.verify(plan)
+
+
 def pause_rollout(backend: RollbackBackend, deployment: str, variant: str, incident_id: str) -> ActionResult | None:
     """``backend.pause(...)``, or ``None`` when the backend has no way to pause a rollout."""
-    pause = getattr(backend, "pause", None)
-    return pause(deployment, variant, incident_id) if callable(pause) else None
+    return backend.pause(deployment, variant, incident_id) if isinstance(backend, PausableBackend) else None
 
 
 class Notifier(Protocol):

@@ -1,6 +1,7 @@
 """Delivery: the small stages every call goes through, written once.
 
-outbox (done already? reuse its outcome) → record started → call (never raises) → record
+outbox (done already? reuse its outcome) → record started → call (never raises; a rollback
+that went through is then confirmed against its target, ``actions/verification.py``) → record
 finished. Rollbacks, pauses, incident notices, the blind notice and the digest all pass through
 here, in a replay and live alike; only *where* the call runs differs (``daemon/executor.py``).
 Retry by classification happens inside the call, in each backend and notifier
@@ -15,8 +16,9 @@ from typing import Any, Callable, Protocol
 
 import structlog
 
-from rollbackd.actions.base import ActionResult, RollbackBackend, pause_rollout
+from rollbackd.actions.base import ActionResult, PausableBackend, RollbackBackend, Verification
 from rollbackd.actions.intents import Call, Notify, Record, Rollback, finished_record
+from rollbackd.actions.verification import Confirmer
 
 __all__ = ["Recorder", "DecisionWriter", "Delivery"]
 
@@ -40,8 +42,9 @@ class Delivery:
     """The stages, bound to the edges they talk to. ``backend_for`` and ``notifier`` are read
     at each call (a drill swaps them after the pipeline is built)."""
 
-    def __init__(self, edges: Any) -> None:
+    def __init__(self, edges: Any, confirmer: Confirmer | None = None) -> None:
         self.edges = edges
+        self.confirmer = confirmer if confirmer is not None else Confirmer()
         # Thread references by incident: a notice decided before the incident's first notice
         # was answered gets its thread when it is sent.
         self.threads: dict[str, str] = {}
@@ -65,9 +68,11 @@ class Delivery:
         if row is None:
             return None
         data = json.loads(row.get("data") or "{}")
+        checked = data.get("verification")
         return ActionResult(
             row["status"], row.get("detail") or "", attempts=row.get("attempts") or 0,
             thread=data.get("thread"), data=data.get("result") or {},
+            verification=Verification.from_record(checked) if isinstance(checked, dict) else None,
         )
 
     def started(self, call: Call) -> None:
@@ -89,12 +94,23 @@ class Delivery:
                 return self.edges.notifier.post(call.notice)
             backend: RollbackBackend = self.edges.backend_for(call.deployment)
             if isinstance(call, Rollback):
-                return backend.apply(call.plan)
-            result = pause_rollout(backend, call.deployment, call.variant, call.incident_id)
-            return result if result is not None else ActionResult(
-                "skipped", "backend cannot pause", attempts=0, data={"paused": False})
+                result = backend.apply(call.plan)
+            elif isinstance(backend, PausableBackend):
+                return backend.pause(call.deployment, call.variant, call.incident_id)
+            else:
+                return ActionResult("skipped", "backend cannot pause", attempts=0, data={"paused": False})
         except Exception as exc:  # an edge must never stop the pipeline or a rollback
             return ActionResult("failed", f"{type(exc).__name__}: {exc}")
+        return self.confirm(backend, call, result)
+
+    def confirm(self, backend: RollbackBackend, call: Rollback, result: ActionResult) -> ActionResult:
+        """A rollback that went through (or found its target already there), checked against
+        the system it changed, for at most the deployment's ``verify_within``."""
+        if result.status not in ("succeeded", "skipped"):
+            return result
+        within = float(call.context.get("verify_within", 0.0))
+        name = str(call.context.get("backend") or type(backend).__name__)
+        return replace(result, verification=self.confirmer.confirm(backend, call.plan, within, name))
 
     def remember(self, call: Call, result: ActionResult) -> None:
         """Keep the thread a notice started, for the incident's next notices."""
@@ -109,6 +125,9 @@ class Delivery:
         if not isinstance(call, Notify) or call.decision:
             self.edges.decisions.write(rec)
         if not replayed:
+            checked = result.verification
+            if checked is not None and not checked.observes:  # said in the ledger only
+                rec = {**rec, "verification": checked.to_record()}
             self.edges.recorder.action(rec, "finished")
 
 

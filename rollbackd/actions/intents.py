@@ -142,4 +142,8 @@ def finished_record(call: Call, result: ActionResult) -> dict[str, Any]:
     rec.update(status=result.status, detail=result.detail, attempts=result.attempts)
     if result.data:  # what the backend changed or printed: kept in the ledger
         rec["result"] = json.loads(json.dumps(dict(result.data), default=str))
+    if result.verification is not None and result.verification.observes:
+        # What the target reported back. A backend that cannot read back adds nothing here (the
+        # ledger says so, see Delivery.finished), so a replay's decision log stays as it was.
+        rec["verification"] = result.verification.to_record()
     return rec

@@ -5,6 +5,10 @@ nothing from MLflow is imported at run time. The versions are tagged before the 
 so an alias already at the target means the whole plan already ran: that is the ``skipped``
 case. Tags: ``rollbackd.incident`` on both versions, ``rollbackd.rolled_back_from`` (the
 alias) on the version rolled away from.
+
+Every answer is checked, not just its status: a 2xx whose body is not the registry's (not JSON,
+no ``model_version`` naming the model and version asked for) is :class:`UnexpectedAnswer`, a
+failure; and the alias is read back after it is set, so "succeeded" means the registry says so.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import structlog
 from rollbackd.actions.base import ActionResult, RollbackPlan
 from rollbackd.actions.retry import Attempt, CountsAttempts, RetryPolicy, RetryResult, retrying
 
-__all__ = ["MlflowRegistryBackend", "INCIDENT_TAG", "ROLLED_BACK_FROM_TAG", "MlflowError"]
+__all__ = ["MlflowRegistryBackend", "INCIDENT_TAG", "ROLLED_BACK_FROM_TAG", "MlflowError", "UnexpectedAnswer"]
 
 INCIDENT_TAG = "rollbackd.incident"
 ROLLED_BACK_FROM_TAG = "rollbackd.rolled_back_from"
@@ -49,6 +53,35 @@ class MlflowError(Exception):
         self.result = result
         why = "gave up" if result.outcome == "give_up" else f"gave up after {result.attempts} attempts"
         super().__init__(f"{what}: {why}: {result.last.describe()}")
+
+
+class UnexpectedAnswer(MlflowError):
+    """A 2xx answer that is not what the registry's API returns (a proxy's page, another
+    service on the port, a stub): never taken for success. Not retried."""
+
+    def __init__(self, what: str, why: str) -> None:
+        Exception.__init__(self, f"{what}: unexpected answer: {why}")
+
+
+def _shape(body: Any) -> str:
+    """A short, payload-free description of an answer, for an error message."""
+    if isinstance(body, dict):
+        keys = sorted(map(str, body))
+        return "JSON object with keys " + (", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "") if keys else "none")
+    return f"JSON {type(body).__name__}"
+
+
+def _model_version(what: str, body: Any, model: str, version: str | None = None) -> dict[str, Any]:
+    """``body["model_version"]`` of a registry answer, checked: it names ``model`` (and
+    ``version``, if given). MLflow 2.x and 3.x answer GET alias and GET model-versions so."""
+    mv = body.get("model_version") if isinstance(body, dict) else None
+    if not isinstance(mv, dict) or mv.get("version") is None:
+        raise UnexpectedAnswer(what, f"no model_version with a version in it ({_shape(body)})")
+    if mv.get("name") != model:
+        raise UnexpectedAnswer(what, f"model_version names model {mv.get('name')!r}, not {model!r}")
+    if version is not None and str(mv["version"]) != version:
+        raise UnexpectedAnswer(what, f"model_version is version {mv['version']!r}, not {version!r}")
+    return mv
 
 
 class MlflowRegistryBackend(CountsAttempts):
@@ -120,23 +153,33 @@ class MlflowRegistryBackend(CountsAttempts):
 
         result = retrying(send, self.policy, sleep=self.sleep, on_retry=on_retry)
         self.attempts += result.attempts
+        raw = box.get("body") or b""
         try:
-            body = json.loads(box.get("body") or b"{}")
+            body = json.loads(raw) if raw else {}
         except ValueError:
-            body = {}
+            body = None
         status = result.last.status
         if status in (400, 404) and _absent(body):
             return 404, body
         if not result.ok:
             raise MlflowError(f"{method} {endpoint}", result)
+        # Every registry answer is a JSON object ({} for a tag or an alias set): anything else
+        # is not the registry, whatever its status says.
+        if not isinstance(body, dict):
+            why = "a body that is not JSON" if body is None else _shape(body)
+            raise UnexpectedAnswer(f"{method} {endpoint}", f"HTTP {status} with {why}")
         return status or 200, body
 
     def _alias_version(self, model: str, bound: Any) -> str | None:
         status, body = self._call("GET", "registered-models/alias", {"name": model, "alias": self.alias}, bound)
         if status == 404:
             return None
-        version = (body.get("model_version") or {}).get("version")
-        return str(version) if version is not None else None
+        mv = _model_version("GET registered-models/alias", body, model)
+        aliases = mv.get("aliases")
+        if isinstance(aliases, list) and self.alias not in aliases:
+            raise UnexpectedAnswer("GET registered-models/alias",
+                                   f"version {mv['version']} does not carry alias {self.alias!r}")
+        return str(mv["version"])
 
     def _set_tag(self, model: str, version: str, key: str, value: str, bound: Any) -> None:
         self._call("POST", "model-versions/set-tag",
@@ -157,11 +200,12 @@ class MlflowRegistryBackend(CountsAttempts):
                 bound.info("rollback.mlflow", outcome="skipped", attempts=self.attempts)
                 return ActionResult("skipped", f"alias {self.alias!r} of {model!r} already at version {before}",
                                     attempts=self.attempts, data=data)
-            status, _ = self._call("GET", "model-versions/get", {"name": model, "version": plan.to_version}, bound)
+            status, body = self._call("GET", "model-versions/get", {"name": model, "version": plan.to_version}, bound)
             if status == 404:
                 detail = f"model {model!r} has no version {plan.to_version!r}"
                 bound.error("rollback.mlflow", outcome="failed", detail=detail)
                 return ActionResult("failed", detail, attempts=self.attempts, data=data)
+            _model_version("GET model-versions/get", body, model, plan.to_version)
             bad = plan.from_version or before
             self._set_tag(model, plan.to_version, INCIDENT_TAG, plan.incident_id, bound)
             if bad is not None and bad != plan.to_version:
@@ -169,6 +213,14 @@ class MlflowRegistryBackend(CountsAttempts):
                 self._set_tag(model, bad, ROLLED_BACK_FROM_TAG, self.alias, bound)
             self._call("POST", "registered-models/alias",
                        {"name": model, "alias": self.alias, "version": plan.to_version}, bound)
+            # The set answers {} whatever happened: only reading the alias back shows it moved.
+            after = self._alias_version(model, bound)
+            data["after"] = after
+            if after != plan.to_version:
+                detail = (f"alias {self.alias!r} of {model!r} reads back version {after!r} after it was set "
+                          f"to {plan.to_version!r}")
+                bound.error("rollback.mlflow", outcome="failed", attempts=self.attempts, detail=detail)
+                return ActionResult("failed", detail, attempts=self.attempts, data=data)
         except MlflowError as exc:
             bound.error("rollback.mlflow", outcome="failed", attempts=self.attempts, detail=str(exc))
             return ActionResult("failed", str(exc), attempts=self.attempts, data=data)

@@ -98,7 +98,9 @@ def row_hash(prev_hash: str, row: dict[str, Any]) -> str:
 
 # What an action row keeps in `data` beside its columns; `result` is what the backend returned
 # (what it changed, a command's captured output).
-_ACTION_DATA = {"notice", "evidence", "thread", "reason", "backend", "dry_run", "approval", "result"}
+_ACTION_DATA = {
+    "notice", "evidence", "thread", "reason", "backend", "dry_run", "approval", "result", "verification",
+}
 
 
 def _json(obj: Any) -> str:

@@ -15,13 +15,14 @@ slow or rate-limited notifier never delays a rollback, and a rollback's own noti
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import structlog
 
-from rollbackd.actions.base import ActionResult, AlertSummary, Notice, PausableBackend, RollbackPlan
+from rollbackd.actions.base import ActionResult, AlertSummary, Notice, PausableBackend, RollbackPlan, Verification
 from rollbackd.actions.intents import Call, Fill, FollowUps, Notify, Pause, Record, RecordKind, Rollback, own_notice
-from rollbackd.actions.policy import SafetyPolicy
+from rollbackd.actions.policy import SafetyPolicy, SafetyState
 from rollbackd.daemon.clock import iso
 from rollbackd.daemon.versions import VersionHistory
 from rollbackd.rules.incidents import ActionsDue, Incident, IncidentChange, NoticeDue
@@ -292,7 +293,7 @@ class Responder:
         )
         p.safety.prune(ts - spec.loop_period)
         since = hist.current.started if hist.current is not None else None
-        verdict, why = policy.decide(p.safety, plan, ts, serving_since=since)
+        verdict, why = policy.decide(self._safety_with_in_flight(inc.deployment), plan, ts, serving_since=since)
         rec: dict[str, Any] = {
             "ts": ts,
             "kind": "action",
@@ -353,6 +354,19 @@ class Responder:
         p.executor.submit(call)
         return [FollowUps(call.key, inc.deployment)]
 
+    def _safety_with_in_flight(self, deployment: str) -> SafetyState:
+        """The safety state as it will be once the rollbacks of ``deployment`` still in flight
+        have answered: each counts for the cooldown from its decision, as it does in a replay,
+        where the answer comes at once. Live, a rollback stays in flight while its target is
+        being confirmed (up to ``verify_within``), and a second one must not slip through."""
+        state = self.p.safety
+        started = [c.rec["ts"] for c in self.p.executor.in_flight()
+                   if isinstance(c, Rollback) and c.deployment == deployment]
+        if not started:
+            return state
+        last = max(state.last_rollback.get(deployment, -math.inf), max(started))
+        return replace(state, last_rollback={**state.last_rollback, deployment: last})
+
     def _refused(self, inc: Incident, rec: dict[str, Any], verdict: str, why: str, ts: float) -> list[NoticeDraft | FollowUps]:
         status = "dry_run" if verdict == "dry_run" else "skipped"
         rec.update(status=status, reason=verdict, detail=why)
@@ -383,10 +397,30 @@ class Responder:
         # follows it: both are posted at the place the rollback was decided.
         moving = call.context["moving"]
         extra = moving + (f" ({result.detail})" if result.status == "failed" else "")
-        self._follow(call, [
+        checked = result.verification
+        if checked is not None and checked.verdict == "confirmed":
+            extra += f" (confirmed by {checked.backend}: {checked.detail or checked.observed})"
+        drafts: list[NoticeDraft] = [
             (inc, "updated", ts, "rollback started", f"{moving} via {call.context['backend']}"),
             (inc, "updated", ts, f"rollback {result.status}", extra),
-        ])
+        ]
+        if checked is not None and checked.verdict == "unconfirmed":
+            drafts.append(self._unconfirmed(inc, call, checked, ts))
+        self._follow(call, drafts)
+
+    def _unconfirmed(self, inc: Incident, call: Rollback, checked: Verification, ts: float) -> NoticeDraft:
+        """The backend accepted the rollback but never reported its target within the bound: a
+        human must look at the target system. Independent of the alerts' own verification."""
+        plan = call.plan
+        self.record({
+            "ts": ts, "kind": "incident", "state": "rollback_unconfirmed", "incident_id": inc.id,
+            "deployment": plan.deployment, "variant": plan.variant, "rule": call.rec.get("rule"),
+            "severity": inc.severity, "idempotency_key": plan.idempotency_key,
+            "verification": checked.to_record(),
+        }, "incident")
+        log.error("incident.rollback_unconfirmed", incident=inc.id, deployment=plan.deployment,
+                  backend=checked.backend, observed=checked.observed, expected=checked.expected)
+        return (inc, "updated", ts, f"escalated: rollback not confirmed by {checked.backend}", checked.describe())
 
     # Pause (the freeze policy) ------------------------------------------------------------
     def _pause(self, inc: Incident, rule_name: str, variant: str, current: str | None, ts: float,

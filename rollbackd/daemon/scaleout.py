@@ -166,7 +166,8 @@ class GroupState:
             ):
                 self.done[rec["idempotency_key"]] = {
                     "status": rec["status"], "detail": rec.get("detail"), "attempts": rec.get("attempts"),
-                    "data": json.dumps({"thread": rec.get("thread")}),
+                    # the verification too: an owner that takes over decides its escalation alike
+                    "data": json.dumps({"thread": rec.get("thread"), "verification": rec.get("verification")}),
                 }
             n += 1
             self._next[key] = max(self._next.get(key, 0), msg.offset() + 1)
