@@ -18,11 +18,11 @@ lets it continue on ``value`` beyond ``clear_threshold`` alone, whose probabilit
 level does not bound, so ``R`` is the worst case over ``q``. Where verdicts are correlated,
 on sliding windows (``step < size``) or with a detector that tests every window against shared
 data (a reference, a pooled baseline, the release so far: :data:`_SHARED`), ``R`` is a looser
-bound and is reported as one. The rule's
-level is the largest ``alpha`` that keeps within its share (bisection: ``R`` grows with
-``alpha``); with ``for: 0`` and no ``keep_firing_for`` it is ``s / (evaluations · streams)``
-to first order (``R(alpha) = alpha / (1 + alpha)``), as a per-window Bonferroni split would
-give, and ``for`` and ``keep_firing_for`` raise it. Summed over rules the expected false
+bound, ``min(alpha, 1 / (m + r))``, and is reported as one. The rule's level is the largest
+``alpha`` that keeps within its share (bisection: ``R`` grows with ``alpha``); with ``for: 0``
+and no ``keep_firing_for`` it is ``s / (evaluations · streams)`` to first order
+(``R(alpha) = alpha / (1 + alpha)``), as a per-window Bonferroni split would give, and ``for``
+and ``keep_firing_for`` raise it. Summed over rules the expected false
 alerts are at most ``B``. Within a drift rule the level is family-wise: its Holm or Bonferroni
 correction splits it over the features.
 
