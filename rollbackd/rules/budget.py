@@ -3,17 +3,28 @@
 A deployment states ``false_alarm_budget: {rollbacks: B, per: T}`` (and/or ``alerts: B``). The
 budget is split over the rules that spend it, by ``weight`` (equal by default): rules with the
 ``rollback`` action spend ``rollbacks``, every rule that notifies or acts spends ``alerts``.
-A rule's share ``s = B · weight / (sum of weights)`` is then spread over its evaluations,
-Bonferroni-style::
+A rule's share ``s = B · weight / (sum of weights)`` bounds the *firings* (alerts) it may
+cause per period, on each of its ``streams`` (the variants it lists, 1 when it lists none)::
 
-    alpha = s / (evaluations per period · streams),   evaluations = T / window.step
+    evaluations · streams · R(alpha) <= s,   evaluations = T / window.step
 
-``streams`` is the number of variants the rule lists (1 when it lists none). The rule breaches
-only with ``p_value < alpha``, so under no fault each evaluation breaches with probability at
-most ``alpha`` and the expected number of false alerts per period is at most ``s`` (linearity
-of expectation; ``for``, ``k_of_n`` and an alert that keeps firing over several breaching
-windows only lower it). Summed over rules it is at most ``B``. Within a drift rule the level
-is family-wise: its Holm or Bonferroni correction splits it over the features.
+``R(alpha)`` is the most firings per evaluation the alert state machine can produce when each
+evaluation breaches (``value`` beyond ``threshold`` and ``p < alpha``) with probability at most
+``alpha`` (the detector's p-value is valid under no fault): ``rules/firing.py`` models
+``rules.alerts.step`` as a renewal chain, with ``for`` (``m`` windows in a row), ``k_of_n``
+(the chain over the last ``n`` results) and ``keep_firing_for`` (``r`` windows without a hold
+resolve), exactly for tumbling windows under independence. Once an episode opened, hysteresis
+lets it continue on ``value`` beyond ``clear_threshold`` alone, whose probability ``q`` the
+level does not bound, so ``R`` is the worst case over ``q``. Where verdicts are correlated,
+on sliding windows (``step < size``) or with a detector that tests every window against shared
+data (a reference, a pooled baseline, the release so far: :data:`_SHARED`), ``R`` is a looser
+bound, ``min(alpha, 1 / (m + r))``, and is reported as one. The rule's level is the largest
+``alpha`` that keeps within its share (bisection: ``R`` grows with ``alpha``); with ``for: 0``
+and no ``keep_firing_for`` it is ``s / (evaluations · streams)`` to first order
+(``R(alpha) = alpha / (1 + alpha)``), as a per-window Bonferroni split would give, and ``for``
+and ``keep_firing_for`` raise it. Summed over rules the expected false
+alerts are at most ``B``. Within a drift rule the level is family-wise: its Holm or Bonferroni
+correction splits it over the features.
 
 Only detectors that report a valid p-value can be held to a level; the others are listed as
 not covered (with the reason when a parameter of their own sets their false alarms, as
@@ -31,18 +42,21 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
 from rollbackd.rules.durations import format_duration
+from rollbackd.rules.firing import FiringModel
 from rollbackd.rules.model import DeploymentSpec, FalseAlarmBudget, RuleSpec
 
 __all__ = [
     "WEEK",
     "Allocation",
     "BudgetNote",
+    "Estimate",
     "reports_p_value",
     "smallest_p_value",
     "unreachable_level",
     "allocate",
     "apply_budgets",
     "expected_false_alerts",
+    "estimate",
     "budget_lines",
 ]
 
@@ -69,6 +83,24 @@ _OWN_CONTROL: dict[str, str] = {
         "event rate"
     ),
 }
+
+
+# What every window's test shares with the others, by detector configuration: their verdicts
+# are correlated, so rules/firing.py bounds their firings by the level alone. The rest test each
+# window on its own data (and another arm's in the same window).
+_SHARED: dict[str, Callable[[Mapping[str, Any]], str | None]] = {
+    "error_rate": lambda p: "a pooled baseline" if p.get("mode") == "baseline" else None,
+    "drift": lambda p: "a shared reference",
+    "calibration": lambda p: "a shared reference" if p.get("metric") == "ece_drift" else None,
+    "canary": lambda p: "a test over the whole release",
+    "alibi_mmd": lambda p: "a shared reference",
+    "alibi_lsdd": lambda p: "a shared reference",
+}
+
+
+def _model(rule: RuleSpec) -> FiringModel:
+    shared = _SHARED.get(rule.detector)
+    return FiringModel.of(rule, shared(rule.params) if shared else None)
 
 
 def reports_p_value(rule: RuleSpec) -> bool:
@@ -149,7 +181,7 @@ class Allocation:
     per: float  # the period, seconds
     evaluations: float  # per period and stream: per / window.step
     streams: int
-    alpha: float  # per evaluation
+    alpha: float  # per evaluation: the largest level whose firings stay within the share
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +231,8 @@ def allocate(
             for r in gated:
                 share = amount * r.weight / total
                 evaluations = budget.per / r.window.step
-                alpha = share / (evaluations * _streams(r))
+                per_evaluation = share / (evaluations * _streams(r))
+                alpha = _model(r).level(per_evaluation)
                 out.append(Allocation(
                     r.name, dep.name, kind, share, budget.per, evaluations, _streams(r), alpha
                 ))
@@ -244,7 +277,7 @@ def apply_budgets(
                     f"alpha {r.alpha:g} exceeds the {tightest.kind} budget of "
                     f"{tightest.deployment}: its share ({tightest.share:g} per "
                     f"{_period(tightest.per)}) allows alpha <= {tightest.alpha:.3g}; "
-                    f"expect about {r.alpha / tightest.alpha * tightest.share:.3g} false "
+                    f"expect up to {_firings(r, r.alpha, tightest.per):.3g} false "
                     f"{tightest.kind} per {_period(tightest.per)} from this rule",
                 ))
             alpha = r.alpha
@@ -299,16 +332,68 @@ def _level(rule: RuleSpec) -> tuple[float, str] | None:
     return None
 
 
+def _firings(rule: RuleSpec, alpha: float, period: float) -> float:
+    """The most false alerts per ``period`` on each deployment at level ``alpha``."""
+    own = drift_level(rule)
+    level = alpha if own is None else min(alpha, own)
+    rate = _model(rule).worst_rate(level)
+    return rate * period / rule.window.step * _streams(rule)
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """A rule's expected false alerts per period under no fault, over all its streams.
+
+    ``alerts`` is the upper bound (the worst case over how often the value stays past
+    ``clear_threshold``); ``if_half`` the same when that is at most half the evaluations
+    (``None`` when the rule's timing makes no difference); ``loose`` why the bound is not
+    the exact worst case (``None``: exact for tumbling windows of independent data).
+    """
+
+    alerts: float
+    level: float
+    source: str
+    model: FiringModel
+    loose: str | None
+    if_half: float | None
+
+
+def estimate(
+    rule: RuleSpec, deployments: Mapping[str, DeploymentSpec], period: float = WEEK
+) -> Estimate | None:
+    """The rule's expected false alerts per ``period`` (all its deployments and listed
+    variants), or ``None`` when nothing bounds it (no ``alpha``, or no p-value)."""
+    level = _level(rule)
+    if level is None:
+        return None
+    model = _model(rule)
+    evaluations = period / rule.window.step * _streams(rule) * _deployment_count(rule, deployments)
+    alerts = model.worst_rate(level[0]) * evaluations
+    if_half = None
+    if model.m > 1 or model.r > 1:
+        if_half = model.worst_rate(level[0], 0.5) * evaluations
+    return Estimate(alerts, level[0], level[1], model, model.loose, if_half)
+
+
 def expected_false_alerts(
     rule: RuleSpec, deployments: Mapping[str, DeploymentSpec], period: float = WEEK
 ) -> float | None:
     """Upper bound on the rule's expected false alerts per ``period`` (all its deployments and
     listed variants), or ``None`` when nothing bounds it (no ``alpha``, or no p-value)."""
-    level = _level(rule)
-    if level is None:
-        return None
-    evaluations = period / rule.window.step
-    return level[0] * evaluations * _streams(rule) * _deployment_count(rule, deployments)
+    e = estimate(rule, deployments, period)
+    return None if e is None else e.alerts
+
+
+def _timing(model: FiringModel) -> str:
+    """What the rule's timing asks of a false alert, in windows."""
+    parts = []
+    if model.n > 1:
+        parts.append(f"opens on {model.k} of {model.n}")
+    if model.m > 1:
+        parts.append(f"{model.m} windows in a row")
+    if model.r > 1:
+        parts.append(f"resolves after {model.r} clear windows")
+    return "; " + ", ".join(parts) if parts else ""
 
 
 def budget_lines(
@@ -319,15 +404,22 @@ def budget_lines(
     total = 0.0
     unbounded = 0
     for r in rules:
-        e = expected_false_alerts(r, deployments)
+        e = estimate(r, deployments)
         if e is None:
             unbounded += 1
             why = "no p-value" if not reports_p_value(r) else "no alpha"
             lines.append(f"  {r.name}: not bounded ({why})")
             continue
-        total += e
-        level, source = _level(r)  # type: ignore[misc]  # bounded: it has one
-        lines.append(f"  {r.name}: {_fmt(e)} (alpha {level:.3g}{source})")
+        total += e.alerts
+        said = f"alpha {e.level:.3g}{e.source}{_timing(e.model)}"
+        if e.loose is not None:
+            said += f"; {e.loose}: a looser bound"
+        if e.if_half is not None and e.if_half < 0.9 * e.alerts:
+            said += (
+                f"; {_fmt(e.if_half)} if its value is past clear_threshold in at most half "
+                "the windows"
+            )
+        lines.append(f"  {r.name}: {_fmt(e.alerts)} ({said})")
     lines.append(
         f"  total: {_fmt(total)}"
         + (
