@@ -1077,7 +1077,7 @@ def silence_list(db: str, show_all: bool) -> None:
 
     now = WallClock().now()
     _existing_ledger(db)
-    ledger = _open_ledger(db)
+    ledger = _open_ledger(db, write=False)  # reading needs no key
     rows = [s for s in ledger.silences() if show_all or s.ends_at > now]
     ledger.close()
     if not rows:

@@ -560,3 +560,50 @@ def test_a_rollback_found_in_the_outbox_keeps_its_result(tmp_path):
     assert counter.read_text() == "x"  # the second run found it done
     assert got[0][0]["result"]["stdout"] == "helm rollback demo-scorer to 1\n"
     assert got[1] == got[0]
+
+
+@pytest.mark.kafka
+def test_a_live_daemon_killed_twice_leaves_a_ledger_that_verifies(kafka_bootstrap, topic, tmp_path, monkeypatch):
+    """`rollbackd run` on a real broker, SIGKILLed twice and stopped: every start is its own
+    run row, the killed ones stay without an end, and the keyed ledger verifies against the
+    anchors the daemon published at its checkpoints, rewinds and all."""
+    import signal
+
+    from test_daemon_kafka import Daemon, wait_committed, write_lines
+
+    from rollbackd.daemon.kafka import publish
+    from rollbackd.scenarios import BUILTIN, generate
+
+    monkeypatch.setenv("ROLLBACKD_LEDGER_KEY", KEY)
+    lines = list(generate(BUILTIN["sustained_errors"]))
+    name = topic(partitions=1)
+    n = len(lines)
+    daemon = Daemon(tmp_path, RULES, kafka_bootstrap, name, f"g-{name}")
+    published = 0
+    for i, part in enumerate([lines[: n // 3], lines[n // 3: 2 * n // 3], lines[2 * n // 3:]]):
+        publish(kafka_bootstrap, name, str(write_lines(tmp_path / f"part{i}.jsonl", part)))
+        published += len(part)
+        proc = daemon.start()
+        wait_committed(kafka_bootstrap, f"g-{name}", name, published, proc)
+        if i < 2:
+            proc.kill()
+            proc.wait(timeout=30)
+        else:
+            daemon.signal(signal.SIGTERM)
+            assert proc.returncode == 0, proc.stderr.read()[-3000:]
+    db = tmp_path / "rollbackd.db"
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("select start from runs order by seq").fetchall() == [(1,), (2,), (3,)]
+        assert conn.execute("select start from run_ends").fetchall() == [(3,)]
+    code, out, err = verify(db)
+    assert code == 0, err
+    assert out.count("has no end: it was killed or crashed") == 2
+    assert len(read_anchors(f"{db}.anchors")) >= 3
+    _sql(db, ("delete from actions where seq = (select max(seq) from actions)", []))
+    code, _, err = verify(db)
+    assert code == 1 and f"BROKEN actions/live-g-{name}" in err
+
+
+def test_a_keyed_ledger_is_read_without_its_key(replayed):
+    out = cli("silence", "list", "--db", "l.db", "--all", cwd=replayed, key=None)
+    assert out.returncode == 0 and b"other" in out.stdout, out.stderr
