@@ -268,6 +268,12 @@ def verify_ledger(path: str | Path, key: bytes | None = None,
                 if table not in tables:
                     report.breaks.append(ChainBreak(table, None, None,
                                                     "table is missing: it was dropped (every row of it is gone)"))
+        elif key is not None or any(isinstance(a, dict) for _, a in anchors):
+            # Only a ledger no rollbackd with keys and anchors ever opened lacks its meta row;
+            # one that had a key or published anchors lost it (and maybe was re-linked as format 1).
+            report.breaks.append(ChainBreak("meta", None, None, "the ledger has no meta row, yet it "
+                                            + ("was given a key" if key is not None else "has anchors")
+                                            + ": its meta table was dropped and its chains rewritten"))
         wanted: dict[str, set[int]] = {}
         for _, anchor in anchors:
             if isinstance(anchor, dict):
