@@ -68,19 +68,60 @@ def _existing_ledger(db: str) -> None:
         raise Refused(f"{db}: not a rollbackd ledger (no runs table)")
 
 
-def _open_ledger(db: str, run_id: str = "run") -> Any:
-    """The ledger at ``db``, created when missing; a file that is not SQLite (or cannot be
-    opened) is a one-line error."""
+def _open_ledger(db: str, run_id: str = "run", key_file: str | None = None, write: bool = True) -> Any:
+    """The ledger at ``db``, created when missing, under the ledger key of ``key_file`` or the
+    environment; a file that is not SQLite (or cannot be opened) is a one-line error, and so
+    is a key that does not fit a ledger the command writes to."""
     import sqlite3
 
-    from rollbackd.daemon.ledger import Ledger
+    from rollbackd.daemon.ledger import Ledger, LedgerKeyError
 
     if Path(db).is_dir():
         raise Refused(f"{db}: is a directory, not a ledger")
+    key = _ledger_key(key_file)
     try:
-        return Ledger(db, run_id=run_id)
+        ledger = Ledger(db, run_id=run_id, key=key)
     except (sqlite3.Error, OSError) as exc:
         raise Refused(f"{db}: cannot open the ledger ({exc})") from None
+    except LedgerKeyError as exc:
+        raise Refused(str(exc)) from None
+    if write and ledger.key_problem is not None:
+        ledger.close()
+        raise Refused(f"{db}: {ledger.key_problem}")
+    return ledger
+
+
+def _ledger_key(key_file: str | None) -> bytes | None:
+    """The ledger key: ``--ledger-key-file``, else ``ROLLBACKD_LEDGER_KEY_FILE``, else
+    ``ROLLBACKD_LEDGER_KEY``; None when none is set."""
+    from rollbackd.daemon.audit import ledger_key
+
+    try:
+        return ledger_key(key_file or os.environ.get("ROLLBACKD_LEDGER_KEY_FILE") or None,
+                          os.environ.get("ROLLBACKD_LEDGER_KEY") or None)
+    except ValueError as exc:
+        raise Refused(str(exc)) from None
+
+
+def _key_file_option(fn: Any) -> Any:
+    return click.option(
+        "--ledger-key-file", type=click.Path(dir_okay=False), default=None,
+        help="File holding the ledger key (default: env ROLLBACKD_LEDGER_KEY_FILE, or the key itself in "
+             "ROLLBACKD_LEDGER_KEY): rows are chained with HMAC-SHA256 under it. A ledger takes a key "
+             "(or none) when it is made.")(fn)
+
+
+def _anchors_option(fn: Any) -> Any:
+    return click.option(
+        "--anchors", type=click.Path(dir_okay=False), default=None, callback=_parent_exists,
+        help="Append the ledger's signed chain heads (anchors) to this file (default: the ledger's "
+             "path + .anchors); keep a copy out of reach of the ledger's writers.")(fn)
+
+
+def _anchoring(ledger: Any, db: str, anchors: str | None, rewound: bool = False) -> Any:
+    from rollbackd.daemon.audit import AnchorFile, Anchoring
+
+    return Anchoring(ledger, [AnchorFile(anchors or f"{db}.anchors")], rewound=rewound)
 
 
 class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
@@ -288,7 +329,10 @@ def _run_replay(
     batch_size: int,
     progress: bool = True,
     dry_run: bool = False,
+    key_file: str | None = None,
+    anchors: str | None = None,
 ) -> Any:
+    from rollbackd.daemon.clock import WallClock
     from rollbackd.daemon.decisions import DecisionLog, NullDecisions
     from rollbackd.daemon.ledger import Ledger
     from rollbackd.daemon.replay import build_pipeline, open_recording, replay
@@ -304,7 +348,7 @@ def _run_replay(
         decisions: Any = DecisionLog(decisions_out) if decisions_out else NullDecisions()
     except OSError as exc:
         raise Refused(f"{exc.filename or recording}: {exc.strerror or exc}") from None
-    ledger: Ledger = _open_ledger(db, run_id)
+    ledger: Ledger = _open_ledger(db, run_id, key_file)
     ledger.start_run(mode, recording, config.source, datetime.now(timezone.utc).isoformat())
     pipeline = build_pipeline(  # the ledger's silences and approvals are pushed in from it
         config,
@@ -325,7 +369,8 @@ def _run_replay(
         + [(f"rejected.{k}", v) for k, v in result.summary["rejected"].items()]
         + [(f"join.{k}", v) for k, v in result.summary["join"].items()]
     )
-    ledger.finish_run(result.summary)
+    ledger.finish_run(result.summary, datetime.now(timezone.utc).isoformat())
+    _anchoring(ledger, db, anchors).publish(WallClock().now())
     ledger.close()
     result.extra["run_id"] = run_id
     return result
@@ -348,8 +393,11 @@ def _run_replay(
               help="Every rollback is a dry run, whatever the rules file says (even dry_run: false): "
                    "record what would be done, call no backend.")
 @click.option("--summary-json", is_flag=True, help="Print the run summary as JSON on stdout.")
+@_key_file_option
+@_anchors_option
 def replay(recording: str, rules: str, decisions_out: str | None, db: str, dead_letter: str | None,
-           notifier: str | None, batch_size: int, dry_run: bool, summary_json: bool) -> None:
+           notifier: str | None, batch_size: int, dry_run: bool, summary_json: bool,
+           ledger_key_file: str | None, anchors: str | None) -> None:
     """Replay a recorded stream (JSONL, .jsonl.gz or - for stdin) through the rules."""
     config = _load_config(rules)
     if dead_letter is None:
@@ -357,7 +405,8 @@ def replay(recording: str, rules: str, decisions_out: str | None, db: str, dead_
         dead_letter = f"{base}.rejected.jsonl"
     result = _run_replay(recording, config, decisions_out=decisions_out, db=db,
                          dead_letter=dead_letter, notifier_name=notifier, drill=False,
-                         mode="replay", batch_size=batch_size, dry_run=dry_run)
+                         mode="replay", batch_size=batch_size, dry_run=dry_run,
+                         key_file=ledger_key_file, anchors=anchors)
     if summary_json:
         click.echo(json.dumps(result.summary, sort_keys=True))
     else:
@@ -415,7 +464,9 @@ def _print_incident(inc: Any, pipeline: Any) -> None:
               help="Keep the generated recording, decision log and ledger here.")
 @click.option("--db", default="rollbackd.db", show_default=True, callback=_parent_exists,
               help="SQLite ledger file (created if missing; the run is appended).")
-def demo(out_dir: str | None, db: str) -> None:
+@_key_file_option
+@_anchors_option
+def demo(out_dir: str | None, db: str, ledger_key_file: str | None, anchors: str | None) -> None:
     """Generate a built-in scenario (healthy traffic, then a bad version) and replay it:
     console notices, a rollback to the last known-good version, and the incident timeline."""
     from rollbackd.rules.loader import load_config
@@ -436,7 +487,7 @@ def demo(out_dir: str | None, db: str) -> None:
     decisions = work / "decisions.jsonl"
     result = _run_replay(str(recording), config, decisions_out=str(decisions), db=db,
                          dead_letter=str(work / "rejected.jsonl"), notifier_name="console",
-                         drill=False, mode="demo", batch_size=8192)
+                         drill=False, mode="demo", batch_size=8192, key_file=ledger_key_file, anchors=anchors)
     click.echo("\n=== incident timeline ===")
     for line in decisions.read_text().splitlines():
         rec = json.loads(line)
@@ -768,14 +819,18 @@ def _bootstrap(value: str | None) -> str:
                    "partitions can move between the instances of the group.")
 @click.option("--decisions-topic", envvar="ROLLBACKD_DECISIONS_TOPIC", default=None,
               help="With --state-topic: publish every decision here (default: <state topic>.decisions).")
+@_key_file_option
+@_anchors_option
 def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: str | None, topics: tuple[str, ...],
         kafka_config: tuple[str, ...], dead_letter_topic: str | None, dead_letter: str, db: str,
         decisions_out: str, checkpoint: str, checkpoint_every: float, idle_after: float,
         lag_limit: int | None, blind_after: float, stop_timeout: float, batch_size: int, dry_run: bool,
-        http_listen: str | None, state_topic: str | None, decisions_topic: str | None) -> None:
+        http_listen: str | None, state_topic: str | None, decisions_topic: str | None,
+        ledger_key_file: str | None, anchors: str | None) -> None:
     """Run the daemon on Kafka: consume, decide, act; checkpoint and survive restarts."""
     import signal
 
+    from rollbackd.daemon.clock import WallClock
     from rollbackd.daemon.decisions import DecisionLog
     from rollbackd.daemon.kafka import KafkaDeadLetter, KafkaSource
     from rollbackd.daemon.ledger import Ledger
@@ -797,8 +852,10 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
         decisions = DecisionLog(decisions_out, append=True)
     except OSError as exc:
         raise Refused(f"{decisions_out}: {exc.strerror or exc}") from None
-    ledger: Ledger = _open_ledger(db, run_id=f"live-{group_id}")
+    ledger: Ledger = _open_ledger(db, run_id=f"live-{group_id}", key_file=ledger_key_file)
     ledger.start_run("live", ",".join(topic_list), config.source, datetime.now(timezone.utc).isoformat())
+    # Without a state topic a restart rewinds the ledger to the checkpoint: anchors follow them.
+    anchoring = _anchoring(ledger, db, anchors, rewound=not state_topic)
     dead = KafkaDeadLetter(servers, dead_letter_topic, config=kconf) if dead_letter_topic else None
     group = None
     sink: Any = decisions
@@ -824,7 +881,7 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
         settings=RunSettings(checkpoint_path=checkpoint, checkpoint_every=checkpoint_every,
                              batch_size=batch_size, idle_after=idle_after, lag_limit=lag_limit,
                              blind_after=blind_after, stop_timeout=stop_timeout),
-        state=group,
+        state=group, anchoring=anchoring,
     )
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -845,7 +902,7 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
                     spec = config.deployment(deployment).approval
                     return spec.approvers if spec is not None else ()
 
-                slack = SlackInteractions(secret.encode(), db, approvers)
+                slack = SlackInteractions(secret.encode(), db, approvers, ledger_key=ledger.key)
             ops = serve_daemon(daemon, host, port, notifier=config.settings.notifier.type, slack=slack)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--http") from None
@@ -875,7 +932,10 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
             dead.close()
         if group is not None:
             group.close()
-        ledger.finish_run(daemon.pipeline.summary())
+        summary = daemon.pipeline.summary()
+        ledger.finish_run({**summary, "failure": failure} if failure else summary,
+                          datetime.now(timezone.utc).isoformat())
+        anchoring.publish(WallClock().now())
         ledger.close()
     if failure is not None:
         _say("daemon.failed", f"rollbackd: stopped: {failure}", error=True, detail=failure)
@@ -1017,7 +1077,7 @@ def silence_list(db: str, show_all: bool) -> None:
 
     now = WallClock().now()
     _existing_ledger(db)
-    ledger = _open_ledger(db)
+    ledger = _open_ledger(db, write=False)  # reading needs no key
     rows = [s for s in ledger.silences() if show_all or s.ends_at > now]
     ledger.close()
     if not rows:
@@ -1111,23 +1171,63 @@ def audit() -> None:
 
 @audit.command("verify")
 @click.option("--db", default="rollbackd.db", show_default=True, help="SQLite ledger file (must exist).")
-def audit_verify(db: str) -> None:
-    """Recompute the ledger's hash chains; exit 1 naming the first row that was edited, inserted
-    or deleted out of turn. Prints each chain's head: a copy kept elsewhere also reveals a
-    truncated tail, which no chain can show by itself."""
-    from rollbackd.daemon.ledger import verify_chain
+@click.option("--anchors", type=click.Path(dir_okay=False), default=None,
+              help="Anchor file (JSON lines) to check the ledger against (default: the ledger's path + "
+                   ".anchors when it exists). Anchors from the decisions topic, one per line, work too.")
+@_key_file_option
+def audit_verify(db: str, anchors: str | None, ledger_key_file: str | None) -> None:
+    """Check the ledger's chains link by link, and its rows against every anchor; exit 1 naming
+    each break (the first of each chain), 2 when it cannot be checked (a keyed ledger without
+    its key). Without anchors a cut-off tail cannot show; without a key, neither can a chain
+    rewritten and re-linked by someone who can write the file."""
+    from rollbackd.daemon.audit import AuditRefused, read_anchors, verify_ledger
 
     _existing_ledger(db)
-    report = verify_chain(db)
-    for chain, head in report.heads.items():
-        click.echo(f"head {chain} {head}")
-    if report.unchained:
-        click.echo(f"{report.unchained} row(s) predate the hash chain and are not verifiable")
+    key = _ledger_key(ledger_key_file)
+    path = anchors or f"{db}.anchors"
+    if anchors is not None and not Path(anchors).is_file():
+        raise Refused(f"{anchors}: no such anchor file")
+    try:
+        lines = read_anchors(path) if Path(path).is_file() else []
+    except OSError as exc:
+        raise Refused(f"{path}: {exc.strerror or exc}") from None
+    try:
+        report = verify_ledger(db, key, lines)
+    except AuditRefused as exc:
+        raise Refused(f"{db}: {exc}") from None
+    _print_audit(report, path if lines else None)
     if report.breaks:
         for b in report.breaks:
             click.echo(f"BROKEN {b}", err=True)
         sys.exit(1)
-    click.echo(f"ok: {report.rows} rows, {len(report.heads)} chains intact")
+    click.echo(f"ok: {report.rows} rows, {len(report.heads)} chains intact"
+               + (f", {report.anchors} anchor(s) hold" if report.anchors else ""))
+
+
+def _print_audit(report: Any, anchors: str | None) -> None:
+    if report.ledger_id is None:
+        click.echo("ledger from before keys and chain_seq (format 1): chained with plain SHA-256")
+    elif report.key_id:
+        click.echo(f"ledger {report.ledger_id}: keyed (HMAC-SHA256, key id {report.key_id})")
+    else:
+        click.echo(f"ledger {report.ledger_id}: not keyed (plain SHA-256)")
+    for chain, (seq, head) in report.heads.items():
+        click.echo(f"head {chain} {seq} {head}")
+    if report.unchained:
+        click.echo(f"{report.unchained} row(s) predate the hash chain and are not verifiable")
+    if report.legacy:
+        click.echo(f"{report.legacy} row(s) from an older rollbackd are checked by its unkeyed chain only")
+    for run_id, start, wall in report.unfinished:
+        click.echo(f"run {run_id} start {start} (started {wall}) has no end: it was killed or crashed, "
+                   "or is still running")
+    if anchors:
+        click.echo(f"anchors: {report.anchors} checked from {anchors} (newest {report.last_anchor})")
+    else:
+        click.echo("no anchors: rows cut off the end of a chain, a whole chain deleted or a table emptied "
+                   "cannot be detected (give --anchors)")
+    if report.ledger_id is None or not report.key_id:
+        click.echo("not keyed: anyone who can write the ledger can rewrite a chain and recompute every later "
+                   "hash; only anchors kept out of their reach show it (set ROLLBACKD_LEDGER_KEY for new ledgers)")
 
 
 @main.group()

@@ -17,8 +17,9 @@ from loopback import LoopbackServer, Recorded, Reply, SlackAPI
 from test_slack import NOTICE, TOKEN
 
 from rollbackd.actions.slack import SlackNotifier
+from rollbackd.daemon.audit import verify_ledger as verify_chain
 from rollbackd.daemon.http import OpsServer, SlackInteractions
-from rollbackd.daemon.ledger import Ledger, verify_chain
+from rollbackd.daemon.ledger import Ledger
 from prometheus_client import CollectorRegistry
 
 

@@ -499,11 +499,13 @@ class SlackInteractions:
         ledger_path: str,
         approvers: Callable[[str], tuple[str, ...]],
         clock: Clock | None = None,
+        ledger_key: bytes | None = None,
     ) -> None:
         if not signing_secret:
             raise ValueError("signing_secret must not be empty")
         self.secret = signing_secret
         self.ledger_path = ledger_path
+        self.ledger_key = ledger_key  # the daemon's: the ledger chains these rows under it
         self.approvers = approvers
         self.clock = clock or WallClock()
 
@@ -546,7 +548,7 @@ class SlackInteractions:
 
         now = self.clock.now()
         wall = datetime.fromtimestamp(now, timezone.utc).isoformat()
-        ledger = Ledger(self.ledger_path, run_id="slack")
+        ledger = Ledger(self.ledger_path, run_id="slack", key=self.ledger_key)
         try:
             if decision == "acknowledge":
                 ledger.acknowledge(incident_id, who, now, wall)

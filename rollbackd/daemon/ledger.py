@@ -1,33 +1,47 @@
 """The audit ledger: every alert transition, incident change and action, with its evidence.
 
 SQLite through sqlite-utils, WAL journal. Rows are only ever inserted (an action has a
-``started`` row and a ``finished`` row rather than an update), so the table reads as a log.
-Each row carries the ``run_id`` of the process that wrote it: one ledger can hold a live
-daemon's history and drills or replays without mixing them.
+``started`` row and a ``finished`` row, a run start a ``runs`` row and its clean end a
+``run_ends`` row, rather than an update), so the table reads as a log. Each row carries the
+``run_id`` of the process that wrote it: one ledger can hold a live daemon's history and drills
+or replays without mixing them.
 
-Every row is also a link of a hash chain (``prev_hash``, ``hash = sha256(prev_hash +
-canonical JSON of the row)``): one chain per table and run for the tables a run writes, one per
-table for ``runs``, ``silences``, ``silence_expiries``, ``approvals`` and ``acknowledgements``. ``verify_chain`` finds
-the first row that was edited, inserted or deleted out of turn (``rollbackd audit verify``).
+Every row is also a link of a chain: ``chain_seq`` numbers the rows of its chain 1, 2, 3 … with
+no gap, ``prev_hash`` is the link before it and ``hash`` is :func:`link`: HMAC-SHA256 under the
+ledger key (``ROLLBACKD_LEDGER_KEY``) of the ledger's id, the chain's name, ``chain_seq``,
+``prev_hash`` and the row, or plain SHA-256 of the same for a ledger made without a key. There is
+one chain per table and run for the tables a run writes, one per table for the tables several
+processes write (``runs``, ``silences``, ``approvals`` …). The ``meta`` chain's first row says
+whether the ledger is keyed, the key's id (never the key) and the ledger's random id, which
+binds every row to this file. Checking the chains and anchors is ``rollbackd.daemon.audit``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import sqlite_utils
 
 from rollbackd.rules.silences import Silence
 
-__all__ = ["Ledger", "ChainBreak", "verify_chain", "digest_rows"]
+__all__ = ["Ledger", "LedgerKeyError", "LedgerMeta", "link", "key_id", "digest_rows"]
 
 _SCHEMA: dict[str, dict[str, type]] = {
-    "runs": {"run_id": str, "mode": str, "source": str, "config": str, "started_wall": str, "summary": str},
+    # One row per start of a run: a restarted daemon continues its run id under a new `start`.
+    # `summary` is only filled in by ledgers from before `run_ends`.
+    "runs": {"run_id": str, "start": int, "mode": str, "source": str, "config": str, "started_wall": str,
+             "summary": str},
+    # A start that ended cleanly (not SIGKILLed, not crashed): its closing statistics.
+    "run_ends": {"run_id": str, "start": int, "finished_wall": str, "summary": str},
+    # A restart dropped a run's rows written after its last checkpoint (they are re-derived).
+    "rewinds": {"run_id": str, "start": int, "table_name": str, "kept_chain_seq": int, "dropped": int},
     "alert_transitions": {
         "run_id": str, "ts": float, "alert_id": str, "rule": str, "deployment": str,
         "variant": str, "previous": str, "state": str, "severity": str, "incident_id": str,
@@ -55,15 +69,22 @@ _SCHEMA: dict[str, dict[str, type]] = {
         "incident_id": str, "decision": str, "by": str, "at": float, "reason": str,
         "source": str, "created_wall": str,
     },
+    # What the ledger is: `name` = 'ledger', `value` = JSON (see LedgerMeta). Chained like the rest.
+    "meta": {"name": str, "value": str},
 }
 
 # Tables whose rows are chained per run (the pipeline's own writing); the rest are chained
 # per table, written by several processes (CLI, HTTP) under a write lock.
-_RUN_CHAINED = ("alert_transitions", "incidents", "actions", "counters")
-_CHAIN_COLS = ("prev_hash", "hash")
-# Columns outside the chain: `runs.summary` is the run's closing statistics, set once by an
-# update when the run ends; it is derived from the chained rows, not evidence itself.
-_UNHASHED = {"seq", "prev_hash", "hash", "summary"}
+RUN_CHAINED = ("alert_transitions", "incidents", "actions", "counters")
+# The tables a restart rewinds to its checkpoint (see Ledger.rewind): an anchor covers their
+# rows only up to a checkpoint.
+REWOUND = ("alert_transitions", "incidents")
+_CHAIN_COLS = {"chain_seq": int, "prev_hash": str, "hash": str}
+# Columns outside the row's content: `chain_seq` is bound by the link itself.
+UNHASHED = {"seq", "chain_seq", "prev_hash", "hash"}
+# Format 1 also left out `runs.summary`: its closing statistics, set by an update.
+_UNHASHED_V1 = {"seq", "prev_hash", "hash", "summary"}
+FORMAT = 2
 
 
 def _stored(value: Any, kind: type | None) -> Any:
@@ -88,12 +109,80 @@ def _stored(value: Any, kind: type | None) -> Any:
     return value
 
 
+def _content(row: dict[str, Any], unhashed: set[str] = UNHASHED) -> dict[str, Any]:
+    # None-valued columns are left out, so a column added to a table later does not change the
+    # links of the rows written before it.
+    return {k: v for k, v in row.items() if k not in unhashed and v is not None}
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def link(key: bytes | None, ledger_id: str, chain: str, chain_seq: int, prev: str, row: dict[str, Any]) -> str:
+    """The chain link of one row: HMAC-SHA256 under ``key`` (SHA-256 without one) of the
+    ledger's id, the chain, the row's place in it, the link before it and its content. The
+    ledger id and chain bind a row to its place: the same row copied into another ledger or
+    chain, or moved within its own, does not link."""
+    body = _canonical({"ledger": ledger_id, "chain": chain, "n": chain_seq, "prev": prev, "row": _content(row)})
+    if key is None:
+        return hashlib.sha256(body).hexdigest()
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
 def row_hash(prev_hash: str, row: dict[str, Any]) -> str:
-    """The chain link of one row: None-valued columns are left out, so a column added to a
-    table later does not change the hashes of the rows written before it."""
-    content = {k: v for k, v in row.items() if k not in _UNHASHED and v is not None}
-    body = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """The link of a row written by a ledger of format 1 (before ``chain_seq`` and keys)."""
+    body = json.dumps(_content(row, _UNHASHED_V1), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256((prev_hash + body).encode()).hexdigest()
+
+
+def key_id(key: bytes) -> str:
+    """What the ledger and its anchors say about their key: enough to tell two keys apart,
+    nothing that helps to find it."""
+    return hmac.new(key, b"rollbackd ledger key id", hashlib.sha256).hexdigest()[:16]
+
+
+def chain_name(table: str, run_id: str | None) -> str:
+    return f"{table}/{run_id or ''}" if table in RUN_CHAINED else table
+
+
+class LedgerKeyError(ValueError):
+    """The key given does not fit the ledger (missing, another key, or a key for an unkeyed
+    ledger): nothing is written."""
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerMeta:
+    """The ``meta`` chain's ``ledger`` row."""
+
+    ledger_id: str
+    key_id: str | None  # None: chained with plain SHA-256
+    tables: tuple[str, ...]  # every table this ledger must have
+    legacy: dict[str, int]  # table -> last seq written before the ledger had this format
+
+    def to_json(self) -> str:
+        return json.dumps({"id": self.ledger_id, "format": FORMAT, "keyed": self.key_id is not None,
+                           "key_id": self.key_id, "tables": list(self.tables), "legacy": self.legacy},
+                          sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> LedgerMeta:
+        d = json.loads(text)
+        return cls(str(d["id"]), d.get("key_id"), tuple(d.get("tables") or ()),
+                   {str(k): int(v) for k, v in (d.get("legacy") or {}).items()})
+
+
+def _key_problem(meta: LedgerMeta, key: bytes | None) -> str | None:
+    if meta.key_id is not None and key is None:
+        return (f"the ledger is keyed (key id {meta.key_id}): set ROLLBACKD_LEDGER_KEY or "
+                "ROLLBACKD_LEDGER_KEY_FILE to write to it")
+    if meta.key_id is not None and key is not None and key_id(key) != meta.key_id:
+        return (f"the key given (id {key_id(key)}) is not the ledger's (id {meta.key_id}); "
+                "keys cannot be rotated in a ledger")
+    if meta.key_id is None and key is not None:
+        return ("the ledger was made without a key and cannot take one now: start a new ledger "
+                "file to chain it under a key")
+    return None
 
 
 # What an action row keeps in `data` beside its columns; `result` is what the backend returned
@@ -108,70 +197,119 @@ def _json(obj: Any) -> str:
 
 
 class Ledger:
-    def __init__(self, path: str | Path = "rollbackd.db", run_id: str = "run") -> None:
+    """Appends chained rows to the ledger at ``path`` under ``run_id``. ``key``: the ledger key
+    (bytes), or None for a ledger chained with plain SHA-256. A new file takes the key (or its
+    absence) it is made with; a key that does not fit an existing ledger leaves it readable but
+    makes every write raise :class:`LedgerKeyError` (``key_problem`` says why beforehand)."""
+
+    def __init__(self, path: str | Path = "rollbackd.db", run_id: str = "run", key: bytes | None = None) -> None:
         self.path = str(path)
         self.run_id = run_id
+        self.key = key
+        self.start: int | None = None  # this process's start of its run (see start_run)
         self.db = sqlite_utils.Database(self.path)
         if self.path != ":memory:":
             self.db.enable_wal()
         for name, columns in _SCHEMA.items():
             table = self.db.table(name)
             if not table.exists():
-                table.create({"seq": int, **columns, "prev_hash": str, "hash": str}, pk="seq")
-            else:
-                for col in _CHAIN_COLS:  # a ledger from before the chain: new rows are chained
-                    if col not in table.columns_dict:
-                        table.add_column(col, str)
-        self._heads: dict[tuple[str, str], str] = {}
+                table.create({"seq": int, **columns, **_CHAIN_COLS}, pk="seq")
+            else:  # a ledger from an older rollbackd: new rows fill the new columns
+                have = table.columns_dict
+                for col, kind in {**columns, **_CHAIN_COLS}.items():
+                    if col not in have:
+                        table.add_column(col, kind)
+        self._heads: dict[str, tuple[str, int]] = {}  # chain -> (hash, chain_seq) of its last row
         for name, cols in (
             ("alert_transitions", ["run_id", "deployment", "ts"]),
             ("incidents", ["run_id", "incident_id"]),
             ("actions", ["run_id", "incident_id"]),
         ):
             self.db.table(name).create_index(cols, if_not_exists=True)
+        self.meta = self._describe()
+        self.key_problem = _key_problem(self.meta, key)
 
-    def _insert(self, table: str, row: dict[str, Any]) -> None:
-        if table in _RUN_CHAINED:
-            # Only this process writes this run's chain: its head is cached after one read.
-            self._chained(table, {"run_id": self.run_id, **row}, self.run_id)
-            return
-        # Shared chains: read the head and append under SQLite's write lock, so two
-        # processes appending at once cannot fork the chain.
+    def _describe(self) -> LedgerMeta:
+        """The ledger's ``meta`` row, written (under the write lock) by whoever opens it first."""
+        self._lock()
+        try:
+            row = self.db.execute("select value from meta where name = 'ledger' order by seq limit 1").fetchone()
+            if row is not None:
+                self.db.conn.commit()
+                try:
+                    return LedgerMeta.from_json(row[0])
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    raise LedgerKeyError(f"{self.path}: the ledger's meta row is unreadable ({exc}); "
+                                         "see rollbackd audit verify") from None
+            # Rows already here were written by an older rollbackd: verified by its rules.
+            legacy = {t: n for t in _SCHEMA
+                      if (n := self.db.execute(f"select coalesce(max(seq), 0) from {t}").fetchone()[0])}
+            self.meta = LedgerMeta(secrets.token_hex(16), key_id(self.key) if self.key else None,
+                                   tuple(_SCHEMA), legacy)
+            self._chained("meta", {"name": "ledger", "value": self.meta.to_json()})
+        except BaseException:
+            self.db.conn.rollback()
+            raise
+        self.db.conn.commit()
+        return self.meta
+
+    def _lock(self) -> None:
         if self.db.conn.in_transaction:
             self.db.conn.commit()
         self.db.execute("begin immediate")
+
+    def _insert(self, table: str, row: dict[str, Any], under_lock: Callable[[], dict[str, Any]] | None = None) -> None:
+        if self.key_problem is not None:
+            raise LedgerKeyError(f"{self.path}: {self.key_problem}")
+        if table in RUN_CHAINED:
+            # Only this process writes this run's chain: its head is cached after one read.
+            self._chained(table, {"run_id": self.run_id, **row})
+            return
+        # Shared chains: read the head and append under SQLite's write lock, so two
+        # processes appending at once cannot fork the chain.
+        self._lock()
         try:
-            self._heads.pop((table, ""), None)
-            self._chained(table, row, None)
+            self._heads.pop(table, None)
+            self._chained(table, {**row, **(under_lock() if under_lock else {})})
         except BaseException:
             self.db.conn.rollback()
             raise
         self.db.conn.commit()
 
-    def _chained(self, table: str, row: dict[str, Any], run_id: str | None) -> None:
+    def _chained(self, table: str, row: dict[str, Any]) -> None:
         types = _SCHEMA[table]
         row = {k: _stored(v, types.get(k)) for k, v in row.items()}
-        key = (table, run_id or "")
-        prev = self._heads.get(key)
-        if prev is None:
-            where, args = ("where run_id = ?", [run_id]) if run_id is not None else ("", [])
+        run_id = row.get("run_id") if table in RUN_CHAINED else None
+        name = chain_name(table, run_id)
+        head = self._heads.get(name)
+        if head is None:
+            where, args = ("where run_id = ?", [run_id]) if table in RUN_CHAINED else ("", [])
             last = self.db.execute(
-                f"select hash from {table} {where} order by seq desc limit 1", args
+                f"select hash, chain_seq from {table} {where} order by seq desc limit 1", args
             ).fetchone()
-            prev = (last[0] if last else None) or ""
-        digest = row_hash(prev, row)
-        self.db.table(table).insert({**row, "prev_hash": prev, "hash": digest}, alter=True)
-        self._heads[key] = digest
+            head = ((last[0] or "", last[1] or 0) if last else ("", 0))
+        n = head[1] + 1
+        digest = link(self.key, self.meta.ledger_id, name, n, head[0], row)
+        self.db.table(table).insert({**row, "chain_seq": n, "prev_hash": head[0], "hash": digest}, alter=True)
+        self._heads[name] = (digest, n)
 
     def start_run(self, mode: str, source: str, config: str | None, started_wall: str) -> None:
-        self._insert("runs", {"run_id": self.run_id, "mode": mode, "source": source,
-                              "config": config or "", "started_wall": started_wall})
+        """A ``runs`` row for this start of the run: a restart under the same run id (a live
+        daemon's) gets the next ``start`` number."""
+        def number() -> dict[str, Any]:
+            last, rows = self.db.execute(
+                "select coalesce(max(start), 0), count(*) from runs where run_id = ?", [self.run_id]
+            ).fetchone()
+            self.start = max(last, rows) + 1
+            return {"start": self.start}
 
-    def finish_run(self, summary: dict[str, Any]) -> None:
-        self.db.execute(
-            "update runs set summary = ? where run_id = ?", [_json(summary), self.run_id]
-        )
-        self.db.conn.commit()
+        self._insert("runs", {"run_id": self.run_id, "mode": mode, "source": source,
+                              "config": config or "", "started_wall": started_wall}, under_lock=number)
+
+    def finish_run(self, summary: dict[str, Any], finished_wall: str | None = None) -> None:
+        """This start ended cleanly: a ``run_ends`` row. A start killed before it has none."""
+        self._insert("run_ends", {"run_id": self.run_id, "start": self.start,
+                                  "finished_wall": finished_wall, "summary": _json(summary)})
 
     def alert(self, rec: dict[str, Any]) -> None:
         m = rec.get("measurement") or {}
@@ -247,14 +385,21 @@ class Ledger:
 
     def rewind(self, marks: dict[str, int]) -> int:
         """Drop this run's alert and incident rows written after a checkpoint: the restarted
-        pipeline re-derives them identically. Action rows stay: they are the outbox."""
+        pipeline re-derives them identically. Action rows stay: they are the outbox. The run's
+        chain now ends at the kept rows (a suffix went, the links hold); a ``rewinds`` row says
+        so. Anchors never cover rows after a checkpoint (see ``audit.Anchoring``)."""
         n = 0
         for table, seq in marks.items():
-            n += self.db.execute(
+            dropped = self.db.execute(
                 f"delete from {table} where run_id = ? and seq > ?", [self.run_id, seq]
             ).rowcount
-            # The run's chain now ends at the kept rows: a suffix went, the links hold.
-            self._heads.pop((table, self.run_id), None)
+            self._heads.pop(chain_name(table, self.run_id), None)
+            if dropped:
+                kept = self.db.execute(f"select chain_seq from {table} where run_id = ? order by seq desc limit 1",
+                                       [self.run_id]).fetchone()
+                self._insert("rewinds", {"run_id": self.run_id, "start": self.start, "table_name": table,
+                                         "kept_chain_seq": kept[0] if kept else 0, "dropped": dropped})
+            n += dropped
         self.db.conn.commit()
         return n
 
@@ -323,80 +468,6 @@ class Ledger:
         clauses = " and ".join(f"{k} = ?" for k in where) or "1"
         return list(self.db.query(f"select * from {table} where {clauses} order by seq", list(where.values())))
 
-
-# Audit ----------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class ChainBreak:
-    table: str
-    seq: int
-    run_id: str | None
-    reason: str
-
-    def __str__(self) -> str:
-        run = f" (run {self.run_id})" if self.run_id else ""
-        return f"{self.table} row seq={self.seq}{run}: {self.reason}"
-
-
-@dataclass(frozen=True, slots=True)
-class ChainReport:
-    rows: int
-    unchained: int  # rows written before the ledger had a chain
-    heads: dict[str, str]  # chain -> hash of its last row: keep a copy elsewhere to detect truncation
-    breaks: list[ChainBreak]
-
-
-def verify_chain(path: str | Path) -> ChainReport:
-    """Recompute every chain of the ledger at ``path`` (read-only); a row that was edited,
-    inserted or deleted out of turn breaks its chain from that row on. Only the first break of
-    each chain is reported: everything after it is unverifiable."""
-    import sqlite3
-
-    conn = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
-    rows = unchained = 0
-    heads: dict[str, str] = {}
-    breaks: list[ChainBreak] = []
-    try:
-        tables = {r[0] for r in conn.execute("select name from sqlite_master where type = 'table'")}
-        for table in _SCHEMA:
-            if table not in tables:
-                continue
-            per_run = table in _RUN_CHAINED
-            last: dict[str, str] = {}
-            started: set[str] = set()
-            broken: set[str] = set()
-            for r in conn.execute(f"select * from {table} order by seq"):
-                rows += 1
-                row = dict(r)
-                chain = row.get("run_id") or "" if per_run else ""
-                name = f"{table}/{chain}" if per_run else table
-                if chain in broken:
-                    continue
-                if row.get("hash") is None:
-                    if chain in started:
-                        breaks.append(ChainBreak(table, row["seq"], row.get("run_id"), "hash missing"))
-                        broken.add(chain)
-                    else:
-                        unchained += 1
-                    continue
-                prev = last.get(chain, "")
-                if (row.get("prev_hash") or "") != prev:
-                    breaks.append(ChainBreak(
-                        table, row["seq"], row.get("run_id"),
-                        "prev_hash does not match the previous row (a row was deleted or inserted)",
-                    ))
-                    broken.add(chain)
-                    continue
-                if row_hash(prev, row) != row["hash"]:
-                    breaks.append(ChainBreak(table, row["seq"], row.get("run_id"),
-                                             "content does not match its hash (the row was edited)"))
-                    broken.add(chain)
-                    continue
-                started.add(chain)
-                last[chain] = heads[name] = row["hash"]
-    finally:
-        conn.close()
-    return ChainReport(rows, unchained, dict(sorted(heads.items())), breaks)
 
 
 def digest_rows(path: str | Path, run_id: str, start: float, end: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -53,6 +53,7 @@ from rollbackd.actions.base import ActionResult, Notice, Notifier, NullNotifier,
 from rollbackd.actions.delivery import Delivery
 from rollbackd.actions.intents import Call, own_notice
 from rollbackd.daemon.blindness import BlindState, BlindTransition, Blindness, ReportsHealth, ReportsLag
+from rollbackd.daemon.audit import Anchoring
 from rollbackd.daemon.clock import Clock, WallClock
 from rollbackd.daemon.executor import DEFAULT_LANE_LIMIT, LaneExecutor
 from rollbackd.daemon.pipeline import Edges, Pipeline
@@ -283,6 +284,7 @@ class Daemon:
         name: str = "rollbackd",
         make_pipeline: Callable[[], Pipeline] | None = None,
         state: Any = None,
+        anchoring: Anchoring | None = None,
     ) -> None:
         self.prototype = pipeline
         self._unused: Pipeline | None = pipeline
@@ -296,6 +298,8 @@ class Daemon:
         self.notifier = notifier
         self.clock = clock or WallClock()
         self.state = state
+        # Publishes the ledger's chain heads once a checkpoint covers them (see daemon/audit.py).
+        self.anchoring = anchoring
         self.tasks: dict[int, Task] = {}
         self._stop = threading.Event()
         self._wait = wait or self._stop.wait
@@ -406,6 +410,8 @@ class Daemon:
             states = {k: self._task_state(k) for k in sorted(self.tasks)}
             self.checkpoint_bytes = sum(len(s["pipeline"]) for s in states.values())
             self.state.save(states)
+            if self.anchoring is not None:  # nothing of the ledger is rewound with a state store
+                self.anchoring.publish(self.clock.now())
         else:
             snapshots = {k: t.pipeline.snapshot() for k, t in sorted(self.tasks.items())}
             self.checkpoint_bytes = sum(map(len, snapshots.values()))
@@ -417,6 +423,8 @@ class Daemon:
                 blind=self.blindness.state.to_dict(),
             )
             cp.save(self.settings.checkpoint_path)
+            if self.anchoring is not None:  # only now is a restart rewound no further than these marks
+                self.anchoring.publish(self.clock.now(), cp.ledger_marks)
         self.last_beat = self.clock.now()  # the flush and the save may each have waited
         # Only now may the source forget these events. Not while reads fail (the commit would
         # wait out its timeout on the same unreachable brokers, and the loop with it) and not
