@@ -297,7 +297,7 @@ def test_a_pickled_checkpoint_from_before_schema_3_is_refused_and_runs_nothing(t
     path = tmp_path / "old.ckpt"
     path.write_bytes(pickle.dumps({"pipelines": {0: b""}, "x": Creates()}))
     with pytest.raises(StateError, match=r"old.ckpt: a pickled checkpoint written by a rollbackd "
-                       r"before schema 3: refused .*Move the file away to start afresh"):
+                       r"before schema 3: refused .*Move the file \(and .*old.ckpt.refs\) away to start afresh"):
         run_module.Checkpoint.load(str(path))
     assert not (tmp_path / "pwned").exists()
 

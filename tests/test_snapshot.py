@@ -242,3 +242,74 @@ def test_river_state_that_does_not_decode_is_refused():
         restore_detector(det, Declared(["S", "_river", ["d", "_helper", b"garbage"]]))
     with pytest.raises(ValueError, match="has no attribute '__class__'"):
         restore_detector(det, Declared(["S", "_river", ["d", "__class__", "x"]]))
+
+
+def test_a_frozen_snapshot_encodes_later_what_the_pipeline_was_when_frozen(tmp_path):
+    """freeze() on the processing thread, encode() after the pipeline moved on (as the writer
+    thread does): it restores to the state at the freeze, not a mix."""
+    rec = tmp_path / "rec.jsonl.gz"
+    write_recording(BUILTIN["feature_shift"], rec)
+    config = load_config(rules_files()["demo"])
+    p = build_pipeline(config, notifier=ConsoleNotifier(stream=io.StringIO()))
+    source = open_recording(str(rec), config)
+    for _ in range(3):
+        batch = source.read(4096)
+        p.ingest(batch.events)
+        p.advance(p.watermark)
+    frozen = p.freeze()
+    blobs = p.new_blobs()
+    at_freeze = p.snapshot()
+    for _ in range(2):  # the pipeline goes on: windows close, detectors and the join move
+        batch = source.read(4096)
+        p.ingest(batch.events)
+        p.advance(p.watermark)
+    source.close()
+    assert p.snapshot() != at_freeze
+    a, b = Pipeline(config, p.edges), Pipeline(config, p.edges)
+    a.restore(frozen.encode(), blobs)
+    b.restore(at_freeze)
+    assert a.snapshot() == b.snapshot()
+
+
+def test_the_checkpoint_writer_keeps_references_beside_the_file_written_once(midway, tmp_path):
+    from rollbackd.daemon.checkpoints import CheckpointWriter
+    from rollbackd.daemon.run import Checkpoint
+
+    from rollbackd.daemon.snapshot import Blobs
+
+    midway._blobs = Blobs()  # as a new process: no reference written yet
+    path = str(tmp_path / "state.ckpt")
+    writer = CheckpointWriter(path)
+
+    def checkpoint(position):
+        frozen = midway.freeze()
+        blobs = {d: None for d in midway.blob_digests()}
+        blobs.update(midway.new_blobs())
+        writer.submit(Checkpoint({0: frozen}, position, 0, {}, blobs=blobs))
+        return writer.wait()
+
+    first = checkpoint({"in:0": 1})
+    refs = sorted(os.listdir(path + ".refs"))
+    assert first.position == {"in:0": 1} and refs == sorted(midway.blob_digests())
+    second = checkpoint({"in:0": 2})
+    assert second.bytes_written == os.path.getsize(path)  # the main file only
+    writer.close()
+    cp = Checkpoint.load(path)
+    assert cp.position == {"in:0": 2} and set(cp.blobs) == set(refs)
+    fresh = Pipeline(midway.config, midway.edges)
+    fresh.restore(cp.pipelines[0], cp.blobs)
+    assert len(fresh.detectors) == len(midway.detectors) and len(fresh.joiner) == len(midway.joiner)
+    os.unlink(os.path.join(path + ".refs", refs[0]))
+    with pytest.raises(StateError, match=r"is missing\. Move the file \(and .*\.refs\) away"):
+        Checkpoint.load(path)
+
+
+def test_a_failed_write_is_reported_to_the_processing_thread_and_commits_nothing(midway, tmp_path):
+    from rollbackd.daemon.checkpoints import CheckpointWriter
+    from rollbackd.daemon.run import Checkpoint
+
+    writer = CheckpointWriter(str(tmp_path / "missing-folder" / "state.ckpt"))
+    writer.submit(Checkpoint({0: midway.snapshot()}, {"in:0": 1}, 0, {}))
+    with pytest.raises(OSError):
+        writer.wait()
+    writer.close()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from operator import attrgetter
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -38,10 +38,10 @@ from rollbackd.daemon.executor import Executor, SyncExecutor
 from rollbackd.daemon.join import OutcomeJoiner, Pending
 from rollbackd.daemon.response import Responder
 from rollbackd.daemon.snapshot import (
-    SCHEMA, BlobReader, Blobs, StateError, checkpointed, frame, restore_detector, unframe,
+    SCHEMA, BlobReader, Blobs, Plain, StateError, checkpointed, frame, restore_detector, to_plain, unframe,
 )
 from rollbackd.daemon.versions import VersionHistory
-from rollbackd.daemon.windows import WindowAssembler
+from rollbackd.daemon.windows import Pane, WindowAssembler
 from rollbackd.detectors.base import REGISTRY, Detector, Labeled, Measurement, Reference, Window, make_detector
 from rollbackd.events import Deploy, Event, Outcome, Prediction, Rejected
 from rollbackd.rules.alerts import Alert, AlertState, step
@@ -694,9 +694,37 @@ class Pipeline:
         blobs = self._blobs if external else None
         if blobs is not None:
             blobs.begin()
+        state = self._state()
+        state["panes"] = self.assembler.panes
+        state["join"] = (self.joiner.books_snapshot(), self.joiner._size, self.joiner.stats)
+        blob = frame("pipeline", state, blobs)
+        if blobs is not None:
+            blobs.end()
+        return blob
+
+    def freeze(self) -> "FrozenSnapshot":
+        """:meth:`snapshot` (``external``) in two halves: what must be taken now, on the
+        processing thread, and the encoding that may run on a writer thread later, while this
+        pipeline goes on. Taken now: every small part converted to plain values (detectors,
+        alerts, incidents...: mutable objects) and shallow copies of the join buffer and the
+        window panes, which are exact (their entries are immutable structs, pane lists only
+        grow). :meth:`FrozenSnapshot.encode` does the rest; :meth:`new_blobs` and
+        :meth:`blob_digests` are this snapshot's from the moment ``freeze`` returns."""
+        blobs = self._blobs
+        blobs.begin()
+        state = self._state()
+        panes = {key: {i: Pane(list(p.predictions), list(p.outcomes), list(p.deploys)) for i, p in by.items()}
+                 for key, by in self.assembler.panes.items()}
+        books = self.joiner.books_view()
+        frozen = {k: Plain(to_plain(v, blobs)) for k, v in state.items()}
+        blobs.end()
+        return FrozenSnapshot(frozen, panes, books, self.joiner._size, replace(self.joiner.stats))
+
+    def _state(self) -> dict[str, Any]:
+        """The snapshot but for the window panes and the join buffer (the large parts)."""
         detectors = {k: det for k, det in self.detectors.items() if checkpointed(det)}
         afresh = {k[0] for k, det in self.detectors.items() if not checkpointed(det)}
-        state = {
+        return {
             "rules": {r.name: repr(r) for r in self.config.rules},
             "event_time": self.event_time.state(),
             "admission": self.admission.state(),
@@ -708,9 +736,7 @@ class Pipeline:
             "rejects": self.rejects,
             "known_keys": self._known_keys,
             "muted": self._muted,
-            "panes": self.assembler.panes,
             "first_index": self.assembler.first_index,
-            "join": (self.joiner.books_snapshot(), self.joiner._size, self.joiner.stats),
             "detectors": detectors,  # each its declared STATE
             "not_checkpointed": sorted(afresh),
             "alerts": self.alerts,
@@ -722,10 +748,6 @@ class Pipeline:
             "effects": self.executor.in_flight(),
             "parked": self.responder.parked,
         }
-        blob = frame("pipeline", state, blobs)
-        if blobs is not None:
-            blobs.end()
-        return blob
 
     def new_blobs(self) -> dict[str, bytes]:
         """The blobs (by digest) the last :meth:`snapshot` named that no earlier one did."""
@@ -814,6 +836,21 @@ class Pipeline:
 
     def incidents(self) -> list[Incident]:
         return sorted([*self.book.closed, *self.book.open.values()], key=lambda i: (i.opened_at, i.id))
+
+
+class FrozenSnapshot:
+    """A pipeline's state taken by :meth:`Pipeline.freeze`, encoded by :meth:`encode` (on any
+    thread, once) into the same frame :meth:`Pipeline.snapshot` writes."""
+
+    def __init__(self, plain: dict[str, Plain], panes: dict[Key, dict[int, Pane]],
+                 books: dict[str, dict[str, Any]], size: int, stats: Any) -> None:
+        self._plain, self._panes, self._books, self._size, self._stats = plain, panes, books, size, stats
+
+    def encode(self) -> bytes:
+        # pane by pane and book by book: short C calls, between which the processing thread runs
+        panes = Plain(to_plain(self._panes))
+        join = Plain(to_plain((OutcomeJoiner.encode_books(self._books), self._size, self._stats)))
+        return frame("pipeline", {**self._plain, "panes": panes, "join": join})
 
 
 def _settle_span(rules: Sequence[RuleSpec], assembler: WindowAssembler) -> float:

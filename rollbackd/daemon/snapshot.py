@@ -63,6 +63,7 @@ __all__ = [
     "to_plain",
     "from_plain",
     "BlobReader",
+    "Plain",
     "Declared",
     "checkpointed",
     "restore_detector",
@@ -327,6 +328,16 @@ def _setattrs(obj: Any, values: dict[str, Any]) -> Any:
 _SCALARS = (type(None), bool, float, str, bytes)
 
 
+class Plain:
+    """A value converted by :func:`to_plain` already (on the processing thread, while the
+    rest is encoded later on a writer thread): written as it is."""
+
+    __slots__ = ("tree",)
+
+    def __init__(self, tree: Any) -> None:
+        self.tree = tree
+
+
 def to_plain(x: Any, blobs: Blobs | None = None) -> Any:
     t = type(x)
     if t in _SCALARS:
@@ -355,6 +366,8 @@ def to_plain(x: Any, blobs: Blobs | None = None) -> Any:
     custom = _CUSTOM_ENCODE.get(t)
     if custom is not None:
         return [custom[0], custom[1](x)]
+    if t is Plain:
+        return x.tree
     if t is np.ndarray:
         if x.dtype.str in _DTYPES:
             return ["a", x.dtype.str, list(x.shape), np.ascontiguousarray(x).tobytes()]
