@@ -38,12 +38,11 @@ import collections
 import gc
 import math
 import os
-import pickle
 import queue
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,6 +57,7 @@ from rollbackd.daemon.clock import Clock, WallClock
 from rollbackd.daemon.executor import DEFAULT_LANE_LIMIT, LaneExecutor
 from rollbackd.daemon.pipeline import Edges, Pipeline
 from rollbackd.daemon.replay import push_human_input
+from rollbackd.daemon.snapshot import SCHEMA, StateError, frame, unframe
 from rollbackd.daemon.sources import EventSource
 from rollbackd.errors import Fatal, Recoverable
 
@@ -102,46 +102,102 @@ class RunSettings:
 
 @dataclass(slots=True)
 class Checkpoint:
-    pipelines: dict[int, bytes]  # task (partition number; 0 for an unpartitioned source) -> snapshot
+    """The single instance's checkpoint file: a frame of ``daemon/snapshot.py``'s schema (no
+    pickle: a file someone else wrote can hold wrong numbers at worst, never code).
+
+    ``blobs``: the references the snapshots name by digest (``Pipeline.snapshot(external=True)``
+    or ``freeze()``), kept beside the file in ``<path>.refs/<digest>``, each written once: bytes
+    for one that may not be there yet, None for one written by an earlier checkpoint. After a
+    save the folder holds exactly the ones this checkpoint names; :meth:`load` reads them all.
+    A snapshot may also be a ``FrozenSnapshot``: :meth:`save` encodes it (on its own thread,
+    when ``daemon/checkpoints.py``'s writer saves).
+    """
+
+    pipelines: dict[int, Any]  # task (partition number; 0 for an unpartitioned source) -> snapshot
     position: Any
     decisions_offset: int
     ledger_marks: dict[str, int]
-    # The blind state (BlindState.to_dict(): plain values). Absent from checkpoints written before
-    # it existed; an older rollbackd reading a newer checkpoint ignores it.
+    # The blind state (BlindState.to_dict(): plain values).
     blind: dict[str, Any] | None = None
+    blobs: dict[str, bytes | None] = field(default_factory=dict)
 
-    def __setstate__(self, state: Any) -> None:
-        # Pickled as (None, {slot: value}): a checkpoint from before a field existed lacks it.
-        saved = state[1] if isinstance(state, tuple) else state
-        for name in self.__slots__:  # type: ignore[attr-defined]
-            object.__setattr__(self, name, (saved or {}).get(name))
+    def save(self, path: str) -> int:
+        """Writes the checkpoint (the new blobs first, then the file, atomically); returns the
+        bytes written."""
+        pipelines = {k: v if isinstance(v, bytes) else v.encode() for k, v in self.pipelines.items()}
+        written = self._save_blobs(path)
+        data = frame("checkpoint", {
+            "pipelines": pipelines, "position": self.position,
+            "decisions_offset": self.decisions_offset, "ledger_marks": self.ledger_marks,
+            "blind": self.blind, "blobs": sorted(self.blobs),
+        })
+        _write_atomically(path, data)
+        self._drop_unnamed_blobs(path)
+        return written + len(data)
 
-    def save(self, path: str) -> None:
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                pickle.dump(self, fh, protocol=pickle.HIGHEST_PROTOCOL)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint or the new one
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    def _save_blobs(self, path: str) -> int:
+        if not self.blobs:
+            return 0
+        refs = Path(f"{path}.refs")
+        refs.mkdir(exist_ok=True)
+        written = 0
+        for digest, data in sorted(self.blobs.items()):
+            target = refs / digest
+            if data is None or target.exists():
+                continue
+            _write_atomically(str(target), data)
+            written += len(data)
+        return written
+
+    def _drop_unnamed_blobs(self, path: str) -> None:
+        refs = Path(f"{path}.refs")
+        if not refs.is_dir():
+            return
+        for entry in refs.iterdir():
+            if entry.name not in self.blobs:
+                entry.unlink(missing_ok=True)
 
     @staticmethod
     def load(path: str) -> "Checkpoint | None":
+        """The checkpoint at ``path`` (with its blobs), None when there is none; ``StateError``
+        (a ValueError) saying to move it away when it is not one this rollbackd reads."""
         try:
             with open(path, "rb") as fh:
-                cp = pickle.load(fh)
+                data = fh.read()
         except FileNotFoundError:
             return None
-        except (pickle.UnpicklingError, TypeError, AttributeError, EOFError) as exc:
-            raise ValueError(f"{path} is not a checkpoint this rollbackd can read ({exc}); "
-                             "move it away to start afresh") from exc
-        if not isinstance(cp, Checkpoint):
-            raise ValueError(f"{path} is not a rollbackd checkpoint")
-        return cp
+        try:
+            saved = unframe("checkpoint", data, what=path)
+            if type(saved) is not dict or type(saved.get("pipelines")) is not dict \
+                    or not all(type(k) is int and type(v) is bytes for k, v in saved["pipelines"].items()):
+                raise StateError(f"{path}: not a checkpoint of schema {SCHEMA} (no pipelines)")
+            blobs: dict[str, bytes | None] = {}
+            for digest in saved.get("blobs") or []:
+                if type(digest) is not str or len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+                    raise StateError(f"{path}: names a blob that is not a digest: {digest!r}")
+                try:
+                    blobs[digest] = Path(f"{path}.refs", digest).read_bytes()
+                except FileNotFoundError:
+                    raise StateError(f"{path}: its blob {path}.refs/{digest[:16]}... is missing") from None
+            return Checkpoint(saved["pipelines"], saved.get("position"), saved.get("decisions_offset") or 0,
+                              saved.get("ledger_marks") or {}, saved.get("blind"), blobs)
+        except StateError as exc:
+            raise StateError(f"{exc}. Move the file (and {path}.refs) away to start afresh: the daemon "
+                             "then re-reads the source from its committed offsets") from None
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)  # atomic: a crash leaves the old file or the new one
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @dataclass(slots=True)
@@ -380,7 +436,7 @@ class Daemon:
             return False
         for key, blob in sorted(cp.pipelines.items()):
             pipeline = self.task(key).pipeline
-            for warning in pipeline.restore(blob):
+            for warning in pipeline.restore(blob, cp.blobs):  # type: ignore[arg-type]
                 log.warning("checkpoint.rule_changed", task=key, detail=warning)
             self.effects.resubmit(pipeline.restored_effects, pipeline)
         if self.decisions is not None and hasattr(self.decisions, "truncate"):
