@@ -3,7 +3,7 @@
 A chain shows an edited, inserted, moved or deleted row by itself, but not that its *last*
 rows are gone, nor (without a key) that it was rewritten and re-linked from some row on: only a
 copy of its head kept somewhere else shows that. An anchor is that copy: for each chain, the
-``chain_seq``, ``hash`` and row count of its last row, with the ledger's id, the run and time,
+``chain_seq`` and ``hash`` of its last row, with the ledger's id, the run and time,
 signed with HMAC-SHA256 under the ledger key (a plain SHA-256 checksum without one). Anchors go
 to :class:`AnchorSink` s: an append-only file of JSON lines (:class:`AnchorFile`), and any other
 place the daemon is given (the Kafka decisions topic). ``rollbackd audit verify --anchors FILE``
@@ -122,7 +122,8 @@ def read_anchors(path: str | Path) -> list[tuple[int, dict[str, Any] | str]]:
 
 
 def chain_heads(ledger: Ledger, bounds: Mapping[str, int] | None) -> dict[str, dict[str, Any]]:
-    """Chain -> ``{"seq", "hash", "rows"}`` of its last row: every shared chain and this run's
+    """Chain -> ``{"seq", "hash"}`` of its last row (one indexed lookup per chain: this runs
+    on the processing thread at every checkpoint, so nothing here counts rows): every shared chain and this run's
     chains. ``bounds`` (table -> last ``seq``, a checkpoint's marks) limits the rewound tables;
     a rewound table missing from ``bounds`` is left out (none of its rows is final yet)."""
     heads: dict[str, dict[str, Any]] = {}
@@ -135,11 +136,10 @@ def chain_heads(ledger: Ledger, bounds: Mapping[str, int] | None) -> dict[str, d
                     continue
                 where, args = "run_id = ? and seq <= ?", [ledger.run_id, bounds[table]]
         last = ledger.db.execute(
-            f"select hash, chain_seq, (select count(*) from {table} where {where}) from {table}"
-            f" where {where} order by seq desc limit 1", args + args,
+            f"select hash, chain_seq from {table} where {where} order by seq desc limit 1", args,
         ).fetchone()
         if last is not None and last[0] is not None:
-            heads[chain_name(table, ledger.run_id)] = {"seq": last[1] or 0, "hash": last[0], "rows": last[2]}
+            heads[chain_name(table, ledger.run_id)] = {"seq": last[1] or 0, "hash": last[0]}
     return heads
 
 
@@ -425,7 +425,7 @@ def _check_anchors(anchors: Sequence[tuple[int, dict[str, Any] | str]], meta: Le
             why = _against(chains.get(name), head)
             if why is not None:
                 report.breaks.append(ChainBreak(name, None, None, f"{why} (anchor line {line}, {when}, "
-                                                f"{head.get('rows')} rows up to chain_seq {head['seq']})"))
+                                                f"up to chain_seq {head['seq']})"))
 
 
 def _against(chain: _Chain | None, head: Mapping[str, Any]) -> str | None:
