@@ -121,7 +121,9 @@ def test_the_state_survives_a_restart_and_the_notice_is_resolved_in_its_thread()
     b.observe(T0, False, None, "down")
     assert b.observe(T0 + 5, False, None, "down").kind == "opened"
     b.noticed("1700000005.000100")  # the Slack thread of the [BLIND] message
-    saved = pickle.loads(pickle.dumps(b.state.to_dict()))  # as a checkpoint keeps it
+    from rollbackd.daemon.snapshot import frame, unframe
+
+    saved = unframe("checkpoint", frame("checkpoint", b.state.to_dict()))  # as a checkpoint keeps it
 
     after = Blindness(blind_after=5, lag_measured=True)
     assert not after.blind
@@ -284,26 +286,30 @@ def test_a_restart_while_blind_keeps_the_notice_and_resolves_it(tmp_path):
             "consumer lag 7") in resolved.title
 
 
-def test_a_checkpoint_from_before_the_blind_state_still_loads(tmp_path, monkeypatch):
-    import dataclasses
+def test_a_pickled_checkpoint_from_before_schema_3_is_refused_and_runs_nothing(tmp_path):
+    import rollbackd.daemon.run as run_module
+    from rollbackd.daemon.snapshot import StateError
 
+    class Creates:  # what a forged checkpoint carries: loading it would create a file
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    path = tmp_path / "old.ckpt"
+    path.write_bytes(pickle.dumps({"pipelines": {0: b""}, "x": Creates()}))
+    with pytest.raises(StateError, match=r"old.ckpt: a pickled checkpoint written by a rollbackd "
+                       r"before schema 3: refused .*Move the file away to start afresh"):
+        run_module.Checkpoint.load(str(path))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_checkpoint_round_trips_with_its_blind_state(tmp_path):
     import rollbackd.daemon.run as run_module
 
-    @dataclasses.dataclass(slots=True)
-    class Checkpoint:  # as rollbackd wrote it before the blind state: four slots
-        pipelines: dict
-        position: object
-        decisions_offset: int
-        ledger_marks: dict
-
-    Checkpoint.__module__, Checkpoint.__qualname__ = run_module.__name__, "Checkpoint"
-    path = tmp_path / "old.ckpt"
-    with monkeypatch.context() as m:
-        m.setattr(run_module, "Checkpoint", Checkpoint)
-        path.write_bytes(pickle.dumps(Checkpoint({0: b""}, {"t:0": 1}, 0, {})))
+    path = tmp_path / "state.ckpt"
+    run_module.Checkpoint({0: b"x"}, {"t:0": 1}, 3, {"alerts": 2}, {"since": 1.5}).save(str(path))
     loaded = run_module.Checkpoint.load(str(path))
-    assert type(loaded) is run_module.Checkpoint
-    assert loaded.position == {"t:0": 1} and loaded.blind is None
+    assert (loaded.pipelines, loaded.position, loaded.decisions_offset, loaded.ledger_marks, loaded.blind) == (
+        {0: b"x"}, {"t:0": 1}, 3, {"alerts": 2}, {"since": 1.5})
 
 
 def test_stop_returns_within_the_stop_timeout_when_close_hangs(tmp_path):

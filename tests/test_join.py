@@ -241,23 +241,3 @@ def test_books_msgpack_cannot_hold_stay_as_they_are_and_round_trip_through_the_s
     b.restore(a.snapshot())
     assert list(b.joiner.pending_books()["demo"]) == ["big", "small"]
     assert b.joiner.pending_books()["demo"]["big"].prediction == 2**70
-
-
-def test_a_snapshot_written_before_the_msgpack_books_still_restores():
-    import pickle
-
-    a = _labelled_pipeline()
-    a.ingest([pred(f"p{k}", float(k), dep="demo") for k in range(5)])
-    a.finish()
-    state = pickle.loads(a.snapshot())
-    # version 1: the books pickled as they are, entries as tuples (older still)
-    books = {d: {i: (e.ts, e.variant, e.model_version, e.prediction, e.score) for i, e in b.items()}
-             for d, b in a.joiner.pending_books().items()}
-    state.update(snapshot_version=1, join=(books, len(a.joiner), a.joiner.stats))
-    b = _labelled_pipeline()
-    b.restore(pickle.dumps(state))
-    assert list(b.joiner.pending_books()["demo"]) == [f"p{k}" for k in range(5)]
-    assert b.joiner.match(out("p3", 100.0, dep="demo")) is not None
-    state["snapshot_version"] = 99
-    with pytest.raises(ValueError, match="snapshot version 99 is not one this rollbackd reads"):
-        _labelled_pipeline().restore(pickle.dumps(state))

@@ -261,38 +261,6 @@ def test_known_good_min_predictions_is_validated():
     assert "must be >= 0" in str(exc.value) and ":6:" in str(exc.value)
     with pytest.raises(ConfigError, match="expected an integer"):
         config(", known_good_min_predictions: 1.5")
-
-
-def test_a_checkpoint_from_before_counting_still_restores(recordings):
-    """Spans pickled without a prediction count load; a version that ended before the
-    checkpoint is judged by time alone, as when it was recorded."""
-    from rollbackd.daemon.clock import EventTimeClock
-
-    cfg = config(", known_good_min_predictions: 1000000000")
-    assert rollbacks(recordings["resync"], cfg)[0]["reason"] == "no_target"
-    d1, d2 = MemoryDecisions(), MemoryDecisions()
-    first = build_pipeline(cfg, decisions=d1)
-    src = open_recording(str(recordings["resync"]), cfg)
-    clock = EventTimeClock(first.lateness)
-    while (b := src.read(1000)) is not None:
-        first.ingest(b.events)
-        clock.observe(first.max_event_time)
-        first.advance(clock.now())
-        if first._current_version(("demo-scorer", "primary")) == "2":
-            break
-    for hist in first.versions.values():
-        for span in hist.spans:
-            del span.predictions  # as a checkpoint of the previous release holds them
-    second = build_pipeline(cfg, decisions=d2)
-    second.restore(first.snapshot())
-    while (b := src.read(1000)) is not None:
-        second.ingest(b.events)
-        clock.observe(second.max_event_time)
-        second.advance(clock.now())
-    rb = [r for r in d2.records if r.get("action") == "rollback"]
-    assert (rb[0]["status"], rb[0]["from_version"], rb[0]["to_version"]) == ("succeeded", "2", "1")
-
-
 # Which incidents take a version's known-good status away ---------------------------------------
 MARKS = """
 version: 1

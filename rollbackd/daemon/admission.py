@@ -92,15 +92,6 @@ class DeploymentSeen:
         self.variants = 0
         self.features: set[str] = set()
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return _seen, (self.name, self.max_ts, self.queued, self.variants, sorted(self.features))
-
-
-def _seen(name: str, max_ts: float, queued: bool, variants: int, features: list[str]) -> DeploymentSeen:
-    s = DeploymentSeen(name)
-    s.max_ts, s.queued, s.variants, s.features = max_ts, queued, variants, set(features)
-    return s
-
 
 class EventTime:
     """Per-deployment newest event times and the watermark they make.

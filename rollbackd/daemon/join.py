@@ -87,9 +87,9 @@ class OutcomeJoiner:
 
     def books_snapshot(self) -> bytes | dict[str, dict[str, Any]]:
         """The buffered predictions for a checkpoint, as msgpack: one C loop, about 15x faster
-        than pickling the structs, which is what a checkpoint of a large buffer spent its time
-        on (on the processing thread). The books themselves when a value does not fit msgpack
-        (an integer beyond 64 bits): the snapshot pickles them then."""
+        than writing the structs one by one, which is what a checkpoint of a large buffer spent
+        its time on (on the processing thread). The books themselves when a value does not fit
+        msgpack (an integer beyond 64 bits): the snapshot writes them entry by entry then."""
         try:
             return _BOOKS.encode(self._pending)
         except (OverflowError, TypeError):

@@ -19,15 +19,14 @@ boundaries.
 from __future__ import annotations
 
 import math
-import pickle
 from collections import Counter
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import msgspec
 import structlog
 
-from rollbackd import __version__
 from rollbackd.actions.base import ActionResult, Notifier, RollbackBackend
 from rollbackd.actions.delivery import Delivery, Recorder
 from rollbackd.actions.intents import Call, Intent
@@ -38,6 +37,9 @@ from rollbackd.daemon.decisions import DecisionSink, NullDecisions
 from rollbackd.daemon.executor import Executor, SyncExecutor
 from rollbackd.daemon.join import OutcomeJoiner, Pending
 from rollbackd.daemon.response import Responder
+from rollbackd.daemon.snapshot import (
+    SCHEMA, BlobReader, Blobs, StateError, checkpointed, frame, restore_detector, unframe,
+)
 from rollbackd.daemon.versions import VersionHistory
 from rollbackd.daemon.windows import WindowAssembler
 from rollbackd.detectors.base import REGISTRY, Detector, Labeled, Measurement, Reference, Window, make_detector
@@ -142,6 +144,7 @@ class Pipeline:
         # A traffic (no-data) rule must see the empty windows of a gap: no skipping then.
         self._watches_silence = any(r.detector == "traffic" for r in config.rules)
         self._references: dict[str, Reference | None] = {}
+        self._blobs = Blobs()  # the references the snapshots wrote, by digest
         self._init_effects()
 
     # Hot path -------------------------------------------------------------------------
@@ -506,18 +509,21 @@ class Pipeline:
     def _detector(self, rule: RuleSpec, key: Key) -> Detector:
         det = self.detectors.get((rule.name, key))
         if det is None:
-            params = dict(rule.params)
-            if getattr(REGISTRY.get(rule.detector), "needs_reference", False):
-                # The deployment's reference_size is the default; a rule's params override it.
-                params.setdefault("reference_size", self.config.deployment(key[0]).reference_size)
-            det = self.detectors[(rule.name, key)] = make_detector(
-                rule.detector,
-                threshold=rule.threshold,
-                min_samples=rule.min_samples,
-                params=params,
-                reference=self._reference(key[0]),
-            )
+            det = self.detectors[(rule.name, key)] = self._build_detector(rule, key)
         return det
+
+    def _build_detector(self, rule: RuleSpec, key: Key) -> Detector:
+        params = dict(rule.params)
+        if getattr(REGISTRY.get(rule.detector), "needs_reference", False):
+            # The deployment's reference_size is the default; a rule's params override it.
+            params.setdefault("reference_size", self.config.deployment(key[0]).reference_size)
+        return make_detector(
+            rule.detector,
+            threshold=rule.threshold,
+            min_samples=rule.min_samples,
+            params=params,
+            reference=self._reference(key[0]),
+        )
 
     def _reference(self, deployment: str) -> Reference | None:
         if deployment not in self._references:
@@ -674,22 +680,24 @@ class Pipeline:
         self.responder.answers = answers
 
     # Checkpoints -------------------------------------------------------------------------
-    # 2: the join buffer is a msgpack blob (1: pickled books; still read)
-    SNAPSHOT_VERSION = 2
-    READS_SNAPSHOT_VERSIONS = (1, 2)
-
-    def snapshot(self) -> bytes:
+    def snapshot(self, external: bool = False) -> bytes:
         """Everything a restart needs to continue exactly where this pipeline is: windows,
-        the join buffer, detector and alert states, incidents, versions, safety state.
+        the join buffer, detector and alert states, incidents, versions, safety state, the calls
+        in flight. A frame of daemon/snapshot.py's schema: no pickle, nothing in it is code.
 
-        Pickle, because the state is a graph of this package's own plain objects and the
-        snapshot is read back only by the same rollbackd version (checked on restore).
+        ``external``: complete references (a detector's baseline summary, immutable once made)
+        are not in it but named by digest, and encoded once: :meth:`new_blobs` are the ones
+        this snapshot names that no earlier one of this pipeline did, :meth:`blob_digests` all
+        it names. Whoever stores the snapshot stores those blobs beside it (written once per
+        reference) and hands them to :meth:`restore`. Without, the snapshot holds everything.
         """
+        blobs = self._blobs if external else None
+        if blobs is not None:
+            blobs.begin()
+        detectors = {k: det for k, det in self.detectors.items() if checkpointed(det)}
+        afresh = {k[0] for k, det in self.detectors.items() if not checkpointed(det)}
         state = {
-            "snapshot_version": self.SNAPSHOT_VERSION,
-            "rollbackd_version": __version__,
             "rules": {r.name: repr(r) for r in self.config.rules},
-            "max_event_time": self.max_event_time,
             "event_time": self.event_time.state(),
             "admission": self.admission.state(),
             "closed": self._closed,
@@ -703,7 +711,8 @@ class Pipeline:
             "panes": self.assembler.panes,
             "first_index": self.assembler.first_index,
             "join": (self.joiner.books_snapshot(), self.joiner._size, self.joiner.stats),
-            "detectors": self.detectors,
+            "detectors": detectors,  # each its declared STATE
+            "not_checkpointed": sorted(afresh),
             "alerts": self.alerts,
             "versions": self.versions,
             "safety": self.safety,
@@ -713,63 +722,75 @@ class Pipeline:
             "effects": self.executor.in_flight(),
             "parked": self.responder.parked,
         }
-        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        blob = frame("pipeline", state, blobs)
+        if blobs is not None:
+            blobs.end()
+        return blob
 
-    def restore(self, blob: bytes) -> list[str]:
-        """Load a snapshot; returns warnings (rules whose definition changed start afresh)."""
-        state = pickle.loads(blob)
-        if state.get("snapshot_version") not in self.READS_SNAPSHOT_VERSIONS:
-            raise ValueError(
-                f"snapshot version {state.get('snapshot_version')} is not one this rollbackd reads "
-                f"({', '.join(map(str, self.READS_SNAPSHOT_VERSIONS))})"
-            )
+    def new_blobs(self) -> dict[str, bytes]:
+        """The blobs (by digest) the last :meth:`snapshot` named that no earlier one did."""
+        return dict(self._blobs.new)
+
+    def blob_digests(self) -> set[str]:
+        """Every blob the last :meth:`snapshot` named (to keep; the others may be dropped)."""
+        return set(self._blobs.digests)
+
+    def restore(self, blob: bytes, blobs: Mapping[str, bytes] | None = None) -> list[str]:
+        """Load a snapshot (and the blobs it names, by digest); returns warnings (rules whose
+        definition changed start afresh). Raises :class:`~rollbackd.daemon.snapshot.StateError`
+        for a snapshot this rollbackd does not read (corrupt, forged, another schema, a blob
+        missing): then nothing of it was used, and this pipeline is as it was built."""
+        reader = BlobReader(blobs)
+        state = unframe("pipeline", blob, reader)
+        try:
+            return self._restore(state, reader)
+        except StateError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, msgspec.MsgspecError) as exc:
+            raise StateError(f"pipeline snapshot does not fit schema {SCHEMA}: "
+                             f"{type(exc).__name__}: {exc}") from None
+
+    def _restore(self, state: dict[str, Any], blobs: BlobReader) -> list[str]:
+        if type(state) is not dict:
+            raise StateError("pipeline snapshot is not a mapping")
         now_rules = {r.name: repr(r) for r in self.config.rules}
         changed = {n for n, spec in state["rules"].items() if now_rules.get(n) != spec}
         warnings = [f"rule {n} changed or was removed since the checkpoint: its state starts afresh"
                     for n in sorted(changed)]
+        warnings += [f"rule {n}: its detector keeps no checkpointed state and starts afresh"
+                     for n in state["not_checkpointed"] if n not in changed]
+        # Detectors first: each is built from its rule and given its declared state; one that
+        # does not fit fails the restore before anything else was set.
+        detectors: dict[tuple[str, Key], Detector] = {}
+        for (name, key), det_state in state["detectors"].items():
+            if name in changed:
+                continue
+            det = self._build_detector(self._rule_index[name], key)
+            restore_detector(det, det_state, blobs)
+            detectors[(name, key)] = det
+        join_books, join_size, join_stats = state["join"]
+        self.joiner.restore_books(join_books)
+        self.joiner._size, self.joiner.stats = join_size, join_stats
+        self.detectors = detectors
         self._next_boundary = state["next_boundary"]
-        if "event_time" in state:
-            self.event_time.restore(state["event_time"])
-            self.admission.restore(state["admission"])
-            self._closed = state["closed"]
-            self._data_until = state["data_until"]
-        else:
-            # Written before event time was kept per deployment: one global watermark, as
-            # that rollbackd judged lateness; the reference anchored (no warm-up mid-stream);
-            # every alert given the full settle span again before a gap is skipped.
-            lead = state["max_event_time"]
-            self.event_time.lead = lead
-            self.event_time.watermark = lead - self.lateness
-            self.admission.anchor = self.admission.newest = lead
-            self._closed = -math.inf
-            self._data_until = -math.inf if self._next_boundary is None else self._next_boundary
+        self.event_time.restore(state["event_time"])
+        self.admission.restore(state["admission"])
+        self._closed = state["closed"]
+        self._data_until = state["data_until"]
         self.counters = state["counters"]
-        self.muted_episodes = state.get("muted_episodes", Counter())  # absent before it existed
+        self.muted_episodes = state["muted_episodes"]
         self.rejects = state["rejects"]
         self._known_keys = state["known_keys"]
         self._muted = {m for m in state["muted"] if m[0] not in changed}
         self.assembler.panes = state["panes"]
         self.assembler.first_index = state["first_index"]
-        books, self.joiner._size, self.joiner.stats = state["join"]
-        self.joiner.restore_books(books)
-        if state.get("rollbackd_version") == __version__:
-            self.detectors = {k: v for k, v in state["detectors"].items() if k[0] not in changed}
-        else:
-            # Detector internals may differ between releases: rebuild them (they relearn
-            # their baselines), keep everything else.
-            warnings.append(
-                f"checkpoint written by rollbackd {state.get('rollbackd_version')}, this is "
-                f"{__version__}: detectors start afresh"
-            )
         self.alerts = {k: v for k, v in state["alerts"].items() if k[0] not in changed}
         self.versions = state["versions"]
-        self.safety = SafetyState.upgrade(state["safety"])
-        self.awaiting = state.get("awaiting", {})
+        self.safety = state["safety"]
+        self.awaiting = state["awaiting"]
         self.book.open, self.book.closed = state["incidents"]
-        for inc in [*self.book.open.values(), *self.book.closed]:
-            _fill_defaults(inc)  # written before a field existed: it gets the default
-        self.restored_effects = list(state.get("effects", ()))
-        self.responder.parked = dict(state.get("parked", {}))
+        self.restored_effects = list(state["effects"])
+        self.responder.parked = dict(state["parked"])
         self._slots = {}
         return warnings
 
@@ -826,14 +847,3 @@ def _lookback(rule: RuleSpec) -> float:
         return max(parse_duration(p) for pair in pairs for p in pair[:2])
     except (TypeError, ValueError, IndexError):  # validated at load; a day if it were not
         return 86400.0
-
-
-def _fill_defaults(obj: Any) -> None:
-    from dataclasses import MISSING, fields
-
-    for f in fields(obj):
-        if not hasattr(obj, f.name):
-            if f.default is not MISSING:
-                setattr(obj, f.name, f.default)
-            elif f.default_factory is not MISSING:
-                setattr(obj, f.name, f.default_factory())

@@ -38,7 +38,6 @@ import collections
 import gc
 import math
 import os
-import pickle
 import queue
 import tempfile
 import threading
@@ -58,6 +57,7 @@ from rollbackd.daemon.clock import Clock, WallClock
 from rollbackd.daemon.executor import DEFAULT_LANE_LIMIT, LaneExecutor
 from rollbackd.daemon.pipeline import Edges, Pipeline
 from rollbackd.daemon.replay import push_human_input
+from rollbackd.daemon.snapshot import SCHEMA, StateError, frame, unframe
 from rollbackd.daemon.sources import EventSource
 from rollbackd.errors import Fatal, Recoverable
 
@@ -102,26 +102,27 @@ class RunSettings:
 
 @dataclass(slots=True)
 class Checkpoint:
+    """The single instance's checkpoint file: a frame of ``daemon/snapshot.py``'s schema (no
+    pickle: a file someone else wrote can hold wrong numbers at worst, never code)."""
+
     pipelines: dict[int, bytes]  # task (partition number; 0 for an unpartitioned source) -> snapshot
     position: Any
     decisions_offset: int
     ledger_marks: dict[str, int]
-    # The blind state (BlindState.to_dict(): plain values). Absent from checkpoints written before
-    # it existed; an older rollbackd reading a newer checkpoint ignores it.
+    # The blind state (BlindState.to_dict(): plain values).
     blind: dict[str, Any] | None = None
 
-    def __setstate__(self, state: Any) -> None:
-        # Pickled as (None, {slot: value}): a checkpoint from before a field existed lacks it.
-        saved = state[1] if isinstance(state, tuple) else state
-        for name in self.__slots__:  # type: ignore[attr-defined]
-            object.__setattr__(self, name, (saved or {}).get(name))
-
     def save(self, path: str) -> None:
+        data = frame("checkpoint", {
+            "pipelines": self.pipelines, "position": self.position,
+            "decisions_offset": self.decisions_offset, "ledger_marks": self.ledger_marks,
+            "blind": self.blind,
+        })
         folder = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", dir=folder)
         try:
             with os.fdopen(fd, "wb") as fh:
-                pickle.dump(self, fh, protocol=pickle.HIGHEST_PROTOCOL)
+                fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint or the new one
@@ -131,17 +132,23 @@ class Checkpoint:
 
     @staticmethod
     def load(path: str) -> "Checkpoint | None":
+        """The checkpoint at ``path``, None when there is none; ``StateError`` (a ValueError)
+        saying to move it away when it is not one this rollbackd reads."""
         try:
             with open(path, "rb") as fh:
-                cp = pickle.load(fh)
+                data = fh.read()
         except FileNotFoundError:
             return None
-        except (pickle.UnpicklingError, TypeError, AttributeError, EOFError) as exc:
-            raise ValueError(f"{path} is not a checkpoint this rollbackd can read ({exc}); "
-                             "move it away to start afresh") from exc
-        if not isinstance(cp, Checkpoint):
-            raise ValueError(f"{path} is not a rollbackd checkpoint")
-        return cp
+        try:
+            saved = unframe("checkpoint", data, what=path)
+            if type(saved) is not dict or type(saved.get("pipelines")) is not dict \
+                    or not all(type(k) is int and type(v) is bytes for k, v in saved["pipelines"].items()):
+                raise StateError(f"{path}: not a checkpoint of schema {SCHEMA} (no pipelines)")
+            return Checkpoint(saved["pipelines"], saved.get("position"), saved.get("decisions_offset") or 0,
+                              saved.get("ledger_marks") or {}, saved.get("blind"))
+        except StateError as exc:
+            raise StateError(f"{exc}. Move the file away to start afresh: the daemon then re-reads "
+                             "the source from its committed offsets") from None
 
 
 @dataclass(slots=True)

@@ -25,22 +25,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 from typing import Any, Mapping
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from rollbackd import __version__
 from rollbackd.daemon.decisions import encode_decision
 from rollbackd.daemon.kafka import BrokerUnavailable, classify, librdkafka_log
+from rollbackd.daemon.snapshot import decode_state, encode_state
 
 __all__ = ["GroupState", "GroupDecisions", "GroupRecorder", "decision_id", "ensure_topics"]
 
 log = structlog.get_logger("rollbackd.scaleout")
 
-STATE_FORMAT = 1
 # A task snapshot holds windows and the join buffer: far above Kafka's 1 MB default.
 MAX_STATE_BYTES = 64 * 1024 * 1024
 _TIMEOUT = 10.0
@@ -123,9 +121,7 @@ class GroupState:
     def save(self, states: Mapping[int, dict[str, Any]]) -> None:
         """Writes the task states and waits until the brokers have them (or raises)."""
         for key, state in states.items():
-            blob = pickle.dumps({"format": STATE_FORMAT, "rollbackd_version": __version__, **state},
-                                protocol=pickle.HIGHEST_PROTOCOL)
-            self._produce(self.state_topic, blob, key=self._key(key), partition=key)
+            self._produce(self.state_topic, encode_state(state), key=self._key(key), partition=key)
         self._flush("saving task state")
 
     def load(self, key: int) -> dict[str, Any] | None:
@@ -141,12 +137,9 @@ class GroupState:
         if last.key() != self._key(key):
             raise ValueError(f"{self.state_topic}/{key} holds {last.key()!r}, not {self._key(key)!r}: "
                              "one state topic per consumer group")
-        latest = last.value()
-        state = pickle.loads(latest)
-        if state.get("format") != STATE_FORMAT:
-            log.warning("task.state_format", task=key, format=state.get("format"))
-            return None
-        return state
+        # A record this rollbackd cannot read stops the daemon (StateError is Fatal): the
+        # partition is never started without its state, and nothing in the record runs.
+        return decode_state(last.value(), f"{self.state_topic}/{key}")
 
     def adopt(self, key: int, saved: Mapping[str, Any]) -> None:
         """Reads what was decided for task ``key`` after its snapshot: those decisions are not

@@ -24,13 +24,6 @@ class VersionSpan:
     # written before rollbackd counted them: such a span is judged by time alone.
     predictions: int | None = 0
 
-    def __setstate__(self, state: Any) -> None:
-        slots = state[1] if isinstance(state, tuple) else state
-        for name, value in slots.items():
-            setattr(self, name, value)
-        if "predictions" not in slots:
-            self.predictions = None
-
     def served_for(self, now: float) -> float:
         return (self.ended if self.ended is not None else now) - self.started
 

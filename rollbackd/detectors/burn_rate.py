@@ -67,6 +67,9 @@ class BurnRate:
     within it, and a window overlapping the previous one is ignored.
     """
 
+    # What a checkpoint keeps (daemon/snapshot.py): the moving state made in _reset.
+    STATE = ("_buckets", "_last_end")
+
     def __init__(
         self,
         threshold: float = 1.0,

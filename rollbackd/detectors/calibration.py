@@ -108,6 +108,12 @@ class Calibration:
     the window) in its evidence, and the ECE, Brier score and Spiegelhalter Z of the window.
     """
 
+    # What a checkpoint keeps (daemon/snapshot.py): the moving state made in _reset.
+    STATE = (
+        "_seen", "_p", "_y", "_unusable", "_coverage", "_in_baseline", "_base_p", "_base_y",
+        "_base_windows", "_base_n", "_current", "_previous", "_latest_ts", "_by_version",
+    )
+
     def __init__(
         self,
         threshold: float,

@@ -65,6 +65,9 @@ class Canary:
     (predictions; latencies or scores; usable labels for ``calibration``).
     """
 
+    # What a checkpoint keeps (daemon/snapshot.py): the moving state made in _reset.
+    STATE = ("_result", "_last_end", "_versions", "_windows", "_p", "_stats", "_s", "_h", "_info")
+
     def __init__(
         self,
         threshold: float,

@@ -221,6 +221,12 @@ class Baseline(Generic[S]):
     precomputes; it runs when the reference changes (for ``rolling``, every window).
     """
 
+    # What a checkpoint keeps (daemon/snapshot.py); the rest is configuration. ``summary`` is
+    # immutable once made (replaced, never changed): a checkpoint writes it once, as a blob
+    # named by its digest, except for a rolling baseline, which makes a new one every window.
+    STATE = ("summary", "version", "_build", "_build_version", "_tails", "_running", "_recent")
+    BLOBS: tuple[str, ...] = ("summary",)
+
     def __init__(
         self,
         mode: str | None,
@@ -238,6 +244,8 @@ class Baseline(Generic[S]):
         if mode not in BASELINES:
             raise ValueError(f"baseline must be one of {', '.join(BASELINES)}; got {mode!r}")
         self.mode = mode
+        if mode == "rolling":
+            self.BLOBS = ()
         self.reference = reference
         self.reference_size = reference_size
         self.rolling_windows = rolling_windows
@@ -523,6 +531,10 @@ class Drift:
     (sorted values, tie terms, integrals, bin edges, category counts) and reused by every
     window.
     """
+
+    # What a checkpoint keeps (daemon/snapshot.py): the moving state made in _reset (the
+    # baseline's own declared state within it).
+    STATE = ("_baseline", "_n", "_status", "_tested", "_untested")
 
     needs_reference = True
 

@@ -49,6 +49,12 @@ class ErrorRate:
     (0.3, {'timeout': 3})
     """
 
+    # What a checkpoint keeps (daemon/snapshot.py): the moving state made in _reset.
+    STATE = (
+        "_seen", "_n", "_errors", "_codes", "_baseline_n", "_baseline_errors", "_baseline_count",
+        "_in_baseline", "_sibling",
+    )
+
     def __init__(
         self,
         threshold: float,

@@ -153,6 +153,9 @@ class Latency:
     (50.5, 99.01, 100.0)
     """
 
+    # What a checkpoint keeps (daemon/snapshot.py): the moving state made in _reset.
+    STATE = ("_latencies", "_sketch", "_panes", "_merged")
+
     def __init__(
         self,
         threshold: float,

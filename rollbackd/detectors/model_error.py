@@ -62,6 +62,9 @@ class ModelError:
     label_coverage and the confusion counts (binary) or bias and RMSE (regression).
     """
 
+    # What a checkpoint keeps (daemon/snapshot.py): the moving state made in _reset.
+    STATE = ("_resolved", "_window_seen", "_stats", "_label_coverage")
+
     def __init__(
         self,
         threshold: float,

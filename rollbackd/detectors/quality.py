@@ -128,6 +128,10 @@ class DataQuality:
     ``baseline``, as for ``drift``.
     """
 
+    # What a checkpoint keeps (daemon/snapshot.py): the moving state made in _reset (the
+    # baseline's own declared state within it).
+    STATE = ("_baseline", "_n", "_status", "_scores", "_checked")
+
     needs_reference = True
 
     def __init__(

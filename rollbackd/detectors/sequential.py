@@ -29,6 +29,68 @@ def _river() -> Any:
     return drift
 
 
+_PLAIN = (bool, int, float, str, type(None))
+# ADWIN's serialised window is a few hundred bytes; far more is not one.
+_MAX_RUST_BYTES = 1 << 20
+
+
+def _plain_vars(obj: Any, depth: int = 0) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in vars(obj).items():
+        if _is_rust(value):  # ADWIN's window, EWMean (river's Rust side): its own bytes
+            out[name] = bytes(value.__getstate__())
+        elif type(value) in _PLAIN:
+            out[name] = value
+        elif hasattr(value, "__dict__") and depth < 3:
+            out[name] = _plain_vars(value, depth + 1)
+        else:
+            raise TypeError(f"river state {type(obj).__name__}.{name} is a {type(value).__name__}")
+    return out
+
+
+def _set_vars(obj: Any, saved: Any, depth: int = 0) -> None:
+    current = vars(obj)
+    if type(saved) is not dict or depth > 3:
+        raise ValueError(f"{type(obj).__name__}: saved state is not attributes")
+    for name, value in saved.items():
+        if name not in current:
+            raise ValueError(f"{type(obj).__name__} has no attribute {name!r}")
+        if _is_rust(current[name]):
+            _set_rust(current[name], value)
+        elif type(value) is dict:
+            _set_vars(current[name], value, depth + 1)
+        elif type(value) in _PLAIN and _same_kind(value, current[name]):
+            setattr(obj, name, value)
+        else:
+            raise ValueError(f"{type(obj).__name__}.{name}: {type(value).__name__} where a "
+                             f"{type(current[name]).__name__} belongs")
+
+
+def _same_kind(a: Any, b: Any) -> bool:
+    """Whether a saved value may replace the fresh one: the same type, a number for a number
+    (river turns its int counts into floats), or None on either side (not set yet)."""
+    if a is None or b is None or type(a) is type(b):
+        return True
+    return type(a) in (int, float) and type(b) in (int, float)
+
+
+def _is_rust(value: Any) -> bool:
+    return type(value).__module__.startswith("river._river_rust")
+
+
+def _set_rust(obj: Any, data: Any) -> None:
+    """Bytes from ``obj.__getstate__()`` back into ``obj`` (river's Rust object, made by the
+    detector's constructor: the bytes name no type, Rust's reader is memory-safe)."""
+    if type(data) is not bytes or len(data) > _MAX_RUST_BYTES:
+        raise ValueError(f"{type(obj).__name__}: saved state is not bytes of a sensible size")
+    try:
+        obj.__setstate__(data)
+    except BaseException as exc:  # river's Rust side panics (PanicException) on bytes it cannot read
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise ValueError(f"{type(obj).__name__}: saved state does not decode ({type(exc).__name__})") from None
+
+
 @register("sequential")
 class Sequential:
     """A river change detector fed one 0/1 error indicator per event, in event order.
@@ -125,6 +187,22 @@ class Sequential:
         self._ones = 0
         self._detections: list[dict[str, Any]] = []
         self._held = (0, 0)
+
+    # What a checkpoint keeps (daemon/snapshot.py): the moving state made in _reset, river's
+    # detector as plain values (``_river``).
+    STATE = ("_river", "_seen", "_fed_until", "_window_seen", "_fed", "_ones", "_detections", "_held")
+
+    @property
+    def _river(self) -> dict[str, Any]:
+        """river's detector as plain values: its attributes, nested objects (``stats.Mean``,
+        ``SampleInfo``) as their attributes, ADWIN's Rust window as the bytes it writes itself."""
+        return _plain_vars(self._detector)
+
+    @_river.setter
+    def _river(self, saved: Any) -> None:
+        # Into the detector _make built from this rule's parameters: only attributes it has,
+        # only plain values; nothing in ``saved`` names a type.
+        _set_vars(self._detector, saved)
 
     def _stream(self, window: Window) -> list[tuple[float, int]]:
         since = self._fed_until

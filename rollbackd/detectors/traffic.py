@@ -24,17 +24,21 @@ class Traffic:
         self.per_second = per_second
         self._reset()
 
+    # What a checkpoint keeps (daemon/snapshot.py).
+    STATE = ("_last",)
+
     def _reset(self) -> None:
-        self._window: Window | None = None
+        # The last window's prediction count and span: all evaluate needs (not the window,
+        # which would keep its predictions alive and in every checkpoint).
+        self._last: tuple[int, float, float] | None = None
 
     def update(self, window: Window) -> None:
-        self._window = window
+        self._last = (len(window.predictions), window.start, window.end)
 
     def evaluate(self, now: float) -> Measurement:
-        w = self._window
-        if w is None:
+        if self._last is None:
             return Measurement.insufficient_data(self.threshold, 0, "no window yet")
-        n = len(w.predictions)
-        span = max(w.end - w.start, 1e-9)
+        n, start, end = self._last
+        span = max(end - start, 1e-9)
         value = n / span if self.per_second else float(n)
         return Measurement(value, self.threshold, 1, evidence={"predictions": n, "seconds": span})

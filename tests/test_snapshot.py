@@ -1,0 +1,244 @@
+"""Checkpoints and state records without pickle (rollbackd/daemon/snapshot.py).
+
+A snapshot is a frame of an explicit schema: a pipeline restored from one mid-stream reaches
+byte-identical decisions (the golden digests of every built-in scenario); a frame that is
+corrupt, truncated, of another schema or a pickle is refused with a clear message, and a pickle
+that would run code runs none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import struct
+import zlib
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+
+from golden_decisions import GOLDEN, rules_files
+from rollbackd.actions.console import ConsoleNotifier
+from rollbackd.daemon.decisions import DecisionLog
+from rollbackd.daemon.ledger import Ledger
+from rollbackd.daemon.pipeline import Pipeline
+from rollbackd.daemon.replay import build_pipeline, open_recording, push_human_input
+from rollbackd.daemon.snapshot import SCHEMA, StateError, frame, from_plain, to_plain, unframe
+from rollbackd.rules.loader import load_config
+from rollbackd.scenarios import BUILTIN, write_recording
+
+
+class _Creates:
+    """A pickle payload that creates a file when loaded: what a forged record would carry."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _restarted(p: Pipeline) -> Pipeline:
+    """``p`` snapshotted and restored into a new pipeline on the same edges, as after a restart."""
+    blob, blobs = p.snapshot(external=True), p.new_blobs()
+    # every blob it names, not only the new ones: the new pipeline starts with none persisted
+    named = {**_kept, **blobs}
+    _kept.clear()
+    _kept.update({d: named[d] for d in p.blob_digests()})
+    q = Pipeline(p.config, p.edges, p.silences)
+    q.restore(blob, dict(_kept))
+    return q
+
+
+_kept: dict[str, bytes] = {}
+
+
+def _digest_with_restarts(recording: Path, rules: Path, work: Path, every: int) -> str:
+    """tests/golden_decisions.replay_digest, the pipeline restored from its snapshot after every
+    ``every`` batches."""
+    config = load_config(rules)
+    out = work / "decisions.jsonl"
+    ledger = Ledger(work / "ledger.db", run_id="golden")
+    pipeline = build_pipeline(config, decisions=DecisionLog(out), recorder=ledger,
+                              notifier=ConsoleNotifier(stream=io.StringIO()))
+    source = open_recording(str(recording), config)
+    _kept.clear()
+    i = 0
+    while (batch := source.read(4096)) is not None:
+        if batch.rejects:
+            pipeline.reject(batch.rejects)
+        push_human_input(pipeline)
+        pipeline.ingest(batch.events)
+        pipeline.advance(pipeline.watermark)
+        i += 1
+        if i % every == 0:
+            pipeline = _restarted(pipeline)
+    pipeline = _restarted(pipeline)
+    pipeline.finish()
+    pipeline.advance(pipeline.max_event_time)
+    source.close()
+    pipeline.edges.decisions.close()
+    ledger.close()
+    return hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("scenario", sorted(BUILTIN))
+def test_a_pipeline_restored_mid_stream_decides_byte_for_byte_as_the_golden_replay(scenario, tmp_path):
+    golden = json.loads(GOLDEN.read_text())
+    rec = tmp_path / f"{scenario}.jsonl.gz"
+    write_recording(BUILTIN[scenario], rec)
+    for rname, rules in sorted(rules_files().items()):
+        case = tmp_path / rname
+        case.mkdir()
+        assert _digest_with_restarts(rec, rules, case, every=2) == golden[f"replay/{scenario}/{rname}"], rname
+
+
+@pytest.fixture(scope="module")
+def midway(tmp_path_factory) -> Pipeline:
+    """A pipeline half way through calibration_decay: detectors, references, incidents, panes."""
+    work = tmp_path_factory.mktemp("midway")
+    rec = work / "rec.jsonl.gz"
+    write_recording(BUILTIN["calibration_decay"], rec)
+    config = load_config(rules_files()["demo"])
+    p = build_pipeline(config, notifier=ConsoleNotifier(stream=io.StringIO()))
+    source = open_recording(str(rec), config)
+    for _ in range(6):
+        batch = source.read(4096)
+        p.ingest(batch.events)
+        p.advance(p.watermark)
+    source.close()
+    assert p.detectors and p.assembler.panes
+    return p
+
+
+def test_a_pickled_pipeline_snapshot_is_refused_and_runs_nothing(midway, tmp_path):
+    target = tmp_path / "pwned"
+    forged = pickle.dumps({"snapshot_version": 2, "x": _Creates(str(target))})
+    fresh = Pipeline(midway.config, midway.edges)
+    with pytest.raises(StateError, match="pickled pipeline written by a rollbackd before schema 3"):
+        fresh.restore(forged)
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "garbage", "empty", "schema", "kind"])
+def test_a_damaged_snapshot_is_refused_with_the_reason(midway, damage):
+    blob = midway.snapshot()
+    blobs = midway.new_blobs()
+    header = struct.Struct(">4sBHI")
+    if damage == "truncated":
+        bad, reason = blob[: len(blob) // 2], "corrupt or truncated"
+    elif damage == "flipped":
+        i = len(blob) // 3
+        bad, reason = blob[:i] + bytes([blob[i] ^ 0x40]) + blob[i + 1:], "corrupt or truncated"
+    elif damage == "garbage":
+        bad, reason = os.urandom(4096), "no RBDS header"
+    elif damage == "empty":
+        bad, reason = b"", "no RBDS header"
+    elif damage == "schema":
+        magic, kind, _, crc = header.unpack_from(blob)
+        bad, reason = header.pack(magic, kind, SCHEMA + 1, crc) + blob[header.size:], f"schema {SCHEMA + 1}"
+    else:
+        bad, reason = frame("checkpoint", {"a": 1}), "a checkpoint record, not a pipeline"
+    fresh = Pipeline(midway.config, midway.edges)
+    with pytest.raises(StateError, match=reason):
+        fresh.restore(bad, blobs)
+    assert fresh.detectors == {} and fresh.assembler.panes == {}
+
+
+def test_a_record_with_a_valid_checksum_but_an_unknown_type_is_refused():
+    payload = msgspec.msgpack.encode(["o", "os.system", "command", "touch /tmp/x"])
+    forged = struct.pack(">4sBHI", b"RBDS", 1, SCHEMA, zlib.crc32(payload)) + payload
+    with pytest.raises(StateError, match="'os.system' is not one a snapshot may hold"):
+        unframe("pipeline", forged)
+    payload = msgspec.msgpack.encode(["a", "|O", [1], b"\x00" * 8])
+    forged = struct.pack(">4sBHI", b"RBDS", 1, SCHEMA, zlib.crc32(payload)) + payload
+    with pytest.raises(StateError, match="dtype '|O' is not allowed"):
+        unframe("pipeline", forged)
+
+
+def test_references_are_blobs_written_once_and_a_snapshot_missing_one_is_refused(midway):
+    whole = midway.snapshot()
+    blob = midway.snapshot(external=True)
+    digests = midway.blob_digests()
+    assert digests and set(midway.new_blobs()) == digests  # the first: every reference is new
+    assert len(blob) < len(whole)
+    again = midway.snapshot(external=True)
+    assert midway.new_blobs() == {} and midway.blob_digests() == digests  # written once
+    assert again == blob
+    fresh = Pipeline(midway.config, midway.edges)
+    with pytest.raises(StateError, match="is missing"):
+        fresh.restore(blob, {})
+    digest = sorted(digests)[0]
+    with pytest.raises(StateError, match="does not match its digest"):
+        fresh.restore(blob, {digest: frame("blob", [1, 2, 3])})
+    Pipeline(midway.config, midway.edges).restore(whole)  # self-contained
+
+
+def test_values_round_trip_with_their_types():
+    values = {
+        ("a", "b"): [1, 2.5, None, True, "x", b"\x00"],
+        "set": {1, 2}, "frozen": frozenset({"a"}), "big": 2**70, "neg": -(2**70),
+        "arr": np.arange(6, dtype=np.float32).reshape(2, 3), "scalar": np.float64(0.1),
+        "objarr": np.array(["a", 1, None], dtype=object), "inf": float("-inf"),
+    }
+    back = from_plain(msgspec.msgpack.decode(msgspec.msgpack.encode(to_plain(values))))
+    assert back.keys() == values.keys()
+    for k, v in values.items():
+        if isinstance(v, np.ndarray):
+            assert back[k].dtype == v.dtype and back[k].shape == v.shape and (back[k] == v).all()
+        else:
+            assert back[k] == v and type(back[k]) is type(v)
+
+
+@pytest.mark.parametrize("damage", ["pickle", "truncated", "schema", "garbage", "no pipeline"])
+def test_a_state_record_that_is_not_one_is_refused_and_runs_nothing(damage, tmp_path):
+    from rollbackd.daemon.snapshot import decode_state, encode_state
+    from rollbackd.errors import Fatal
+
+    target = tmp_path / "pwned"
+    good = encode_state({"pipeline": b"snapshot", "position": {"in:0": 5}, "decisions_offset": 2,
+                         "blind": None})
+    assert decode_state(good, "state/0")["position"] == {"in:0": 5}
+    if damage == "pickle":
+        bad = pickle.dumps({"format": 1, "pipeline": _Creates(str(target))})
+        reason = "state/0: a pickled state written by a rollbackd before schema 3: refused"
+    elif damage == "truncated":
+        bad, reason = good[:-3], "corrupt or truncated"
+    elif damage == "schema":
+        bad, reason = good[:5] + struct.pack(">H", 2) + good[7:], "state of schema 2; this rollbackd reads schema 3"
+    elif damage == "garbage":
+        bad, reason = b"\x00" * 64, "no RBDS header"
+    else:
+        bad, reason = encode_state({"position": {"in:0": 5}}), "without a pipeline snapshot"
+    with pytest.raises(StateError, match=reason) as exc:
+        decode_state(bad, "state/0")
+    assert isinstance(exc.value, Fatal)  # the daemon stops: the partition never starts empty
+    assert not target.exists()
+
+
+def test_a_detector_state_naming_a_field_its_class_does_not_declare_is_refused():
+    from rollbackd.daemon.snapshot import Declared, restore_detector
+    from rollbackd.detectors.error_rate import ErrorRate
+
+    det = ErrorRate(threshold=0.1)
+    with pytest.raises(StateError, match="ErrorRate has no field 'threshold'"):
+        restore_detector(det, Declared(["S", "threshold", 0.9]))
+    with pytest.raises(StateError, match="ErrorRate has no field '__class__'"):
+        restore_detector(det, Declared(["S", "__class__", ["o", "Alert"]]))
+    assert det.threshold == 0.1
+
+
+def test_river_state_that_does_not_decode_is_refused():
+    pytest.importorskip("river")
+    from rollbackd.daemon.snapshot import Declared, restore_detector
+    from rollbackd.detectors.sequential import Sequential
+
+    det = Sequential(method="adwin")
+    with pytest.raises(ValueError, match="saved state does not decode"):
+        restore_detector(det, Declared(["S", "_river", ["d", "_helper", b"garbage"]]))
+    with pytest.raises(ValueError, match="has no attribute '__class__'"):
+        restore_detector(det, Declared(["S", "_river", ["d", "__class__", "x"]]))
