@@ -261,6 +261,8 @@ def test_known_good_min_predictions_is_validated():
     assert "must be >= 0" in str(exc.value) and ":6:" in str(exc.value)
     with pytest.raises(ConfigError, match="expected an integer"):
         config(", known_good_min_predictions: 1.5")
+
+
 # Which incidents take a version's known-good status away ---------------------------------------
 MARKS = """
 version: 1
