@@ -263,8 +263,8 @@ def run(recording: Path, backend: str, tmp_path: Path, clock: FakeTime,
     return decisions.records, ledger
 
 
-def rollback_rows(ledger: Ledger) -> list[dict]:
-    return [json.loads(r["data"]) for r in ledger.rows("actions", action="rollback", phase="finished")]
+def rollback_rows(ledger: Ledger, action: str = "rollback") -> list[dict]:
+    return [json.loads(r["data"]) for r in ledger.rows("actions", action=action, phase="finished")]
 
 
 def test_a_rollback_a_writer_keeps_undoing_escalates_after_verify_within(sustained, tmp_path):
@@ -275,31 +275,45 @@ def test_a_rollback_a_writer_keeps_undoing_escalates_after_verify_within(sustain
     records, ledger = run(sustained, f"{{type: traffic-file, path: {path}}}", tmp_path, clock, GitOpsFile(path), said)
     (rb,) = [d for d in records if d.get("action") == "rollback"]
     assert rb["status"] == "succeeded"  # the file was written: apply itself went through
+    assert "verification" not in rb  # the rollback's record is what it was before checks existed
+    (check,) = [d for d in records if d.get("action") == "confirm"]
     looks, pauses = expected_looks(600.0, PollPolicy())
-    assert rb["verification"] == {"verdict": "unconfirmed", "backend": "traffic-file", "expected": "1",
-                                  "observed": "2", "polls": looks, "elapsed": 600.0,
-                                  "detail": "weights are {'1': 0, '2': 100}"}
+    verdict = {"verdict": "unconfirmed", "backend": "traffic-file", "expected": "1", "observed": "2",
+               "polls": looks, "elapsed": 600.0, "detail": "weights are {'1': 0, '2': 100}"}
+    described = f"observed 2, expected 1 (weights are {{'1': 0, '2': 100}}; {looks} polls in 600s)"
+    assert check == {
+        "ts": rb["ts"], "kind": "action", "action": "confirm", "incident_id": rb["incident_id"],
+        "deployment": "demo-scorer", "variant": "primary", "rule": "serving-error-rate",
+        "from_version": "2", "to_version": "1", "backend": "traffic-file",
+        "idempotency_key": rb["idempotency_key"] + "/confirm",
+        "status": "failed", "detail": described, "attempts": looks, "verification": verdict,
+    }
     at = records.index(rb)
     (esc,) = [d for d in records if d.get("state") == "rollback_unconfirmed"]
-    assert records.index(esc) == at + 1  # decided when the result came back, right after it
+    # Decided when each result came back: the check right after the rollback (a replay's
+    # executor runs it at once), the escalation right after the check.
+    assert (records.index(check), records.index(esc)) == (at + 1, at + 2)
     assert (esc["kind"], esc["incident_id"], esc["ts"]) == ("incident", rb["incident_id"], rb["ts"])
-    assert esc["verification"] == rb["verification"]
+    assert esc["verification"] == verdict
     notices = [d for d in records[at:] if d.get("action") == "notify"]
-    # The incident's first notice was decided in the same step, before the rollback's place.
+    # The incident's first notice was decided in the same step, before the rollback's place;
+    # the check's escalation comes after the rollback's own replies.
     assert [d["reason"] for d in notices[:4]] == [
         "incident opened", "rollback started", "rollback succeeded", "escalated: rollback not confirmed by traffic-file"]
     assert notices[3]["ts"] == rb["ts"]
-    assert said[3] == (
-        "[CRITICAL] demo-scorer/primary: serving-error-rate — escalated: rollback not confirmed by traffic-file: "
-        f"observed 2, expected 1 (weights are {{'1': 0, '2': 100}}; {looks} polls in 600s)")
-    assert rollback_rows(ledger)[0]["verification"]["verdict"] == "unconfirmed"
+    assert said[2] == "[CRITICAL] demo-scorer/primary: serving-error-rate — rollback succeeded: demo-scorer/primary 2 → 1"
+    assert said[3] == ("[CRITICAL] demo-scorer/primary: serving-error-rate — escalated: rollback not confirmed by "
+                       f"traffic-file: {described}")
+    assert "verification" not in rollback_rows(ledger)[0]
+    assert rollback_rows(ledger, "confirm")[0]["verification"]["verdict"] == "unconfirmed"
     (row,) = ledger.rows("incidents", change="rollback_unconfirmed")
     assert json.loads(row["data"])["verification"]["observed"] == "2"
     ledger.close()
     shown = CliRunner().invoke(main, ["incidents", "show", rb["incident_id"], "--db", str(tmp_path / "ledger.db")])
     assert shown.exit_code == 0, shown.output
-    assert (f"      target NOT confirmed by traffic-file: observed 2, expected 1 "
-            f"(weights are {{'1': 0, '2': 100}}; {looks} polls in 600s)") in shown.output.splitlines()
+    lines = shown.output.splitlines()
+    confirm_line = next(i for i, line in enumerate(lines) if "  confirm   1  failed  demo-scorer/primary" in line)
+    assert lines[confirm_line + 1] == f"      target NOT confirmed by traffic-file: {described}"
     assert "rollback_unconfirmed" in shown.output
     # The stream's own verdict is independent: the scenario's errors never stop, so the alerts'
     # verification fails at its deadline as well.
@@ -312,13 +326,22 @@ def test_a_rollback_the_file_took_is_confirmed_and_said_so(sustained, tmp_path):
     said = Said()
     records, ledger = run(sustained, f"{{type: traffic-file, path: {path}}}", tmp_path, FakeTime(), said=said)
     (rb,) = [d for d in records if d.get("action") == "rollback"]
-    assert rb["verification"]["verdict"] == "confirmed" and rb["verification"]["polls"] == 1
+    assert "verification" not in rb
+    (check,) = [d for d in records if d.get("action") == "confirm"]
+    assert (check["status"], check["verification"]["verdict"], check["verification"]["polls"]) == (
+        "succeeded", "confirmed", 1)
+    assert records.index(check) == records.index(rb) + 1
+    # "succeeded" says the backend took the request, as before checks existed; the check's
+    # reply follows it in the thread.
     assert said[2] == ("[CRITICAL] demo-scorer/primary: serving-error-rate — rollback succeeded: "
-                       "demo-scorer/primary 2 → 1 (confirmed by traffic-file: all traffic to 1)")
+                       "demo-scorer/primary 2 → 1")
+    assert said[3] == ("[CRITICAL] demo-scorer/primary: serving-error-rate — rollback confirmed by traffic-file: "
+                       "observed 1, expected 1 (all traffic to 1; 1 poll in 0s)")
     assert not [d for d in records if d.get("state") == "rollback_unconfirmed"]
     (done,) = [d for d in records if d.get("reason") == "rollback succeeded"]
     assert done["notice"] == "updated"
     assert json.loads(path.read_text())["routes"]["demo-scorer"] == {"1": 100, "2": 0}
+    ledger.close()
 
 
 def test_a_webhook_rollback_says_cannot_observe_in_the_ledger_and_nothing_in_the_decision_log(sustained, tmp_path):
@@ -327,7 +350,8 @@ def test_a_webhook_rollback_says_cannot_observe_in_the_ledger_and_nothing_in_the
         assert [r.method for r in server.requests] == ["POST"]  # one call; confirming asked nothing
     (rb,) = [d for d in hooked if d.get("action") == "rollback"]
     assert "verification" not in rb
-    assert not [d for d in hooked if d.get("state") == "rollback_unconfirmed"]
+    assert not [d for d in hooked if d.get("state") == "rollback_unconfirmed" or d.get("action") == "confirm"]
+    assert not ledger.rows("actions", action="confirm")  # no check was decided, none started
     (row,) = rollback_rows(ledger)
     assert row["verification"] == {"verdict": "cannot_observe", "backend": "webhook", "expected": "1",
                                    "observed": None, "polls": 0, "elapsed": 0.0,
@@ -340,10 +364,10 @@ def test_a_webhook_rollback_says_cannot_observe_in_the_ledger_and_nothing_in_the
     assert differ <= {"backend", "detail", "result"}
 
 
-def test_a_rollback_still_being_confirmed_counts_for_the_cooldown(sustained, tmp_path):
-    """Live, a rollback is in flight while its target is being confirmed: a second rollback of
-    the deployment decided meanwhile is held to the cooldown from the first one's decision, as
-    in a replay, where the first would have answered at once."""
+def test_a_rollback_still_in_flight_counts_for_the_cooldown(sustained, tmp_path):
+    """Live, a slow backend keeps a rollback in flight: a second rollback of the deployment
+    decided meanwhile is held to the cooldown from the first one's decision, as in a replay,
+    where the first would have answered at once."""
     from rollbackd.actions.intents import Rollback
 
     config = load_config_text(RULES.format(backend="{type: log}"), "verify.yaml")
