@@ -387,3 +387,74 @@ def test_a_rollback_still_in_flight_counts_for_the_cooldown(sustained, tmp_path)
     (rb,) = [d for d in decisions.records if d.get("action") == "rollback"]
     assert (rb["status"], rb["reason"]) == ("skipped", "cooldown")
     assert rb["detail"] == f"last rollback of demo-scorer at {start + 900.0:.3f}, cooldown 1800s"
+
+
+def test_a_checkpoint_taken_mid_check_resumes_the_check_and_applies_nothing_again(sustained, tmp_path):
+    """The live executor, the real command backend: the rollback script counts its runs, the
+    current_argv script reads what serves. A checkpoint is taken while the check waits between
+    looks; the daemon stops (the wait ends at once, no verdict); a new pipeline restored from
+    the checkpoint resumes the check, which the target now passes. The rollback ran once."""
+    import time
+
+    from rollbackd.actions.intents import Confirm, FollowUps
+    from rollbackd.actions.verification import Confirmer
+    from rollbackd.daemon.executor import LaneExecutor
+
+    serving, runs = tmp_path / "serving", tmp_path / "runs"
+    serving.write_text("2\n")  # another writer keeps 2 serving until after the restart
+    apply = script(tmp_path / "rollback.sh", f'echo "$1" >> {runs}\n')
+    read = script(tmp_path / "current.sh", f"cat {serving}\n")
+    backend = f"{{type: command, argv: [{apply}, '{{to_version}}'], current_argv: [{read}]}}"
+    config = load_config_text(RULES.format(backend=backend), "verify.yaml")
+    ledger = Ledger(tmp_path / "ledger.db", run_id="verify")
+    slow = PollPolicy(first=30.0, max_interval=30.0)
+
+    def live(decisions: MemoryDecisions) -> tuple:
+        pipeline = build_pipeline(config, decisions=decisions, recorder=ledger, env={})
+        pool = LaneExecutor(Delivery(pipeline.edges, Confirmer(slow)))
+        pipeline.executor = pool.bind(pipeline)
+        return pipeline, pool
+
+    def drain_until(pool: LaneExecutor, done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 20
+        while not done():
+            assert time.monotonic() < deadline, "not reached in time"
+            pool.drain()
+            time.sleep(0.01)
+
+    first = MemoryDecisions()
+    pipeline, pool = live(first)
+    replay(open_recording(str(sustained), config), pipeline)
+    drain_until(pool, lambda: any(isinstance(i, Confirm) for i in pool.in_flight()))
+    time.sleep(0.2)  # the check's first look saw 2; it waits 30 s for the next
+    checkpoint = pipeline.snapshot()
+    started = time.monotonic()
+    assert not pool.close(10.0)  # the check is left, in flight
+    assert time.monotonic() - started < 2  # the stop did not wait out the pause
+    (rb,) = [d for d in first.records if d.get("action") == "rollback"]
+    assert rb["status"] == "succeeded" and not [d for d in first.records if d.get("action") == "confirm"]
+    reasons = [d.get("reason") for d in first.records if d.get("action") == "notify"]
+    assert reasons[:3] == ["incident opened", "rollback started", "rollback succeeded"]  # not waiting for it
+    assert runs.read_text() == "1\n"
+
+    serving.write_text("1\n")
+    second = MemoryDecisions()
+    pipeline2, pool2 = live(second)
+    pipeline2.restore(checkpoint)
+    assert [type(i).__name__ for i in pipeline2.restored_effects] == ["Confirm", "FollowUps"]
+    key = rb["idempotency_key"] + "/confirm"
+    assert [i.key for i in pipeline2.restored_effects if isinstance(i, (Confirm, FollowUps))] == [key, key]
+    pool2.resubmit(pipeline2.restored_effects, pipeline2)
+    drain_until(pool2, lambda: len(second.records) >= 2)
+    assert pool2.close(5.0)
+    ledger.close()
+    check, said = second.records
+    assert (check["action"], check["status"], check["idempotency_key"]) == ("confirm", "succeeded", key)
+    assert (check["verification"]["verdict"], check["verification"]["observed"], check["verification"]["polls"]) == (
+        "confirmed", "1", 1)
+    assert (said["action"], said["reason"]) == ("notify", "rollback confirmed by command")
+    assert runs.read_text() == "1\n"  # the rollback script ran once, before the checkpoint
+    phases = [(r["action"], r["phase"]) for r in Ledger(tmp_path / "ledger.db", run_id="verify").rows("actions")
+              if r["action"] in ("rollback", "confirm")]
+    assert phases == [("rollback", "started"), ("rollback", "finished"), ("confirm", "started"),
+                      ("confirm", "finished")]
