@@ -458,3 +458,16 @@ def test_a_checkpoint_taken_mid_check_resumes_the_check_and_applies_nothing_agai
               if r["action"] in ("rollback", "confirm")]
     assert phases == [("rollback", "started"), ("rollback", "finished"), ("confirm", "started"),
                       ("confirm", "finished")]
+
+
+def test_which_backends_are_checked_after_a_rollback(tmp_path):
+    """A check is decided only for a backend that reads back; a command only with current_argv."""
+    from rollbackd.actions.base import observes
+
+    with LoopbackServer() as server:
+        webhook = WebhookBackend(server.url)
+    apply = script(tmp_path / "rollback.sh", "exit 0\n")
+    assert [observes(b) for b in (LogBackend(), webhook, CommandBackend([apply]),
+                                  CommandBackend([apply], current_argv=[apply]),
+                                  TrafficFileBackend(tmp_path / "routes.json"), BrokenRead())] == [
+        False, False, False, True, True, True]
