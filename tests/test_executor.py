@@ -488,11 +488,13 @@ def test_close_ends_a_check_between_looks_and_keeps_it_in_flight(servers, tmp_pa
     engine.executor.submit(rollback("slow", "inc-s"))
     wait_for(lambda: len(engine.results) == 1 and pool.in_flight(), pool=pool)
     time.sleep(0.2)  # the first look is taken; the check waits 30 s for the next
+    engine.executor.submit(rollback("slow", "inc-t"))  # queued behind the check in the act lane
     started = time.monotonic()
-    assert not pool.close(10.0)  # something is left: the check
-    assert time.monotonic() - started < 2
-    (left,) = pool.in_flight()
+    assert not pool.close(10.0)  # something is left: the check, and the rollback behind it
+    assert time.monotonic() - started < 2  # neither the pause nor the queue behind it waited out
+    left, behind = pool.in_flight()
     assert isinstance(left, Confirm) and left.key == "inc-s:rollback:primary:1/confirm"
+    assert isinstance(behind, Rollback) and behind.key == "inc-t:rollback:primary:1"
     assert [r["phase"] for r in ledger.rows("actions", action="confirm")] == ["started"]
     assert [r["status"] for r in edges.decisions.records] == ["succeeded"]  # the rollback only
     # After the restart the other writer has given up: the file keeps the rollback.

@@ -11,9 +11,9 @@ record).
   their order in the decision log, are those of an engine that called its edges itself.
 - :class:`LaneExecutor` (the live daemon) writes records at once, but runs calls on worker
   threads, two *lanes* per deployment: rollbacks, their checks against the target and pauses
-  in one, notices in the other, each
-  in the order decided; a notice waits for the rollbacks decided before it to start, a rollback
-  never waits for a notice, and a slow webhook or Slack holds up only its own deployment.
+  in one, notices in the other, each in the order decided; a notice waits for the rollbacks
+  decided before it to start, a rollback never waits for a notice, and a slow webhook or Slack
+  holds up only its own deployment.
   Results come back to the processing thread through :meth:`LaneExecutor.drain`, called by the
   loop, each deployment's in the order decided: the engine and the ledger are only ever touched
   from that thread. Work in flight is bounded; a notice that finds its lane full is recorded as
@@ -267,8 +267,10 @@ class LaneExecutor:
 
     # Internals ----------------------------------------------------------------------------
     def _held(self) -> int:
+        """Calls that cannot run in this process any more: a held check, and what waits behind
+        it in its lane (close need not wait for them)."""
         with self._wake:
-            return sum(1 for lane in self._lanes.values() if lane.items and lane.items[0][1].held)
+            return sum(lane.calls for lane in self._lanes.values() if lane.items and lane.items[0][1].held)
 
     def _done_already(self, call: Call, engine: Engine) -> bool:
         done = self._via(engine).outbox(call)
