@@ -514,6 +514,8 @@ def _timeline_line(rec: dict[str, Any]) -> str:
                 f"{rec['status']}  {where}  ({rec.get('detail', '')})")
     if rec["action"] == "pause":
         return f"{when}  pause     {rec['status']:<12} {where}  ({rec.get('detail', '')})"
+    if rec["action"] == "confirm":  # the check of a rollback against its target
+        return f"{when}  confirm   {rec.get('to_version')}  {rec['status']}  {where}"
     return f"{when}  notify    {rec.get('notice', ''):<22} {rec['status']:<12} {where}"
 
 

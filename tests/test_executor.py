@@ -15,10 +15,11 @@ from loopback import LoopbackServer, Reply, SlackAPI
 
 from rollbackd.actions.base import ActionResult, Notice, RollbackPlan
 from rollbackd.actions.delivery import Delivery
-from rollbackd.actions.intents import Call, Fill, FollowUps, Notify, Record, Rollback
+from rollbackd.actions.intents import Call, Confirm, Fill, FollowUps, Notify, Record, Rollback, confirm_key
 from rollbackd.actions.slack import SlackNotifier
 from rollbackd.actions.webhook import WebhookBackend
 from rollbackd.actions.retry import RetryPolicy
+from rollbackd.actions.verification import Confirmer, PollPolicy
 from rollbackd.daemon.decisions import MemoryDecisions
 from rollbackd.daemon.executor import LaneExecutor, SyncExecutor
 from rollbackd.daemon.ledger import Ledger
@@ -316,7 +317,7 @@ def test_the_sync_executor_reports_before_it_returns_and_queues_follow_ups_behin
     assert [r["kind"] for r in edges.decisions.records] == ["alert", "action", "action"]
 
 
-# Confirming a rollback against its target runs in the act lane ----------------------------
+# A rollback's check against its target is a call of its own, in the act lane -------------
 class Gated:
     """The confirmer's time: each pause waits for ``release`` (a slow convergence) and then
     advances the fake clock by the pause."""
@@ -335,73 +336,108 @@ class Gated:
         return self.t
 
 
-def confirming_rollback(deployment: str, incident: str) -> Rollback:
-    base = rollback(deployment, incident)
-    return Rollback(base.key, base.plan, base.rec, {"verify_within": 60.0, "backend": "traffic-file"})
+def check_of(call: Rollback, within: float = 60.0) -> Confirm:
+    """The check the responder decides once ``call`` was applied (``Responder._confirm``)."""
+    key = confirm_key(call.key)
+    rec = {**call.rec, "action": "confirm", "idempotency_key": key}
+    return Confirm(key, call.plan, rec, {"verify_within": within, "backend": "traffic-file"})
 
 
-def traffic_edges(tmp_path, slack: LoopbackServer, stuck: str, ledger: Any = None) -> Edges:
+class Checking(Engine):
+    """Follows each applied rollback with its check, as the responder does."""
+
+    def apply_result(self, call: Call, result: ActionResult) -> None:
+        super().apply_result(call, result)
+        if isinstance(call, Rollback) and result.status in ("succeeded", "skipped"):
+            self.executor.submit(check_of(call))
+
+
+class Counted:
+    """A traffic-file backend that counts its applies (the witness that nothing is re-applied)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.applied = 0
+
+    def apply(self, plan: RollbackPlan) -> ActionResult:
+        self.applied += 1
+        return self.inner.apply(plan)
+
+    def current(self, deployment: str, variant: str) -> str | None:
+        return self.inner.current(deployment, variant)
+
+    def verify(self, plan: RollbackPlan) -> ActionResult:
+        return self.inner.verify(plan)
+
+
+OLD_ROUTES = '{"routes": {"%s": {"1": 0, "2": 100}}}'
+
+
+def traffic_edges(tmp_path, slack: LoopbackServer, stuck: str, ledger: Any = None) -> tuple[Edges, dict[str, Counted]]:
     """A traffic file per deployment; ``stuck``'s is put back to version 2 right after each
     rollback writes it (another writer), so it never reports the target."""
     from rollbackd.actions.trafficfile import TrafficFileBackend
 
-    old = '{"routes": {"%s": {"1": 0, "2": 100}}}'
-
     class Undone(TrafficFileBackend):
         def apply(self, plan: RollbackPlan) -> ActionResult:
             result = super().apply(plan)
-            self.path.write_text(old % plan.deployment)
+            self.path.write_text(OLD_ROUTES % plan.deployment)
             return result
 
     backends = {}
     for name in ("slow", "fast"):
         path = tmp_path / f"{name}.json"
-        path.write_text(old % name)
-        backends[name] = (Undone if name == stuck else TrafficFileBackend)(path)
+        path.write_text(OLD_ROUTES % name)
+        backends[name] = Counted((Undone if name == stuck else TrafficFileBackend)(path))
     edges = Edges(notifier=SlackNotifier("xoxb-t", "#oncall", base_url=slack.url + "/api/"),
                   backend_for=backends.__getitem__, decisions=MemoryDecisions())
     if ledger is not None:
         edges.recorder = ledger
-    return edges
+    return edges, backends
 
 
-def test_a_rollback_being_confirmed_holds_up_only_its_own_lane(servers, tmp_path):
-    """The slow deployment's target never reports back: its confirmation polls in its act lane,
-    while the processing thread drains and the fast deployment's rollback is confirmed and
-    reported; released, the slow one ends unconfirmed at the bound."""
-    from rollbackd.actions.verification import Confirmer
-
+def test_a_check_against_the_target_holds_up_only_its_own_lane(servers, tmp_path):
+    """The slow deployment's target never reports back. Its rollback is reported as soon as the
+    backend answered; its check then polls in the act lane, while the processing thread drains
+    and the fast deployment's rollback and check are reported; released, the slow check ends
+    unconfirmed at the bound."""
     slack, _ = servers
     clock = Gated()
-    edges = traffic_edges(tmp_path, slack, stuck="slow")
-    engine = Engine()
+    edges, _ = traffic_edges(tmp_path, slack, stuck="slow")
+    engine = Checking()
     pool = LaneExecutor(Delivery(edges, Confirmer(sleep=clock.sleep, monotonic=clock.monotonic)), workers=4)
     engine.executor = pool.bind(engine)
     try:
-        engine.executor.submit(confirming_rollback("slow", "inc-s"))
-        assert clock.slept.wait(10)  # the slow one is between looks
-        engine.executor.submit(confirming_rollback("fast", "inc-f"))
+        engine.executor.submit(rollback("slow", "inc-s"))
+        wait_for(lambda: len(engine.results) == 1, pool=pool)  # the rollback, not waiting for its check
+        assert clock.slept.wait(10)  # the slow check is between looks
+        engine.executor.submit(rollback("fast", "inc-f"))
         started = time.monotonic()
-        wait_for(lambda: len(engine.results) == 1, pool=pool)
+        wait_for(lambda: len(engine.results) == 3, pool=pool)
         assert time.monotonic() - started < 5
-        assert [k.split(":")[0] for k, _, _ in engine.results] == ["inc-f"]
-        assert [i.key.split(":")[0] for i in pool.in_flight()] == ["inc-s"]
+        assert [k for k, _, _ in engine.results] == [
+            "inc-s:rollback:primary:1", "inc-f:rollback:primary:1", "inc-f:rollback:primary:1/confirm"]
+        assert [(type(i).__name__, i.key) for i in pool.in_flight()] == [
+            ("Confirm", "inc-s:rollback:primary:1/confirm")]
         clock.release.set()
-        wait_for(lambda: len(engine.results) == 2, pool=pool)
+        wait_for(lambda: len(engine.results) == 4, pool=pool)
     finally:
         clock.release.set()
         assert pool.close(5.0)
-    checked = {r["incident_id"]: r["verification"] for r in edges.decisions.records}
+    records = edges.decisions.records
+    assert [(r["incident_id"], r["action"], r["status"]) for r in records] == [
+        ("inc-s", "rollback", "succeeded"), ("inc-f", "rollback", "succeeded"),
+        ("inc-f", "confirm", "succeeded"), ("inc-s", "confirm", "failed")]
+    assert all("verification" not in r for r in records if r["action"] == "rollback")
+    checked = {r["incident_id"]: r["verification"] for r in records if r["action"] == "confirm"}
     assert (checked["inc-f"]["verdict"], checked["inc-f"]["polls"]) == ("confirmed", 1)
     assert (checked["inc-s"]["verdict"], checked["inc-s"]["observed"], checked["inc-s"]["elapsed"]) == (
         "unconfirmed", "2", 60.0)
 
 
-def test_a_restart_finds_the_verification_in_the_outbox_and_looks_no_more(servers, tmp_path):
-    """The rollback finished (unconfirmed) before the crash: resubmitted from the checkpoint, its
+def test_a_restart_finds_the_check_in_the_outbox_and_looks_no_more(servers, tmp_path):
+    """The check finished (unconfirmed) before the crash: resubmitted from the checkpoint, its
     result, verification included, comes from the ledger; nothing is applied or polled again."""
-    from rollbackd.actions.verification import Confirmer
-
     slack, _ = servers
     ledger = Ledger(tmp_path / "l.db", run_id="r")
     clock = Gated()
@@ -415,9 +451,10 @@ def test_a_restart_finds_the_verification_in_the_outbox_and_looks_no_more(server
 
     engine = Keeps()
     confirmer = Confirmer(sleep=clock.sleep, monotonic=clock.monotonic)
-    pool = LaneExecutor(Delivery(traffic_edges(tmp_path, slack, "slow", ledger), confirmer))
+    edges, _ = traffic_edges(tmp_path, slack, "slow", ledger)
+    pool = LaneExecutor(Delivery(edges, confirmer))
     engine.executor = pool.bind(engine)
-    call = confirming_rollback("slow", "inc-s")
+    call = check_of(rollback("slow", "inc-s"))
     engine.executor.submit(call)
     wait_for(lambda: len(seen) == 1, pool=pool)
     pool.close(5.0)
@@ -433,6 +470,41 @@ def test_a_restart_finds_the_verification_in_the_outbox_and_looks_no_more(server
     wait_for(lambda: len(seen) == 2, pool=pool2)
     pool2.close(5.0)
     ledger.close()
-    assert seen[1].status == "succeeded"  # from the outbox: asking the backend would have failed
+    assert seen[1].status == "failed"  # from the outbox: asking the backend would have failed
     assert seen[1].verification == seen[0].verification
     assert seen[1].verification is not None and seen[1].verification.verdict == "unconfirmed"
+
+
+def test_close_ends_a_check_between_looks_and_keeps_it_in_flight(servers, tmp_path):
+    """Stopping mid-check does not wait for the bound: the pause between looks (a real wait on
+    the confirmer's stop event) ends at once, the check gives no verdict and stays in flight;
+    resubmitted after the restart, it looks again and the rollback is not applied again."""
+    slack, _ = servers
+    ledger = Ledger(tmp_path / "l.db", run_id="r")
+    edges, backends = traffic_edges(tmp_path, slack, "slow", ledger)
+    engine = Checking()
+    pool = LaneExecutor(Delivery(edges, Confirmer(PollPolicy(first=30.0, max_interval=30.0))))
+    engine.executor = pool.bind(engine)
+    engine.executor.submit(rollback("slow", "inc-s"))
+    wait_for(lambda: len(engine.results) == 1 and pool.in_flight(), pool=pool)
+    time.sleep(0.2)  # the first look is taken; the check waits 30 s for the next
+    engine.executor.submit(rollback("slow", "inc-t"))  # queued behind the check in the act lane
+    started = time.monotonic()
+    assert not pool.close(10.0)  # something is left: the check, and the rollback behind it
+    assert time.monotonic() - started < 2  # neither the pause nor the queue behind it waited out
+    left, behind = pool.in_flight()
+    assert isinstance(left, Confirm) and left.key == "inc-s:rollback:primary:1/confirm"
+    assert isinstance(behind, Rollback) and behind.key == "inc-t:rollback:primary:1"
+    assert [r["phase"] for r in ledger.rows("actions", action="confirm")] == ["started"]
+    assert [r["status"] for r in edges.decisions.records] == ["succeeded"]  # the rollback only
+    # After the restart the other writer has given up: the file keeps the rollback.
+    backends["slow"].inner.path.write_text('{"routes": {"slow": {"1": 100, "2": 0}}}')
+    engine2 = Checking()
+    pool2 = LaneExecutor(Delivery(edges, Confirmer(PollPolicy(first=30.0, max_interval=30.0))))
+    engine2.executor = pool2.bind(engine2)
+    pool2.resubmit([left], engine2)
+    wait_for(lambda: len(engine2.results) == 1, pool=pool2)
+    assert pool2.close(5.0)
+    ledger.close()
+    assert engine2.results[0][:2] == ("inc-s:rollback:primary:1/confirm", "succeeded")
+    assert backends["slow"].applied == 1

@@ -194,6 +194,31 @@ def test_values_round_trip_with_their_types():
             assert back[k] == v and type(back[k]) is type(v)
 
 
+def test_every_intent_an_executor_holds_in_flight_round_trips():
+    """A checkpoint carries the calls in flight: each kind of intent must come back as itself
+    (a rollback's check among them, so a restart resumes it instead of re-applying)."""
+    import typing
+
+    from rollbackd.actions import intents
+    from rollbackd.actions.base import Notice, RollbackPlan
+
+    plan = RollbackPlan("d", "primary", "2", "1", "inc-1", "rule r")
+    rec = {"ts": 1.0, "kind": "action", "deployment": "d"}
+    notice = intents.Notify("inc-1:notice:0", Notice("inc-1", "opened", 1.0, "d", "primary", "2", "t", "x"),
+                            rec, "incident opened")
+    made = [
+        intents.Record(rec, "action"), notice, intents.Rollback(plan.idempotency_key, plan, rec, {"verify_within": 900.0}),
+        intents.Pause("inc-1:pause:primary", "d", "primary", "inc-1", rec),
+        intents.Confirm(intents.confirm_key(plan.idempotency_key), plan, rec,
+                        {"verify_within": 900.0, "backend": "command"}),
+        intents.FollowUps(plan.idempotency_key, "d"), intents.Fill(plan.idempotency_key, "d", (notice,)),
+    ]
+    assert {type(i) for i in made} == set(typing.get_args(intents.Intent))
+    back = from_plain(msgspec.msgpack.decode(msgspec.msgpack.encode(to_plain(made))))
+    assert back == made and [type(i) for i in back] == [type(i) for i in made]
+    assert back[4].key == "inc-1:rollback:primary:1/confirm"
+
+
 @pytest.mark.parametrize("damage", ["pickle", "truncated", "schema", "garbage", "no pipeline"])
 def test_a_state_record_that_is_not_one_is_refused_and_runs_nothing(damage, tmp_path):
     from rollbackd.daemon.snapshot import decode_state, encode_state

@@ -263,8 +263,8 @@ def run(recording: Path, backend: str, tmp_path: Path, clock: FakeTime,
     return decisions.records, ledger
 
 
-def rollback_rows(ledger: Ledger) -> list[dict]:
-    return [json.loads(r["data"]) for r in ledger.rows("actions", action="rollback", phase="finished")]
+def rollback_rows(ledger: Ledger, action: str = "rollback") -> list[dict]:
+    return [json.loads(r["data"]) for r in ledger.rows("actions", action=action, phase="finished")]
 
 
 def test_a_rollback_a_writer_keeps_undoing_escalates_after_verify_within(sustained, tmp_path):
@@ -275,31 +275,45 @@ def test_a_rollback_a_writer_keeps_undoing_escalates_after_verify_within(sustain
     records, ledger = run(sustained, f"{{type: traffic-file, path: {path}}}", tmp_path, clock, GitOpsFile(path), said)
     (rb,) = [d for d in records if d.get("action") == "rollback"]
     assert rb["status"] == "succeeded"  # the file was written: apply itself went through
+    assert "verification" not in rb  # the rollback's record is what it was before checks existed
+    (check,) = [d for d in records if d.get("action") == "confirm"]
     looks, pauses = expected_looks(600.0, PollPolicy())
-    assert rb["verification"] == {"verdict": "unconfirmed", "backend": "traffic-file", "expected": "1",
-                                  "observed": "2", "polls": looks, "elapsed": 600.0,
-                                  "detail": "weights are {'1': 0, '2': 100}"}
+    verdict = {"verdict": "unconfirmed", "backend": "traffic-file", "expected": "1", "observed": "2",
+               "polls": looks, "elapsed": 600.0, "detail": "weights are {'1': 0, '2': 100}"}
+    described = f"observed 2, expected 1 (weights are {{'1': 0, '2': 100}}; {looks} polls in 600s)"
+    assert check == {
+        "ts": rb["ts"], "kind": "action", "action": "confirm", "incident_id": rb["incident_id"],
+        "deployment": "demo-scorer", "variant": "primary", "rule": "serving-error-rate",
+        "from_version": "2", "to_version": "1", "backend": "traffic-file",
+        "idempotency_key": rb["idempotency_key"] + "/confirm",
+        "status": "failed", "detail": described, "attempts": looks, "verification": verdict,
+    }
     at = records.index(rb)
     (esc,) = [d for d in records if d.get("state") == "rollback_unconfirmed"]
-    assert records.index(esc) == at + 1  # decided when the result came back, right after it
+    # Decided when each result came back: the check right after the rollback (a replay's
+    # executor runs it at once), the escalation right after the check.
+    assert (records.index(check), records.index(esc)) == (at + 1, at + 2)
     assert (esc["kind"], esc["incident_id"], esc["ts"]) == ("incident", rb["incident_id"], rb["ts"])
-    assert esc["verification"] == rb["verification"]
+    assert esc["verification"] == verdict
     notices = [d for d in records[at:] if d.get("action") == "notify"]
-    # The incident's first notice was decided in the same step, before the rollback's place.
+    # The incident's first notice was decided in the same step, before the rollback's place;
+    # the check's escalation comes after the rollback's own replies.
     assert [d["reason"] for d in notices[:4]] == [
         "incident opened", "rollback started", "rollback succeeded", "escalated: rollback not confirmed by traffic-file"]
     assert notices[3]["ts"] == rb["ts"]
-    assert said[3] == (
-        "[CRITICAL] demo-scorer/primary: serving-error-rate — escalated: rollback not confirmed by traffic-file: "
-        f"observed 2, expected 1 (weights are {{'1': 0, '2': 100}}; {looks} polls in 600s)")
-    assert rollback_rows(ledger)[0]["verification"]["verdict"] == "unconfirmed"
+    assert said[2] == "[CRITICAL] demo-scorer/primary: serving-error-rate — rollback succeeded: demo-scorer/primary 2 → 1"
+    assert said[3] == ("[CRITICAL] demo-scorer/primary: serving-error-rate — escalated: rollback not confirmed by "
+                       f"traffic-file: {described}")
+    assert "verification" not in rollback_rows(ledger)[0]
+    assert rollback_rows(ledger, "confirm")[0]["verification"]["verdict"] == "unconfirmed"
     (row,) = ledger.rows("incidents", change="rollback_unconfirmed")
     assert json.loads(row["data"])["verification"]["observed"] == "2"
     ledger.close()
     shown = CliRunner().invoke(main, ["incidents", "show", rb["incident_id"], "--db", str(tmp_path / "ledger.db")])
     assert shown.exit_code == 0, shown.output
-    assert (f"      target NOT confirmed by traffic-file: observed 2, expected 1 "
-            f"(weights are {{'1': 0, '2': 100}}; {looks} polls in 600s)") in shown.output.splitlines()
+    lines = shown.output.splitlines()
+    confirm_line = next(i for i, line in enumerate(lines) if "  confirm   1  failed  demo-scorer/primary" in line)
+    assert lines[confirm_line + 1] == f"      target NOT confirmed by traffic-file: {described}"
     assert "rollback_unconfirmed" in shown.output
     # The stream's own verdict is independent: the scenario's errors never stop, so the alerts'
     # verification fails at its deadline as well.
@@ -312,13 +326,22 @@ def test_a_rollback_the_file_took_is_confirmed_and_said_so(sustained, tmp_path):
     said = Said()
     records, ledger = run(sustained, f"{{type: traffic-file, path: {path}}}", tmp_path, FakeTime(), said=said)
     (rb,) = [d for d in records if d.get("action") == "rollback"]
-    assert rb["verification"]["verdict"] == "confirmed" and rb["verification"]["polls"] == 1
+    assert "verification" not in rb
+    (check,) = [d for d in records if d.get("action") == "confirm"]
+    assert (check["status"], check["verification"]["verdict"], check["verification"]["polls"]) == (
+        "succeeded", "confirmed", 1)
+    assert records.index(check) == records.index(rb) + 1
+    # "succeeded" says the backend took the request, as before checks existed; the check's
+    # reply follows it in the thread.
     assert said[2] == ("[CRITICAL] demo-scorer/primary: serving-error-rate — rollback succeeded: "
-                       "demo-scorer/primary 2 → 1 (confirmed by traffic-file: all traffic to 1)")
+                       "demo-scorer/primary 2 → 1")
+    assert said[3] == ("[CRITICAL] demo-scorer/primary: serving-error-rate — rollback confirmed by traffic-file: "
+                       "observed 1, expected 1 (all traffic to 1; 1 poll in 0s)")
     assert not [d for d in records if d.get("state") == "rollback_unconfirmed"]
     (done,) = [d for d in records if d.get("reason") == "rollback succeeded"]
     assert done["notice"] == "updated"
     assert json.loads(path.read_text())["routes"]["demo-scorer"] == {"1": 100, "2": 0}
+    ledger.close()
 
 
 def test_a_webhook_rollback_says_cannot_observe_in_the_ledger_and_nothing_in_the_decision_log(sustained, tmp_path):
@@ -327,7 +350,8 @@ def test_a_webhook_rollback_says_cannot_observe_in_the_ledger_and_nothing_in_the
         assert [r.method for r in server.requests] == ["POST"]  # one call; confirming asked nothing
     (rb,) = [d for d in hooked if d.get("action") == "rollback"]
     assert "verification" not in rb
-    assert not [d for d in hooked if d.get("state") == "rollback_unconfirmed"]
+    assert not [d for d in hooked if d.get("state") == "rollback_unconfirmed" or d.get("action") == "confirm"]
+    assert not ledger.rows("actions", action="confirm")  # no check was decided, none started
     (row,) = rollback_rows(ledger)
     assert row["verification"] == {"verdict": "cannot_observe", "backend": "webhook", "expected": "1",
                                    "observed": None, "polls": 0, "elapsed": 0.0,
@@ -340,10 +364,10 @@ def test_a_webhook_rollback_says_cannot_observe_in_the_ledger_and_nothing_in_the
     assert differ <= {"backend", "detail", "result"}
 
 
-def test_a_rollback_still_being_confirmed_counts_for_the_cooldown(sustained, tmp_path):
-    """Live, a rollback is in flight while its target is being confirmed: a second rollback of
-    the deployment decided meanwhile is held to the cooldown from the first one's decision, as
-    in a replay, where the first would have answered at once."""
+def test_a_rollback_still_in_flight_counts_for_the_cooldown(sustained, tmp_path):
+    """Live, a slow backend keeps a rollback in flight: a second rollback of the deployment
+    decided meanwhile is held to the cooldown from the first one's decision, as in a replay,
+    where the first would have answered at once."""
     from rollbackd.actions.intents import Rollback
 
     config = load_config_text(RULES.format(backend="{type: log}"), "verify.yaml")
@@ -363,3 +387,87 @@ def test_a_rollback_still_being_confirmed_counts_for_the_cooldown(sustained, tmp
     (rb,) = [d for d in decisions.records if d.get("action") == "rollback"]
     assert (rb["status"], rb["reason"]) == ("skipped", "cooldown")
     assert rb["detail"] == f"last rollback of demo-scorer at {start + 900.0:.3f}, cooldown 1800s"
+
+
+def test_a_checkpoint_taken_mid_check_resumes_the_check_and_applies_nothing_again(sustained, tmp_path):
+    """The live executor, the real command backend: the rollback script counts its runs, the
+    current_argv script reads what serves. A checkpoint is taken while the check waits between
+    looks; the daemon stops (the wait ends at once, no verdict); a new pipeline restored from
+    the checkpoint resumes the check, which the target now passes. The rollback ran once."""
+    import time
+
+    from rollbackd.actions.intents import Confirm, FollowUps
+    from rollbackd.actions.verification import Confirmer
+    from rollbackd.daemon.executor import LaneExecutor
+
+    serving, runs = tmp_path / "serving", tmp_path / "runs"
+    serving.write_text("2\n")  # another writer keeps 2 serving until after the restart
+    apply = script(tmp_path / "rollback.sh", f'echo "$1" >> {runs}\n')
+    read = script(tmp_path / "current.sh", f"cat {serving}\n")
+    backend = f"{{type: command, argv: [{apply}, '{{to_version}}'], current_argv: [{read}]}}"
+    config = load_config_text(RULES.format(backend=backend), "verify.yaml")
+    ledger = Ledger(tmp_path / "ledger.db", run_id="verify")
+    slow = PollPolicy(first=30.0, max_interval=30.0)
+
+    def live(decisions: MemoryDecisions) -> tuple:
+        pipeline = build_pipeline(config, decisions=decisions, recorder=ledger, env={})
+        pool = LaneExecutor(Delivery(pipeline.edges, Confirmer(slow)))
+        pipeline.executor = pool.bind(pipeline)
+        return pipeline, pool
+
+    def drain_until(pool: LaneExecutor, done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 20
+        while not done():
+            assert time.monotonic() < deadline, "not reached in time"
+            pool.drain()
+            time.sleep(0.01)
+
+    first = MemoryDecisions()
+    pipeline, pool = live(first)
+    replay(open_recording(str(sustained), config), pipeline)
+    drain_until(pool, lambda: any(isinstance(i, Confirm) for i in pool.in_flight()))
+    time.sleep(0.2)  # the check's first look saw 2; it waits 30 s for the next
+    checkpoint = pipeline.snapshot()
+    started = time.monotonic()
+    assert not pool.close(10.0)  # the check is left, in flight
+    assert time.monotonic() - started < 2  # the stop did not wait out the pause
+    (rb,) = [d for d in first.records if d.get("action") == "rollback"]
+    assert rb["status"] == "succeeded" and not [d for d in first.records if d.get("action") == "confirm"]
+    reasons = [d.get("reason") for d in first.records if d.get("action") == "notify"]
+    assert reasons[:3] == ["incident opened", "rollback started", "rollback succeeded"]  # not waiting for it
+    assert runs.read_text() == "1\n"
+
+    serving.write_text("1\n")
+    second = MemoryDecisions()
+    pipeline2, pool2 = live(second)
+    pipeline2.restore(checkpoint)
+    assert [type(i).__name__ for i in pipeline2.restored_effects] == ["Confirm", "FollowUps"]
+    key = rb["idempotency_key"] + "/confirm"
+    assert [i.key for i in pipeline2.restored_effects if isinstance(i, (Confirm, FollowUps))] == [key, key]
+    pool2.resubmit(pipeline2.restored_effects, pipeline2)
+    drain_until(pool2, lambda: len(second.records) >= 2)
+    assert pool2.close(5.0)
+    ledger.close()
+    check, said = second.records
+    assert (check["action"], check["status"], check["idempotency_key"]) == ("confirm", "succeeded", key)
+    assert (check["verification"]["verdict"], check["verification"]["observed"], check["verification"]["polls"]) == (
+        "confirmed", "1", 1)
+    assert (said["action"], said["reason"]) == ("notify", "rollback confirmed by command")
+    assert runs.read_text() == "1\n"  # the rollback script ran once, before the checkpoint
+    phases = [(r["action"], r["phase"]) for r in Ledger(tmp_path / "ledger.db", run_id="verify").rows("actions")
+              if r["action"] in ("rollback", "confirm")]
+    assert phases == [("rollback", "started"), ("rollback", "finished"), ("confirm", "started"),
+                      ("confirm", "finished")]
+
+
+def test_which_backends_are_checked_after_a_rollback(tmp_path):
+    """A check is decided only for a backend that reads back; a command only with current_argv."""
+    from rollbackd.actions.base import observes
+
+    with LoopbackServer() as server:
+        webhook = WebhookBackend(server.url)
+    apply = script(tmp_path / "rollback.sh", "exit 0\n")
+    assert [observes(b) for b in (LogBackend(), webhook, CommandBackend([apply]),
+                                  CommandBackend([apply], current_argv=[apply]),
+                                  TrafficFileBackend(tmp_path / "routes.json"), BrokenRead())] == [
+        False, False, False, True, True, True]

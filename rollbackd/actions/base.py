@@ -20,6 +20,8 @@ __all__ = [
     "RollbackBackend",
     "ObservableBackend",
     "PausableBackend",
+    "ConfiguredObservable",
+    "observes",
     "current_version",
     "verify_plan",
     "pause_rollout",
@@ -178,6 +180,23 @@ class ObservableBackend(Protocol):
     def current(self, deployment: str, variant: str) -> str | None: ...
 
     def verify(self, plan: RollbackPlan) -> ActionResult: ...
+
+
+@runtime_checkable
+class ConfiguredObservable(Protocol):
+    """An :class:`ObservableBackend` whose read-back depends on how it is configured (a
+    ``command`` without ``current_argv`` has none): ``observes`` says whether this one has it."""
+
+    @property
+    def observes(self) -> bool: ...
+
+
+def observes(backend: RollbackBackend) -> bool:
+    """Whether ``backend`` can read back the system it changes (so a rollback through it is
+    confirmed against its target)."""
+    if not isinstance(backend, ObservableBackend):
+        return False
+    return backend.observes if isinstance(backend, ConfiguredObservable) else True
 
 
 @runtime_checkable

@@ -187,6 +187,10 @@ class CommandBackend:
         bound.error("rollback.command", outcome="failed", detail=detail, returncode=data["returncode"])
         return ActionResult("failed", detail, data=data)
 
+    @property
+    def observes(self) -> bool:
+        return self.current_argv is not None
+
     def current(self, deployment: str, variant: str) -> str | None:
         if self.current_argv is None:
             return None

@@ -1,9 +1,10 @@
 """Delivery: the small stages every call goes through, written once.
 
-outbox (done already? reuse its outcome) → record started → call (never raises; a rollback
-that went through is then confirmed against its target, ``actions/verification.py``) → record
-finished. Rollbacks, pauses, incident notices, the blind notice and the digest all pass through
-here, in a replay and live alike; only *where* the call runs differs (``daemon/executor.py``).
+outbox (done already? reuse its outcome) → record started → call (never raises) → record
+finished. Rollbacks, their checks against the target (``Confirm``, polling the backend's
+read-back: ``actions/verification.py``), pauses, incident notices, the blind notice and the
+digest all pass through here, in a replay and live alike; only *where* the call runs differs
+(``daemon/executor.py``).
 Retry by classification happens inside the call, in each backend and notifier
 (``actions/retry.py``); a call that raises is a failed result, never an exception.
 """
@@ -17,8 +18,8 @@ from typing import Any, Callable, Protocol
 import structlog
 
 from rollbackd.actions.base import ActionResult, PausableBackend, RollbackBackend, Verification
-from rollbackd.actions.intents import Call, Notify, Record, Rollback, finished_record
-from rollbackd.actions.verification import Confirmer
+from rollbackd.actions.intents import Call, Confirm, Notify, Record, Rollback, finished_record
+from rollbackd.actions.verification import Confirmer, unobserved
 
 __all__ = ["Recorder", "DecisionWriter", "Delivery"]
 
@@ -87,12 +88,15 @@ class Delivery:
                 return replace(call, notice=replace(call.notice, thread=thread))
         return call
 
-    def call(self, call: Call) -> ActionResult:
-        """Run one call. Never raises: a backend or notifier bug is a failed result."""
+    def call(self, call: Call) -> ActionResult | None:
+        """Run one call. Never raises: a backend or notifier bug is a failed result. ``None``
+        only for a check the confirmer's stop ended before its verdict (it stays in flight)."""
         try:
             if isinstance(call, Notify):
                 return self.edges.notifier.post(call.notice)
             backend: RollbackBackend = self.edges.backend_for(call.deployment)
+            if isinstance(call, Confirm):
+                return self.confirm(backend, call)
             if isinstance(call, Rollback):
                 result = backend.apply(call.plan)
             elif isinstance(backend, PausableBackend):
@@ -101,16 +105,30 @@ class Delivery:
                 return ActionResult("skipped", "backend cannot pause", attempts=0, data={"paused": False})
         except Exception as exc:  # an edge must never stop the pipeline or a rollback
             return ActionResult("failed", f"{type(exc).__name__}: {exc}")
-        return self.confirm(backend, call, result)
+        if result.status in ("succeeded", "skipped"):
+            # A backend without read-back gets no check: the ledger says why, beside the rollback.
+            blind = unobserved(backend, call.plan, self._name(backend, call))
+            if blind is not None:
+                return replace(result, verification=blind)
+        return result
 
-    def confirm(self, backend: RollbackBackend, call: Rollback, result: ActionResult) -> ActionResult:
-        """A rollback that went through (or found its target already there), checked against
-        the system it changed, for at most the deployment's ``verify_within``."""
-        if result.status not in ("succeeded", "skipped"):
-            return result
+    def confirm(self, backend: RollbackBackend, call: Confirm) -> ActionResult | None:
+        """An applied rollback checked against the system it changed, for at most the
+        deployment's ``verify_within``: ``succeeded`` when the target reported it, ``failed``
+        when it never did, ``skipped`` when the backend could not check after all."""
         within = float(call.context.get("verify_within", 0.0))
-        name = str(call.context.get("backend") or type(backend).__name__)
-        return replace(result, verification=self.confirmer.confirm(backend, call.plan, within, name))
+        checked = self.confirmer.confirm(backend, call.plan, within, self._name(backend, call))
+        if checked is None:
+            return None
+        if checked.verdict == "confirmed":
+            return ActionResult("succeeded", checked.describe(), attempts=checked.polls, verification=checked)
+        if checked.verdict == "unconfirmed":
+            return ActionResult("failed", checked.describe(), attempts=checked.polls, verification=checked)
+        return ActionResult("skipped", checked.describe(), attempts=checked.polls, verification=checked)
+
+    @staticmethod
+    def _name(backend: RollbackBackend, call: Rollback | Confirm) -> str:
+        return str(call.context.get("backend") or type(backend).__name__)
 
     def remember(self, call: Call, result: ActionResult) -> None:
         """Keep the thread a notice started, for the incident's next notices."""
@@ -138,5 +156,7 @@ def perform(delivery: Delivery, call: Call, report: Callable[[Call, ActionResult
     if result is None:
         delivery.started(call)
         result = delivery.call(delivery.prepare(call))
+        if result is None:  # a check stopped before its verdict: nothing finished to report
+            return
     delivery.finished(call, result, replayed)
     report(call, result)

@@ -7,9 +7,10 @@ through the delivery stages (``actions/delivery.py``) and reports each call's
 
 - :class:`Record`: write a decision (decision log + ledger). Cheap and local: always done at
   once, in order, on the thread that decided it.
-- :class:`Notify`, :class:`Rollback`, :class:`Pause`: calls to the outside world, each with an
-  idempotency ``key`` (the outbox key) and the decision record ``rec`` that the result
-  completes. A live executor runs them off the processing thread, one lane per deployment.
+- :class:`Notify`, :class:`Rollback`, :class:`Pause`, :class:`Confirm`: calls to the outside
+  world, each with an idempotency ``key`` (the outbox key) and the decision record ``rec`` that
+  the result completes. A live executor runs them off the processing thread, one lane per
+  deployment.
 - :class:`FollowUps`: a place in a lane for the notices that a call's result produces (the
   "rollback succeeded" reply goes after the incident's first notice, yet is worded only once
   the rollback has answered). The engine fills it through :class:`Fill`.
@@ -32,10 +33,12 @@ __all__ = [
     "Notify",
     "Rollback",
     "Pause",
+    "Confirm",
     "FollowUps",
     "Fill",
     "Call",
     "Intent",
+    "confirm_key",
     "finished_record",
     "lane_of",
     "own_notice",
@@ -93,6 +96,29 @@ class Pause:
 
 
 @dataclass(frozen=True, slots=True)
+class Confirm:
+    """Check, by polling the backend's read-back for up to ``context["verify_within"]``, that
+    the system serves the target of the rollback ``plan`` that was applied already
+    (``actions/verification.py``). Its own call, after the rollback's: the rollback's outcome,
+    notice and bookkeeping do not wait for it, and a restart resumes the check instead of
+    applying the rollback again (the outbox has the rollback finished)."""
+
+    key: str
+    plan: RollbackPlan
+    rec: Mapping[str, Any]
+    context: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def deployment(self) -> str:
+        return self.plan.deployment
+
+
+def confirm_key(rollback_key: str) -> str:
+    """The idempotency key of the check of rollback ``rollback_key``."""
+    return rollback_key + "/confirm"
+
+
+@dataclass(frozen=True, slots=True)
 class FollowUps:
     """The place, in ``deployment``'s lane, of the notices that call ``key``'s result produces."""
 
@@ -109,8 +135,8 @@ class Fill:
     notices: tuple[Notify, ...]
 
 
-Call = Union[Notify, Rollback, Pause]
-Intent = Union[Record, Notify, Rollback, Pause, FollowUps, Fill]
+Call = Union[Notify, Rollback, Pause, Confirm]
+Intent = Union[Record, Notify, Rollback, Pause, Confirm, FollowUps, Fill]
 
 
 def own_notice(notice: Notice, key: str, reason: str) -> Notify:
@@ -142,8 +168,9 @@ def finished_record(call: Call, result: ActionResult) -> dict[str, Any]:
     rec.update(status=result.status, detail=result.detail, attempts=result.attempts)
     if result.data:  # what the backend changed or printed: kept in the ledger
         rec["result"] = json.loads(json.dumps(dict(result.data), default=str))
-    if result.verification is not None and result.verification.observes:
-        # What the target reported back. A backend that cannot read back adds nothing here (the
-        # ledger says so, see Delivery.finished), so a replay's decision log stays as it was.
+    if result.verification is not None and (isinstance(call, Confirm) or result.verification.observes):
+        # What the target reported back. A rollback through a backend that cannot read back
+        # adds nothing here (the ledger says so, see Delivery.finished), so a replay's decision
+        # log stays as it was.
         rec["verification"] = result.verification.to_record()
     return rec

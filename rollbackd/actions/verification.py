@@ -2,31 +2,44 @@
 
 A backend's ``apply`` answering "succeeded" says the request was accepted, not that the system
 serves the target: a registry behind a proxy, a rollout that never converges, a second writer
-that puts the old weights back. After ``apply`` the executor asks the backend itself
-(:class:`~rollbackd.actions.base.ObservableBackend` ``verify``) until it reports the target or
-the bound (the deployment's ``verify_within``) has passed. This runs inside the delivery stage
-that performs the rollback, on the executor's thread (a lane worker live, the caller in a
-replay), never on the processing thread; the engine only sees the outcome, a
-:class:`~rollbackd.actions.base.Verification` on the rollback's result, and escalates an
-``unconfirmed`` one. The event stream's own verdict (the alerts resolving within
-``verify_within``) stays a second, independent check.
+that puts the old weights back. So once a rollback has been applied, the engine decides a
+:class:`~rollbackd.actions.intents.Confirm` call of its own, and the executor asks the backend
+itself (:class:`~rollbackd.actions.base.ObservableBackend` ``verify``) until it reports the
+target or the bound (the deployment's ``verify_within``) has passed. The check runs in the
+deployment's act lane (a worker live, the caller in a replay), never on the processing thread,
+and after the rollback's own outcome was recorded and said: the engine only sees its result, a
+:class:`~rollbackd.actions.base.Verification`, and escalates an ``unconfirmed`` one. The event
+stream's own verdict (the alerts resolving within ``verify_within``) stays a second,
+independent check.
 
 A backend that cannot read back (``log``, ``webhook``, a ``command`` without ``current_argv``)
-answers ``cannot_observe`` at once: no poll, no wait, no escalation.
+gets no check at all: no call, no wait, no escalation (:func:`~rollbackd.actions.base.observes`).
+
+A daemon that stops mid-check (:meth:`Confirmer.stop`) ends the wait between two looks at
+once; the check gives no verdict and stays in flight, and resumes after the restart.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import structlog
 
-from rollbackd.actions.base import ActionResult, ObservableBackend, RollbackBackend, RollbackPlan, Verification
+from rollbackd.actions.base import (
+    ActionResult,
+    ConfiguredObservable,
+    ObservableBackend,
+    RollbackBackend,
+    RollbackPlan,
+    Verification,
+    observes,
+)
 
-__all__ = ["PollPolicy", "Confirmer"]
+__all__ = ["PollPolicy", "Confirmer", "unobserved"]
 
 log = structlog.get_logger("rollbackd.actions.verification")
 
@@ -73,24 +86,43 @@ def _observed(backend: ObservableBackend, plan: RollbackPlan, look: ActionResult
         return None
 
 
+def unobserved(backend: RollbackBackend, plan: RollbackPlan, name: str) -> Verification | None:
+    """The ``cannot_observe`` verdict on a rollback through a backend without read-back (kept
+    in the ledger beside the rollback), or ``None`` when the backend can read back: then the
+    engine decides a check of its own."""
+    if observes(backend):
+        return None
+    configured = isinstance(backend, ConfiguredObservable)
+    return Verification("cannot_observe", name, plan.to_version,
+                        detail=f"{name} backend has no read-back{' configured' if configured else ''}")
+
+
 class Confirmer:
     """Polls a backend's ``verify`` after an applied rollback; time is injected (``sleep``,
-    ``monotonic``), so tests run the whole bound without waiting for it."""
+    ``monotonic``), so tests run the whole bound without waiting for it. The default ``sleep``
+    waits on the stop event, so :meth:`stop` cuts a pause short."""
 
     def __init__(
         self,
         policy: PollPolicy = PollPolicy(),
         *,
-        sleep: Callable[[float], object] = time.sleep,
+        sleep: Callable[[float], object] | None = None,
         monotonic: Callable[[], float] = time.monotonic,  # durations only: nothing is decided on it
     ) -> None:
         self.policy = policy
-        self.sleep = sleep
+        self.stopping = threading.Event()
+        self.sleep = sleep if sleep is not None else self.stopping.wait
         self.monotonic = monotonic
 
-    def confirm(self, backend: RollbackBackend, plan: RollbackPlan, within: float, name: str) -> Verification:
+    def stop(self) -> None:
+        """End every check in progress (and any started later) at its next pause, without a
+        verdict: the daemon is stopping, and the check resumes after the restart."""
+        self.stopping.set()
+
+    def confirm(self, backend: RollbackBackend, plan: RollbackPlan, within: float, name: str) -> Verification | None:
         """Ask ``backend`` until it reports ``plan.to_version`` or ``within`` seconds have
-        passed; ``name`` (the backend's type) goes into the record and the notice. Never raises."""
+        passed; ``name`` (the backend's type) goes into the record and the notice. ``None``
+        when :meth:`stop` ended it before a verdict. Never raises."""
         if not isinstance(backend, ObservableBackend):
             return Verification("cannot_observe", name, plan.to_version,
                                 detail=f"{name} backend has no read-back")
@@ -121,3 +153,6 @@ class Confirmer:
             pause = min(self.policy.interval(polls), left)
             bound.debug("rollback.confirming", polls=polls, detail=look.detail, next_in=pause)
             self.sleep(pause)
+            if self.stopping.is_set():
+                bound.info("rollback.confirm_interrupted", polls=polls, elapsed=round(elapsed, 3))
+                return None

@@ -10,9 +10,10 @@ record).
   result before the engine goes on: replays, drills, backtests and tests. The decisions, and
   their order in the decision log, are those of an engine that called its edges itself.
 - :class:`LaneExecutor` (the live daemon) writes records at once, but runs calls on worker
-  threads, two *lanes* per deployment: rollbacks and pauses in one, notices in the other, each
-  in the order decided; a notice waits for the rollbacks decided before it to start, a rollback
-  never waits for a notice, and a slow webhook or Slack holds up only its own deployment.
+  threads, two *lanes* per deployment: rollbacks, their checks against the target and pauses
+  in one, notices in the other, each in the order decided; a notice waits for the rollbacks
+  decided before it to start, a rollback never waits for a notice, and a slow webhook or Slack
+  holds up only its own deployment.
   Results come back to the processing thread through :meth:`LaneExecutor.drain`, called by the
   loop, each deployment's in the order decided: the engine and the ledger are only ever touched
   from that thread. Work in flight is bounded; a notice that finds its lane full is recorded as
@@ -32,7 +33,7 @@ import structlog
 
 from rollbackd.actions.base import ActionResult
 from rollbackd.actions.delivery import Delivery, perform
-from rollbackd.actions.intents import Call, Fill, FollowUps, Intent, Notify, Pause, Record, Rollback, lane_of
+from rollbackd.actions.intents import Call, Confirm, Fill, FollowUps, Intent, Notify, Pause, Record, Rollback, lane_of
 
 __all__ = ["Engine", "Executor", "SyncExecutor", "LaneExecutor", "BoundExecutor", "DEFAULT_LANE_LIMIT"]
 
@@ -84,7 +85,7 @@ class SyncExecutor:
     def _perform(self, intent: Intent) -> None:
         if isinstance(intent, Record):
             self.delivery.record(intent)
-        elif isinstance(intent, (Notify, Rollback, Pause)):
+        elif isinstance(intent, (Notify, Rollback, Pause, Confirm)):
             perform(self.delivery, intent, self.engine.apply_result)
         elif isinstance(intent, Fill):
             for notice in intent.notices:
@@ -96,7 +97,7 @@ class SyncExecutor:
         return []
 
 
-# Each deployment has two lanes: "act" (rollbacks, pauses) and "say" (notices and the places
+# Each deployment has two lanes: "act" (rollbacks, checks, pauses) and "say" (notices and the places
 # of follow-up notices). Each runs one call at a time, in order; a notice never starts before
 # the rollbacks decided ahead of it have started, and a rollback never waits for a notice.
 ACT, SAY = "act", "say"
@@ -112,6 +113,9 @@ class _Slot:
     intent: Intent
     engine: Engine
     result: ActionResult | None = None
+    # A check that the confirmer's stop ended before its verdict: back at its lane's head, it
+    # does not run again in this process (the checkpoint keeps it for the next).
+    held: bool = False
 
 
 @dataclass
@@ -123,7 +127,7 @@ class _Lane:
 
 
 def _kind(intent: Intent) -> str:
-    return ACT if isinstance(intent, (Rollback, Pause)) else SAY
+    return ACT if isinstance(intent, (Rollback, Pause, Confirm)) else SAY
 
 
 class LaneExecutor:
@@ -189,7 +193,7 @@ class LaneExecutor:
         """The intents a checkpoint carried: a call the outbox knows as finished is not run
         again; the others run once more with the same key (their start is recorded)."""
         for intent in intents:
-            if isinstance(intent, (Notify, Rollback, Pause)):
+            if isinstance(intent, (Notify, Rollback, Pause, Confirm)):
                 if not self._done_already(intent, engine):
                     self._enqueue(lane_of(intent), engine, intent)
             elif isinstance(intent, FollowUps):
@@ -218,7 +222,7 @@ class LaneExecutor:
             if order and order[0].result is not None:
                 slot = order.popleft()
                 self._unreported -= 1
-                assert isinstance(slot.intent, (Notify, Rollback, Pause)) and slot.result is not None
+                assert isinstance(slot.intent, (Notify, Rollback, Pause, Confirm)) and slot.result is not None
                 return slot.engine, slot.intent, slot.result
             self._answered.discard(deployment)
         return None
@@ -246,10 +250,13 @@ class LaneExecutor:
 
     def close(self, timeout: float) -> bool:
         """Let the lanes empty for up to ``timeout`` seconds, reporting results, then stop the
-        workers. True when nothing was left; what is left is in the last checkpoint and runs
-        after a restart."""
+        workers. Checks against a target (which may poll for ``verify_within``, minutes) are
+        ended at once without a verdict. True when nothing was left; what is left is in the
+        last checkpoint and runs after a restart."""
         deadline = time.monotonic() + max(0.0, timeout)  # waiting only: no decision reads it
-        while self.waiting() and time.monotonic() < deadline:
+        for delivery in {id(d): d for d in (self.delivery, *self._deliveries.values())}.values():
+            delivery.confirmer.stop()
+        while self.waiting() > self._held() and time.monotonic() < deadline:
             self.drain()
             time.sleep(0.02)
         self.drain()
@@ -259,6 +266,12 @@ class LaneExecutor:
             return not any(lane.calls for lane in self._lanes.values())
 
     # Internals ----------------------------------------------------------------------------
+    def _held(self) -> int:
+        """Calls that cannot run in this process any more: a held check, and what waits behind
+        it in its lane (close need not wait for them)."""
+        with self._wake:
+            return sum(lane.calls for lane in self._lanes.values() if lane.items and lane.items[0][1].held)
+
     def _done_already(self, call: Call, engine: Engine) -> bool:
         done = self._via(engine).outbox(call)
         if done is None:
@@ -312,8 +325,8 @@ class LaneExecutor:
         if lane.running or not lane.items:
             return False
         gate, head = lane.items[0]
-        if isinstance(head.intent, FollowUps):
-            return False  # parked until the engine fills it
+        if isinstance(head.intent, FollowUps) or head.held:
+            return False  # parked until the engine fills it; held until the next process
         return key[1] == ACT or self._acts[key[0]][1] >= gate
 
     def _schedule(self, key: LaneKey, lane: _Lane) -> None:
@@ -366,9 +379,16 @@ class LaneExecutor:
                     say = self._lanes.get((key[0], SAY))
                     if say is not None:
                         self._schedule((key[0], SAY), say)
-            assert isinstance(call, (Notify, Rollback, Pause))
+            assert isinstance(call, (Notify, Rollback, Pause, Confirm))
             via = self._via(engine)
             result = via.call(via.prepare(call))
+            if result is None:  # a check ended by close(): it stays in flight, unanswered
+                with self._wake:
+                    del self._running[me]
+                    lane.running = False
+                    slot.held = True
+                    lane.items.appendleft((0, slot))
+                continue
             via.remember(call, result)  # the lane's next notice replies in its thread
             with self._wake:
                 del self._running[me]

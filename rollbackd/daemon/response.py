@@ -5,7 +5,8 @@ The incident book (``rules/incidents.py``) says *that* a notice or an action is 
 policy, an approval or a dry run stops it, the words of each notice — and hands each step to
 the executor as an intent (``actions/intents.py``). It calls no edge itself. The executor
 reports each call's result back (:meth:`Responder.apply_result`), and what follows from it
-(the outcome's notice, a freeze's record) is decided then.
+(the outcome's notice, a freeze's record, the check of an applied rollback against its target)
+is decided then.
 
 Order is part of the decision: a step's rollbacks are handed over before its notices, so a
 slow or rate-limited notifier never delays a rollback, and a rollback's own notices
@@ -20,8 +21,28 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import structlog
 
-from rollbackd.actions.base import ActionResult, AlertSummary, Notice, PausableBackend, RollbackPlan, Verification
-from rollbackd.actions.intents import Call, Fill, FollowUps, Notify, Pause, Record, RecordKind, Rollback, own_notice
+from rollbackd.actions.base import (
+    ActionResult,
+    AlertSummary,
+    Notice,
+    PausableBackend,
+    RollbackPlan,
+    Verification,
+    observes,
+)
+from rollbackd.actions.intents import (
+    Call,
+    Confirm,
+    Fill,
+    FollowUps,
+    Notify,
+    Pause,
+    Record,
+    RecordKind,
+    Rollback,
+    confirm_key,
+    own_notice,
+)
 from rollbackd.actions.policy import SafetyPolicy, SafetyState
 from rollbackd.daemon.clock import iso
 from rollbackd.daemon.versions import VersionHistory
@@ -51,8 +72,9 @@ class Responder:
 
     def __init__(self, pipeline: "Pipeline") -> None:
         self.p = pipeline
-        # Follow-up notices of calls whose result came back before their place was reached.
-        self._followups: dict[str, list[NoticeDraft]] = {}
+        # Follow-up notices of calls whose result came back before their place was reached (and
+        # the places of the calls those results decided, whose notices come after them).
+        self._followups: dict[str, list[NoticeDraft | FollowUps]] = {}
         # Places (FollowUps) handed to the executor whose call has not answered yet.
         self.parked: dict[str, str] = {}  # call key -> deployment
         # Answers from approvers, by incident, pushed in by whoever drives the pipeline.
@@ -85,19 +107,21 @@ class Responder:
                     self.parked[n.key] = n.deployment
                     self.p.executor.submit(n)
                 else:
-                    for draft in ready:
-                        self._notice(*draft)
+                    self._post(ready)
             else:
                 self._notice(*n)
 
-    def _follow(self, call: Call, drafts: list[NoticeDraft]) -> None:
-        """The notices a call's result produced: posted at their place."""
+    def _follow(self, call: Call, drafts: list[NoticeDraft | FollowUps]) -> None:
+        """The notices a call's result produced: posted at their place. A place among them
+        (of a call this result decided) comes after the notices before it: submitted once the
+        call's place is filled, it goes behind it in the lane and in the order of results."""
         deployment = self.parked.pop(call.key, None)
         if deployment is None:
             self._followups[call.key] = drafts
             return
-        intents = tuple(i for d in drafts if (i := self._build_notice(*d)) is not None)
+        intents = tuple(i for d in drafts if not isinstance(d, FollowUps) and (i := self._build_notice(*d)) is not None)
         self.p.executor.submit(Fill(call.key, deployment, intents))
+        self._post([d for d in drafts if isinstance(d, FollowUps)])
 
     def _incident_change(self, e: IncidentChange) -> None:
         inc = e.incident
@@ -213,6 +237,8 @@ class Responder:
             self._rolled_back(call, result)
         elif isinstance(call, Pause):
             self._paused(call, result)
+        elif isinstance(call, Confirm):
+            self._confirmed(call, result)
 
     # Approval -----------------------------------------------------------------------------
     def _answer(self, incident_id: str, approvers: Sequence[str], now: float) -> dict[str, Any] | None:
@@ -357,8 +383,8 @@ class Responder:
     def _safety_with_in_flight(self, deployment: str) -> SafetyState:
         """The safety state as it will be once the rollbacks of ``deployment`` still in flight
         have answered: each counts for the cooldown from its decision, as it does in a replay,
-        where the answer comes at once. Live, a rollback stays in flight while its target is
-        being confirmed (up to ``verify_within``), and a second one must not slip through."""
+        where the answer comes at once. Live, a slow backend keeps a rollback in flight (a
+        retried call, a command's timeout), and a second one must not slip through."""
         state = self.p.safety
         started = [c.rec["ts"] for c in self.p.executor.in_flight()
                    if isinstance(c, Rollback) and c.deployment == deployment]
@@ -394,21 +420,63 @@ class Responder:
             self._follow(call, [])
             return
         # The thread's "started" reply follows the incident's first notice, and the outcome
-        # follows it: both are posted at the place the rollback was decided.
+        # follows it: both are posted at the place the rollback was decided; the notices of the
+        # check against the target (if the backend can read back) come after them.
         moving = call.context["moving"]
         extra = moving + (f" ({result.detail})" if result.status == "failed" else "")
-        checked = result.verification
-        if checked is not None and checked.verdict == "confirmed":
-            extra += f" (confirmed by {checked.backend}: {checked.detail or checked.observed})"
-        drafts: list[NoticeDraft] = [
+        drafts: list[NoticeDraft | FollowUps] = [
             (inc, "updated", ts, "rollback started", f"{moving} via {call.context['backend']}"),
             (inc, "updated", ts, f"rollback {result.status}", extra),
         ]
-        if checked is not None and checked.verdict == "unconfirmed":
-            drafts.append(self._unconfirmed(inc, call, checked, ts))
+        if applied and self._observes(plan.deployment):
+            check = self._confirm(call)
+            self.p.executor.submit(check)
+            drafts.append(FollowUps(check.key, plan.deployment))
         self._follow(call, drafts)
 
-    def _unconfirmed(self, inc: Incident, call: Rollback, checked: Verification, ts: float) -> NoticeDraft:
+    def _observes(self, deployment: str) -> bool:
+        """Whether the deployment's backend can read back what a rollback changed."""
+        try:
+            return observes(self.p.edges.backend_for(deployment))
+        except Exception:  # a backend that cannot be built did not apply anything either
+            return False
+
+    def _confirm(self, rollback: Rollback) -> Confirm:
+        """The check of an applied rollback against its target: a call of its own, so the
+        rollback's outcome is recorded and said without waiting for it (up to
+        ``verify_within``), and a restart resumes it instead of applying the rollback again."""
+        plan, rec = rollback.plan, rollback.rec
+        key = confirm_key(rollback.key)
+        check = {
+            "ts": rec["ts"], "kind": "action", "action": "confirm", "incident_id": plan.incident_id,
+            "deployment": plan.deployment, "variant": plan.variant, "rule": rec.get("rule"),
+            "from_version": plan.from_version, "to_version": plan.to_version,
+            "backend": rollback.context["backend"], "idempotency_key": key,
+        }
+        return Confirm(key, plan, check, {
+            "verify_within": rollback.context["verify_within"], "backend": rollback.context["backend"],
+        })
+
+    def _confirmed(self, call: Confirm, result: ActionResult) -> None:
+        """What the target reported back: a short reply in the incident's thread when it serves
+        the target (the "rollback succeeded" reply only said the backend accepted it), an
+        escalation when it never did within the bound."""
+        checked = result.verification
+        inc = self._incident_by_id(call.plan.incident_id)
+        if inc is None or checked is None or not checked.observes:
+            self._follow(call, [])
+            return
+        ts = call.rec["ts"]
+        if checked.verdict == "confirmed":
+            log.info("incident.rollback_confirmed", incident=inc.id, deployment=call.deployment,
+                     backend=checked.backend, observed=checked.observed, polls=checked.polls)
+            drafts: list[NoticeDraft | FollowUps] = [
+                (inc, "updated", ts, f"rollback confirmed by {checked.backend}", checked.describe())]
+        else:
+            drafts = [self._unconfirmed(inc, call, checked, ts)]
+        self._follow(call, drafts)
+
+    def _unconfirmed(self, inc: Incident, call: Confirm, checked: Verification, ts: float) -> NoticeDraft:
         """The backend accepted the rollback but never reported its target within the bound: a
         human must look at the target system. Independent of the alerts' own verification."""
         plan = call.plan

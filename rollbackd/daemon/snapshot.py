@@ -567,7 +567,7 @@ def _register_builtin() -> None:
         # alerts, incidents, versions, safety
         Alert, AlertState, Incident, IncidentAlert, VersionSpan, VersionHistory, SafetyState,
         # calls in flight
-        intents.Record, intents.Notify, intents.Rollback, intents.Pause, intents.FollowUps,
+        intents.Record, intents.Notify, intents.Rollback, intents.Pause, intents.Confirm, intents.FollowUps,
         intents.Fill, actions_base.Notice, actions_base.AlertSummary, actions_base.RollbackPlan,
         actions_base.ActionResult,
     ):
