@@ -288,14 +288,26 @@ def test_the_checkpoint_writer_keeps_references_beside_the_file_written_once(mid
         writer.submit(Checkpoint({0: frozen}, position, 0, {}, blobs=blobs))
         return writer.wait()
 
+    # The first names none: the references are new, written inline by the writer thread (never
+    # hashed on the processing thread), which keeps their digests for the next one.
     first = checkpoint({"in:0": 1})
-    refs = sorted(os.listdir(path + ".refs"))
-    assert first.position == {"in:0": 1} and refs == sorted(midway.blob_digests())
+    assert first.position == {"in:0": 1} and not midway.blob_digests()
+    inline = Checkpoint.load(path)
+    fresh, whole = Pipeline(midway.config, midway.edges), Pipeline(midway.config, midway.edges)
+    fresh.restore(inline.pipelines[0], inline.blobs)
+    whole.restore(midway.snapshot())
+    assert fresh.snapshot() == whole.snapshot()
     second = checkpoint({"in:0": 2})
-    assert second.bytes_written == os.path.getsize(path)  # the main file only
+    refs = sorted(os.listdir(path + ".refs"))
+    assert refs and refs == sorted(midway.blob_digests())
+    assert second.bytes_written == os.path.getsize(path) + sum(
+        os.path.getsize(os.path.join(path + ".refs", r)) for r in refs)
+    third = checkpoint({"in:0": 3})
+    assert third.bytes_written == os.path.getsize(path)  # the main file only
+    assert os.path.getsize(path) < first.bytes_written  # the references are not in it any more
     writer.close()
     cp = Checkpoint.load(path)
-    assert cp.position == {"in:0": 2} and set(cp.blobs) == set(refs)
+    assert cp.position == {"in:0": 3} and set(cp.blobs) == set(refs)
     fresh = Pipeline(midway.config, midway.edges)
     fresh.restore(cp.pipelines[0], cp.blobs)
     assert len(fresh.detectors) == len(midway.detectors) and len(fresh.joiner) == len(midway.joiner)
