@@ -363,3 +363,34 @@ def test_a_failed_write_is_reported_to_the_processing_thread_and_commits_nothing
     with pytest.raises(OSError):
         writer.wait()
     writer.close()
+
+
+def test_the_join_buffers_changes_rebuild_it_as_it_was_at_each_take():
+    """OutcomeJoiner.take_changes: adds, matches, duplicates, expiry and eviction by the cap,
+    applied later to the copy, give each book as it was at the take, in its order."""
+    from rollbackd.daemon.join import OutcomeJoiner
+    from rollbackd.events import Outcome, Prediction
+
+    joiner = OutcomeJoiner(horizon=30.0, max_pending=40)
+    for dep in ("a", "b"):
+        joiner.track(dep)
+    takes = []
+    for step in range(12):
+        for i in range(9):
+            n = step * 9 + i
+            dep = "ab"[n % 2]
+            joiner.add(Prediction(id=f"p{n}", ts=10.0 * step + i, deployment=dep, model_version="1",
+                                  features={}, prediction=1.0, score=0.5))
+            joiner.added(0)
+        joiner.add(Prediction(id=f"p{step * 9}", ts=10.0 * step, deployment="a", model_version="1",
+                              features={}, prediction=1.0, score=0.5))  # a duplicate
+        if step % 3 == 2:
+            joiner.match(Outcome(id=f"p{step * 9 - 3}", ts=10.0 * step, deployment="b", label=1))
+        if step == 7:
+            joiner.track("c")
+        joiner.expire(10.0 * step)
+        takes.append((joiner.take_changes(), OutcomeJoiner.encode_books(
+            {d: dict(b) for d, b in joiner.pending_books().items()})))
+    assert joiner.stats.evicted_capacity and joiner.stats.never_labeled and joiner.stats.joined
+    for changes, expected in takes:
+        assert changes.encoded() == expected
