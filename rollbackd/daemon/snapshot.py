@@ -362,7 +362,10 @@ class DeclaredStates:
                     taken.blobs.extend(known[2])
                     continue
                 owed = self._owed.get(key)
-                if owed is None or owed[0] is not obj:
+                if owed is not None and owed[0] is not obj:  # replaced, so never changed again
+                    self._pay(key, owed, keep=False)
+                    owed = None
+                if owed is None:
                     owed = self._owed[key] = (obj, [])
                 owed[1][:] = [r for r in owed[1] if r() is not None]
                 owed[1].append(ref)
