@@ -42,9 +42,15 @@ class _Creates:
         return (open, (self.path, "w"))
 
 
-def _restarted(p: Pipeline) -> Pipeline:
-    """``p`` snapshotted and restored into a new pipeline on the same edges, as after a restart."""
-    blob, blobs = p.snapshot(external=True), p.new_blobs()
+def _restarted(p: Pipeline, way: str = "snapshot") -> Pipeline:
+    """``p`` snapshotted (``snapshot(external=True)``, or ``freeze()`` then encoded) and restored
+    into a new pipeline on the same edges, as after a restart."""
+    if way == "freeze":
+        frozen = p.freeze()
+        blobs = p.new_blobs()
+        blob = frozen.encode()
+    else:
+        blob, blobs = p.snapshot(external=True), p.new_blobs()
     # every blob it names, not only the new ones: the new pipeline starts with none persisted
     named = {**_kept, **blobs}
     _kept.clear()
@@ -57,7 +63,7 @@ def _restarted(p: Pipeline) -> Pipeline:
 _kept: dict[str, bytes] = {}
 
 
-def _digest_with_restarts(recording: Path, rules: Path, work: Path, every: int) -> str:
+def _digest_with_restarts(recording: Path, rules: Path, work: Path, every: int, way: str = "snapshot") -> str:
     """tests/golden_decisions.replay_digest, the pipeline restored from its snapshot after every
     ``every`` batches."""
     config = load_config(rules)
@@ -76,8 +82,8 @@ def _digest_with_restarts(recording: Path, rules: Path, work: Path, every: int) 
         pipeline.advance(pipeline.watermark)
         i += 1
         if i % every == 0:
-            pipeline = _restarted(pipeline)
-    pipeline = _restarted(pipeline)
+            pipeline = _restarted(pipeline, way)
+    pipeline = _restarted(pipeline, way)
     pipeline.finish()
     pipeline.advance(pipeline.max_event_time)
     source.close()
@@ -86,15 +92,47 @@ def _digest_with_restarts(recording: Path, rules: Path, work: Path, every: int) 
     return hashlib.sha256(out.read_bytes()).hexdigest()
 
 
+@pytest.mark.parametrize("way", ["snapshot", "freeze"])
 @pytest.mark.parametrize("scenario", sorted(BUILTIN))
-def test_a_pipeline_restored_mid_stream_decides_byte_for_byte_as_the_golden_replay(scenario, tmp_path):
+def test_a_pipeline_restored_mid_stream_decides_byte_for_byte_as_the_golden_replay(scenario, way, tmp_path):
     golden = json.loads(GOLDEN.read_text())
     rec = tmp_path / f"{scenario}.jsonl.gz"
     write_recording(BUILTIN[scenario], rec)
     for rname, rules in sorted(rules_files().items()):
         case = tmp_path / rname
         case.mkdir()
-        assert _digest_with_restarts(rec, rules, case, every=2) == golden[f"replay/{scenario}/{rname}"], rname
+        assert _digest_with_restarts(rec, rules, case, every=2, way=way) == golden[f"replay/{scenario}/{rname}"], rname
+
+
+@pytest.mark.parametrize("scenario", sorted(BUILTIN))
+def test_frozen_snapshots_encoded_long_after_restore_the_state_at_each_freeze(scenario, tmp_path):
+    """A freeze after every batch, none encoded until the end of the stream (in the order
+    frozen): each restores to exactly the state at its freeze. Between a freeze and its encoding
+    detectors were updated (their state owed to several snapshots at once), alerts replaced,
+    labels joined and expired, references made (written inline, then named)."""
+    rec = tmp_path / "rec.jsonl.gz"
+    write_recording(BUILTIN[scenario], rec)
+    config = load_config(rules_files()["demo"])
+    p = build_pipeline(config, notifier=ConsoleNotifier(stream=io.StringIO()))
+    source = open_recording(str(rec), config)
+    taken = []
+    kept: dict[str, bytes] = {}
+    while (batch := source.read(2048)) is not None:
+        p.ingest(batch.events)
+        p.advance(p.watermark)
+        frozen = p.freeze()
+        kept.update(p.new_blobs())
+        named = set(p.blob_digests())
+        taken.append((frozen, named, p.snapshot()))  # snapshot(): whole, on this thread, now
+    source.close()
+    assert len(taken) > 3
+    for frozen, named, whole in taken:
+        a, b = Pipeline(config, p.edges), Pipeline(config, p.edges)
+        a.restore(frozen.encode(), {d: kept[d] for d in named})
+        b.restore(whole)
+        assert a.snapshot() == b.snapshot()
+    with pytest.raises(RuntimeError, match="in the order frozen"):
+        taken[0][0].encode()
 
 
 @pytest.fixture(scope="module")
@@ -313,14 +351,26 @@ def test_the_checkpoint_writer_keeps_references_beside_the_file_written_once(mid
         writer.submit(Checkpoint({0: frozen}, position, 0, {}, blobs=blobs))
         return writer.wait()
 
+    # The first names none: the references are new, written inline by the writer thread (never
+    # hashed on the processing thread), which keeps their digests for the next one.
     first = checkpoint({"in:0": 1})
-    refs = sorted(os.listdir(path + ".refs"))
-    assert first.position == {"in:0": 1} and refs == sorted(midway.blob_digests())
+    assert first.position == {"in:0": 1} and not midway.blob_digests()
+    inline = Checkpoint.load(path)
+    fresh, whole = Pipeline(midway.config, midway.edges), Pipeline(midway.config, midway.edges)
+    fresh.restore(inline.pipelines[0], inline.blobs)
+    whole.restore(midway.snapshot())
+    assert fresh.snapshot() == whole.snapshot()
     second = checkpoint({"in:0": 2})
-    assert second.bytes_written == os.path.getsize(path)  # the main file only
+    refs = sorted(os.listdir(path + ".refs"))
+    assert refs and refs == sorted(midway.blob_digests())
+    assert second.bytes_written == os.path.getsize(path) + sum(
+        os.path.getsize(os.path.join(path + ".refs", r)) for r in refs)
+    third = checkpoint({"in:0": 3})
+    assert third.bytes_written == os.path.getsize(path)  # the main file only
+    assert os.path.getsize(path) < first.bytes_written  # the references are not in it any more
     writer.close()
     cp = Checkpoint.load(path)
-    assert cp.position == {"in:0": 2} and set(cp.blobs) == set(refs)
+    assert cp.position == {"in:0": 3} and set(cp.blobs) == set(refs)
     fresh = Pipeline(midway.config, midway.edges)
     fresh.restore(cp.pipelines[0], cp.blobs)
     assert len(fresh.detectors) == len(midway.detectors) and len(fresh.joiner) == len(midway.joiner)
@@ -338,3 +388,34 @@ def test_a_failed_write_is_reported_to_the_processing_thread_and_commits_nothing
     with pytest.raises(OSError):
         writer.wait()
     writer.close()
+
+
+def test_the_join_buffers_changes_rebuild_it_as_it_was_at_each_take():
+    """OutcomeJoiner.take_changes: adds, matches, duplicates, expiry and eviction by the cap,
+    applied later to the copy, give each book as it was at the take, in its order."""
+    from rollbackd.daemon.join import OutcomeJoiner
+    from rollbackd.events import Outcome, Prediction
+
+    joiner = OutcomeJoiner(horizon=30.0, max_pending=40)
+    for dep in ("a", "b"):
+        joiner.track(dep)
+    takes = []
+    for step in range(12):
+        for i in range(9):
+            n = step * 9 + i
+            dep = "ab"[n % 2]
+            joiner.add(Prediction(id=f"p{n}", ts=10.0 * step + i, deployment=dep, model_version="1",
+                                  features={}, prediction=1.0, score=0.5))
+            joiner.added(0)
+        joiner.add(Prediction(id=f"p{step * 9}", ts=10.0 * step, deployment="a", model_version="1",
+                              features={}, prediction=1.0, score=0.5))  # a duplicate
+        if step % 3 == 2:
+            joiner.match(Outcome(id=f"p{step * 9 - 3}", ts=10.0 * step, deployment="b", label=1))
+        if step == 7:
+            joiner.track("c")
+        joiner.expire(10.0 * step)
+        takes.append((joiner.take_changes(), OutcomeJoiner.encode_books(
+            {d: dict(b) for d, b in joiner.pending_books().items()})))
+    assert joiner.stats.evicted_capacity and joiner.stats.never_labeled and joiner.stats.joined
+    for changes, expected in takes:
+        assert changes.encoded() == expected

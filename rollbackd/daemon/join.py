@@ -9,6 +9,7 @@ Only deployments that have a label-based rule register here at all.
 from __future__ import annotations
 
 import heapq
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from itertools import islice
@@ -19,7 +20,7 @@ import msgspec
 from rollbackd.detectors.base import Labeled
 from rollbackd.events import Outcome, Prediction
 
-__all__ = ["JoinStats", "OutcomeJoiner", "Pending"]
+__all__ = ["JoinStats", "OutcomeJoiner", "Pending", "BooksCopy", "Changes"]
 
 
 class Pending(msgspec.Struct, frozen=True, gc=False, array_like=True):
@@ -49,6 +50,9 @@ _BOOK = msgspec.msgpack.Encoder()
 _BOOK_DECODER = msgspec.msgpack.Decoder(dict[str, Pending])
 
 _GONE = object()
+# Changes noted beyond twice the buffer's size plus this, with nobody taking them (a replay
+# never checkpoints), are dropped, and no more are noted until take_changes is called.
+_CHANGES_SLACK = 100_000
 # Eviction reads a book's oldest entries from a snapshot of its front of at least this many.
 _FRONT = 4096
 
@@ -77,8 +81,13 @@ class OutcomeJoiner:
     _size: int = 0
     # deployment -> the oldest (id, entry) pairs of its book, oldest first; see _front.
     _fronts: dict[str, deque[tuple[str, Any]]] = field(default_factory=dict, repr=False, compare=False)
+    # What changed in the books since the last take_changes(), in order (see BooksCopy), and
+    # the copy those changes are for. None when there is no copy (see _CHANGES_SLACK).
+    _log: list[tuple[str, Any, Any]] | None = field(default_factory=list, repr=False, compare=False)
+    _copy: "BooksCopy | None" = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self._copy = BooksCopy({})
         if self.horizon <= 0:
             raise ValueError(f"join horizon must be > 0 seconds, got {self.horizon}")
         if self.max_pending < 1:
@@ -120,6 +129,25 @@ class OutcomeJoiner:
         else:
             self._pending = books
         self._fronts = {}
+        self._log, self._copy = [], BooksCopy(self.books_view())
+
+    def take_changes(self) -> "Changes":
+        """The books as they are now, for a checkpoint encoded on another thread: not a copy
+        (a million entries take tens of ms to copy) but the changes since the last call, which
+        :class:`BooksCopy` applies to its own copy when encoded. After a long time without a
+        call the changes were dropped (memory): then the copy is made afresh, once."""
+        if self._log is None or self._copy is None:
+            self._log, self._copy = [], BooksCopy(self.books_view())
+        log, self._log = self._log, []
+        return self._copy.changes(log)
+
+    def changes_log(self) -> list[tuple[str, Any, Any]] | None:
+        """Where the hot loop notes what it changes in the books (None: nothing to note)."""
+        return self._log
+
+    def _bound_log(self) -> None:
+        if self._log is not None and len(self._log) > 2 * self._size + _CHANGES_SLACK:
+            self._log = self._copy = None  # nobody takes them: stop noting (take_changes copies)
 
     def wants(self, deployment: str) -> bool:
         return deployment in self._pending
@@ -131,7 +159,10 @@ class OutcomeJoiner:
     def track(self, deployment: str) -> None:
         # A plain dict: insertion order is (almost) event-time order, so the oldest entries
         # are at the front. (An OrderedDict costs ~50 bytes more per entry and a slower pop.)
-        self._pending.setdefault(deployment, {})
+        if deployment not in self._pending:
+            self._pending[deployment] = {}
+            if self._log is not None:
+                self._log.append((deployment, None, None))
 
     def add(self, p: Prediction) -> None:
         book = self._pending.get(p.deployment)
@@ -140,7 +171,9 @@ class OutcomeJoiner:
         if p.id in book:
             self.stats.duplicate_predictions += 1
             return
-        book[p.id] = Pending(p.ts, p.variant, p.model_version, p.prediction, p.score)  # type: ignore[arg-type]
+        entry = book[p.id] = Pending(p.ts, p.variant, p.model_version, p.prediction, p.score)  # type: ignore[arg-type]
+        if self._log is not None:
+            self._log.append((p.deployment, p.id, entry))
         self._size += 1
         if self._size > self.max_pending:
             self._evict_oldest(self._size - self.max_pending)
@@ -151,6 +184,7 @@ class OutcomeJoiner:
         self._size += n - removed
         if self._size > self.max_pending:
             self._evict_oldest(self._size - self.max_pending)
+        self._bound_log()
 
     def match(self, o: Outcome) -> Labeled | None:
         book = self._pending.get(o.deployment)
@@ -161,6 +195,8 @@ class OutcomeJoiner:
         if entry is None:
             self.stats.unmatched_outcomes += 1
             return None
+        if self._log is not None:
+            self._log.append((o.deployment, o.id, None))
         self._size -= 1
         if type(entry) is not Pending:
             entry = Pending(*entry)
@@ -173,7 +209,8 @@ class OutcomeJoiner:
     def expire(self, now: float) -> None:
         """Evict predictions older than ``now - horizon``."""
         cutoff = now - self.horizon
-        for book in self._pending.values():
+        log = self._log
+        for dep, book in self._pending.items():
             # Insertion order is (almost) event-time order, so the old ones are at the front.
             # One pass, then delete: ``next(iter(book))`` per victim would rescan every slot
             # already deleted from the front, which made expiry quadratic in the buffer size.
@@ -184,6 +221,8 @@ class OutcomeJoiner:
                 victims.append(key)
             for key in victims:
                 del book[key]
+            if victims and log is not None:
+                log.append((dep, None, victims))
             self._size -= len(victims)
             self.stats.never_labeled += len(victims)
 
@@ -220,7 +259,10 @@ class OutcomeJoiner:
                 q = self._front(name, book)
                 if not q:
                     break
-                del book[q.popleft()[0]]
+                key = q.popleft()[0]
+                del book[key]
+                if self._log is not None:
+                    self._log.append((name, key, None))
                 evicted += 1
             self._size -= evicted
             self.stats.evicted_capacity += evicted
@@ -233,7 +275,10 @@ class OutcomeJoiner:
         while evicted < count and heap:
             i = heap[0][1]
             name, book = books[i]
-            del book[fronts[i].popleft()[0]]
+            key = fronts[i].popleft()[0]
+            del book[key]
+            if self._log is not None:
+                self._log.append((name, key, None))
             evicted += 1
             q = fronts[i] = self._front(name, book)
             if q:
@@ -242,3 +287,69 @@ class OutcomeJoiner:
                 heapq.heappop(heap)
         self._size -= evicted
         self.stats.evicted_capacity += evicted
+
+
+class BooksCopy:
+    """The books as of the last :meth:`OutcomeJoiner.take_changes`, kept for whoever encodes
+    frozen snapshots: brought up to date with each one's changes when it is encoded, so the
+    processing thread never copies the buffer (it notes each change: an append).
+
+    Changes are ``(deployment, id, entry)``: ``entry`` put under ``id``; ``entry`` None: ``id``
+    removed; ``id`` None: the deployment tracked (``entry`` None) or the ids in ``entry`` (a
+    list) removed. Applied in the order they were made, each dict keeps the live one's order.
+    """
+
+    def __init__(self, books: dict[str, dict[str, Any]]) -> None:
+        self._books = books
+        self._queued: deque[tuple[int, list[tuple[str, Any, Any]]]] = deque()
+        self._taken = 0  # changes handed out so far (Changes.seq)
+        self._applied = 0
+        self._queue_lock = threading.Lock()  # the processing thread only queues
+        self._lock = threading.Lock()  # one encoder at a time
+
+    def changes(self, log: list[tuple[str, Any, Any]]) -> "Changes":
+        with self._queue_lock:
+            self._taken += 1
+            self._queued.append((self._taken, log))
+            return Changes(self, self._taken)
+
+    def encoded(self, seq: int) -> list[tuple[str, bytes]] | dict[str, dict[str, Any]]:
+        with self._lock:
+            if seq < self._applied:
+                raise RuntimeError("frozen snapshots of a pipeline are encoded once each, in the order frozen")
+            while self._applied < seq:
+                with self._queue_lock:
+                    self._applied, log = self._queued.popleft()
+                self._apply(log)
+            # Encoded before another encoder may change the books again (a copy when they are
+            # written entry by entry, later).
+            encoded = OutcomeJoiner.encode_books(self._books)
+            return encoded if isinstance(encoded, list) else {d: dict(b) for d, b in encoded.items()}
+
+    def _apply(self, log: list[tuple[str, Any, Any]]) -> None:
+        books = self._books
+        for dep, key, entry in log:
+            if key is None:
+                if entry is None:
+                    books.setdefault(dep, {})
+                else:
+                    book = books[dep]
+                    for victim in entry:
+                        del book[victim]
+            elif entry is None:
+                del books[dep][key]
+            else:
+                books[dep][key] = entry
+
+
+class Changes:
+    """One freeze's view of the join buffer (:meth:`OutcomeJoiner.take_changes`)."""
+
+    __slots__ = ("_copy", "seq")
+
+    def __init__(self, copy: BooksCopy, seq: int) -> None:
+        self._copy, self.seq = copy, seq
+
+    def encoded(self) -> list[tuple[str, bytes]] | dict[str, dict[str, Any]]:
+        """The books at the freeze, as :meth:`OutcomeJoiner.encode_books` writes them."""
+        return self._copy.encoded(self.seq)

@@ -31,16 +31,17 @@ from rollbackd.actions.base import ActionResult, Notifier, RollbackBackend
 from rollbackd.actions.delivery import Delivery, Recorder
 from rollbackd.actions.intents import Call, Intent
 from rollbackd.actions.policy import SafetyState
-from rollbackd.daemon.admission import MAX_EVENT_TIME, Admission, EventTime
+from rollbackd.daemon.admission import MAX_EVENT_TIME, Admission, DeploymentSeen, EventTime
 from rollbackd.daemon.clock import iso
 from rollbackd.daemon.decisions import DecisionSink, NullDecisions
 from rollbackd.daemon.executor import Executor, SyncExecutor
 from rollbackd.daemon.join import OutcomeJoiner, Pending
 from rollbackd.daemon.response import Responder
 from rollbackd.daemon.snapshot import (
-    SCHEMA, BlobReader, Blobs, Plain, StateError, checkpointed, frame, restore_detector, to_plain, unframe,
+    DEFER, SCHEMA, BlobReader, Blobs, DeclaredStates, Plain, StateError, Taken, blob_refs, checkpointed,
+    frame, restore_detector, to_plain, unframe,
 )
-from rollbackd.daemon.versions import VersionHistory
+from rollbackd.daemon.versions import VersionHistory, VersionSpan
 from rollbackd.daemon.windows import Pane, WindowAssembler
 from rollbackd.detectors.base import REGISTRY, Detector, Labeled, Measurement, Reference, Window, make_detector
 from rollbackd.events import Deploy, Event, Outcome, Prediction, Rejected
@@ -145,6 +146,9 @@ class Pipeline:
         self._watches_silence = any(r.detector == "traffic" for r in config.rules)
         self._references: dict[str, Reference | None] = {}
         self._blobs = Blobs()  # the references the snapshots wrote, by digest
+        # The detectors' declared state as plain values, kept until they next change (freeze).
+        self._declared = DeclaredStates()
+        self._alert_plain: dict[tuple[str, Key], tuple[Alert, Any]] = {}  # by identity (immutable)
         self._init_effects()
 
     # Hot path -------------------------------------------------------------------------
@@ -220,6 +224,7 @@ class Pipeline:
         known_keys = self._known_keys
         joiner = self.joiner
         pending_get = joiner.pending_books().get
+        noted = joiner.changes_log()  # the books' changes, for the checkpoint's copy of them
         horizon = joiner.horizon
         rejected: list[Rejected] = []
         n_pred = n_out = n_late = n_pending = n_dep = 0
@@ -311,7 +316,9 @@ class Pipeline:
                     if ev.id in book:  # type: ignore[union-attr]
                         joiner.stats.duplicate_predictions += 1
                     else:
-                        book[ev.id] = Pending(ts, ev.variant, ev.model_version, ev.prediction, ev.score)  # type: ignore[union-attr]
+                        entry = book[ev.id] = Pending(ts, ev.variant, ev.model_version, ev.prediction, ev.score)  # type: ignore[union-attr]
+                        if noted is not None:
+                            noted.append((dep, ev.id, entry))  # type: ignore[union-attr]
                         n_pending += 1
                         if n_pending >= room:  # the cap binds: evict now, event by event
                             joiner.added(n_pending, n_popped)
@@ -328,6 +335,8 @@ class Pipeline:
                 if entry is None:
                     n_unmatched += 1
                     continue
+                if noted is not None:
+                    noted.append((dep, ev.id, None))  # type: ignore[union-attr]
                 n_popped += 1
                 if type(entry) is not Pending:  # a tuple, from a checkpoint of an older rollbackd
                     entry = Pending(*entry)
@@ -535,6 +544,7 @@ class Pipeline:
     ) -> tuple[RuleSpec, Alert, Any, Measurement, Window] | None:
         key = (window.deployment, window.variant)
         det = self._detector(rule, key)
+        self._declared.changing((rule.name, key))  # a checkpoint taken before has its state first
         det.update(window)
         m = det.evaluate(now)
         if self.edges.tap is not None:
@@ -705,20 +715,64 @@ class Pipeline:
     def freeze(self) -> "FrozenSnapshot":
         """:meth:`snapshot` (``external``) in two halves: what must be taken now, on the
         processing thread, and the encoding that may run on a writer thread later, while this
-        pipeline goes on. Taken now: every small part converted to plain values (detectors,
-        alerts, incidents...: mutable objects) and shallow copies of the join buffer and the
-        window panes, which are exact (their entries are immutable structs, pane lists only
-        grow). :meth:`FrozenSnapshot.encode` does the rest; :meth:`new_blobs` and
-        :meth:`blob_digests` are this snapshot's from the moment ``freeze`` returns."""
+        pipeline goes on. :meth:`FrozenSnapshot.encode` (once, and in the order frozen) writes
+        exactly the state at the freeze. :meth:`new_blobs` and :meth:`blob_digests` are this
+        snapshot's from the moment ``freeze`` returns.
+
+        Taken now is only what is not taken as it is later, each part at the cost of what
+        changed (a checkpoint every few seconds must not stall the loop for its whole state):
+
+        - detectors: the plain form of each kept until it next changes (at its window's close);
+          the ones changed since the last checkpoint are converted by the writer, or by this
+          thread before it changes one again (``DeclaredStates``: copy on write);
+        - the join buffer: its changes since the last freeze (``OutcomeJoiner.take_changes``),
+          which the writer applies to its own copy;
+        - references: named by digest when encoded before, else written inline by the writer
+          (``Blobs.name``): never hashed here;
+        - alerts (immutable values), counters, names, the panes' lists (they only grow, their
+          entries are immutable): shallow copies; event time and version histories: their
+          fields copied; the rest (incidents, safety, calls in flight: small) as plain values.
+        """
         blobs = self._blobs
         blobs.begin()
-        state = self._state()
-        panes = {key: {i: Pane(list(p.predictions), list(p.outcomes), list(p.deploys)) for i, p in by.items()}
-                 for key, by in self.assembler.panes.items()}
-        books = self.joiner.books_view()
-        frozen = {k: Plain(to_plain(v, blobs)) for k, v in state.items()}
+        detectors = self._declared.take({k: det for k, det in self.detectors.items() if _checkpointed(det)})
+        names = {}
+        for value in detectors.blobs:
+            digest = blobs.name(value)
+            if digest is not None:
+                names[id(value)] = digest
+        plain = {k: Plain(to_plain(v)) for k, v in {
+            "admission": self.admission.state(),
+            "safety": self.safety,
+            "awaiting": self.awaiting,
+            "incidents": (self.book.open, self.book.closed[-1000:]),
+            "effects": self.executor.in_flight(),
+            "parked": self.responder.parked,
+        }.items()}
         blobs.end()
-        return FrozenSnapshot(frozen, panes, books, self.joiner._size, replace(self.joiner.stats))
+        et = self.event_time.state()
+        later = {
+            "rules": {r.name: repr(r) for r in self.config.rules},
+            "event_time": {**et, "deployments": [
+                (k, s.name, s.max_ts, s.queued, s.variants, set(s.features)) for k, s in et["deployments"].items()]},
+            "closed": self._closed,
+            "data_until": self._data_until,
+            "next_boundary": self._next_boundary,
+            "counters": Counter(self.counters),
+            "muted_episodes": Counter(self.muted_episodes),
+            "rejects": Counter(self.rejects),
+            "known_keys": set(self._known_keys),
+            "muted": set(self._muted),
+            "first_index": dict(self.assembler.first_index),
+            "not_checkpointed": sorted({k[0] for k, det in self.detectors.items() if not _checkpointed(det)}),
+            "alerts": dict(self.alerts),
+            "versions": {k: [(s.version, s.started, s.ended, s.bad, s.provenance.copy(), s.predictions)
+                             for s in h.spans] for k, h in self.versions.items()},
+        }
+        panes = {key: {i: Pane(p.predictions[:], p.outcomes[:], p.deploys[:]) for i, p in by.items()}
+                 for key, by in self.assembler.panes.items()}
+        return FrozenSnapshot(plain, later, detectors, names, blobs, self._alert_plain, panes,
+                              self.joiner.take_changes(), self.joiner._size, replace(self.joiner.stats))
 
     def _state(self) -> dict[str, Any]:
         """The snapshot but for the window panes and the join buffer (the large parts)."""
@@ -814,6 +868,9 @@ class Pipeline:
         self.restored_effects = list(state["effects"])
         self.responder.parked = dict(state["parked"])
         self._slots = {}
+        self._declared = DeclaredStates()
+        self._alert_plain = {}
+        self._blobs.seed(blobs)  # what it read by digest is stored: named, never written again
         return warnings
 
     # Summary ----------------------------------------------------------------------------
@@ -842,15 +899,55 @@ class FrozenSnapshot:
     """A pipeline's state taken by :meth:`Pipeline.freeze`, encoded by :meth:`encode` (on any
     thread, once) into the same frame :meth:`Pipeline.snapshot` writes."""
 
-    def __init__(self, plain: dict[str, Plain], panes: dict[Key, dict[int, Pane]],
-                 books: dict[str, dict[str, Any]], size: int, stats: Any) -> None:
-        self._plain, self._panes, self._books, self._size, self._stats = plain, panes, books, size, stats
+    def __init__(self, plain: dict[str, Plain], later: dict[str, Any], detectors: Taken,
+                 names: dict[int, str], blobs: Blobs, alert_plain: dict[Any, tuple[Alert, Any]],
+                 panes: dict[Key, dict[int, Pane]], join: Any, size: int, stats: Any) -> None:
+        self._plain, self._later, self._detectors = plain, later, detectors
+        self._names, self._blobs, self._alert_plain = names, blobs, alert_plain
+        self._panes, self._join, self._size, self._stats = panes, join, size, stats
 
     def encode(self) -> bytes:
+        later = dict(self._later)
+        et = later["event_time"]
+        later["event_time"] = {**et, "deployments": {k: _seen(row) for k, *row in et["deployments"]}}
+        later["versions"] = {k: VersionHistory([VersionSpan(*row) for row in rows])
+                             for k, rows in later["versions"].items()}
+        cache = self._alert_plain  # only encoders use it; alerts are replaced, never changed
+        alerts = {}
+        for k, a in later["alerts"].items():
+            known = cache.get(k)
+            if known is None or known[0] is not a:
+                known = cache[k] = (a, to_plain(a))
+            alerts[k] = Plain(known[1])
+        later["alerts"] = alerts
+        if len(cache) > len(alerts):
+            for k in [k for k in cache if k not in alerts]:
+                del cache[k]
+        state = {k: Plain(to_plain(v)) for k, v in later.items()}
+        state.update(self._plain)
+        state["detectors"] = Plain(to_plain(self._detectors.settle()))
         # pane by pane and book by book: short C calls, between which the processing thread runs
-        panes = Plain(to_plain(self._panes))
-        join = Plain(to_plain((OutcomeJoiner.encode_books(self._books), self._size, self._stats)))
-        return frame("pipeline", {**self._plain, "panes": panes, "join": join})
+        state["panes"] = Plain(to_plain(self._panes))
+        books = self._join.encoded()
+        state["join"] = Plain(to_plain((books, self._size, self._stats)))
+        return frame("pipeline", state, refs=blob_refs(self._names, self._blobs))
+
+
+def _seen(row: tuple[Any, ...]) -> DeploymentSeen:
+    seen = object.__new__(DeploymentSeen)
+    seen.name, seen.max_ts, seen.queued, seen.variants, seen.features = row
+    return seen
+
+
+_CHECKPOINTED: dict[type, bool] = {}
+
+
+def _checkpointed(det: Any) -> bool:
+    cls = type(det)
+    known = _CHECKPOINTED.get(cls)
+    if known is None:
+        known = _CHECKPOINTED[cls] = checkpointed(det)
+    return known
 
 
 def _settle_span(rules: Sequence[RuleSpec], assembler: WindowAssembler) -> float:

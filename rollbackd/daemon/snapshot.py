@@ -43,9 +43,11 @@ import dataclasses
 import enum
 import hashlib
 import struct
+import threading
+import weakref
 import zlib
 from collections import Counter, deque
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Hashable, Iterable, Mapping
 
 import msgspec
 import numpy as np
@@ -63,6 +65,10 @@ __all__ = [
     "to_plain",
     "from_plain",
     "BlobReader",
+    "BlobRef",
+    "DEFER",
+    "DeclaredStates",
+    "blob_values",
     "Plain",
     "Declared",
     "checkpointed",
@@ -104,9 +110,12 @@ class StateError(Fatal, ValueError):
 # -- frames ----------------------------------------------------------------------------------
 
 
-def frame(kind: str, body: Any, blobs: "Blobs | None" = None) -> bytes:
-    """``body`` (plain values, registered records, arrays) as a frame of ``kind``."""
-    payload = _ENCODER.encode(to_plain(body, blobs))
+def frame(kind: str, body: Any, blobs: "Blobs | None" = None,
+          refs: "Callable[[Any], Any] | None" = None) -> bytes:
+    """``body`` (plain values, registered records, arrays) as a frame of ``kind``. ``refs``
+    turns the :class:`BlobRef`\\ s a :class:`Plain` tree holds into plain values."""
+    encoder = _ENCODER if refs is None else msgspec.msgpack.Encoder(enc_hook=refs)
+    payload = encoder.encode(to_plain(body, blobs))
     return _HEADER.pack(MAGIC, KINDS[kind], SCHEMA, zlib.crc32(payload)) + payload
 
 
@@ -179,33 +188,226 @@ class Blobs:
 
     An immutable value is encoded once per owner: :meth:`put` remembers the digest of each value
     object (held, so its ``id`` stays unique) until a snapshot no longer names it.
+
+    Two ways a value gets its digest. :meth:`put` encodes and hashes it at once, on the calling
+    thread (``Pipeline.snapshot``). :meth:`name` (``Pipeline.freeze``) never does: a value not
+    encoded yet is written *inline* (``["Bi", frame]``) by the thread that encodes the snapshot
+    (:meth:`inline`, which keeps its digest and bytes), and the next snapshot names it and hands
+    its bytes over as new. So a new reference costs the processing thread nothing, at the price
+    of being written twice: inline in one checkpoint, then once as a blob.
     """
 
     def __init__(self) -> None:
         self._known: dict[int, tuple[Any, str]] = {}
         self._named: dict[int, tuple[Any, str]] = {}
+        # Encoded inline by a writer thread, not handed over as a blob yet: id -> (value, digest, bytes).
+        self._made: dict[int, tuple[Any, str, bytes]] = {}
+        self._inlined: set[int] = set()  # values the snapshot being taken writes inline
+        self._lock = threading.Lock()  # _made: written by the writer thread
         self.new: dict[str, bytes] = {}
         self.digests: set[str] = set()
 
     def begin(self) -> None:
         self._named = {}
+        self._inlined = set()
         self.new = {}
         self.digests = set()
 
     def put(self, value: Any) -> str:
-        known = self._known.get(id(value))
+        known = self._known.get(id(value)) or self._named.get(id(value))
         if known is None:
-            data = frame("blob", value)
-            digest = hashlib.sha256(data).hexdigest()
-            known = (value, digest)
-            self.new[digest] = data
+            made = self._take_made(value)
+            if made is None:
+                data = frame("blob", value)
+                made = (hashlib.sha256(data).hexdigest(), data)
+            known = (value, made[0])
+            self.new[made[0]] = made[1]
         self._named[id(value)] = known
         self.digests.add(known[1])
         return known[1]
 
+    def name(self, value: Any) -> str | None:
+        """The digest this snapshot names ``value`` by, or None: it was never encoded, and the
+        snapshot's encoder writes it inline (:meth:`inline`). Never encodes nor hashes."""
+        known = self._known.get(id(value)) or self._named.get(id(value))
+        if known is None:
+            made = self._take_made(value)
+            if made is None:
+                self._inlined.add(id(value))
+                return None
+            known = (value, made[0])
+            self.new[made[0]] = made[1]
+        self._named[id(value)] = known
+        self.digests.add(known[1])
+        return known[1]
+
+    def inline(self, value: Any) -> bytes:
+        """``value``'s blob frame, for a snapshot that writes it inline (any thread); its digest
+        and bytes are kept for the next snapshot to name it by."""
+        data = frame("blob", value)
+        digest = hashlib.sha256(data).hexdigest()
+        with self._lock:
+            self._made[id(value)] = (value, digest, data)
+        return data
+
+    def seed(self, reader: "BlobReader") -> None:
+        """The blobs a restore read are persisted already: named by their digest from now on."""
+        for digest, value in reader.decoded.items():
+            self._known[id(value)] = (value, digest)
+
+    def _take_made(self, value: Any) -> tuple[str, bytes] | None:
+        with self._lock:
+            made = self._made.pop(id(value), None)
+        return None if made is None or made[0] is not value else made[1:]
+
     def end(self) -> None:
         self._known = self._named
         self._named = {}
+        with self._lock:  # forget what no snapshot writes any more
+            self._made = {k: v for k, v in self._made.items() if k in self._inlined}
+
+
+class BlobRef:
+    """A blob in a :class:`Plain` tree converted with :data:`DEFER`: named by its digest or
+    written inline when the tree is encoded (:func:`blob_refs`), as decided when the snapshot
+    was taken (:meth:`Blobs.name`)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class _Defer:
+    """:data:`DEFER`'s type."""
+
+
+#: ``to_plain(x, DEFER)``: blobs become :class:`BlobRef`\ s, resolved when encoded.
+DEFER = _Defer()
+
+
+def blob_refs(names: Mapping[int, str], blobs: Blobs) -> Callable[[Any], Any]:
+    """The ``refs`` of :func:`frame` for a snapshot whose blobs ``names`` (value id -> digest)
+    names; any other :class:`BlobRef` is written inline (once per value)."""
+    inlined: dict[int, bytes] = {}
+
+    def resolve(obj: Any) -> Any:
+        if type(obj) is not BlobRef:
+            raise StateError(f"cannot checkpoint a {type(obj).__module__}.{type(obj).__qualname__}")
+        key = id(obj.value)
+        digest = names.get(key)
+        if digest is not None:
+            return ["B", digest]
+        data = inlined.get(key)
+        if data is None:
+            data = inlined[key] = blobs.inline(obj.value)
+        return ["Bi", data]
+
+    return resolve
+
+
+def blob_values(obj: Any) -> list[Any]:
+    """The values ``obj``'s declared state writes as blobs: its ``BLOBS`` fields and those of the
+    declared-state objects among its fields. (One held deeper, in a container, is missed: it is
+    then written inline, which is exact too.)"""
+    out: list[Any] = []
+    blobbed = getattr(obj, "BLOBS", ())
+    for f in type(obj).STATE:
+        v = getattr(obj, f)
+        if v is None:
+            continue
+        if f in blobbed:
+            out.append(v)
+        elif isinstance(getattr(type(v), "STATE", None), tuple):
+            out.extend(blob_values(v))
+    return out
+
+
+class DeclaredStates:
+    """The plain forms of objects that change in place, at points their owner knows (a
+    pipeline's detectors: when a window closes), by key: each converted at most once per change,
+    and not on the thread that changes them.
+
+    :meth:`take` (processing thread) returns a :class:`Taken`: the plain form of each object not
+    changed since it was last converted, the others *owed*. :meth:`Taken.settle` (writer thread)
+    converts the owed ones. The owner calls :meth:`changing` before it changes an object: one
+    still owed to a taken snapshot is converted then, first (copy on write), so a snapshot holds
+    each object as it was when taken, however late it is encoded.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # key -> (object, plain form, its blob values): valid until changing(key)
+        self._plain: dict[Hashable, tuple[Any, Any, list[Any]]] = {}
+        # key -> (object, the Taken that wait for its plain form)
+        self._owed: dict[Hashable, tuple[Any, list[weakref.ref["Taken"]]]] = {}
+
+    def changing(self, key: Hashable) -> None:
+        with self._lock:
+            self._plain.pop(key, None)
+            owed = self._owed.pop(key, None)
+            if owed is not None:
+                self._pay(key, owed, keep=False)
+
+    def take(self, objects: Mapping[Hashable, Any]) -> "Taken":
+        taken = Taken(self, list(objects))
+        with self._lock:
+            if len(self._plain) > len(objects):  # objects gone: forget them
+                self._plain = {k: v for k, v in self._plain.items() if k in objects}
+            ref = weakref.ref(taken)
+            for key, obj in objects.items():
+                known = self._plain.get(key)
+                if known is not None and known[0] is obj:
+                    taken.plain[key] = known[1]
+                    taken.blobs.extend(known[2])
+                    continue
+                owed = self._owed.get(key)
+                if owed is not None and owed[0] is not obj:  # replaced, so never changed again
+                    self._pay(key, owed, keep=False)
+                    owed = None
+                if owed is None:
+                    owed = self._owed[key] = (obj, [])
+                owed[1][:] = [r for r in owed[1] if r() is not None]
+                owed[1].append(ref)
+                taken.blobs.extend(blob_values(obj))
+        return taken
+
+    def _settle(self, taken: "Taken") -> None:
+        for key in taken.keys:
+            if key in taken.plain:
+                continue
+            with self._lock:
+                owed = self._owed.pop(key, None)
+                if owed is not None:
+                    self._pay(key, owed, keep=True)
+
+    def _pay(self, key: Hashable, owed: tuple[Any, list[weakref.ref["Taken"]]], keep: bool) -> None:
+        # Under the lock: the owner waits in changing() until the object is converted.
+        obj, waiting = owed
+        plain = to_plain(obj, DEFER)
+        for ref in waiting:
+            t = ref()
+            if t is not None:
+                t.plain[key] = plain
+        if keep:
+            self._plain[key] = (obj, plain, blob_values(obj))
+
+
+class Taken:
+    """What :meth:`DeclaredStates.take` took: ``plain`` by key (complete after :meth:`settle`),
+    ``blobs`` the blob values they hold."""
+
+    __slots__ = ("_states", "keys", "plain", "blobs", "__weakref__")
+
+    def __init__(self, states: DeclaredStates, keys: list[Hashable]) -> None:
+        self._states, self.keys = states, keys
+        self.plain: dict[Hashable, Any] = {}
+        self.blobs: list[Any] = []
+
+    def settle(self) -> dict[Hashable, "Plain"]:
+        """Every object's plain form, in the order taken (converting those still owed)."""
+        self._states._settle(self)
+        return {k: Plain(self.plain[k]) for k in self.keys}
 
 
 class BlobReader:
@@ -215,6 +417,11 @@ class BlobReader:
     def __init__(self, raw: Mapping[str, bytes] | None = None) -> None:
         self._raw = raw or {}
         self._decoded: dict[str, Any] = {}
+
+    @property
+    def decoded(self) -> Mapping[str, Any]:
+        """The blobs read so far, by digest."""
+        return self._decoded
 
     def get(self, digest: Any) -> Any:
         if type(digest) is not str:
@@ -323,7 +530,7 @@ def _setattrs(obj: Any, values: dict[str, Any]) -> Any:
 #   ["ao", shape, *items] object array, ["n", dtype, bytes] numpy scalar,
 #   ["e", name, value] enum, ["o", name, field, value, ...] record,
 #   ["S", field, value, ...] the declared state of an object rebuilt from config,
-#   ["B", digest] a blob, [tag, ...] a custom type.
+#   ["B", digest] a blob, ["Bi", frame] a blob written inline, [tag, ...] a custom type.
 
 _SCALARS = (type(None), bool, float, str, bytes)
 
@@ -338,7 +545,7 @@ class Plain:
         self.tree = tree
 
 
-def to_plain(x: Any, blobs: Blobs | None = None) -> Any:
+def to_plain(x: Any, blobs: Blobs | _Defer | None = None) -> Any:
     t = type(x)
     if t in _SCALARS:
         return x
@@ -391,14 +598,14 @@ def to_plain(x: Any, blobs: Blobs | None = None) -> Any:
     raise StateError(f"cannot checkpoint a {t.__module__}.{t.__qualname__} (not registered)")
 
 
-def _state_pairs(obj: Any, blobs: Blobs | None) -> list[Any]:
+def _state_pairs(obj: Any, blobs: Blobs | _Defer | None) -> list[Any]:
     out: list[Any] = []
     blobbed = getattr(obj, "BLOBS", ())  # an instance may opt out (a rolling baseline)
     for f in type(obj).STATE:
         v = getattr(obj, f)
         out.append(f)
         if f in blobbed and blobs is not None and v is not None:
-            out.append(["B", blobs.put(v)])
+            out.append(BlobRef(v) if blobs is DEFER else ["B", blobs.put(v)])  # type: ignore[union-attr]
         else:
             out.append(to_plain(v, blobs))
     return out
@@ -460,6 +667,10 @@ def from_plain(p: Any, blobs: BlobReader | None = None) -> Any:
         if blobs is None:
             raise StateError("a blob where none may be")
         return blobs.get(p[1])
+    if tag == "Bi":  # a blob written inline (Blobs.name): its own frame, checked as one
+        if type(p[1]) is not bytes:
+            raise StateError("malformed inline blob")
+        return unframe("blob", p[1], what="inline blob")
     if tag == "S":
         return Declared(p)
     decode = _CUSTOM_DECODE.get(tag)
