@@ -110,6 +110,7 @@ def build(deployments: int, labels: int) -> tuple[Pipeline, float]:
     refs = {f"dep-{d:05d}": _reference(d) for d in range(deployments)}
     edges = Edges(notifier=NullNotifier(), backend_for=lambda d: None, references=refs.get)
     p = Pipeline(config, edges)
+    p.joiner.note_changes()  # as the live daemon does when it starts a task
     rng = np.random.default_rng(7)
     per = max(1, labels // deployments)
     span = 3600.0

@@ -114,6 +114,7 @@ def test_frozen_snapshots_encoded_long_after_restore_the_state_at_each_freeze(sc
     write_recording(BUILTIN[scenario], rec)
     config = load_config(rules_files()["demo"])
     p = build_pipeline(config, notifier=ConsoleNotifier(stream=io.StringIO()))
+    p.joiner.note_changes()  # as the live daemon does: the join buffer's changes are noted
     source = open_recording(str(rec), config)
     taken = []
     kept: dict[str, bytes] = {}

@@ -50,8 +50,10 @@ _BOOK = msgspec.msgpack.Encoder()
 _BOOK_DECODER = msgspec.msgpack.Decoder(dict[str, Pending])
 
 _GONE = object()
-# Changes noted beyond twice the buffer's size plus this, with nobody taking them (a replay
-# never checkpoints), are dropped, and no more are noted until take_changes is called.
+# Changes are noted only for a joiner whose driver checkpoints off the processing thread
+# (note_changes(): the live daemon; a replay never does). Changes noted beyond twice the
+# buffer's size plus this, with nobody taking them, are dropped, and no more are noted until
+# take_changes is called.
 _CHANGES_SLACK = 100_000
 # Eviction reads a book's oldest entries from a snapshot of its front of at least this many.
 _FRONT = 4096
@@ -83,11 +85,10 @@ class OutcomeJoiner:
     _fronts: dict[str, deque[tuple[str, Any]]] = field(default_factory=dict, repr=False, compare=False)
     # What changed in the books since the last take_changes(), in order (see BooksCopy), and
     # the copy those changes are for. None when there is no copy (see _CHANGES_SLACK).
-    _log: list[tuple[str, Any, Any]] | None = field(default_factory=list, repr=False, compare=False)
+    _log: list[tuple[str, Any, Any]] | None = field(default=None, repr=False, compare=False)
     _copy: "BooksCopy | None" = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self._copy = BooksCopy({})
         if self.horizon <= 0:
             raise ValueError(f"join horizon must be > 0 seconds, got {self.horizon}")
         if self.max_pending < 1:
@@ -129,7 +130,15 @@ class OutcomeJoiner:
         else:
             self._pending = books
         self._fronts = {}
-        self._log, self._copy = [], BooksCopy(self.books_view())
+        if self._log is not None:
+            self._log, self._copy = [], BooksCopy(self.books_view())
+
+    def note_changes(self) -> None:
+        """From now on, note what changes in the books for :meth:`take_changes` (a driver that
+        freezes checkpoints calls it once, before the buffer is large; a replay never does, so
+        its hot loop notes nothing)."""
+        if self._log is None:
+            self._log, self._copy = [], BooksCopy(self.books_view())
 
     def take_changes(self) -> "Changes":
         """The books as they are now, for a checkpoint encoded on another thread: not a copy
