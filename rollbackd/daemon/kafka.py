@@ -648,12 +648,18 @@ class KafkaSource:
     def _collect_ends(self) -> None:
         if not self._asking or not all(f.done() for f in self._asking.values()):
             return
+        failed = None
         for tp, future in self._asking.items():
             try:
                 self._ends[(tp.topic, tp.partition)] = (future.result().offset, self._asked_at)
             except KafkaException as exc:  # not answered: the end stays unconfirmed
-                log.info("end offset of %s:%d unknown: %s", tp.topic, tp.partition, exc)
+                failed = f"{tp.topic}:{tp.partition}: {exc}"
         self._asking = {}
+        if failed is not None:
+            # e.g. FENCED_LEADER_EPOCH after a broker restart: the admin client's metadata is
+            # stale and it keeps asking the old leader epoch; a new client looks afresh.
+            log.info("end offsets unknown (%s): asking with a new client", failed)
+            self._admin = None
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         self._acked += 1

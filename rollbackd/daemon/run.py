@@ -341,6 +341,7 @@ class Daemon:
         self._unsettled = False  # a transaction's outcome is not known yet
         self._rewind_due = False  # in-memory state is ahead of what was committed, and must not be
         self._in_doubt_position: Any = None  # the position an unanswered commit covers
+        self._committed_blind: dict[str, Any] | None = None
         self.rewinds = 0
         hooks: tuple[tuple[str, Callable[[list[tuple[str, int]]], None]], ...] = (
             (("on_assign", self._assigned), ("on_revoke", self._revoked), ("on_lost", self._lost))
@@ -421,7 +422,7 @@ class Daemon:
         if self.state is not None:
             # Not while reads fail (the commit would wait out its timeout on the same brokers)
             # nor before the loop has settled an earlier transaction.
-            if self._reading and not (self._unsettled or self._rewind_due):
+            if self._reading and not (self._unsettled or self._rewind_due) and self._dirty():
                 self._commit_tasks()
             self._last_checkpoint = self.clock.now()
             self.checkpoint_seconds = self._last_checkpoint - started
@@ -471,6 +472,7 @@ class Daemon:
 
     def _committed_at(self, position: Any) -> None:
         self._committed = position
+        self._committed_blind = self.blindness.state.to_dict()
         self._in_doubt_position = None
         if self.ledger is not None and hasattr(self.ledger, "high_water"):
             self._ledger_marks = self.ledger.high_water()
@@ -521,7 +523,9 @@ class Daemon:
         self._committed = dict(self._position or {})
 
     def _dirty(self) -> bool:
-        return self._position != self._committed or bool(getattr(self.state, "txn_open", False))
+        """Something a commit would change: events read, decisions written, the blind state."""
+        return (self._position != self._committed or bool(getattr(self.state, "txn_open", False))
+                or self.blindness.state.to_dict() != self._committed_blind)
 
     # Partitions moving (state store) ------------------------------------------------
     def _task_state(self, key: int) -> dict[str, Any]:
@@ -678,8 +682,11 @@ class Daemon:
                 log.warning("checkpoint.commit_failed", detail=str(exc))
         finally:
             gc.set_threshold(*gc_thresholds)
+            # events: read by this process (a rewind reads some again); counted: by the tasks it
+            # holds (before closing the source hands them over)
+            counted = dict(sorted(self.view.counters.items()))
             self._close_source()
-            log.info("daemon.stopped", events=self.events)
+            log.info("daemon.stopped", events=self.events, rewinds=self.rewinds, counted=counted)
 
     def _pause(self, seconds: float, failure: str) -> None:
         """A backoff wait after a failed read, looking at the blindness every second of it, so a

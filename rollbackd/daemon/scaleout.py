@@ -42,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import threading
 import time
 import uuid
 from typing import Any, Mapping
@@ -62,6 +63,7 @@ STATE_FORMAT = 1
 # A task snapshot holds windows and the join buffer: far above Kafka's 1 MB default.
 MAX_STATE_BYTES = 64 * 1024 * 1024
 _TIMEOUT = 10.0
+_STUCK_GRACE = 5.0  # past a transactional call's own timeout, the producer is given up
 _CONSUMER_ONLY = ("session.", "heartbeat.", "max.poll.", "auto.", "enable.auto.", "fetch.", "isolation.",
                   "queued.", "check.crcs", "enable.partition.eof", "group.", "partition.assignment")
 
@@ -136,6 +138,7 @@ class GroupState:
                                 "enable.idempotence": True, "acks": "all", "linger.ms": 0,
                                 "logger": librdkafka_log})
         self._home: dict[str, int] = {}  # deployment -> the task (decisions partition) deciding for it
+        self._abandoned: list[Producer] = []  # producers with a call stuck in them
         self._ready = False  # init_transactions done for this producer
         self._open = False  # a transaction is begun (something was produced in it)
         self._pending: str | None = None  # "commit" (in doubt) or "abort" (not acknowledged yet)
@@ -187,13 +190,19 @@ class GroupState:
             for key, state in states.items():
                 blob = pickle.dumps({"format": STATE_FORMAT, "rollbackd_version": __version__, **state},
                                     protocol=pickle.HIGHEST_PROTOCOL)
-                self._produce(self.state_topic, blob, key=self._key(key), partition=key)
+                # Headers for people and tools: what the record covers and who wrote it.
+                self._produce(self.state_topic, blob, key=self._key(key), partition=key, headers=[
+                    ("rollbackd-position", json.dumps(state.get("position") or {}, sort_keys=True).encode()),
+                    ("rollbackd-writer", self.transactional_id.encode())])
             if offsets:
                 stage = "offsets"
                 tps = [TopicPartition(t, p, o) for (t, p), o in sorted(parse_position(offsets).items())]
-                self._producer.send_offsets_to_transaction(tps, group_metadata, _TIMEOUT)
+                self._blocking("send_offsets_to_transaction", tps, group_metadata, _TIMEOUT)
             stage = "commit"
-            self._producer.commit_transaction(_TIMEOUT)
+            self._blocking("commit_transaction", _TIMEOUT)
+        except _Stuck as exc:
+            self._replace_producer(stuck=True)
+            raise TransactionFailed(f"transaction aborted ({stage}: {exc})") from exc
         except (KafkaException, BrokerUnavailable) as exc:
             raise self._failed(exc, stage) from exc
         self._committed()
@@ -220,7 +229,10 @@ class GroupState:
         """One attempt at what is pending; True once nothing is."""
         if self._pending == "commit":
             try:
-                self._producer.commit_transaction(timeout)
+                self._blocking("commit_transaction", timeout)
+            except _Stuck:
+                self._replace_producer(stuck=True)
+                return False
             except KafkaException as exc:
                 err = _error(exc)
                 if err.retriable() and not err.txn_requires_abort() and not err.fatal():
@@ -235,7 +247,10 @@ class GroupState:
             return False
         if not self._ready:
             try:
-                self._producer.init_transactions(timeout)
+                self._blocking("init_transactions", timeout)
+            except _Stuck:
+                self._replace_producer(stuck=True)
+                return False
             except KafkaException as exc:
                 if _error(exc).fatal():
                     self._replace_producer()
@@ -370,8 +385,8 @@ class GroupState:
         by whoever owns the partitions next) and lets the producer go."""
         if self._open or self._pending == "abort":
             try:
-                self._producer.abort_transaction(5.0)
-            except KafkaException:
+                self._blocking("abort_transaction", 5.0)
+            except (KafkaException, _Stuck):
                 pass
         for producer in (self._producer, self._facts):
             try:
@@ -398,15 +413,21 @@ class GroupState:
             "logger": librdkafka_log,
         })
 
-    def _replace_producer(self) -> None:
+    def _replace_producer(self, stuck: bool = False) -> None:
         """A fatal producer error (fenced: the coordinator aborted our transaction after
-        ``transaction.timeout.ms``, or another producer took our transactional id): the
-        producer is done for; a new one takes the id over (``init_transactions``)."""
-        log.warning("txn.producer_replaced", transactional_id=self.transactional_id)
-        try:
-            self._producer.purge()
-        except (KafkaException, RuntimeError, TypeError):
-            pass
+        ``transaction.timeout.ms``, or another producer took our transactional id), or a call
+        stuck in it: the producer is done for; a new one takes the id over
+        (``init_transactions``, which also aborts what the old one left open)."""
+        log.warning("txn.producer_replaced", transactional_id=self.transactional_id, stuck=stuck)
+        if stuck:
+            # A call still blocks inside it: destroying it would pull the client from under
+            # that call. It is kept (and leaks) until the process ends.
+            self._abandoned.append(self._producer)
+        else:
+            try:
+                self._producer.purge()
+            except (KafkaException, RuntimeError, TypeError):
+                pass
         self._producer = self._new_producer()
         self._ready = False
         self._open = False
@@ -415,6 +436,32 @@ class GroupState:
         self._txn_ids.clear()
         self._outcome = "aborted"
         self.aborts += 1
+
+    def _blocking(self, call: str, *args: Any) -> Any:
+        """``self._producer.<call>(*args)`` within its timeout (the last argument) and a grace
+        period, on a thread of its own. librdkafka does not always keep the timeout: a
+        send_offsets_to_transaction whose group coordinator went away (a broker restarted)
+        blocks until another broker changes state, which with one broker is never
+        (confluentinc/librdkafka#5456, #5511). Raises :class:`_Stuck` past the deadline."""
+        fn = getattr(self._producer, call)
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                box["result"] = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                box["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name=f"rollbackd-txn-{call}", daemon=True).start()
+        if not done.wait(float(args[-1]) + _STUCK_GRACE):
+            log.error("txn.call_stuck", call=call, after_seconds=float(args[-1]) + _STUCK_GRACE)
+            raise _Stuck(f"{call} did not return within {float(args[-1]) + _STUCK_GRACE:.0f} s")
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
 
     def _begin(self) -> None:
         if self._open:
@@ -428,6 +475,7 @@ class GroupState:
         self._open = True
 
     def _committed(self) -> None:
+        self._failure = None
         self._open = False
         self._pending = None
         self.seen |= self._txn_ids
@@ -435,6 +483,7 @@ class GroupState:
         self.commits += 1
 
     def _abort(self) -> None:
+        self._failure = None  # the purged records' reports are no news
         self._open = False
         self._doomed = None
         self._txn_ids.clear()
@@ -446,7 +495,10 @@ class GroupState:
 
     def _finish_abort(self, timeout: float) -> None:
         try:
-            self._producer.abort_transaction(timeout)
+            self._blocking("abort_transaction", timeout)
+        except _Stuck:
+            self._replace_producer(stuck=True)
+            return
         except KafkaException as exc:
             err = _error(exc)
             if err.fatal():
@@ -479,8 +531,11 @@ class GroupState:
     def _key(self, key: int) -> bytes:
         return f"{self.group_id}/{key}".encode()
 
-    def _produce(self, topic: str, value: bytes, key: bytes, partition: int | None = None) -> None:
+    def _produce(self, topic: str, value: bytes, key: bytes, partition: int | None = None,
+                 headers: list[tuple[str, bytes]] | None = None) -> None:
         kwargs: dict[str, Any] = {"key": key, "on_delivery": self._delivered}
+        if headers:
+            kwargs["headers"] = headers
         if partition is not None:
             kwargs["partition"] = partition
         while True:
@@ -620,6 +675,10 @@ class GroupState:
             raise classify(exc, f"reading {topic}/{partition}") from exc
         finally:
             c.close()
+
+
+class _Stuck(Exception):
+    """A transactional call that did not return in time (see GroupState._blocking)."""
 
 
 def _error(exc: KafkaException) -> KafkaError:
