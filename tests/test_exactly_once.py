@@ -279,3 +279,140 @@ def test_a_broker_outage_past_the_session_timeout_changes_no_decision_exactly_on
     committed state and reads on from there."""
     outage_run(kafka_broker, topic, tmp_path, three, lambda: kafka_broker.restart(down=2 * SESSION_TIMEOUT),
                "--state-topic", f"eos-{time.monotonic_ns()}-state")
+
+
+# The mechanisms, one by one (a real broker, no daemon) ---------------------------------------
+
+
+def _group_member(bootstrap: str, group: str, topic: str) -> Consumer:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+                  "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "max.poll.interval.ms": 6000,
+                  "auto.offset.reset": "earliest"})
+    got: list = []
+    c.subscribe([topic], on_assign=lambda consumer, parts: got.extend(parts))
+    deadline = time.monotonic() + 30
+    while not got and time.monotonic() < deadline:
+        c.poll(0.2)
+    assert got, "no partition assigned"
+    return c
+
+
+def _headers(msgs: list) -> list[dict]:
+    return [{k: v.decode() for k, v in (m.headers() or [])} for m in msgs]
+
+
+def test_a_member_that_lost_its_partitions_cannot_commit(kafka_bootstrap, topic):
+    """The transaction of an instance whose group membership is gone (it stopped polling past
+    max.poll.interval.ms; a stall past the session timeout is the same to the coordinator)
+    aborts: neither its state record nor its decision is visible to a read-committed reader,
+    the group's offsets stay where they were, and the producer goes on with a valid member."""
+    from rollbackd.daemon.scaleout import GroupState, TransactionFailed
+
+    inputs, state, decisions = topic(1), topic(1), topic(1)
+    group = f"g-{inputs}"
+    zombie = _group_member(kafka_bootstrap, group, inputs)
+    store = GroupState(kafka_bootstrap, group, state, decisions, transactional_id=f"t-{inputs}")
+    rec = {"kind": "alert", "deployment": "d", "ts": 1.0}
+
+    def commit(offset: int, member: Consumer) -> None:
+        store.publish({**rec, "ts": float(offset)}, f"id-{offset}")
+        position = {f"{inputs}:0": offset}
+        store.commit({0: {"pipeline": b"", "position": position, "decisions_offset": 0}}, position,
+                     member.consumer_group_metadata())
+
+    commit(5, zombie)
+    successor = _group_member(kafka_bootstrap, group, inputs)  # waits out the zombie's membership
+    with pytest.raises(TransactionFailed) as failure:
+        commit(9, zombie)
+    assert not failure.value.in_doubt
+    assert store.settle(5.0) == "aborted"
+    committed_states = read_topic(kafka_bootstrap, state)
+    assert [h["rollbackd-position"] for h in _headers(committed_states)] == [json.dumps({f"{inputs}:0": 5})]
+    assert [json.loads(m.value())["decision_id"] for m in read_topic(kafka_bootstrap, decisions)] == ["id-5"]
+    (tp,) = successor.committed([TopicPartition(inputs, 0)], timeout=10)
+    assert tp.offset == 5
+    commit(12, successor)
+    assert [json.loads(m.value())["decision_id"] for m in read_topic(kafka_bootstrap, decisions)] == ["id-5", "id-12"]
+    zombie.close()
+    successor.close()
+    store.close()
+
+
+class _SlowCommit:
+    """Fault injection: the producer's commit reaches the coordinator ``delay`` seconds late (an
+    owner stalled between sending its offsets and committing)."""
+
+    def __init__(self, producer, delay: float) -> None:
+        self._producer, self._delay = producer, delay
+
+    def __getattr__(self, name: str):
+        return getattr(self._producer, name)
+
+    def commit_transaction(self, timeout: float):
+        time.sleep(self._delay)
+        return self._producer.commit_transaction(timeout)
+
+
+def test_a_new_owner_reads_a_task_only_once_no_transaction_is_open_on_it(kafka_bootstrap, topic):
+    """The previous owner's commit is in flight (its records written, the commit not yet done):
+    the new owner's load waits for it and reads the state it commits, never the one before it
+    (which would make the in-flight decisions appear later, behind the new owner's back)."""
+    from rollbackd.daemon.scaleout import GroupState
+
+    inputs, state, decisions = topic(1), topic(1), topic(1)
+    group = f"g-{inputs}"
+    member = _group_member(kafka_bootstrap, group, inputs)
+    old = GroupState(kafka_bootstrap, group, state, decisions, transactional_id=f"old-{inputs}")
+    new = GroupState(kafka_bootstrap, group, state, decisions, transactional_id=f"new-{inputs}")
+
+    def commit(offset: int) -> None:
+        old.publish({"kind": "alert", "deployment": "d", "ts": float(offset)}, f"id-{offset}")
+        position = {f"{inputs}:0": offset}
+        old.commit({0: {"pipeline": b"", "position": position, "decisions_offset": 0}}, position,
+                   member.consumer_group_metadata())
+
+    commit(5)
+    old._producer = _SlowCommit(old._producer, delay=3.0)
+    late = threading.Thread(target=commit, args=(9,))
+    late.start()
+    time.sleep(1.0)  # its records are on the broker, the commit not yet sent
+    started = time.monotonic()
+    saved = new.load(0)
+    waited = time.monotonic() - started
+    late.join()
+    assert saved is not None and saved["position"] == {f"{inputs}:0": 9}
+    assert waited > 1.0, f"read after {waited:.1f} s: did not wait for the open transaction"
+    member.close()
+    old.close()
+    new.close()
+
+
+def test_a_partition_flagged_at_its_end_is_not_at_its_end_until_the_broker_says_so(kafka_bootstrap, topic):
+    """The end-of-partition flag stays set while nothing is read (a stalled loop, a broker that
+    resumes with a backlog): ``at_end`` asks the broker for the end offset and is True only on
+    a fresh answer that the end is where the consumer is."""
+    from rollbackd.daemon.kafka import _END_FRESH, KafkaSource
+
+    name = topic(1)
+    lines = scenario(("dep-a",))[:300]
+    produce(kafka_bootstrap, name, lines[:200], ("dep-a",))
+    src = KafkaSource(kafka_bootstrap, f"g-{name}", name, poll_timeout=0.1)
+
+    def read_until_at_end() -> int:
+        n, deadline = 0, time.monotonic() + 20
+        while time.monotonic() < deadline:
+            batch = src.read(1000)
+            n += len(batch.events)
+            if src.at_end(0):
+                return n
+        raise AssertionError("never at its end")
+
+    assert read_until_at_end() == 200
+    produce(kafka_bootstrap, name, lines[200:], ("dep-a",))  # a backlog the loop has not read
+    time.sleep(_END_FRESH)  # what the broker said before it came is no longer believed
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        assert not src.at_end(0), "at its end by a stale flag, with 100 events unread"
+        time.sleep(0.05)
+    assert read_until_at_end() == 100
+    src.close()
