@@ -28,8 +28,17 @@ Tasks: a partitioned source (Kafka) gets one pipeline per partition number, as K
 keeps one task per partition: each has its own event time (a partition that lags does not make
 another's events late) and its own state, so a partition can move to another instance with its
 state (``state`` store, a compacted Kafka topic: see ``daemon/scaleout.py``). A task whose
-partitions are read to their end follows the most advanced task's event time: nothing older can
-come for it, so its windows close (and a stopped stream raises no-data) as in a replay.
+partitions are read to their end (as the broker confirms it: not a flag set before a stall)
+follows the most advanced task's event time: nothing older can come for it, so its windows close
+(and a stopped stream raises no-data) as in a replay.
+
+Outages change nothing. With a state store, state, decisions and offsets commit in one Kafka
+transaction; a transaction that does not commit (refused: this instance lost its partitions; not
+answered; aborted after a lost session) leaves the in-memory state ahead of what is committed,
+so before reading on the loop settles it and rewinds every task to its committed state (reloaded,
+its partitions sought there): re-read events are counted once. With a checkpoint file, partitions
+assigned again after a lost session resume at the position the in-memory state covers, not at
+a committed offset that a failed commit left behind.
 """
 
 from __future__ import annotations
