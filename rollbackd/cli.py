@@ -735,7 +735,9 @@ def _bootstrap(value: str | None) -> str:
                    "(live-GROUP), so a restart continues the same run.")
 @click.option("--instance-id", envvar="ROLLBACKD_INSTANCE_ID", default=None,
               help="Static group membership (group.instance.id): a restarted instance gets its "
-                   "partitions back at once instead of after the session timeout.")
+                   "partitions back at once instead of after the session timeout. With "
+                   "--state-topic it also names the instance's transactional.id, so a restart "
+                   "aborts what its predecessor left open at once.")
 @click.option("--topic", "topics", multiple=True, envvar="ROLLBACKD_TOPICS",
               help="Topic to consume (repeatable; env ROLLBACKD_TOPICS, space-separated). "
                    "Default: predictions and outcomes.")
