@@ -84,7 +84,7 @@ _END_TIMEOUT = 2.0
 # What an admin client (the end offsets) takes over from the consumer's settings: how to reach
 # and authenticate to the brokers, nothing about consuming.
 _ADMIN_KEYS = ("bootstrap.", "security.", "sasl.", "ssl.", "socket.", "broker.", "reconnect.", "retry.",
-               "metadata.", "topic.metadata.", "api.version", "client.", "connections.", "debug",
+               "metadata.", "topic.metadata.", "api.version", "client.id", "client.dns", "connections.", "debug",
                "enable.ssl", "enable.sasl", "oauthbearer", "https.")
 _value = Message.value
 _error = Message.error
