@@ -710,9 +710,12 @@ def _kafka_options(values: tuple[str, ...]) -> dict[str, str]:
 
 
 def _group_state(servers: str, group_id: str, state_topic: str, decisions_topic: str,
-                 inputs: list[str], kconf: dict[str, str]) -> Any:
+                 inputs: list[str], kconf: dict[str, str], instance_id: str | None = None,
+                 checkpoint_every: float = 5.0) -> Any:
     """The scale-out store, its topics created when missing (decisions: one partition per
-    input partition, so each task writes its own)."""
+    input partition, so each task writes its own). Its producer is transactional: with
+    ``--instance-id`` its ``transactional.id`` is ``rollbackd-<group>-<instance>`` (a restart
+    aborts what its predecessor left open at once), else a new one per start."""
     from confluent_kafka.admin import AdminClient
 
     from rollbackd.daemon.kafka import librdkafka_log
@@ -745,7 +748,11 @@ def _group_state(servers: str, group_id: str, state_topic: str, decisions_topic:
                  f"{partitions}: give it at least as many (one per task)",
                  error=True, topic=name, partitions=len(have[name].partitions), needed=partitions)
             sys.exit(EXIT_CONFIG)
-    return GroupState(servers, group_id, state_topic, decisions_topic, config=admin_conf)
+    # A transaction spans one checkpoint interval; past its timeout the coordinator aborts it
+    # (and a successor waits at most that long for a dead instance's open transaction).
+    return GroupState(servers, group_id, state_topic, decisions_topic, config=admin_conf,
+                      transactional_id=f"rollbackd-{group_id}-{instance_id}" if instance_id else None,
+                      transaction_timeout=max(10.0, 3 * checkpoint_every))
 
 
 def _start_digest(config: Any, notifier: Any, db: str, run_id: str, deliver: Any = None) -> Any:
@@ -781,7 +788,9 @@ def _bootstrap(value: str | None) -> str:
                    "(live-GROUP), so a restart continues the same run.")
 @click.option("--instance-id", envvar="ROLLBACKD_INSTANCE_ID", default=None,
               help="Static group membership (group.instance.id): a restarted instance gets its "
-                   "partitions back at once instead of after the session timeout.")
+                   "partitions back at once instead of after the session timeout. With "
+                   "--state-topic it also names the instance's transactional.id, so a restart "
+                   "aborts what its predecessor left open at once.")
 @click.option("--topic", "topics", multiple=True, envvar="ROLLBACKD_TOPICS",
               help="Topic to consume (repeatable; env ROLLBACKD_TOPICS, space-separated). "
                    "Default: predictions and outcomes.")
@@ -818,7 +827,8 @@ def _bootstrap(value: str | None) -> str:
                    "0.0.0.0:9464 in a container).")
 @click.option("--state-topic", envvar="ROLLBACKD_STATE_TOPIC", default=None,
               help="Scale out: keep task state in this compacted topic (instead of --checkpoint), so "
-                   "partitions can move between the instances of the group.")
+                   "partitions can move between the instances of the group. State, decisions and "
+                   "offsets are committed in Kafka transactions (exactly-once; brokers >= 2.5).")
 @click.option("--decisions-topic", envvar="ROLLBACKD_DECISIONS_TOPIC", default=None,
               help="With --state-topic: publish every decision here (default: <state topic>.decisions).")
 @_key_file_option
@@ -838,7 +848,7 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
     from rollbackd.daemon.ledger import Ledger
     from rollbackd.daemon.replay import build_pipeline
     from rollbackd.daemon.run import Daemon, RunSettings
-    from rollbackd.daemon.scaleout import GroupDecisions, GroupRecorder
+    from rollbackd.daemon.scaleout import DecisionsTopicAnchors, GroupDecisions, GroupRecorder
     from rollbackd.errors import Fatal
     from rollbackd.events import EventDecoder
 
@@ -856,16 +866,18 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
         raise Refused(f"{decisions_out}: {exc.strerror or exc}") from None
     ledger: Ledger = _open_ledger(db, run_id=f"live-{group_id}", key_file=ledger_key_file)
     ledger.start_run("live", ",".join(topic_list), config.source, datetime.now(timezone.utc).isoformat())
-    # Without a state topic a restart rewinds the ledger to the checkpoint: anchors follow them.
-    anchoring = _anchoring(ledger, db, anchors, rewound=not state_topic)
+    # A restart (and, with a state topic, a transaction that did not commit) rewinds the ledger
+    # to the last checkpoint's marks: anchors cover no row beyond them.
+    anchoring = _anchoring(ledger, db, anchors, rewound=True)
     dead = KafkaDeadLetter(servers, dead_letter_topic, config=kconf) if dead_letter_topic else None
     group = None
     sink: Any = decisions
     recorder: Any = ledger
     if state_topic:
         group = _group_state(servers, group_id, state_topic, decisions_topic or f"{state_topic}.decisions",
-                             topic_list, kconf)
+                             topic_list, kconf, instance_id, checkpoint_every)
         sink, recorder = GroupDecisions(decisions, group), GroupRecorder(ledger, group)
+        anchoring.sinks.append(DecisionsTopicAnchors(group))  # and to the decisions topic
         if len(topic_list) > 1:
             # A task is one partition number of every input topic: co-partitioned assignment.
             kconf.setdefault("partition.assignment.strategy", "range")

@@ -28,8 +28,17 @@ Tasks: a partitioned source (Kafka) gets one pipeline per partition number, as K
 keeps one task per partition: each has its own event time (a partition that lags does not make
 another's events late) and its own state, so a partition can move to another instance with its
 state (``state`` store, a compacted Kafka topic: see ``daemon/scaleout.py``). A task whose
-partitions are read to their end follows the most advanced task's event time: nothing older can
-come for it, so its windows close (and a stopped stream raises no-data) as in a replay.
+partitions are read to their end (as the broker confirms it: not a flag set before a stall)
+follows the most advanced task's event time: nothing older can come for it, so its windows close
+(and a stopped stream raises no-data) as in a replay.
+
+Outages change nothing. With a state store, state, decisions and offsets commit in one Kafka
+transaction; a transaction that does not commit (refused: this instance lost its partitions; not
+answered; aborted after a lost session) leaves the in-memory state ahead of what is committed,
+so before reading on the loop settles it and rewinds every task to its committed state (reloaded,
+its partitions sought there): re-read events are counted once. With a checkpoint file, partitions
+assigned again after a lost session resume at the position the in-memory state covers, not at
+a committed offset that a failed commit left behind.
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ from rollbackd.daemon.clock import Clock, WallClock
 from rollbackd.daemon.executor import DEFAULT_LANE_LIMIT, LaneExecutor
 from rollbackd.daemon.pipeline import Edges, Pipeline
 from rollbackd.daemon.replay import push_human_input
+from rollbackd.daemon.scaleout import TransactionFailed
 from rollbackd.daemon.snapshot import SCHEMA, StateError, frame, unframe
 from rollbackd.daemon.sources import EventSource
 from rollbackd.errors import Fatal, Recoverable
@@ -393,11 +403,24 @@ class Daemon:
         self._inbox: queue.SimpleQueue[tuple[Notice, str, Callable[[ActionResult], None] | None]] = queue.SimpleQueue()
         self._on_result: dict[str, Callable[[ActionResult], None]] = {}
         self._human_input_at = -math.inf
-        if state is not None:
-            for hook, fn in (("on_assign", self._assigned), ("on_revoke", self._revoked),
-                             ("on_lost", self._lost)):
-                if hasattr(source, hook):
-                    setattr(source, hook, fn)
+        # Exactly-once bookkeeping (state store): the last commit's marks in the local ledger and
+        # decision log (a rewind goes back to them), and what the loop must do before reading.
+        self._ledger_marks: dict[str, int] | None = None
+        self._decisions_mark: int | None = None
+        self._unsettled = False  # a transaction's outcome is not known yet
+        self._rewind_due = False  # in-memory state is ahead of what was committed, and must not be
+        self._in_doubt_position: Any = None  # the position an unanswered commit covers
+        self._committed_blind: dict[str, Any] | None = None
+        self.rewinds = 0
+        hooks: tuple[tuple[str, Callable[[list[tuple[str, int]]], None]], ...] = (
+            (("on_assign", self._assigned), ("on_revoke", self._revoked), ("on_lost", self._lost))
+            if state is not None else
+            # One instance, a checkpoint file: partitions that come back after a lost session or
+            # a revoke resume where the in-memory state is, not at an older committed offset.
+            (("on_assign", self._resume_where_state_is),))
+        for hook, fn in hooks:
+            if hasattr(source, hook):
+                setattr(source, hook, fn)
 
     @property
     def pipeline(self) -> Any:
@@ -427,6 +450,9 @@ class Daemon:
     # Start -------------------------------------------------------------------------
     def restore(self) -> bool:
         if self.state is not None:  # tasks come back one by one, as partitions are assigned
+            # init_transactions now: a predecessor with our transactional id has its open
+            # transaction aborted before any partition's state is read (not after its timeout)
+            self.state.settle(5.0)
             self.ready.set()
             return False
         cp = Checkpoint.load(self.settings.checkpoint_path)
@@ -463,11 +489,14 @@ class Daemon:
         if flush is not None:
             flush()
         if self.state is not None:
-            states = {k: self._task_state(k) for k in sorted(self.tasks)}
-            self.checkpoint_bytes = sum(len(s["pipeline"]) for s in states.values())
-            self.state.save(states)
-            if self.anchoring is not None:  # nothing of the ledger is rewound with a state store
-                self.anchoring.publish(self.clock.now())
+            # Not while reads fail (the commit would wait out its timeout on the same brokers)
+            # nor before the loop has settled an earlier transaction.
+            if self._reading and not (self._unsettled or self._rewind_due) and self._dirty():
+                self._commit_tasks()
+            self._last_checkpoint = self.clock.now()
+            self.checkpoint_seconds = self._last_checkpoint - started
+            self.last_beat = self._last_checkpoint
+            return
         else:
             snapshots = {k: t.pipeline.snapshot() for k, t in sorted(self.tasks.items())}
             self.checkpoint_bytes = sum(map(len, snapshots.values()))
@@ -492,6 +521,85 @@ class Daemon:
         # written and committed on the processing thread: this long, no event was processed
         self.checkpoint_seconds = self._last_checkpoint - started
 
+    # Exactly-once (state store) --------------------------------------------------------
+    def _commit_tasks(self) -> None:
+        """One transaction: the decisions since the last one, every task's state and the input
+        offsets they cover. On failure the in-memory state is ahead of what is committed: the
+        loop settles the transaction and, unless it committed after all, rewinds every task."""
+        keys = sorted(self.tasks)
+        states = {k: self._task_state(k) for k in keys}
+        self.checkpoint_bytes = sum(len(s["pipeline"]) for s in states.values())
+        position = dict(self._position or {})
+        try:
+            self.state.commit(states, _of_tasks(position, set(keys)), self.source.group_metadata())  # type: ignore[attr-defined]
+        except TransactionFailed as exc:
+            self._unsettled = True
+            if exc.in_doubt:
+                self._in_doubt_position = position
+            else:
+                self._rewind_due = True
+            raise
+        self._committed_at(position)
+
+    def _committed_at(self, position: Any) -> None:
+        self._committed = position
+        self._committed_blind = self.blindness.state.to_dict()
+        self._in_doubt_position = None
+        if self.ledger is not None and hasattr(self.ledger, "high_water"):
+            self._ledger_marks = self.ledger.high_water()
+        if self.decisions is not None and hasattr(self.decisions, "offset"):
+            self._decisions_mark = self.decisions.offset()
+        if self.anchoring is not None:  # a rewind goes back no further than these marks
+            self.anchoring.publish(self.clock.now(), self._ledger_marks)
+
+    def _settle(self) -> bool:
+        """Before reading on: a transaction whose outcome is unknown is settled and, if the
+        in-memory state went past what is committed, every task is rewound. False while the
+        coordinator cannot be reached."""
+        if self._unsettled:
+            outcome = self.state.settle(1.0)
+            if outcome is None:
+                return False
+            self._unsettled = False
+            if outcome == "committed" and self._in_doubt_position is not None:
+                log.info("txn.committed_after_doubt")
+                self._committed_at(self._in_doubt_position)
+            elif outcome == "aborted":
+                self._rewind_due = True
+        if self._rewind_due:
+            self._rewind()
+        return True
+
+    def _rewind(self) -> None:
+        """Every task back to its last committed state: reloaded from the state topic, its
+        partitions sought to the offsets that state covers. Events read since are read again and
+        counted once; the decisions they led to are made again, with the same ids."""
+        keys = sorted(self.tasks)
+        log.warning("tasks.rewinding", tasks=keys,
+                    detail="the last transaction did not commit: back to the committed state")
+        self.rewinds += 1
+        # Calls in flight finish first (bounded): their outcomes reach the outbox, so the same
+        # calls, decided again by the rewound tasks, are not made twice.
+        deadline = time.monotonic() + self.settings.effects_stop_timeout
+        while self.effects.waiting() and time.monotonic() < deadline:
+            self.effects.drain()
+            self._wait(0.02)
+        self.effects.drain()
+        if self.ledger is not None and self._ledger_marks is not None and hasattr(self.ledger, "rewind"):
+            self.ledger.rewind(self._ledger_marks)
+        if self.decisions is not None and self._decisions_mark is not None and hasattr(self.decisions, "truncate"):
+            self.decisions.truncate(self._decisions_mark)
+        held = list(self.source.assignment()) if hasattr(self.source, "assignment") else []
+        self._drop(keys)
+        self._rewind_due = False
+        self._take_over(held)
+        self._committed = dict(self._position or {})
+
+    def _dirty(self) -> bool:
+        """Something a commit would change: events read, decisions written, the blind state."""
+        return (self._position != self._committed or bool(getattr(self.state, "txn_open", False))
+                or self.blindness.state.to_dict() != self._committed_blind)
+
     # Partitions moving (state store) ------------------------------------------------
     def _task_state(self, key: int) -> dict[str, Any]:
         position = _of_tasks(self._position, {key})
@@ -501,16 +609,30 @@ class Daemon:
                 "blind": self.blindness.state.to_dict()}
 
     def _assigned(self, partitions: list[tuple[str, int]]) -> None:
+        self._take_over(partitions)
+
+    def _take_over(self, partitions: list[tuple[str, int]]) -> None:
+        """Tasks for ``partitions`` that this instance does not hold yet, each from its last
+        committed state (or from the start, without one), sought to the offsets it covers."""
         for key in sorted({p for _, p in partitions} - set(self.tasks)):
             saved = self._load(key)
             task = self.task(key)
             if saved is None:
-                log.info("task.started", task=key)
+                # Sought explicitly: a rewind before the task's first commit comes back here.
+                reset = str(getattr(self.source, "offset_reset", "earliest"))
+                mine = [tp for tp in partitions if tp[1] == key]
+                start = self._retrying(f"the start offsets of partition {key}",
+                                       lambda: self.state.start_offsets(mine, reset))
+                if start:
+                    self.source.seek(start)  # type: ignore[attr-defined]
+                    self._position = {**(self._position or {}), **start}
+                log.info("task.started", task=key, position=start)
                 continue
             for warning in task.pipeline.restore(saved["pipeline"]):
                 log.warning("checkpoint.rule_changed", task=key, detail=warning)
-            self.effects.resubmit(task.pipeline.restored_effects, task.pipeline)
+            # The outbox first: calls in flight at the snapshot that finished since are not redone.
             self.state.adopt(key, saved)
+            self.effects.resubmit(task.pipeline.restored_effects, task.pipeline)
             self._restore_blind(saved.get("blind"))
             if saved["position"]:
                 self.source.seek(saved["position"])  # type: ignore[attr-defined]
@@ -522,33 +644,57 @@ class Daemon:
         """Task ``key``'s saved state, retried with backoff. A partition must never start without
         the state it had: if the store stays unreadable the daemon stops (its supervisor restarts
         it, and the partition goes to a member that can read it)."""
+        return self._retrying(f"the state of partition {key}", lambda: self.state.load(key), attempts, key)
+
+    def _retrying(self, what: str, fn: Callable[[], Any], attempts: int = 5, key: int | None = None) -> Any:
         delay = 0.5
         for attempt in range(1, attempts + 1):
             try:
-                return self.state.load(key)
+                return fn()
             except Recoverable as exc:
                 if attempt == attempts:
-                    raise Fatal(f"cannot read the state of partition {key}: {exc}") from exc
+                    raise Fatal(f"cannot read {what}: {exc}") from exc
                 log.warning("task.restore_failed", task=key, attempt=attempt, detail=str(exc))
                 self._wait(delay)
                 delay = min(delay * 2, self.settings.backoff_max)
         return None
 
     def _revoked(self, partitions: list[tuple[str, int]]) -> None:
+        """Partitions leave in a rebalance: everything is committed (one transaction, still in
+        this generation) before their tasks go, so the next owner starts exactly here."""
         gone = self._gone(partitions)
         if not gone:
             return
-        if self._position is not None:
-            self.state.save({k: self._task_state(k) for k in gone})
-            mine = _of_tasks(self._position, set(gone))
+        if self._position is not None and not (self._unsettled or self._rewind_due) and self._dirty():
             try:
-                self.source.commit(mine)
-            except Recoverable as exc:  # the state record covers them: the next owner seeks there
+                self.effects.drain()
+                self._commit_tasks()
+            except Recoverable as exc:  # the next owner starts from the last commit
                 log.warning("task.commit_failed", tasks=gone, detail=str(exc))
         self._drop(gone)
 
     def _lost(self, partitions: list[tuple[str, int]]) -> None:
-        self._drop(self._gone(partitions))  # another member may own them already: no writes
+        """Partitions taken without a revoke (the session expired: another member may own them
+        already). The open transaction holds their decisions: it is aborted, never committed, and
+        the tasks that stay are rewound to the last commit."""
+        gone = self._gone(partitions)
+        if getattr(self.state, "txn_open", False):
+            self.state.abort(f"partitions lost: {gone}")
+            self._unsettled = True
+            self._rewind_due = True
+        self._drop(gone)
+        log.warning("tasks.lost", tasks=gone)
+
+    def _resume_where_state_is(self, partitions: list[tuple[str, int]]) -> None:
+        """File mode: partitions assigned again (after a lost session, a revoke) continue at the
+        position the in-memory state covers. Commits may have failed meanwhile (brokers away):
+        the group's committed offset would re-read events the state has counted already."""
+        mine = {f"{t}:{p}" for t, p in partitions}
+        resume = {tp: off for tp, off in (self._position or {}).items() if tp in mine} \
+            if isinstance(self._position, dict) else {}
+        if resume:
+            self.source.seek(resume)  # type: ignore[attr-defined]
+            log.info("partitions.resumed", position=resume)
 
     def _gone(self, partitions: list[tuple[str, int]]) -> list[int]:
         """The tasks left with none of their partitions once ``partitions`` go (the source still
@@ -582,6 +728,10 @@ class Daemon:
         try:
             while not self.stopping:
                 self.last_beat = self.clock.now()
+                if (self._unsettled or self._rewind_due) and not self._settle():
+                    self._pause(backoff, "a transaction is waiting for the group coordinator")
+                    backoff = min(backoff * 2, self.settings.backoff_max)
+                    continue
                 try:
                     batch = self.source.read(self.settings.batch_size)
                 except Recoverable as exc:
@@ -605,8 +755,11 @@ class Daemon:
                 log.warning("checkpoint.commit_failed", detail=str(exc))
         finally:
             gc.set_threshold(*gc_thresholds)
+            # events: read by this process (a rewind reads some again); counted: by the tasks it
+            # holds (before closing the source hands them over)
+            counted = dict(sorted(self.view.counters.items()))
             self._close_source()
-            log.info("daemon.stopped", events=self.events)
+            log.info("daemon.stopped", events=self.events, rewinds=self.rewinds, counted=counted)
 
     def _pause(self, seconds: float, failure: str) -> None:
         """A backoff wait after a failed read, looking at the blindness every second of it, so a
@@ -676,7 +829,12 @@ class Daemon:
                 task.pipeline.finish(now)
                 task.event_time_at_last_event = task.pipeline.max_event_time
         if batch.events or batch.rejects:
-            self._position = batch.position
+            if batch.parts is not None and isinstance(self._position, dict) and isinstance(batch.position, dict):
+                # A partitioned source lists the partitions it holds now; the state also covers
+                # those it held (a lost session): kept until a task is handed over.
+                self._position = {**self._position, **batch.position}
+            else:
+                self._position = batch.position
         self._watch(now)
         lead = max((t.watermark for t in self.tasks.values()), default=-math.inf)
         for key, task in sorted(self.tasks.items()):

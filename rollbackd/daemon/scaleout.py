@@ -1,30 +1,49 @@
-"""Scale out on Kafka: task state in a compacted topic, every decision in a decisions topic.
+"""Scale out on Kafka: task state in a compacted topic, every decision in a decisions topic,
+both written in Kafka transactions with the input offsets (exactly-once, as Kafka Streams'
+``exactly_once_v2``, KIP-447).
 
 Several ``rollbackd run`` instances in one consumer group share the input partitions; the
 daemon keeps one task (pipeline) per partition number. :class:`GroupState` is what makes a
-partition movable:
+partition movable, and what keeps an instance that lost it from writing:
 
 - **state topic** (compacted, one record per ``<group>/<partition>``): a task's snapshot with the
-  input offsets it covers and the decisions-topic offset it had reached. Written at every
-  checkpoint and when the partition is revoked, always *before* the offsets are committed; read
-  by the next owner when the partition is assigned, which then seeks to those offsets;
+  input offsets it covers and the decisions-topic offset it had reached. Read by the next owner
+  when the partition is assigned, which then seeks to those offsets;
 - **decisions topic** (partition = task): every alert transition, incident change and action,
   as the decision log writes it, plus a deterministic ``decision_id``. It is the audit trail of
-  the whole group, and the group's outbox: the next owner of a partition reads what the previous
-  owner decided after the snapshot it restores, so it neither writes those decisions twice nor
-  runs a finished action again. Decisions are re-derived identically (the same events through
-  the same rules), so their ids match.
+  the whole group, and the group's outbox: the next owner of a partition reads what was decided
+  after the snapshot it restores, so it neither writes those decisions twice nor runs a finished
+  action again. Decisions are re-derived identically (the same events through the same rules),
+  so their ids match.
 
-A crash between a backend call and the decision reaching the topic means the next owner calls
-the backend again with the same idempotency key, as a restarted single instance does: the
-backends are idempotent. Consumers of the decisions topic may also deduplicate by
-``decision_id``.
+**One transaction per checkpoint.** The instance's producer has a ``transactional.id`` of its
+own. Decisions go into the open transaction as they are made; a checkpoint adds every task's
+state record and the input offsets (``send_offsets_to_transaction`` with the consumer's group
+metadata) and commits. Readers use ``read_committed``: a decision, a state record and the offsets
+past the events behind them become visible together, or not at all. The group metadata carries
+the consumer's generation: an instance that lost its partitions (stalled past the session
+timeout, cut off from the coordinator) has its offsets refused (``UNKNOWN_MEMBER_ID``,
+``ILLEGAL_GENERATION``) and its transaction aborts; an open transaction it cannot finish is
+aborted by the coordinator after ``transaction.timeout.ms`` (its producer is then fenced). A new
+owner waits until no transaction is open on the task's state and decisions partitions before it
+reads them (:meth:`GroupState.load`), so a transaction still in flight from the previous owner
+is either visible or gone by then, never appearing later.
+
+**The outbox.** A call's outcome (a rollback's, a pause's, a notice's finished record) is a fact
+about the world, not derived state: it is written at once, durably, outside the transaction, so
+neither a crash nor an aborted transaction after the call can lose it, and the next owner finds
+it (read-committed readers see it in offset order, after the transaction open before it). A
+crash between a backend call and that write means the next owner calls the backend again with
+the same idempotency key, as a restarted single instance does: the backends are idempotent.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import time
+import uuid
 from typing import Any, Mapping
 
 import structlog
@@ -32,16 +51,20 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from rollbackd.daemon.decisions import encode_decision
-from rollbackd.daemon.kafka import BrokerUnavailable, classify, librdkafka_log
+from rollbackd.daemon.kafka import BrokerUnavailable, classify, librdkafka_log, parse_position
 from rollbackd.daemon.snapshot import decode_state, encode_state
 
-__all__ = ["GroupState", "GroupDecisions", "GroupRecorder", "decision_id", "ensure_topics"]
+__all__ = ["GroupState", "GroupDecisions", "GroupRecorder", "DecisionsTopicAnchors", "TransactionFailed", "decision_id",
+           "ensure_topics"]
 
 log = structlog.get_logger("rollbackd.scaleout")
 
 # A task snapshot holds windows and the join buffer: far above Kafka's 1 MB default.
 MAX_STATE_BYTES = 64 * 1024 * 1024
 _TIMEOUT = 10.0
+_STUCK_GRACE = 5.0  # past a transactional call's own timeout, the producer is given up
+_CONSUMER_ONLY = ("session.", "heartbeat.", "max.poll.", "auto.", "enable.auto.", "fetch.", "isolation.",
+                  "queued.", "check.crcs", "enable.partition.eof", "group.", "partition.assignment")
 
 
 def decision_id(rec: Mapping[str, Any]) -> str:
@@ -75,8 +98,19 @@ def ensure_topics(admin: AdminClient, state_topic: str, decisions_topic: str, pa
                 raise classify(exc, f"creating {topic}") from exc
 
 
+class TransactionFailed(BrokerUnavailable):
+    """A checkpoint's transaction did not commit. ``in_doubt``: its commit was sent but not
+    answered, so it may still commit; :meth:`GroupState.settle` finds out. Otherwise it is
+    aborted (or being aborted): nothing it held will ever be visible."""
+
+    def __init__(self, message: str, in_doubt: bool = False, code: int | None = None, name: str = "") -> None:
+        super().__init__(message, code, name)
+        self.in_doubt = in_doubt
+
+
 class GroupState:
-    """Task state in ``state_topic``; decisions (and what other owners decided) in ``decisions_topic``."""
+    """Task state in ``state_topic``; decisions (and what other owners decided) in
+    ``decisions_topic``; both written in transactions of ``transactional_id``."""
 
     def __init__(
         self,
@@ -85,26 +119,38 @@ class GroupState:
         state_topic: str,
         decisions_topic: str,
         config: Mapping[str, str] = {},
+        transactional_id: str | None = None,
+        transaction_timeout: float = 60.0,
     ) -> None:
         self.servers = bootstrap_servers
         self.group_id = group_id
         self.state_topic = state_topic
         self.decisions_topic = decisions_topic
         self.config = {k: v for k, v in config.items() if not k.startswith(("group.", "partition.assignment"))}
-        self._producer = Producer({
-            **self.config,
-            "bootstrap.servers": bootstrap_servers,
-            "enable.idempotence": True,
-            "compression.type": "lz4",
-            "message.max.bytes": MAX_STATE_BYTES,
-            "linger.ms": 5,
-            "logger": librdkafka_log,
-        })
+        self.transactional_id = str(self.config.pop("transactional.id", "") or transactional_id
+                                    or f"rollbackd-{group_id}-{uuid.uuid4().hex[:12]}")
+        self.transaction_timeout = float(self.config.pop("transaction.timeout.ms", 0) or 0) / 1000 or transaction_timeout
+        self._producer = self._new_producer()
+        # Outcomes of calls are facts, not derived state: written at once, outside the
+        # transactions (see GroupDecisions).
+        self._facts = Producer({**self._producer_config(), "bootstrap.servers": bootstrap_servers,
+                                "enable.idempotence": True, "acks": "all", "linger.ms": 0,
+                                "logger": librdkafka_log})
+        self._home: dict[str, int] = {}  # deployment -> the task (decisions partition) deciding for it
+        self._abandoned: list[Producer] = []  # producers with a call stuck in them
+        self._ready = False  # init_transactions done for this producer
+        self._open = False  # a transaction is begun (something was produced in it)
+        self._pending: str | None = None  # "commit" (in doubt) or "abort" (not acknowledged yet)
+        self._outcome: str | None = None  # how a pending transaction ended, until settle() says it
         self._failure: str | None = None
+        self._doomed: str | None = None  # a decision could not be written into the open transaction
         self._next: dict[int, int] = {}  # decisions partition -> next offset (ours, delivered)
         self.task = 0  # the task whose decisions are being made now
-        self.seen: set[str] = set()  # decision ids already in the decisions topic (adopted)
+        self.seen: set[str] = set()  # decision ids committed to the decisions topic (adopted or ours)
+        self._txn_ids: set[str] = set()  # decision ids in the open transaction
         self.done: dict[str, dict[str, Any]] = {}  # finished actions there, by idempotency key
+        self.commits = 0
+        self.aborts = 0
 
     # -- the daemon's hooks
 
@@ -114,24 +160,114 @@ class GroupState:
     def release(self, key: int) -> None:
         """Task ``key`` moved away: what we knew of its decisions partition is stale now."""
         self._next.pop(key, None)
+        self._home = {d: k for d, k in self._home.items() if k != key}
+
+    @property
+    def txn_open(self) -> bool:
+        """Something was written since the last commit (or a transaction is not settled)."""
+        return self._open or self._pending is not None or self._doomed is not None
+
+    @property
+    def settled(self) -> bool:
+        """No transaction of ours is waiting for the coordinator's answer."""
+        return self._pending is None and self._ready
 
     def task_state(self, key: int, snapshot: bytes, position: dict[str, int]) -> dict[str, Any]:
         return {"pipeline": snapshot, "position": position, "decisions_offset": self._decisions_end(key)}
 
-    def save(self, states: Mapping[int, dict[str, Any]]) -> None:
-        """Writes the task states and waits until the brokers have them (or raises)."""
-        for key, state in states.items():
-            self._produce(self.state_topic, encode_state(state), key=self._key(key), partition=key)
-        self._flush("saving task state")
+    def commit(self, states: Mapping[int, dict[str, Any]], offsets: Mapping[str, int], group_metadata: Any) -> None:
+        """One transaction: the decisions written since the last commit, ``states`` (one record
+        per task) and the input ``offsets`` (``{"topic:partition": next offset}``) for the
+        consumer group ``group_metadata`` describes; then commit. Raises
+        :class:`TransactionFailed` when it did not commit (aborted, or in doubt)."""
+        stage = "begin"
+        try:
+            if self._doomed is not None:
+                raise BrokerUnavailable(f"a decision was not written: {self._doomed}")
+            self._begin()
+            stage = "produce"
+            for key, state in states.items():
+                blob = encode_state(state)
+                # Headers for people and tools: what the record covers and who wrote it.
+                self._produce(self.state_topic, blob, key=self._key(key), partition=key, headers=[
+                    ("rollbackd-position", json.dumps(state.get("position") or {}, sort_keys=True).encode()),
+                    ("rollbackd-writer", self.transactional_id.encode())])
+            if offsets:
+                stage = "offsets"
+                tps = [TopicPartition(t, p, o) for (t, p), o in sorted(parse_position(offsets).items())]
+                self._blocking("send_offsets_to_transaction", tps, group_metadata, _TIMEOUT)
+            stage = "commit"
+            self._blocking("commit_transaction", _TIMEOUT)
+        except _Stuck as exc:
+            self._replace_producer(stuck=True)
+            raise TransactionFailed(f"transaction aborted ({stage}: {exc})") from exc
+        except (KafkaException, BrokerUnavailable) as exc:
+            raise self._failed(exc, stage) from exc
+        self._committed()
+
+    def abort(self, why: str) -> None:
+        """Give up the open transaction (its tasks were lost): nothing in it becomes visible.
+        An abort the coordinator does not acknowledge now is finished by :meth:`settle`."""
+        if not self._open and self._pending is None:
+            return
+        log.warning("txn.aborting", transactional_id=self.transactional_id, reason=why)
+        self._abort()
+
+    def settle(self, timeout: float = 1.0) -> str | None:
+        """Drives a transaction waiting for the coordinator (an unanswered commit or abort, a
+        producer to initialise). Returns None while that cannot be done (brokers away); else how
+        the last transaction that did not simply commit ended (``"committed"`` for a commit that
+        was in doubt, ``"aborted"``), once, or ``""``."""
+        if not self._drive(timeout):
+            return None
+        outcome, self._outcome = self._outcome, None
+        return outcome or ""
+
+    def _drive(self, timeout: float) -> bool:
+        """One attempt at what is pending; True once nothing is."""
+        if self._pending == "commit":
+            try:
+                self._blocking("commit_transaction", timeout)
+            except _Stuck:
+                self._replace_producer(stuck=True)
+                return False
+            except KafkaException as exc:
+                err = _error(exc)
+                if err.retriable() and not err.txn_requires_abort() and not err.fatal():
+                    return False
+                self._failed(exc, "commit")
+            else:
+                self._committed()
+                self._outcome = "committed"
+        if self._pending == "abort":
+            self._finish_abort(timeout)
+        if self._pending is not None:
+            return False
+        if not self._ready:
+            try:
+                self._blocking("init_transactions", timeout)
+            except _Stuck:
+                self._replace_producer(stuck=True)
+                return False
+            except KafkaException as exc:
+                if _error(exc).fatal():
+                    self._replace_producer()
+                log.info("txn.init_failed", detail=str(exc))
+                return False
+            self._ready = True
+        return True
 
     def load(self, key: int) -> dict[str, Any] | None:
-        """The latest saved state of task ``key``, or None.
+        """The latest committed state of task ``key``, or None.
 
+        First waits until no transaction is open on the task's state and decisions partitions
+        (a previous owner's commit in flight, or a stalled owner's transaction that the
+        coordinator aborts after ``transaction.timeout.ms``): what it reads then is final.
         Task ``key`` writes to partition ``key`` of the state topic and nothing else does, so its
-        latest state is the partition's last message (compaction never removes that one): one
-        read, however much history compaction has not cleaned yet."""
-        msgs = self._read_partition(self.state_topic, key, -1)
-        last = msgs[-1] if msgs else None
+        latest state is the partition's last committed record (compaction never removes that
+        one)."""
+        self._wait_settled(key)
+        last = self._last_record(self.state_topic, key)
         if last is None or last.value() is None:
             return None
         if last.key() != self._key(key):
@@ -140,6 +276,25 @@ class GroupState:
         # A record this rollbackd cannot read stops the daemon (StateError is Fatal): the
         # partition is never started without its state, and nothing in the record runs.
         return decode_state(last.value(), f"{self.state_topic}/{key}")
+
+    def start_offsets(self, partitions: list[tuple[str, int]], reset: str = "earliest") -> dict[str, int]:
+        """Where a task without saved state starts: the group's committed offsets, else the
+        beginning (or the end, with ``auto.offset.reset`` latest) of each partition."""
+        c = self._consumer(group=self.group_id)
+        try:
+            tps = [TopicPartition(t, p) for t, p in partitions]
+            out: dict[str, int] = {}
+            for tp in c.committed(tps, timeout=_TIMEOUT):
+                if tp.offset >= 0:
+                    out[f"{tp.topic}:{tp.partition}"] = tp.offset
+                    continue
+                low, high = c.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=_TIMEOUT)
+                out[f"{tp.topic}:{tp.partition}"] = high if reset in ("latest", "end", "largest") else low
+            return out
+        except KafkaException as exc:
+            raise classify(exc, "start offsets") from exc
+        finally:
+            c.close()
 
     def adopt(self, key: int, saved: Mapping[str, Any]) -> None:
         """Reads what was decided for task ``key`` after its snapshot: those decisions are not
@@ -168,29 +323,232 @@ class GroupState:
 
     # -- the decisions topic
 
-    def publish(self, rec: Mapping[str, Any], did: str, durable: bool = False) -> None:
-        value = encode_decision({**rec, "decision_id": did})
-        self._produce(self.decisions_topic, value, key=str(rec.get("deployment", "")).encode(),
-                      partition=self.task)
-        if durable:
-            self._flush("publishing an action")
+    def published(self, did: str) -> bool:
+        """The decision is in the decisions topic already, or in the open transaction."""
+        return did in self.seen or did in self._txn_ids
 
-    def flush(self) -> None:
-        self._flush("publishing decisions")
+    def _partition(self, rec: Mapping[str, Any]) -> int:
+        """The task that decides for the record's deployment. Results of calls come back while
+        any task may be selected; the deployment's first decision (an alert) was made by its own."""
+        return self._home.setdefault(str(rec.get("deployment", "")), self.task)
+
+    def publish_fact(self, rec: Mapping[str, Any], did: str) -> None:
+        """A call's outcome, durable in the decisions topic before this returns, outside the
+        transaction: a crash or an abort after the call cannot take back that it was made, and
+        the next owner must find it in the outbox. (Read-committed readers still see it in
+        offset order: it waits behind a transaction open before it.) If the brokers do not take
+        it now, it goes into the transaction instead; the local ledger has it meanwhile."""
+        value = encode_decision({**rec, "decision_id": did})
+        failures: list[str] = []
+
+        def delivered(err: KafkaError | None, msg: Any) -> None:
+            if err is not None:
+                failures.append(f"{err.name()}: {err.str()}")
+            else:
+                self._next[msg.partition()] = max(self._next.get(msg.partition(), 0), msg.offset() + 1)
+
+        try:
+            self._facts.produce(self.decisions_topic, value, key=str(rec.get("deployment", "")).encode(),
+                                partition=self._partition(rec), on_delivery=delivered)
+            left = self._facts.flush(_TIMEOUT)
+        except (KafkaException, BufferError) as exc:
+            left = 1
+            failures.append(str(exc))
+        failure = failures[0] if failures else None
+        if left or failure:
+            log.warning("decision.outcome_not_durable", decision_id=did,
+                        detail=failure or f"not acknowledged in {_TIMEOUT} s", fallback="the next commit")
+            self.publish(rec, did)
+            return
+        self.seen.add(did)
+
+    def publish_anchor(self, anchor: Mapping[str, Any]) -> None:
+        """A signed anchor of the ledger (``daemon/audit.py``) into the decisions topic, durable
+        before this returns (raises otherwise): key ``anchor/<ledger id>``, partition 0, outside
+        any transaction, since it only states what the ledger holds already. The anchor records'
+        values, one per line, are an anchor file for ``rollbackd audit verify --anchors``."""
+        value = json.dumps(anchor, sort_keys=True, separators=(",", ":")).encode()
+        failures: list[str] = []
+        try:
+            self._facts.produce(self.decisions_topic, value, key=f"anchor/{anchor.get('ledger_id')}".encode(),
+                                partition=0, on_delivery=lambda err, _msg: err is not None and failures.append(
+                                    f"{err.name()}: {err.str()}"))
+            left = self._facts.flush(_TIMEOUT)
+        except (KafkaException, BufferError) as exc:
+            raise BrokerUnavailable(f"publishing an anchor: {exc}") from exc
+        if left or failures:
+            raise BrokerUnavailable(f"publishing an anchor: {failures[0] if failures else 'not acknowledged'}")
+
+    def publish(self, rec: Mapping[str, Any], did: str) -> None:
+        value = encode_decision({**rec, "decision_id": did})
+        try:
+            self._begin()
+            self._produce(self.decisions_topic, value, key=str(rec.get("deployment", "")).encode(),
+                          partition=self._partition(rec))
+        except BrokerUnavailable as exc:
+            # Decided on the processing thread, mid-batch: no place to raise. The transaction
+            # cannot hold this decision, so it must not commit: the next commit aborts it and
+            # the daemon rewinds to the last committed state, which re-derives the decision.
+            self._doomed = self._doomed or str(exc)
+            return
+        self._txn_ids.add(did)
 
     def close(self) -> None:
-        try:
-            self._producer.flush(_TIMEOUT)
-        except KafkaException:
-            pass
+        """Aborts a transaction left open (what it held is re-derived from the committed state
+        by whoever owns the partitions next) and lets the producer go."""
+        if self._open or self._pending == "abort":
+            try:
+                self._blocking("abort_transaction", 5.0)
+            except (KafkaException, _Stuck):
+                pass
+        for producer in (self._producer, self._facts):
+            try:
+                producer.flush(1.0)
+            except KafkaException:
+                pass
 
     # -- internals
+
+    def _producer_config(self) -> dict[str, Any]:
+        """The user's settings minus the consumer's (librdkafka warns about each)."""
+        return {k: v for k, v in self.config.items() if not k.startswith(_CONSUMER_ONLY)}
+
+    def _new_producer(self) -> Producer:
+        return Producer({
+            **self._producer_config(),
+            "bootstrap.servers": self.servers,
+            "transactional.id": self.transactional_id,
+            "transaction.timeout.ms": int(self.transaction_timeout * 1000),
+            "enable.idempotence": True,
+            "compression.type": "lz4",
+            "message.max.bytes": MAX_STATE_BYTES,
+            "linger.ms": 5,
+            "logger": librdkafka_log,
+        })
+
+    def _replace_producer(self, stuck: bool = False) -> None:
+        """A fatal producer error (fenced: the coordinator aborted our transaction after
+        ``transaction.timeout.ms``, or another producer took our transactional id), or a call
+        stuck in it: the producer is done for; a new one takes the id over
+        (``init_transactions``, which also aborts what the old one left open)."""
+        log.warning("txn.producer_replaced", transactional_id=self.transactional_id, stuck=stuck)
+        if stuck:
+            # A call still blocks inside it: destroying it would pull the client from under
+            # that call. It is kept (and leaks) until the process ends.
+            self._abandoned.append(self._producer)
+        else:
+            try:
+                self._producer.purge()
+            except (KafkaException, RuntimeError, TypeError):
+                pass
+        self._producer = self._new_producer()
+        self._ready = False
+        self._open = False
+        self._pending = None
+        self._doomed = None
+        self._txn_ids.clear()
+        self._outcome = "aborted"
+        self.aborts += 1
+
+    def _blocking(self, call: str, *args: Any) -> Any:
+        """``self._producer.<call>(*args)`` within its timeout (the last argument) and a grace
+        period, on a thread of its own. librdkafka does not always keep the timeout: a
+        send_offsets_to_transaction whose group coordinator went away (a broker restarted)
+        blocks until another broker changes state, which with one broker is never
+        (confluentinc/librdkafka#5456, #5511). Raises :class:`_Stuck` past the deadline."""
+        fn = getattr(self._producer, call)
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                box["result"] = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                box["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name=f"rollbackd-txn-{call}", daemon=True).start()
+        if not done.wait(float(args[-1]) + _STUCK_GRACE):
+            log.error("txn.call_stuck", call=call, after_seconds=float(args[-1]) + _STUCK_GRACE)
+            raise _Stuck(f"{call} did not return within {float(args[-1]) + _STUCK_GRACE:.0f} s")
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+
+    def _begin(self) -> None:
+        if self._open:
+            return
+        if not self.settled and not self._drive(_TIMEOUT):
+            raise BrokerUnavailable("a transaction of ours is still waiting for the coordinator")
+        try:
+            self._producer.begin_transaction()
+        except KafkaException as exc:
+            raise classify(exc, "begin transaction") from exc
+        self._open = True
+
+    def _committed(self) -> None:
+        self._failure = None
+        self._open = False
+        self._pending = None
+        self.seen |= self._txn_ids
+        self._txn_ids.clear()
+        self.commits += 1
+
+    def _abort(self) -> None:
+        self._failure = None  # the purged records' reports are no news
+        self._open = False
+        self._doomed = None
+        self._txn_ids.clear()
+        self.aborts += 1
+        self._pending = "abort"
+        self._finish_abort(_TIMEOUT)
+        if self._pending is not None:
+            log.warning("txn.abort_pending", detail="the coordinator did not answer: retried before anything else")
+
+    def _finish_abort(self, timeout: float) -> None:
+        try:
+            self._blocking("abort_transaction", timeout)
+        except _Stuck:
+            self._replace_producer(stuck=True)
+            return
+        except KafkaException as exc:
+            err = _error(exc)
+            if err.fatal():
+                self._replace_producer()
+            elif err.code() == KafkaError._STATE:  # no transaction was begun: nothing to abort
+                self._pending, self._outcome = None, "aborted"
+            return
+        self._pending, self._outcome = None, "aborted"
+
+    def _failed(self, exc: Exception, stage: str) -> TransactionFailed:
+        """What a failed transaction step leaves: in doubt (a commit not answered: retry it in
+        settle()), or aborted (everything else)."""
+        err = _error(exc) if isinstance(exc, KafkaException) else None
+        detail = f"{stage}: {err.name()}: {err.str()}" if err is not None else f"{stage}: {exc}"
+        if err is not None and err.fatal():
+            self._replace_producer()
+            log.warning("txn.fenced", transactional_id=self.transactional_id, detail=detail)
+            return TransactionFailed(f"transaction fenced ({detail})", code=err.code(), name=err.name())
+        if (stage == "commit" and err is not None and err.retriable() and not err.txn_requires_abort()):
+            self._pending = "commit"
+            log.warning("txn.in_doubt", detail=detail)
+            return TransactionFailed(f"transaction commit not acknowledged ({detail})", in_doubt=True,
+                                     code=err.code(), name=err.name())
+        log.warning("txn.aborted", transactional_id=self.transactional_id, detail=detail)
+        self._open = True  # whatever it holds: abort it
+        self._abort()
+        return TransactionFailed(f"transaction aborted ({detail})", code=err.code() if err else None,
+                                 name=err.name() if err else "")
 
     def _key(self, key: int) -> bytes:
         return f"{self.group_id}/{key}".encode()
 
-    def _produce(self, topic: str, value: bytes, key: bytes, partition: int | None = None) -> None:
+    def _produce(self, topic: str, value: bytes, key: bytes, partition: int | None = None,
+                 headers: list[tuple[str, bytes]] | None = None) -> None:
         kwargs: dict[str, Any] = {"key": key, "on_delivery": self._delivered}
+        if headers:
+            kwargs["headers"] = headers
         if partition is not None:
             kwargs["partition"] = partition
         while True:
@@ -214,19 +572,20 @@ class GroupState:
         if left or failure:
             raise BrokerUnavailable(f"{what}: {failure or f'{left} message(s) not delivered in {_TIMEOUT} s'}")
 
-    def _consumer(self) -> Consumer:
+    def _consumer(self, group: str | None = None, isolation: str = "read_committed") -> Consumer:
         return Consumer({
             **self.config,
             "bootstrap.servers": self.servers,
-            "group.id": f"{self.group_id}-restore",  # never subscribes nor commits
+            "group.id": group or f"{self.group_id}-restore",  # never subscribes nor commits
             "enable.auto.commit": False,
             "enable.partition.eof": True,
+            "isolation.level": isolation,
             "fetch.message.max.bytes": MAX_STATE_BYTES,
             "logger": librdkafka_log,
         })
 
     def _decisions_end(self, key: int) -> int:
-        self.flush()
+        self._flush("publishing decisions")
         if key in self._next:
             return self._next[key]
         c = self._consumer()
@@ -239,21 +598,82 @@ class GroupState:
         self._next[key] = high  # from now on we are its only writer
         return high
 
-    def _read_partition(self, topic: str, partition: int, start: int) -> list[Any]:
-        """Every message of ``topic``/``partition`` from offset ``start`` to its end now; a
-        negative ``start`` counts back from the end (-1: the last message only)."""
+    def _wait_settled(self, key: int) -> None:
+        """Until no transaction is open on task ``key``'s state and decisions partitions: the
+        last stable offset (what read_committed readers see) has reached the high watermark.
+        Bounded by our transaction timeout, after which the coordinator aborts any open one."""
+        parts = [TopicPartition(self.state_topic, key), TopicPartition(self.decisions_topic, key)]
+        committed, everything = self._consumer(), self._consumer(isolation="read_uncommitted")
+        deadline = time.monotonic() + self.transaction_timeout + _TIMEOUT
+        waited = False
+        try:
+            while True:
+                if not self.settled:
+                    self._drive(1.0)  # ours, first: nobody else finishes it
+                open_ = [tp.topic for tp in parts
+                         if committed.get_watermark_offsets(tp, timeout=_TIMEOUT, cached=False)[1]
+                         < everything.get_watermark_offsets(tp, timeout=_TIMEOUT, cached=False)[1]]
+                if not open_:
+                    if waited:
+                        log.info("task.transaction_settled", task=key)
+                    return
+                if not waited:
+                    log.info("task.waiting_for_transaction", task=key, topics=open_,
+                             detail="a previous owner's transaction is open: waiting until it commits or aborts")
+                    waited = True
+                if time.monotonic() > deadline:
+                    raise BrokerUnavailable(f"task {key}: a transaction on {', '.join(open_)} stayed open "
+                                            f"past {self.transaction_timeout + _TIMEOUT:.0f} s")
+                time.sleep(0.2)
+        except KafkaException as exc:
+            raise classify(exc, f"task {key}: transaction state") from exc
+        except TypeError as exc:  # get_watermark_offsets answered None: timed out
+            raise BrokerUnavailable(f"task {key}: watermarks not answered in {_TIMEOUT} s") from exc
+        finally:
+            committed.close()
+            everything.close()
+
+    def _last_record(self, topic: str, partition: int) -> Any:
+        """The last committed record of ``topic``/``partition``, or None. Transaction markers
+        (and aborted records) sit between the records, so the read reaches back until it finds
+        one, four times further each time."""
         c = self._consumer()
         try:
             low, high = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=_TIMEOUT)
-            begin = max(high + start if start < 0 else start, low)
+        except KafkaException as exc:
+            raise classify(exc, f"reading {topic}/{partition}") from exc
+        finally:
+            c.close()
+        span = 8
+        while True:
+            begin = max(low, high - span)
+            msgs = self._read_partition(topic, partition, begin)
+            if msgs:
+                return msgs[-1]
+            if begin <= low:
+                return None
+            span *= 4
+
+    def _read_partition(self, topic: str, partition: int, start: int) -> list[Any]:
+        """Every committed message of ``topic``/``partition`` from offset ``start`` to its end now."""
+        c = self._consumer()
+        try:
+            low, high = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=_TIMEOUT)
+            begin = max(start, low)
             if high <= begin:
                 return []
             c.assign([TopicPartition(topic, partition, begin)])
             out: list[Any] = []
+            deadline = time.monotonic() + _TIMEOUT
             while True:
-                msgs = c.consume(1000, _TIMEOUT)
+                # Short polls: a batch waits out its whole timeout unless it fills up, and the
+                # end of the partition (an event) does not end the wait.
+                msgs = c.consume(1000, 0.1)
                 if not msgs:
-                    raise BrokerUnavailable(f"reading {topic}/{partition}: nothing in {_TIMEOUT} s")
+                    if time.monotonic() > deadline:
+                        raise BrokerUnavailable(f"reading {topic}/{partition}: nothing in {_TIMEOUT} s")
+                    continue
+                deadline = time.monotonic() + _TIMEOUT
                 for m in msgs:
                     err = m.error()
                     if err is None:
@@ -270,9 +690,19 @@ class GroupState:
             c.close()
 
 
+class _Stuck(Exception):
+    """A transactional call that did not return in time (see GroupState._blocking)."""
+
+
+def _error(exc: KafkaException) -> KafkaError:
+    arg = exc.args[0] if exc.args else None
+    return arg if isinstance(arg, KafkaError) else KafkaError(KafkaError._FAIL, str(exc))
+
+
 class GroupDecisions:
-    """The decision sink in a group: the local decision log plus the decisions topic, skipping
-    decisions another owner (or this instance before a crash) already published."""
+    """The decision sink in a group: the local decision log plus the decisions topic (in the
+    open transaction), skipping decisions another owner (or this instance before a crash or a
+    rewind) already published."""
 
     def __init__(self, local: Any, group: GroupState) -> None:
         self.local = local
@@ -280,16 +710,26 @@ class GroupDecisions:
 
     def write(self, rec: dict[str, Any]) -> None:
         did = decision_id(rec)
-        if did in self.group.seen:
+        if self.group.published(did):
             return
         if self.local is not None:
             self.local.write(rec)
-        self.group.publish(rec, did, durable=rec.get("kind") == "action")
+        if _is_outcome(rec):
+            self.group.publish_fact(rec, did)
+        else:
+            self.group.publish(rec, did)
 
     def close(self) -> None:
         self.group.close()
         if self.local is not None:
             self.local.close()
+
+
+def _is_outcome(rec: Mapping[str, Any]) -> bool:
+    """A call's finished record (``actions.intents.finished_record``): a rollback's or pause's
+    carries ``attempts``, a notice's ``thread``. Records the engine decides about actions
+    (skipped, dry run, waiting for approval) carry neither: they are derived, like alerts."""
+    return rec.get("kind") == "action" and ("attempts" in rec or "thread" in rec)
 
 
 class GroupRecorder:
@@ -318,3 +758,13 @@ class GroupRecorder:
 
     def finished_action(self, key: str) -> dict[str, Any] | None:
         return self.ledger.finished_action(key) or self.group.done.get(key)
+
+
+class DecisionsTopicAnchors:
+    """The ledger's anchors into the group's decisions topic (an ``audit.AnchorSink``)."""
+
+    def __init__(self, group: GroupState) -> None:
+        self.group = group
+
+    def publish(self, anchor: dict[str, Any]) -> None:
+        self.group.publish_anchor(anchor)
