@@ -338,11 +338,13 @@ def test_an_honest_restart_verifies_and_a_cut_after_it_does_not(tmp_path):
             i += 1
             if i in checkpoint_at:
                 daemon.checkpoint()
+                daemon.flush_checkpoint()  # durable (the writer's thread) before the crash
             if i == crash_after:  # dead: no checkpoint, no run end, no last anchor
                 decisions.close()
                 ledger.close()
                 return
         daemon.checkpoint()
+        daemon.flush_checkpoint()
         ledger.finish_run({"ok": True}, "w2")
         anchoring.publish(ManualClock().now())
         decisions.close()

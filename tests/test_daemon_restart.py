@@ -73,11 +73,13 @@ def live(recording, config, tmp_path, hook_url, *, crash_after: int | None, chec
         i += 1
         if i in checkpoint_at:
             daemon.checkpoint()
+            daemon.flush_checkpoint()  # durable (the writer's thread) before the crash
         if crash_after is not None and i == crash_after:
             decisions.close()
             ledger.close()
             return False
     daemon.checkpoint()
+    daemon.flush_checkpoint()
     decisions.close()
     ledger.close()
     return True
@@ -171,8 +173,52 @@ def test_the_last_checkpoints_duration_and_size_are_exported(recording, config, 
 
     assert "rollbackd_checkpoint_duration_seconds" not in exported()  # none written yet
     daemon.checkpoint()
-    got = exported()
-    # three clock readings a tick apart: the start, the heartbeat before the commit, the end
-    assert got["rollbackd_checkpoint_duration_seconds"] == 0.5
-    snapshots = Checkpoint.load(str(tmp_path / "state.ckpt")).pipelines
-    assert got["rollbackd_checkpoint_bytes"] == sum(map(len, snapshots.values())) > 0
+    # two clock readings a tick apart, the start and the end: the loop only froze the state
+    assert exported()["rollbackd_checkpoint_duration_seconds"] == 0.25
+    assert "rollbackd_checkpoint_bytes" not in exported()  # the writer has not reported yet
+    daemon.flush_checkpoint()
+    written = [tmp_path / "state.ckpt", *(tmp_path / "state.ckpt.refs").glob("*")]
+    assert exported()["rollbackd_checkpoint_bytes"] == sum(p.stat().st_size for p in written) > 0
+
+
+def test_the_checkpoint_is_written_off_the_loop_and_offsets_committed_once_it_is_durable(
+        recording, config, tmp_path, monkeypatch):
+    """The loop only freezes the state: while the writer's thread is still saving, the loop goes
+    on and the source's offsets stay uncommitted; once the file is durable they are committed."""
+    import threading
+
+    from rollbackd.daemon.checkpoints import Checkpoint as FileCheckpoint
+
+    gate, saving = threading.Event(), threading.Event()
+    save = FileCheckpoint.save
+
+    def slow_save(self, path: str) -> int:
+        saving.set()
+        assert gate.wait(30), "the test never opened the gate"
+        return save(self, path)
+
+    monkeypatch.setattr(FileCheckpoint, "save", slow_save)
+
+    class Committing(RecordingSource):
+        commits: list = []
+
+        def commit(self, position) -> None:
+            self.commits.append(position)
+
+    source = Committing(str(recording))
+    daemon = Daemon(build_pipeline(config), source, clock=ManualClock(),
+                    settings=RunSettings(checkpoint_path=str(tmp_path / "state.ckpt"), checkpoint_every=1e9,
+                                         batch_size=BATCH, idle_after=1e9))
+    daemon.restore()
+    for _ in range(5):
+        daemon.step(source.read(BATCH))
+    daemon.checkpoint()  # returns at once: the writer is held at the gate
+    frozen_at = daemon._position
+    assert saving.wait(30) and not (tmp_path / "state.ckpt").exists()
+    for _ in range(3):
+        daemon.step(source.read(BATCH))  # the loop goes on meanwhile
+    assert source.commits == [], "nothing committed before the checkpoint is durable"
+    gate.set()
+    daemon.flush_checkpoint(30)
+    assert source.commits == [frozen_at] and frozen_at != daemon._position
+    assert Checkpoint.load(str(tmp_path / "state.ckpt")).position == frozen_at

@@ -28,6 +28,7 @@ from loopback import LoopbackServer
 from live_reference import live_reference
 from test_scaleout import RULES, log_of, start, stop, wait_until
 
+from rollbackd.daemon.audit import verify_ledger
 from rollbackd.rules.loader import load_config
 from rollbackd.scenarios import BUILTIN, generate
 
@@ -94,6 +95,15 @@ def paced(bootstrap: str, topic: str, lines: list[bytes], deployments: tuple[str
     t = threading.Thread(target=produce, args=(bootstrap, topic, lines, deployments, seconds), daemon=True)
     t.start()
     return t
+
+
+def is_anchor(m) -> bool:
+    """The ledger's anchors share the decisions topic (key anchor/<ledger id>)."""
+    return (m.key() or b"").startswith(b"anchor/")
+
+
+def decisions_in(bootstrap: str, topic: str) -> list[dict]:
+    return [json.loads(m.value()) for m in read_topic(bootstrap, topic) if not is_anchor(m)]
 
 
 def read_topic(bootstrap: str, topic: str, isolation: str = "read_committed") -> list:
@@ -203,7 +213,7 @@ def test_an_instance_stalled_past_the_session_timeout_wakes_up_fenced(kafka_boot
         stop(b)
         stop(a)
         keys = [r.header("Idempotency-Key") for r in hook.requests]
-    published = [json.loads(m.value()) for m in read_topic(kafka_bootstrap, f"{state}.decisions")]
+    published = decisions_in(kafka_bootstrap, f"{state}.decisions")
     ids = [rec.pop("decision_id") for rec in published]
     assert len(ids) == len(set(ids)), "no decision visible twice"
     assert_decides_as_the_replay(published, expected)
@@ -218,6 +228,16 @@ def test_an_instance_stalled_past_the_session_timeout_wakes_up_fenced(kafka_boot
         assert covered == sorted(covered), f"state partition {p} went back: {covered}"
         assert covered[-1] == total[p]
     print(f"state records: {len(records)} committed, {len(everything) - len(records)} aborted")
+    # Each instance's ledger (A's rewound when it was fenced) verifies against the anchors it
+    # published to the decisions topic: an honest rewind never looks like a cut tail.
+    anchors = [json.loads(m.value()) for m in read_topic(kafka_bootstrap, f"{state}.decisions") if is_anchor(m)]
+    for inst in ("a", "b"):
+        db = tmp_path / inst / "rollbackd.db"
+        ledger_id = verify_ledger(db).ledger_id
+        mine = [(n, a) for n, a in enumerate(anchors, 1) if a["ledger_id"] == ledger_id]
+        assert mine, f"{inst} published anchors to the decisions topic"
+        report = verify_ledger(db, anchors=mine)
+        assert report.breaks == [] and report.anchors == len(mine), (inst, report.breaks)
 
 
 def outage_run(kafka_broker, topic, tmp_path, lines, outage, *extra: str) -> None:
@@ -245,7 +265,7 @@ def outage_run(kafka_broker, topic, tmp_path, lines, outage, *extra: str) -> Non
     got = proc  # the decisions: the local log (file mode) or the decisions topic
     if "--state-topic" in extra:
         decisions = extra[extra.index("--state-topic") + 1] + ".decisions"
-        got = [json.loads(m.value()) for m in read_topic(bootstrap, decisions)]
+        got = decisions_in(bootstrap, decisions)
         ids = [rec.pop("decision_id") for rec in got]
         assert len(ids) == len(set(ids)), "no decision visible twice"
     else:

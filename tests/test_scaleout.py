@@ -131,7 +131,7 @@ def topic_decisions(bootstrap: str, topic: str) -> list[dict]:
     deadline = time.monotonic() + 30
     while len(ends) < len(parts) and time.monotonic() < deadline:
         for m in c.consume(500, 1.0):
-            if m.error() is None:
+            if m.error() is None and not (m.key() or b"").startswith(b"anchor/"):  # decisions only
                 out.append(json.loads(m.value()))
             else:
                 ends.add(m.partition())

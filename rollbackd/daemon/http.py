@@ -404,10 +404,14 @@ class MetricsCollector:
         if getattr(d, "checkpoint_seconds", None) is not None:
             took = GaugeMetricFamily(
                 "rollbackd_checkpoint_duration_seconds",
-                "How long the last checkpoint held up processing (snapshot, write, commit).")
+                "How long the last checkpoint held up processing (freezing the state; with a state "
+                "store, encoding it and the transaction).")
             took.add_metric([], d.checkpoint_seconds)
             yield took
-            size = GaugeMetricFamily("rollbackd_checkpoint_bytes", "Size of the last checkpoint's task snapshots.")
+        if getattr(d, "checkpoint_bytes", None) is not None:
+            size = GaugeMetricFamily("rollbackd_checkpoint_bytes",
+                                     "Bytes the last durable checkpoint wrote (the file and new references; "
+                                     "with a state store, the task snapshots).")
             size.add_metric([], d.checkpoint_bytes)
             yield size
         lag = self._consumer_lag(now)

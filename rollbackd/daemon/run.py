@@ -46,13 +46,10 @@ from __future__ import annotations
 import collections
 import gc
 import math
-import os
 import queue
-import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import structlog
@@ -60,14 +57,14 @@ import structlog
 from rollbackd.actions.base import ActionResult, Notice, Notifier, NullNotifier, RollbackBackend
 from rollbackd.actions.delivery import Delivery
 from rollbackd.actions.intents import Call, own_notice
-from rollbackd.daemon.blindness import BlindState, BlindTransition, Blindness, ReportsHealth, ReportsLag
 from rollbackd.daemon.audit import Anchoring
+from rollbackd.daemon.blindness import BlindState, BlindTransition, Blindness, ReportsHealth, ReportsLag
+from rollbackd.daemon.checkpoints import Checkpoint, CheckpointWriter, Written
 from rollbackd.daemon.clock import Clock, WallClock
 from rollbackd.daemon.executor import DEFAULT_LANE_LIMIT, LaneExecutor
 from rollbackd.daemon.pipeline import Edges, Pipeline
 from rollbackd.daemon.replay import push_human_input
 from rollbackd.daemon.scaleout import TransactionFailed
-from rollbackd.daemon.snapshot import SCHEMA, StateError, frame, unframe
 from rollbackd.daemon.sources import EventSource
 from rollbackd.errors import Fatal, Recoverable
 
@@ -108,106 +105,6 @@ class RunSettings:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-
-
-@dataclass(slots=True)
-class Checkpoint:
-    """The single instance's checkpoint file: a frame of ``daemon/snapshot.py``'s schema (no
-    pickle: a file someone else wrote can hold wrong numbers at worst, never code).
-
-    ``blobs``: the references the snapshots name by digest (``Pipeline.snapshot(external=True)``
-    or ``freeze()``), kept beside the file in ``<path>.refs/<digest>``, each written once: bytes
-    for one that may not be there yet, None for one written by an earlier checkpoint. After a
-    save the folder holds exactly the ones this checkpoint names; :meth:`load` reads them all.
-    A snapshot may also be a ``FrozenSnapshot``: :meth:`save` encodes it (on its own thread,
-    when ``daemon/checkpoints.py``'s writer saves).
-    """
-
-    pipelines: dict[int, Any]  # task (partition number; 0 for an unpartitioned source) -> snapshot
-    position: Any
-    decisions_offset: int
-    ledger_marks: dict[str, int]
-    # The blind state (BlindState.to_dict(): plain values).
-    blind: dict[str, Any] | None = None
-    blobs: dict[str, bytes | None] = field(default_factory=dict)
-
-    def save(self, path: str) -> int:
-        """Writes the checkpoint (the new blobs first, then the file, atomically); returns the
-        bytes written."""
-        pipelines = {k: v if isinstance(v, bytes) else v.encode() for k, v in self.pipelines.items()}
-        written = self._save_blobs(path)
-        data = frame("checkpoint", {
-            "pipelines": pipelines, "position": self.position,
-            "decisions_offset": self.decisions_offset, "ledger_marks": self.ledger_marks,
-            "blind": self.blind, "blobs": sorted(self.blobs),
-        })
-        _write_atomically(path, data)
-        self._drop_unnamed_blobs(path)
-        return written + len(data)
-
-    def _save_blobs(self, path: str) -> int:
-        if not self.blobs:
-            return 0
-        refs = Path(f"{path}.refs")
-        refs.mkdir(exist_ok=True)
-        written = 0
-        for digest, data in sorted(self.blobs.items()):
-            target = refs / digest
-            if data is None or target.exists():
-                continue
-            _write_atomically(str(target), data)
-            written += len(data)
-        return written
-
-    def _drop_unnamed_blobs(self, path: str) -> None:
-        refs = Path(f"{path}.refs")
-        if not refs.is_dir():
-            return
-        for entry in refs.iterdir():
-            if entry.name not in self.blobs:
-                entry.unlink(missing_ok=True)
-
-    @staticmethod
-    def load(path: str) -> "Checkpoint | None":
-        """The checkpoint at ``path`` (with its blobs), None when there is none; ``StateError``
-        (a ValueError) saying to move it away when it is not one this rollbackd reads."""
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read()
-        except FileNotFoundError:
-            return None
-        try:
-            saved = unframe("checkpoint", data, what=path)
-            if type(saved) is not dict or type(saved.get("pipelines")) is not dict \
-                    or not all(type(k) is int and type(v) is bytes for k, v in saved["pipelines"].items()):
-                raise StateError(f"{path}: not a checkpoint of schema {SCHEMA} (no pipelines)")
-            blobs: dict[str, bytes | None] = {}
-            for digest in saved.get("blobs") or []:
-                if type(digest) is not str or len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
-                    raise StateError(f"{path}: names a blob that is not a digest: {digest!r}")
-                try:
-                    blobs[digest] = Path(f"{path}.refs", digest).read_bytes()
-                except FileNotFoundError:
-                    raise StateError(f"{path}: its blob {path}.refs/{digest[:16]}... is missing") from None
-            return Checkpoint(saved["pipelines"], saved.get("position"), saved.get("decisions_offset") or 0,
-                              saved.get("ledger_marks") or {}, saved.get("blind"), blobs)
-        except StateError as exc:
-            raise StateError(f"{exc}. Move the file (and {path}.refs) away to start afresh: the daemon "
-                             "then re-reads the source from its committed offsets") from None
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)  # atomic: a crash leaves the old file or the new one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(slots=True)
@@ -388,6 +285,11 @@ class Daemon:
         self.last_beat = self.clock.now()
         self.checkpoint_seconds: float | None = None  # the last checkpoint's, and its snapshots' size
         self.checkpoint_bytes: int | None = None
+        # Without a state store the checkpoint file is encoded and written on a thread of its
+        # own: the loop only freezes the tasks (daemon/checkpoints.py), and commits the offsets
+        # a checkpoint covers once the writer reports it durable.
+        self._writer = CheckpointWriter(settings.checkpoint_path) if state is None else None
+        self._durable_marks: dict[str, dict[str, int]] = {}  # position key -> ledger marks in flight
         self.view = PipelinesView(self)
         # Effects run off this thread, one lane per deployment; results come back in step().
         self.effects = LaneExecutor(Delivery(pipeline.edges), lane_limit=settings.effect_lane_limit,
@@ -432,6 +334,8 @@ class Daemon:
         if task is None:
             pipeline, self._unused = (self._unused, None) if self._unused is not None else (self.make_pipeline(), None)
             pipeline.executor = self.effects.bind(pipeline)
+            if self._writer is not None:
+                pipeline.joiner.note_changes()  # freeze() takes the join buffer's changes
             push_human_input(pipeline)
             task = self.tasks[key] = Task(key, pipeline)
         return task
@@ -497,29 +401,55 @@ class Daemon:
             self.checkpoint_seconds = self._last_checkpoint - started
             self.last_beat = self._last_checkpoint
             return
-        else:
-            snapshots = {k: t.pipeline.snapshot() for k, t in sorted(self.tasks.items())}
-            self.checkpoint_bytes = sum(map(len, snapshots.values()))
-            cp = Checkpoint(
-                pipelines=snapshots,
-                position=self._position,
-                decisions_offset=self.decisions.offset() if self.decisions is not None and hasattr(self.decisions, "offset") else 0,
-                ledger_marks=self.ledger.high_water() if self.ledger is not None else {},
-                blind=self.blindness.state.to_dict(),
-            )
-            cp.save(self.settings.checkpoint_path)
-            if self.anchoring is not None:  # only now is a restart rewound no further than these marks
-                self.anchoring.publish(self.clock.now(), cp.ledger_marks)
-        self.last_beat = self.clock.now()  # the flush and the save may each have waited
-        # Only now may the source forget these events. Not while reads fail (the commit would
-        # wait out its timeout on the same unreachable brokers, and the loop with it) and not
-        # the same offsets again: the next commit covers these.
-        if self._reading and self._position != self._committed:
-            self.source.commit(self._position)
-            self._committed = self._position
-        self._last_checkpoint = self.clock.now()
-        # written and committed on the processing thread: this long, no event was processed
+        writer = self._writer
+        if writer is None:  # a state store commits above; there is no file
+            return
+        self._written(writer.done())  # the previous one, if written meanwhile
+        tasks = sorted(self.tasks.items())
+        cp = Checkpoint(
+            pipelines={k: t.pipeline.freeze() for k, t in tasks},
+            position=self._position,
+            decisions_offset=self.decisions.offset() if self.decisions is not None and hasattr(self.decisions, "offset") else 0,
+            ledger_marks=self.ledger.high_water() if self.ledger is not None else {},
+            blind=self.blindness.state.to_dict(),
+            # every reference the snapshots name: the new ones with their bytes, the others
+            # (written by an earlier checkpoint) by digest
+            blobs={d: None for _, t in tasks for d in t.pipeline.blob_digests()},
+        )
+        for _, t in tasks:
+            cp.blobs.update(t.pipeline.new_blobs())
+        self._durable_marks[_position_key(cp.position)] = cp.ledger_marks
+        writer.submit(cp)  # waits only while the previous one is still being written
+        self.last_beat = self._last_checkpoint = self.clock.now()
+        # frozen on the processing thread: this long, no event was processed
         self.checkpoint_seconds = self._last_checkpoint - started
+
+    def _written(self, written: Written | None) -> None:
+        """A checkpoint the writer made durable: only now may the source forget the events it
+        covers, and only now is a restart rewound no further than its ledger marks (anchors).
+        Not while reads fail (the commit would wait out its timeout on the same unreachable
+        brokers, and the loop with it), and not the same offsets again."""
+        if written is None:
+            return
+        self.checkpoint_bytes = written.bytes_written
+        marks = self._durable_marks.pop(_position_key(written.position), None)
+        self._durable_marks.clear()  # older ones were overtaken by this one
+        if self.anchoring is not None and marks is not None:
+            self.anchoring.publish(self.clock.now(), marks)
+        if self._reading and written.position != self._committed:
+            self.source.commit(written.position)
+            self._committed = written.position
+
+    def flush_checkpoint(self, timeout: float | None = None) -> None:
+        """Wait (within ``timeout``) until the checkpoint being written is durable, and commit
+        the offsets it covers."""
+        if self._writer is not None:
+            self._written(self._writer.wait(None if timeout is None else max(0.0, timeout)))
+
+    def _final_checkpoint(self, timeout: float) -> None:
+        """The last checkpoint at a stop, waited for (within ``timeout``) and committed."""
+        self.checkpoint()
+        self.flush_checkpoint(timeout)
 
     # Exactly-once (state store) --------------------------------------------------------
     def _commit_tasks(self) -> None:
@@ -750,7 +680,8 @@ class Daemon:
                 log.warning("effects.unfinished", calls=self.effects.waiting(),
                             detail="kept in the checkpoint: they run after the restart")
             try:
-                self.checkpoint()  # the file always; the commit only while the brokers answer
+                # the file always; the commit only while the brokers answer
+                self._final_checkpoint(stop_at + self.settings.stop_timeout - time.monotonic())
             except Recoverable as exc:
                 log.warning("checkpoint.commit_failed", detail=str(exc))
         finally:
@@ -759,6 +690,8 @@ class Daemon:
             # holds (before closing the source hands them over)
             counted = dict(sorted(self.view.counters.items()))
             self._close_source()
+            if self._writer is not None:
+                self._writer.close(timeout=5.0)
             log.info("daemon.stopped", events=self.events, rewinds=self.rewinds, counted=counted)
 
     def _pause(self, seconds: float, failure: str) -> None:
@@ -797,6 +730,8 @@ class Daemon:
         """One batch (possibly empty): ingest, advance event time, checkpoint when due."""
         now = self.clock.now()
         self._tend()
+        if self._writer is not None:
+            self._written(self._writer.done())  # commit what the writer made durable since
         if now - self._human_input_at >= self.settings.human_input_every:
             self._human_input_at = now
             push_human_input(*(task.pipeline for task in self.tasks.values()))
@@ -1012,3 +947,8 @@ def _of_tasks(position: dict[str, int] | None, keys: set[int], exclude: bool = F
     (with ``exclude``, for all the others)."""
     return {tp: off for tp, off in (position or {}).items()
             if (int(tp.rpartition(":")[2]) in keys) != exclude}
+
+
+def _position_key(position: Any) -> str:
+    """A source position (a dict of offsets, a line number) as a dict key."""
+    return repr(sorted(position.items())) if isinstance(position, dict) else repr(position)
