@@ -57,15 +57,6 @@ def test_loop_guard_as_a_tick_table():
                                              serving_since=T0 + 2 * HOUR + 1)[1]
 
 
-def test_an_old_checkpoint_state_gains_the_new_fields():
-    class Old:  # what a SafetyState pickled before the loop guard restores as
-        last_rollback = {"fraud": T0}
-        done = {"k"}
-
-    state = SafetyState.upgrade(Old())
-    assert state.last_rollback == {"fraud": T0} and state.applied == {} and state.reverted == {}
-
-
 # End to end ---------------------------------------------------------------------------------
 RULES = """
 version: 1

@@ -110,17 +110,6 @@ class SafetyState:
         for key, versions in self.reverted.items():
             self.reverted[key] = {v: t for v, t in versions.items() if t > before}
 
-    @classmethod
-    def upgrade(cls, old: Any) -> "SafetyState":
-        """A state restored from a checkpoint written before some fields existed."""
-        new = cls()
-        for name in cls.__dataclass_fields__:
-            try:
-                setattr(new, name, getattr(old, name))
-            except AttributeError:
-                pass
-        return new
-
     def to_record(self) -> dict[str, Any]:
         return {
             "last_rollback": dict(sorted(self.last_rollback.items())),
