@@ -16,6 +16,7 @@ import pickle
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -136,19 +137,25 @@ def test_frozen_snapshots_encoded_long_after_restore_the_state_at_each_freeze(sc
         taken[0][0].encode()
 
 
-@pytest.fixture(scope="module")
-def midway(tmp_path_factory) -> Pipeline:
-    """A pipeline half way through calibration_decay: detectors, references, incidents, panes."""
-    work = tmp_path_factory.mktemp("midway")
+def run_for(work: Path, scenario: str, batches: int) -> tuple[Pipeline, Any]:
+    """A pipeline (demo rules) after ``batches`` batches of a built-in scenario, and the open
+    source of the rest."""
     rec = work / "rec.jsonl.gz"
-    write_recording(BUILTIN["calibration_decay"], rec)
+    write_recording(BUILTIN[scenario], rec)
     config = load_config(rules_files()["demo"])
     p = build_pipeline(config, notifier=ConsoleNotifier(stream=io.StringIO()))
     source = open_recording(str(rec), config)
-    for _ in range(6):
+    for _ in range(batches):
         batch = source.read(4096)
         p.ingest(batch.events)
         p.advance(p.watermark)
+    return p, source
+
+
+@pytest.fixture(scope="module")
+def midway(tmp_path_factory) -> Pipeline:
+    """A pipeline half way through calibration_decay: detectors, references, incidents, panes."""
+    p, source = run_for(tmp_path_factory.mktemp("midway"), "calibration_decay", 6)
     source.close()
     assert p.detectors and p.assembler.panes
     return p
@@ -311,15 +318,7 @@ def test_river_state_that_does_not_decode_is_refused():
 def test_a_frozen_snapshot_encodes_later_what_the_pipeline_was_when_frozen(tmp_path):
     """freeze() on the processing thread, encode() after the pipeline moved on (as the writer
     thread does): it restores to the state at the freeze, not a mix."""
-    rec = tmp_path / "rec.jsonl.gz"
-    write_recording(BUILTIN["feature_shift"], rec)
-    config = load_config(rules_files()["demo"])
-    p = build_pipeline(config, notifier=ConsoleNotifier(stream=io.StringIO()))
-    source = open_recording(str(rec), config)
-    for _ in range(3):
-        batch = source.read(4096)
-        p.ingest(batch.events)
-        p.advance(p.watermark)
+    p, source = run_for(tmp_path, "feature_shift", 3)
     frozen = p.freeze()
     blobs = p.new_blobs()
     at_freeze = p.snapshot()
@@ -329,7 +328,7 @@ def test_a_frozen_snapshot_encodes_later_what_the_pipeline_was_when_frozen(tmp_p
         p.advance(p.watermark)
     source.close()
     assert p.snapshot() != at_freeze
-    a, b = Pipeline(config, p.edges), Pipeline(config, p.edges)
+    a, b = Pipeline(p.config, p.edges), Pipeline(p.config, p.edges)
     a.restore(frozen.encode(), blobs)
     b.restore(at_freeze)
     assert a.snapshot() == b.snapshot()
