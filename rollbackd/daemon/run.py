@@ -437,7 +437,13 @@ class Daemon:
         if self.anchoring is not None and marks is not None:
             self.anchoring.publish(self.clock.now(), marks)
         if self._reading and written.position != self._committed:
-            self.source.commit(written.position)
+            try:
+                self.source.commit(written.position)
+            except Recoverable as exc:
+                # The checkpoint is durable; only the commit failed. The next durable
+                # checkpoint's commit covers these offsets too.
+                log.warning("checkpoint.commit_failed", detail=str(exc))
+                return
             self._committed = written.position
 
     def flush_checkpoint(self, timeout: float | None = None) -> None:
@@ -779,8 +785,8 @@ class Daemon:
             try:
                 self.checkpoint()
             except Recoverable as exc:
-                # The checkpoint is written; only the offset commit failed. The next
-                # checkpoint's commit covers these offsets too.
+                # With a state store: the transaction did not commit; the loop settles it (and
+                # rewinds the tasks) before reading on.
                 log.warning("checkpoint.commit_failed", detail=str(exc))
                 self._last_checkpoint = now
 
