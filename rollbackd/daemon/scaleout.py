@@ -9,12 +9,22 @@ partition movable, and what keeps an instance that lost it from writing:
 - **state topic** (compacted, one record per ``<group>/<partition>``): a task's snapshot with the
   input offsets it covers and the decisions-topic offset it had reached. Read by the next owner
   when the partition is assigned, which then seeks to those offsets;
+- **refs topic** (compacted, ``<state topic>.refs``, partition = task, key = digest): the
+  complete references the task's snapshots name by digest (``Pipeline.snapshot(external=True)``),
+  each written once, in the transaction of the first state record that names it, and deleted in
+  the one of the first that no longer does. Partition = task, so the next owner finds a task's
+  references by reading one compacted partition to its end (Kafka has no lookup by key); the
+  partition holds about what the task names, since each is written once and deleted when
+  dropped;
 - **decisions topic** (partition = task): every alert transition, incident change and action,
   as the decision log writes it, plus a deterministic ``decision_id``. It is the audit trail of
   the whole group, and the group's outbox: the next owner of a partition reads what was decided
   after the snapshot it restores, so it neither writes those decisions twice nor runs a finished
   action again. Decisions are re-derived identically (the same events through the same rules),
   so their ids match.
+
+**No size cap.** A state record or a reference larger than one message (the topics'
+``max.message.bytes``) is written as parts and a head, in one transaction (:func:`split_record`).
 
 **One transaction per checkpoint.** The instance's producer has a ``transactional.id`` of its
 own. Decisions go into the open transaction as they are made; a checkpoint adds every task's
