@@ -65,9 +65,14 @@ def stores(bootstrap: str, name: str, cap: int, *ids: str) -> list[GroupState]:
     admin = AdminClient({"bootstrap.servers": bootstrap})
     ensure_topics(admin, f"{name}-state", f"{name}-decisions", 1, max_record_bytes=cap)
     deadline = time.monotonic() + 30
-    while not {f"{name}-state", f"{name}-state.refs"} <= set(admin.list_topics(timeout=10).topics):
-        assert time.monotonic() < deadline, "topics not created"
-        time.sleep(0.1)
+    for topic in (f"{name}-state", f"{name}-state.refs", f"{name}-decisions"):
+        while True:  # created is not yet led: until its partition has a leader
+            meta = admin.list_topics(topic, timeout=10).topics.get(topic)
+            if meta is not None and meta.error is None and meta.partitions and all(
+                    p.leader >= 0 for p in meta.partitions.values()):
+                break
+            assert time.monotonic() < deadline, f"{topic} has no leader after 30 s"
+            time.sleep(0.05)
     return [GroupState(bootstrap, f"g-{name}", f"{name}-state", f"{name}-decisions", transactional_id=f"{i}-{name}",
                        max_record_bytes=cap) for i in ids]
 
