@@ -719,29 +719,32 @@ def _group_state(servers: str, group_id: str, state_topic: str, decisions_topic:
     from confluent_kafka.admin import AdminClient
 
     from rollbackd.daemon.kafka import librdkafka_log
-    from rollbackd.daemon.scaleout import GroupState, ensure_topics
+    from rollbackd.daemon.scaleout import GroupState, ensure_topics, record_cap
     from rollbackd.errors import Recoverable
 
     admin_conf = {k: v for k, v in kconf.items() if not k.startswith(("group.", "partition.assignment"))}
+    refs_topic = f"{state_topic}.refs"  # complete drift references, each written once
+    topics = (state_topic, decisions_topic, refs_topic)
     try:
         admin = AdminClient({**admin_conf, "bootstrap.servers": servers, "logger": librdkafka_log})
         meta = admin.list_topics(timeout=10).topics
         partitions = max((len(meta[t].partitions) for t in inputs if t in meta), default=1)
-        ensure_topics(admin, state_topic, decisions_topic, partitions)
+        ensure_topics(admin, state_topic, decisions_topic, partitions, refs_topic)
         deadline = time.monotonic() + 15
         while True:  # a topic just created takes a moment to show in the metadata
             have = admin.list_topics(timeout=10).topics
-            if (state_topic in have and decisions_topic in have) or time.monotonic() > deadline:
+            if all(t in have for t in topics) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        missing = [t for t in (state_topic, decisions_topic) if t not in have]
+        missing = [t for t in topics if t not in have]
         if missing:
             raise RuntimeError(f"{', '.join(missing)} not in the cluster's metadata 15 s after creation")
+        cap = record_cap(admin, (state_topic, refs_topic))
     except (Recoverable, Exception) as exc:  # noqa: BLE001 - a start-up error, said clearly
         _say("state_topics.unavailable", f"rollbackd: cannot prepare {state_topic} / {decisions_topic}: {exc}",
              error=True, state_topic=state_topic, decisions_topic=decisions_topic, detail=str(exc))
         sys.exit(EXIT_CONFIG)
-    for name in (state_topic, decisions_topic):
+    for name in topics:
         if len(have[name].partitions) < partitions:
             _say("state_topics.too_few_partitions",
                  f"rollbackd: {name} has {len(have[name].partitions)} partition(s); the inputs have "
@@ -752,7 +755,8 @@ def _group_state(servers: str, group_id: str, state_topic: str, decisions_topic:
     # (and a successor waits at most that long for a dead instance's open transaction).
     return GroupState(servers, group_id, state_topic, decisions_topic, config=admin_conf,
                       transactional_id=f"rollbackd-{group_id}-{instance_id}" if instance_id else None,
-                      transaction_timeout=max(10.0, 3 * checkpoint_every))
+                      transaction_timeout=max(10.0, 3 * checkpoint_every), refs_topic=refs_topic,
+                      max_record_bytes=cap)
 
 
 def _start_digest(config: Any, notifier: Any, db: str, run_id: str, deliver: Any = None) -> Any:

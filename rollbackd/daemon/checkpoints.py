@@ -13,8 +13,8 @@ replace is atomic) and the offsets it covers.
 
 On start, ``Checkpoint.load`` reads the blobs too and ``Pipeline.restore(blob, cp.blobs)``.
 With a state topic the daemon does not use this file: each task's state record is encoded on
-the processing thread inside the checkpoint's transaction, references inline
-(``daemon/scaleout.py``).
+the processing thread inside the checkpoint's transaction, its references named by digest and
+written once to the refs topic (``daemon/scaleout.py``).
 """
 
 from __future__ import annotations

@@ -463,11 +463,14 @@ class Daemon:
         offsets they cover. On failure the in-memory state is ahead of what is committed: the
         loop settles the transaction and, unless it committed after all, rewinds every task."""
         keys = sorted(self.tasks)
-        states = {k: self._task_state(k) for k in keys}
-        self.checkpoint_bytes = sum(len(s["pipeline"]) for s in states.values())
+        states, blobs = {}, {}
+        for k in keys:
+            states[k], blobs[k] = self._task_state(k)
+        self.checkpoint_bytes = sum(len(s["pipeline"]) + sum(map(len, blobs[k].values())) for k, s in states.items())
         position = dict(self._position or {})
         try:
-            self.state.commit(states, _of_tasks(position, set(keys)), self.source.group_metadata())  # type: ignore[attr-defined]
+            self.state.commit(states, _of_tasks(position, set(keys)), self.source.group_metadata(),  # type: ignore[attr-defined]
+                              blobs)
         except TransactionFailed as exc:
             self._unsettled = True
             if exc.in_doubt:
@@ -537,12 +540,18 @@ class Daemon:
                 or self.blindness.state.to_dict() != self._committed_blind)
 
     # Partitions moving (state store) ------------------------------------------------
-    def _task_state(self, key: int) -> dict[str, Any]:
+    def _task_state(self, key: int) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """Task ``key``'s state record and the blobs it names that no earlier record of this
+        pipeline did. Complete references are named by digest, not inlined: each goes to the
+        refs topic once, not with every checkpoint."""
         position = _of_tasks(self._position, {key})
+        pipeline = self.tasks[key].pipeline
+        snapshot = pipeline.snapshot(external=True)
         # The instance's blind state rides along with each of its tasks: whoever holds one next
         # (this instance after a restart, or another) resolves an open notice once it reads.
-        return {**self.state.task_state(key, self.tasks[key].pipeline.snapshot(), position),
-                "blind": self.blindness.state.to_dict()}
+        state = {**self.state.task_state(key, snapshot, position, pipeline.blob_digests()),
+                 "blind": self.blindness.state.to_dict()}
+        return state, pipeline.new_blobs()
 
     def _assigned(self, partitions: list[tuple[str, int]]) -> None:
         self._take_over(partitions)
@@ -564,7 +573,7 @@ class Daemon:
                     self._position = {**(self._position or {}), **start}
                 log.info("task.started", task=key, position=start)
                 continue
-            for warning in task.pipeline.restore(saved["pipeline"]):
+            for warning in task.pipeline.restore(saved["pipeline"], saved.get("blobs")):
                 log.warning("checkpoint.rule_changed", task=key, detail=warning)
             # The outbox first: calls in flight at the snapshot that finished since are not redone.
             self.state.adopt(key, saved)

@@ -9,12 +9,22 @@ partition movable, and what keeps an instance that lost it from writing:
 - **state topic** (compacted, one record per ``<group>/<partition>``): a task's snapshot with the
   input offsets it covers and the decisions-topic offset it had reached. Read by the next owner
   when the partition is assigned, which then seeks to those offsets;
+- **refs topic** (compacted, ``<state topic>.refs``, partition = task, key = digest): the
+  complete references the task's snapshots name by digest (``Pipeline.snapshot(external=True)``),
+  each written once, in the transaction of the first state record that names it, and deleted in
+  the one of the first that no longer does. Partition = task, so the next owner finds a task's
+  references by reading one compacted partition to its end (Kafka has no lookup by key); the
+  partition holds about what the task names, since each is written once and deleted when
+  dropped;
 - **decisions topic** (partition = task): every alert transition, incident change and action,
   as the decision log writes it, plus a deterministic ``decision_id``. It is the audit trail of
   the whole group, and the group's outbox: the next owner of a partition reads what was decided
   after the snapshot it restores, so it neither writes those decisions twice nor runs a finished
   action again. Decisions are re-derived identically (the same events through the same rules),
   so their ids match.
+
+**No size cap.** A state record or a reference larger than one message (the topics'
+``max.message.bytes``) is written as parts and a head, in one transaction (:func:`split_record`).
 
 **One transaction per checkpoint.** The instance's producer has a ``transactional.id`` of its
 own. Decisions go into the open transaction as they are made; a checkpoint adds every task's
@@ -44,23 +54,28 @@ import json
 import threading
 import time
 import uuid
-from typing import Any, Mapping
+from contextlib import closing
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from rollbackd.daemon.decisions import encode_decision
 from rollbackd.daemon.kafka import BrokerUnavailable, classify, librdkafka_log, parse_position
-from rollbackd.daemon.snapshot import decode_state, encode_state
+from rollbackd.daemon.snapshot import StateError, decode_state, encode_state, frame, kind_of, unframe
 
 __all__ = ["GroupState", "GroupDecisions", "GroupRecorder", "DecisionsTopicAnchors", "TransactionFailed", "decision_id",
-           "ensure_topics"]
+           "ensure_topics", "split_record", "join_parts", "MAX_RECORD_BYTES"]
 
 log = structlog.get_logger("rollbackd.scaleout")
 
-# A task snapshot holds windows and the join buffer: far above Kafka's 1 MB default.
-MAX_STATE_BYTES = 64 * 1024 * 1024
+# The largest record written to the state and refs topics (their max.message.bytes): a state
+# record or a reference above it is written as parts (split_record), so it caps nothing. Above
+# Kafka's 1 MB default, so that most records are one message; far below what strains a broker.
+MAX_RECORD_BYTES = 8 * 1024 * 1024
+# What a part leaves free of the cap: its key, the record and batch headers.
+_RECORD_OVERHEAD = 16 * 1024
 _TIMEOUT = 10.0
 _STUCK_GRACE = 5.0  # past a transactional call's own timeout, the producer is given up
 _CONSUMER_ONLY = ("session.", "heartbeat.", "max.poll.", "auto.", "enable.auto.", "fetch.", "isolation.",
@@ -79,15 +94,18 @@ def decision_id(rec: Mapping[str, Any]) -> str:
     return hashlib.sha256(basis).hexdigest()[:24]
 
 
-def ensure_topics(admin: AdminClient, state_topic: str, decisions_topic: str, partitions: int) -> None:
-    """Creates the state topic (compacted) and the decisions topic when they do not exist."""
+def ensure_topics(admin: AdminClient, state_topic: str, decisions_topic: str, partitions: int,
+                  refs_topic: str | None = None, max_record_bytes: int = MAX_RECORD_BYTES) -> None:
+    """Creates the state topic and the refs topic (both compacted, ``max.message.bytes`` of
+    ``max_record_bytes``) and the decisions topic when they do not exist."""
     existing = admin.list_topics(timeout=_TIMEOUT).topics
     new = []
-    if state_topic not in existing:
-        new.append(NewTopic(state_topic, num_partitions=max(1, partitions), replication_factor=-1, config={
-            "cleanup.policy": "compact", "max.message.bytes": str(MAX_STATE_BYTES),
-            "segment.ms": "600000", "min.cleanable.dirty.ratio": "0.1",
-        }))
+    for name in (state_topic, refs_topic or f"{state_topic}.refs"):
+        if name not in existing:
+            new.append(NewTopic(name, num_partitions=max(1, partitions), replication_factor=-1, config={
+                "cleanup.policy": "compact", "max.message.bytes": str(max_record_bytes),
+                "segment.ms": "600000", "min.cleanable.dirty.ratio": "0.1",
+            }))
     if decisions_topic not in existing:
         new.append(NewTopic(decisions_topic, num_partitions=max(1, partitions), replication_factor=-1))
     for topic, future in admin.create_topics(new).items() if new else ():
@@ -96,6 +114,65 @@ def ensure_topics(admin: AdminClient, state_topic: str, decisions_topic: str, pa
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise classify(exc, f"creating {topic}") from exc
+
+
+def record_cap(admin: AdminClient, topics: Iterable[str], most: int = MAX_RECORD_BYTES) -> int:
+    """The largest record ``topics`` all take (their ``max.message.bytes``, as the brokers
+    apply it), at most ``most``: a topic made by hand with a smaller cap gets smaller parts."""
+    cap = most
+    resources = [ConfigResource("topic", t) for t in topics]
+    for resource, future in admin.describe_configs(resources).items():
+        try:
+            entry = future.result(timeout=_TIMEOUT).get("max.message.bytes")
+        except KafkaException as exc:
+            raise classify(exc, f"describing {resource.name}") from exc
+        if entry is not None and entry.value and entry.value.isdigit():
+            cap = min(cap, int(entry.value))
+    return cap
+
+
+def split_record(key: bytes, value: bytes, part_bytes: int) -> list[tuple[bytes, bytes]]:
+    """``value`` under ``key`` as records of at most ``part_bytes`` each, to write in this order
+    in one transaction: itself when it fits; else its parts (``<key>/0``, ``<key>/1``, ...),
+    then a head under ``key``: a ``parts`` frame with their count and the whole's size and
+    SHA-256. A compacted topic keeps the last of each key, so the head and the parts it counts
+    are always of the same transaction."""
+    if len(value) <= part_bytes:
+        return [(key, value)]
+    parts = [(part_key(key, i), value[at:at + part_bytes]) for i, at in enumerate(range(0, len(value), part_bytes))]
+    head = frame("parts", {"count": len(parts), "size": len(value), "sha256": hashlib.sha256(value).hexdigest()})
+    return [*parts, (key, head)]
+
+
+def part_key(key: bytes, n: int) -> bytes:
+    return key + b"/" + str(n).encode()
+
+
+def parts_count(head: bytes, what: str) -> int:
+    """How many parts the head :func:`split_record` wrote names (StateError if not a head)."""
+    info = unframe("parts", head, what=what)
+    if type(info) is not dict or type(info.get("count")) is not int or info["count"] < 1 \
+            or type(info.get("size")) is not int or type(info.get("sha256")) is not str:
+        raise StateError(f"{what}: a parts head without its count, size and SHA-256")
+    return info["count"]
+
+
+def join_parts(key: bytes, head: bytes, parts: Mapping[bytes, bytes | None], what: str) -> bytes:
+    """The value :func:`split_record` wrote as ``head`` and ``parts`` (by key); StateError when a
+    part is missing or they do not add up to the size and SHA-256 the head states."""
+    count = parts_count(head, what)
+    info = unframe("parts", head, what=what)
+    chunks = []
+    for n in range(count):
+        chunk = parts.get(part_key(key, n))
+        if chunk is None:
+            raise StateError(f"{what}: part {n} of {count} is missing")
+        chunks.append(chunk)
+    value = b"".join(chunks)
+    if len(value) != info["size"] or hashlib.sha256(value).hexdigest() != info["sha256"]:
+        raise StateError(f"{what}: its {count} parts do not make the record their head describes "
+                         "(size or SHA-256 differs)")
+    return value
 
 
 class TransactionFailed(BrokerUnavailable):
@@ -121,11 +198,18 @@ class GroupState:
         config: Mapping[str, str] = {},
         transactional_id: str | None = None,
         transaction_timeout: float = 60.0,
+        refs_topic: str | None = None,
+        max_record_bytes: int = MAX_RECORD_BYTES,
     ) -> None:
         self.servers = bootstrap_servers
         self.group_id = group_id
         self.state_topic = state_topic
         self.decisions_topic = decisions_topic
+        self.refs_topic = refs_topic or f"{state_topic}.refs"
+        if max_record_bytes < 4 * _RECORD_OVERHEAD:
+            raise ValueError(f"max_record_bytes must be at least {4 * _RECORD_OVERHEAD}, got {max_record_bytes}")
+        self.max_record_bytes = max_record_bytes
+        self._part_bytes = max_record_bytes - _RECORD_OVERHEAD
         self.config = {k: v for k, v in config.items() if not k.startswith(("group.", "partition.assignment"))}
         self.transactional_id = str(self.config.pop("transactional.id", "") or transactional_id
                                     or f"rollbackd-{group_id}-{uuid.uuid4().hex[:12]}")
@@ -149,6 +233,13 @@ class GroupState:
         self.seen: set[str] = set()  # decision ids committed to the decisions topic (adopted or ours)
         self._txn_ids: set[str] = set()  # decision ids in the open transaction
         self.done: dict[str, dict[str, Any]] = {}  # finished actions there, by idempotency key
+        # What the last committed record of each task left in the topics: the references in
+        # its refs partition (digest -> how many parts, 0 for one record) and how many parts
+        # its state record has; and the same for the open transaction, until it commits.
+        self._stored: dict[int, dict[str, int]] = {}
+        self._state_parts: dict[int, int] = {}
+        self._staged: dict[int, tuple[dict[str, int], int]] = {}
+        self._refs_exist = False
         self.commits = 0
         self.aborts = 0
 
@@ -158,8 +249,10 @@ class GroupState:
         self.task = key
 
     def release(self, key: int) -> None:
-        """Task ``key`` moved away: what we knew of its decisions partition is stale now."""
+        """Task ``key`` moved away: what we knew of its partitions is stale now."""
         self._next.pop(key, None)
+        self._stored.pop(key, None)
+        self._state_parts.pop(key, None)
         self._home = {d: k for d, k in self._home.items() if k != key}
 
     @property
@@ -172,13 +265,19 @@ class GroupState:
         """No transaction of ours is waiting for the coordinator's answer."""
         return self._pending is None and self._ready
 
-    def task_state(self, key: int, snapshot: bytes, position: dict[str, int]) -> dict[str, Any]:
-        return {"pipeline": snapshot, "position": position, "decisions_offset": self._decisions_end(key)}
+    def task_state(self, key: int, snapshot: bytes, position: dict[str, int],
+                   refs: Iterable[str] = ()) -> dict[str, Any]:
+        """Task ``key``'s state record: its pipeline ``snapshot``, the input offsets it covers,
+        the decisions-topic offset, the blobs the snapshot names by digest (``refs``)."""
+        return {"pipeline": snapshot, "position": position, "decisions_offset": self._decisions_end(key),
+                "refs": sorted(refs)}
 
-    def commit(self, states: Mapping[int, dict[str, Any]], offsets: Mapping[str, int], group_metadata: Any) -> None:
+    def commit(self, states: Mapping[int, dict[str, Any]], offsets: Mapping[str, int], group_metadata: Any,
+               blobs: Mapping[int, Mapping[str, bytes]] = {}) -> None:
         """One transaction: the decisions written since the last commit, ``states`` (one record
-        per task) and the input ``offsets`` (``{"topic:partition": next offset}``) for the
-        consumer group ``group_metadata`` describes; then commit. Raises
+        per task) with the blobs they name that their partition of the refs topic does not hold
+        yet (``blobs``: by task, by digest), and the input ``offsets`` (``{"topic:partition":
+        next offset}``) for the consumer group ``group_metadata`` describes; then commit. Raises
         :class:`TransactionFailed` when it did not commit (aborted, or in doubt)."""
         stage = "begin"
         try:
@@ -186,12 +285,21 @@ class GroupState:
                 raise BrokerUnavailable(f"a decision was not written: {self._doomed}")
             self._begin()
             stage = "produce"
+            self._staged = {}  # (a commit left in doubt was settled by _begin)
             for key, state in states.items():
-                blob = encode_state(state)
+                # The references first: a record is never visible without the blobs it names.
+                stored = self._produce_refs(key, state.get("refs") or (), blobs.get(key) or {})
+                records = split_record(self._key(key), encode_state(state), self._part_bytes)
+                parts = len(records) - 1 if len(records) > 1 else 0
+                for n in range(parts, self._state_parts.get(key, 0)):  # a smaller record: its old parts go
+                    self._produce(self.state_topic, None, key=part_key(self._key(key), n), partition=key)
+                for record_key, value in records[:-1]:
+                    self._produce(self.state_topic, value, key=record_key, partition=key)
                 # Headers for people and tools: what the record covers and who wrote it.
-                self._produce(self.state_topic, blob, key=self._key(key), partition=key, headers=[
+                self._produce(self.state_topic, records[-1][1], key=self._key(key), partition=key, headers=[
                     ("rollbackd-position", json.dumps(state.get("position") or {}, sort_keys=True).encode()),
                     ("rollbackd-writer", self.transactional_id.encode())])
+                self._staged[key] = (stored, parts)
             if offsets:
                 stage = "offsets"
                 tps = [TopicPartition(t, p, o) for (t, p), o in sorted(parse_position(offsets).items())]
@@ -258,24 +366,37 @@ class GroupState:
         return True
 
     def load(self, key: int) -> dict[str, Any] | None:
-        """The latest committed state of task ``key``, or None.
+        """The latest committed state of task ``key``, or None; ``blobs`` in it: the blobs its
+        snapshot names (bytes by digest), for ``Pipeline.restore``.
 
-        First waits until no transaction is open on the task's state and decisions partitions
-        (a previous owner's commit in flight, or a stalled owner's transaction that the
-        coordinator aborts after ``transaction.timeout.ms``): what it reads then is final.
+        First waits until no transaction is open on the task's state, decisions and refs
+        partitions (a previous owner's commit in flight, or a stalled owner's transaction that
+        the coordinator aborts after ``transaction.timeout.ms``): what it reads then is final.
         Task ``key`` writes to partition ``key`` of the state topic and nothing else does, so its
         latest state is the partition's last committed record (compaction never removes that
-        one)."""
+        one); a record written as parts is the head, its parts just before it. Its blobs are in
+        partition ``key`` of the refs topic, read to its end: a compacted partition holding the
+        task's references, each once. A blob it names that is not there is a StateError: the
+        task never starts without the state it had."""
         self._wait_settled(key)
-        last = self._last_record(self.state_topic, key)
+        what = f"{self.state_topic}/{key}"
+        tail = self._read_back(self.state_topic, key, lambda msgs: bool(msgs))
+        last = tail[-1] if tail else None
         if last is None or last.value() is None:
             return None
         if last.key() != self._key(key):
-            raise ValueError(f"{self.state_topic}/{key} holds {last.key()!r}, not {self._key(key)!r}: "
+            raise ValueError(f"{what} holds {last.key()!r}, not {self._key(key)!r}: "
                              "one state topic per consumer group")
         # A record this rollbackd cannot read stops the daemon (StateError is Fatal): the
         # partition is never started without its state, and nothing in the record runs.
-        return decode_state(last.value(), f"{self.state_topic}/{key}")
+        value, parts = last.value(), 0
+        if kind_of(value) == "parts":
+            parts = parts_count(value, what)
+            value = join_parts(self._key(key), value, self._parts_before(key, last, parts), what)
+        state = decode_state(value, what)
+        state["blobs"], stored = self._read_refs(key, state.get("refs") or [])
+        self._stored[key], self._state_parts[key] = stored, parts
+        return state
 
     def start_offsets(self, partitions: list[tuple[str, int]], reset: str = "earliest") -> dict[str, int]:
         """Where a task without saved state starts: the group's committed offsets, else the
@@ -421,7 +542,9 @@ class GroupState:
             "transaction.timeout.ms": int(self.transaction_timeout * 1000),
             "enable.idempotence": True,
             "compression.type": "lz4",
-            "message.max.bytes": MAX_STATE_BYTES,
+            "message.max.bytes": self.max_record_bytes,
+            # A batch is one message to the broker's max.message.bytes: never more than a part.
+            "batch.size": min(1_000_000, self._part_bytes),
             "linger.ms": 5,
             "logger": librdkafka_log,
         })
@@ -446,6 +569,7 @@ class GroupState:
         self._open = False
         self._pending = None
         self._doomed = None
+        self._staged = {}
         self._txn_ids.clear()
         self._outcome = "aborted"
         self.aborts += 1
@@ -491,6 +615,9 @@ class GroupState:
         self._failure = None
         self._open = False
         self._pending = None
+        for key, (stored, parts) in self._staged.items():
+            self._stored[key], self._state_parts[key] = stored, parts
+        self._staged = {}
         self.seen |= self._txn_ids
         self._txn_ids.clear()
         self.commits += 1
@@ -498,6 +625,7 @@ class GroupState:
     def _abort(self) -> None:
         self._failure = None  # the purged records' reports are no news
         self._open = False
+        self._staged = {}
         self._doomed = None
         self._txn_ids.clear()
         self.aborts += 1
@@ -517,9 +645,9 @@ class GroupState:
             if err.fatal():
                 self._replace_producer()
             elif err.code() == KafkaError._STATE:  # no transaction was begun: nothing to abort
-                self._pending, self._outcome = None, "aborted"
+                self._pending, self._outcome, self._staged = None, "aborted", {}
             return
-        self._pending, self._outcome = None, "aborted"
+        self._pending, self._outcome, self._staged = None, "aborted", {}
 
     def _failed(self, exc: Exception, stage: str) -> TransactionFailed:
         """What a failed transaction step leaves: in doubt (a commit not answered: retry it in
@@ -544,7 +672,7 @@ class GroupState:
     def _key(self, key: int) -> bytes:
         return f"{self.group_id}/{key}".encode()
 
-    def _produce(self, topic: str, value: bytes, key: bytes, partition: int | None = None,
+    def _produce(self, topic: str, value: bytes | None, key: bytes, partition: int | None = None,
                  headers: list[tuple[str, bytes]] | None = None) -> None:
         kwargs: dict[str, Any] = {"key": key, "on_delivery": self._delivered}
         if headers:
@@ -580,7 +708,7 @@ class GroupState:
             "enable.auto.commit": False,
             "enable.partition.eof": True,
             "isolation.level": isolation,
-            "fetch.message.max.bytes": MAX_STATE_BYTES,
+            "fetch.message.max.bytes": self.max_record_bytes,
             "logger": librdkafka_log,
         })
 
@@ -598,11 +726,27 @@ class GroupState:
         self._next[key] = high  # from now on we are its only writer
         return high
 
+    def _has_refs_topic(self) -> bool:
+        """Whether the refs topic exists (a state topic made by hand, or by a rollbackd before
+        references had their topic, may lack it: then no record names a blob there)."""
+        if not self._refs_exist:
+            c = self._consumer()
+            try:
+                topic = c.list_topics(self.refs_topic, timeout=_TIMEOUT).topics.get(self.refs_topic)
+            except KafkaException as exc:
+                raise classify(exc, "refs topic metadata") from exc
+            finally:
+                c.close()
+            self._refs_exist = topic is not None and topic.error is None and bool(topic.partitions)
+        return self._refs_exist
+
     def _wait_settled(self, key: int) -> None:
-        """Until no transaction is open on task ``key``'s state and decisions partitions: the
+        """Until no transaction is open on task ``key``'s state, decisions and refs partitions: the
         last stable offset (what read_committed readers see) has reached the high watermark.
         Bounded by our transaction timeout, after which the coordinator aborts any open one."""
         parts = [TopicPartition(self.state_topic, key), TopicPartition(self.decisions_topic, key)]
+        if self._has_refs_topic():
+            parts.append(TopicPartition(self.refs_topic, key))
         committed, everything = self._consumer(), self._consumer(isolation="read_uncommitted")
         deadline = time.monotonic() + self.transaction_timeout + _TIMEOUT
         waited = False
@@ -633,10 +777,86 @@ class GroupState:
             committed.close()
             everything.close()
 
-    def _last_record(self, topic: str, partition: int) -> Any:
-        """The last committed record of ``topic``/``partition``, or None. Transaction markers
-        (and aborted records) sit between the records, so the read reaches back until it finds
-        one, four times further each time."""
+    def _produce_refs(self, key: int, refs: Iterable[str], new: Mapping[str, bytes]) -> dict[str, int]:
+        """Into the open transaction: the blobs of ``refs`` that task ``key``'s refs partition
+        does not hold (their bytes in ``new``), each keyed by its digest (as parts when larger
+        than a record may be); tombstones for the ones it holds that ``refs`` no longer names.
+        Returns what the partition holds once this commits."""
+        held = self._stored.get(key, {})
+        stored: dict[str, int] = {}
+        for digest in sorted(refs):
+            if digest in held:
+                stored[digest] = held[digest]
+                continue
+            data = new.get(digest)
+            if data is None:
+                # The snapshot names a blob as written when no committed record wrote it: this
+                # transaction must not commit. Aborted, the daemon rewinds its tasks to what is
+                # committed, whose blobs are all there.
+                raise BrokerUnavailable(f"task {key}: blob {digest[:16]} is named but neither new nor "
+                                        f"in {self.refs_topic}/{key}")
+            records = split_record(digest.encode(), data, self._part_bytes)
+            for record_key, value in records:
+                self._produce(self.refs_topic, value, key=record_key, partition=key)
+            stored[digest] = len(records) - 1 if len(records) > 1 else 0
+        for digest, parts in held.items():
+            if digest not in stored:  # compaction drops it (and its parts) after delete.retention.ms
+                for n in range(parts):
+                    self._produce(self.refs_topic, None, key=part_key(digest.encode(), n), partition=key)
+                self._produce(self.refs_topic, None, key=digest.encode(), partition=key)
+        return stored
+
+    def _parts_before(self, key: int, head: Any, count: int) -> dict[bytes, bytes | None]:
+        """The parts of the state record whose head is ``head``: the last committed record of
+        each part key before it (written in the head's transaction, just before it)."""
+        wanted = {part_key(self._key(key), n) for n in range(count)}
+
+        def found(msgs: list[Any]) -> bool:
+            return wanted <= {m.key() for m in msgs if m.offset() < head.offset()}
+
+        parts: dict[bytes, bytes | None] = {}
+        for m in self._read_back(self.state_topic, key, found, span=2 * count + 8):
+            if m.offset() < head.offset() and m.key() in wanted:
+                parts[m.key()] = m.value()
+        return parts
+
+    def _read_refs(self, key: int, refs: list[str]) -> tuple[dict[str, bytes], dict[str, int]]:
+        """The blobs ``refs`` names, from task ``key``'s refs partition (each checked against
+        its digest), and how many parts each has there."""
+        if not refs:
+            return {}, {}
+        what = f"{self.refs_topic}/{key}"
+        if not self._has_refs_topic():
+            raise StateError(f"{self.state_topic}/{key} names {len(refs)} blob(s) but {self.refs_topic} does not exist")
+        named = set(refs)
+        found: dict[bytes, bytes | None] = {}
+        with closing(self._iter_partition(self.refs_topic, key, 0)) as msgs:
+            for m in msgs:
+                record_key = m.key() or b""
+                if record_key.split(b"/", 1)[0].decode("ascii", "replace") in named:
+                    found[record_key] = m.value()  # the last one of a key counts (None: deleted)
+        blobs: dict[str, bytes] = {}
+        stored: dict[str, int] = {}
+        for digest in refs:
+            data = found.get(digest.encode())
+            if data is None:
+                raise StateError(
+                    f"{what}: blob {digest[:16]} named by the state record of {self.state_topic}/{key} is missing "
+                    "(deleted, or the refs topic was recreated): the task is not started without it")
+            stored[digest] = 0
+            if kind_of(data) == "parts":
+                stored[digest] = parts_count(data, f"{what}: blob {digest[:16]}")
+                data = join_parts(digest.encode(), data, found, f"{what}: blob {digest[:16]}")
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise StateError(f"{what}: blob {digest[:16]} does not match its digest")
+            blobs[digest] = data
+        log.info("task.refs_read", task=key, blobs=len(blobs), bytes=sum(map(len, blobs.values())))
+        return blobs, stored
+
+    def _read_back(self, topic: str, partition: int, enough: Callable[[list[Any]], bool], span: int = 8) -> list[Any]:
+        """The committed records at the end of ``topic``/``partition``, reaching back until
+        ``enough`` of them are read (four times further each time) or the partition's start.
+        Transaction markers (and aborted records) sit between the records."""
         c = self._consumer()
         try:
             low, high = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=_TIMEOUT)
@@ -644,26 +864,27 @@ class GroupState:
             raise classify(exc, f"reading {topic}/{partition}") from exc
         finally:
             c.close()
-        span = 8
         while True:
             begin = max(low, high - span)
             msgs = self._read_partition(topic, partition, begin)
-            if msgs:
-                return msgs[-1]
-            if begin <= low:
-                return None
+            if enough(msgs) or begin <= low:
+                return msgs
             span *= 4
 
     def _read_partition(self, topic: str, partition: int, start: int) -> list[Any]:
         """Every committed message of ``topic``/``partition`` from offset ``start`` to its end now."""
+        with closing(self._iter_partition(topic, partition, start)) as msgs:
+            return list(msgs)
+
+    def _iter_partition(self, topic: str, partition: int, start: int) -> Iterator[Any]:
+        """:meth:`_read_partition`, one message at a time."""
         c = self._consumer()
         try:
             low, high = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=_TIMEOUT)
             begin = max(start, low)
             if high <= begin:
-                return []
+                return
             c.assign([TopicPartition(topic, partition, begin)])
-            out: list[Any] = []
             deadline = time.monotonic() + _TIMEOUT
             while True:
                 # Short polls: a batch waits out its whole timeout unless it fills up, and the
@@ -677,11 +898,11 @@ class GroupState:
                 for m in msgs:
                     err = m.error()
                     if err is None:
-                        out.append(m)
+                        yield m
                         if m.offset() >= high - 1:
-                            return out
+                            return
                     elif err.code() == KafkaError._PARTITION_EOF:
-                        return out
+                        return
                     else:
                         raise classify(err, f"reading {topic}/{partition}")
         except KafkaException as exc:

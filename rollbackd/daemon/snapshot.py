@@ -34,7 +34,8 @@ default).
 Large immutable values (a complete drift reference: 8 features x 5,000 float64 is ~0.45 MB
 per deployment) are *blobs*: see :class:`Blobs`. The snapshot names each by its SHA-256
 digest (``["B", digest]``), and the caller keeps the blob's bytes beside it (the checkpoint
-file in ``<checkpoint>.refs/``); a restore is handed the blobs it needs by digest.
+file in ``<checkpoint>.refs/``, a state record in the state topic's refs topic); a restore is
+handed the blobs it needs by digest.
 """
 
 from __future__ import annotations
@@ -59,9 +60,11 @@ __all__ = [
     "StateError",
     "Blobs",
     "frame",
+    "kind_of",
     "unframe",
     "encode_state",
     "decode_state",
+    "is_digest",
     "to_plain",
     "from_plain",
     "BlobReader",
@@ -84,7 +87,8 @@ READS = (3,)
 
 MAGIC = b"RBDS"
 _HEADER = struct.Struct(">4sBHI")
-KINDS = {"pipeline": 1, "checkpoint": 2, "state": 3, "blob": 4}
+# "parts": the head of a record too large for one Kafka message, written as parts (daemon/scaleout.py).
+KINDS = {"pipeline": 1, "checkpoint": 2, "state": 3, "blob": 4, "parts": 5}
 _KIND_NAMES = {v: k for k, v in KINDS.items()}
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -117,6 +121,14 @@ def frame(kind: str, body: Any, blobs: "Blobs | None" = None,
     encoder = _ENCODER if refs is None else msgspec.msgpack.Encoder(enc_hook=refs)
     payload = encoder.encode(to_plain(body, blobs))
     return _HEADER.pack(MAGIC, KINDS[kind], SCHEMA, zlib.crc32(payload)) + payload
+
+
+def kind_of(data: Any) -> str | None:
+    """The kind of frame ``data`` is, from its header alone (nothing is decoded); None when it
+    is not a frame."""
+    if not isinstance(data, (bytes, bytearray)) or len(data) < _HEADER.size or data[:4] != MAGIC:
+        return None
+    return _KIND_NAMES.get(data[4])
 
 
 def unframe(kind: str, data: bytes, blobs: BlobReader | None = None, what: str = "") -> Any:
@@ -162,7 +174,8 @@ def unframe(kind: str, data: bytes, blobs: BlobReader | None = None, what: str =
 
 def encode_state(state: Mapping[str, Any]) -> bytes:
     """A task's state record: its pipeline snapshot (bytes), the input offsets it covers, the
-    decisions-topic offset, the blind state (plain values)."""
+    decisions-topic offset, the blind state (plain values), the digests of the blobs the
+    snapshot names (``refs``: kept in the refs topic)."""
     return frame("state", dict(state))
 
 
@@ -175,7 +188,15 @@ def decode_state(data: Any, what: str) -> dict[str, Any]:
     if position is not None and (type(position) is not dict or not all(
             type(k) is str and type(v) is int for k, v in position.items())):
         raise StateError(f"{what}: a state record whose position is not offsets by partition")
+    refs = state.get("refs")
+    if refs is not None and (type(refs) is not list or not all(is_digest(d) for d in refs)):
+        raise StateError(f"{what}: a state record whose refs are not SHA-256 digests")
     return state
+
+
+def is_digest(x: Any) -> bool:
+    """A blob's name: a SHA-256 digest in lowercase hex."""
+    return type(x) is str and len(x) == 64 and all(c in "0123456789abcdef" for c in x)
 
 
 # -- blobs: large immutable values, written once and named by digest ------------------------
