@@ -753,10 +753,15 @@ def _group_state(servers: str, group_id: str, state_topic: str, decisions_topic:
             sys.exit(EXIT_CONFIG)
     # A transaction spans one checkpoint interval; past its timeout the coordinator aborts it
     # (and a successor waits at most that long for a dead instance's open transaction).
-    return GroupState(servers, group_id, state_topic, decisions_topic, config=admin_conf,
-                      transactional_id=f"rollbackd-{group_id}-{instance_id}" if instance_id else None,
-                      transaction_timeout=max(10.0, 3 * checkpoint_every), refs_topic=refs_topic,
-                      max_record_bytes=cap)
+    try:
+        return GroupState(servers, group_id, state_topic, decisions_topic, config=admin_conf,
+                          transactional_id=f"rollbackd-{group_id}-{instance_id}" if instance_id else None,
+                          transaction_timeout=max(10.0, 3 * checkpoint_every), refs_topic=refs_topic,
+                          max_record_bytes=cap)
+    except ValueError as exc:  # a topic whose max.message.bytes is too small for a record's parts
+        _say("state_topics.unusable", f"rollbackd: {state_topic} / {refs_topic}: {exc} (raise the "
+             "topics' max.message.bytes)", error=True, state_topic=state_topic, detail=str(exc))
+        sys.exit(EXIT_CONFIG)
 
 
 def _start_digest(config: Any, notifier: Any, db: str, run_id: str, deliver: Any = None) -> Any:

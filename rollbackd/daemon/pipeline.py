@@ -38,7 +38,7 @@ from rollbackd.daemon.executor import Executor, SyncExecutor
 from rollbackd.daemon.join import OutcomeJoiner, Pending
 from rollbackd.daemon.response import Responder
 from rollbackd.daemon.snapshot import (
-    DEFER, SCHEMA, BlobReader, Blobs, DeclaredStates, Plain, StateError, Taken, blob_refs, checkpointed,
+    SCHEMA, BlobReader, Blobs, DeclaredStates, Plain, StateError, Taken, blob_refs, checkpointed,
     frame, restore_detector, to_plain, unframe,
 )
 from rollbackd.daemon.versions import VersionHistory, VersionSpan

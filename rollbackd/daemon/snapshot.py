@@ -48,7 +48,7 @@ import threading
 import weakref
 import zlib
 from collections import Counter, deque
-from typing import Any, Callable, Hashable, Iterable, Mapping
+from typing import Any, Callable, Hashable, Mapping
 
 import msgspec
 import numpy as np
