@@ -40,7 +40,7 @@ def test_a_read_outage_opens_at_the_bound_and_resolves_with_the_lag():
         (42, True, 0, None, False),
     ])
     opened, resolved = changes
-    assert opened.text == f"not watching since 2023-11-14T22:13:21Z (15 s): cannot read events: consumer: _ALL_BROKERS_DOWN"
+    assert opened.text == "not watching since 2023-11-14T22:13:21Z (15 s): cannot read events: consumer: _ALL_BROKERS_DOWN"
     assert opened.since == T0 + 1
     assert resolved.text == "watching again after 40 s blind (since 2023-11-14T22:13:21Z); consumer lag 1234"
     assert resolved.lag == 1234

@@ -570,8 +570,8 @@ def test_a_budget_with_for_sets_a_looser_level_that_still_holds() -> None:
              keep_firing_for: 5m, min_samples: 100}
         """))
     (rule,) = cfg.rules
-    per_window = 2 / 1440
-    assert rule.alpha_source == "budget" and 0.04 < rule.alpha < 0.041  # 29 times per_window
+    per_window = 2 / 1440  # the old split: the budget over the windows of a day
+    assert rule.alpha_source == "budget" and 0.04 < rule.alpha < 0.041 and 28 < rule.alpha / per_window < 30
     assert expected_false_alerts(rule, cfg.deployments, 86400.0) == pytest.approx(2.0, rel=1e-9)
     model = FiringModel.of(rule)
     q = model.worst_hold(rule.alpha)
