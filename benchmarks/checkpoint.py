@@ -76,7 +76,7 @@ rules:
 # What the numbers mean, written with them (measured at commit time; see the commit message).
 FINDINGS = [
     "## Where it lands", "",
-    "- `frozen` is the way the daemon is to checkpoint (`daemon/checkpoints.py`). Its stall is what "
+    "- `frozen` is how the daemon checkpoints to its file (`daemon/checkpoints.py`; with a state topic each task record is still encoded on the processing thread). Its stall is what "
     "`Pipeline.freeze()` takes on the processing thread, each part at the cost of what changed: a "
     "detector's plain state is kept until it next changes (at its window's close; one changed since "
     "the last checkpoint is converted by the writer thread, or by the processing thread just before "
