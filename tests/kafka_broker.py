@@ -119,8 +119,13 @@ def free_port() -> int:
 
 
 def cluster_id() -> str:
-    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (as Kafka's Uuid)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (as Kafka's Uuid).
+    Never one starting with '-': kafka-storage's argument parser would take it for an option
+    (one start in 64 failed that way)."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 def wait_ready(bootstrap: str, timeout: float, alive: Any = None) -> None:
