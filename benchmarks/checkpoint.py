@@ -157,7 +157,7 @@ def run_way(way: str, p: Pipeline, at: float, rounds: int, folder: Path) -> tupl
     path = str(folder / f"{way}.ckpt")
     files = CheckpointWriter(path) if way != "whole" else None
     stalls, cpus, writer, sizes = [], [], [], []
-    p._blobs = Blobs()  # each way starts as a new process would: no reference written yet
+    p.checkpointing.blobs = Blobs()  # each way starts as a new process would: no reference written yet
     for k in range(rounds):
         at = more_events(p, at, k + 100 * len(way))
         gc.collect()

@@ -340,7 +340,7 @@ def test_the_checkpoint_writer_keeps_references_beside_the_file_written_once(mid
 
     from rollbackd.daemon.snapshot import Blobs
 
-    midway._blobs = Blobs()  # as a new process: no reference written yet
+    midway.checkpointing.blobs = Blobs()  # as a new process: no reference written yet
     path = str(tmp_path / "state.ckpt")
     writer = CheckpointWriter(path)
 

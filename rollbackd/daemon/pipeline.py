@@ -5,50 +5,49 @@ source → decode → **join → windows → detectors → rules → incidents �
 ``ingest`` is the hot path (per event: admission and lateness against its own deployment's
 event time, pane append, join bookkeeping; see ``daemon/admission.py``).
 ``advance(now)`` does everything time-driven, in event-time order: at each window boundary it
-closes windows, runs the detectors and steps the alert state machines; between boundaries it
-fires incident deadlines (group_wait, repeat_interval). What to record, post, roll back or
+closes windows, runs the detectors and steps the alert state machines, whose transitions
+``daemon/alerting.py`` mutes or files with their incident; between boundaries it fires
+incident deadlines (group_wait, repeat_interval). What to record, post, roll back or
 pause is decided by the responder (``daemon/response.py``) and handed as intents to
 ``self.executor`` (``daemon/executor.py``), which reports each call's result back through
 ``apply_result``: nothing here calls a backend, a notifier or the ledger. No method reads a
 clock; whoever drives the pipeline (replay, the live daemon, a test) passes ``now``. Given the same events
 and the same ``now`` sequence up to batch boundaries, the decisions are identical: admission
 and lateness are judged per event against the events before it, never against batch
-boundaries.
+boundaries. ``snapshot``/``freeze``/``restore`` write and read this state through
+``daemon/checkpointing.py``.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import msgspec
 import structlog
 
 from rollbackd.actions.base import ActionResult, Notifier, RollbackBackend
 from rollbackd.actions.delivery import Delivery, Recorder
 from rollbackd.actions.intents import Call, Intent
 from rollbackd.actions.policy import SafetyState
-from rollbackd.daemon.admission import MAX_EVENT_TIME, Admission, DeploymentSeen, EventTime
+from rollbackd.daemon.admission import MAX_EVENT_TIME, Admission, EventTime
+from rollbackd.daemon.alerting import AlertRouter
+from rollbackd.daemon.checkpointing import FrozenSnapshot, PipelineState
 from rollbackd.daemon.clock import iso
 from rollbackd.daemon.decisions import DecisionSink, NullDecisions
 from rollbackd.daemon.executor import Executor, SyncExecutor
 from rollbackd.daemon.join import OutcomeJoiner, Pending
 from rollbackd.daemon.response import Responder
-from rollbackd.daemon.snapshot import (
-    SCHEMA, BlobReader, Blobs, DeclaredStates, Plain, StateError, Taken, blob_refs, checkpointed,
-    frame, restore_detector, to_plain, unframe,
-)
-from rollbackd.daemon.versions import VersionHistory, VersionSpan
-from rollbackd.daemon.windows import Pane, WindowAssembler
+from rollbackd.daemon.versions import VersionHistory
+from rollbackd.daemon.windows import WindowAssembler
 from rollbackd.detectors.base import REGISTRY, Detector, Labeled, Measurement, Reference, Window, make_detector
 from rollbackd.events import Deploy, Event, Outcome, Prediction, Rejected
 from rollbackd.rules.alerts import Alert, AlertState, step
-from rollbackd.rules.incidents import Incident, IncidentBook, IncidentChange
+from rollbackd.rules.incidents import Incident, IncidentBook
 from rollbackd.rules.model import Config, RuleSpec, WindowSpec
-from rollbackd.rules.silences import Silence, first_match
+from rollbackd.rules.silences import Silence
 
 __all__ = ["Pipeline", "Edges"]
 
@@ -107,7 +106,7 @@ class Pipeline:
     def __init__(self, config: Config, edges: Edges, silences: Sequence[Silence] = ()) -> None:
         self.config = config
         self.silences = tuple(silences)
-        self._muted: set[tuple[str, Key]] = set()
+        self._muted: set[tuple[str, Key]] = set()  # alerts whose firing episode is muted
         self.edges = edges
         if edges.dead_letters is None:
             edges.dead_letters = _NullDeadLetters()
@@ -145,10 +144,8 @@ class Pipeline:
         # A traffic (no-data) rule must see the empty windows of a gap: no skipping then.
         self._watches_silence = any(r.detector == "traffic" for r in config.rules)
         self._references: dict[str, Reference | None] = {}
-        self._blobs = Blobs()  # the references the snapshots wrote, by digest
-        # The detectors' declared state as plain values, kept until they next change (freeze).
-        self._declared = DeclaredStates()
-        self._alert_plain: dict[tuple[str, Key], tuple[Alert, Any]] = {}  # by identity (immutable)
+        self.checkpointing = PipelineState(self)  # snapshots, and what keeps the next one cheap
+        self.router = AlertRouter(self)  # alert transitions: muted, or to their incident
         self._init_effects()
 
     # Hot path -------------------------------------------------------------------------
@@ -508,9 +505,9 @@ class Pipeline:
         # Transitions of one boundary are handled after every alert has been stepped, and
         # alerts that an inhibit rule could mute go last: a source firing in the same window
         # as its target mutes it whatever the order of the rules in the file.
-        fired.sort(key=lambda f: self._is_inhibit_target(f[0], f[1]))
+        fired.sort(key=lambda f: self.router.is_inhibit_target(f[0], f[1]))
         for rule, alert, transition, m, window in fired:
-            self._transition(rule, alert, transition, m, window, t)
+            self.router.route(rule, alert, transition, m, window, t)
         self.joiner.expire(t)
         self.assembler.drop_before(t)
         self._slots.clear()
@@ -544,7 +541,7 @@ class Pipeline:
     ) -> tuple[RuleSpec, Alert, Any, Measurement, Window] | None:
         key = (window.deployment, window.variant)
         det = self._detector(rule, key)
-        self._declared.changing((rule.name, key))  # a checkpoint taken before has its state first
+        self.checkpointing.changing((rule.name, key))  # a checkpoint taken before has its state first
         det.update(window)
         m = det.evaluate(now)
         if self.edges.tap is not None:
@@ -555,108 +552,6 @@ class Pipeline:
         new, transition = step(rule, alert, m, now)
         self.alerts[(rule.name, key)] = new
         return None if transition is None else (rule, new, transition, m, window)
-
-    def _labels(self, rule: RuleSpec, deployment: str, variant: str) -> dict[str, str]:
-        return {
-            "rule": rule.name, "detector": rule.detector, "severity": rule.severity,
-            "deployment": deployment, "variant": variant,
-        }
-
-    def _is_inhibit_target(self, rule: RuleSpec, alert: Alert) -> bool:
-        labels = self._labels(rule, alert.deployment, alert.variant)
-        return any(ir.targets(labels) for ir in self.config.inhibit_rules)
-
-    def _suppression(self, rule: RuleSpec, alert: Alert, now: float) -> dict[str, Any] | None:
-        """Why this alert may neither notify nor act right now, or None."""
-        labels = self._labels(rule, alert.deployment, alert.variant)
-        silence = first_match(self.silences + self.recorded_silences, labels, now)
-        if silence is not None:
-            return {"by": "silence", "silence_id": silence.id, "reason": silence.reason,
-                    "created_by": silence.created_by, "until": silence.ends_at}
-        for ir in self.config.inhibit_rules:
-            if not ir.targets(labels):
-                continue
-            same = {k: labels[k] for k in ir.equal}
-            if ir.source_rollback:
-                for inc in sorted(self.book.open.values(), key=lambda i: i.id):
-                    if any(a.startswith("rollback:") for a in inc.actions_done) and any(
-                        all(getattr(a, k) == v for k, v in same.items()) for a in inc.firing
-                    ):
-                        return {"by": "inhibit", "inhibit_rule": ir.name,
-                                "source": inc.id, "reason": "rollback in progress"}
-            for (name, key), other in sorted(self.alerts.items()):
-                if other.state != AlertState.FIRING or (name, key) in self._muted:
-                    continue
-                if (name, key) == (rule.name, (alert.deployment, alert.variant)):
-                    continue
-                src_rule = self._rule_index[name]
-                src = self._labels(src_rule, key[0], key[1])
-                if ir.is_source(src) and all(src[k] == v for k, v in same.items()):
-                    return {"by": "inhibit", "inhibit_rule": ir.name,
-                            "source": other.id, "reason": f"{name} firing"}
-        return None
-
-    def _transition(
-        self, rule: RuleSpec, new: Alert, transition: Any, m: Measurement, window: Window, now: float
-    ) -> None:
-        key = (new.deployment, new.variant)
-        effects: list[Any] = []
-        suppressed = None
-        if transition.new == "firing":
-            suppressed = self._suppression(rule, new, now)
-            if suppressed is None:
-                self._muted.discard((rule.name, key))
-                effects = self.book.alert_fired(
-                    rule, new.id, key[0], key[1], now, m.to_record(), (window.start, window.end)
-                )
-            else:
-                # Muted for this firing episode: recorded with the reason, never notified
-                # nor acted on; its resolution later is recorded the same way.
-                self._muted.add((rule.name, key))
-                by = suppressed.get("silence_id") or f"inhibit rule {suppressed.get('inhibit_rule')}"
-                self.muted_episodes[by] += 1
-        elif transition.new == "resolved":
-            if (rule.name, key) in self._muted:
-                suppressed = {"by": "muted episode"}
-                self._muted.discard((rule.name, key))
-            else:
-                effects = self.book.alert_resolved(new.id, key[0], now, m.to_record())
-        incident = (
-            self.book.incident_for(key[0], key[1])
-            if suppressed is None and transition.new in ("firing", "resolved")
-            else None
-        )
-        rec = {
-            "ts": now,
-            "kind": "alert",
-            "alert_id": new.id,
-            "rule": rule.name,
-            "deployment": key[0],
-            "variant": key[1],
-            "severity": rule.severity,
-            "state": transition.new,
-            "previous": str(transition.previous),
-            "incident_id": self._incident_of(effects, incident),
-            "measurement": m.to_record(),
-            "window": [window.start, window.end],
-            "version": self._current_version(key),
-        }
-        if suppressed is not None:
-            rec["suppressed"] = suppressed
-        self.responder.record(rec, "alert")
-        log.info(
-            "alert." + transition.new, rule=rule.name, deployment=key[0], variant=key[1],
-            value=m.value, threshold=m.threshold, n=m.sample_size, ts=iso(now),
-            suppressed=(suppressed or {}).get("by"),
-        )
-        self._effects(effects)
-
-    @staticmethod
-    def _incident_of(effects: list[Any], fallback: Incident | None) -> str | None:
-        for e in effects:
-            if isinstance(e, IncidentChange):
-                return e.incident.id
-        return fallback.id if fallback is not None else None
 
     def _current_version(self, key: Key) -> str | None:
         hist = self.versions.get(key)
@@ -689,7 +584,7 @@ class Pipeline:
         """Approvers' answers by incident (ordered by their time), pushed in by the driver."""
         self.responder.answers = answers
 
-    # Checkpoints -------------------------------------------------------------------------
+    # Checkpoints: taken and restored by daemon/checkpointing.py -------------------------
     def snapshot(self, external: bool = False) -> bytes:
         """Everything a restart needs to continue exactly where this pipeline is: windows,
         the join buffer, detector and alert states, incidents, versions, safety state, the calls
@@ -701,177 +596,30 @@ class Pipeline:
         it names. Whoever stores the snapshot stores those blobs beside it (written once per
         reference) and hands them to :meth:`restore`. Without, the snapshot holds everything.
         """
-        blobs = self._blobs if external else None
-        if blobs is not None:
-            blobs.begin()
-        state = self._state()
-        state["panes"] = self.assembler.panes
-        state["join"] = (self.joiner.books_snapshot(), self.joiner._size, self.joiner.stats)
-        blob = frame("pipeline", state, blobs)
-        if blobs is not None:
-            blobs.end()
-        return blob
+        return self.checkpointing.snapshot(external)
 
-    def freeze(self) -> "FrozenSnapshot":
+    def freeze(self) -> FrozenSnapshot:
         """:meth:`snapshot` (``external``) in two halves: what must be taken now, on the
         processing thread, and the encoding that may run on a writer thread later, while this
         pipeline goes on. :meth:`FrozenSnapshot.encode` (once, and in the order frozen) writes
         exactly the state at the freeze. :meth:`new_blobs` and :meth:`blob_digests` are this
-        snapshot's from the moment ``freeze`` returns.
-
-        Taken now is only what is not taken as it is later, each part at the cost of what
-        changed (a checkpoint every few seconds must not stall the loop for its whole state):
-
-        - detectors: the plain form of each kept until it next changes (at its window's close);
-          the ones changed since the last checkpoint are converted by the writer, or by this
-          thread before it changes one again (``DeclaredStates``: copy on write);
-        - the join buffer: its changes since the last freeze (``OutcomeJoiner.take_changes``),
-          which the writer applies to its own copy;
-        - references: named by digest when encoded before, else written inline by the writer
-          (``Blobs.name``): never hashed here;
-        - alerts (immutable values), counters, names, the panes' lists (they only grow, their
-          entries are immutable): shallow copies; event time and version histories: their
-          fields copied; the rest (incidents, safety, calls in flight: small) as plain values.
-        """
-        blobs = self._blobs
-        blobs.begin()
-        detectors = self._declared.take({k: det for k, det in self.detectors.items() if _checkpointed(det)})
-        names = {}
-        for value in detectors.blobs:
-            digest = blobs.name(value)
-            if digest is not None:
-                names[id(value)] = digest
-        plain = {k: Plain(to_plain(v)) for k, v in {
-            "admission": self.admission.state(),
-            "safety": self.safety,
-            "awaiting": self.awaiting,
-            "incidents": (self.book.open, self.book.closed[-1000:]),
-            "effects": self.executor.in_flight(),
-            "parked": self.responder.parked,
-        }.items()}
-        blobs.end()
-        et = self.event_time.state()
-        later = {
-            "rules": {r.name: repr(r) for r in self.config.rules},
-            "event_time": {**et, "deployments": [
-                (k, s.name, s.max_ts, s.queued, s.variants, set(s.features)) for k, s in et["deployments"].items()]},
-            "closed": self._closed,
-            "data_until": self._data_until,
-            "next_boundary": self._next_boundary,
-            "counters": Counter(self.counters),
-            "muted_episodes": Counter(self.muted_episodes),
-            "rejects": Counter(self.rejects),
-            "known_keys": set(self._known_keys),
-            "muted": set(self._muted),
-            "first_index": dict(self.assembler.first_index),
-            "not_checkpointed": sorted({k[0] for k, det in self.detectors.items() if not _checkpointed(det)}),
-            "alerts": dict(self.alerts),
-            "versions": {k: [(s.version, s.started, s.ended, s.bad, s.provenance.copy(), s.predictions)
-                             for s in h.spans] for k, h in self.versions.items()},
-        }
-        panes = {key: {i: Pane(p.predictions[:], p.outcomes[:], p.deploys[:]) for i, p in by.items()}
-                 for key, by in self.assembler.panes.items()}
-        return FrozenSnapshot(plain, later, detectors, names, blobs, self._alert_plain, panes,
-                              self.joiner.take_changes(), self.joiner._size, replace(self.joiner.stats))
-
-    def _state(self) -> dict[str, Any]:
-        """The snapshot but for the window panes and the join buffer (the large parts)."""
-        detectors = {k: det for k, det in self.detectors.items() if checkpointed(det)}
-        afresh = {k[0] for k, det in self.detectors.items() if not checkpointed(det)}
-        return {
-            "rules": {r.name: repr(r) for r in self.config.rules},
-            "event_time": self.event_time.state(),
-            "admission": self.admission.state(),
-            "closed": self._closed,
-            "data_until": self._data_until,
-            "next_boundary": self._next_boundary,
-            "counters": self.counters,
-            "muted_episodes": self.muted_episodes,
-            "rejects": self.rejects,
-            "known_keys": self._known_keys,
-            "muted": self._muted,
-            "first_index": self.assembler.first_index,
-            "detectors": detectors,  # each its declared STATE
-            "not_checkpointed": sorted(afresh),
-            "alerts": self.alerts,
-            "versions": self.versions,
-            "safety": self.safety,
-            "awaiting": self.awaiting,
-            "incidents": (self.book.open, self.book.closed[-1000:]),
-            # calls not finished yet, and the places their notices wait at: run after a restart
-            "effects": self.executor.in_flight(),
-            "parked": self.responder.parked,
-        }
+        snapshot's from the moment ``freeze`` returns."""
+        return self.checkpointing.freeze()
 
     def new_blobs(self) -> dict[str, bytes]:
         """The blobs (by digest) the last :meth:`snapshot` named that no earlier one did."""
-        return dict(self._blobs.new)
+        return self.checkpointing.new_blobs()
 
     def blob_digests(self) -> set[str]:
         """Every blob the last :meth:`snapshot` named (to keep; the others may be dropped)."""
-        return set(self._blobs.digests)
+        return self.checkpointing.blob_digests()
 
     def restore(self, blob: bytes, blobs: Mapping[str, bytes] | None = None) -> list[str]:
         """Load a snapshot (and the blobs it names, by digest); returns warnings (rules whose
         definition changed start afresh). Raises :class:`~rollbackd.daemon.snapshot.StateError`
         for a snapshot this rollbackd does not read (corrupt, forged, another schema, a blob
         missing): then nothing of it was used, and this pipeline is as it was built."""
-        reader = BlobReader(blobs)
-        state = unframe("pipeline", blob, reader)
-        try:
-            return self._restore(state, reader)
-        except StateError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError, msgspec.MsgspecError) as exc:
-            raise StateError(f"pipeline snapshot does not fit schema {SCHEMA}: "
-                             f"{type(exc).__name__}: {exc}") from None
-
-    def _restore(self, state: dict[str, Any], blobs: BlobReader) -> list[str]:
-        if type(state) is not dict:
-            raise StateError("pipeline snapshot is not a mapping")
-        now_rules = {r.name: repr(r) for r in self.config.rules}
-        changed = {n for n, spec in state["rules"].items() if now_rules.get(n) != spec}
-        warnings = [f"rule {n} changed or was removed since the checkpoint: its state starts afresh"
-                    for n in sorted(changed)]
-        warnings += [f"rule {n}: its detector keeps no checkpointed state and starts afresh"
-                     for n in state["not_checkpointed"] if n not in changed]
-        # Detectors first: each is built from its rule and given its declared state; one that
-        # does not fit fails the restore before anything else was set.
-        detectors: dict[tuple[str, Key], Detector] = {}
-        for (name, key), det_state in state["detectors"].items():
-            if name in changed:
-                continue
-            det = self._build_detector(self._rule_index[name], key)
-            restore_detector(det, det_state, blobs)
-            detectors[(name, key)] = det
-        join_books, join_size, join_stats = state["join"]
-        self.joiner.restore_books(join_books)
-        self.joiner._size, self.joiner.stats = join_size, join_stats
-        self.detectors = detectors
-        self._next_boundary = state["next_boundary"]
-        self.event_time.restore(state["event_time"])
-        self.admission.restore(state["admission"])
-        self._closed = state["closed"]
-        self._data_until = state["data_until"]
-        self.counters = state["counters"]
-        self.muted_episodes = state["muted_episodes"]
-        self.rejects = state["rejects"]
-        self._known_keys = state["known_keys"]
-        self._muted = {m for m in state["muted"] if m[0] not in changed}
-        self.assembler.panes = state["panes"]
-        self.assembler.first_index = state["first_index"]
-        self.alerts = {k: v for k, v in state["alerts"].items() if k[0] not in changed}
-        self.versions = state["versions"]
-        self.safety = state["safety"]
-        self.awaiting = state["awaiting"]
-        self.book.open, self.book.closed = state["incidents"]
-        self.restored_effects = list(state["effects"])
-        self.responder.parked = dict(state["parked"])
-        self._slots = {}
-        self._declared = DeclaredStates()
-        self._alert_plain = {}
-        self._blobs.seed(blobs)  # what it read by digest is stored: named, never written again
-        return warnings
+        return self.checkpointing.restore(blob, blobs)
 
     # Summary ----------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -893,61 +641,6 @@ class Pipeline:
 
     def incidents(self) -> list[Incident]:
         return sorted([*self.book.closed, *self.book.open.values()], key=lambda i: (i.opened_at, i.id))
-
-
-class FrozenSnapshot:
-    """A pipeline's state taken by :meth:`Pipeline.freeze`, encoded by :meth:`encode` (on any
-    thread, once) into the same frame :meth:`Pipeline.snapshot` writes."""
-
-    def __init__(self, plain: dict[str, Plain], later: dict[str, Any], detectors: Taken,
-                 names: dict[int, str], blobs: Blobs, alert_plain: dict[Any, tuple[Alert, Any]],
-                 panes: dict[Key, dict[int, Pane]], join: Any, size: int, stats: Any) -> None:
-        self._plain, self._later, self._detectors = plain, later, detectors
-        self._names, self._blobs, self._alert_plain = names, blobs, alert_plain
-        self._panes, self._join, self._size, self._stats = panes, join, size, stats
-
-    def encode(self) -> bytes:
-        later = dict(self._later)
-        et = later["event_time"]
-        later["event_time"] = {**et, "deployments": {k: _seen(row) for k, *row in et["deployments"]}}
-        later["versions"] = {k: VersionHistory([VersionSpan(*row) for row in rows])
-                             for k, rows in later["versions"].items()}
-        cache = self._alert_plain  # only encoders use it; alerts are replaced, never changed
-        alerts = {}
-        for k, a in later["alerts"].items():
-            known = cache.get(k)
-            if known is None or known[0] is not a:
-                known = cache[k] = (a, to_plain(a))
-            alerts[k] = Plain(known[1])
-        later["alerts"] = alerts
-        if len(cache) > len(alerts):
-            for k in [k for k in cache if k not in alerts]:
-                del cache[k]
-        state = {k: Plain(to_plain(v)) for k, v in later.items()}
-        state.update(self._plain)
-        state["detectors"] = Plain(to_plain(self._detectors.settle()))
-        # pane by pane and book by book: short C calls, between which the processing thread runs
-        state["panes"] = Plain(to_plain(self._panes))
-        books = self._join.encoded()
-        state["join"] = Plain(to_plain((books, self._size, self._stats)))
-        return frame("pipeline", state, refs=blob_refs(self._names, self._blobs))
-
-
-def _seen(row: tuple[Any, ...]) -> DeploymentSeen:
-    seen = object.__new__(DeploymentSeen)
-    seen.name, seen.max_ts, seen.queued, seen.variants, seen.features = row
-    return seen
-
-
-_CHECKPOINTED: dict[type, bool] = {}
-
-
-def _checkpointed(det: Any) -> bool:
-    cls = type(det)
-    known = _CHECKPOINTED.get(cls)
-    if known is None:
-        known = _CHECKPOINTED[cls] = checkpointed(det)
-    return known
 
 
 def _settle_span(rules: Sequence[RuleSpec], assembler: WindowAssembler) -> float:
