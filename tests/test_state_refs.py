@@ -23,6 +23,7 @@ from confluent_kafka.admin import AdminClient
 
 from rollbackd.actions.console import ConsoleNotifier
 from rollbackd.daemon.decisions import DecisionLog
+from rollbackd.daemon.kafka import BrokerUnavailable
 from rollbackd.daemon.ledger import Ledger
 from rollbackd.daemon.pipeline import Pipeline
 from rollbackd.daemon.replay import build_pipeline, open_recording, push_human_input
@@ -77,6 +78,18 @@ def stores(bootstrap: str, name: str, cap: int, *ids: str) -> list[GroupState]:
                        max_record_bytes=cap) for i in ids]
 
 
+def load(store: GroupState, key: int):
+    """``store.load(key)``, asked again while the brokers say a partition has no leader yet
+    (NOT_LEADER_FOR_PARTITION right after the topics were made), as the daemon's takeover does."""
+    for attempt in range(20):
+        try:
+            return store.load(key)
+        except BrokerUnavailable:
+            if attempt == 19:
+                raise
+            time.sleep(0.5)
+
+
 def drop_topics(bootstrap: str, name: str) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})
     for future in admin.delete_topics([f"{name}-state", f"{name}-state.refs", f"{name}-decisions"]).values():
@@ -128,7 +141,7 @@ def decide(rec: Path, rules_path: Path, work: Path, store_at: dict[int, GroupSta
         if store_at and i in store_at:
             store = store_at[i]
             if i > 1:  # taken over: the new owner reads the task's record and references
-                saved = store.load(0)
+                saved = load(store, 0)
                 assert saved is not None and set(saved["blobs"]) == set(saved["refs"])
                 q = Pipeline(p.config, p.edges, p.silences)
                 q.restore(saved["pipeline"], saved["blobs"])
@@ -184,14 +197,14 @@ def test_a_record_and_a_reference_above_the_cap_are_written_as_parts_and_read_ba
         pipeline = os.urandom(700_000)  # a snapshot of three parts
         state = a.task_state(0, pipeline, {"t:0": 5}, digests)
         a.commit({0: state}, {}, None, {0: digests})
-        saved = b.load(0)
+        saved = load(b, 0)
         assert saved["pipeline"] == pipeline and saved["position"] == {"t:0": 5}
         assert saved["blobs"] == digests
         # B goes on with a smaller record naming only the small reference: the big one and the
         # record's parts it no longer has are deleted (tombstones), the small one not rewritten.
         digest_small = hashlib.sha256(small).hexdigest()
         b.commit({0: b.task_state(0, b"tiny", {"t:0": 9}, [digest_small])}, {}, None, {0: {}})
-        saved = a.load(0)
+        saved = load(a, 0)
         assert saved["pipeline"] == b"tiny" and saved["blobs"] == {digest_small: small}
         state_records, refs = records(kafka_bootstrap, f"{name}-state"), records(kafka_bootstrap, f"{name}-state.refs")
         assert max(len(m.value() or b"") for m in state_records + refs) <= cap
@@ -218,7 +231,7 @@ def test_a_record_naming_a_reference_that_is_gone_is_refused(kafka_bootstrap):
         p.produce(f"{name}-state.refs", None, key=digest.encode(), partition=0)
         assert p.flush(10) == 0
         with pytest.raises(StateError, match=f"blob {digest[:16]} named by the state record .* is missing"):
-            b.load(0)
+            load(b, 0)
     finally:
         for s in (a, b):
             s.close()
