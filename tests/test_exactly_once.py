@@ -392,7 +392,7 @@ def test_a_new_owner_reads_a_task_only_once_no_transaction_is_open_on_it(kafka_b
                    member.consumer_group_metadata())
 
     commit(5)
-    old._producer = _SlowCommit(old._producer, delay=3.0)
+    old.txn._producer = _SlowCommit(old.txn._producer, delay=3.0)
     late = threading.Thread(target=commit, args=(9,))
     late.start()
     time.sleep(1.0)  # its records are on the broker, the commit not yet sent

@@ -45,13 +45,19 @@ neither a crash nor an aborted transaction after the call can lose it, and the n
 it (read-committed readers see it in offset order, after the transaction open before it). A
 crash between a backend call and that write means the next owner calls the backend again with
 the same idempotency key, as a restarted single instance does: the backends are idempotent.
+
+**Who does what.** :class:`GroupState` is the daemon's one handle on all this, a facade over
+classes with one job each: the transaction's producer and its lifecycle
+(:class:`~rollbackd.daemon.txn.Transaction`, in ``daemon/txn.py``); writing a checkpoint's state
+records and references into it (:class:`StateRecords`); reading a task's committed state back
+(:class:`StateReader`, over :class:`PartitionReader`); the decisions topic and its outbox
+(:class:`DecisionsTopic`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
 import uuid
 from contextlib import closing
@@ -62,11 +68,13 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from rollbackd.daemon.decisions import encode_decision
-from rollbackd.daemon.kafka import BrokerUnavailable, classify, librdkafka_log, parse_position
+from rollbackd.daemon.kafka import BrokerUnavailable, classify, librdkafka_log
 from rollbackd.daemon.snapshot import StateError, decode_state, encode_state, frame, kind_of, unframe
+from rollbackd.daemon.txn import TIMEOUT, Transaction, TransactionFailed
 
 __all__ = ["GroupState", "GroupDecisions", "GroupRecorder", "DecisionsTopicAnchors", "TransactionFailed", "decision_id",
-           "ensure_topics", "split_record", "join_parts", "MAX_RECORD_BYTES"]
+           "ensure_topics", "split_record", "join_parts", "MAX_RECORD_BYTES", "DecisionsTopic", "StateReader",
+           "StateRecords", "PartitionReader"]
 
 log = structlog.get_logger("rollbackd.scaleout")
 
@@ -76,8 +84,6 @@ log = structlog.get_logger("rollbackd.scaleout")
 MAX_RECORD_BYTES = 8 * 1024 * 1024
 # What a part leaves free of the cap: its key, the record and batch headers.
 _RECORD_OVERHEAD = 16 * 1024
-_TIMEOUT = 10.0
-_STUCK_GRACE = 5.0  # past a transactional call's own timeout, the producer is given up
 _CONSUMER_ONLY = ("session.", "heartbeat.", "max.poll.", "auto.", "enable.auto.", "fetch.", "isolation.",
                   "queued.", "check.crcs", "enable.partition.eof", "group.", "partition.assignment")
 
@@ -98,7 +104,7 @@ def ensure_topics(admin: AdminClient, state_topic: str, decisions_topic: str, pa
                   refs_topic: str | None = None, max_record_bytes: int = MAX_RECORD_BYTES) -> None:
     """Creates the state topic and the refs topic (both compacted, ``max.message.bytes`` of
     ``max_record_bytes``) and the decisions topic when they do not exist."""
-    existing = admin.list_topics(timeout=_TIMEOUT).topics
+    existing = admin.list_topics(timeout=TIMEOUT).topics
     new = []
     for name in (state_topic, refs_topic or f"{state_topic}.refs"):
         if name not in existing:
@@ -110,7 +116,7 @@ def ensure_topics(admin: AdminClient, state_topic: str, decisions_topic: str, pa
         new.append(NewTopic(decisions_topic, num_partitions=max(1, partitions), replication_factor=-1))
     for topic, future in admin.create_topics(new).items() if new else ():
         try:
-            future.result(timeout=_TIMEOUT)
+            future.result(timeout=TIMEOUT)
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise classify(exc, f"creating {topic}") from exc
@@ -123,7 +129,7 @@ def record_cap(admin: AdminClient, topics: Iterable[str], most: int = MAX_RECORD
     resources = [ConfigResource("topic", t) for t in topics]
     for resource, future in admin.describe_configs(resources).items():
         try:
-            entry = future.result(timeout=_TIMEOUT).get("max.message.bytes")
+            entry = future.result(timeout=TIMEOUT).get("max.message.bytes")
         except KafkaException as exc:
             raise classify(exc, f"describing {resource.name}") from exc
         if entry is not None and entry.value and entry.value.isdigit():
@@ -175,532 +181,17 @@ def join_parts(key: bytes, head: bytes, parts: Mapping[bytes, bytes | None], wha
     return value
 
 
-class TransactionFailed(BrokerUnavailable):
-    """A checkpoint's transaction did not commit. ``in_doubt``: its commit was sent but not
-    answered, so it may still commit; :meth:`GroupState.settle` finds out. Otherwise it is
-    aborted (or being aborted): nothing it held will ever be visible."""
+class PartitionReader:
+    """Reads single partitions of the group's topics, committed records only, with consumers
+    that never join the group (nor commit)."""
 
-    def __init__(self, message: str, in_doubt: bool = False, code: int | None = None, name: str = "") -> None:
-        super().__init__(message, code, name)
-        self.in_doubt = in_doubt
-
-
-class GroupState:
-    """Task state in ``state_topic``; decisions (and what other owners decided) in
-    ``decisions_topic``; both written in transactions of ``transactional_id``."""
-
-    def __init__(
-        self,
-        bootstrap_servers: str,
-        group_id: str,
-        state_topic: str,
-        decisions_topic: str,
-        config: Mapping[str, str] = {},
-        transactional_id: str | None = None,
-        transaction_timeout: float = 60.0,
-        refs_topic: str | None = None,
-        max_record_bytes: int = MAX_RECORD_BYTES,
-    ) -> None:
-        self.servers = bootstrap_servers
+    def __init__(self, servers: str, config: Mapping[str, Any], group_id: str, max_record_bytes: int) -> None:
+        self.servers = servers
+        self.config = dict(config)
         self.group_id = group_id
-        self.state_topic = state_topic
-        self.decisions_topic = decisions_topic
-        self.refs_topic = refs_topic or f"{state_topic}.refs"
-        if max_record_bytes < 4 * _RECORD_OVERHEAD:
-            raise ValueError(f"max_record_bytes must be at least {4 * _RECORD_OVERHEAD}, got {max_record_bytes}")
         self.max_record_bytes = max_record_bytes
-        self._part_bytes = max_record_bytes - _RECORD_OVERHEAD
-        self.config = {k: v for k, v in config.items() if not k.startswith(("group.", "partition.assignment"))}
-        self.transactional_id = str(self.config.pop("transactional.id", "") or transactional_id
-                                    or f"rollbackd-{group_id}-{uuid.uuid4().hex[:12]}")
-        self.transaction_timeout = float(self.config.pop("transaction.timeout.ms", 0) or 0) / 1000 or transaction_timeout
-        self._producer = self._new_producer()
-        # Outcomes of calls are facts, not derived state: written at once, outside the
-        # transactions (see GroupDecisions).
-        self._facts = Producer({**self._producer_config(), "bootstrap.servers": bootstrap_servers,
-                                "enable.idempotence": True, "acks": "all", "linger.ms": 0,
-                                "logger": librdkafka_log})
-        self._home: dict[str, int] = {}  # deployment -> the task (decisions partition) deciding for it
-        self._abandoned: list[Producer] = []  # producers with a call stuck in them
-        self._ready = False  # init_transactions done for this producer
-        self._open = False  # a transaction is begun (something was produced in it)
-        self._pending: str | None = None  # "commit" (in doubt) or "abort" (not acknowledged yet)
-        self._outcome: str | None = None  # how a pending transaction ended, until settle() says it
-        self._failure: str | None = None
-        self._doomed: str | None = None  # a decision could not be written into the open transaction
-        self._next: dict[int, int] = {}  # decisions partition -> next offset (ours, delivered)
-        self.task = 0  # the task whose decisions are being made now
-        self.seen: set[str] = set()  # decision ids committed to the decisions topic (adopted or ours)
-        self._txn_ids: set[str] = set()  # decision ids in the open transaction
-        self.done: dict[str, dict[str, Any]] = {}  # finished actions there, by idempotency key
-        # What the last committed record of each task left in the topics: the references in
-        # its refs partition (digest -> how many parts, 0 for one record) and how many parts
-        # its state record has; and the same for the open transaction, until it commits.
-        self._stored: dict[int, dict[str, int]] = {}
-        self._state_parts: dict[int, int] = {}
-        self._staged: dict[int, tuple[dict[str, int], int]] = {}
-        self._refs_exist = False
-        self.commits = 0
-        self.aborts = 0
 
-    # -- the daemon's hooks
-
-    def select(self, key: int) -> None:
-        self.task = key
-
-    def release(self, key: int) -> None:
-        """Task ``key`` moved away: what we knew of its partitions is stale now."""
-        self._next.pop(key, None)
-        self._stored.pop(key, None)
-        self._state_parts.pop(key, None)
-        self._home = {d: k for d, k in self._home.items() if k != key}
-
-    @property
-    def txn_open(self) -> bool:
-        """Something was written since the last commit (or a transaction is not settled)."""
-        return self._open or self._pending is not None or self._doomed is not None
-
-    @property
-    def settled(self) -> bool:
-        """No transaction of ours is waiting for the coordinator's answer."""
-        return self._pending is None and self._ready
-
-    def task_state(self, key: int, snapshot: bytes, position: dict[str, int],
-                   refs: Iterable[str] = ()) -> dict[str, Any]:
-        """Task ``key``'s state record: its pipeline ``snapshot``, the input offsets it covers,
-        the decisions-topic offset, the blobs the snapshot names by digest (``refs``)."""
-        return {"pipeline": snapshot, "position": position, "decisions_offset": self._decisions_end(key),
-                "refs": sorted(refs)}
-
-    def commit(self, states: Mapping[int, dict[str, Any]], offsets: Mapping[str, int], group_metadata: Any,
-               blobs: Mapping[int, Mapping[str, bytes]] = {}) -> None:
-        """One transaction: the decisions written since the last commit, ``states`` (one record
-        per task) with the blobs they name that their partition of the refs topic does not hold
-        yet (``blobs``: by task, by digest), and the input ``offsets`` (``{"topic:partition":
-        next offset}``) for the consumer group ``group_metadata`` describes; then commit. Raises
-        :class:`TransactionFailed` when it did not commit (aborted, or in doubt)."""
-        stage = "begin"
-        try:
-            if self._doomed is not None:
-                raise BrokerUnavailable(f"a decision was not written: {self._doomed}")
-            self._begin()
-            stage = "produce"
-            self._staged = {}  # (a commit left in doubt was settled by _begin)
-            for key, state in states.items():
-                # The references first: a record is never visible without the blobs it names.
-                stored = self._produce_refs(key, state.get("refs") or (), blobs.get(key) or {})
-                records = split_record(self._key(key), encode_state(state), self._part_bytes)
-                parts = len(records) - 1 if len(records) > 1 else 0
-                for n in range(parts, self._state_parts.get(key, 0)):  # a smaller record: its old parts go
-                    self._produce(self.state_topic, None, key=part_key(self._key(key), n), partition=key)
-                for record_key, value in records[:-1]:
-                    self._produce(self.state_topic, value, key=record_key, partition=key)
-                # Headers for people and tools: what the record covers and who wrote it.
-                self._produce(self.state_topic, records[-1][1], key=self._key(key), partition=key, headers=[
-                    ("rollbackd-position", json.dumps(state.get("position") or {}, sort_keys=True).encode()),
-                    ("rollbackd-writer", self.transactional_id.encode())])
-                self._staged[key] = (stored, parts)
-            if offsets:
-                stage = "offsets"
-                tps = [TopicPartition(t, p, o) for (t, p), o in sorted(parse_position(offsets).items())]
-                self._blocking("send_offsets_to_transaction", tps, group_metadata, _TIMEOUT)
-            stage = "commit"
-            self._blocking("commit_transaction", _TIMEOUT)
-        except _Stuck as exc:
-            self._replace_producer(stuck=True)
-            raise TransactionFailed(f"transaction aborted ({stage}: {exc})") from exc
-        except (KafkaException, BrokerUnavailable) as exc:
-            raise self._failed(exc, stage) from exc
-        self._committed()
-
-    def abort(self, why: str) -> None:
-        """Give up the open transaction (its tasks were lost): nothing in it becomes visible.
-        An abort the coordinator does not acknowledge now is finished by :meth:`settle`."""
-        if not self._open and self._pending is None:
-            return
-        log.warning("txn.aborting", transactional_id=self.transactional_id, reason=why)
-        self._abort()
-
-    def settle(self, timeout: float = 1.0) -> str | None:
-        """Drives a transaction waiting for the coordinator (an unanswered commit or abort, a
-        producer to initialise). Returns None while that cannot be done (brokers away); else how
-        the last transaction that did not simply commit ended (``"committed"`` for a commit that
-        was in doubt, ``"aborted"``), once, or ``""``."""
-        if not self._drive(timeout):
-            return None
-        outcome, self._outcome = self._outcome, None
-        return outcome or ""
-
-    def _drive(self, timeout: float) -> bool:
-        """One attempt at what is pending; True once nothing is."""
-        if self._pending == "commit":
-            try:
-                self._blocking("commit_transaction", timeout)
-            except _Stuck:
-                self._replace_producer(stuck=True)
-                return False
-            except KafkaException as exc:
-                err = _error(exc)
-                if err.retriable() and not err.txn_requires_abort() and not err.fatal():
-                    return False
-                self._failed(exc, "commit")
-            else:
-                self._committed()
-                self._outcome = "committed"
-        if self._pending == "abort":
-            self._finish_abort(timeout)
-        if self._pending is not None:
-            return False
-        if not self._ready:
-            try:
-                self._blocking("init_transactions", timeout)
-            except _Stuck:
-                self._replace_producer(stuck=True)
-                return False
-            except KafkaException as exc:
-                if _error(exc).fatal():
-                    self._replace_producer()
-                log.info("txn.init_failed", detail=str(exc))
-                return False
-            self._ready = True
-        return True
-
-    def load(self, key: int) -> dict[str, Any] | None:
-        """The latest committed state of task ``key``, or None; ``blobs`` in it: the blobs its
-        snapshot names (bytes by digest), for ``Pipeline.restore``.
-
-        First waits until no transaction is open on the task's state, decisions and refs
-        partitions (a previous owner's commit in flight, or a stalled owner's transaction that
-        the coordinator aborts after ``transaction.timeout.ms``): what it reads then is final.
-        Task ``key`` writes to partition ``key`` of the state topic and nothing else does, so its
-        latest state is the partition's last committed record (compaction never removes that
-        one); a record written as parts is the head, its parts just before it. Its blobs are in
-        partition ``key`` of the refs topic, read to its end: a compacted partition holding the
-        task's references, each once. A blob it names that is not there is a StateError: the
-        task never starts without the state it had."""
-        self._wait_settled(key)
-        what = f"{self.state_topic}/{key}"
-        tail = self._read_back(self.state_topic, key, lambda msgs: bool(msgs))
-        last = tail[-1] if tail else None
-        if last is None or last.value() is None:
-            return None
-        if last.key() != self._key(key):
-            raise ValueError(f"{what} holds {last.key()!r}, not {self._key(key)!r}: "
-                             "one state topic per consumer group")
-        # A record this rollbackd cannot read stops the daemon (StateError is Fatal): the
-        # partition is never started without its state, and nothing in the record runs.
-        value, parts = last.value(), 0
-        if kind_of(value) == "parts":
-            parts = parts_count(value, what)
-            value = join_parts(self._key(key), value, self._parts_before(key, last, parts), what)
-        state = decode_state(value, what)
-        state["blobs"], stored = self._read_refs(key, state.get("refs") or [])
-        self._stored[key], self._state_parts[key] = stored, parts
-        return state
-
-    def start_offsets(self, partitions: list[tuple[str, int]], reset: str = "earliest") -> dict[str, int]:
-        """Where a task without saved state starts: the group's committed offsets, else the
-        beginning (or the end, with ``auto.offset.reset`` latest) of each partition."""
-        c = self._consumer(group=self.group_id)
-        try:
-            tps = [TopicPartition(t, p) for t, p in partitions]
-            out: dict[str, int] = {}
-            for tp in c.committed(tps, timeout=_TIMEOUT):
-                if tp.offset >= 0:
-                    out[f"{tp.topic}:{tp.partition}"] = tp.offset
-                    continue
-                low, high = c.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=_TIMEOUT)
-                out[f"{tp.topic}:{tp.partition}"] = high if reset in ("latest", "end", "largest") else low
-            return out
-        except KafkaException as exc:
-            raise classify(exc, "start offsets") from exc
-        finally:
-            c.close()
-
-    def adopt(self, key: int, saved: Mapping[str, Any]) -> None:
-        """Reads what was decided for task ``key`` after its snapshot: those decisions are not
-        written again and those actions not run again."""
-        start = saved.get("decisions_offset") or 0
-        n = 0
-        for msg in self._read_partition(self.decisions_topic, key, start):
-            try:
-                rec = json.loads(msg.value())
-            except (TypeError, ValueError):
-                continue
-            did = rec.get("decision_id")
-            if did:
-                self.seen.add(did)
-            if rec.get("kind") == "action" and rec.get("idempotency_key") and rec.get("status") not in (
-                None, "started", "pending_approval"
-            ):
-                self.done[rec["idempotency_key"]] = {
-                    "status": rec["status"], "detail": rec.get("detail"), "attempts": rec.get("attempts"),
-                    # the verification too: an owner that takes over decides its escalation alike
-                    "data": json.dumps({"thread": rec.get("thread"), "verification": rec.get("verification")}),
-                }
-            n += 1
-            self._next[key] = max(self._next.get(key, 0), msg.offset() + 1)
-        log.info("task.adopted_decisions", task=key, decisions=n, from_offset=start)
-
-    # -- the decisions topic
-
-    def published(self, did: str) -> bool:
-        """The decision is in the decisions topic already, or in the open transaction."""
-        return did in self.seen or did in self._txn_ids
-
-    def _partition(self, rec: Mapping[str, Any]) -> int:
-        """The task that decides for the record's deployment. Results of calls come back while
-        any task may be selected; the deployment's first decision (an alert) was made by its own."""
-        return self._home.setdefault(str(rec.get("deployment", "")), self.task)
-
-    def publish_fact(self, rec: Mapping[str, Any], did: str) -> None:
-        """A call's outcome, durable in the decisions topic before this returns, outside the
-        transaction: a crash or an abort after the call cannot take back that it was made, and
-        the next owner must find it in the outbox. (Read-committed readers still see it in
-        offset order: it waits behind a transaction open before it.) If the brokers do not take
-        it now, it goes into the transaction instead; the local ledger has it meanwhile."""
-        value = encode_decision({**rec, "decision_id": did})
-        failures: list[str] = []
-
-        def delivered(err: KafkaError | None, msg: Any) -> None:
-            if err is not None:
-                failures.append(f"{err.name()}: {err.str()}")
-            else:
-                self._next[msg.partition()] = max(self._next.get(msg.partition(), 0), msg.offset() + 1)
-
-        try:
-            self._facts.produce(self.decisions_topic, value, key=str(rec.get("deployment", "")).encode(),
-                                partition=self._partition(rec), on_delivery=delivered)
-            left = self._facts.flush(_TIMEOUT)
-        except (KafkaException, BufferError) as exc:
-            left = 1
-            failures.append(str(exc))
-        failure = failures[0] if failures else None
-        if left or failure:
-            log.warning("decision.outcome_not_durable", decision_id=did,
-                        detail=failure or f"not acknowledged in {_TIMEOUT} s", fallback="the next commit")
-            self.publish(rec, did)
-            return
-        self.seen.add(did)
-
-    def publish_anchor(self, anchor: Mapping[str, Any]) -> None:
-        """A signed anchor of the ledger (``daemon/audit.py``) into the decisions topic, durable
-        before this returns (raises otherwise): key ``anchor/<ledger id>``, partition 0, outside
-        any transaction, since it only states what the ledger holds already. The anchor records'
-        values, one per line, are an anchor file for ``rollbackd audit verify --anchors``."""
-        value = json.dumps(anchor, sort_keys=True, separators=(",", ":")).encode()
-        failures: list[str] = []
-        try:
-            self._facts.produce(self.decisions_topic, value, key=f"anchor/{anchor.get('ledger_id')}".encode(),
-                                partition=0, on_delivery=lambda err, _msg: err is not None and failures.append(
-                                    f"{err.name()}: {err.str()}"))
-            left = self._facts.flush(_TIMEOUT)
-        except (KafkaException, BufferError) as exc:
-            raise BrokerUnavailable(f"publishing an anchor: {exc}") from exc
-        if left or failures:
-            raise BrokerUnavailable(f"publishing an anchor: {failures[0] if failures else 'not acknowledged'}")
-
-    def publish(self, rec: Mapping[str, Any], did: str) -> None:
-        value = encode_decision({**rec, "decision_id": did})
-        try:
-            self._begin()
-            self._produce(self.decisions_topic, value, key=str(rec.get("deployment", "")).encode(),
-                          partition=self._partition(rec))
-        except BrokerUnavailable as exc:
-            # Decided on the processing thread, mid-batch: no place to raise. The transaction
-            # cannot hold this decision, so it must not commit: the next commit aborts it and
-            # the daemon rewinds to the last committed state, which re-derives the decision.
-            self._doomed = self._doomed or str(exc)
-            return
-        self._txn_ids.add(did)
-
-    def close(self) -> None:
-        """Aborts a transaction left open (what it held is re-derived from the committed state
-        by whoever owns the partitions next) and lets the producer go."""
-        if self._open or self._pending == "abort":
-            try:
-                self._blocking("abort_transaction", 5.0)
-            except (KafkaException, _Stuck):
-                pass
-        for producer in (self._producer, self._facts):
-            try:
-                producer.flush(1.0)
-            except KafkaException:
-                pass
-
-    # -- internals
-
-    def _producer_config(self) -> dict[str, Any]:
-        """The user's settings minus the consumer's (librdkafka warns about each)."""
-        return {k: v for k, v in self.config.items() if not k.startswith(_CONSUMER_ONLY)}
-
-    def _new_producer(self) -> Producer:
-        return Producer({
-            **self._producer_config(),
-            "bootstrap.servers": self.servers,
-            "transactional.id": self.transactional_id,
-            "transaction.timeout.ms": int(self.transaction_timeout * 1000),
-            "enable.idempotence": True,
-            "compression.type": "lz4",
-            "message.max.bytes": self.max_record_bytes,
-            # A batch is one message to the broker's max.message.bytes: never more than a part.
-            "batch.size": min(1_000_000, self._part_bytes),
-            "linger.ms": 5,
-            "logger": librdkafka_log,
-        })
-
-    def _replace_producer(self, stuck: bool = False) -> None:
-        """A fatal producer error (fenced: the coordinator aborted our transaction after
-        ``transaction.timeout.ms``, or another producer took our transactional id), or a call
-        stuck in it: the producer is done for; a new one takes the id over
-        (``init_transactions``, which also aborts what the old one left open)."""
-        log.warning("txn.producer_replaced", transactional_id=self.transactional_id, stuck=stuck)
-        if stuck:
-            # A call still blocks inside it: destroying it would pull the client from under
-            # that call. It is kept (and leaks) until the process ends.
-            self._abandoned.append(self._producer)
-        else:
-            try:
-                self._producer.purge()
-            except (KafkaException, RuntimeError, TypeError):
-                pass
-        self._producer = self._new_producer()
-        self._ready = False
-        self._open = False
-        self._pending = None
-        self._doomed = None
-        self._staged = {}
-        self._txn_ids.clear()
-        self._outcome = "aborted"
-        self.aborts += 1
-
-    def _blocking(self, call: str, *args: Any) -> Any:
-        """``self._producer.<call>(*args)`` within its timeout (the last argument) and a grace
-        period, on a thread of its own. librdkafka does not always keep the timeout: a
-        send_offsets_to_transaction whose group coordinator went away (a broker restarted)
-        blocks until another broker changes state, which with one broker is never
-        (confluentinc/librdkafka#5456, #5511). Raises :class:`_Stuck` past the deadline."""
-        fn = getattr(self._producer, call)
-        box: dict[str, Any] = {}
-        done = threading.Event()
-
-        def run() -> None:
-            try:
-                box["result"] = fn(*args)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                box["error"] = exc
-            finally:
-                done.set()
-
-        threading.Thread(target=run, name=f"rollbackd-txn-{call}", daemon=True).start()
-        if not done.wait(float(args[-1]) + _STUCK_GRACE):
-            log.error("txn.call_stuck", call=call, after_seconds=float(args[-1]) + _STUCK_GRACE)
-            raise _Stuck(f"{call} did not return within {float(args[-1]) + _STUCK_GRACE:.0f} s")
-        if "error" in box:
-            raise box["error"]
-        return box.get("result")
-
-    def _begin(self) -> None:
-        if self._open:
-            return
-        if not self.settled and not self._drive(_TIMEOUT):
-            raise BrokerUnavailable("a transaction of ours is still waiting for the coordinator")
-        try:
-            self._producer.begin_transaction()
-        except KafkaException as exc:
-            raise classify(exc, "begin transaction") from exc
-        self._open = True
-
-    def _committed(self) -> None:
-        self._failure = None
-        self._open = False
-        self._pending = None
-        for key, (stored, parts) in self._staged.items():
-            self._stored[key], self._state_parts[key] = stored, parts
-        self._staged = {}
-        self.seen |= self._txn_ids
-        self._txn_ids.clear()
-        self.commits += 1
-
-    def _abort(self) -> None:
-        self._failure = None  # the purged records' reports are no news
-        self._open = False
-        self._staged = {}
-        self._doomed = None
-        self._txn_ids.clear()
-        self.aborts += 1
-        self._pending = "abort"
-        self._finish_abort(_TIMEOUT)
-        if self._pending is not None:
-            log.warning("txn.abort_pending", detail="the coordinator did not answer: retried before anything else")
-
-    def _finish_abort(self, timeout: float) -> None:
-        try:
-            self._blocking("abort_transaction", timeout)
-        except _Stuck:
-            self._replace_producer(stuck=True)
-            return
-        except KafkaException as exc:
-            err = _error(exc)
-            if err.fatal():
-                self._replace_producer()
-            elif err.code() == KafkaError._STATE:  # no transaction was begun: nothing to abort
-                self._pending, self._outcome, self._staged = None, "aborted", {}
-            return
-        self._pending, self._outcome, self._staged = None, "aborted", {}
-
-    def _failed(self, exc: Exception, stage: str) -> TransactionFailed:
-        """What a failed transaction step leaves: in doubt (a commit not answered: retry it in
-        settle()), or aborted (everything else)."""
-        err = _error(exc) if isinstance(exc, KafkaException) else None
-        detail = f"{stage}: {err.name()}: {err.str()}" if err is not None else f"{stage}: {exc}"
-        if err is not None and err.fatal():
-            self._replace_producer()
-            log.warning("txn.fenced", transactional_id=self.transactional_id, detail=detail)
-            return TransactionFailed(f"transaction fenced ({detail})", code=err.code(), name=err.name())
-        if (stage == "commit" and err is not None and err.retriable() and not err.txn_requires_abort()):
-            self._pending = "commit"
-            log.warning("txn.in_doubt", detail=detail)
-            return TransactionFailed(f"transaction commit not acknowledged ({detail})", in_doubt=True,
-                                     code=err.code(), name=err.name())
-        log.warning("txn.aborted", transactional_id=self.transactional_id, detail=detail)
-        self._open = True  # whatever it holds: abort it
-        self._abort()
-        return TransactionFailed(f"transaction aborted ({detail})", code=err.code() if err else None,
-                                 name=err.name() if err else "")
-
-    def _key(self, key: int) -> bytes:
-        return f"{self.group_id}/{key}".encode()
-
-    def _produce(self, topic: str, value: bytes | None, key: bytes, partition: int | None = None,
-                 headers: list[tuple[str, bytes]] | None = None) -> None:
-        kwargs: dict[str, Any] = {"key": key, "on_delivery": self._delivered}
-        if headers:
-            kwargs["headers"] = headers
-        if partition is not None:
-            kwargs["partition"] = partition
-        while True:
-            try:
-                self._producer.produce(topic, value, **kwargs)
-                return
-            except BufferError:
-                self._producer.poll(0.1)
-            except KafkaException as exc:
-                raise classify(exc, f"produce to {topic}") from exc
-
-    def _delivered(self, err: KafkaError | None, msg: Any) -> None:
-        if err is not None:
-            self._failure = f"{msg.topic()}: {err.name()}: {err.str()}"
-        elif msg.topic() == self.decisions_topic:
-            self._next[msg.partition()] = max(self._next.get(msg.partition(), 0), msg.offset() + 1)
-
-    def _flush(self, what: str) -> None:
-        left = self._producer.flush(_TIMEOUT)
-        failure, self._failure = self._failure, None
-        if left or failure:
-            raise BrokerUnavailable(f"{what}: {failure or f'{left} message(s) not delivered in {_TIMEOUT} s'}")
-
-    def _consumer(self, group: str | None = None, isolation: str = "read_committed") -> Consumer:
+    def consumer(self, group: str | None = None, isolation: str = "read_committed") -> Consumer:
         return Consumer({
             **self.config,
             "bootstrap.servers": self.servers,
@@ -712,70 +203,118 @@ class GroupState:
             "logger": librdkafka_log,
         })
 
-    def _decisions_end(self, key: int) -> int:
-        self._flush("publishing decisions")
-        if key in self._next:
-            return self._next[key]
-        c = self._consumer()
+    def read_back(self, topic: str, partition: int, enough: Callable[[list[Any]], bool], span: int = 8) -> list[Any]:
+        """The committed records at the end of ``topic``/``partition``, reaching back until
+        ``enough`` of them are read (four times further each time) or the partition's start.
+        Transaction markers (and aborted records) sit between the records."""
+        c = self.consumer()
         try:
-            _, high = c.get_watermark_offsets(TopicPartition(self.decisions_topic, key), timeout=_TIMEOUT)
+            low, high = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=TIMEOUT)
         except KafkaException as exc:
-            raise classify(exc, "decisions topic end") from exc
+            raise classify(exc, f"reading {topic}/{partition}") from exc
         finally:
             c.close()
-        self._next[key] = high  # from now on we are its only writer
-        return high
+        while True:
+            begin = max(low, high - span)
+            msgs = self.read(topic, partition, begin)
+            if enough(msgs) or begin <= low:
+                return msgs
+            span *= 4
 
-    def _has_refs_topic(self) -> bool:
-        """Whether the refs topic exists (a state topic made by hand, or by a rollbackd before
-        references had their topic, may lack it: then no record names a blob there)."""
-        if not self._refs_exist:
-            c = self._consumer()
-            try:
-                topic = c.list_topics(self.refs_topic, timeout=_TIMEOUT).topics.get(self.refs_topic)
-            except KafkaException as exc:
-                raise classify(exc, "refs topic metadata") from exc
-            finally:
-                c.close()
-            self._refs_exist = topic is not None and topic.error is None and bool(topic.partitions)
-        return self._refs_exist
+    def read(self, topic: str, partition: int, start: int) -> list[Any]:
+        """Every committed message of ``topic``/``partition`` from offset ``start`` to its end now."""
+        with closing(self.iterate(topic, partition, start)) as msgs:
+            return list(msgs)
 
-    def _wait_settled(self, key: int) -> None:
-        """Until no transaction is open on task ``key``'s state, decisions and refs partitions: the
-        last stable offset (what read_committed readers see) has reached the high watermark.
-        Bounded by our transaction timeout, after which the coordinator aborts any open one."""
-        parts = [TopicPartition(self.state_topic, key), TopicPartition(self.decisions_topic, key)]
-        if self._has_refs_topic():
-            parts.append(TopicPartition(self.refs_topic, key))
-        committed, everything = self._consumer(), self._consumer(isolation="read_uncommitted")
-        deadline = time.monotonic() + self.transaction_timeout + _TIMEOUT
-        waited = False
+    def iterate(self, topic: str, partition: int, start: int) -> Iterator[Any]:
+        """:meth:`read`, one message at a time."""
+        c = self.consumer()
         try:
+            low, high = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=TIMEOUT)
+            begin = max(start, low)
+            if high <= begin:
+                return
+            c.assign([TopicPartition(topic, partition, begin)])
+            deadline = time.monotonic() + TIMEOUT
             while True:
-                if not self.settled:
-                    self._drive(1.0)  # ours, first: nobody else finishes it
-                open_ = [tp.topic for tp in parts
-                         if committed.get_watermark_offsets(tp, timeout=_TIMEOUT, cached=False)[1]
-                         < everything.get_watermark_offsets(tp, timeout=_TIMEOUT, cached=False)[1]]
-                if not open_:
-                    if waited:
-                        log.info("task.transaction_settled", task=key)
-                    return
-                if not waited:
-                    log.info("task.waiting_for_transaction", task=key, topics=open_,
-                             detail="a previous owner's transaction is open: waiting until it commits or aborts")
-                    waited = True
-                if time.monotonic() > deadline:
-                    raise BrokerUnavailable(f"task {key}: a transaction on {', '.join(open_)} stayed open "
-                                            f"past {self.transaction_timeout + _TIMEOUT:.0f} s")
-                time.sleep(0.2)
+                # Short polls: a batch waits out its whole timeout unless it fills up, and the
+                # end of the partition (an event) does not end the wait.
+                msgs = c.consume(1000, 0.1)
+                if not msgs:
+                    if time.monotonic() > deadline:
+                        raise BrokerUnavailable(f"reading {topic}/{partition}: nothing in {TIMEOUT} s")
+                    continue
+                deadline = time.monotonic() + TIMEOUT
+                for m in msgs:
+                    err = m.error()
+                    if err is None:
+                        yield m
+                        if m.offset() >= high - 1:
+                            return
+                    elif err.code() == KafkaError._PARTITION_EOF:
+                        return
+                    else:
+                        raise classify(err, f"reading {topic}/{partition}")
         except KafkaException as exc:
-            raise classify(exc, f"task {key}: transaction state") from exc
-        except TypeError as exc:  # get_watermark_offsets answered None: timed out
-            raise BrokerUnavailable(f"task {key}: watermarks not answered in {_TIMEOUT} s") from exc
+            raise classify(exc, f"reading {topic}/{partition}") from exc
         finally:
-            committed.close()
-            everything.close()
+            c.close()
+
+
+class StateRecords:
+    """Writes a checkpoint's state records into the transaction, and knows what the last
+    committed record of each task left in the topics: the references in its refs partition
+    (digest -> how many parts, 0 for one record) and how many parts its state record has; and
+    the same for the open transaction, until it commits (a transaction
+    :class:`~rollbackd.daemon.txn.Participant`)."""
+
+    def __init__(self, txn: Transaction, group_id: str, state_topic: str, refs_topic: str, part_bytes: int) -> None:
+        self.txn = txn
+        self.group_id = group_id
+        self.state_topic = state_topic
+        self.refs_topic = refs_topic
+        self.part_bytes = part_bytes
+        self._stored: dict[int, dict[str, int]] = {}
+        self._state_parts: dict[int, int] = {}
+        self._staged: dict[int, tuple[dict[str, int], int]] = {}
+        txn.participants.append(self)
+
+    def write(self, states: Mapping[int, dict[str, Any]], blobs: Mapping[int, Mapping[str, bytes]]) -> None:
+        """Into the open transaction: ``states`` (one record per task), each after the blobs it
+        names that its partition of the refs topic does not hold yet (``blobs``: by task, by
+        digest)."""
+        self._staged = {}  # (a commit left in doubt was settled when the transaction began)
+        for key, state in states.items():
+            # The references first: a record is never visible without the blobs it names.
+            stored = self._produce_refs(key, state.get("refs") or (), blobs.get(key) or {})
+            record_key = state_key(self.group_id, key)
+            records = split_record(record_key, encode_state(state), self.part_bytes)
+            parts = len(records) - 1 if len(records) > 1 else 0
+            for n in range(parts, self._state_parts.get(key, 0)):  # a smaller record: its old parts go
+                self.txn.produce(self.state_topic, None, key=part_key(record_key, n), partition=key)
+            for part, value in records[:-1]:
+                self.txn.produce(self.state_topic, value, key=part, partition=key)
+            # Headers for people and tools: what the record covers and who wrote it.
+            self.txn.produce(self.state_topic, records[-1][1], key=record_key, partition=key, headers=[
+                ("rollbackd-position", json.dumps(state.get("position") or {}, sort_keys=True).encode()),
+                ("rollbackd-writer", self.txn.transactional_id.encode())])
+            self._staged[key] = (stored, parts)
+
+    def restored(self, key: int, stored: dict[str, int], parts: int) -> None:
+        """Task ``key``'s committed record, as read back: ``stored`` references, ``parts``."""
+        self._stored[key], self._state_parts[key] = stored, parts
+
+    def release(self, key: int) -> None:
+        self._stored.pop(key, None)
+        self._state_parts.pop(key, None)
+
+    def committed(self) -> None:
+        for key, (stored, parts) in self._staged.items():
+            self._stored[key], self._state_parts[key] = stored, parts
+        self._staged = {}
+
+    def discarded(self) -> None:
+        self._staged = {}
 
     def _produce_refs(self, key: int, refs: Iterable[str], new: Mapping[str, bytes]) -> dict[str, int]:
         """Into the open transaction: the blobs of ``refs`` that task ``key``'s refs partition
@@ -795,27 +334,116 @@ class GroupState:
                 # committed, whose blobs are all there.
                 raise BrokerUnavailable(f"task {key}: blob {digest[:16]} is named but neither new nor "
                                         f"in {self.refs_topic}/{key}")
-            records = split_record(digest.encode(), data, self._part_bytes)
+            records = split_record(digest.encode(), data, self.part_bytes)
             for record_key, value in records:
-                self._produce(self.refs_topic, value, key=record_key, partition=key)
+                self.txn.produce(self.refs_topic, value, key=record_key, partition=key)
             stored[digest] = len(records) - 1 if len(records) > 1 else 0
         for digest, parts in held.items():
             if digest not in stored:  # compaction drops it (and its parts) after delete.retention.ms
                 for n in range(parts):
-                    self._produce(self.refs_topic, None, key=part_key(digest.encode(), n), partition=key)
-                self._produce(self.refs_topic, None, key=digest.encode(), partition=key)
+                    self.txn.produce(self.refs_topic, None, key=part_key(digest.encode(), n), partition=key)
+                self.txn.produce(self.refs_topic, None, key=digest.encode(), partition=key)
         return stored
+
+
+class StateReader:
+    """Reads a task's committed state back: its state record (joined from its parts) and the
+    blobs it names, once no transaction is open on the task's partitions."""
+
+    def __init__(self, partitions: PartitionReader, txn: Transaction, group_id: str, state_topic: str,
+                 decisions_topic: str, refs_topic: str) -> None:
+        self.partitions = partitions
+        self.txn = txn
+        self.group_id = group_id
+        self.state_topic = state_topic
+        self.decisions_topic = decisions_topic
+        self.refs_topic = refs_topic
+        self._refs_exist = False
+
+    def load(self, key: int) -> tuple[dict[str, Any], dict[str, int], int] | None:
+        """Task ``key``'s latest committed state (see :meth:`GroupState.load`), the references
+        its refs partition holds (digest -> parts) and how many parts its record has; or None."""
+        self._wait_settled(key)
+        what = f"{self.state_topic}/{key}"
+        record_key = state_key(self.group_id, key)
+        tail = self.partitions.read_back(self.state_topic, key, lambda msgs: bool(msgs))
+        last = tail[-1] if tail else None
+        if last is None or last.value() is None:
+            return None
+        if last.key() != record_key:
+            raise ValueError(f"{what} holds {last.key()!r}, not {record_key!r}: "
+                             "one state topic per consumer group")
+        # A record this rollbackd cannot read stops the daemon (StateError is Fatal): the
+        # partition is never started without its state, and nothing in the record runs.
+        value, parts = last.value(), 0
+        if kind_of(value) == "parts":
+            parts = parts_count(value, what)
+            value = join_parts(record_key, value, self._parts_before(key, last, parts), what)
+        state = decode_state(value, what)
+        state["blobs"], stored = self._read_refs(key, state.get("refs") or [])
+        return state, stored, parts
+
+    def _has_refs_topic(self) -> bool:
+        """Whether the refs topic exists (a state topic made by hand, or by a rollbackd before
+        references had their topic, may lack it: then no record names a blob there)."""
+        if not self._refs_exist:
+            c = self.partitions.consumer()
+            try:
+                topic = c.list_topics(self.refs_topic, timeout=TIMEOUT).topics.get(self.refs_topic)
+            except KafkaException as exc:
+                raise classify(exc, "refs topic metadata") from exc
+            finally:
+                c.close()
+            self._refs_exist = topic is not None and topic.error is None and bool(topic.partitions)
+        return self._refs_exist
+
+    def _wait_settled(self, key: int) -> None:
+        """Until no transaction is open on task ``key``'s state, decisions and refs partitions: the
+        last stable offset (what read_committed readers see) has reached the high watermark.
+        Bounded by our transaction timeout, after which the coordinator aborts any open one."""
+        parts = [TopicPartition(self.state_topic, key), TopicPartition(self.decisions_topic, key)]
+        if self._has_refs_topic():
+            parts.append(TopicPartition(self.refs_topic, key))
+        committed, everything = self.partitions.consumer(), self.partitions.consumer(isolation="read_uncommitted")
+        deadline = time.monotonic() + self.txn.timeout + TIMEOUT
+        waited = False
+        try:
+            while True:
+                if not self.txn.settled:
+                    self.txn.drive(1.0)  # ours, first: nobody else finishes it
+                open_ = [tp.topic for tp in parts
+                         if committed.get_watermark_offsets(tp, timeout=TIMEOUT, cached=False)[1]
+                         < everything.get_watermark_offsets(tp, timeout=TIMEOUT, cached=False)[1]]
+                if not open_:
+                    if waited:
+                        log.info("task.transaction_settled", task=key)
+                    return
+                if not waited:
+                    log.info("task.waiting_for_transaction", task=key, topics=open_,
+                             detail="a previous owner's transaction is open: waiting until it commits or aborts")
+                    waited = True
+                if time.monotonic() > deadline:
+                    raise BrokerUnavailable(f"task {key}: a transaction on {', '.join(open_)} stayed open "
+                                            f"past {self.txn.timeout + TIMEOUT:.0f} s")
+                time.sleep(0.2)
+        except KafkaException as exc:
+            raise classify(exc, f"task {key}: transaction state") from exc
+        except TypeError as exc:  # get_watermark_offsets answered None: timed out
+            raise BrokerUnavailable(f"task {key}: watermarks not answered in {TIMEOUT} s") from exc
+        finally:
+            committed.close()
+            everything.close()
 
     def _parts_before(self, key: int, head: Any, count: int) -> dict[bytes, bytes | None]:
         """The parts of the state record whose head is ``head``: the last committed record of
         each part key before it (written in the head's transaction, just before it)."""
-        wanted = {part_key(self._key(key), n) for n in range(count)}
+        wanted = {part_key(state_key(self.group_id, key), n) for n in range(count)}
 
         def found(msgs: list[Any]) -> bool:
             return wanted <= {m.key() for m in msgs if m.offset() < head.offset()}
 
         parts: dict[bytes, bytes | None] = {}
-        for m in self._read_back(self.state_topic, key, found, span=2 * count + 8):
+        for m in self.partitions.read_back(self.state_topic, key, found, span=2 * count + 8):
             if m.offset() < head.offset() and m.key() in wanted:
                 parts[m.key()] = m.value()
         return parts
@@ -830,7 +458,7 @@ class GroupState:
             raise StateError(f"{self.state_topic}/{key} names {len(refs)} blob(s) but {self.refs_topic} does not exist")
         named = set(refs)
         found: dict[bytes, bytes | None] = {}
-        with closing(self._iter_partition(self.refs_topic, key, 0)) as msgs:
+        with closing(self.partitions.iterate(self.refs_topic, key, 0)) as msgs:
             for m in msgs:
                 record_key = m.key() or b""
                 if record_key.split(b"/", 1)[0].decode("ascii", "replace") in named:
@@ -853,71 +481,342 @@ class GroupState:
         log.info("task.refs_read", task=key, blobs=len(blobs), bytes=sum(map(len, blobs.values())))
         return blobs, stored
 
-    def _read_back(self, topic: str, partition: int, enough: Callable[[list[Any]], bool], span: int = 8) -> list[Any]:
-        """The committed records at the end of ``topic``/``partition``, reaching back until
-        ``enough`` of them are read (four times further each time) or the partition's start.
-        Transaction markers (and aborted records) sit between the records."""
-        c = self._consumer()
+
+class DecisionsTopic:
+    """The decisions topic (partition = task): decisions go into the open transaction; the
+    outcomes of calls and the ledger's anchors are written at once, outside it, by a producer
+    of their own. Knows which decisions are there already (``seen``: committed, ours or another
+    owner's; the ones in the open transaction, until it commits: a transaction
+    :class:`~rollbackd.daemon.txn.Participant`) and which actions finished (``done``)."""
+
+    def __init__(self, txn: Transaction, partitions: PartitionReader, topic: str, servers: str,
+                 producer_config: Mapping[str, Any]) -> None:
+        self.txn = txn
+        self.partitions = partitions
+        self.topic = topic
+        # Outcomes of calls are facts, not derived state: written at once, outside the
+        # transactions (see GroupDecisions).
+        self._facts = Producer({**producer_config, "bootstrap.servers": servers,
+                                "enable.idempotence": True, "acks": "all", "linger.ms": 0,
+                                "logger": librdkafka_log})
+        self._home: dict[str, int] = {}  # deployment -> the task (decisions partition) deciding for it
+        self._next: dict[int, int] = {}  # decisions partition -> next offset (ours, delivered)
+        self.task = 0  # the task whose decisions are being made now
+        self.seen: set[str] = set()  # decision ids committed to the decisions topic (adopted or ours)
+        self._txn_ids: set[str] = set()  # decision ids in the open transaction
+        self.done: dict[str, dict[str, Any]] = {}  # finished actions there, by idempotency key
+        txn.participants.append(self)
+
+    def release(self, key: int) -> None:
+        self._next.pop(key, None)
+        self._home = {d: k for d, k in self._home.items() if k != key}
+
+    def published(self, did: str) -> bool:
+        """The decision is in the decisions topic already, or in the open transaction."""
+        return did in self.seen or did in self._txn_ids
+
+    def publish(self, rec: Mapping[str, Any], did: str) -> None:
+        """Into the open transaction (begun now unless open)."""
+        value = encode_decision({**rec, "decision_id": did})
         try:
-            low, high = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=_TIMEOUT)
+            self.txn.begin()
+            self.txn.produce(self.topic, value, key=str(rec.get("deployment", "")).encode(),
+                             partition=self._partition(rec), on_delivered=self._delivered)
+        except BrokerUnavailable as exc:
+            # Decided on the processing thread, mid-batch: no place to raise. The transaction
+            # cannot hold this decision, so it must not commit: the next commit aborts it and
+            # the daemon rewinds to the last committed state, which re-derives the decision.
+            self.txn.doom(f"a decision was not written: {exc}")
+            return
+        self._txn_ids.add(did)
+
+    def publish_fact(self, rec: Mapping[str, Any], did: str) -> None:
+        """A call's outcome, durable in the decisions topic before this returns, outside the
+        transaction: a crash or an abort after the call cannot take back that it was made, and
+        the next owner must find it in the outbox. (Read-committed readers still see it in
+        offset order: it waits behind a transaction open before it.) If the brokers do not take
+        it now, it goes into the transaction instead; the local ledger has it meanwhile."""
+        value = encode_decision({**rec, "decision_id": did})
+        failures: list[str] = []
+
+        def delivered(err: KafkaError | None, msg: Any) -> None:
+            if err is not None:
+                failures.append(f"{err.name()}: {err.str()}")
+            else:
+                self._delivered(msg)
+
+        try:
+            self._facts.produce(self.topic, value, key=str(rec.get("deployment", "")).encode(),
+                                partition=self._partition(rec), on_delivery=delivered)
+            left = self._facts.flush(TIMEOUT)
+        except (KafkaException, BufferError) as exc:
+            left = 1
+            failures.append(str(exc))
+        failure = failures[0] if failures else None
+        if left or failure:
+            log.warning("decision.outcome_not_durable", decision_id=did,
+                        detail=failure or f"not acknowledged in {TIMEOUT} s", fallback="the next commit")
+            self.publish(rec, did)
+            return
+        self.seen.add(did)
+
+    def publish_anchor(self, anchor: Mapping[str, Any]) -> None:
+        """A signed anchor of the ledger (``daemon/audit.py``) into the decisions topic, durable
+        before this returns (raises otherwise): key ``anchor/<ledger id>``, partition 0, outside
+        any transaction, since it only states what the ledger holds already. The anchor records'
+        values, one per line, are an anchor file for ``rollbackd audit verify --anchors``."""
+        value = json.dumps(anchor, sort_keys=True, separators=(",", ":")).encode()
+        failures: list[str] = []
+        try:
+            self._facts.produce(self.topic, value, key=f"anchor/{anchor.get('ledger_id')}".encode(),
+                                partition=0, on_delivery=lambda err, _msg: err is not None and failures.append(
+                                    f"{err.name()}: {err.str()}"))
+            left = self._facts.flush(TIMEOUT)
+        except (KafkaException, BufferError) as exc:
+            raise BrokerUnavailable(f"publishing an anchor: {exc}") from exc
+        if left or failures:
+            raise BrokerUnavailable(f"publishing an anchor: {failures[0] if failures else 'not acknowledged'}")
+
+    def adopt(self, key: int, start: int) -> None:
+        """Reads what was decided for task ``key`` from offset ``start``: those decisions are not
+        written again and those actions not run again."""
+        n = 0
+        for msg in self.partitions.read(self.topic, key, start):
+            try:
+                rec = json.loads(msg.value())
+            except (TypeError, ValueError):
+                continue
+            did = rec.get("decision_id")
+            if did:
+                self.seen.add(did)
+            if rec.get("kind") == "action" and rec.get("idempotency_key") and rec.get("status") not in (
+                None, "started", "pending_approval"
+            ):
+                self.done[rec["idempotency_key"]] = {
+                    "status": rec["status"], "detail": rec.get("detail"), "attempts": rec.get("attempts"),
+                    # the verification too: an owner that takes over decides its escalation alike
+                    "data": json.dumps({"thread": rec.get("thread"), "verification": rec.get("verification")}),
+                }
+            n += 1
+            self._next[key] = max(self._next.get(key, 0), msg.offset() + 1)
+        log.info("task.adopted_decisions", task=key, decisions=n, from_offset=start)
+
+    def end(self, key: int) -> int:
+        """The offset after task ``key``'s last decision, once every decision written is delivered."""
+        self.txn.flush("publishing decisions")
+        if key in self._next:
+            return self._next[key]
+        c = self.partitions.consumer()
+        try:
+            _, high = c.get_watermark_offsets(TopicPartition(self.topic, key), timeout=TIMEOUT)
         except KafkaException as exc:
-            raise classify(exc, f"reading {topic}/{partition}") from exc
+            raise classify(exc, "decisions topic end") from exc
         finally:
             c.close()
-        while True:
-            begin = max(low, high - span)
-            msgs = self._read_partition(topic, partition, begin)
-            if enough(msgs) or begin <= low:
-                return msgs
-            span *= 4
+        self._next[key] = high  # from now on we are its only writer
+        return high
 
-    def _read_partition(self, topic: str, partition: int, start: int) -> list[Any]:
-        """Every committed message of ``topic``/``partition`` from offset ``start`` to its end now."""
-        with closing(self._iter_partition(topic, partition, start)) as msgs:
-            return list(msgs)
+    def committed(self) -> None:
+        self.seen |= self._txn_ids
+        self._txn_ids.clear()
 
-    def _iter_partition(self, topic: str, partition: int, start: int) -> Iterator[Any]:
-        """:meth:`_read_partition`, one message at a time."""
-        c = self._consumer()
+    def discarded(self) -> None:
+        self._txn_ids.clear()
+
+    def close(self) -> None:
         try:
-            low, high = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=_TIMEOUT)
-            begin = max(start, low)
-            if high <= begin:
-                return
-            c.assign([TopicPartition(topic, partition, begin)])
-            deadline = time.monotonic() + _TIMEOUT
-            while True:
-                # Short polls: a batch waits out its whole timeout unless it fills up, and the
-                # end of the partition (an event) does not end the wait.
-                msgs = c.consume(1000, 0.1)
-                if not msgs:
-                    if time.monotonic() > deadline:
-                        raise BrokerUnavailable(f"reading {topic}/{partition}: nothing in {_TIMEOUT} s")
+            self._facts.flush(1.0)
+        except KafkaException:
+            pass
+
+    def _partition(self, rec: Mapping[str, Any]) -> int:
+        """The task that decides for the record's deployment. Results of calls come back while
+        any task may be selected; the deployment's first decision (an alert) was made by its own."""
+        return self._home.setdefault(str(rec.get("deployment", "")), self.task)
+
+    def _delivered(self, msg: Any) -> None:
+        self._next[msg.partition()] = max(self._next.get(msg.partition(), 0), msg.offset() + 1)
+
+
+class GroupState:
+    """Task state in ``state_topic``; decisions (and what other owners decided) in
+    ``decisions_topic``; both written in transactions of ``transactional_id``. The daemon's one
+    handle on them, composing the transaction (:class:`~rollbackd.daemon.txn.Transaction`), the
+    writer of state records (:class:`StateRecords`), their reader (:class:`StateReader`) and the
+    decisions topic (:class:`DecisionsTopic`)."""
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        group_id: str,
+        state_topic: str,
+        decisions_topic: str,
+        config: Mapping[str, str] = {},
+        transactional_id: str | None = None,
+        transaction_timeout: float = 60.0,
+        refs_topic: str | None = None,
+        max_record_bytes: int = MAX_RECORD_BYTES,
+    ) -> None:
+        self.servers = bootstrap_servers
+        self.group_id = group_id
+        self.state_topic = state_topic
+        self.decisions_topic = decisions_topic
+        self.refs_topic = refs_topic or f"{state_topic}.refs"
+        if max_record_bytes < 4 * _RECORD_OVERHEAD:
+            raise ValueError(f"max_record_bytes must be at least {4 * _RECORD_OVERHEAD}, got {max_record_bytes}")
+        self.max_record_bytes = max_record_bytes
+        part_bytes = max_record_bytes - _RECORD_OVERHEAD
+        self.config = {k: v for k, v in config.items() if not k.startswith(("group.", "partition.assignment"))}
+        self.transactional_id = str(self.config.pop("transactional.id", "") or transactional_id
+                                    or f"rollbackd-{group_id}-{uuid.uuid4().hex[:12]}")
+        self.transaction_timeout = float(self.config.pop("transaction.timeout.ms", 0) or 0) / 1000 or transaction_timeout
+        # The user's settings minus the consumer's (librdkafka warns about each).
+        producer_config = {k: v for k, v in self.config.items() if not k.startswith(_CONSUMER_ONLY)}
+        self.txn = Transaction(bootstrap_servers, producer_config, self.transactional_id, self.transaction_timeout,
+                               max_record_bytes, part_bytes)
+        partitions = PartitionReader(bootstrap_servers, self.config, group_id, max_record_bytes)
+        self.decisions = DecisionsTopic(self.txn, partitions, decisions_topic, bootstrap_servers, producer_config)
+        self.records = StateRecords(self.txn, group_id, state_topic, self.refs_topic, part_bytes)
+        self.reader = StateReader(partitions, self.txn, group_id, state_topic, decisions_topic, self.refs_topic)
+        self._partitions = partitions
+
+    # -- the daemon's hooks
+
+    def select(self, key: int) -> None:
+        self.decisions.task = key
+
+    def release(self, key: int) -> None:
+        """Task ``key`` moved away: what we knew of its partitions is stale now."""
+        self.decisions.release(key)
+        self.records.release(key)
+
+    @property
+    def txn_open(self) -> bool:
+        """Something was written since the last commit (or a transaction is not settled)."""
+        return self.txn.open
+
+    @property
+    def settled(self) -> bool:
+        """No transaction of ours is waiting for the coordinator's answer."""
+        return self.txn.settled
+
+    @property
+    def seen(self) -> set[str]:
+        """Decision ids committed to the decisions topic (adopted or ours)."""
+        return self.decisions.seen
+
+    @property
+    def done(self) -> dict[str, dict[str, Any]]:
+        """Finished actions in the decisions topic, by idempotency key."""
+        return self.decisions.done
+
+    @property
+    def commits(self) -> int:
+        return self.txn.commits
+
+    @property
+    def aborts(self) -> int:
+        return self.txn.aborts
+
+    def task_state(self, key: int, snapshot: bytes, position: dict[str, int],
+                   refs: Iterable[str] = ()) -> dict[str, Any]:
+        """Task ``key``'s state record: its pipeline ``snapshot``, the input offsets it covers,
+        the decisions-topic offset, the blobs the snapshot names by digest (``refs``)."""
+        return {"pipeline": snapshot, "position": position, "decisions_offset": self.decisions.end(key),
+                "refs": sorted(refs)}
+
+    def commit(self, states: Mapping[int, dict[str, Any]], offsets: Mapping[str, int], group_metadata: Any,
+               blobs: Mapping[int, Mapping[str, bytes]] = {}) -> None:
+        """One transaction: the decisions written since the last commit, ``states`` (one record
+        per task) with the blobs they name that their partition of the refs topic does not hold
+        yet (``blobs``: by task, by digest), and the input ``offsets`` (``{"topic:partition":
+        next offset}``) for the consumer group ``group_metadata`` describes; then commit. Raises
+        :class:`TransactionFailed` when it did not commit (aborted, or in doubt)."""
+        self.txn.commit(lambda: self.records.write(states, blobs), offsets, group_metadata)
+
+    def abort(self, why: str) -> None:
+        """Give up the open transaction (its tasks were lost): nothing in it becomes visible.
+        An abort the coordinator does not acknowledge now is finished by :meth:`settle`."""
+        self.txn.abort(why)
+
+    def settle(self, timeout: float = 1.0) -> str | None:
+        """See :meth:`Transaction.settle <rollbackd.daemon.txn.Transaction.settle>`: None while
+        a pending transaction cannot be finished; else how the last one that did not simply
+        commit ended (``"committed"``, ``"aborted"``), once, or ``""``."""
+        return self.txn.settle(timeout)
+
+    def load(self, key: int) -> dict[str, Any] | None:
+        """The latest committed state of task ``key``, or None; ``blobs`` in it: the blobs its
+        snapshot names (bytes by digest), for ``Pipeline.restore``.
+
+        First waits until no transaction is open on the task's state, decisions and refs
+        partitions (a previous owner's commit in flight, or a stalled owner's transaction that
+        the coordinator aborts after ``transaction.timeout.ms``): what it reads then is final.
+        Task ``key`` writes to partition ``key`` of the state topic and nothing else does, so its
+        latest state is the partition's last committed record (compaction never removes that
+        one); a record written as parts is the head, its parts just before it. Its blobs are in
+        partition ``key`` of the refs topic, read to its end: a compacted partition holding the
+        task's references, each once. A blob it names that is not there is a StateError: the
+        task never starts without the state it had."""
+        loaded = self.reader.load(key)
+        if loaded is None:
+            return None
+        state, stored, parts = loaded
+        self.records.restored(key, stored, parts)
+        return state
+
+    def start_offsets(self, partitions: list[tuple[str, int]], reset: str = "earliest") -> dict[str, int]:
+        """Where a task without saved state starts: the group's committed offsets, else the
+        beginning (or the end, with ``auto.offset.reset`` latest) of each partition."""
+        c = self._partitions.consumer(group=self.group_id)
+        try:
+            tps = [TopicPartition(t, p) for t, p in partitions]
+            out: dict[str, int] = {}
+            for tp in c.committed(tps, timeout=TIMEOUT):
+                if tp.offset >= 0:
+                    out[f"{tp.topic}:{tp.partition}"] = tp.offset
                     continue
-                deadline = time.monotonic() + _TIMEOUT
-                for m in msgs:
-                    err = m.error()
-                    if err is None:
-                        yield m
-                        if m.offset() >= high - 1:
-                            return
-                    elif err.code() == KafkaError._PARTITION_EOF:
-                        return
-                    else:
-                        raise classify(err, f"reading {topic}/{partition}")
+                low, high = c.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=TIMEOUT)
+                out[f"{tp.topic}:{tp.partition}"] = high if reset in ("latest", "end", "largest") else low
+            return out
         except KafkaException as exc:
-            raise classify(exc, f"reading {topic}/{partition}") from exc
+            raise classify(exc, "start offsets") from exc
         finally:
             c.close()
 
+    def adopt(self, key: int, saved: Mapping[str, Any]) -> None:
+        """Reads what was decided for task ``key`` after its snapshot: those decisions are not
+        written again and those actions not run again."""
+        self.decisions.adopt(key, saved.get("decisions_offset") or 0)
 
-class _Stuck(Exception):
-    """A transactional call that did not return in time (see GroupState._blocking)."""
+    # -- the decisions topic
+
+    def published(self, did: str) -> bool:
+        """The decision is in the decisions topic already, or in the open transaction."""
+        return self.decisions.published(did)
+
+    def publish_fact(self, rec: Mapping[str, Any], did: str) -> None:
+        """A call's outcome, durable before this returns (:meth:`DecisionsTopic.publish_fact`)."""
+        self.decisions.publish_fact(rec, did)
+
+    def publish_anchor(self, anchor: Mapping[str, Any]) -> None:
+        """A signed anchor of the ledger (:meth:`DecisionsTopic.publish_anchor`)."""
+        self.decisions.publish_anchor(anchor)
+
+    def publish(self, rec: Mapping[str, Any], did: str) -> None:
+        """A decision, into the open transaction (:meth:`DecisionsTopic.publish`)."""
+        self.decisions.publish(rec, did)
+
+    def close(self) -> None:
+        """Aborts a transaction left open (what it held is re-derived from the committed state
+        by whoever owns the partitions next) and lets the producers go."""
+        self.txn.close()
+        self.decisions.close()
 
 
-def _error(exc: KafkaException) -> KafkaError:
-    arg = exc.args[0] if exc.args else None
-    return arg if isinstance(arg, KafkaError) else KafkaError(KafkaError._FAIL, str(exc))
+def state_key(group_id: str, task: int) -> bytes:
+    """The key of task ``task``'s state record (its parts': ``<key>/<n>``)."""
+    return f"{group_id}/{task}".encode()
 
 
 class GroupDecisions:
