@@ -201,4 +201,12 @@ def test_two_instances_one_killed_hand_over_state_and_decide_as_one(kafka_bootst
     got = sorted(json.dumps(r, sort_keys=True, separators=(",", ":")) for r in by_id.values())
     assert got == [json.dumps(json.loads(x), sort_keys=True, separators=(",", ":")) for x in expected]
     assert len(published) == len(by_id), "no decision published twice"
-    assert len(set(keys)) == 2 and len(keys) == 2, f"one rollback call per deployment, got {keys}"
+    assert len(set(keys)) == 2, f"one rollback per deployment, got {keys}"
+    # A key is called again only when A was killed between the call and recording its outcome
+    # (the documented window: the call is repeated with the same idempotency key, which the
+    # backend deduplicates). Anything else called twice is a double rollback.
+    a_log = log_of(a)
+    in_flight_at_kill = {k for k in set(keys) if f"idempotency_key={k}" in a_log
+                         and not re.search(rf"rollback\.succeeded .*incident={k.split(':')[0]}\b", a_log)}
+    repeated = {k for k in keys if keys.count(k) > 1}
+    assert repeated <= in_flight_at_kill and all(keys.count(k) <= 2 for k in keys), (keys, in_flight_at_kill)
