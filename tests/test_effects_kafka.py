@@ -54,6 +54,15 @@ SCENARIO = Scenario(
 )
 
 
+def mtime(path: Path) -> float:
+    """When the file was last written; 0 while it does not exist yet (the first checkpoint is
+    written by the checkpoint writer's thread a moment after the loop froze it)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
 def rules(hooks: dict[str, str], slack_url: str, webhook_timeout: float) -> str:
     deployments = "".join(
         f"""  {name}:
@@ -272,7 +281,7 @@ def test_a_stuck_webhook_and_a_slow_slack_stop_neither_another_rollback_nor_chec
         done = None
         while time.monotonic() < published_end + SLACK_DELAY:  # a whole Slack call long
             daemon.alive()
-            mtimes.append(daemon.checkpoint.stat().st_mtime)
+            mtimes.append(mtime(daemon.checkpoint))
             scrapes.append(daemon.scrape())
             if done is None and committed(kafka_bootstrap, f"g-{name}", name) >= total:
                 done = time.monotonic()
@@ -333,7 +342,7 @@ def test_sigkill_with_notices_queued_runs_each_once_after_the_restart(kafka_boot
         wait_until(lambda: len(slack.posts("/chat.postMessage")) == 2, 10, daemon, "both first notices at Slack")
         first_posts = time.monotonic()
         wait_until(lambda: len(daemon.actions("notify", "started")) == 6, 10, daemon, "six notices started")
-        wait_until(lambda: daemon.checkpoint.stat().st_mtime > time.time() - 0.2  # a checkpoint after them
+        wait_until(lambda: mtime(daemon.checkpoint) > time.time() - 0.2  # a checkpoint after them
                    and time.monotonic() > first_posts + 1.0, 10, daemon, "a checkpoint with the notices queued")
         finished_at_kill = daemon.actions("notify", "finished")
         daemon.stop(signal.SIGKILL)
