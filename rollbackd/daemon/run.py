@@ -14,10 +14,12 @@ checkpoints, the idle tick that lets event time follow the wall clock when no ev
 blind" notice when the source cannot be read.
 
 Blindness (``daemon/blindness.py``) is a state the loop steps on a timer: every iteration, and
-every second of a backoff wait, so no backoff postpones the notice. The consumer lag is read from
-the source without a round trip (librdkafka's statistics for Kafka) and kept, with its time, for
-/metrics: a scrape never talks to a broker. The blind state is saved with each checkpoint, so a
-restart resolves (or keeps) the notice it had raised.
+every second of a backoff wait, so no backoff postpones the notice. ``daemon/watch.py`` takes
+those looks (:class:`~rollbackd.daemon.watch.Watch`): the consumer lag is read from the source
+without a round trip (librdkafka's statistics for Kafka) and kept, with its time, for /metrics: a
+scrape never talks to a broker. The blind state is saved with each checkpoint, so a restart
+resolves (or keeps) the notice it had raised. The daemon's own notices (blind, an effect queue
+full, the digest) go through the effect lanes (:class:`~rollbackd.daemon.watch.OwnNotices`).
 
 Shutdown is bounded by ``stop_timeout`` from the moment ``stop()`` is called: the last
 checkpoint file is always written; the offset commit is skipped while the brokers do not answer,
@@ -36,9 +38,11 @@ Outages change nothing. With a state store, state, decisions and offsets commit 
 transaction; a transaction that does not commit (refused: this instance lost its partitions; not
 answered; aborted after a lost session) leaves the in-memory state ahead of what is committed,
 so before reading on the loop settles it and rewinds every task to its committed state (reloaded,
-its partitions sought there): re-read events are counted once. With a checkpoint file, partitions
-assigned again after a lost session resume at the position the in-memory state covers, not at
-a committed offset that a failed commit left behind.
+its partitions sought there): re-read events are counted once. ``daemon/grouptasks.py``
+(:class:`~rollbackd.daemon.grouptasks.GroupTasks`) does this, and takes over and hands over tasks
+as partitions move. With a checkpoint file, partitions assigned again after a lost session resume
+at the position the in-memory state covers, not at a committed offset that a failed commit left
+behind.
 """
 
 from __future__ import annotations
@@ -46,7 +50,6 @@ from __future__ import annotations
 import collections
 import gc
 import math
-import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -56,17 +59,16 @@ import structlog
 
 from rollbackd.actions.base import ActionResult, Notice, Notifier, NullNotifier, RollbackBackend
 from rollbackd.actions.delivery import Delivery
-from rollbackd.actions.intents import Call, own_notice
 from rollbackd.daemon.audit import Anchoring
-from rollbackd.daemon.blindness import BlindState, BlindTransition, Blindness, ReportsHealth, ReportsLag
 from rollbackd.daemon.checkpoints import Checkpoint, CheckpointWriter, Written
 from rollbackd.daemon.clock import Clock, WallClock
 from rollbackd.daemon.executor import DEFAULT_LANE_LIMIT, LaneExecutor
+from rollbackd.daemon.grouptasks import GroupTasks
 from rollbackd.daemon.pipeline import Edges, Pipeline
 from rollbackd.daemon.replay import push_human_input
-from rollbackd.daemon.scaleout import TransactionFailed
 from rollbackd.daemon.sources import EventSource
-from rollbackd.errors import Fatal, Recoverable
+from rollbackd.daemon.watch import OwnNotices, Watch
+from rollbackd.errors import Recoverable
 
 __all__ = ["RunSettings", "Checkpoint", "Daemon", "Task", "PipelinesView"]
 
@@ -231,6 +233,10 @@ class Daemon:
     Kafka topic, :class:`~rollbackd.daemon.scaleout.GroupState`), tasks are checkpointed
     there, one record per partition, and restored when the partition is assigned to this
     instance; without one, every task goes into one checkpoint file.
+
+    Its parts: ``group`` (:class:`~rollbackd.daemon.grouptasks.GroupTasks`: the state store's
+    transactions and partitions moving), ``watch`` (:class:`~rollbackd.daemon.watch.Watch`:
+    blindness and lag) and ``own`` (:class:`~rollbackd.daemon.watch.OwnNotices`: its own notices).
     """
 
     def __init__(
@@ -268,15 +274,8 @@ class Daemon:
         self._wait = wait or self._stop.wait
         self.name = name
         self.ready = threading.Event()  # set once the checkpoint is restored
-        self.blindness = Blindness(settings.blind_after, settings.lag_limit,
-                                   lag_measured=isinstance(source, (ReportsHealth, ReportsLag)))
-        self.lag: int | None = None  # consumer lag as last measured (kept while the brokers are away)
-        self.lag_at: float | None = None  # when (clock time)
-        self._lag_asked = -math.inf
-        self._reading = True  # the last look found the source readable (see _watch)
-        self._unreadable_at = -math.inf  # the last look that did not (clock time)
         self._stop_at: float | None = None  # monotonic time stop() was called
-        self._committed: Any = None  # the position last committed
+        self._committed: Any = None  # the position last committed (checkpoint file)
         self.events = 0
         self._position: Any = None
         self._last_checkpoint = self.clock.now()
@@ -293,29 +292,21 @@ class Daemon:
         self.view = PipelinesView(self)
         # Effects run off this thread, one lane per deployment; results come back in step().
         self.effects = LaneExecutor(Delivery(pipeline.edges), lane_limit=settings.effect_lane_limit,
-                                    on_full=self._effects_full)
+                                    on_full=lambda deployment, limit: self.own.effects_full(deployment, limit))
         pipeline.executor = self.effects.bind(pipeline)
-        # The daemon's own notices (blind, effect queue full) go through the same lanes, to its
-        # own notifier, recorded in the ledger but not in the decision log.
+        # The daemon's own notices (blind, effect queue full, the digest) go through the same
+        # lanes, to its own notifier, recorded in the ledger but not in the decision log.
         own = Edges(notifier=notifier or NullNotifier(), backend_for=_no_backend,
                     recorder=ledger if ledger is not None else pipeline.edges.recorder)
-        self._own = self.effects.bind(self, Delivery(own))
-        # Notices other threads hand over (the digest), posted from the loop; and who wants to
-        # hear how each of the daemon's own notices went.
-        self._inbox: queue.SimpleQueue[tuple[Notice, str, Callable[[ActionResult], None] | None]] = queue.SimpleQueue()
-        self._on_result: dict[str, Callable[[ActionResult], None]] = {}
+        self.own = OwnNotices(self.effects, own, name, self.clock)
+        # Can the daemon read, how far behind is it: the blind state, its notice, the lag.
+        self.watch = Watch(source, blind_after=settings.blind_after, lag_limit=settings.lag_limit,
+                           lag_every=settings.lag_every, name=name, own=self.own, notify=notifier is not None)
         self._human_input_at = -math.inf
-        # Exactly-once bookkeeping (state store): the last commit's marks in the local ledger and
-        # decision log (a rewind goes back to them), and what the loop must do before reading.
-        self._ledger_marks: dict[str, int] | None = None
-        self._decisions_mark: int | None = None
-        self._unsettled = False  # a transaction's outcome is not known yet
-        self._rewind_due = False  # in-memory state is ahead of what was committed, and must not be
-        self._in_doubt_position: Any = None  # the position an unanswered commit covers
-        self._committed_blind: dict[str, Any] | None = None
-        self.rewinds = 0
+        # With a state store: transactions, rewinds, partitions moving (daemon/grouptasks.py).
+        self.group = GroupTasks(self)
         hooks: tuple[tuple[str, Callable[[list[tuple[str, int]]], None]], ...] = (
-            (("on_assign", self._assigned), ("on_revoke", self._revoked), ("on_lost", self._lost))
+            (("on_assign", self.group.assigned), ("on_revoke", self.group.revoked), ("on_lost", self.group.lost))
             if state is not None else
             # One instance, a checkpoint file: partitions that come back after a lost session or
             # a revoke resume where the in-memory state is, not at an older committed offset.
@@ -378,7 +369,7 @@ class Daemon:
         if cp.position is not None and seek is not None:
             seek(cp.position)
         self._position = cp.position
-        self._restore_blind(cp.blind)
+        self.watch.restore(cp.blind)
         log.info("checkpoint.restored", path=self.settings.checkpoint_path, tasks=sorted(cp.pipelines),
                  event_time=max((t.pipeline.max_event_time for t in self.tasks.values()), default=None))
         self.ready.set()
@@ -395,8 +386,8 @@ class Daemon:
         if self.state is not None:
             # Not while reads fail (the commit would wait out its timeout on the same brokers)
             # nor before the loop has settled an earlier transaction.
-            if self._reading and not (self._unsettled or self._rewind_due) and self._dirty():
-                self._commit_tasks()
+            if self.watch.reading and self.group.due():
+                self.group.commit()
             self._last_checkpoint = self.clock.now()
             self.checkpoint_seconds = self._last_checkpoint - started
             self.last_beat = self._last_checkpoint
@@ -411,7 +402,7 @@ class Daemon:
             position=self._position,
             decisions_offset=self.decisions.offset() if self.decisions is not None and hasattr(self.decisions, "offset") else 0,
             ledger_marks=self.ledger.high_water() if self.ledger is not None else {},
-            blind=self.blindness.state.to_dict(),
+            blind=self.watch.blindness.state.to_dict(),
             # every reference the snapshots name: the new ones with their bytes, the others
             # (written by an earlier checkpoint) by digest
             blobs={d: None for _, t in tasks for d in t.pipeline.blob_digests()},
@@ -436,7 +427,7 @@ class Daemon:
         self._durable_marks.clear()  # older ones were overtaken by this one
         if self.anchoring is not None and marks is not None:
             self.anchoring.publish(self.clock.now(), marks)
-        if self._reading and written.position != self._committed:
+        if self.watch.reading and written.position != self._committed:
             try:
                 self.source.commit(written.position)
             except Recoverable as exc:
@@ -457,179 +448,6 @@ class Daemon:
         self.checkpoint()
         self.flush_checkpoint(timeout)
 
-    # Exactly-once (state store) --------------------------------------------------------
-    def _commit_tasks(self) -> None:
-        """One transaction: the decisions since the last one, every task's state and the input
-        offsets they cover. On failure the in-memory state is ahead of what is committed: the
-        loop settles the transaction and, unless it committed after all, rewinds every task."""
-        keys = sorted(self.tasks)
-        states, blobs = {}, {}
-        for k in keys:
-            states[k], blobs[k] = self._task_state(k)
-        self.checkpoint_bytes = sum(len(s["pipeline"]) + sum(map(len, blobs[k].values())) for k, s in states.items())
-        position = dict(self._position or {})
-        try:
-            self.state.commit(states, _of_tasks(position, set(keys)), self.source.group_metadata(),  # type: ignore[attr-defined]
-                              blobs)
-        except TransactionFailed as exc:
-            self._unsettled = True
-            if exc.in_doubt:
-                self._in_doubt_position = position
-            else:
-                self._rewind_due = True
-            raise
-        self._committed_at(position)
-
-    def _committed_at(self, position: Any) -> None:
-        self._committed = position
-        self._committed_blind = self.blindness.state.to_dict()
-        self._in_doubt_position = None
-        if self.ledger is not None and hasattr(self.ledger, "high_water"):
-            self._ledger_marks = self.ledger.high_water()
-        if self.decisions is not None and hasattr(self.decisions, "offset"):
-            self._decisions_mark = self.decisions.offset()
-        if self.anchoring is not None:  # a rewind goes back no further than these marks
-            self.anchoring.publish(self.clock.now(), self._ledger_marks)
-
-    def _settle(self) -> bool:
-        """Before reading on: a transaction whose outcome is unknown is settled and, if the
-        in-memory state went past what is committed, every task is rewound. False while the
-        coordinator cannot be reached."""
-        if self._unsettled:
-            outcome = self.state.settle(1.0)
-            if outcome is None:
-                return False
-            self._unsettled = False
-            if outcome == "committed" and self._in_doubt_position is not None:
-                log.info("txn.committed_after_doubt")
-                self._committed_at(self._in_doubt_position)
-            elif outcome == "aborted":
-                self._rewind_due = True
-        if self._rewind_due:
-            self._rewind()
-        return True
-
-    def _rewind(self) -> None:
-        """Every task back to its last committed state: reloaded from the state topic, its
-        partitions sought to the offsets that state covers. Events read since are read again and
-        counted once; the decisions they led to are made again, with the same ids."""
-        keys = sorted(self.tasks)
-        log.warning("tasks.rewinding", tasks=keys,
-                    detail="the last transaction did not commit: back to the committed state")
-        self.rewinds += 1
-        # Calls in flight finish first (bounded): their outcomes reach the outbox, so the same
-        # calls, decided again by the rewound tasks, are not made twice.
-        deadline = time.monotonic() + self.settings.effects_stop_timeout
-        while self.effects.waiting() and time.monotonic() < deadline:
-            self.effects.drain()
-            self._wait(0.02)
-        self.effects.drain()
-        if self.ledger is not None and self._ledger_marks is not None and hasattr(self.ledger, "rewind"):
-            self.ledger.rewind(self._ledger_marks)
-        if self.decisions is not None and self._decisions_mark is not None and hasattr(self.decisions, "truncate"):
-            self.decisions.truncate(self._decisions_mark)
-        held = list(self.source.assignment()) if hasattr(self.source, "assignment") else []
-        self._drop(keys)
-        self._rewind_due = False
-        self._take_over(held)
-        self._committed = dict(self._position or {})
-
-    def _dirty(self) -> bool:
-        """Something a commit would change: events read, decisions written, the blind state."""
-        return (self._position != self._committed or bool(getattr(self.state, "txn_open", False))
-                or self.blindness.state.to_dict() != self._committed_blind)
-
-    # Partitions moving (state store) ------------------------------------------------
-    def _task_state(self, key: int) -> tuple[dict[str, Any], dict[str, bytes]]:
-        """Task ``key``'s state record and the blobs it names that no earlier record of this
-        pipeline did. Complete references are named by digest, not inlined: each goes to the
-        refs topic once, not with every checkpoint."""
-        position = _of_tasks(self._position, {key})
-        pipeline = self.tasks[key].pipeline
-        snapshot = pipeline.snapshot(external=True)
-        # The instance's blind state rides along with each of its tasks: whoever holds one next
-        # (this instance after a restart, or another) resolves an open notice once it reads.
-        state = {**self.state.task_state(key, snapshot, position, pipeline.blob_digests()),
-                 "blind": self.blindness.state.to_dict()}
-        return state, pipeline.new_blobs()
-
-    def _assigned(self, partitions: list[tuple[str, int]]) -> None:
-        self._take_over(partitions)
-
-    def _take_over(self, partitions: list[tuple[str, int]]) -> None:
-        """Tasks for ``partitions`` that this instance does not hold yet, each from its last
-        committed state (or from the start, without one), sought to the offsets it covers."""
-        for key in sorted({p for _, p in partitions} - set(self.tasks)):
-            saved = self._load(key)
-            task = self.task(key)
-            if saved is None:
-                # Sought explicitly: a rewind before the task's first commit comes back here.
-                reset = str(getattr(self.source, "offset_reset", "earliest"))
-                mine = [tp for tp in partitions if tp[1] == key]
-                start = self._retrying(f"the start offsets of partition {key}",
-                                       lambda: self.state.start_offsets(mine, reset))
-                if start:
-                    self.source.seek(start)  # type: ignore[attr-defined]
-                    self._position = {**(self._position or {}), **start}
-                log.info("task.started", task=key, position=start)
-                continue
-            for warning in task.pipeline.restore(saved["pipeline"], saved.get("blobs")):
-                log.warning("checkpoint.rule_changed", task=key, detail=warning)
-            # The outbox first: calls in flight at the snapshot that finished since are not redone.
-            self.state.adopt(key, saved)
-            self.effects.resubmit(task.pipeline.restored_effects, task.pipeline)
-            self._restore_blind(saved.get("blind"))
-            if saved["position"]:
-                self.source.seek(saved["position"])  # type: ignore[attr-defined]
-                self._position = {**(self._position or {}), **saved["position"]}
-            log.info("task.restored", task=key, position=saved["position"],
-                     event_time=task.pipeline.max_event_time)
-
-    def _load(self, key: int, attempts: int = 5) -> dict[str, Any] | None:
-        """Task ``key``'s saved state, retried with backoff. A partition must never start without
-        the state it had: if the store stays unreadable the daemon stops (its supervisor restarts
-        it, and the partition goes to a member that can read it)."""
-        return self._retrying(f"the state of partition {key}", lambda: self.state.load(key), attempts, key)
-
-    def _retrying(self, what: str, fn: Callable[[], Any], attempts: int = 5, key: int | None = None) -> Any:
-        delay = 0.5
-        for attempt in range(1, attempts + 1):
-            try:
-                return fn()
-            except Recoverable as exc:
-                if attempt == attempts:
-                    raise Fatal(f"cannot read {what}: {exc}") from exc
-                log.warning("task.restore_failed", task=key, attempt=attempt, detail=str(exc))
-                self._wait(delay)
-                delay = min(delay * 2, self.settings.backoff_max)
-        return None
-
-    def _revoked(self, partitions: list[tuple[str, int]]) -> None:
-        """Partitions leave in a rebalance: everything is committed (one transaction, still in
-        this generation) before their tasks go, so the next owner starts exactly here."""
-        gone = self._gone(partitions)
-        if not gone:
-            return
-        if self._position is not None and not (self._unsettled or self._rewind_due) and self._dirty():
-            try:
-                self.effects.drain()
-                self._commit_tasks()
-            except Recoverable as exc:  # the next owner starts from the last commit
-                log.warning("task.commit_failed", tasks=gone, detail=str(exc))
-        self._drop(gone)
-
-    def _lost(self, partitions: list[tuple[str, int]]) -> None:
-        """Partitions taken without a revoke (the session expired: another member may own them
-        already). The open transaction holds their decisions: it is aborted, never committed, and
-        the tasks that stay are rewound to the last commit."""
-        gone = self._gone(partitions)
-        if getattr(self.state, "txn_open", False):
-            self.state.abort(f"partitions lost: {gone}")
-            self._unsettled = True
-            self._rewind_due = True
-        self._drop(gone)
-        log.warning("tasks.lost", tasks=gone)
-
     def _resume_where_state_is(self, partitions: list[tuple[str, int]]) -> None:
         """File mode: partitions assigned again (after a lost session, a revoke) continue at the
         position the in-memory state covers. Commits may have failed meanwhile (brokers away):
@@ -641,28 +459,17 @@ class Daemon:
             self.source.seek(resume)  # type: ignore[attr-defined]
             log.info("partitions.resumed", position=resume)
 
-    def _gone(self, partitions: list[tuple[str, int]]) -> list[int]:
-        """The tasks left with none of their partitions once ``partitions`` go (the source still
-        lists them as assigned while the hook runs)."""
-        leaving = set(partitions)
-        staying = {p for t, p in getattr(self.source, "assignment", lambda: [])() if (t, p) not in leaving}
-        return sorted({p for _, p in leaving} & set(self.tasks) - staying)
+    def _assigned(self, partitions: list[tuple[str, int]]) -> None:
+        self.group.assigned(partitions)
 
-    def _drop(self, keys: list[int]) -> None:
-        release = getattr(self.state, "release", None)
-        for key in keys:
-            self.tasks.pop(key, None)
-            if release is not None:
-                release(key)
-            log.info("task.handed_over", task=key)
-        if self._position is not None:
-            self._position = _of_tasks(self._position, set(keys), exclude=True)
+    def _gone(self, partitions: list[tuple[str, int]]) -> list[int]:
+        return self.group.gone(partitions)
 
     # The loop ----------------------------------------------------------------------
     def run(self) -> None:
         from rollbackd.daemon.replay import GC_THRESHOLDS
 
-        self._measure(self.clock.now(), None)  # the lag from the start, for /metrics
+        self.watch.measure(self.clock.now(), None)  # the lag from the start, for /metrics
         self.restore()
         flush = getattr(self.prototype.edges.dead_letters, "flush", None)
         if flush is not None:
@@ -673,7 +480,7 @@ class Daemon:
         try:
             while not self.stopping:
                 self.last_beat = self.clock.now()
-                if (self._unsettled or self._rewind_due) and not self._settle():
+                if self.group.pending and not self.group.settle():
                     self._pause(backoff, "a transaction is waiting for the group coordinator")
                     backoff = min(backoff * 2, self.settings.backoff_max)
                     continue
@@ -707,7 +514,7 @@ class Daemon:
             self._close_source()
             if self._writer is not None:
                 self._writer.close(timeout=5.0)
-            log.info("daemon.stopped", events=self.events, rewinds=self.rewinds, counted=counted)
+            log.info("daemon.stopped", events=self.events, rewinds=self.group.rewinds, counted=counted)
 
     def _pause(self, seconds: float, failure: str) -> None:
         """A backoff wait after a failed read, looking at the blindness every second of it, so a
@@ -715,7 +522,7 @@ class Daemon:
         left = seconds
         while True:
             self._tend()
-            self._watch(self.clock.now(), failure)
+            self.watch.look(self.clock.now(), failure)
             if left <= 0 or self.stopping:
                 return
             self._wait(min(1.0, left))
@@ -785,7 +592,7 @@ class Daemon:
                 self._position = {**self._position, **batch.position}
             else:
                 self._position = batch.position
-        self._watch(now)
+        self.watch.look(now)
         lead = max((t.watermark for t in self.tasks.values()), default=-math.inf)
         for key, task in sorted(self.tasks.items()):
             self._select(key)
@@ -830,138 +637,39 @@ class Daemon:
             wm = max(wm, task.event_time_at_last_event + idle - task.pipeline.lateness)
         return wm
 
-    # Effects -----------------------------------------------------------------------------
-    def apply_result(self, call: Call, result: ActionResult) -> None:
-        """A notice of the daemon's own came back: whoever asked hears how it went."""
-        callback = self._on_result.pop(call.key, None)
-        if callback is not None:
-            callback(result)
-
-    def post_from_thread(self, notice: Notice, on_result: Callable[[ActionResult], None] | None = None) -> None:
-        """Hand a notice from another thread (the digest's scheduler) to the loop, which posts
-        it through the executor; ``on_result`` hears how it went (on the loop's thread)."""
-        self._inbox.put((notice, notice.kind, on_result))
-
-    def _own_notice(self, notice: Notice, reason: str,
-                    on_result: Callable[[ActionResult], None] | None = None) -> None:
-        key = f"{notice.incident_id}:{notice.kind}:{notice.ts:.3f}"
-        if on_result is not None:
-            self._on_result[key] = on_result
-        self._own.submit(own_notice(notice, key, reason))
-
+    # Effects and the watch ---------------------------------------------------------------
     def _tend(self) -> None:
         """Work the loop does whether or not it can read: results, handed-over notices."""
         self.effects.drain()
-        while True:
-            try:
-                notice, reason, on_result = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            self._own_notice(notice, reason, on_result)
+        self.own.post_handed_over()
 
-    def _effects_full(self, deployment: str, limit: int) -> None:
-        text = (f"{limit} notices are waiting for {deployment}'s notifier: further notices for it "
-                "are dropped (recorded as failed in the ledger) until it catches up")
-        title = f"[EFFECTS] {self.name}: notice queue full for {deployment}"
-        self._own_notice(Notice(incident_id=f"effects-{self.name}-{deployment}", kind="opened",
-                                ts=self.clock.now(), deployment="*", variant="*", version=None,
-                                title=title, text=text), "effect queue full")
+    def post_from_thread(self, notice: Notice, on_result: Callable[[ActionResult], None] | None = None) -> None:
+        """See :meth:`OwnNotices.post_from_thread` (the digest's scheduler hands its notice here)."""
+        self.own.post_from_thread(notice, on_result)
 
-    # Monitoring the monitor ----------------------------------------------------------
     @property
     def blind_notified(self) -> bool:
         """The [BLIND] notice is out."""
-        return self.blindness.state.notified
+        return self.watch.blind_notified
 
     @property
     def blind_since(self) -> float | None:
         """Start of the current spell of blindness (notified or not yet), or None."""
-        return self.blindness.state.since
+        return self.watch.blind_since
 
-    def _watch(self, now: float, read_failure: str | None = None) -> None:
-        """One look: can the daemon read, how far behind is it? Steps the blind state and sends
-        its notice. Called after every read (``read_failure``: why it raised) and every second
-        of a backoff wait."""
-        lag, since, why = self._measure(now, read_failure)
-        reading = why is None
-        if reading != self._reading:
-            if reading:
-                log.info("source.reading", lag=lag)
-            else:
-                log.warning("source.failing", detail=why)
-            self._reading = reading
-        if not reading:
-            self._unreadable_at = now
-        change = self.blindness.observe(now, reading, lag, why or "", since)
-        if change is not None:
-            self._post(self._blind_notice(now, change))
+    @property
+    def lag(self) -> int | None:
+        """The consumer lag as last measured (kept while the brokers are away), for /metrics."""
+        return self.watch.lag
 
-    def _measure(self, now: float, read_failure: str | None) -> tuple[int | None, float | None, str | None]:
-        """(current lag or None, when the source stopped answering or None, why it cannot be read
-        or None). Never a network round trip from a source that reports its health; sources that
-        only answer ``lag()`` are asked every ``lag_every`` seconds.
-
-        The current lag is one measured lately and since the source was last seen unreadable: a
-        value from before an outage is kept for /metrics, but says nothing about now."""
-        source = self.source
-        since: float | None = None
-        why = read_failure
-        if isinstance(source, ReportsHealth):
-            health = source.health()
-            if health.lag is not None and health.lag_age is not None:
-                self.lag, self.lag_at = health.lag, now - health.lag_age
-            if not health.reachable:
-                why = why or health.detail or "the brokers do not answer"
-                since = now - health.silent_for
-        elif isinstance(source, ReportsLag) and read_failure is None:
-            if now - self._lag_asked >= self.settings.lag_every:
-                self._lag_asked = now
-                try:
-                    self.lag, self.lag_at = int(source.lag()), now
-                except Recoverable as exc:
-                    log.info("source.lag_unknown", detail=str(exc))
-        fresh = self.lag_at is not None and self.lag_at > self._unreadable_at and (
-            now - self.lag_at <= 2 * self.settings.lag_every)
-        return self.lag if fresh else None, since, why
-
-    def _restore_blind(self, saved: Any) -> None:
-        state = BlindState.from_dict(saved if isinstance(saved, dict) else None)
-        self.blindness.adopt(state)
-        if state.notified:
-            log.warning("monitoring.blind_restored", since=state.since, detail=state.text)
-
-    def _blind_notice(self, now: float, change: BlindTransition) -> Notice:
-        opened = change.kind == "opened"
-        title = f"[{'BLIND' if opened else 'RESOLVED'}] {self.name}: {change.text}"
-        (log.error if opened else log.warning)("monitoring.blind", state=change.kind, detail=change.text,
-                                               since=change.since, lag=change.lag)
-        return Notice(
-            incident_id=f"blind-{self.name}", kind=change.kind,
-            ts=now, deployment="*", variant="*", version=None,
-            title=title, text=title, thread=change.thread,
-        )
-
-    def _post(self, notice: Notice) -> None:
-        """The one place a notice of the daemon's own (the blind notice) is decided: the
-        executor posts it, off this thread."""
-        if self.notifier is None:
-            return
-        if notice.kind == "opened":
-            # its thread is kept, so the resolution (after a restart too) replies in it
-            self._own_notice(notice, "monitoring blind", lambda result: self.blindness.noticed(result.thread))
-        else:
-            self._own_notice(notice, "monitoring again")
+    @property
+    def lag_at(self) -> float | None:
+        """When (clock time) :attr:`lag` was measured."""
+        return self.watch.lag_at
 
 
 def _no_backend(deployment: str) -> RollbackBackend:
     raise LookupError("the daemon's own notices roll nothing back")
-
-
-def _of_tasks(position: dict[str, int] | None, keys: set[int], exclude: bool = False) -> dict[str, int]:
-    """The entries of a Kafka position (``{"topic:3": offset}``) for the partitions ``keys``
-    (with ``exclude``, for all the others)."""
-    return {tp: off for tp, off in (position or {}).items()
-            if (int(tp.rpartition(":")[2]) in keys) != exclude}
 
 
 def _position_key(position: Any) -> str:
