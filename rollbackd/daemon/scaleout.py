@@ -607,10 +607,18 @@ class DecisionsTopic:
         if key in self._next:
             return self._next[key]
         c = self.partitions.consumer()
+        deadline = time.monotonic() + TIMEOUT
         try:
-            _, high = c.get_watermark_offsets(TopicPartition(self.topic, key), timeout=TIMEOUT)
-        except KafkaException as exc:
-            raise classify(exc, "decisions topic end") from exc
+            while True:
+                try:
+                    _, high = c.get_watermark_offsets(TopicPartition(self.topic, key), timeout=TIMEOUT)
+                    break
+                except KafkaException as exc:
+                    # A partition between leaders (just created, or its broker moved) answers
+                    # NOT_LEADER for a moment: asked again, within the timeout.
+                    if not _leader_moving(exc) or time.monotonic() > deadline:
+                        raise classify(exc, "decisions topic end") from exc
+                    time.sleep(0.2)
         finally:
             c.close()
         self._next[key] = high  # from now on we are its only writer
@@ -888,3 +896,10 @@ class DecisionsTopicAnchors:
 
     def publish(self, anchor: dict[str, Any]) -> None:
         self.group.publish_anchor(anchor)
+
+
+def _leader_moving(exc: KafkaException) -> bool:
+    """A partition with no leader for the moment: worth asking again shortly."""
+    err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+    return err is not None and (err.retriable() or err.code() in (
+        KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE))
