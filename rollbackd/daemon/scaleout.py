@@ -537,25 +537,11 @@ class DecisionsTopic:
         offset order: it waits behind a transaction open before it.) If the brokers do not take
         it now, it goes into the transaction instead; the local ledger has it meanwhile."""
         value = encode_decision({**rec, "decision_id": did})
-        failures: list[str] = []
-
-        def delivered(err: KafkaError | None, msg: Any) -> None:
-            if err is not None:
-                failures.append(f"{err.name()}: {err.str()}")
-            else:
-                self._delivered(msg)
-
-        try:
-            self._facts.produce(self.topic, value, key=str(rec.get("deployment", "")).encode(),
-                                partition=self._partition(rec), on_delivery=delivered)
-            left = self._facts.flush(TIMEOUT)
-        except (KafkaException, BufferError) as exc:
-            left = 1
-            failures.append(str(exc))
-        failure = failures[0] if failures else None
-        if left or failure:
-            log.warning("decision.outcome_not_durable", decision_id=did,
-                        detail=failure or f"not acknowledged in {TIMEOUT} s", fallback="the next commit")
+        failure = self._durably(value, str(rec.get("deployment", "")).encode(), self._partition(rec),
+                                self._delivered)
+        if failure is not None:
+            log.warning("decision.outcome_not_durable", decision_id=did, detail=failure,
+                        fallback="the next commit")
             self.publish(rec, did)
             return
         self.seen.add(did)
@@ -566,16 +552,30 @@ class DecisionsTopic:
         any transaction, since it only states what the ledger holds already. The anchor records'
         values, one per line, are an anchor file for ``rollbackd audit verify --anchors``."""
         value = json.dumps(anchor, sort_keys=True, separators=(",", ":")).encode()
+        failure = self._durably(value, f"anchor/{anchor.get('ledger_id')}".encode(), 0)
+        if failure is not None:
+            raise BrokerUnavailable(f"publishing an anchor: {failure}")
+
+    def _durably(self, value: bytes, key: bytes, partition: int,
+                 on_delivered: Callable[[Any], None] | None = None) -> str | None:
+        """Produces one record with the outside-the-transaction producer and waits until the
+        brokers have it: None then, else why not."""
         failures: list[str] = []
+
+        def delivered(err: KafkaError | None, msg: Any) -> None:
+            if err is not None:
+                failures.append(f"{err.name()}: {err.str()}")
+            elif on_delivered is not None:
+                on_delivered(msg)
+
         try:
-            self._facts.produce(self.topic, value, key=f"anchor/{anchor.get('ledger_id')}".encode(),
-                                partition=0, on_delivery=lambda err, _msg: err is not None and failures.append(
-                                    f"{err.name()}: {err.str()}"))
+            self._facts.produce(self.topic, value, key=key, partition=partition, on_delivery=delivered)
             left = self._facts.flush(TIMEOUT)
         except (KafkaException, BufferError) as exc:
-            raise BrokerUnavailable(f"publishing an anchor: {exc}") from exc
-        if left or failures:
-            raise BrokerUnavailable(f"publishing an anchor: {failures[0] if failures else 'not acknowledged'}")
+            return str(exc)
+        if failures:
+            return failures[0]
+        return f"not acknowledged in {TIMEOUT} s" if left else None
 
     def adopt(self, key: int, start: int) -> None:
         """Reads what was decided for task ``key`` from offset ``start``: those decisions are not
