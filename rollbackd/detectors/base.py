@@ -103,7 +103,8 @@ class Window:
     """
 
     __slots__ = (
-        "deployment", "variant", "start", "end", "predictions", "outcomes", "siblings", "__dict__",
+        "deployment", "variant", "start", "end", "predictions", "outcomes", "siblings",
+        "version", "segment", "__dict__",
     )
 
     def __init__(
@@ -124,6 +125,11 @@ class Window:
         # variant -> Window of the same deployment and span (this one included); set by the
         # window assembler, empty for a window built alone.
         self.siblings: Mapping[str, Window] = {}
+        # Set when this window is one part of a window the pipeline split: the share one model
+        # version served (a rolling update), or one slice's share ("region=eu-west"). None: the
+        # whole window of the deployment × variant.
+        self.version: str | None = None
+        self.segment: str | None = None
 
     def __repr__(self) -> str:
         return (
