@@ -76,6 +76,15 @@ class WindowProfile:
     reliability: np.ndarray | None = None
 
 
+def _part_label(window: Any) -> str | None:
+    """"version=8" or "region=eu-west" for a share of a window the pipeline split; else None."""
+    if window is None:
+        return None
+    if window.segment is not None:
+        return window.segment
+    return None if window.version is None else f"version={window.version}"
+
+
 class MeasurementTap:
     """Every evaluation of every rule, as the pipeline made it.
 
@@ -118,12 +127,18 @@ class MeasurementTap:
         self, ts: float, rule: str, deployment: str, variant: str, measurement: Any, window: Any = None
     ) -> None:
         rec = measurement.to_record() if hasattr(measurement, "to_record") else dict(measurement)
-        key = (rule, deployment, variant)
+        # One version's or one slice's share of a window has a series of its own, beside the
+        # arm's; /metrics and the window profiles show whole windows (and a sliced rule's
+        # verdict, which the pipeline does not pass here).
+        part = _part_label(window)
+        key = (rule, deployment, variant if part is None else f"{variant} {part}")
         self.evaluations += 1
         series = self._series.get(key)
         if series is None:
             series = self._series[key] = deque(maxlen=self.max_points)
         series.append((ts, rec.get("value"), rec.get("threshold"), int(rec.get("sample_size") or 0), rec.get("p_value")))
+        if part is not None:
+            return
         self._latest[key] = (ts, rec)
         if not self.profiles_enabled or window is None:
             return

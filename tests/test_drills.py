@@ -97,7 +97,11 @@ def test_a_drill_report_plots_every_evaluation_when_the_pipeline_feeds_the_tap(r
     result = drill(recording, config, out_dir=tmp_path, notifier=ConsoleNotifier(io.StringIO()))
     assert result.measured
     series = result.tap.by_rule()["serving-error-rate"]
-    assert len(series) == 30  # one 1-minute window per minute of the recording
+    whole = [p for p in series if p["variant"] == "primary"]
+    assert len(whole) == 30  # one 1-minute window per minute of the recording
+    # The windows both versions served (the deploy) are also measured per version's share.
+    shares = {p["variant"] for p in series} - {"primary"}
+    assert shares == {"primary version=1", "primary version=2"}
     html = result.report_path.read_text()
     assert "every evaluation" in html and "alert transitions only" not in html
 

@@ -132,6 +132,9 @@ class AlertSummary:
     window_end: float
     p_value: float | None = None
     summary: str | None = None
+    # Where the value was found when not in the whole window: "in region=eu-west (others
+    # 0.004)", "in version 8 (window served 7, 8)".
+    where: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

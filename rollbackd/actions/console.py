@@ -45,7 +45,7 @@ def _alert_line(a: AlertSummary, color: bool) -> list[str]:
     code = _RESOLVED if a.state == "resolved" else _SEVERITY_COLORS.get(a.severity, "")
     head = _paint(f"{a.rule} ({a.severity}, {a.state})", code, color)
     parts = [
-        f"value {fmt_number(a.value)} vs threshold {fmt_number(a.threshold)}",
+        f"value {fmt_number(a.value)}{' ' + a.where if a.where else ''} vs threshold {fmt_number(a.threshold)}",
         f"window {utc_iso(a.window_start)}/{utc_iso(a.window_end)}",
         f"n={a.sample_size}",
     ]

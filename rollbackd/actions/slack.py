@@ -51,7 +51,7 @@ def _window(start: float, end: float) -> str:
 
 def _alert_text(a: AlertSummary) -> str:
     parts = [
-        f"value {fmt_number(a.value)} vs threshold {fmt_number(a.threshold)}",
+        f"value {fmt_number(a.value)}{' ' + _escape(a.where) if a.where else ''} vs threshold {fmt_number(a.threshold)}",
         f"window {_window(a.window_start, a.window_end)}",
         f"n={a.sample_size}",
     ]

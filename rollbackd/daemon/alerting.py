@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from rollbackd.daemon.clock import iso
+from rollbackd.daemon.splits import blamed_version
 from rollbackd.detectors.base import Measurement, Window
 from rollbackd.rules.alerts import Alert, AlertState
 from rollbackd.rules.incidents import Incident, IncidentChange
@@ -74,6 +75,7 @@ class AlertRouter:
             if suppressed is None and transition.new in ("firing", "resolved")
             else None
         )
+        measured = m.to_record()
         rec = {
             "ts": now,
             "kind": "alert",
@@ -85,9 +87,9 @@ class AlertRouter:
             "state": transition.new,
             "previous": str(transition.previous),
             "incident_id": _incident_of(effects, incident),
-            "measurement": m.to_record(),
+            "measurement": measured,
             "window": [window.start, window.end],
-            "version": p._current_version(key),
+            "version": blamed_version(measured) or p._current_version(key),
         }
         if suppressed is not None:
             rec["suppressed"] = suppressed

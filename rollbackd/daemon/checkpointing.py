@@ -95,6 +95,7 @@ class PipelineState:
             "admission": p.admission.state(),
             "safety": p.safety,
             "awaiting": p.awaiting,
+            "stalled": p.stalled,
             "incidents": (p.book.open, p.book.closed[-1000:]),
             "effects": p.executor.in_flight(),
             "parked": p.responder.parked,
@@ -148,6 +149,7 @@ class PipelineState:
             "versions": p.versions,
             "safety": p.safety,
             "awaiting": p.awaiting,
+            "stalled": p.stalled,
             "incidents": (p.book.open, p.book.closed[-1000:]),
             # calls not finished yet, and the places their notices wait at: run after a restart
             "effects": p.executor.in_flight(),
@@ -213,6 +215,7 @@ class PipelineState:
         p.versions = state["versions"]
         p.safety = state["safety"]
         p.awaiting = state["awaiting"]
+        p.stalled = state.get("stalled", {})  # absent from a snapshot taken before they were kept
         p.book.open, p.book.closed = state["incidents"]
         p.restored_effects = list(state["effects"])
         p.responder.parked = dict(state["parked"])

@@ -20,6 +20,7 @@ boundaries. ``snapshot``/``freeze``/``restore`` write and read this state throug
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -40,13 +41,14 @@ from rollbackd.daemon.decisions import DecisionSink, NullDecisions
 from rollbackd.daemon.executor import Executor, SyncExecutor
 from rollbackd.daemon.join import OutcomeJoiner, Pending
 from rollbackd.daemon.response import Responder
+from rollbackd.daemon.splits import judge_slices, judge_versions, slice_paths, slice_windows, version_shares
 from rollbackd.daemon.versions import VersionHistory
 from rollbackd.daemon.windows import WindowAssembler
 from rollbackd.detectors.base import REGISTRY, Detector, Labeled, Measurement, Reference, Window, make_detector
 from rollbackd.events import Deploy, Event, Outcome, Prediction, Rejected
 from rollbackd.rules.alerts import Alert, AlertState, step
 from rollbackd.rules.incidents import Incident, IncidentBook
-from rollbackd.rules.model import Config, RuleSpec, WindowSpec
+from rollbackd.rules.model import WHOLE_WINDOW_DETECTORS, Config, RuleSpec, WindowSpec
 from rollbackd.rules.silences import Silence
 
 __all__ = ["Pipeline", "Edges"]
@@ -55,6 +57,9 @@ log = structlog.get_logger("rollbackd")
 
 Key = tuple[str, str]
 _model_version = attrgetter("model_version")
+# Detectors kept per sliced rule and arm, in multiples of its slice_top_k, before the ones of
+# slices no longer among the largest are dropped.
+SLICE_DETECTORS_PER_TOP_K = 4
 
 
 def _count_versions(predictions: list[Prediction]) -> dict[str, int]:
@@ -124,6 +129,9 @@ class Pipeline:
         self.safety = SafetyState()
         # Rollbacks waiting for a human, by "<incident>:<variant>": rule, variant, deadline.
         self.awaiting: dict[str, dict[str, Any]] = {}
+        # Rollbacks skipped for want of a target, by "<incident>:<variant>": decided again when
+        # the arm's versions change (Responder.retry_stalled).
+        self.stalled: dict[str, dict[str, Any]] = {}
         # What gets in, and event time per deployment (see daemon/admission.py).
         self.admission = Admission(s, s.join_horizon, config.deployments)
         self.event_time = EventTime(s.lateness, s.max_future_skew)
@@ -144,6 +152,7 @@ class Pipeline:
         # A traffic (no-data) rule must see the empty windows of a gap: no skipping then.
         self._watches_silence = any(r.detector == "traffic" for r in config.rules)
         self._references: dict[str, Reference | None] = {}
+        self._slices: dict[tuple[str, Key], set[str]] = {}  # sliced rule and arm -> its slices' detectors
         self.checkpointing = PipelineState(self)  # snapshots, and what keeps the next one cheap
         self.router = AlertRouter(self)  # alert transitions: muted, or to their incident
         self._init_effects()
@@ -457,6 +466,7 @@ class Pipeline:
             self._boundary(nb)
             self._effects(self.book.tick(nb))
             self._approvals(nb)
+            self.responder.retry_stalled(nb)
             self._closed = nb
             following = nb + g
             if not following > nb:  # cannot happen within admission's bounds; never spin on it
@@ -540,18 +550,68 @@ class Pipeline:
         self, rule: RuleSpec, window: Window, now: float
     ) -> tuple[RuleSpec, Alert, Any, Measurement, Window] | None:
         key = (window.deployment, window.variant)
-        det = self._detector(rule, key)
-        self.checkpointing.changing((rule.name, key))  # a checkpoint taken before has its state first
-        det.update(window)
-        m = det.evaluate(now)
-        if self.edges.tap is not None:
-            self.edges.tap.measure(now, rule.name, key[0], key[1], m, window)
         alert = self.alerts.get((rule.name, key))
+        if rule.slice_by:
+            m = self._measure_slices(rule, window, now, alert)
+        else:
+            m = self._measure(rule, window, now, alert)
         if alert is None:
             alert = Alert(rule.name, key[0], key[1])
         new, transition = step(rule, alert, m, now)
         self.alerts[(rule.name, key)] = new
         return None if transition is None else (rule, new, transition, m, window)
+
+    def _measure(self, rule: RuleSpec, window: Window, now: float, alert: Alert | None) -> Measurement:
+        """The rule's measurement of the window, and of each version's share of it when more
+        than one version served it (``daemon/splits.py``): a probe, a copy of the detector as
+        it was before this window, measures each share; the detector itself takes the whole
+        window, as it does when one version served."""
+        key = (window.deployment, window.variant)
+        det = self._detector(rule, key)
+        self.checkpointing.changing((rule.name, key))  # a checkpoint taken before has its state first
+        shares = [] if rule.detector in WHOLE_WINDOW_DETECTORS else version_shares(window, rule.needs_labels)
+        measured: list[tuple[str, Measurement]] = []
+        if shares:
+            before = copy.deepcopy(det)
+            for i, share in enumerate(shares):
+                probe = before if i == len(shares) - 1 else copy.deepcopy(before)
+                probe.update(share)
+                m_share = probe.evaluate(now)
+                self._tap(rule, share, m_share, now)
+                measured.append((share.version, m_share))  # type: ignore[arg-type]
+        det.update(window)
+        m = det.evaluate(now)
+        self._tap(rule, window, m, now)
+        return judge_versions(rule, alert, m, measured) if measured else m
+
+    def _measure_slices(self, rule: RuleSpec, window: Window, now: float, alert: Alert | None) -> Measurement:
+        """The rule's measurement over the window's slices: each slice has its own detector
+        (its own history and reference), and ``daemon/splits.py`` judges them together."""
+        key = (window.deployment, window.variant)
+        parts = slice_windows(window, slice_paths(rule), rule.slice_top_k)
+        measured: list[tuple[str, Measurement]] = []
+        known = self._slices.setdefault((rule.name, key), set())
+        for part in parts:
+            skey = (key[0], key[1], part.segment)
+            det = self._detector(rule, skey)  # type: ignore[arg-type]
+            self.checkpointing.changing((rule.name, skey))  # type: ignore[arg-type]
+            det.update(part)
+            m = det.evaluate(now)
+            self._tap(rule, part, m, now)
+            measured.append((part.segment, m))  # type: ignore[arg-type]
+            known.add(part.segment)  # type: ignore[arg-type]
+        if len(known) > SLICE_DETECTORS_PER_TOP_K * rule.slice_top_k:
+            # A slice that left the top K long ago: its detector goes (bounded memory when
+            # a sliced attribute has many values).
+            current = {part.segment for part in parts}
+            for name in sorted(known - current):
+                self.detectors.pop((rule.name, (key[0], key[1], name)), None)  # type: ignore[arg-type]
+            known &= current  # type: ignore[arg-type]
+        return judge_slices(rule, alert, measured)
+
+    def _tap(self, rule: RuleSpec, window: Window, m: Measurement, now: float) -> None:
+        if self.edges.tap is not None:
+            self.edges.tap.measure(now, rule.name, window.deployment, window.variant, m, window)
 
     def _current_version(self, key: Key) -> str | None:
         hist = self.versions.get(key)

@@ -45,6 +45,7 @@ from rollbackd.actions.intents import (
 )
 from rollbackd.actions.policy import SafetyPolicy, SafetyState
 from rollbackd.daemon.clock import iso
+from rollbackd.daemon.splits import blamed_version, where
 from rollbackd.daemon.versions import VersionHistory
 from rollbackd.rules.incidents import ActionsDue, Incident, IncidentChange, NoticeDue
 
@@ -140,17 +141,24 @@ class Responder:
         }
         if e.change in ("verified", "verification_failed"):
             rec["verify_by"] = inc.verify_by
+        named = blamed_version(alert.measurement) if alert is not None else None
         if e.change in ("opened", "alert_joined") and alert is not None and self._marks_bad(alert.rule):
             hist = self.p.versions.get(key)
             if hist is not None and hist.current is not None:
-                hist.mark_bad()
+                hist.mark_bad(named)
         if e.change == "opened":
             hist = self.p.versions.get(key)
-            if hist is not None and hist.current is not None:
-                rec["version"] = hist.current.version
-                rec["version_started"] = hist.current.started
-                if hist.current.provenance:
-                    rec["provenance"] = dict(sorted(hist.current.provenance.items()))
+            span = hist.latest(named) if hist is not None and named is not None else None
+            if span is None and hist is not None:
+                span = hist.current
+            if named is not None:
+                rec["version"] = named
+            if span is not None:
+                rec.setdefault("version", span.version)
+                if span.version == rec["version"]:
+                    rec["version_started"] = span.started
+                    if span.provenance:
+                        rec["provenance"] = dict(sorted(span.provenance.items()))
         self.record(rec, "incident")
         log.info("incident." + e.change, incident=inc.id, deployment=inc.deployment, ts=iso(e.ts))
 
@@ -167,7 +175,7 @@ class Responder:
         lead = inc.lead_alert()
         spec = p.config.deployment(inc.deployment)
         rule = p._rule_index.get(lead.rule)
-        version = p._current_version((inc.deployment, lead.variant))
+        version = blamed_version(lead.measurement) or p._current_version((inc.deployment, lead.variant))
         state = "RESOLVED" if kind == "resolved" else lead.severity.upper()
         title = f"[{state}] {inc.deployment}/{lead.variant}: {lead.rule}"
         if len(inc.alerts) > 1:
@@ -184,6 +192,7 @@ class Responder:
                 window_end=a.window[1],
                 p_value=a.measurement.get("p_value"),
                 summary=a.summary,
+                where=where(a.measurement),
             )
             for a in inc.alerts.values()
         )
@@ -298,12 +307,15 @@ class Responder:
         rule = p._rule_index.get(rule_name)
         key = (inc.deployment, variant)
         hist = p.versions.get(key) or VersionHistory()
-        current = hist.current.version if hist.current is not None else None
+        # The version to move away from: the one whose share of a mixed window breached (a
+        # rolling update), else the one serving.
+        named = self._named_version(inc, rule_name, variant)
+        current = named or (hist.current.version if hist.current is not None else None)
         # A version marked bad on any arm is never a target. The stable fallback is not held
         # to the known-good rule: see _stable_version.
         bad = self._bad_versions(inc.deployment)
         target = hist.known_good(
-            ts, spec.known_good_after, spec.known_good_min_predictions, bad
+            ts, spec.known_good_after, spec.known_good_min_predictions, bad, away_from=named
         ) or self._stable_version(inc.deployment, variant, current, bad)
         plan = (
             RollbackPlan(inc.deployment, variant, current, target, inc.id, f"rule {rule_name}")
@@ -380,6 +392,32 @@ class Responder:
         p.executor.submit(call)
         return [FollowUps(call.key, inc.deployment)]
 
+    def _picture(self, key: tuple[str, str]) -> list[list[Any]]:
+        """What the arm's version history says now, to tell when it changed."""
+        hist = self.p.versions.get(key)
+        return [[s.version, s.started] for s in hist.spans] if hist is not None else []
+
+    def retry_stalled(self, now: float) -> None:
+        """Decide again each rollback skipped for want of a target whose arm's versions changed
+        since (a new version serving, the rolling update finished); drop those whose incident
+        is over."""
+        stalled = self.p.stalled
+        if not stalled:
+            return
+        notices: list[NoticeDraft | FollowUps] = []
+        for key in sorted(stalled):
+            entry = stalled[key]
+            inc = self._incident_by_id(entry["incident_id"])
+            if inc is None or not inc.is_open:
+                del stalled[key]
+                continue
+            if self._picture((inc.deployment, entry["variant"])) == entry["picture"]:
+                continue
+            del stalled[key]
+            log.info("rollback.retry", incident=inc.id, deployment=inc.deployment, variant=entry["variant"])
+            notices.extend(self._rollback(inc, entry["rule"], entry["variant"], now))
+        self._post(notices)
+
     def _safety_with_in_flight(self, deployment: str) -> SafetyState:
         """The safety state as it will be once the rollbacks of ``deployment`` still in flight
         have answered: each counts for the cooldown from its decision, as it does in a replay,
@@ -400,6 +438,14 @@ class Responder:
         # A dry run is what was asked for (a drill runs every rollback dry): not a warning.
         emit = log.info if verdict == "dry_run" else log.warning
         emit("rollback." + verdict, incident=inc.id, deployment=inc.deployment, detail=why)
+        if verdict == "no_target" and inc.is_open:
+            # Decided again when the versions of the arm change (``retry_stalled``): the
+            # version serving alone, or a known-good one appearing, may give it a target.
+            key = (inc.deployment, rec["variant"])
+            self.p.stalled[f"{inc.id}:{rec['variant']}"] = {
+                "incident_id": inc.id, "rule": rec["rule"], "variant": rec["variant"],
+                "picture": self._picture(key),
+            }
         if verdict in _ESCALATING:
             return [(inc, "updated", ts, f"escalated: rollback {verdict.replace('_', ' ')}", why)]
         return [(inc, "updated", ts, f"rollback {status}", why)]
@@ -542,6 +588,13 @@ class Responder:
         rule that rolls back says the version is bad; a notify-only warning does not
         (``marks_bad`` overrides either way)."""
         return rule in self._marking
+
+    def _named_version(self, inc: Incident, rule_name: str, variant: str) -> str | None:
+        """The version the incident's alert of ``rule_name`` on ``variant`` names as breaching."""
+        for a in inc.alerts.values():
+            if a.rule == rule_name and a.variant == variant:
+                return blamed_version(a.measurement)
+        return None
 
     def _bad_versions(self, deployment: str) -> set[str]:
         """The versions marked bad on any arm of ``deployment``."""

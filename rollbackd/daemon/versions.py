@@ -69,24 +69,41 @@ class VersionHistory:
                         span.predictions += n
                     break
 
-    def mark_bad(self) -> None:
-        if self.current is not None:
-            self.current.bad = True
+    def latest(self, version: str) -> VersionSpan | None:
+        """The latest span of ``version`` (None: it never served most of a pane here)."""
+        for span in reversed(self.spans):
+            if span.version == version:
+                return span
+        return None
+
+    def mark_bad(self, version: str | None = None) -> None:
+        """Mark the latest span of ``version`` bad (None: the current one). A version that never
+        served most of a pane (a rolling update caught early) has no span to mark: the rollback
+        moves away from it all the same (``known_good``'s ``away_from``)."""
+        span = self.current if version is None else self.latest(version)
+        if span is not None:
+            span.bad = True
 
     def bad_versions(self) -> set[str]:
         """The versions marked bad here: a rule that marks bad fired while one of their spans served."""
         return {s.version for s in self.spans if s.bad}
 
     def known_good(
-        self, now: float, known_good_after: float, min_predictions: int = 0, bad: Set[str] = frozenset()
+        self, now: float, known_good_after: float, min_predictions: int = 0, bad: Set[str] = frozenset(),
+        away_from: str | None = None,
     ) -> str | None:
-        """The most recent version, other than the current one, that ran healthy long enough
-        and served at least ``min_predictions`` predictions in that span, and is marked bad
-        neither here nor in ``bad`` (the versions marked bad on the deployment's other arms)."""
+        """The most recent version, other than ``away_from`` (None: the current one), that ran
+        healthy long enough and served at least ``min_predictions`` predictions in that span,
+        and is marked bad neither here nor in ``bad`` (the versions marked bad on the
+        deployment's other arms). When ``away_from`` is not the current version (the new
+        version of a rolling update failed while the old one still served most), the current
+        span is a candidate too."""
         cur = self.current
         bad = self.bad_versions() | bad
-        for span in reversed(self.spans[:-1]):
-            if cur is not None and span.version == cur.version:
+        leaving = away_from if away_from is not None else (cur.version if cur is not None else None)
+        spans = self.spans if cur is not None and cur.version != leaving else self.spans[:-1]
+        for span in reversed(spans):
+            if span.version == leaving:
                 continue
             if span.version in bad:
                 continue

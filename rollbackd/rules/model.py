@@ -44,6 +44,10 @@ def _frozen(m: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return MappingProxyType(dict(m or {}))
 
 
+DEFAULT_SLICE_TOP_K = 10
+MAX_SLICE_TOP_K = 100
+
+
 @dataclass(frozen=True, slots=True)
 class WindowSpec:
     """Event-time window: ``size`` seconds long, advancing by ``step`` (``step == size``: tumbling).
@@ -174,6 +178,10 @@ class RuleSpec:
     # Whether an incident of this rule marks the serving version bad (no longer a rollback
     # target). None: the rule's own verdict, i.e. it rolls back; a notify-only warning does not.
     marks_bad: bool | None = None
+    # Evaluate per slice of the traffic ("attrs.region", "features.country"): the largest
+    # ``slice_top_k`` slices of each window on their own, the rest together as "other".
+    slice_by: tuple[str, ...] = ()
+    slice_top_k: int = DEFAULT_SLICE_TOP_K
 
     @property
     def marks_version_bad(self) -> bool:
@@ -199,7 +207,13 @@ class RuleSpec:
         return False
 
 
-LABEL_DETECTORS = frozenset({"model_error", "calibration"})
+LABEL_DETECTORS = frozenset({"model_error", "model_quality", "calibration"})
+# Detectors judged on the whole window even when several versions served it: a share of the
+# traffic is not a window of less traffic (no-data alarms), and the alibi detectors hold models
+# too large to copy for a probe.
+WHOLE_WINDOW_DETECTORS = frozenset({"traffic", "alibi_mmd", "alibi_lsdd", "alibi_cvm_online"})
+# Where ``slice_by`` reads a slice's value from: a prediction's attrs or one of its features.
+SLICE_SOURCES = ("attrs", "features")
 
 
 @dataclass(frozen=True, slots=True)

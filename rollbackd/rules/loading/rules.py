@@ -13,7 +13,9 @@ from rollbackd.rules.durations import format_duration
 from rollbackd.rules.loading.detector_check import DetectorCheck, DetectorFactories, known_detectors
 from rollbackd.rules.loading.reader import INVALID, NodeReader, Pairs, fmt_num, is_null, kind, sub, suggest
 from rollbackd.rules.loading.timing import TimingReader
-from rollbackd.rules.model import ACTIONS, SEVERITIES, DeploymentSpec, RuleSpec, WindowSpec
+from rollbackd.rules.model import (
+    ACTIONS, MAX_SLICE_TOP_K, SEVERITIES, SLICE_SOURCES, DeploymentSpec, RuleSpec, WindowSpec,
+)
 
 DIRECTIONS = ("above", "below")
 
@@ -40,6 +42,8 @@ RULE_KEYS = (
     "runbook",
     "marks_bad",
     "weight",
+    "slice_by",
+    "slice_top_k",
 )
 
 
@@ -125,6 +129,7 @@ class RulesReader:
         read.optional(pairs, path, kw, "summary", read.string)
         read.optional(pairs, path, kw, "runbook", read.string)
         read.optional(pairs, path, kw, "marks_bad", read.boolean)
+        self.slices(pairs, path, kw)
 
         self.check_detector(pairs, path, kw, detector, detectors, params, param_keys)
         if read.errors != errors_before:
@@ -275,6 +280,28 @@ class RulesReader:
                 failed = True
         if not failed:
             kw["deployments"] = names
+
+    def slices(self, pairs: Pairs, path: str, kw: dict[str, Any]) -> None:
+        """``slice_by`` (where each slice's value is read) and ``slice_top_k``."""
+        read = self.read
+        by = read.optional(pairs, path, kw, "slice_by", lambda n, p: read.strings(n, p, non_empty=True))
+        if by not in (None, INVALID):
+            node = pairs["slice_by"][1]
+            for i, (item, source) in enumerate(zip(read.sequence(node, "") or [], by)):
+                head, _, name = source.partition(".")
+                if head not in SLICE_SOURCES or not name:
+                    read.error(item, f"{sub(path, 'slice_by')}[{i}]",
+                               f"{source!r} is not attrs.<name> or features.<name>")
+            if RuleSpec(name="", detector=kw.get("detector", ""), threshold=0.0,
+                        params=kw.get("params", {})).needs_labels:
+                read.error(node, sub(path, "slice_by"),
+                           "slice_by applies to rules on predictions (errors, latency, drift, "
+                           "data quality); a label is joined without its prediction's attrs, so "
+                           "label-based rules cannot be sliced yet")
+        read.optional(pairs, path, kw, "slice_top_k",
+                      lambda n, p: read.number(n, p, integer=True, ge=1, le=MAX_SLICE_TOP_K))
+        if "slice_top_k" in pairs and "slice_by" not in pairs:
+            read.error(pairs["slice_top_k"][1], sub(path, "slice_top_k"), "slice_top_k needs slice_by")
 
     def valid_rule_warnings(
         self, pairs: Pairs, path: str, kw: Mapping[str, Any], detector: Any, window: WindowSpec

@@ -1,0 +1,230 @@
+"""Judging a window by its parts: the versions that served it, the slices of its traffic.
+
+A window of one deployment × variant can hold more than one model version (a rolling update,
+a blue-green overlap, labels arriving for the version that served before). Judged whole, a
+failing new version is diluted by the healthy old one and the incident names whichever
+served most. So the pipeline also measures each version's *share* of such a window — with a
+probe, a copy of the rule's detector as it was before the window, fed only that share — and
+:func:`judge_versions` decides which measurement steps the alert: a share that breaches (the
+version is named in the evidence, and the rollback moves away from it), else the whole window.
+
+A rule with ``slice_by`` is evaluated per slice instead (one detector per slice, so each keeps
+its own history: a region's drift reference is that region's). :func:`slice_windows` cuts the
+largest ``slice_top_k`` slices of a window and pools the rest as "other";
+:func:`judge_slices` corrects their p-values for multiplicity (Holm) and picks the slice that
+steps the rule's one alert, naming the breaching slices and the rest's value in the evidence.
+
+Pure: no clock, no I/O; the same window gives the same parts in the same order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from operator import attrgetter
+from typing import Any, Mapping, Sequence
+
+from rollbackd.detectors.base import Labeled, Measurement, Window
+from rollbackd.detectors.stats import adjust_pvalues
+from rollbackd.events import Prediction
+from rollbackd.rules.alerts import Alert, AlertState, verdict
+from rollbackd.rules.model import RuleSpec
+
+__all__ = [
+    "OTHER", "version_shares", "judge_versions", "blamed_version", "where",
+    "slice_of", "slice_paths", "slice_windows", "judge_slices",
+]
+
+# The slice that pools every value beyond a rule's slice_top_k.
+OTHER = "other"
+_version = attrgetter("model_version")
+
+
+def _part(window: Window, predictions: list[Prediction], outcomes: list[Labeled]) -> Window:
+    part = Window(window.deployment, window.variant, window.start, window.end, predictions, outcomes)
+    part.siblings = window.siblings
+    part.version, part.segment = window.version, window.segment
+    return part
+
+
+def version_shares(window: Window, labels: bool) -> list[Window]:
+    """Each version's share of ``window`` (sorted by version), or ``[]`` when one version served
+    it. ``labels``: the rule reads outcomes, so a label for an older version's prediction makes
+    the window mixed too."""
+    versions = set(window.versions)
+    if labels and window.outcomes:
+        versions.update(map(_version, window.outcomes))
+    if len(versions) < 2:
+        return []
+    preds: dict[str, list[Prediction]] = {v: [] for v in versions}
+    outs: dict[str, list[Labeled]] = {v: [] for v in versions}
+    for p in window.predictions:
+        preds[p.model_version].append(p)
+    if labels:
+        for o in window.outcomes:
+            outs[o.model_version].append(o)
+    shares = []
+    for v in sorted(versions):
+        share = _part(window, preds[v], outs[v])
+        share.version = v
+        shares.append(share)
+    return shares
+
+
+def _adverse(rule: RuleSpec, m: Measurement) -> float:
+    """How far ``m`` is on the failing side: larger is worse, whatever the direction."""
+    assert m.value is not None
+    return m.value if rule.direction == "above" else -m.value
+
+
+def _active(alert: Alert | None) -> bool:
+    return alert is not None and alert.state is not AlertState.INACTIVE
+
+
+def _pick(rule: RuleSpec, alert: Alert | None, parts: Sequence[tuple[str, Measurement]]) -> tuple[str, Measurement] | None:
+    """The part that steps the alert: the most adverse breaching one; while the alert is active,
+    the most adverse one with a verdict (it holds the alert while past ``clear``)."""
+    judged = [(label, m) for label, m in parts if verdict(rule, m) is not None]
+    breaching = [(label, m) for label, m in judged if verdict(rule, m)]
+    pool = breaching or (judged if _active(alert) else [])
+    if not pool:
+        return None
+    return max(pool, key=lambda lm: (_adverse(rule, lm[1]), lm[1].sample_size, lm[0]))
+
+
+def judge_versions(
+    rule: RuleSpec, alert: Alert | None, whole: Measurement, shares: Sequence[tuple[str, Measurement]]
+) -> Measurement:
+    """The measurement that steps ``alert``: a version's share that breaches (or, the alert
+    being active, is the most adverse past ``clear``), else the whole window's. The share's
+    evidence names the version and what each version measured."""
+    chosen = _pick(rule, alert, shares)
+    if chosen is None:
+        return whole
+    if not verdict(rule, chosen[1]) and verdict(rule, whole) is not None and \
+            _adverse(rule, whole) >= _adverse(rule, chosen[1]):
+        # Holding an active alert, no share breaching: the whole window, when it is as far
+        # past clear as any share, speaks for every version.
+        return whole
+    version, m = chosen
+    others = {v: _brief(s) for v, s in shares}
+    return replace(m, evidence={**m.evidence, "version": version, "versions": others})
+
+
+def blamed_version(measurement: Mapping[str, Any]) -> str | None:
+    """The version a measurement record (``Measurement.to_record``) names as breaching: set
+    when a version's share of a mixed window stepped the alert."""
+    evidence = measurement.get("evidence")
+    version = evidence.get("version") if isinstance(evidence, Mapping) else None
+    return version if isinstance(version, str) else None
+
+
+def where(measurement: Mapping[str, Any]) -> str | None:
+    """Where in the traffic a measurement record found its value, for a notice: "in
+    region=eu-west (others 0.004)", "in version 8 (of 7, 8)"; None for a whole window."""
+    evidence = measurement.get("evidence")
+    if not isinstance(evidence, Mapping):
+        return None
+    segment = evidence.get("segment")
+    if isinstance(segment, str):
+        others = evidence.get("others_value")
+        more = [b.get("slice") for b in evidence.get("slices_breaching") or () if isinstance(b, Mapping)]
+        more = [m for m in more if isinstance(m, str) and m != segment]
+        text = f"in {segment}" + (f" (also {', '.join(more)})" if more else "")
+        if isinstance(others, (int, float)):
+            text += f" (others {others:.4g})"
+        return text
+    version = blamed_version(measurement)
+    if version is not None:
+        versions = evidence.get("versions")
+        served = ", ".join(sorted(versions)) if isinstance(versions, Mapping) else version
+        return f"in version {version} (window served {served})"
+    return None
+
+
+def _brief(m: Measurement) -> dict[str, Any]:
+    return {"value": m.value, "n": m.sample_size} if m.insufficient is None else \
+        {"value": None, "n": m.sample_size, "insufficient": m.insufficient}
+
+
+# Slices ---------------------------------------------------------------------------------
+def slice_of(prediction: Prediction, paths: Sequence[tuple[str, str]]) -> str:
+    """The slice a prediction belongs to: ``name=value`` per path, comma-joined."""
+    parts = []
+    for source, name in paths:
+        values = prediction.attrs if source == "attrs" else prediction.features
+        value = values.get(name) if values else None
+        parts.append(f"{name}={'(none)' if value is None else value}")
+    return ",".join(parts)
+
+
+def slice_paths(rule: RuleSpec) -> tuple[tuple[str, str], ...]:
+    return tuple((s.partition(".")[0], s.partition(".")[2]) for s in rule.slice_by)
+
+
+def slice_windows(window: Window, paths: Sequence[tuple[str, str]], top_k: int) -> list[Window]:
+    """The window's slices: the ``top_k`` largest by predictions (ties by name) on their own,
+    the others pooled into :data:`OTHER`; in order of size."""
+    by: dict[str, list[Prediction]] = {}
+    for p in window.predictions:
+        key = slice_of(p, paths)
+        lst = by.get(key)
+        if lst is None:
+            by[key] = [p]
+        else:
+            lst.append(p)
+    ranked = sorted(by, key=lambda k: (-len(by[k]), k))
+    parts = []
+    for name in ranked[:top_k]:
+        part = _part(window, by[name], [])
+        part.segment = name
+        parts.append(part)
+    rest = [p for name in ranked[top_k:] for p in by[name]]
+    if rest:
+        part = _part(window, rest, [])
+        part.segment = OTHER
+        parts.append(part)
+    return parts
+
+
+def judge_slices(
+    rule: RuleSpec, alert: Alert | None, slices: Sequence[tuple[str, Measurement]]
+) -> Measurement:
+    """The one measurement that steps the rule's alert for all its slices.
+
+    p-values are Holm-adjusted across the slices that have one, so ten regions are not ten
+    chances of a false alarm. The chosen slice is the most adverse breaching one (while the
+    alert is active: the most adverse with a verdict); its evidence names every breaching
+    slice and the others' value, weighted by their samples (the pooled rate, for a rate).
+    With no slice able to give a verdict, the measurement says so."""
+    tested = [i for i, (_, m) in enumerate(slices) if m.p_value is not None and m.insufficient is None]
+    adjusted = list(slices)
+    if len(tested) > 1:
+        raw = [slices[i][1].p_value for i in tested]
+        for i, p_adj in zip(tested, adjust_pvalues(raw, "holm")):  # type: ignore[arg-type]
+            label, m = slices[i]
+            adjusted[i] = (label, replace(m, p_value=float(p_adj),
+                                          evidence={**m.evidence, "p_value_raw": m.p_value}))
+    chosen = _pick(rule, alert, adjusted)
+    if chosen is None:
+        judged = [(label, m) for label, m in adjusted if verdict(rule, m) is not None]
+        if judged:  # no breach, alert inactive: the most adverse slice, for the record
+            chosen = max(judged, key=lambda lm: (_adverse(rule, lm[1]), lm[1].sample_size, lm[0]))
+        else:
+            n = sum(m.sample_size for _, m in slices)
+            return Measurement.insufficient_data(
+                rule.threshold, n, "no slice had enough data for a verdict" if slices else "no traffic",
+                slices=len(slices))
+    label, m = chosen
+    breaching = [(lb, s) for lb, s in adjusted if verdict(rule, s)]
+    rest = [s for lb, s in adjusted if lb != label and verdict(rule, s) is not None]
+    rest_n = sum(s.sample_size for s in rest)
+    others = (sum(s.value * s.sample_size for s in rest) / rest_n) if rest_n else None  # type: ignore[operator]
+    return replace(m, evidence={
+        **m.evidence,
+        "segment": label,
+        "slices_breaching": [{"slice": lb, "value": s.value, "n": s.sample_size, "p_value": s.p_value}
+                             for lb, s in breaching],
+        "others_value": others,
+        "others_n": rest_n,
+        "slices": len(slices),
+    })
