@@ -20,6 +20,7 @@ import pytest
 
 from rollbackd.actions.console import ConsoleNotifier
 from rollbackd.daemon.decisions import MemoryDecisions
+from rollbackd.daemon.pipeline import Pipeline
 from rollbackd.daemon.replay import build_pipeline, open_recording, replay
 from rollbackd.daemon.snapshot import frame, restore_detector, unframe
 from rollbackd.detectors.base import Window
@@ -406,3 +407,33 @@ def test_a_shift_and_an_error_jump_on_day_3_fire_with_same_time(faulty):
         assert d["measurement"]["evidence"]["drifted"] == ["y"]
         assert d["measurement"]["evidence"]["reference_end"] == d["ts"] - DAY
     assert all(d["measurement"]["value"] > 0.05 for d in errors)
+
+
+def test_a_pipeline_restarted_from_its_snapshot_on_day_3_decides_as_the_one_that_ran_through(faulty):
+    """The seasonal stores are in the pipeline's snapshot (a frame, no pickle): restored at
+    day 3 00:00, the pipeline compares day 3 with day 2 as the one that never stopped."""
+    config = load_config_text(SAME_TIME)
+
+    def decide(restart_at: float | None) -> list[dict]:
+        decisions = MemoryDecisions()
+        pipeline = build_pipeline(config, decisions=decisions,
+                                  notifier=ConsoleNotifier(stream=io.StringIO()))
+        source = open_recording(str(faulty), config)
+        restarted = False
+        while (batch := source.read(2048)) is not None:
+            pipeline.ingest(batch.events)
+            pipeline.advance(pipeline.watermark)
+            if restart_at is not None and not restarted and pipeline.watermark >= restart_at:
+                blob, blobs = pipeline.snapshot(external=True), pipeline.new_blobs()
+                pipeline = Pipeline(pipeline.config, pipeline.edges, pipeline.silences)
+                pipeline.restore(blob, blobs)
+                restarted = True
+        pipeline.finish()
+        pipeline.advance(pipeline.max_event_time)
+        source.close()
+        assert restarted or restart_at is None
+        return decisions.records
+
+    through = decide(None)
+    assert [d for d in through if d["kind"] == "alert" and d["state"] == "firing"]
+    assert decide(T0 + 2 * DAY) == through
