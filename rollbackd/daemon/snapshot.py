@@ -793,6 +793,7 @@ def _register_builtin() -> None:
         Prediction, Outcome, Deploy, Labeled, Pending, JoinStats, DeploymentSeen,
         # detectors' moving state
         Measurement, latency.LogSketch, drift._Chunks, drift._Numeric, drift._Categorical,
+        drift.WindowSummary,
         drift._Tested, drift._Pending, stats.CvmReference, stats.AdReference,
         stats.WassersteinReference, stats.PsiReference, quality._ColumnStats, quality._Profile,
         quality._Score,

@@ -14,6 +14,7 @@ from typing import Any, Callable, Generic, Iterable, Mapping, NamedTuple, Sequen
 import numpy as np
 
 from rollbackd.detectors.base import Measurement, Reference, Window, check_feature_names, register
+from rollbackd.detectors.seasonal import SeasonalStore, parse_period
 from rollbackd.detectors.stats import (
     CORRECTIONS,
     ad_pvalue,
@@ -39,11 +40,14 @@ from rollbackd.detectors.stats import (
     wasserstein_reference,
     wasserstein_statistic,
 )
+from rollbackd.rules.durations import format_duration
 
 __all__ = [
     "Drift",
     "Baseline",
     "BASELINES",
+    "DRIFT_BASELINES",
+    "SameTime",
     "NUMERIC_TESTS",
     "CATEGORICAL_TESTS",
     "UNSEEN_MODES",
@@ -58,6 +62,9 @@ CATEGORICAL_TESTS: tuple[str, ...] = ("chi2", "g", "js", "psi")
 _BOUNDED_EFFECT = frozenset({"ks", "cvm", "chi2", "g", "js"})
 UNSEEN_MODES: tuple[str, ...] = ("ignore", "evidence", "drift")
 BASELINES: tuple[str, ...] = ("file", "first_n", "previous_version", "rolling")
+# Drift's own: the window one period earlier (SameTime); data_quality and the alibi detectors
+# keep the shared four.
+DRIFT_BASELINES: tuple[str, ...] = (*BASELINES, "same_time")
 
 _NONE = type(None)
 
@@ -364,6 +371,132 @@ class Baseline(Generic[S]):
         return "ready" if ready else "building"
 
 
+class WindowSummary(NamedTuple):
+    """A window as ``same_time`` keeps it for a period: its prediction count and, per column,
+    a sorted float32 sample of at most ``same_time_size`` values (numeric) or the category
+    counts (categorical); None when the column held nothing usable."""
+
+    n: int
+    columns: dict[str, np.ndarray | dict[Any, int] | None]
+
+
+def order_statistics(values: np.ndarray, size: int) -> np.ndarray:
+    """``size`` evenly spaced order statistics of the sorted ``values`` (all when there are no
+    more than ``size``): the values at ranks ``floor((i + 1/2) n / size)``. Deterministic, so a
+    replay keeps byte-identical references; the ECDF of the result is within ``1/size`` of that
+    of ``values`` everywhere."""
+    n = values.shape[0]
+    if n <= size:
+        return values
+    return values[((np.arange(size) + 0.5) * (n / size)).astype(np.int64)]
+
+
+def _compact_column(col: Sequence[Any], size: int) -> np.ndarray | dict[Any, int] | None:
+    kind = _column_kind(col)
+    if kind == "numeric":
+        values = _numeric_values(col)
+        if values.shape[0] == 0:
+            return None
+        values.sort()
+        # float32 rounding is monotone: the sample stays sorted.
+        return order_statistics(values, size).astype(np.float32)
+    if kind == "categorical":
+        counts = _category_counts(col)
+        return dict(counts) if counts else None
+    return None
+
+
+class SameTime(Generic[S]):
+    """``baseline: same_time``: the window is compared with the window that ended one
+    ``period`` earlier (a :class:`~rollbackd.detectors.seasonal.SeasonalStore` of
+    :class:`WindowSummary`), which needs ``min_samples`` predictions of its own.
+
+    The same interface as :class:`Baseline` (``admit``, ``not_tested``, ``summary``, ``mode``);
+    ``summary`` is the detector's reference summary made from the earlier window's compact
+    one, anew for every window.
+    """
+
+    STATE = ("_store", "reference_end", "reference_n")
+    mode = "same_time"
+    version = None
+
+    def __init__(
+        self,
+        period: float,
+        *,
+        summarise: Callable[[Mapping[str, Any]], S],
+        size: int,
+        names: Sequence[str] | None = None,
+        with_score: bool = False,
+    ) -> None:
+        self.period = period
+        self.size = size
+        self.names = None if names is None else list(names)
+        self.with_score = with_score
+        self._summarise = summarise
+        self._store: SeasonalStore[WindowSummary] = SeasonalStore(period)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._store._reset()
+        self.summary: S | None = None
+        # The earlier window last compared with (its end and prediction count).
+        self.reference_end: float | None = None
+        self.reference_n: int | None = None
+
+    @property
+    def _label(self) -> str:
+        return f"same_time, period {format_duration(self.period)}"
+
+    def admit(self, window: Window, min_samples: int) -> str:
+        """``ready``, ``empty``, ``few``, ``no earlier window`` or ``few earlier``. Every window
+        is kept (summarised) for the one a period later, whatever its own verdict."""
+        cols, n = _window_columns(window, None, self.names, self.with_score)
+        earlier = self._store.get(window.end - self.period)
+        self._store.put(
+            window.end,
+            WindowSummary(n, {name: _compact_column(col, self.size) for name, col in cols.items()}),
+        )
+        self.summary = None
+        self.reference_end = self.reference_n = None
+        if n == 0:
+            return "empty"
+        if earlier is None or earlier[1].n == 0:
+            return "no earlier window"
+        self.reference_end, self.reference_n = earlier[0], earlier[1].n
+        if earlier[1].n < min_samples:
+            return "few earlier"
+        if n < min_samples:
+            return "few"
+        self.summary = self._summarise(earlier[1].columns)
+        return "ready"
+
+    def not_tested(
+        self, status: str | None, n: int, threshold: float, min_samples: int
+    ) -> Measurement | None:
+        if status == "no earlier window":
+            return Measurement.insufficient_data(
+                threshold, n, f"no window one period earlier ({self._label})"
+            )
+        if status == "few earlier":
+            return Measurement.insufficient_data(
+                threshold,
+                n,
+                f"the window one period earlier has fewer than min_samples={min_samples} "
+                f"predictions ({self._label})",
+                reference_n=self.reference_n,
+            )
+        if status is None:
+            return Measurement.insufficient_data(threshold, 0, "no window yet")
+        if status == "empty":
+            return Measurement.insufficient_data(threshold, 0, "no predictions in window")
+        if status == "few":
+            return Measurement.insufficient_data(
+                threshold, n, f"fewer than min_samples={min_samples} predictions"
+            )
+        return None
+
+
 # -- drift: reference summaries and tests ---------------------------------------------------------
 
 
@@ -396,6 +529,17 @@ class _Pending(NamedTuple):
     n: int
     parg: Any  # what the test's batched p-value function needs
     extra: dict[str, Any]
+
+
+_Summary = dict[str, "_Numeric | _Categorical | None"]
+
+
+def _categorical_reference(counts: Counter[Any]) -> _Categorical:
+    keys = tuple(counts)
+    arr = np.fromiter(counts.values(), dtype=float, count=len(keys))
+    return _Categorical(
+        keys, arr, {k: i for i, k in enumerate(keys)}, int(np.count_nonzero(arr == 1.0))
+    )
 
 
 def _prepare_numeric(values: np.ndarray, test: str, bins: int) -> Any:
@@ -530,6 +674,15 @@ class Drift:
     ``previous_version`` or ``rolling`` (``rolling_windows``). It is summarised once
     (sorted values, tie terms, integrals, bin edges, category counts) and reused by every
     window.
+
+    ``baseline: same_time`` with ``period`` (``1d``, ``7d``, seconds) compares each window with
+    the window that ended one period earlier (:class:`SameTime`), so a daily or weekly cycle is
+    not drift; that window needs ``min_samples`` predictions too, and without it (the first
+    period, a gap) there is no verdict. Each window is kept for a period as at most
+    ``same_time_size`` evenly spaced order statistics per numeric feature (float32) and the
+    counts per categorical one. The test is the same, with the kept values as the reference
+    sample: its ECDF is within ``1/same_time_size`` of the earlier window's, and the p-value
+    counts it as a sample of the kept size (conservative when the window held more).
     """
 
     # What a checkpoint keeps (daemon/snapshot.py): the moving state made in _reset (the
@@ -554,6 +707,8 @@ class Drift:
         reference_size: int = 5000,
         rolling_windows: int = 10,
         max_evidence_features: int = 10,
+        period: float | str | None = None,
+        same_time_size: int = 1000,
         reference: Reference | None = None,
     ) -> None:
         numeric_test, categorical_test = _parse_tests(test)
@@ -581,14 +736,19 @@ class Drift:
             )
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-        if baseline is not None and baseline not in BASELINES:
-            raise ValueError(f"baseline must be one of {', '.join(BASELINES)}; got {baseline!r}")
+        if baseline is not None and baseline not in DRIFT_BASELINES:
+            raise ValueError(
+                f"baseline must be one of {', '.join(DRIFT_BASELINES)}; got {baseline!r}"
+            )
         if reference_size < 1:
             raise ValueError(f"reference_size must be >= 1, got {reference_size}")
         if rolling_windows < 1:
             raise ValueError(f"rolling_windows must be >= 1, got {rolling_windows}")
         if max_evidence_features < 0:
             raise ValueError(f"max_evidence_features must be >= 0, got {max_evidence_features}")
+        seconds = parse_period(period, baseline == "same_time", "baseline: same_time")
+        if not (isinstance(same_time_size, int) and 2 <= same_time_size <= 1_000_000):
+            raise ValueError(f"same_time_size must be an integer in [2, 1000000], got {same_time_size!r}")
         self.threshold = threshold
         self.min_samples = min_samples
         self.features = None if features is None else list(features)
@@ -603,19 +763,31 @@ class Drift:
         self.reference_size = reference_size
         self.rolling_windows = rolling_windows
         self.max_evidence_features = max_evidence_features
+        self.period = period
+        self.same_time_size = same_time_size
         self.reference = reference
         self._numeric_test = numeric_test
         self._categorical_test = categorical_test
-        # A given reference is configuration, not moving state: Baseline summarises it once.
-        self._baseline: Baseline[dict[str, _Numeric | _Categorical | None]] = Baseline(
-            baseline or None,
-            summarise=self._summarise,
-            reference=reference,
-            reference_size=reference_size,
-            rolling_windows=rolling_windows,
-            names=self.features,
-            with_score=wants_score(include_score, self.features),
-        )
+        self._baseline: Baseline[_Summary] | SameTime[_Summary]
+        if seconds is not None:
+            self._baseline = SameTime(
+                seconds,
+                summarise=self._summarise,
+                size=same_time_size,
+                names=self.features,
+                with_score=wants_score(include_score, self.features),
+            )
+        else:
+            # A given reference is configuration, not moving state: Baseline summarises it once.
+            self._baseline = Baseline(
+                baseline or None,
+                summarise=self._summarise,
+                reference=reference,
+                reference_size=reference_size,
+                rolling_windows=rolling_windows,
+                names=self.features,
+                with_score=wants_score(include_score, self.features),
+            )
         self._reset()
 
     def _reset(self) -> None:
@@ -636,15 +808,19 @@ class Drift:
             names.append(SCORE_COLUMN)
         return names
 
-    def _summarise(
-        self, columns: Mapping[str, Sequence[Any]]
-    ) -> dict[str, _Numeric | _Categorical | None]:
+    def _summarise(self, columns: Mapping[str, Any]) -> _Summary:
         return {
             name: (self._reference_column(columns[name]) if name in columns else None)
             for name in self._names(columns)
         }
 
-    def _reference_column(self, col: Sequence[Any] | np.ndarray) -> _Numeric | _Categorical | None:
+    def _reference_column(
+        self, col: Sequence[Any] | np.ndarray | dict[Any, int] | None
+    ) -> _Numeric | _Categorical | None:
+        if col is None:  # a same_time window's column that held nothing usable
+            return None
+        if isinstance(col, dict):  # a same_time window's categorical column: its counts
+            return _categorical_reference(Counter(col))
         kind = _column_kind(col)
         if kind == "numeric":
             values = np.sort(_numeric_values(col))
@@ -652,12 +828,7 @@ class Drift:
                 return None
             return _Numeric(values, _prepare_numeric(values, self._numeric_test, self.bins))
         if kind == "categorical":
-            counts = _category_counts(col)
-            keys = tuple(counts)
-            arr = np.fromiter(counts.values(), dtype=float, count=len(keys))
-            return _Categorical(
-                keys, arr, {k: i for i, k in enumerate(keys)}, int(np.count_nonzero(arr == 1.0))
-            )
+            return _categorical_reference(_category_counts(col))
         return None
 
     # -- windows -----------------------------------------------------------------------------
@@ -776,6 +947,9 @@ class Drift:
         }
         if self._baseline.mode == "previous_version":
             evidence["reference_version"] = self._baseline.version
+        elif isinstance(self._baseline, SameTime):
+            evidence["reference_end"] = self._baseline.reference_end
+            evidence["reference_n"] = self._baseline.reference_n
         return Measurement(
             value=value,
             threshold=self.threshold,

@@ -5,15 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from rollbackd.detectors.base import Measurement, Window, register
+from rollbackd.detectors.seasonal import SeasonalStore, parse_period
 from rollbackd.detectors.stats import (
     binomial_pvalue_greater,
     two_proportion_pvalue_greater,
     wilson_interval,
 )
+from rollbackd.rules.durations import format_duration
 
 __all__ = ["ErrorRate"]
 
-MODES = ("absolute", "baseline", "variant")
+MODES = ("absolute", "baseline", "variant", "same_time")
 TOP_ERROR_CODES = 5
 
 
@@ -36,6 +38,13 @@ class ErrorRate:
     window's own variant. Each window is a fresh fixed-level test; for a canary watched window
     after window, the ``canary`` detector's always-valid p-value is the sounder choice.
 
+    ``mode="same_time"``: the baseline is the window that ended one ``period`` earlier (``1d``,
+    ``7d``, seconds), so a daily or weekly cycle of the error rate is not a fault: ``value`` is
+    this window's rate minus that window's, ``p_value`` the same one-sided pooled
+    two-proportion z-test. No verdict when that window is missing (the first period, a gap) or
+    has fewer than ``min_samples`` predictions. Two counts per window are kept for a period
+    (:class:`~rollbackd.detectors.seasonal.SeasonalStore`).
+
     ``evidence``: errors, n, the Wilson interval of the current rate at ``confidence`` and
     the top error codes (at most five, by count then code).
 
@@ -52,7 +61,7 @@ class ErrorRate:
     # What a checkpoint keeps (daemon/snapshot.py): the moving state made in _reset.
     STATE = (
         "_seen", "_n", "_errors", "_codes", "_baseline_n", "_baseline_errors", "_baseline_count",
-        "_in_baseline", "_sibling",
+        "_in_baseline", "_sibling", "_store", "_earlier",
     )
 
     def __init__(
@@ -63,6 +72,7 @@ class ErrorRate:
         baseline_windows: int = 10,
         confidence: float = 0.95,
         baseline_variant: str | None = None,
+        period: float | str | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -80,6 +90,7 @@ class ErrorRate:
             raise ValueError(f"baseline_windows must be >= 1, got {baseline_windows}")
         if not 0.0 < confidence < 1.0:
             raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+        seconds = parse_period(period, mode == "same_time", "mode: same_time")
         self.threshold = threshold
         self.min_samples = min_samples
         self.mode = mode
@@ -87,6 +98,12 @@ class ErrorRate:
         self.confidence = confidence
         self.baseline_variant = baseline_variant
         self._arm = baseline_variant or "stable"
+        self.period = period
+        self._period = seconds
+        # mode="same_time": (errors, n) of each window, by its end, for one period.
+        self._store: SeasonalStore[tuple[int, int]] | None = (
+            None if seconds is None else SeasonalStore(seconds)
+        )
         self._reset()
 
     def _reset(self) -> None:
@@ -101,6 +118,10 @@ class ErrorRate:
         self._in_baseline = False
         # mode="variant": (errors, n) of the baseline arm in this window, or why there is none.
         self._sibling: tuple[int, int] | str | None = None
+        if self._store is not None:
+            self._store._reset()
+        # mode="same_time": (end, (errors, n)) of the window one period earlier, if kept.
+        self._earlier: tuple[float, tuple[int, int]] | None = None
 
     def update(self, window: Window) -> None:
         codes = window.error_codes
@@ -117,6 +138,9 @@ class ErrorRate:
                 self._sibling = f"no baseline arm {self._arm!r} in this window"
             else:
                 self._sibling = (other.n_errors, other.n)
+        if self._store is not None:
+            self._earlier = self._store.get(window.end - self._period)
+            self._store.put(window.end, (self._errors, self._n))
         if self.mode == "baseline" and self._baseline_count < self.baseline_windows and self._n:
             self._baseline_n += self._n
             self._baseline_errors += self._errors
@@ -155,6 +179,21 @@ class ErrorRate:
                     f"min_samples={max(1, self.min_samples)} predictions",
                     baseline_n=sib[1],
                 )
+        if self._period is not None:
+            label = f"same_time, period {format_duration(self._period)}"
+            earlier = self._earlier
+            if earlier is None or earlier[1][1] == 0:
+                return Measurement.insufficient_data(
+                    self.threshold, n, f"no window one period earlier ({label})"
+                )
+            if earlier[1][1] < self.min_samples:
+                return Measurement.insufficient_data(
+                    self.threshold,
+                    n,
+                    f"the window one period earlier has fewer than "
+                    f"min_samples={self.min_samples} predictions ({label})",
+                    baseline_n=earlier[1][1],
+                )
         rate = k / n
         low, high = wilson_interval(k, n, self.confidence)
         evidence: dict[str, Any] = {
@@ -166,6 +205,17 @@ class ErrorRate:
         if self.mode == "absolute":
             value = rate
             p_value = binomial_pvalue_greater(k, n, self.threshold)
+        elif self.mode == "same_time":
+            end0, (k0, n0) = self._earlier  # type: ignore[misc]
+            value = rate - k0 / n0
+            z, p_value = two_proportion_pvalue_greater(k, n, k0, n0)
+            evidence.update(
+                baseline_end=end0,
+                baseline_rate=k0 / n0,
+                baseline_errors=k0,
+                baseline_n=n0,
+                z=z,
+            )
         elif self.mode == "variant":
             k0, n0 = self._sibling  # type: ignore[misc]
             value = rate - k0 / n0

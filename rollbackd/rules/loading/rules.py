@@ -9,7 +9,7 @@ from typing import Any, Mapping
 from yaml.nodes import MappingNode, Node
 
 from rollbackd.rules.budget import unreachable_level
-from rollbackd.rules.durations import format_duration
+from rollbackd.rules.durations import format_duration, parse_duration
 from rollbackd.rules.loading.detector_check import DetectorCheck, DetectorFactories, known_detectors
 from rollbackd.rules.loading.reader import INVALID, NodeReader, Pairs, fmt_num, is_null, kind, sub, suggest
 from rollbackd.rules.loading.timing import TimingReader
@@ -303,6 +303,29 @@ class RulesReader:
         if "slice_top_k" in pairs and "slice_by" not in pairs:
             read.error(pairs["slice_top_k"][1], sub(path, "slice_top_k"), "slice_top_k needs slice_by")
 
+    def period_warning(self, pairs: Pairs, path: str, kw: Mapping[str, Any], window: WindowSpec) -> None:
+        """A seasonal baseline (``same_time``) whose ``period`` the window step does not divide:
+        no window ends exactly one period earlier (detectors/seasonal.py)."""
+        period = kw.get("params", {}).get("period")
+        try:
+            seconds = parse_duration(period)
+        except ValueError:
+            return  # absent, or the detector reported it already
+        if seconds <= 0 or not seconds % window.step:
+            return
+        node = pairs["params"][1]
+        for key, _ in getattr(node, "value", ()):
+            if getattr(key, "value", None) == "period":
+                node = key
+        self.read.warn(
+            node,
+            sub(sub(path, "params"), "period"),
+            f"{format_duration(seconds)} is not a multiple of window.step "
+            f"({format_duration(window.step)}): windows are aligned to the epoch, so none ends "
+            "exactly one period earlier; each window is compared with the one whose end is "
+            "nearest to that, within half a step",
+        )
+
     def valid_rule_warnings(
         self, pairs: Pairs, path: str, kw: Mapping[str, Any], detector: Any, window: WindowSpec
     ) -> None:
@@ -315,6 +338,7 @@ class RulesReader:
                 "nothing to compare and a rollback would hit the wrong arm; set "
                 "`variants: [canary]`",
             )
+        self.period_warning(pairs, path, kw, window)
         if "for_" in kw and kw["for_"] % window.step:
             effective = math.ceil(kw["for_"] / window.step) * window.step
             key = "for" if "for" in pairs else "for_windows"
