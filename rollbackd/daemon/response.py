@@ -45,7 +45,7 @@ from rollbackd.actions.intents import (
 )
 from rollbackd.actions.policy import SafetyPolicy, SafetyState
 from rollbackd.daemon.clock import iso
-from rollbackd.daemon.splits import blamed_version, where
+from rollbackd.daemon.splits import blamed_version, mixed_unattributed, where
 from rollbackd.daemon.versions import VersionHistory
 from rollbackd.rules.incidents import ActionsDue, Incident, IncidentChange, NoticeDue
 
@@ -142,7 +142,8 @@ class Responder:
         if e.change in ("verified", "verification_failed"):
             rec["verify_by"] = inc.verify_by
         named = blamed_version(alert.measurement) if alert is not None else None
-        if e.change in ("opened", "alert_joined") and alert is not None and self._marks_bad(alert.rule):
+        if e.change in ("opened", "alert_joined") and alert is not None and self._marks_bad(alert.rule) \
+                and not mixed_unattributed(alert.measurement):
             hist = self.p.versions.get(key)
             if hist is not None and hist.current is not None:
                 hist.mark_bad(named)

@@ -30,7 +30,7 @@ from rollbackd.rules.alerts import Alert, AlertState, verdict
 from rollbackd.rules.model import RuleSpec
 
 __all__ = [
-    "OTHER", "version_shares", "judge_versions", "blamed_version", "where",
+    "OTHER", "version_shares", "judge_versions", "blamed_version", "mixed_unattributed", "where",
     "slice_of", "slice_paths", "slice_windows", "judge_slices",
 ]
 
@@ -97,17 +97,25 @@ def judge_versions(
     """The measurement that steps ``alert``: a version's share that breaches (or, the alert
     being active, is the most adverse past ``clear``), else the whole window's. The share's
     evidence names the version and what each version measured."""
-    chosen = _pick(rule, alert, shares)
-    if chosen is None:
-        return whole
-    if not verdict(rule, chosen[1]) and verdict(rule, whole) is not None and \
-            _adverse(rule, whole) >= _adverse(rule, chosen[1]):
-        # Holding an active alert, no share breaching: the whole window, when it is as far
-        # past clear as any share, speaks for every version.
-        return whole
-    version, m = chosen
     others = {v: _brief(s) for v, s in shares}
+    chosen = _pick(rule, alert, shares)
+    if chosen is None or (
+        not verdict(rule, chosen[1]) and verdict(rule, whole) is not None
+        and _adverse(rule, whole) >= _adverse(rule, chosen[1])
+    ):
+        # No share to blame (or, holding an active alert, the whole window is as far past
+        # clear as any share): the whole window speaks, and says which versions it mixes, so
+        # no single version is taken for the culprit.
+        return replace(whole, evidence={**whole.evidence, "versions": others})
+    version, m = chosen
     return replace(m, evidence={**m.evidence, "version": version, "versions": others})
+
+
+def mixed_unattributed(measurement: Mapping[str, Any]) -> bool:
+    """Whether a measurement record judged a window several versions served without naming
+    one: then no version is marked bad on its account."""
+    evidence = measurement.get("evidence")
+    return isinstance(evidence, Mapping) and "versions" in evidence and "version" not in evidence
 
 
 def blamed_version(measurement: Mapping[str, Any]) -> str | None:
