@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from yaml.nodes import MappingNode, Node, ScalarNode
@@ -13,6 +14,7 @@ from rollbackd.rules.loading.reader import INVALID, STR_TAG, NodeReader, is_null
 from rollbackd.rules.model import (
     APPROVAL_DEFAULTS,
     DEPLOYMENT_POLICIES,
+    LABEL_NAME,
     ApprovalSpec,
     DeploymentSpec,
     FalseAlarmBudget,
@@ -33,6 +35,7 @@ _KEYS = (
     "loop_guard",
     "verify_within",
     "approval",
+    "labels",
 )
 
 
@@ -116,6 +119,10 @@ class DeploymentsReader:
             approval = self.approval(pairs["approval"][1], sub(path, "approval"))
             if approval is not None:
                 kw["approval"] = approval
+        if "labels" in pairs and not is_null(pairs["labels"][1]):
+            labels = self.labels(pairs["labels"][1], sub(path, "labels"))
+            if labels is not None:
+                kw["labels"] = MappingProxyType(labels)
         if "false_alarm_budget" in pairs and not is_null(pairs["false_alarm_budget"][1]):
             budget_path = sub(path, "false_alarm_budget")
             budget = self.false_alarm_budget(pairs["false_alarm_budget"][1], budget_path)
@@ -123,6 +130,28 @@ class DeploymentsReader:
                 kw["false_alarm_budget"] = budget
                 self.budget_nodes[name] = (pairs["false_alarm_budget"][1], budget_path)
         return DeploymentSpec(**kw)
+
+    def labels(self, node: Node, path: str) -> dict[str, str] | None:
+        """``{task: binary, team: risk}``: what rules choose the deployment by."""
+        read = self.read
+        if not isinstance(node, MappingNode):
+            read.error(node, path, f"expected a mapping of label to value, got {kind(node)}")
+            return None
+        out: dict[str, str] = {}
+        for key, value, merged in read.flatten(node, path):
+            if not (isinstance(key, ScalarNode) and key.tag == STR_TAG and LABEL_NAME.match(key.value)):
+                read.error(key, path, f"a label name is a letter or _ then letters, digits or _, "
+                                      f"got {key.value!r}" if isinstance(key, ScalarNode) else
+                           f"a label name must be a string, got {kind(key)}")
+                continue
+            if key.value in out:
+                if not merged:
+                    read.error(key, sub(path, key.value), "duplicate label")
+                continue
+            got = read.string(value, sub(path, key.value))
+            if got is not INVALID:
+                out[key.value] = got
+        return out
 
     def approval(self, node: Node, path: str) -> ApprovalSpec | None:
         """``{approvers: [alice, bob], timeout: 15m, default: reject}``."""
