@@ -318,3 +318,17 @@ def test_in_a_replay_only_the_chosen_deployments_alert(tmp_path: Path) -> None:
         ("churn-glob", "churn-01"),
         ("fraud-glob", "fraud-99"),
     }
+
+
+def test_the_fleet_example_in_the_docs_is_valid() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "rules.md").read_text()
+    section = doc[doc.index("### Choosing deployments"):doc.index("## How an alert moves")]
+    example = section[section.index("```yaml\n") + 8:]
+    example = example[:example.index("```")]
+    config, issues = check_text(example)
+    assert config is not None, issues
+    assert [d for d in config.deployments if config.rules[0].covers(d)] == ["fraud-eu", "fraud-us"]
+    assert [d for d in config.deployments if config.rules[1].covers(d)] == ["fraud-eu", "fraud-us", "churn-01"]
+    assert config.rules[2].applies_to("churn-11", "canary")
+    assert not config.rules[2].applies_to("churn-11", "primary")
+    assert "covers 2 of 4 declared: fraud-eu, fraud-us" in summarize(config)
