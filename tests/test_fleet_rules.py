@@ -332,3 +332,16 @@ def test_the_fleet_example_in_the_docs_is_valid() -> None:
     assert config.rules[2].applies_to("churn-11", "canary")
     assert not config.rules[2].applies_to("churn-11", "primary")
     assert "covers 2 of 4 declared: fraud-eu, fraud-us" in summarize(config)
+
+
+def test_a_silence_may_name_a_deployment_only_a_glob_covers(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(fleet(FLEET_RULES))
+    common = ("--for", "1h", "--reason", "maintenance", "--by", "alice", "-c", str(path),
+              "--db", str(tmp_path / "ledger.db"))
+    ok = rollbackd("silence", "add", "--deployment", "churn-42", *common, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    # Not declared and no rule's glob takes it in ("everywhere" covers any name, but names none).
+    refused = rollbackd("silence", "add", "--deployment", "search-01", *common, cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "has no deployment 'search-01'" in refused.stderr.decode()
