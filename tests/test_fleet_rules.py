@@ -345,3 +345,15 @@ def test_a_silence_may_name_a_deployment_only_a_glob_covers(tmp_path: Path) -> N
     refused = rollbackd("silence", "add", "--deployment", "search-01", *common, cwd=tmp_path)
     assert refused.returncode == 2
     assert "has no deployment 'search-01'" in refused.stderr.decode()
+
+
+def test_with_nothing_declared_validate_says_a_glob_covers_the_stream() -> None:
+    config = load_config_text(textwrap.dedent(f"""
+        rules:
+          - {{name: a, {RULE}, deployments: [fraud-*]}}
+          - {{name: b, {RULE}}}
+        """))
+    lines = summarize(config).splitlines()
+    at = next(i for i, x in enumerate(lines) if x.startswith("  a: "))
+    assert lines[at + 1] == "    covers any deployment seen in the stream matching fraud-*"
+    assert lines[at + 2].startswith("  b: ") and lines[at + 2].endswith("; all deployments")

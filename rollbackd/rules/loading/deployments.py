@@ -11,10 +11,10 @@ from yaml.nodes import MappingNode, Node, ScalarNode
 
 from rollbackd.rules.loading.backends import BackendReader
 from rollbackd.rules.loading.reader import INVALID, STR_TAG, NodeReader, is_null, kind, sub
+from rollbackd.rules.loading.scope import label_name
 from rollbackd.rules.model import (
     APPROVAL_DEFAULTS,
     DEPLOYMENT_POLICIES,
-    LABEL_NAME,
     ApprovalSpec,
     DeploymentSpec,
     FalseAlarmBudget,
@@ -139,18 +139,16 @@ class DeploymentsReader:
             return None
         out: dict[str, str] = {}
         for key, value, merged in read.flatten(node, path):
-            if not (isinstance(key, ScalarNode) and key.tag == STR_TAG and LABEL_NAME.match(key.value)):
-                read.error(key, path, f"a label name is a letter or _ then letters, digits or _, "
-                                      f"got {key.value!r}" if isinstance(key, ScalarNode) else
-                           f"a label name must be a string, got {kind(key)}")
+            label = label_name(read, key, path)
+            if label is None:
                 continue
-            if key.value in out:
+            if label in out:
                 if not merged:
-                    read.error(key, sub(path, key.value), "duplicate label")
+                    read.error(key, sub(path, label), "duplicate label")
                 continue
-            got = read.string(value, sub(path, key.value))
+            got = read.string(value, sub(path, label))
             if got is not INVALID:
-                out[key.value] = got
+                out[label] = got
         return out
 
     def approval(self, node: Node, path: str) -> ApprovalSpec | None:

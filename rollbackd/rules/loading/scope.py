@@ -75,6 +75,16 @@ def parse_matcher(text: str) -> LabelMatcher | str:
     return LabelMatcher(label, op, value)
 
 
+def label_name(read: NodeReader, key: Node, path: str, prefix: str = "") -> str | None:
+    """The label name ``key`` holds, or ``None`` after reporting why it is not one: a label
+    name as Prometheus spells one, in a deployment's ``labels`` and in a rule's alike."""
+    if isinstance(key, ScalarNode) and key.tag == STR_TAG and LABEL_NAME.match(key.value):
+        return str(key.value)
+    what = repr(key.value) if isinstance(key, ScalarNode) else kind(key)
+    read.error(key, path, f"{prefix}a label name is a letter or _ then letters, digits or _, got {what}")
+    return None
+
+
 class ScopeReader:
     def __init__(self, read: NodeReader) -> None:
         self.read = read
@@ -213,18 +223,16 @@ class ScopeReader:
         out: dict[str, tuple[str, ...]] = {}
         failed = False
         for key, value, merged in read.flatten(node, path):
-            if not (isinstance(key, ScalarNode) and key.tag == STR_TAG and LABEL_NAME.match(key.value)):
-                what = repr(key.value) if isinstance(key, ScalarNode) else kind(key)
-                read.error(key, path, f"{_of(rule)}a label name is a letter or _ then letters, "
-                                      f"digits or _, got {what}")
+            label = label_name(read, key, path, _of(rule))
+            if label is None:
                 failed = True
                 continue
-            if key.value in out:
+            if label in out:
                 if not merged:
-                    read.error(key, sub(path, key.value), "duplicate label")
+                    read.error(key, sub(path, label), "duplicate label")
                     failed = True
                 continue
-            key_path = sub(path, key.value)
+            key_path = sub(path, label)
             if isinstance(value, SequenceNode):
                 got = read.strings(value, key_path, non_empty=True)
             else:
@@ -233,7 +241,7 @@ class ScopeReader:
             if got is INVALID:
                 failed = True
             else:
-                out[key.value] = got
+                out[label] = got
         return INVALID if failed else out
 
     def none_declared(

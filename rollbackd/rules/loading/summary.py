@@ -47,6 +47,9 @@ def _covers(rule: RuleSpec, config: Config) -> str | None:
     plain = rule.deployments is not None and not any(map(is_glob, rule.deployments))
     if plain and rule.deployment_labels is None:
         return None
+    globs = ", ".join(p for p in rule.deployments or () if is_glob(p))
+    if not config.deployments:  # nothing declared: every deployment comes from the stream
+        return f"covers any deployment seen in the stream matching {globs}" if globs else None
     names = [d for d in config.deployments if rule.covers(d)]
     out = f"covers {len(names)} of {len(config.deployments)} declared"
     if names:
@@ -55,7 +58,6 @@ def _covers(rule: RuleSpec, config: Config) -> str | None:
         if rule.deployments is None:
             out += "; plus any undeclared deployment seen in the stream"
         else:
-            globs = ", ".join(p for p in rule.deployments if is_glob(p))
             out += f"; plus any undeclared deployment matching {globs}"
     return out
 
