@@ -1018,8 +1018,11 @@ def _check_names(config: Any, rules: str, deployment: str, rule: str | None) -> 
         hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(known)) or 'none'}"
         raise click.BadParameter(f"{rules} has no {kind} {name!r}{hint}", param_hint=f"--{kind}")
 
-    deployments = set(config.deployments) | {d for r in config.rules for d in (r.deployments or ())}
-    if deployment not in deployments:
+    # A deployment a rule's glob takes in is known too, though it is not declared.
+    deployments = set(config.deployments)
+    if deployment not in deployments and not any(
+        r.deployments is not None and r.covers(deployment) for r in config.rules
+    ):
         unknown("deployment", deployment, deployments)
     if rule is not None:
         names = {r.name for r in config.rules}

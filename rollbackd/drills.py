@@ -36,7 +36,7 @@ from rollbackd.daemon.replay import build_pipeline, open_recording, replay
 from rollbackd.daemon.sources import Batch, EventSource
 from rollbackd.report import MeasurementTap, Report, rule_signal, write_report
 from rollbackd.rules.durations import format_duration, parse_duration
-from rollbackd.rules.model import Config, RuleSpec
+from rollbackd.rules.model import Config, RuleSpec, name_matches
 
 __all__ = [
     "DrillProgress",
@@ -421,7 +421,7 @@ FAULT_SIGNALS: Mapping[str, frozenset[str]] = {
 
 
 def _expects(rule: RuleSpec, fault: FaultInterval) -> bool:
-    if fault.variant is not None and rule.variants is not None and fault.variant not in rule.variants:
+    if fault.variant is not None and rule.variants is not None and not name_matches(rule.variants, fault.variant):
         return False
     if fault.rule is not None:
         return fault.rule == rule.name

@@ -204,7 +204,7 @@ def _spends(rule: RuleSpec, kind: str) -> bool:
 
 
 def _applies(rule: RuleSpec, deployment: str) -> bool:
-    return rule.deployments is None or deployment in rule.deployments
+    return rule.covers(deployment)
 
 
 def allocate(
@@ -301,9 +301,10 @@ def apply_budgets(
 
 
 def _deployment_count(rule: RuleSpec, deployments: Mapping[str, DeploymentSpec]) -> int:
-    if rule.deployments is not None:
-        return len(rule.deployments)
-    return max(1, len(deployments))
+    """The declared deployments the rule covers (names, globs, labels); at least one when a
+    deployment seen only in the stream can join them."""
+    covered = sum(1 for name in deployments if rule.covers(name))
+    return max(1, covered) if rule.reaches_undeclared else covered
 
 
 def drift_level(rule: RuleSpec) -> float | None:

@@ -6,7 +6,9 @@ Nothing here mutates after load; moving state (alert states, incidents) lives el
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from types import MappingProxyType
 from typing import Any, Literal, Mapping
 
@@ -19,6 +21,10 @@ __all__ = [
     "DigestSpec",
     "FalseAlarmBudget",
     "DeploymentSpec",
+    "LabelMatcher",
+    "LabelSelector",
+    "name_matches",
+    "is_glob",
     "RuleSpec",
     "GroupingSpec",
     "InhibitRule",
@@ -138,6 +144,69 @@ class DeploymentSpec:
     loop_period: float = 86400.0
     verify_within: float = 900.0  # after a rollback, its alerts must resolve within this
     approval: ApprovalSpec | None = None  # None: rollbacks run without waiting
+    # What rules select it by (``team: risk``); a deployment seen only in the stream has none.
+    labels: Mapping[str, str] = field(default_factory=lambda: _frozen(None))
+
+
+# fnmatch's special characters: a pattern without one is a plain name.
+GLOB_CHARS = frozenset("*?[")
+
+
+def is_glob(pattern: str) -> bool:
+    return not GLOB_CHARS.isdisjoint(pattern)
+
+
+def name_matches(patterns: tuple[str, ...], name: str) -> bool:
+    """Whether ``name`` is one of ``patterns`` or matches one of its fnmatch globs
+    (case-sensitively: ``Fraud-*`` is not ``fraud-*``, as deployment names are compared)."""
+    return any(p == name or (is_glob(p) and fnmatchcase(name, p)) for p in patterns)
+
+
+# Alertmanager's matcher operators; a label name as Prometheus spells one.
+MATCHER_OPS = ("=", "!=", "=~", "!~")
+LABEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True, slots=True)
+class LabelMatcher:
+    """One Alertmanager matcher, ``team!="risk"`` or ``task=~"bin.*"``: as in Alertmanager a
+    missing label has the value ``""`` and a regex must match the whole value."""
+
+    label: str
+    op: str  # one of MATCHER_OPS
+    value: str
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        got = labels.get(self.label, "")
+        if self.op in ("=", "!="):
+            return (got == self.value) == (self.op == "=")
+        return (re.fullmatch(self.value, got) is not None) == (self.op == "=~")
+
+    def __str__(self) -> str:
+        quoted = self.value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'{self.label}{self.op}"{quoted}"'
+
+
+@dataclass(frozen=True, slots=True)
+class LabelSelector:
+    """A rule's choice of deployments by their labels: every one of ``labels`` (label -> the
+    values allowed, matched as inhibit rules match) and every one of ``matchers``.
+
+    Only declared deployments have labels, so the loader resolves the selector once into
+    ``selected``, the names of the declared deployments it matches: no deployment seen only
+    in the stream is ever selected by label.
+    """
+
+    labels: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: _frozen(None))
+    matchers: tuple[LabelMatcher, ...] = ()
+    selected: frozenset[str] = frozenset()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return _matches(self.labels, labels) and all(m.matches(labels) for m in self.matchers)
+
+    def __str__(self) -> str:
+        parts = [f"{k}={'|'.join(v)}" for k, v in self.labels.items()]
+        return ", ".join(parts + [str(m) for m in self.matchers])
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,8 +237,11 @@ class RuleSpec:
     min_samples: int = 1
     severity: str = "warning"
     actions: tuple[str, ...] = ("notify",)
-    deployments: tuple[str, ...] | None = None  # None: every deployment seen
-    variants: tuple[str, ...] | None = None  # None: every variant seen
+    # Names and fnmatch globs (``fraud-*``); None: every deployment seen.
+    deployments: tuple[str, ...] | None = None
+    # Labels the deployment must have as well; None: any (it is not chosen by label).
+    deployment_labels: LabelSelector | None = None
+    variants: tuple[str, ...] | None = None  # names and globs; None: every variant seen
     dry_run: bool | None = None
     summary: str | None = None
     runbook: str | None = None
@@ -191,10 +263,34 @@ class RuleSpec:
     def clear(self) -> float:
         return self.threshold if self.clear_threshold is None else self.clear_threshold
 
-    def applies_to(self, deployment: str, variant: str) -> bool:
-        return (self.deployments is None or deployment in self.deployments) and (
-            self.variants is None or variant in self.variants
+    # applies_to runs per rule for every window: a glob is matched once per name, then the
+    # verdict is looked up. A memo, not state: it follows from the frozen fields alone.
+    _verdicts: dict[tuple[str, str], bool] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def covers(self, deployment: str) -> bool:
+        """Whether the rule's ``deployments`` (names, globs and labels) take in ``deployment``."""
+        return (self.deployments is None or name_matches(self.deployments, deployment)) and (
+            self.deployment_labels is None or deployment in self.deployment_labels.selected
         )
+
+    def applies_to(self, deployment: str, variant: str) -> bool:
+        key = (deployment, variant)
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            verdict = self._verdicts[key] = self.covers(deployment) and (
+                self.variants is None or name_matches(self.variants, variant)
+            )
+        return verdict
+
+    @property
+    def reaches_undeclared(self) -> bool:
+        """Whether a deployment that is not declared (seen only in the stream) can be covered:
+        never when chosen by label; by a glob, or by no ``deployments`` at all, it can."""
+        if self.deployment_labels is not None:
+            return False
+        return self.deployments is None or any(map(is_glob, self.deployments))
 
     @property
     def needs_labels(self) -> bool:

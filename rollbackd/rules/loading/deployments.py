@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from yaml.nodes import MappingNode, Node, ScalarNode
 
 from rollbackd.rules.loading.backends import BackendReader
 from rollbackd.rules.loading.reader import INVALID, STR_TAG, NodeReader, is_null, kind, sub
+from rollbackd.rules.loading.scope import label_name
 from rollbackd.rules.model import (
     APPROVAL_DEFAULTS,
     DEPLOYMENT_POLICIES,
@@ -33,6 +35,7 @@ _KEYS = (
     "loop_guard",
     "verify_within",
     "approval",
+    "labels",
 )
 
 
@@ -116,6 +119,10 @@ class DeploymentsReader:
             approval = self.approval(pairs["approval"][1], sub(path, "approval"))
             if approval is not None:
                 kw["approval"] = approval
+        if "labels" in pairs and not is_null(pairs["labels"][1]):
+            labels = self.labels(pairs["labels"][1], sub(path, "labels"))
+            if labels is not None:
+                kw["labels"] = MappingProxyType(labels)
         if "false_alarm_budget" in pairs and not is_null(pairs["false_alarm_budget"][1]):
             budget_path = sub(path, "false_alarm_budget")
             budget = self.false_alarm_budget(pairs["false_alarm_budget"][1], budget_path)
@@ -123,6 +130,26 @@ class DeploymentsReader:
                 kw["false_alarm_budget"] = budget
                 self.budget_nodes[name] = (pairs["false_alarm_budget"][1], budget_path)
         return DeploymentSpec(**kw)
+
+    def labels(self, node: Node, path: str) -> dict[str, str] | None:
+        """``{task: binary, team: risk}``: what rules choose the deployment by."""
+        read = self.read
+        if not isinstance(node, MappingNode):
+            read.error(node, path, f"expected a mapping of label to value, got {kind(node)}")
+            return None
+        out: dict[str, str] = {}
+        for key, value, merged in read.flatten(node, path):
+            label = label_name(read, key, path)
+            if label is None:
+                continue
+            if label in out:
+                if not merged:
+                    read.error(key, sub(path, label), "duplicate label")
+                continue
+            got = read.string(value, sub(path, label))
+            if got is not INVALID:
+                out[label] = got
+        return out
 
     def approval(self, node: Node, path: str) -> ApprovalSpec | None:
         """``{approvers: [alice, bob], timeout: 15m, default: reject}``."""

@@ -11,7 +11,8 @@ from yaml.nodes import MappingNode, Node
 from rollbackd.rules.budget import unreachable_level
 from rollbackd.rules.durations import format_duration, parse_duration
 from rollbackd.rules.loading.detector_check import DetectorCheck, DetectorFactories, known_detectors
-from rollbackd.rules.loading.reader import INVALID, NodeReader, Pairs, fmt_num, is_null, kind, sub, suggest
+from rollbackd.rules.loading.reader import INVALID, NodeReader, Pairs, fmt_num, is_null, kind, sub
+from rollbackd.rules.loading.scope import ScopeReader
 from rollbackd.rules.loading.timing import TimingReader
 from rollbackd.rules.model import (
     ACTIONS, MAX_SLICE_TOP_K, SEVERITIES, SLICE_SOURCES, DeploymentSpec, RuleSpec, WindowSpec,
@@ -52,6 +53,7 @@ class RulesReader:
         self.read = read
         self.timing = TimingReader(read)
         self.detector = DetectorCheck(read)
+        self.scope = ScopeReader(read)
         # Where a valid rule's budget warnings point: its item node.
         self.rule_nodes: dict[str, Node] = {}
 
@@ -123,8 +125,8 @@ class RulesReader:
         )
         self.actions(pairs, path, kw)
         if "deployments" in pairs and not is_null(pairs["deployments"][1]):
-            self.scope(pairs["deployments"][1], sub(path, "deployments"), deployments, kw)
-        read.optional(pairs, path, kw, "variants", lambda n, p: read.strings(n, p, non_empty=True))
+            self.scope.deployments(pairs["deployments"][1], sub(path, "deployments"), name, deployments, kw)
+        read.optional(pairs, path, kw, "variants", lambda n, p: self.scope.globs(n, p, name))
         read.optional(pairs, path, kw, "dry_run", read.boolean)
         read.optional(pairs, path, kw, "summary", read.string)
         read.optional(pairs, path, kw, "runbook", read.string)
@@ -258,28 +260,6 @@ class RulesReader:
                 "rollback without notify: an incident of this rule alone rolls back and posts no "
                 "notice, so nobody on call hears of it; add notify",
             )
-
-    def scope(
-        self, node: Node, path: str, deployments: Mapping[str, DeploymentSpec], kw: dict[str, Any]
-    ) -> None:
-        """The rule's ``deployments``: each one must be configured."""
-        read = self.read
-        names = read.strings(node, path, non_empty=True)
-        if names is INVALID:
-            return
-        failed = False
-        for i, (item, name) in enumerate(zip(read.sequence(node, path) or [], names, strict=True)):
-            if name not in deployments:
-                known = ", ".join(sorted(deployments)) or "none are configured"
-                read.error(
-                    item,
-                    f"{path}[{i}]",
-                    f"unknown deployment {name!r}{suggest(name, deployments)} "
-                    f"(configured: {known})",
-                )
-                failed = True
-        if not failed:
-            kw["deployments"] = names
 
     def slices(self, pairs: Pairs, path: str, kw: dict[str, Any]) -> None:
         """``slice_by`` (where each slice's value is read) and ``slice_top_k``."""

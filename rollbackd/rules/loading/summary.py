@@ -5,7 +5,7 @@ from __future__ import annotations
 from rollbackd.rules.budget import budget_lines
 from rollbackd.rules.durations import format_duration
 from rollbackd.rules.loading.reader import fmt_num
-from rollbackd.rules.model import Config, DeploymentSpec
+from rollbackd.rules.model import Config, DeploymentSpec, RuleSpec, is_glob
 
 
 def _safety(dep: DeploymentSpec, global_dry_run: bool) -> list[str]:
@@ -32,6 +32,36 @@ def _safety(dep: DeploymentSpec, global_dry_run: bool) -> list[str]:
     return out
 
 
+def _scope(rule: RuleSpec) -> str:
+    """The rule's ``deployments`` as written: names, globs and label matchers."""
+    parts = [] if rule.deployments is None else [", ".join(rule.deployments)]
+    if rule.deployment_labels is not None:
+        parts.append(f"labels {rule.deployment_labels}")
+    return " with ".join(parts) or "all deployments"
+
+
+def _covers(rule: RuleSpec, config: Config) -> str | None:
+    """Which deployments a rule chosen by glob, label or not at all covers: the declared ones
+    it matches, and whether deployments seen only in the stream can join them. ``None`` for a
+    plain list of names (the rule's line already says it)."""
+    plain = rule.deployments is not None and not any(map(is_glob, rule.deployments))
+    if plain and rule.deployment_labels is None:
+        return None
+    globs = ", ".join(p for p in rule.deployments or () if is_glob(p))
+    if not config.deployments:  # nothing declared: every deployment comes from the stream
+        return f"covers any deployment seen in the stream matching {globs}" if globs else None
+    names = [d for d in config.deployments if rule.covers(d)]
+    out = f"covers {len(names)} of {len(config.deployments)} declared"
+    if names:
+        out += ": " + ", ".join(names)
+    if rule.reaches_undeclared:
+        if rule.deployments is None:
+            out += "; plus any undeclared deployment seen in the stream"
+        else:
+            out += f"; plus any undeclared deployment matching {globs}"
+    return out
+
+
 def summarize(config: Config) -> str:
     """A short human summary: what ``rollbackd validate`` prints for a valid file."""
     s = config.settings
@@ -46,7 +76,8 @@ def summarize(config: Config) -> str:
     if config.deployments:
         lines.append("deployments:")
         for dep in config.deployments.values():
-            lines.append(f"  {dep.name}: " + ", ".join(_safety(dep, s.dry_run)))
+            labels = [f"labels {', '.join(f'{k}={v}' for k, v in dep.labels.items())}"] if dep.labels else []
+            lines.append(f"  {dep.name}: " + ", ".join(labels + _safety(dep, s.dry_run)))
     if config.rules:
         lines.append("rules:")
         for r in config.rules:
@@ -63,7 +94,7 @@ def summarize(config: Config) -> str:
                 timing += f", {r.k} of {r.n}"
             if r.keep_firing_for:
                 timing += f", keep firing {format_duration(r.keep_firing_for)}"
-            scope = ", ".join(r.deployments) if r.deployments is not None else "all deployments"
+            scope = _scope(r)
             if r.variants is not None:
                 scope += f" / {', '.join(r.variants)}"
             actions = ", ".join(r.actions) or "record only"
@@ -74,5 +105,8 @@ def summarize(config: Config) -> str:
                 f"  {r.name}: {cond}; {timing}; window {window}; "
                 f"{r.severity} → {actions}; {scope}" + ("; dry run" if r.dry_run else "")
             )
+            covers = _covers(r, config)
+            if covers is not None:
+                lines.append(f"    {covers}")
         lines.extend(budget_lines(config.rules, config.deployments))
     return "\n".join(lines)
