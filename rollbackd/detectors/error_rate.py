@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from scipy.stats import fisher_exact
+
 from rollbackd.detectors.base import Measurement, Window, register
 from rollbackd.detectors.seasonal import SeasonalStore, parse_period
 from rollbackd.detectors.stats import (
@@ -40,8 +42,8 @@ class ErrorRate:
 
     ``mode="same_time"``: the baseline is the window that ended one ``period`` earlier (``1d``,
     ``7d``, seconds), so a daily or weekly cycle of the error rate is not a fault: ``value`` is
-    this window's rate minus that window's, ``p_value`` the same one-sided pooled
-    two-proportion z-test. No verdict when that window is missing (the first period, a gap) or
+    this window's rate minus that window's, ``p_value`` the one-sided Fisher exact test (one
+    earlier window often holds a handful of errors, where the z-test is too eager). No verdict when that window is missing (the first period, a gap) or
     has fewer than ``min_samples`` predictions. Two counts per window are kept for a period
     (:class:`~rollbackd.detectors.seasonal.SeasonalStore`).
 
@@ -208,13 +210,15 @@ class ErrorRate:
         elif self.mode == "same_time":
             end0, (k0, n0) = self._earlier  # type: ignore[misc]
             value = rate - k0 / n0
-            z, p_value = two_proportion_pvalue_greater(k, n, k0, n0)
+            # One earlier window is a small baseline, often with a handful of errors, where
+            # the z-test's normal approximation is too eager: Fisher's exact test, one-sided.
+            p_value = float(fisher_exact([[k, n - k], [k0, n0 - k0]], alternative="greater")[1])
             evidence.update(
                 baseline_end=end0,
                 baseline_rate=k0 / n0,
                 baseline_errors=k0,
                 baseline_n=n0,
-                z=z,
+                test="fisher_exact",
             )
         elif self.mode == "variant":
             k0, n0 = self._sibling  # type: ignore[misc]
