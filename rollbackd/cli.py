@@ -757,16 +757,24 @@ def test_rules(files: tuple[str, ...]) -> None:
               help="The rules file: adds clear thresholds and directions to the plots.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, callback=_parent_exists,
               help="HTML file (default: INCIDENT.html).")
-def report(incident: str | None, db: str, run_id: str | None, decisions: str | None, rules: str | None,
-           out: str | None) -> None:
+@click.option("--measurements", "measurements_file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="A measurements file (--measurements-out of replay, drill or run; JSON Lines or Parquet): "
+                   "plot every rule's series. Without --decisions the ledger is read only when it exists.")
+@click.pass_context
+def report(ctx: click.Context, incident: str | None, db: str, run_id: str | None, decisions: str | None,
+           rules: str | None, out: str | None, measurements_file: str | None) -> None:
     """Write an incident report: one self-contained HTML file with the timeline and plots of the
     breached measurements (PNGs beside it when matplotlib is installed). Without INCIDENT: the
-    whole run."""
+    whole run. With --measurements: every rule's series too."""
     from rollbackd.report import decisions_from_ledger, load_decisions, select_incident, write_report
 
     config = _load_config(rules) if rules else None
+    measured = _load_measurements(measurements_file)
+    db_given = ctx.get_parameter_source("db") is not click.core.ParameterSource.DEFAULT
     try:
-        if decisions:
+        if measured is not None and not decisions and not db_given and not Path(db).exists():
+            records, source = [], measurements_file  # the series alone
+        elif decisions:
             records = load_decisions(decisions)
             if incident:
                 records = select_incident(records, incident)
@@ -780,10 +788,30 @@ def report(incident: str | None, db: str, run_id: str | None, decisions: str | N
         sys.exit(1)
     path = Path(out or f"{incident or 'report'}.html")
     title = f"Incident {incident}" if incident else f"Decisions of {source}"
-    result = write_report(records, path, title=title, config=config)
-    click.echo(f"{result.html}: {result.plots} plot(s) from {len(records)} decisions ({source})")
+    result = write_report(records, path, title=title, config=config,
+                          measurements=measured.records if measured is not None else None)
+    click.echo(f"{result.html}: {result.plots} plot(s) from {len(records)} decisions ({source})"
+               + (f" and {len(measured.records):,} measurements" if measured is not None else ""))
+    if measured is not None and measured.skipped:
+        click.echo(f"{measurements_file}: {measured.skipped:,} line(s) that are not measurement records skipped",
+                   err=True)
     for png in result.pngs:
         click.echo(f"  {png}")
+
+
+def _load_measurements(path: str | None) -> Any:
+    if path is None:
+        return None
+    from rollbackd.measurements import ParquetUnavailable, load_measurements
+
+    try:
+        return load_measurements(path)
+    except ParquetUnavailable as exc:
+        raise Refused(str(exc)) from None
+    except ValueError as exc:
+        raise Refused(f"{path}: not a measurements file ({exc})") from None
+    except OSError as exc:
+        raise Refused(f"{path}: {exc.strerror or exc}") from None
 
 
 def _kafka_env(env: dict[str, str]) -> dict[str, str]:
