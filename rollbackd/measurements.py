@@ -18,6 +18,7 @@ counted, and the writer stops writing; the evaluations go on.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from dataclasses import dataclass
@@ -82,8 +83,7 @@ def check_measurements_path(path: str | Path) -> None:
     if not is_parquet(path):
         return
     try:
-        import pyarrow  # noqa: F401
-        import pyarrow.parquet  # noqa: F401
+        importlib.import_module("pyarrow.parquet")
     except ImportError:
         raise ParquetUnavailable(
             f"{path}: writing Parquet needs pyarrow, the 'parquet' extra: pip install 'rollbackd[parquet]' "
