@@ -995,6 +995,10 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
         if is_parquet(measurements_out):  # its footer is written at close: a crash would lose it all
             raise Refused(f"--measurements-out {measurements_out}: run writes JSON Lines (a Parquet file is "
                           "readable only once closed); give a .jsonl file")
+    # Opened before the run's first ledger row; its tee (/metrics' tap) is set once that exists.
+    # Written on the processing thread, through the file's bounded buffer, flushed each minute
+    # of event time; a failed write is logged and the writer stops, the daemon goes on.
+    writer = _measurements(measurements_out, config, append=True, flush_every=60.0)
     topic_list = [t for item in topics for t in item.split()] or ["predictions", "outcomes"]
     kconf = {**_kafka_env(dict(os.environ)), **_kafka_options(kafka_config)}
     if instance_id:
@@ -1066,11 +1070,8 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
                  listen=http_listen, detail=str(exc.strerror or exc))
             sys.exit(EXIT_CONFIG)
         _say("http.serving", f"rollbackd: /metrics /healthz /readyz /incidents on {ops.url}", url=ops.url)
-    # After serve_daemon: /metrics keeps reading its tap, which the writer passes each call on to.
-    # Written on the processing thread, through the file's bounded buffer, flushed each minute
-    # of event time; a failed write is logged and the writer stops, the daemon goes on.
-    writer = _measurements(measurements_out, config, tee=pipeline.edges.tap, append=True, flush_every=60.0)
-    if writer is not None:
+    if writer is not None:  # after serve_daemon: /metrics keeps its tap, the writer passes each call on
+        writer.tee = pipeline.edges.tap
         pipeline.edges.tap = writer
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

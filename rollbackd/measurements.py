@@ -135,7 +135,7 @@ def evaluation_record(
         "deployment": deployment,
         "variant": variant,
         "version": window_version(window),
-        "slice": getattr(window, "segment", None),
+        "slice": None if window is None else window.segment,
         "window_start": None if start is None else iso(start),
         "window_end": iso(end),
         "window_start_epoch": start,
@@ -344,7 +344,7 @@ class MeasurementWriter:
         if self.stopped or spec is None or not isinstance(measurement, Measurement):
             return
         self._write(evaluation_record(spec, ts, deployment, variant, measurement, window))
-        if self.flush_every is not None and ts >= self._flushed_at + self.flush_every:
+        if self.flush_every is not None and not self.stopped and ts >= self._flushed_at + self.flush_every:
             self._flushed_at = ts
             self._guarded(self._sink.flush)
 

@@ -387,3 +387,67 @@ def test_a_drill_writes_the_file_and_its_decisions_do_not_change(scenario, tmp_p
     assert sum(r["verdict"] == "not_evaluated" for r in records) == 4
     assert measured.summary["not_evaluated"] and writer.closed
     assert stream.getvalue().count("REPEAT inc-") == 2 and "repeated 10 more times" in stream.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# The live daemon
+
+
+def _live(scenario: dict, tmp_path: Path, path: str | Path) -> tuple[MeasurementWriter, MeasurementTap, Path]:
+    """The daemon's loop (``Daemon.run``, as ``rollbackd run`` drives it) over the recording,
+    with a writer as ``run --measurements-out`` attaches it (appending, flushed by event time)."""
+    from rollbackd.daemon.run import Daemon, RunSettings
+
+    config = load_config(scenario["rules"])
+    decisions = tmp_path / "live-decisions.jsonl"
+    pipeline = build_pipeline(config, decisions=DecisionLog(decisions), notifier=ConsoleNotifier(stream=io.StringIO()))
+    tap = MeasurementTap(config, profiles=False, max_points=1)  # as serve_daemon's
+    writer = open_measurements(path, config, tee=tap, append=True, flush_every=60.0, buffer_size=16)
+    pipeline.edges.tap = writer
+    daemon = Daemon(pipeline, open_recording(str(scenario["rec"]), config),
+                    settings=RunSettings(checkpoint_path=str(tmp_path / "ckpt"), checkpoint_every=60))
+    daemon.run()  # a finite source: returns at its end
+    writer.close()
+    return writer, tap, decisions
+
+
+def test_the_live_loop_writes_one_line_per_evaluation(scenario, tmp_path):
+    writer, tap, _ = _live(scenario, tmp_path, tmp_path / "live.jsonl")
+    records = _lines(tmp_path / "live.jsonl")
+    assert writer.errors == 0 and tap.evaluations > 0
+    assert len(records) == writer.written == writer.evaluations == tap.evaluations
+
+
+def test_a_live_write_error_is_logged_and_the_daemon_goes_on(scenario, tmp_path):
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logs:
+        writer, tap, decisions = _live(scenario, tmp_path, "/dev/full")
+    assert writer.errors == 1 and writer.stopped and writer.written == 0
+    assert writer.evaluations == tap.evaluations > 0  # evaluations went on after the failure
+    failed = [e for e in logs if e["event"] == "measurements.write_failed"]
+    assert len(failed) == 1 and "No space left on device" in failed[0]["error"]
+    reference = tmp_path / "ref"
+    reference.mkdir()
+    _, _, same = _live(scenario, reference, reference / "ok.jsonl")
+    assert decisions.read_bytes() == same.read_bytes()
+
+
+def test_run_refuses_a_parquet_measurements_file(tmp_path, scenario):
+    out = rollbackd("run", "-c", str(scenario["rules"]), "--bootstrap-servers", "127.0.0.1:1",
+                    "--measurements-out", "m.parquet", "--db", "r.db", cwd=tmp_path)
+    assert out.returncode == 2
+    assert b"run writes JSON Lines" in out.stderr and b"Traceback" not in out.stderr
+    assert not (tmp_path / "r.db").exists()
+
+
+def test_the_printed_timeline_of_a_replay_folds_repeats(replayed):
+    from rollbackd.cli import _folded_timeline
+
+    _, _, decisions = replayed["runs"][0]
+    lines = list(_folded_timeline(_lines(decisions)))
+    assert sum("notify    repeat" in line for line in lines) == 1
+    assert sum("repeated 10 more times" in line for line in lines) == 1
+    assert len(lines) == len(_lines(decisions)) - 10 + 1
