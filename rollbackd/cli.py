@@ -316,8 +316,7 @@ def _prepare(config: Any, notifier_spec: Any, dry_run: bool) -> tuple[Any, Any, 
     return config, notifier, backends
 
 
-def _measurements(path: str | None, config: Any, *, tee: Any = None, append: bool = False,
-                  flush_every: float | None = None) -> Any:
+def _measurements(path: str | None, config: Any, *, append: bool = False, flush_every: float | None = None) -> Any:
     """The ``--measurements-out`` writer, or None; a one-line error (exit 2) for a file that
     cannot be opened or a Parquet file without pyarrow, before any event is read."""
     if path is None:
@@ -325,7 +324,7 @@ def _measurements(path: str | None, config: Any, *, tee: Any = None, append: boo
     from rollbackd.measurements import ParquetUnavailable, open_measurements
 
     try:
-        return open_measurements(path, config, tee=tee, append=append, flush_every=flush_every)
+        return open_measurements(path, config, append=append, flush_every=flush_every)
     except ParquetUnavailable as exc:
         raise Refused(str(exc)) from None
     except ValueError as exc:
