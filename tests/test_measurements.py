@@ -451,3 +451,16 @@ def test_the_printed_timeline_of_a_replay_folds_repeats(replayed):
     assert sum("notify    repeat" in line for line in lines) == 1
     assert sum("repeated 10 more times" in line for line in lines) == 1
     assert len(lines) == len(_lines(decisions)) - 10 + 1
+
+
+def test_the_same_replay_writes_the_same_parquet_bytes(scenario, tmp_path):
+    pytest.importorskip("pyarrow")
+    config = load_config(scenario["rules"])
+    for name in ("a.parquet", "b.parquet"):
+        writer = open_measurements(tmp_path / name, config)
+        pipeline = build_pipeline(config, tap=writer, notifier=ConsoleNotifier(stream=io.StringIO()))
+        result = replay(open_recording(str(scenario["rec"]), config), pipeline)
+        writer.not_evaluated(result.not_evaluated)
+        writer.close()
+    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+    assert len(load_measurements(tmp_path / "a.parquet").records) == 124
