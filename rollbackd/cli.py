@@ -316,6 +316,55 @@ def _prepare(config: Any, notifier_spec: Any, dry_run: bool) -> tuple[Any, Any, 
     return config, notifier, backends
 
 
+def _measurements(path: str | None, config: Any, *, append: bool = False, flush_every: float | None = None) -> Any:
+    """The ``--measurements-out`` writer, or None; a one-line error (exit 2) for a file that
+    cannot be opened or a Parquet file without pyarrow, before any event is read."""
+    if path is None:
+        return None
+    from rollbackd.measurements import ParquetUnavailable, open_measurements
+
+    try:
+        return open_measurements(path, config, append=append, flush_every=flush_every)
+    except ParquetUnavailable as exc:
+        raise Refused(str(exc)) from None
+    except ValueError as exc:
+        raise Refused(f"--measurements-out {exc}") from None
+    except OSError as exc:
+        raise Refused(f"{path}: {exc.strerror or exc}") from None
+
+
+def _measurements_option(fn: Any) -> Any:
+    return click.option(
+        "--measurements-out", type=click.Path(dir_okay=False), default=None, callback=_parent_exists,
+        help="Write every evaluation (rule, deployment, variant, version, slice, window, value, p-value, "
+             "threshold, sample size, verdict) as JSON Lines; FILE.parquet writes Parquet (needs the "
+             "parquet extra). `rollbackd report --measurements FILE` plots it.")(fn)
+
+
+def _print_measurements(writer: Any) -> None:
+    if writer is None:
+        return
+    if writer.errors:
+        click.echo(f"measurements: writing {writer.path} failed after {writer.written:,} records (see the log); "
+                   f"{writer.evaluations:,} evaluations made")
+    else:
+        click.echo(f"measurements: {writer.written:,} records ({writer.evaluations:,} evaluations) in {writer.path}")
+
+
+def _print_not_evaluated(summary: dict[str, Any], limit: int = 12) -> None:
+    """Each rule's window the recording ended inside (``replay.trailing_windows``)."""
+    trailing = summary.get("not_evaluated") or []
+    if not trailing:
+        return
+    click.echo(f"not evaluated: {len(trailing)} window(s) the recording ended inside (never closed)")
+    for w in trailing[:limit]:
+        click.echo(f"  {w['rule']:<24} {w['deployment']}/{w['variant']}  window {_ts(w['window_start_epoch'])} "
+                   f"to {_ts(w['window_end_epoch'])}: {w['predictions']:,} predictions, {w['labels']:,} labels "
+                   f"from {_ts(w['data_from'])} to {_ts(w['data_until'])}")
+    if len(trailing) > limit:
+        click.echo(f"  ... and {len(trailing) - limit} more (--summary-json lists them all)")
+
+
 def _run_replay(
     recording: str,
     config: Any,
@@ -331,7 +380,9 @@ def _run_replay(
     dry_run: bool = False,
     key_file: str | None = None,
     anchors: str | None = None,
+    measurements_out: str | None = None,
 ) -> Any:
+    from rollbackd.actions.console import ConsoleNotifier
     from rollbackd.daemon.clock import WallClock
     from rollbackd.daemon.decisions import DecisionLog, NullDecisions
     from rollbackd.daemon.ledger import Ledger
@@ -341,12 +392,18 @@ def _run_replay(
     config, notifier, backends = _prepare(
         config, NotifierSpec(type=notifier_name) if notifier_name else None, dry_run
     )
+    if isinstance(notifier, ConsoleNotifier):
+        # Repeat notices come as often as event time says; printed, they are summarised.
+        notifier = ConsoleNotifier(notifier.stream, notifier.color, summarize_repeats=True)
     run_id = f"{mode}-{uuid.uuid4().hex[:12]}"
     # Everything that can fail on a path is opened before the run's first ledger row.
+    writer = _measurements(measurements_out, config)
     try:
         source = open_recording(recording, config)
         decisions: Any = DecisionLog(decisions_out) if decisions_out else NullDecisions()
     except OSError as exc:
+        if writer is not None:
+            writer.close()
         raise Refused(f"{exc.filename or recording}: {exc.strerror or exc}") from None
     ledger: Ledger = _open_ledger(db, run_id, key_file)
     ledger.start_run(mode, recording, config.source, datetime.now(timezone.utc).isoformat())
@@ -358,12 +415,21 @@ def _run_replay(
         notifier=notifier,
         drill=drill,
         backend_overrides=backends,
+        tap=writer,
     )
     bar = _Progress(progress)
     try:
         result = replay(source, pipeline, batch_size=batch_size, progress=bar)
+        if writer is not None:
+            writer.not_evaluated(result.not_evaluated)
     finally:
         bar.done()
+        if writer is not None:
+            writer.close()
+    if writer is not None:
+        result.extra["measurements"] = writer
+    if isinstance(notifier, ConsoleNotifier):
+        notifier.end()
     ledger.counters(
         [(f"events.{k}", v) for k, v in result.summary["events"].items()]
         + [(f"rejected.{k}", v) for k, v in result.summary["rejected"].items()]
@@ -393,11 +459,12 @@ def _run_replay(
               help="Every rollback is a dry run, whatever the rules file says (even dry_run: false): "
                    "record what would be done, call no backend.")
 @click.option("--summary-json", is_flag=True, help="Print the run summary as JSON on stdout.")
+@_measurements_option
 @_key_file_option
 @_anchors_option
 def replay(recording: str, rules: str, decisions_out: str | None, db: str, dead_letter: str | None,
            notifier: str | None, batch_size: int, dry_run: bool, summary_json: bool,
-           ledger_key_file: str | None, anchors: str | None) -> None:
+           measurements_out: str | None, ledger_key_file: str | None, anchors: str | None) -> None:
     """Replay a recorded stream (JSONL, .jsonl.gz or - for stdin) through the rules."""
     config = _load_config(rules)
     if dead_letter is None:
@@ -406,7 +473,7 @@ def replay(recording: str, rules: str, decisions_out: str | None, db: str, dead_
     result = _run_replay(recording, config, decisions_out=decisions_out, db=db,
                          dead_letter=dead_letter, notifier_name=notifier, drill=False,
                          mode="replay", batch_size=batch_size, dry_run=dry_run,
-                         key_file=ledger_key_file, anchors=anchors)
+                         key_file=ledger_key_file, anchors=anchors, measurements_out=measurements_out)
     if summary_json:
         click.echo(json.dumps(result.summary, sort_keys=True))
     else:
@@ -434,6 +501,8 @@ def _print_summary(result: Any, dead_letter: str | None) -> None:
     for inc in incidents:
         _print_incident(inc, result.pipeline)
     _print_muted(s)
+    _print_not_evaluated(s)
+    _print_measurements(result.extra.get("measurements"))
 
 
 def _print_muted(summary: dict[str, Any]) -> None:
@@ -489,9 +558,8 @@ def demo(out_dir: str | None, db: str, ledger_key_file: str | None, anchors: str
                          dead_letter=str(work / "rejected.jsonl"), notifier_name="console",
                          drill=False, mode="demo", batch_size=8192, key_file=ledger_key_file, anchors=anchors)
     click.echo("\n=== incident timeline ===")
-    for line in decisions.read_text().splitlines():
-        rec = json.loads(line)
-        click.echo("  " + _timeline_line(rec))
+    for text in _folded_timeline(json.loads(line) for line in decisions.read_text().splitlines()):
+        click.echo("  " + text)
     click.echo("")
     _print_summary(result, None)
     click.echo(f"\ndecision log: {decisions}\nledger: {db} (run {result.extra['run_id']})")
@@ -499,6 +567,26 @@ def demo(out_dir: str | None, db: str, ledger_key_file: str | None, anchors: str
 
 def _num(x: Any) -> str:
     return "-" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def _folded_timeline(records: Any) -> Any:
+    """Timeline lines of a replay's decisions, an incident's repeat notices folded as the
+    console notifier folds them: the first of a run printed, the rest said in one line."""
+    from rollbackd.actions.console import RepeatFolding
+
+    folding = RepeatFolding()
+    for rec in records:
+        incident = rec.get("incident_id")
+        if rec.get("kind") == "action" and rec.get("action") == "notify" and rec.get("notice") == "repeat" and incident:
+            if folding.repeat(incident, rec["ts"]):
+                yield _timeline_line(rec)
+            continue
+        if incident and rec.get("kind") in ("incident", "action"):
+            summary = folding.other(incident)
+            if summary:
+                yield summary.rstrip("\n")
+        yield _timeline_line(rec)
+    yield from (line for line in folding.end().splitlines())
 
 
 def _timeline_line(rec: dict[str, Any]) -> str:
@@ -566,7 +654,9 @@ def simulate(scenario: str, out: str, truth: str | None) -> None:
               help="Report, decision log, dead letters and drill ledger (default: a new ./drill-* folder).")
 @click.option("--notifier", type=click.Choice(["console", "none"]), default="console", show_default=True,
               help="Where the [DRILL] notices go.")
-def drill(recording: str, rules: str, speed: str, out_dir: str | None, notifier: str) -> None:
+@_measurements_option
+def drill(recording: str, rules: str, speed: str, out_dir: str | None, notifier: str,
+          measurements_out: str | None) -> None:
     """Rehearse an incident from a recording: rollbacks are dry runs, notices are marked [DRILL],
     no backend or Slack is called; ends with an HTML incident report."""
     from rollbackd.actions.base import NullNotifier
@@ -584,9 +674,10 @@ def drill(recording: str, rules: str, speed: str, out_dir: str | None, notifier:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise Refused(f"--out-dir {out_dir or '.'}: {exc.strerror or exc}") from None
+    writer = _measurements(measurements_out, config)  # its tee (the report's tap) is set by the drill
     result = run_drill(recording, config, speed=factor, out_dir=out,
-                       notifier=ConsoleNotifier() if notifier == "console" else NullNotifier(),
-                       progress=ProgressPrinter(sys.stderr))
+                       notifier=ConsoleNotifier(summarize_repeats=True) if notifier == "console" else NullNotifier(),
+                       progress=ProgressPrinter(sys.stderr), measurements=writer)
     click.echo(f"incidents: {len(result.incidents)}")
     for inc in result.incidents:
         status = "open" if inc["resolved_at"] is None else f"resolved {_ts(inc['resolved_at'])}"
@@ -594,6 +685,8 @@ def drill(recording: str, rules: str, speed: str, out_dir: str | None, notifier:
         click.echo(f"  {inc['id']}  {inc['deployment']}  opened {_ts(inc['opened_at'])}  {status}  "
                    f"severity {inc['severity']}  ({rules_hit})")
     _print_muted(result.summary)
+    _print_not_evaluated(result.summary)
+    _print_measurements(writer)
     click.echo(f"report: {result.report_path}" + "".join(f"\n  {p}" for p in result.report.pngs))
     click.echo(f"decision log: {result.decisions_path}\nledger: {result.ledger_path} (run {result.run_id})")
 
@@ -663,16 +756,24 @@ def test_rules(files: tuple[str, ...]) -> None:
               help="The rules file: adds clear thresholds and directions to the plots.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, callback=_parent_exists,
               help="HTML file (default: INCIDENT.html).")
-def report(incident: str | None, db: str, run_id: str | None, decisions: str | None, rules: str | None,
-           out: str | None) -> None:
+@click.option("--measurements", "measurements_file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="A measurements file (--measurements-out of replay, drill or run; JSON Lines or Parquet): "
+                   "plot every rule's series. Without --decisions the ledger is read only when it exists.")
+@click.pass_context
+def report(ctx: click.Context, incident: str | None, db: str, run_id: str | None, decisions: str | None,
+           rules: str | None, out: str | None, measurements_file: str | None) -> None:
     """Write an incident report: one self-contained HTML file with the timeline and plots of the
     breached measurements (PNGs beside it when matplotlib is installed). Without INCIDENT: the
-    whole run."""
+    whole run. With --measurements: every rule's series too."""
     from rollbackd.report import decisions_from_ledger, load_decisions, select_incident, write_report
 
     config = _load_config(rules) if rules else None
+    measured = _load_measurements(measurements_file)
+    db_given = ctx.get_parameter_source("db") is not click.core.ParameterSource.DEFAULT
     try:
-        if decisions:
+        if measured is not None and not decisions and not db_given and not Path(db).exists():
+            records, source = [], measurements_file  # the series alone
+        elif decisions:
             records = load_decisions(decisions)
             if incident:
                 records = select_incident(records, incident)
@@ -686,10 +787,30 @@ def report(incident: str | None, db: str, run_id: str | None, decisions: str | N
         sys.exit(1)
     path = Path(out or f"{incident or 'report'}.html")
     title = f"Incident {incident}" if incident else f"Decisions of {source}"
-    result = write_report(records, path, title=title, config=config)
-    click.echo(f"{result.html}: {result.plots} plot(s) from {len(records)} decisions ({source})")
+    result = write_report(records, path, title=title, config=config,
+                          measurements=measured.records if measured is not None else None)
+    click.echo(f"{result.html}: {result.plots} plot(s) from {len(records)} decisions ({source})"
+               + (f" and {len(measured.records):,} measurements" if measured is not None else ""))
+    if measured is not None and measured.skipped:
+        click.echo(f"{measurements_file}: {measured.skipped:,} line(s) that are not measurement records skipped",
+                   err=True)
     for png in result.pngs:
         click.echo(f"  {png}")
+
+
+def _load_measurements(path: str | None) -> Any:
+    if path is None:
+        return None
+    from rollbackd.measurements import ParquetUnavailable, load_measurements
+
+    try:
+        return load_measurements(path)
+    except ParquetUnavailable as exc:
+        raise Refused(str(exc)) from None
+    except ValueError as exc:
+        raise Refused(f"{path}: not a measurements file ({exc})") from None
+    except OSError as exc:
+        raise Refused(f"{path}: {exc.strerror or exc}") from None
 
 
 def _kafka_env(env: dict[str, str]) -> dict[str, str]:
@@ -840,6 +961,10 @@ def _bootstrap(value: str | None) -> str:
                    "offsets are committed in Kafka transactions (exactly-once; brokers >= 2.5).")
 @click.option("--decisions-topic", envvar="ROLLBACKD_DECISIONS_TOPIC", default=None,
               help="With --state-topic: publish every decision here (default: <state topic>.decisions).")
+@click.option("--measurements-out", type=click.Path(dir_okay=False), default=None, callback=_parent_exists,
+              help="Append every evaluation to this file (JSON Lines, flushed every minute of event time); "
+                   "see `rollbackd replay --help`. Evaluations after the last checkpoint may appear twice "
+                   "after a restart.")
 @_key_file_option
 @_anchors_option
 def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: str | None, topics: tuple[str, ...],
@@ -847,7 +972,7 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
         decisions_out: str, checkpoint: str, checkpoint_every: float, idle_after: float,
         lag_limit: int | None, blind_after: float, stop_timeout: float, batch_size: int, dry_run: bool,
         http_listen: str | None, state_topic: str | None, decisions_topic: str | None,
-        ledger_key_file: str | None, anchors: str | None) -> None:
+        measurements_out: str | None, ledger_key_file: str | None, anchors: str | None) -> None:
     """Run the daemon on Kafka: consume, decide, act; checkpoint and survive restarts."""
     import signal
 
@@ -863,6 +988,16 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
 
     config, notifier, backends = _prepare(_load_config(rules), None, dry_run)
     servers = _bootstrap(bootstrap_servers)
+    if measurements_out is not None:
+        from rollbackd.measurements import is_parquet
+
+        if is_parquet(measurements_out):  # its footer is written at close: a crash would lose it all
+            raise Refused(f"--measurements-out {measurements_out}: run writes JSON Lines (a Parquet file is "
+                          "readable only once closed); give a .jsonl file")
+    # Opened before the run's first ledger row; its tee (/metrics' tap) is set once that exists.
+    # Written on the processing thread, through the file's bounded buffer, flushed each minute
+    # of event time; a failed write is logged and the writer stops, the daemon goes on.
+    writer = _measurements(measurements_out, config, append=True, flush_every=60.0)
     topic_list = [t for item in topics for t in item.split()] or ["predictions", "outcomes"]
     kconf = {**_kafka_env(dict(os.environ)), **_kafka_options(kafka_config)}
     if instance_id:
@@ -934,6 +1069,9 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
                  listen=http_listen, detail=str(exc.strerror or exc))
             sys.exit(EXIT_CONFIG)
         _say("http.serving", f"rollbackd: /metrics /healthz /readyz /incidents on {ops.url}", url=ops.url)
+    if writer is not None:  # after serve_daemon: /metrics keeps its tap, the writer passes each call on
+        writer.tee = pipeline.edges.tap
+        pipeline.edges.tap = writer
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # The digest's notice goes through the daemon's executor like every other notice.
@@ -950,6 +1088,11 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
             digest.stop()
         if ops is not None:
             ops.stop()
+        if writer is not None:
+            writer.close()
+            _say("measurements.closed", f"rollbackd: {writer.written:,} measurement records in {writer.path}"
+                 + (f" (writing stopped after an error: {writer.errors})" if writer.errors else ""),
+                 path=writer.path, written=writer.written, errors=writer.errors)
         decisions.close()
         if dead is not None:
             dead.close()

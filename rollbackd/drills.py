@@ -34,6 +34,7 @@ from rollbackd.daemon.clock import Clock, WallClock
 from rollbackd.daemon.decisions import DecisionLog, encode_decision
 from rollbackd.daemon.replay import build_pipeline, open_recording, replay
 from rollbackd.daemon.sources import Batch, EventSource
+from rollbackd.measurements import MeasurementTapLike, MeasurementWriter
 from rollbackd.report import MeasurementTap, Report, rule_signal, write_report
 from rollbackd.rules.durations import format_duration, parse_duration
 from rollbackd.rules.model import Config, RuleSpec, name_matches
@@ -148,7 +149,7 @@ class _SimulatedBackend:
         )
 
 
-def attach_tap(pipeline: Any, tap: MeasurementTap) -> None:
+def attach_tap(pipeline: Any, tap: MeasurementTapLike) -> None:
     """Give the pipeline a measurement tap (``Edges.tap``; the pipeline calls
     ``tap.measure(...)`` after each evaluation once it has that hook)."""
     pipeline.edges.tap = tap
@@ -279,6 +280,7 @@ def drill(
     ledger: bool = True,
     batch_size: int | None = None,
     title: str | None = None,
+    measurements: MeasurementWriter | None = None,
 ) -> DrillResult:
     """Rehearse ``recording`` through ``config``: nothing real is touched.
 
@@ -290,6 +292,10 @@ def drill(
     ``out_dir`` receives ``decisions.jsonl``, ``rejected.jsonl`` (dead letters),
     ``drill.db`` (a ledger under a ``drill-…`` run id, unless ``ledger=False``) and
     ``report.html`` (plus PNG plots when matplotlib is installed).
+
+    ``measurements`` (a writer of ``--measurements-out``) gets every evaluation, and a
+    ``not_evaluated`` line per window the recording ended inside; the drill closes it. A
+    :class:`ConsoleNotifier` that folds repeat notices prints what it folded before the end.
     """
     if speed is not None and not (math.isfinite(speed) and speed > 0):
         raise ValueError(f"speed must be None or > 0, got {speed}")
@@ -320,7 +326,11 @@ def drill(
     refusing = _RefusingBackend()
     pipeline.edges.backend_for = lambda deployment: refusing
     tap = MeasurementTap(config)
-    attach_tap(pipeline, tap)
+    if measurements is not None:
+        measurements.tee = tap
+        attach_tap(pipeline, measurements)
+    else:
+        attach_tap(pipeline, tap)
 
     start: list[float] = []  # (event time, wall time) of the first paced batch
 
@@ -340,6 +350,8 @@ def drill(
     try:
         result = replay(source, pipeline, batch_size=batch_size or (256 if speed is not None else 8192),
                         progress=on_batch)
+        if measurements is not None:
+            measurements.not_evaluated(result.not_evaluated)
         summary = result.summary
         if recorder is not None:
             recorder.counters(
@@ -351,6 +363,10 @@ def drill(
     finally:
         if recorder is not None:
             recorder.close()
+        if measurements is not None:
+            measurements.close()
+    if isinstance(notifier, ConsoleNotifier):
+        notifier.end()
     if progress is not None:
         span = source.span
         progress(DrillProgress(result.events, span[1] if span else None, sink.firing, sink.incidents,

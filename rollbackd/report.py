@@ -14,7 +14,10 @@ network, attached to a ticket or in a browser's file:// view. What it shows:
 
 The decision log holds only transitions. For the full series and the distributions, a
 :class:`MeasurementTap` attached to the pipeline records every evaluation; without one the
-report draws what the transitions carry and says so. PNG copies of the measurement plots (for
+report draws what the transitions carry and says so. A measurements file
+(``--measurements-out``, ``rollbackd.measurements``) adds a section with every rule's series:
+value and threshold over time per deployment, variant, version and slice, breaches marked, the
+windows a recording ended inside shaded. PNG copies of the measurement plots (for
 Slack) are written next to the HTML when matplotlib can be imported; otherwise nothing is.
 
 Rendering reads no clock: the same decisions give the same bytes.
@@ -370,6 +373,7 @@ def write_report(
     profiles: Mapping[Key, Sequence[WindowProfile]] | None = None,
     config: Any = None,
     png: bool = True,
+    measurements: Sequence[Mapping[str, Any]] | None = None,
 ) -> Report:
     """Write the report of ``decisions`` (records of the decision log) to ``out_path``.
 
@@ -377,12 +381,15 @@ def write_report(
     the plots show the transitions' measurements only. ``profiles``
     (``MeasurementTap.profiles()``) gives the before/after distributions. ``config`` (the
     rules) adds clear thresholds and directions. PNGs of the measurement plots are written
-    beside the HTML when ``png`` and matplotlib is importable.
+    beside the HTML when ``png`` and matplotlib is importable. ``measurements`` (the records of
+    a measurements file, ``measurements.load_measurements``) adds every rule's series.
     """
     out = Path(out_path)
     decisions = [dict(d) for d in decisions]
     rules = {r.name: r for r in config.rules} if config is not None else {}
     alerts = _breached_alerts(decisions, rules)
+    if measurements_by_rule is None and measurements:
+        measurements_by_rule = _by_rule(measurements)
     series = _series(measurements_by_rule)
     profiles = profiles or {}
     deploys = _deploys(decisions)
@@ -411,6 +418,10 @@ def write_report(
         n_plots += 1
         extra, k = _distributions(alert, profiles.get(alert.key, ()))
         body.append(extra)
+        n_plots += k
+    if measurements:
+        section, k = _evaluations_section(measurements, rules)
+        body.append(section)
         n_plots += k
     body.append(_timeline(decisions))
     body.append(
@@ -845,6 +856,186 @@ def _episodes(marks: list[tuple[float, Any, Any]], end: float) -> list[tuple[flo
     if start is not None:
         out.append((start, end, "#d97706"))
     return out
+
+
+# Every evaluation (a measurements file) -----------------------------------------------------
+
+# A figure per series, at most this many (the busiest first); a series longer than
+# _MAX_POINTS is drawn from the lowest and highest value of each of _MAX_POINTS / 2 spans of
+# time, so a spike survives. Breaches are always drawn.
+_MAX_SERIES = 120
+_MAX_POINTS = 2000
+
+SeriesKey = tuple[str, str, str, str, str]  # rule, deployment, variant, version, slice
+
+
+def _by_rule(records: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """A measurements file's evaluations as :meth:`MeasurementTap.by_rule` gives them."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("verdict") != "not_evaluated":
+            out.setdefault(str(r["rule"]), []).append(
+                {"ts": r["ts"], "deployment": r["deployment"], "variant": r["variant"], "value": _finite(r.get("value"))})
+    return out
+
+
+def _evaluations_section(records: Sequence[Mapping[str, Any]], rules: Mapping[str, Any]) -> tuple[str, int]:
+    series: dict[SeriesKey, list[Mapping[str, Any]]] = {}
+    trailing: dict[Key, list[tuple[float, float]]] = {}
+    for r in records:
+        if r.get("verdict") == "not_evaluated":
+            start, end = r.get("window_start_epoch"), r.get("window_end_epoch")
+            if start is not None and end is not None:
+                trailing.setdefault((r["rule"], r["deployment"], r["variant"]), []).append((float(start), float(end)))
+            continue
+        key = (str(r["rule"]), str(r["deployment"]), str(r["variant"]), str(r.get("version") or ""),
+               str(r.get("slice") or ""))
+        series.setdefault(key, []).append(r)
+    parts = [f"<h2>Every evaluation ({len(records):,} records)</h2>",
+             '<p class="note">Each rule\'s measured value and threshold at every window boundary, per '
+             "deployment, variant, version and slice: red dots are breaching evaluations, gaps are windows "
+             "without a verdict (insufficient data), grey spans windows the recording ended inside "
+             "(not evaluated).</p>"]
+    keys = sorted(series)
+    if len(keys) > _MAX_SERIES:
+        busiest = sorted(keys, key=lambda k: (-len(series[k]), k))[:_MAX_SERIES]
+        parts.append(f'<p class="note">{len(keys)} series; the {_MAX_SERIES} with the most evaluations are '
+                     "drawn.</p>")
+        keys = sorted(busiest)
+    # A trailing window is drawn with the series that was still being evaluated at the end.
+    last: dict[Key, SeriesKey] = {}
+    for key in sorted(series, key=lambda k: (max(float(r["ts"]) for r in series[k]), k)):
+        last[key[:3]] = key
+    for key in keys:
+        spec = rules.get(key[0])
+        spans = trailing.get(key[:3], []) if last.get(key[:3]) == key else []
+        parts.append(_series_figure(_series_data(key, series[key], spans, spec)))
+    untouched = sorted(set(trailing) - {k[:3] for k in series})
+    for rule, dep, var in untouched:
+        spans = ", ".join(f"{_utc(a)} to {_utc(b)}" for a, b in trailing[(rule, dep, var)])
+        parts.append(f'<p class="note">{_e(rule)} on {_e(dep)}/{_e(var)}: never evaluated; not evaluated: {_e(spans)}</p>')
+    return "\n".join(parts), len(keys)
+
+
+def _series_data(key: SeriesKey, recs: list[Mapping[str, Any]], trailing: list[tuple[float, float]],
+                 spec: Any) -> dict[str, Any]:
+    recs = sorted(recs, key=lambda r: float(r["ts"]))
+    points = [(float(r["ts"]), _finite(r.get("value"))) for r in recs]
+    thresholds = [(float(r["ts"]), t) for r in recs if (t := _finite(r.get("threshold"))) is not None]
+    breaches = [(float(r["ts"]), v) for r in recs if r.get("verdict") == "breach" and (v := _finite(r.get("value"))) is not None]
+    counts = Counter(str(r.get("verdict")) for r in recs)
+    drawn = _thin(points)
+    lo = min([p[0] for p in points] + [a for a, _ in trailing])
+    hi = max([p[0] for p in points] + [b for _, b in trailing])
+    rule, dep, var, version, slice_ = key
+    title = f"{rule} on {dep}/{var}" + (f" · version {version}" if version else "") + (f" · {slice_}" if slice_ else "")
+    return {
+        "title": title, "points": drawn, "thresholds": _thin(thresholds), "breaches": breaches,
+        "trailing": trailing, "lo": lo, "hi": hi, "counts": counts, "n": len(recs), "thinned": len(drawn) < len(points),
+        "direction": getattr(spec, "direction", None), "clear": getattr(spec, "clear", None),
+    }
+
+
+def _finite(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x) if math.isfinite(x) else None
+
+
+def _thin(points: list[tuple[float, float | None]]) -> list[tuple[float, float | None]]:
+    """At most about ``_MAX_POINTS`` points: each span's lowest and highest value, in time order
+    (a gap, a value of None, is kept where a span has one)."""
+    if len(points) <= _MAX_POINTS:
+        return points
+    buckets = _MAX_POINTS // 2
+    lo, hi = points[0][0], points[-1][0]
+    width = (hi - lo) / buckets or 1.0
+    spans: dict[int, list[tuple[float, float | None]]] = {}
+    for p in points:
+        spans.setdefault(min(int((p[0] - lo) / width), buckets - 1), []).append(p)
+    out: list[tuple[float, float | None]] = []
+    for i in sorted(spans):
+        span = spans[i]
+        values = [(p[1], p) for p in span if p[1] is not None]
+        keep = {min(values)[1], max(values)[1]} if values else set()
+        if len(values) < len(span):
+            keep.add(next(p for p in span if p[1] is None))
+        out.extend(sorted(keep, key=lambda p: p[0]))
+    return out
+
+
+def _series_figure(data: dict[str, Any]) -> str:
+    values = [v for _, v in data["points"] if v is not None] + [v for _, v in data["breaches"]]
+    ths = [v for _, v in data["thresholds"] if v is not None]
+    clear = data["clear"] if data["clear"] is not None and ths and data["clear"] != ths[-1] else None
+    ys = values + ths + ([clear] if clear is not None else [])
+    y_lo, y_hi = (min(ys), max(ys)) if ys else (0.0, 1.0)
+    pad = (y_hi - y_lo) * 0.1 or abs(y_hi) * 0.1 or 1.0
+    y_lo = 0.0 if y_lo >= 0 and y_lo - pad < 0 else y_lo - pad
+    y_hi += pad
+    x = _Axis(data["lo"], data["hi"], _ML, _W - _MR)
+    y = _Axis(y_lo, y_hi, _H - _MB, _MT)
+    s: list[str] = [
+        f'<svg class="plot series" xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" '
+        f'viewBox="0 0 {_W} {_H}" role="img" aria-label="{_e(data["title"])}">',
+        f'<title>{_e(data["title"])}</title>',
+        f'<rect x="{_ML}" y="{_MT}" width="{_W - _ML - _MR}" height="{_H - _MT - _MB}" fill="#fbfcfd" stroke="#d5dae2"/>',
+    ]
+    for a, b in data["trailing"]:
+        s.append(f'<rect class="not-evaluated" x="{x(a):.1f}" y="{_MT}" width="{max(x(b) - x(a), 1):.1f}" '
+                 f'height="{_H - _MT - _MB}" fill="#9ca3af" fill-opacity="0.25"><title>not evaluated: '
+                 f'{_utc(a)} to {_utc(b)} (the recording ended inside this window)</title></rect>')
+    for v in _nice_ticks(y_lo, y_hi):
+        if y_lo <= v <= y_hi:
+            s.append(f'<line x1="{_ML}" x2="{_W - _MR}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#eceff4"/>'
+                     f'<text x="{_ML - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{_e(_num(v, 3))}</text>')
+    for t in _time_ticks(data["lo"], data["hi"]):
+        if data["lo"] <= t <= data["hi"]:
+            s.append(f'<line x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{_H - _MB}" y2="{_H - _MB + 4}" stroke="#9aa3b2"/>'
+                     f'<text x="{x(t):.1f}" y="{_H - _MB + 16}" text-anchor="middle">{_utc(t, "%H:%M")}</text>')
+    s.append(f'<text x="{(_ML + _W - _MR) / 2}" y="{_H - 6}" text-anchor="middle">event time (UTC) · '
+             f'{_utc(data["lo"], "%Y-%m-%d")}</text>')
+    # The threshold as each evaluation had it (a canary's or a relative rule's may move).
+    for run in _runs(data["thresholds"]):
+        if len(run) == 1:
+            t, v = run[0]
+            s.append(f'<line class="threshold" x1="{x(t) - 3:.1f}" x2="{x(t) + 3:.1f}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#dc2626"/>')
+        else:
+            pts = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in run)
+            s.append(f'<polyline class="threshold" points="{pts}" fill="none" stroke="#dc2626" stroke-dasharray="6 4"/>')
+    if clear is not None:
+        cy = y(clear)
+        s.append(f'<line class="clear-threshold" x1="{_ML}" x2="{_W - _MR}" y1="{cy:.1f}" y2="{cy:.1f}" stroke="#d97706" stroke-dasharray="2 3"/>')
+    for run in _runs(data["points"]):
+        if len(run) == 1:
+            t, v = run[0]
+            s.append(f'<circle class="value" cx="{x(t):.1f}" cy="{y(v):.1f}" r="2" fill="#1f2937"/>')
+        else:
+            pts = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in run)
+            s.append(f'<polyline class="value" points="{pts}" fill="none" stroke="#1f2937" stroke-width="1.5"/>')
+    for t, v in data["breaches"]:
+        s.append(f'<circle class="breach" cx="{x(t):.1f}" cy="{y(v):.1f}" r="3" fill="#dc2626">'
+                 f"<title>breach at {_utc(t)}: value {_e(_num(v))}</title></circle>")
+    items = [("#1f2937", "value"), ("#dc2626", "threshold"), ("#dc2626", "● breach")]
+    if clear is not None:
+        items.append(("#d97706", "clear threshold"))
+    if data["trailing"]:
+        items.append(("#6b7280", "■ not evaluated"))
+    legend, xpos = ['<g class="legend">'], _ML
+    for colour, label in items:
+        legend.append(f'<text x="{xpos}" y="{_MT - 10}" style="fill:{colour}">{_e(label)}</text>')
+        xpos += 12 + 7 * len(label)
+    legend.append("</g>")
+    s.extend(legend)
+    s.append("</svg>")
+    c = data["counts"]
+    caption = (f"{_e(data['title'])}: {data['n']:,} evaluations, {c.get('breach', 0):,} breaching, "
+               f"{c.get('ok', 0):,} not, {c.get('insufficient', 0):,} without a verdict")
+    if data["direction"]:
+        caption += f"; breaching {_e(data['direction'])} the threshold"
+    if data["thinned"]:
+        caption += f"; drawn from each span's lowest and highest value ({len(data['points']):,} points)"
+    return f'<figure class="series">{"".join(s)}<figcaption>{caption}</figcaption></figure>'
 
 
 # Distributions -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ exactly where they would have live.
 from __future__ import annotations
 
 import gc
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +24,11 @@ from rollbackd.daemon.sources import EventSource, RecordingSource
 from rollbackd.daemon.references import load_reference
 from rollbackd.detectors.base import Reference
 from rollbackd.events import EventDecoder
+from rollbackd.measurements import TrailingWindow
 from rollbackd.rules.model import Config
 from rollbackd.rules.silences import Silence
 
-__all__ = ["ReplayResult", "replay", "build_pipeline", "push_human_input", "GC_THRESHOLDS"]
+__all__ = ["ReplayResult", "replay", "build_pipeline", "push_human_input", "trailing_windows", "GC_THRESHOLDS"]
 
 # The pipeline allocates millions of small objects (events, their feature dicts); CPython's
 # default gen-0 threshold of 700 makes the cycle collector rescan the tracked ones constantly.
@@ -44,6 +46,8 @@ class ReplayResult:
     events: int = 0
     batches: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # Each rule's window that the recording ended inside: never closed, never evaluated.
+    not_evaluated: list[TrailingWindow] = field(default_factory=list)
 
 
 @runtime_checkable
@@ -150,7 +154,48 @@ def replay(
         if hasattr(dl, "close"):
             dl.close()
         pipeline.edges.decisions.close()
-    return ReplayResult(pipeline.summary(), pipeline, events=events, batches=batches)
+    # The windows the recording ended inside are reported, not evaluated: evaluating a
+    # partial window would judge it on less data than the rule asks for, and change decisions
+    # a longer recording of the same events reaches.
+    trailing = trailing_windows(pipeline)
+    summary = pipeline.summary()
+    summary["not_evaluated"] = [w.to_record() for w in trailing]
+    return ReplayResult(summary, pipeline, events=events, batches=batches, not_evaluated=trailing)
+
+
+def trailing_windows(pipeline: Pipeline) -> list[TrailingWindow]:
+    """Per rule and deployment × variant, the window a finite stream ended inside, when data
+    arrived after the rule's last evaluated boundary (after ``replay``'s final ``advance`` to
+    the newest event: every boundary up to it is processed, the panes after it are kept).
+
+    Boundaries of a window spec are the multiples of its step since the epoch; the data no
+    window of the rule evaluated is in the panes from its last boundary on.
+    """
+    until = pipeline.max_event_time
+    if not math.isfinite(until):
+        return []
+    assembler = pipeline.assembler
+    g = assembler.granularity
+    last_pane = math.floor(until / g)  # the boundary at its start is the last processed one
+    out: list[TrailingWindow] = []
+    for rule in pipeline.config.rules:
+        step = max(1, round(rule.window.step / g))
+        size = max(1, round(rule.window.size / g))
+        first = (last_pane // step) * step  # the rule's last boundary, as a pane index
+        end = first + step
+        for key in assembler.keys():
+            if not rule.applies_to(*key):
+                continue
+            panes = [p for i, p in sorted(assembler.panes[key].items()) if i >= first]
+            predictions = sum(len(p.predictions) for p in panes)
+            labels = sum(len(p.outcomes) for p in panes)
+            if not predictions and not labels:
+                continue
+            out.append(TrailingWindow(
+                rule.name, rule.detector, key[0], key[1], (end - size) * g, end * g, first * g, until,
+                predictions, labels,
+            ))
+    return out
 
 
 def open_recording(path: str, config: Config) -> RecordingSource:
