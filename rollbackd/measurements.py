@@ -52,7 +52,7 @@ log = structlog.get_logger("rollbackd")
 
 # Every record has exactly these keys (in the file sorted, as the decision log's are).
 FIELDS = (
-    "ts", "rule", "detector", "deployment", "variant", "version", "slice",
+    "ts", "rule", "detector", "deployment", "variant", "version", "slice", "share",
     "window_start", "window_end", "window_start_epoch", "window_end_epoch",
     "value", "threshold", "p_value", "effect_size", "sample_size",
     "verdict", "insufficient", "evidence",
@@ -109,6 +109,12 @@ def window_version(window: Any) -> str | None:
     return str(max(versions, key=lambda v: (versions[v], v)))
 
 
+def _share(window: Any) -> str | None:
+    if window is None:
+        return None
+    return "slice" if window.segment is not None else "version" if window.version is not None else None
+
+
 def _insufficient(rule: RuleSpec, m: Measurement) -> str:
     """Why :func:`verdict` gave no verdict (its conditions, in its order)."""
     if m.insufficient:
@@ -136,6 +142,9 @@ def evaluation_record(
         "variant": variant,
         "version": window_version(window),
         "slice": None if window is None else window.segment,
+        # "version" / "slice": the evaluation of one version's or one slice's share of the
+        # window (daemon/splits.py); null: of the whole window.
+        "share": _share(window),
         "window_start": None if start is None else iso(start),
         "window_end": iso(end),
         "window_start_epoch": start,
@@ -187,6 +196,7 @@ class TrailingWindow:
             "variant": self.variant,
             "version": None,
             "slice": None,
+            "share": None,
             "window_start": iso(self.start),
             "window_end": iso(self.end),
             "window_start_epoch": self.start,
@@ -259,7 +269,7 @@ class _Parquet:
         self.schema = pa.schema([
             ("ts", pa.float64()), ("rule", pa.string()), ("detector", pa.string()),
             ("deployment", pa.string()), ("variant", pa.string()), ("version", pa.string()),
-            ("slice", pa.string()),
+            ("slice", pa.string()), ("share", pa.string()),
             ("window_start", pa.timestamp("us", tz="UTC")), ("window_end", pa.timestamp("us", tz="UTC")),
             ("window_start_epoch", pa.float64()), ("window_end_epoch", pa.float64()),
             ("value", pa.float64()), ("threshold", pa.float64()), ("p_value", pa.float64()),

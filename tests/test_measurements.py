@@ -83,6 +83,21 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _mixed_windows(events: list[dict], labels: bool) -> int:
+    """Version shares of the minute windows more than one version served, counted from the
+    recording: each such window is also evaluated per version's share. A rule on labels also
+    counts the version of each label's prediction (a label for version 1 after the deploy)."""
+    versions: dict[float, set] = {}
+    served = {}
+    for e in events:
+        if e.get("type") == "prediction":
+            served[e["id"]] = e["model_version"]
+            versions.setdefault(math.floor(e["ts"] / STEP), set()).add(e["model_version"])
+        elif labels and e.get("type") == "outcome" and e["id"] in served:
+            versions.setdefault(math.floor(e["ts"] / STEP), set()).add(served[e["id"]])
+    return sum(len(v) for v in versions.values() if len(v) > 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # The file
 
@@ -104,9 +119,13 @@ def test_one_line_per_evaluation_as_the_tap_counts_them(scenario, tmp_path):
     ts = [e["ts"] for e in scenario["events"]]
     boundaries = math.floor(max(ts) / STEP) - math.floor(min(ts) / STEP)
     assert boundaries == 30
-    assert len(evaluated) == len(config.rules) * boundaries == 120
-    assert writer.written == len(records) == 120 + len(result.not_evaluated)
-    assert Counter(r["rule"] for r in evaluated) == {r.name: boundaries for r in config.rules}
+    whole = [r for r in evaluated if r["share"] is None]
+    shares = [r for r in evaluated if r["share"] is not None]
+    assert len(whole) == len(config.rules) * boundaries == 120
+    assert len(shares) == sum(_mixed_windows(scenario["events"], r.needs_labels) for r in config.rules) > 0
+    assert {r["share"] for r in shares} == {"version"}
+    assert writer.written == len(records) == len(evaluated) + len(result.not_evaluated)
+    assert Counter(r["rule"] for r in whole) == {r.name: boundaries for r in config.rules}
 
 
 def test_the_same_replay_writes_the_same_bytes(replayed):
@@ -144,16 +163,24 @@ def test_the_version_is_the_one_serving_most_of_the_window(replayed, scenario):
     """Counted here from the recording itself: version 1, then 2 from its deploy at minute 15."""
     path, _, _ = replayed["runs"][0]
     served: dict[float, Counter] = {}
+    labelled: dict[float, set] = {}  # versions of the predictions whose labels came in a window
+    of = {}
     for e in scenario["events"]:
         if e["type"] == "prediction":
             served.setdefault(math.floor(e["ts"] / STEP) * STEP, Counter())[e["model_version"]] += 1
+            of[e["id"]] = e["model_version"]
+        elif e["type"] == "outcome" and e["id"] in of:
+            labelled.setdefault(math.floor(e["ts"] / STEP) * STEP, set()).add(of[e["id"]])
     versions = Counter()
     for rec in _lines(path):
         if rec["verdict"] == "not_evaluated":
             assert rec["version"] is None
             continue
         counts = served[rec["window_start_epoch"]]
-        assert rec["version"] == max(counts, key=lambda v: (counts[v], v))
+        if rec["share"] == "version":  # a version's share of a mixed window: that version
+            assert rec["version"] in set(counts) | labelled.get(rec["window_start_epoch"], set())
+        else:
+            assert rec["version"] == max(counts, key=lambda v: (counts[v], v))
         versions[rec["version"]] += 1
     assert set(versions) == {"1", "2"}
 
@@ -174,12 +201,13 @@ def test_parquet_holds_the_same_records_as_json_lines(replayed):
     import pyarrow.parquet as pq
 
     (jsonl, _, _), _, (parquet, stdout, _) = replayed["runs"]
-    assert "measurements: 124 records (120 evaluations)" in stdout
+    n = len(_lines(jsonl))
+    assert f"measurements: {n} records ({n - 4} evaluations)" in stdout
     table = pq.read_table(parquet)
     assert table.column_names == list(FIELDS)
     assert table.schema.field("window_start").type == pa.timestamp("us", tz="UTC")
     assert table.schema.field("evidence").type == pa.string()
-    assert table.num_rows == 124
+    assert table.num_rows == n
     assert load_measurements(parquet).records == load_measurements(jsonl).records
     first = table.slice(0, 1).to_pylist()[0]
     assert first["window_start"].timestamp() == first["window_start_epoch"]
@@ -214,7 +242,7 @@ def test_a_failing_write_is_logged_and_counted_and_the_replay_decides_the_same(s
     replay(open_recording(str(scenario["rec"]), config), pipeline)
     writer.close()
     assert writer.errors == 1 and writer.stopped and writer.written == 0
-    assert writer.evaluations == 120  # every evaluation still went through the tap
+    assert writer.evaluations > 120  # every evaluation still went through the tap (and the shares)
     reference = tmp_path / "ref.jsonl"
     pipeline = build_pipeline(config, decisions=DecisionLog(reference),
                               notifier=ConsoleNotifier(stream=io.StringIO()))
@@ -250,7 +278,7 @@ def test_report_plots_each_series_from_the_file(replayed, scenario, tmp_path):
     out = rollbackd("report", "--measurements", str(path), "--decisions", str(decisions),
                     "-c", str(scenario["rules"]), "--out", "r.html", cwd=tmp_path)
     assert out.returncode == 0, out.stderr.decode()
-    assert "and 124 measurements" in out.stdout.decode()
+    assert f"and {len(records)} measurements" in out.stdout.decode()
     html = (tmp_path / "r.html").read_text()
     series = {(r["rule"], r["deployment"], r["variant"], r["version"], r["slice"])
               for r in records if r["verdict"] != "not_evaluated"}
@@ -281,7 +309,7 @@ def test_report_skips_and_counts_lines_that_are_not_records(replayed, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(path.read_text() + "not json\n" + json.dumps({"rule": "x"}) + "\n")
     loaded = load_measurements(bad)
-    assert loaded.skipped == 2 and len(loaded.records) == 124
+    assert loaded.skipped == 2 and len(loaded.records) == len(_lines(path))
     out = rollbackd("report", "--measurements", str(bad), "--out", "b.html", cwd=tmp_path)
     assert out.returncode == 0 and b"2 line(s) that are not measurement records skipped" in out.stderr
 
@@ -382,8 +410,9 @@ def test_a_drill_writes_the_file_and_its_decisions_do_not_change(scenario, tmp_p
     assert (tmp_path / "plain" / "decisions.jsonl").read_bytes() == \
         (tmp_path / "measured" / "decisions.jsonl").read_bytes()
     records = _lines(tmp_path / "drill.jsonl")
-    assert measured.tap is not None and measured.tap.evaluations == plain.tap.evaluations == 120
-    assert sum(r["verdict"] != "not_evaluated" for r in records) == 120
+    assert measured.tap is not None and measured.tap.evaluations == plain.tap.evaluations
+    assert sum(r["verdict"] != "not_evaluated" for r in records) == plain.tap.evaluations
+    assert sum(r["verdict"] != "not_evaluated" and r["share"] is None for r in records) == 120
     assert sum(r["verdict"] == "not_evaluated" for r in records) == 4
     assert measured.summary["not_evaluated"] and writer.closed
     assert stream.getvalue().count("REPEAT inc-") == 2 and "repeated 10 more times" in stream.getvalue()
@@ -463,4 +492,4 @@ def test_the_same_replay_writes_the_same_parquet_bytes(scenario, tmp_path):
         writer.not_evaluated(result.not_evaluated)
         writer.close()
     assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
-    assert len(load_measurements(tmp_path / "a.parquet").records) == 124
+    assert len(load_measurements(tmp_path / "a.parquet").records) == writer.written

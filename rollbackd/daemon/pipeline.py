@@ -41,7 +41,7 @@ from rollbackd.daemon.decisions import DecisionSink, NullDecisions
 from rollbackd.daemon.executor import Executor, SyncExecutor
 from rollbackd.daemon.join import OutcomeJoiner, Pending
 from rollbackd.daemon.response import Responder
-from rollbackd.daemon.splits import judge_slices, judge_versions, slice_paths, slice_windows, version_shares
+from rollbackd.daemon.splits import adjust_slices, judge_slices, judge_versions, slice_paths, slice_windows, version_shares
 from rollbackd.daemon.versions import VersionHistory
 from rollbackd.daemon.windows import WindowAssembler
 from rollbackd.detectors.base import REGISTRY, Detector, Labeled, Measurement, Reference, Window, make_detector
@@ -596,10 +596,11 @@ class Pipeline:
             det = self._detector(rule, skey)  # type: ignore[arg-type]
             self.checkpointing.changing((rule.name, skey))  # type: ignore[arg-type]
             det.update(part)
-            m = det.evaluate(now)
-            self._tap(rule, part, m, now)
-            measured.append((part.segment, m))  # type: ignore[arg-type]
+            measured.append((part.segment, det.evaluate(now)))  # type: ignore[arg-type]
             known.add(part.segment)  # type: ignore[arg-type]
+        measured = adjust_slices(measured)
+        for part, (_, m) in zip(parts, measured):
+            self._tap(rule, part, m, now)
         if len(known) > SLICE_DETECTORS_PER_TOP_K * rule.slice_top_k:
             # A slice that left the top K long ago: its detector goes (bounded memory when
             # a sliced attribute has many values).

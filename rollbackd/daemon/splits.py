@@ -11,7 +11,7 @@ version is named in the evidence, and the rollback moves away from it), else the
 A rule with ``slice_by`` is evaluated per slice instead (one detector per slice, so each keeps
 its own history: a region's drift reference is that region's). :func:`slice_windows` cuts the
 largest ``slice_top_k`` slices of a window and pools the rest as "other";
-:func:`judge_slices` corrects their p-values for multiplicity (Holm) and picks the slice that
+:func:`adjust_slices` corrects their p-values for multiplicity (Holm) and :func:`judge_slices` picks the slice that
 steps the rule's one alert, naming the breaching slices and the rest's value in the evidence.
 
 Pure: no clock, no I/O; the same window gives the same parts in the same order.
@@ -31,7 +31,7 @@ from rollbackd.rules.model import RuleSpec
 
 __all__ = [
     "OTHER", "version_shares", "judge_versions", "blamed_version", "mixed_unattributed", "where",
-    "slice_of", "slice_paths", "slice_windows", "judge_slices",
+    "slice_of", "slice_paths", "slice_windows", "adjust_slices", "judge_slices",
 ]
 
 # The slice that pools every value beyond a rule's slice_top_k.
@@ -194,16 +194,10 @@ def slice_windows(window: Window, paths: Sequence[tuple[str, str]], top_k: int) 
     return parts
 
 
-def judge_slices(
-    rule: RuleSpec, alert: Alert | None, slices: Sequence[tuple[str, Measurement]]
-) -> Measurement:
-    """The one measurement that steps the rule's alert for all its slices.
-
-    p-values are Holm-adjusted across the slices that have one, so ten regions are not ten
-    chances of a false alarm. The chosen slice is the most adverse breaching one (while the
-    alert is active: the most adverse with a verdict); its evidence names every breaching
-    slice and the others' value, weighted by their samples (the pooled rate, for a rate).
-    With no slice able to give a verdict, the measurement says so."""
+def adjust_slices(slices: Sequence[tuple[str, Measurement]]) -> list[tuple[str, Measurement]]:
+    """The slices' measurements with their p-values Holm-adjusted across the slices that have
+    one (the raw value kept in the evidence), so ten regions are not ten chances of a false
+    alarm. What the measurements file records and what :func:`judge_slices` judges."""
     tested = [i for i, (_, m) in enumerate(slices) if m.p_value is not None and m.insufficient is None]
     adjusted = list(slices)
     if len(tested) > 1:
@@ -212,16 +206,29 @@ def judge_slices(
             label, m = slices[i]
             adjusted[i] = (label, replace(m, p_value=float(p_adj),
                                           evidence={**m.evidence, "p_value_raw": m.p_value}))
+    return adjusted
+
+
+def judge_slices(
+    rule: RuleSpec, alert: Alert | None, adjusted: Sequence[tuple[str, Measurement]]
+) -> Measurement:
+    """The one measurement that steps the rule's alert for all its slices (their p-values
+    adjusted by :func:`adjust_slices`).
+
+    The chosen slice is the most adverse breaching one (while the alert is active: the most
+    adverse with a verdict); its evidence names every breaching slice and the others' value,
+    weighted by their samples (the pooled rate, for a rate). With no slice able to give a
+    verdict, the measurement says so."""
     chosen = _pick(rule, alert, adjusted)
     if chosen is None:
         judged = [(label, m) for label, m in adjusted if verdict(rule, m) is not None]
         if judged:  # no breach, alert inactive: the most adverse slice, for the record
             chosen = max(judged, key=lambda lm: (_adverse(rule, lm[1]), lm[1].sample_size, lm[0]))
         else:
-            n = sum(m.sample_size for _, m in slices)
+            n = sum(m.sample_size for _, m in adjusted)
             return Measurement.insufficient_data(
-                rule.threshold, n, "no slice had enough data for a verdict" if slices else "no traffic",
-                slices=len(slices))
+                rule.threshold, n, "no slice had enough data for a verdict" if adjusted else "no traffic",
+                slices=len(adjusted))
     label, m = chosen
     breaching = [(lb, s) for lb, s in adjusted if verdict(rule, s)]
     rest = [s for lb, s in adjusted if lb != label and verdict(rule, s) is not None]
@@ -234,5 +241,5 @@ def judge_slices(
                              for lb, s in breaching],
         "others_value": others,
         "others_n": rest_n,
-        "slices": len(slices),
+        "slices": len(adjusted),
     })
