@@ -199,7 +199,7 @@ class RuleSpec:
         return False
 
 
-LABEL_DETECTORS = frozenset({"model_error", "calibration"})
+LABEL_DETECTORS = frozenset({"model_error", "model_quality", "calibration"})
 
 
 @dataclass(frozen=True, slots=True)
