@@ -258,7 +258,7 @@ def level_bound(draws: int) -> float:
 @pytest.mark.parametrize(
     "metric,draws",
     [("recall", 2000), ("fpr", 2000), ("precision", 2000), ("roc_auc", 2000), ("log_loss", 2000),
-     ("brier", 2000), ("f1", 1000), ("pr_auc", 400)],
+     ("brier", 2000), ("f1", 1000), ("pr_auc", 800)],
 )
 def test_on_stationary_data_the_tests_reject_no_more_than_alpha(metric, draws) -> None:
     rate = rejection_rate(metric, draws, seed=11)

@@ -122,7 +122,8 @@ class ModelQuality:
     ``p_value`` is for "worse than the threshold": the exact binomial test for the rates
     (lower tail for higher-is-better rates), DeLong's normal test for ROC AUC, a one-sample
     t-test on the per-outcome losses for log loss, Brier, MAE, MAPE and RMSE (on the squared
-    errors against threshold²), the bootstrap for F1, macro-F1 and PR AUC. For
+    errors against threshold²), a normal test on a bootstrap standard error for F1, macro-F1
+    and PR AUC. For
     ``positive_rate`` and ``bias``, where neither side is better, it is two-sided (valid, and
     conservative, with either ``direction``).
 
@@ -136,9 +137,10 @@ class ModelQuality:
     window − baseline where lower is better, |window − baseline| for positive_rate and bias,
     so the rule keeps ``direction: above``. ``p_value`` is one-sided: Fisher's exact test for
     the rates, DeLong's test for ROC AUC (the two AUCs' variances added: independent samples),
-    Welch's t-test on the per-outcome losses for the mean losses, and a seeded bootstrap of
-    both samples for F1, macro-F1 and PR AUC (``bootstrap`` replicates, the generator seeded
-    from the counts, so a replay draws the same resamples).
+    Welch's t-test on the per-outcome losses for the mean losses, and for F1, macro-F1 and PR
+    AUC a normal test of the degradation over the standard error of a seeded bootstrap of
+    each sample (``bootstrap`` replicates; the generator is seeded from the counts, so a
+    replay draws the same resamples; see :func:`metrics.bootstrap_test`).
 
     No verdict when there are fewer usable outcomes than ``min_samples``, fewer positives
     (predicted positives for precision, outcomes of the class for class_recall) than
@@ -166,7 +168,7 @@ class ModelQuality:
         baseline_variant: str | None = None,
         min_positives: int | None = None,
         min_negatives: int | None = None,
-        bootstrap: int = 1000,
+        bootstrap: int = 400,
         **class_param: Any,
     ) -> None:
         # ``class`` is a Python keyword, so it arrives in **class_param; any other name there
@@ -610,11 +612,13 @@ class ModelQuality:
         window_reps = draw_window(rng)
         if base is None:
             # H1: the metric is below the threshold (all three are higher-is-better).
-            return value, M.bootstrap_pvalue(self.threshold - window_reps)
+            z, p = M.bootstrap_test(self.threshold - value, window_reps)
+            ev["z"] = z
+            return value, p
         base_value, draw_base = sides[1]
-        base_reps = draw_base(rng)
-        ev.update(baseline_value=base_value, baseline_n=int(base[0].shape[0]))
-        return base_value - value, M.bootstrap_pvalue(base_reps - window_reps)
+        z, p = M.bootstrap_test(base_value - value, window_reps, draw_base(rng))
+        ev.update(baseline_value=base_value, baseline_n=int(base[0].shape[0]), z=z)
+        return base_value - value, p
 
     def _loss(self, win: Columns, base: Columns | None, ev: dict[str, Any]) -> tuple[float, float | None]:
         metric, task = self.metric, self._spec.task
