@@ -40,8 +40,8 @@ ALPHA = 0.05
 
 
 def outcome(label: Any, score: float | None = None, prediction: Any = None, version: str = "1",
-            variant: str = "primary") -> Labeled:
-    return Labeled(0.0, 1.0, variant, version, prediction, score, label)
+            variant: str = "primary", ts: float = 0.0) -> Labeled:
+    return Labeled(ts, ts + 1.0, variant, version, prediction, score, label)
 
 
 def window(outcomes: Sequence[Labeled], variant: str = "primary", **attrs: Any) -> Window:
@@ -296,6 +296,8 @@ def test_recall_collapse_with_calibrated_scores_is_a_recall_drop_against_the_pre
     det = ModelQuality(threshold=0.2, metric="recall", baseline="previous_version")
     for _ in range(3):
         det.update(window(draw(rng, 2000, prevalence=0.04, separation=3.0, version="1")))
+    # the version judged is the newest prediction's: here every prediction is at ts 0, so the
+    # last outcome's (ties go to the later one)
     m = det.evaluate(60.0)
     assert m.insufficient == "no outcomes of a version other than '1' yet"
     det.update(window(draw(rng, 2000, prevalence=0.04, separation=3.0, miss=0.8, version="2")))
@@ -305,25 +307,29 @@ def test_recall_collapse_with_calibrated_scores_is_a_recall_drop_against_the_pre
     assert m.value > 0.4 and m.p_value < 1e-6 and m.evidence["test"] == "fisher"
 
 
-def test_previous_version_judges_one_version_and_prefers_the_known_good_one() -> None:
+def test_previous_version_judges_the_newest_version_and_prefers_the_known_good_one() -> None:
     det = ModelQuality(threshold=0.0, metric="accuracy", baseline="previous_version",
                        baseline_size=3)
-    right = lambda v, k: [outcome("a", None, "a", v)] * k  # noqa: E731
-    wrong = lambda v, k: [outcome("a", None, "b", v)] * k  # noqa: E731
-    det.update(window(right("1", 5)))
-    det.update(window(wrong("2", 4)))
+    right = lambda v, k, ts: [outcome("a", None, "a", v, ts=ts)] * k  # noqa: E731
+    wrong = lambda v, k, ts: [outcome("a", None, "b", v, ts=ts)] * k  # noqa: E731
+    det.update(window(right("1", 5, 1.0)))
+    det.update(window(wrong("2", 4, 2.0)))
     m = det.evaluate(60.0)
     assert (m.value, m.evidence["baseline_value"], m.evidence["baseline_n"]) == (1.0, 1.0, 3)
-    # a window where 3 serves most of the labels, 2's late ones besides: 3 is judged, on its own
-    det.update(window(wrong("3", 6) + right("2", 1)))
+    # most labels of this window are 2's late ones; the newest prediction is 3's: 3 is judged,
+    # on its own labels, against 2's last three (all wrong): this window's labels of 2 join
+    # them only afterwards
+    det.update(window(right("2", 6, 2.5) + wrong("3", 2, 3.0)))
     m = det.evaluate(60.0)
     assert m.evidence["version"] == "3" and m.evidence["baseline_version"] == "2"
-    # against 2's last three (all wrong): this window's late label of 2 joins them afterwards
-    assert m.sample_size == 6 and m.evidence["baseline_value"] == 0.0
+    assert m.sample_size == 2 and m.evidence["baseline_value"] == 0.0
     y2, yhat2 = det._buffers["2"]
-    assert float((y2 == yhat2).mean()) == pytest.approx(1 / 3)
+    assert float((y2 == yhat2).mean()) == 1.0
+    # late labels of 2 only: 3 is still the version judged (none of its labels here)
+    det.update(window(right("2", 3, 2.9)))
+    assert det.evaluate(60.0).insufficient == "no usable labels in window"
     # the pipeline says 1 is known good, and hands the window of version 3 alone
-    det.update(window(wrong("3", 2) + right("1", 2), known_good="1", version="3"))
+    det.update(window(wrong("3", 2, 4.0) + right("1", 2, 0.5), known_good="1", version="3"))
     m = det.evaluate(60.0)
     assert (m.evidence["baseline_version"], m.evidence["baseline_value"], m.sample_size) == ("1", 1.0, 2)
     assert all(b[0].shape[0] <= 3 for b in det._buffers.values())

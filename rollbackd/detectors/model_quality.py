@@ -64,6 +64,7 @@ _get_label = attrgetter("label")
 _get_prediction = attrgetter("prediction")
 _get_score = attrgetter("score")
 _get_version = attrgetter("model_version")
+_get_pred_ts = attrgetter("pred_ts")
 
 # Two columns per usable outcome, by task: binary (label 0/1 int8, predicted class 0/1 int8 or
 # score float64), multiclass (class codes int32, twice), regression (label, prediction float64).
@@ -131,7 +132,8 @@ class ModelQuality:
     deployment × variant; no verdict until it is complete), ``previous_version`` (the last
     ``baseline_size`` usable outcomes of the version served before the one judged, or of
     ``window.known_good`` when the pipeline names one; the window's outcomes of the judged
-    version only, which is ``window.version`` or else the version most of them were served by)
+    version only, which is ``window.version`` or else the version of the newest prediction
+    labelled so far)
     and ``stable`` (the other arm in the same window, ``baseline_variant`` or else "stable" /
     "primary"): ``value`` is the **degradation**, baseline − window where higher is better,
     window − baseline where lower is better, |window − baseline| for positive_rate and bias,
@@ -153,7 +155,7 @@ class ModelQuality:
     # What a checkpoint keeps (daemon/snapshot.py): the moving state made in _reset.
     STATE = (
         "_seen", "_why", "_win", "_base", "_base_label", "_unusable", "_label_coverage",
-        "_version", "_reference", "_buffers", "_recent", "_classes",
+        "_version", "_reference", "_buffers", "_recent", "_classes", "_latest_ts", "_current",
     )
 
     def __init__(
@@ -252,6 +254,9 @@ class ModelQuality:
         # the versions by when they were last seen (most recent last).
         self._buffers: dict[str, Columns] = {}
         self._recent: list[str] = []
+        # The newest prediction time among the labels seen, and its version: the one judged.
+        self._latest_ts: float | None = None
+        self._current: str | None = None
         # multiclass: class spelling -> code, in order of first sight (codes are stable).
         self._classes: dict[str, int] = {}
 
@@ -373,9 +378,17 @@ class ModelQuality:
             for v, i in lut.items():
                 rows = ok & (codes == i)
                 parts[v] = (a[rows], b[rows])
-        judged = window.version
-        if judged is None and parts:
-            judged = max(parts, key=lambda v: (parts[v][0].shape[0], v))
+        if ok.any():
+            # The version under judgement is that of the newest prediction labelled so far:
+            # labels of the old version keep arriving for a while after a deploy (as
+            # calibration's previous_version baseline reads it). Ties: the later outcome.
+            ts = np.fromiter(map(_get_pred_ts, outcomes), dtype=float, count=len(outcomes))
+            ts[~ok] = -np.inf
+            newest = len(ts) - 1 - int(np.argmax(ts[::-1]))
+            if self._latest_ts is None or ts[newest] >= self._latest_ts:
+                self._latest_ts = float(ts[newest])
+                self._current = versions[newest]
+        judged = window.version if window.version is not None else self._current
         self._version = judged
         empty = (a[:0], b[:0])
         self._win = parts.get(judged, empty) if judged is not None else empty
