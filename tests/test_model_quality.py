@@ -492,7 +492,7 @@ rules:
     params: {metric: recall, baseline: previous_version}
     threshold: 0.1
     alpha: 0.01
-    actions: [rollback]
+    actions: [notify, rollback]
   - name: auc-vs-reference
     detector: model_quality
     params: {metric: roc_auc, baseline: reference, reference_size: 2000}
