@@ -146,6 +146,15 @@ def test_regression_metrics_match_sklearn(rows) -> None:
         assert measure(metric, outs, threshold=1.0).value == pytest.approx(want, abs=tol(want)), metric
 
 
+def test_a_label_vocabulary_is_bounded() -> None:
+    from rollbackd.detectors.model_quality import MAX_CLASSES
+
+    det = ModelQuality(threshold=0.5, metric="accuracy")
+    det.update(window([outcome(f"id-{i}", None, f"id-{i}") for i in range(MAX_CLASSES + 50)]))
+    m = det.evaluate(60.0)
+    assert (m.sample_size, m.evidence["unusable"], len(det._classes)) == (MAX_CLASSES, 50, MAX_CLASSES)
+
+
 def test_outcomes_the_metric_cannot_use_are_counted_not_measured() -> None:
     outs = [outcome(True, 0.9), outcome(False, 0.2), outcome("maybe", 0.5), outcome(True, None),
             outcome(False, 1.7)]
@@ -447,7 +456,12 @@ def test_state_survives_a_checkpoint(metric, baseline) -> None:
         det.update(w)
         copy.update(w)
         assert copy.evaluate(60.0) == det.evaluate(60.0)
+        # and between windows, after the evaluation (when the pipeline checkpoints)
+        copy = ModelQuality(threshold=0.0, **params)
+        restore_detector(copy, from_plain(msgspec.msgpack.decode(msgspec.msgpack.encode(to_plain(det)))))
+        assert copy.evaluate(60.0) == det.evaluate(60.0)
     assert det.evaluate(60.0).insufficient is None
+    assert det._win is None and det._base is None  # not kept once measured
 
 
 @pytest.mark.parametrize(
@@ -533,3 +547,33 @@ def test_a_rules_file_using_it_validates_and_a_bad_one_is_located(tmp_path) -> N
     assert out.returncode == 2, err
     assert "rules[2].params.metric" in err and "metric must be one of" in err
     assert "rules[4].params.klass" in err and "klass is not a parameter of model_quality" in err
+
+
+_REPLAY = """
+import numpy as np
+from rollbackd.detectors import Labeled, Window
+from rollbackd.detectors.model_quality import ModelQuality
+rng = np.random.default_rng(0)
+names = ["cat", "dog", "owl", "bee", "ant"]
+def w(v):
+    return Window("d", "primary", 0, 60, [], [
+        Labeled(0.0, 1.0, "primary", v, names[b] if rng.random() < 0.7 else names[a], None, names[a])
+        for a, b in rng.integers(0, 5, (300, 2))])
+d = ModelQuality(threshold=0.0, metric="macro_f1", baseline="previous_version")
+d.update(w("1")); d.update(w("2"))
+m = d.evaluate(0.0)
+print(repr(m.value), repr(m.p_value))
+"""
+
+
+def test_multiclass_measurements_do_not_depend_on_the_hash_seed() -> None:
+    # class codes follow first appearance, not a set's order: the bootstrap's cells (and so its
+    # p-value) are the same in every process, as a byte-identical replay needs
+    import os
+
+    outs = {
+        subprocess.run([sys.executable, "-c", _REPLAY], capture_output=True, timeout=120, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        for seed in ("1", "2")
+    }
+    assert len(outs) == 1 and outs.pop().strip()

@@ -58,6 +58,9 @@ _NEEDS_POSITIVES = frozenset({"recall", "f1", "pr_auc", "roc_auc", "precision", 
 _NEEDS_NEGATIVES = frozenset({"fpr", "roc_auc"})
 # Versions whose outcomes previous_version keeps (the least recently seen is dropped first).
 MAX_VERSIONS = 4
+# Distinct classes a multiclass detector tells apart: labels beyond (an id sent as a label by
+# mistake, a hostile stream) are unusable rather than a vocabulary that grows without end.
+MAX_CLASSES = 1000
 _DEFAULT_ARMS = ("stable", "primary")
 
 _get_label = attrgetter("label")
@@ -156,6 +159,7 @@ class ModelQuality:
     STATE = (
         "_seen", "_why", "_win", "_base", "_base_label", "_unusable", "_label_coverage",
         "_version", "_reference", "_buffers", "_recent", "_classes", "_latest_ts", "_current",
+        "_measured",
     )
 
     def __init__(
@@ -257,6 +261,9 @@ class ModelQuality:
         # The newest prediction time among the labels seen, and its version: the one judged.
         self._latest_ts: float | None = None
         self._current: str | None = None
+        # The measurement of the last window once evaluated; the window's and the baseline's
+        # columns are dropped then, so a checkpoint between windows holds neither twice.
+        self._measured: Measurement | None = None
         # multiclass: class spelling -> code, in order of first sight (codes are stable).
         self._classes: dict[str, int] = {}
 
@@ -295,9 +302,11 @@ class ModelQuality:
     def _codes(self, values: list[Any]) -> np.ndarray:
         classes = self._classes
         lut: dict[Any, int] = {}
-        for v in set(values):
+        # In order of first appearance (a set's order of strings changes with the hash seed):
+        # codes, and so the bootstrap's cells and any cap, are the same in every replay.
+        for v in dict.fromkeys(values):
             key = _class_key(v)
-            if key is None:
+            if key is None or (key not in classes and len(classes) >= MAX_CLASSES):
                 lut[v] = -1
             else:
                 lut[v] = classes.setdefault(key, len(classes))
@@ -313,6 +322,7 @@ class ModelQuality:
 
     def update(self, window: Window) -> None:
         self._seen = True
+        self._measured = None
         self._why = None
         self._base = None
         self._base_label = {}
@@ -433,6 +443,12 @@ class ModelQuality:
     # -- evaluate ------------------------------------------------------------------------
 
     def evaluate(self, now: float) -> Measurement:
+        if self._measured is None:
+            self._measured = self._evaluate()
+            self._win = self._base = None
+        return self._measured
+
+    def _evaluate(self) -> Measurement:
         thr = self.threshold
         if not self._seen:
             return Measurement.insufficient_data(thr, 0, "no window yet")
