@@ -344,6 +344,14 @@ def test_previous_version_judges_the_newest_version_and_prefers_the_known_good_o
     assert all(b[0].shape[0] <= 3 for b in det._buffers.values())
 
 
+def test_the_previous_version_is_the_one_with_the_newest_predictions_not_the_last_name() -> None:
+    det = ModelQuality(threshold=0.0, metric="mae", baseline="previous_version")
+    det.update(window([outcome(1.0, None, 2.0, "z", ts=1.0)] * 3 + [outcome(1.0, None, 1.5, "a", ts=2.0)] * 3))
+    det.update(window([outcome(1.0, None, 1.0, "m", ts=3.0)] * 3))
+    m = det.evaluate(60.0)
+    assert (m.evidence["version"], m.evidence["baseline_version"], m.evidence["baseline_value"]) == ("m", "a", 0.5)
+
+
 def test_previous_version_keeps_at_most_a_few_versions() -> None:
     from rollbackd.detectors.model_quality import MAX_VERSIONS
 

@@ -378,22 +378,23 @@ class ModelQuality:
         (a, b), ok = self._columns(outcomes)
         self._unusable = int(ok.size - np.count_nonzero(ok))
         versions = list(map(_get_version, outcomes))
+        ts = np.fromiter(map(_get_pred_ts, outcomes), dtype=float, count=len(outcomes))
+        ts[~ok] = -np.inf
+        # Each version's usable outcomes, and when its newest labelled prediction was made.
+        parts: dict[str, tuple[Columns, float]] = {}
         distinct = set(versions)
-        parts: dict[str, Columns] = {}
         if len(distinct) == 1:
-            parts[distinct.pop()] = (a[ok], b[ok])
+            parts[distinct.pop()] = ((a[ok], b[ok]), float(ts.max()))
         elif distinct:
             lut = {v: i for i, v in enumerate(sorted(distinct))}
             codes = np.fromiter(map(lut.__getitem__, versions), dtype=np.int32, count=len(versions))
             for v, i in lut.items():
-                rows = ok & (codes == i)
-                parts[v] = (a[rows], b[rows])
+                rows = codes == i
+                parts[v] = ((a[rows & ok], b[rows & ok]), float(ts[rows].max()))
         if ok.any():
             # The version under judgement is that of the newest prediction labelled so far:
             # labels of the old version keep arriving for a while after a deploy (as
             # calibration's previous_version baseline reads it). Ties: the later outcome.
-            ts = np.fromiter(map(_get_pred_ts, outcomes), dtype=float, count=len(outcomes))
-            ts[~ok] = -np.inf
             newest = len(ts) - 1 - int(np.argmax(ts[::-1]))
             if self._latest_ts is None or ts[newest] >= self._latest_ts:
                 self._latest_ts = float(ts[newest])
@@ -401,7 +402,7 @@ class ModelQuality:
         judged = window.version if window.version is not None else self._current
         self._version = judged
         empty = (a[:0], b[:0])
-        self._win = parts.get(judged, empty) if judged is not None else empty
+        self._win = parts[judged][0] if judged in parts else empty
         base = self._baseline_version(judged, window.known_good)
         if base is None:
             self._why = (
@@ -412,9 +413,11 @@ class ModelQuality:
             self._base = self._buffers[base]
             self._base_label = {"baseline_version": base}
         # This window's outcomes join their versions' buffers after the comparison: a window
-        # is never part of the baseline it is judged against.
-        for v in sorted(parts):
-            self._keep(v, parts[v])
+        # is never part of the baseline it is judged against. The version with the newest
+        # labelled prediction counts as the most recently seen.
+        for v in sorted(parts, key=lambda v: (parts[v][1], v)):
+            if parts[v][1] > -np.inf:
+                self._keep(v, parts[v][0])
 
     def _baseline_version(self, judged: str | None, known_good: str | None) -> str | None:
         if known_good is not None and known_good != judged and known_good in self._buffers:
