@@ -189,7 +189,7 @@ class ModelQuality:
                 )
         cls = class_param.get("class")
         name = ALIASES.get(metric, metric) if isinstance(metric, str) else metric
-        if name not in METRICS:
+        if not isinstance(name, str) or name not in METRICS:
             raise ValueError(
                 f"metric must be one of {', '.join([*METRICS, *ALIASES])}; got {metric!r}"
             )
