@@ -431,7 +431,7 @@ FAULT_SIGNALS: Mapping[str, frozenset[str]] = {
     "latency": frozenset({"latency", "canary:latency"}),
     "feature_shift": frozenset({"drift"}),
     "score_shift": frozenset({"calibration", "canary:calibration", "canary:score"}),
-    "model_error": frozenset({"model_error", "calibration", "canary:calibration", "sequential:model_error"}),
+    "model_error": frozenset({"model_error", "model_quality", "calibration", "canary:calibration", "sequential:model_error"}),
     "traffic_stop": frozenset({"traffic"}),
 }
 

@@ -25,6 +25,7 @@ from rollbackd.detectors.drift import Drift
 from rollbackd.detectors.error_rate import ErrorRate
 from rollbackd.detectors.latency import Latency
 from rollbackd.detectors.model_error import ModelError
+from rollbackd.detectors.model_quality import ModelQuality
 from rollbackd.detectors.quality import DataQuality
 from rollbackd.detectors.sequential import Sequential
 from rollbackd.detectors.traffic import Traffic
@@ -51,6 +52,7 @@ __all__ = [
     "ErrorRate",
     "Latency",
     "ModelError",
+    "ModelQuality",
     "Sequential",
     "Traffic",
 ]

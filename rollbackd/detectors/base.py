@@ -104,7 +104,7 @@ class Window:
 
     __slots__ = (
         "deployment", "variant", "start", "end", "predictions", "outcomes", "siblings",
-        "version", "segment", "__dict__",
+        "version", "segment", "known_good", "__dict__",
     )
 
     def __init__(
@@ -130,6 +130,10 @@ class Window:
         # whole window of the deployment × variant.
         self.version: str | None = None
         self.segment: str | None = None
+        # The deployment's last known-good version, when the pipeline knows one: a detector
+        # that compares versions (model_quality's previous_version baseline) prefers it to the
+        # last version seen. None: not known (or not set by whoever built the window).
+        self.known_good: str | None = None
 
     def __repr__(self) -> str:
         return (

@@ -14,13 +14,17 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 from scipy import special
-from scipy.stats import binom, kstwo, norm
+from scipy.stats import binom, hypergeom, kstwo, norm, t as student_t
 
 __all__ = [
     "CORRECTIONS",
     "wilson_interval",
     "binomial_pvalue_greater",
     "two_proportion_pvalue_greater",
+    "binomial_pvalue_less",
+    "fisher_pvalue",
+    "welch_pvalue",
+    "t_pvalue",
     "sorted_rank",
     "ks_statistic",
     "ks_pvalues",
@@ -91,6 +95,88 @@ def two_proportion_pvalue_greater(k1: int, n1: int, k0: int, n0: int) -> tuple[f
         return 0.0, 1.0
     z = (k1 / n1 - k0 / n0) / math.sqrt(var)
     return z, float(norm.sf(z))
+
+
+def binomial_pvalue_less(k: int, n: int, p: float) -> float:
+    """Exact one-sided p-value of H0: rate >= ``p`` after ``k`` successes in ``n`` trials.
+
+    Equal to ``scipy.stats.binomtest(k, n, p, alternative="less").pvalue``.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be in [0, 1], got {p}")
+    if k >= n:
+        return 1.0
+    return min(1.0, float(binom.cdf(k, n, p)))
+
+
+def fisher_pvalue(k1: int, n1: int, k0: int, n0: int, alternative: str) -> float:
+    """Fisher's exact one-sided p-value that the rate ``k1/n1`` is ``"less"`` (or ``"greater"``)
+    than ``k0/n0``: the hypergeometric tail of ``k1`` given both margins.
+
+    Equal to ``scipy.stats.fisher_exact([[k1, n1 - k1], [k0, n0 - k0]], alternative).pvalue``;
+    exact at any sample size, so a rate on a handful of positives is never over-confident.
+    """
+    if n1 <= 0 or n0 <= 0:
+        raise ValueError(f"both sample sizes must be > 0, got n1={n1}, n0={n0}")
+    total, successes = n1 + n0, k1 + k0
+    if alternative == "less":
+        p = hypergeom.cdf(k1, total, successes, n1)
+    elif alternative == "greater":
+        p = hypergeom.sf(k1 - 1, total, successes, n1)
+    else:
+        raise ValueError(f"alternative must be 'less' or 'greater', got {alternative!r}")
+    return min(1.0, max(0.0, float(p)))
+
+
+def welch_pvalue(x: np.ndarray, y: np.ndarray, alternative: str) -> tuple[float, float]:
+    """Welch's t-test of mean(x) against mean(y): ``(t, p_value)`` for H1 ``"greater"``,
+    ``"less"`` or ``"two-sided"``.
+
+    Equal to ``scipy.stats.ttest_ind(x, y, equal_var=False, alternative=...)``. Both samples
+    constant: no spread to test against, so the p-value is 1 when the means agree (or differ
+    the other way) and 0 when they differ in the direction tested.
+    """
+    nx, ny = x.shape[0], y.shape[0]
+    if nx < 2 or ny < 2:
+        raise ValueError(f"welch_pvalue needs two samples of >= 2 values, got {nx} and {ny}")
+    vx = float(np.var(x, ddof=1)) / nx
+    vy = float(np.var(y, ddof=1)) / ny
+    diff = float(np.mean(x)) - float(np.mean(y))
+    se2 = vx + vy
+    if se2 <= 0.0:
+        return _degenerate(diff, alternative)
+    t = diff / math.sqrt(se2)
+    df = se2 * se2 / (vx * vx / (nx - 1) + vy * vy / (ny - 1))
+    return t, _t_tail(t, df, alternative)
+
+
+def t_pvalue(x: np.ndarray, mu: float, alternative: str) -> tuple[float, float]:
+    """One-sample t-test of mean(x) against ``mu``: ``(t, p_value)``, as
+    ``scipy.stats.ttest_1samp(x, mu, alternative=...)`` (constant samples as in :func:`welch_pvalue`)."""
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError(f"t_pvalue needs >= 2 values, got {n}")
+    diff = float(np.mean(x)) - mu
+    se2 = float(np.var(x, ddof=1)) / n
+    if se2 <= 0.0:
+        return _degenerate(diff, alternative)
+    t = diff / math.sqrt(se2)
+    return t, _t_tail(t, n - 1.0, alternative)
+
+
+def _degenerate(diff: float, alternative: str) -> tuple[float, float]:
+    beyond = {"greater": diff > 0, "less": diff < 0, "two-sided": diff != 0}[alternative]
+    return (math.copysign(math.inf, diff) if diff else 0.0), (0.0 if beyond else 1.0)
+
+
+def _t_tail(t: float, df: float, alternative: str) -> float:
+    if alternative == "greater":
+        return float(student_t.sf(t, df))
+    if alternative == "less":
+        return float(student_t.cdf(t, df))
+    if alternative == "two-sided":
+        return min(1.0, 2.0 * float(student_t.sf(abs(t), df)))
+    raise ValueError(f"alternative must be 'greater', 'less' or 'two-sided', got {alternative!r}")
 
 
 def sorted_rank(ref_sorted: np.ndarray) -> np.ndarray:

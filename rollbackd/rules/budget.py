@@ -66,6 +66,8 @@ WEEK = 7 * 86400.0
 _P_VALUE: dict[str, Callable[[Mapping[str, Any]], bool]] = {
     "error_rate": lambda p: True,
     "model_error": lambda p: p.get("task", "auto") != "regression",
+    # every metric and baseline has a one-sided test (detectors/model_quality.py)
+    "model_quality": lambda p: True,
     "drift": lambda p: True,
     "calibration": lambda p: p.get("metric", "ece") in ("spiegelhalter", "ece_drift"),
     "canary": lambda p: True,
@@ -92,6 +94,9 @@ _SHARED: dict[str, Callable[[Mapping[str, Any]], str | None]] = {
     "error_rate": lambda p: "a pooled baseline" if p.get("mode") == "baseline" else None,
     "drift": lambda p: "a shared reference",
     "calibration": lambda p: "a shared reference" if p.get("metric") == "ece_drift" else None,
+    "model_quality": lambda p: {
+        "reference": "a shared reference", "previous_version": "the previous version's labels",
+    }.get(p.get("baseline", "absolute")),
     "canary": lambda p: "a test over the whole release",
     "alibi_mmd": lambda p: "a shared reference",
     "alibi_lsdd": lambda p: "a shared reference",
