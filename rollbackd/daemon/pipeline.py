@@ -151,6 +151,8 @@ class Pipeline:
         self._rule_index = {r.name: r for r in config.rules}
         # A traffic (no-data) rule must see the empty windows of a gap: no skipping then.
         self._watches_silence = any(r.detector == "traffic" for r in config.rules)
+        # Whether a detector reads Window.known_good (model_quality's previous_version baseline).
+        self._wants_known_good = any(r.detector == "model_quality" for r in config.rules)
         self._references: dict[str, Reference | None] = {}
         self._slices: dict[tuple[str, Key], set[str]] = {}  # sliced rule and arm -> its slices' detectors
         self.checkpointing = PipelineState(self)  # snapshots, and what keeps the next one cheap
@@ -503,6 +505,8 @@ class Pipeline:
         closed: list[Window] = []
         for spec, window in due:
             closed.append(window)
+            if self._wants_known_good:
+                window.known_good = self._known_good((window.deployment, window.variant), t)
             for rule in self.rules_by_window.get(spec, ()):
                 if rule.applies_to(window.deployment, window.variant):
                     changed = self._evaluate(rule, window, t)
@@ -613,6 +617,16 @@ class Pipeline:
     def _tap(self, rule: RuleSpec, window: Window, m: Measurement, now: float) -> None:
         if self.edges.tap is not None:
             self.edges.tap.measure(now, rule.name, window.deployment, window.variant, m, window)
+
+    def _known_good(self, key: Key, now: float) -> str | None:
+        """The arm's rollback target as things stand (a detector's ``previous_version``
+        baseline prefers it): the latest known-good version other than the current one."""
+        hist = self.versions.get(key)
+        if hist is None:
+            return None
+        spec = self.config.deployment(key[0])
+        return hist.known_good(now, spec.known_good_after, spec.known_good_min_predictions,
+                               self.responder.bad_versions(key[0]))
 
     def _current_version(self, key: Key) -> str | None:
         hist = self.versions.get(key)

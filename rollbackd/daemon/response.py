@@ -314,7 +314,7 @@ class Responder:
         current = named or (hist.current.version if hist.current is not None else None)
         # A version marked bad on any arm is never a target. The stable fallback is not held
         # to the known-good rule: see _stable_version.
-        bad = self._bad_versions(inc.deployment)
+        bad = self.bad_versions(inc.deployment)
         target = hist.known_good(
             ts, spec.known_good_after, spec.known_good_min_predictions, bad, away_from=named
         ) or self._stable_version(inc.deployment, variant, current, bad)
@@ -597,7 +597,7 @@ class Responder:
                 return blamed_version(a.measurement)
         return None
 
-    def _bad_versions(self, deployment: str) -> set[str]:
+    def bad_versions(self, deployment: str) -> set[str]:
         """The versions marked bad on any arm of ``deployment``."""
         return {
             v for (dep, _), hist in self.p.versions.items() if dep == deployment

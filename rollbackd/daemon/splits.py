@@ -42,7 +42,7 @@ _version = attrgetter("model_version")
 def _part(window: Window, predictions: list[Prediction], outcomes: list[Labeled]) -> Window:
     part = Window(window.deployment, window.variant, window.start, window.end, predictions, outcomes)
     part.siblings = window.siblings
-    part.version, part.segment = window.version, window.segment
+    part.version, part.segment, part.known_good = window.version, window.segment, window.known_good
     return part
 
 
