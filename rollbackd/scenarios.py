@@ -76,7 +76,6 @@ __all__ = [
     "scenario_truth",
     "benchmark_scenario",
     "BUILTIN",
-    "builtin",
     "ERROR_CODES",
     "MALFORMED_KINDS",
     "FAULT_KINDS",
@@ -451,7 +450,8 @@ def scenario_truth(s: Scenario) -> list[dict[str, Any]]:
     ``declared_end`` (the fault's interval clipped to the window) and ``start`` / ``end``: the
     envelope of the time when it actually affects traffic (the declared interval intersected
     with the time its version serves on its variant); ``active`` is False (and ``start`` /
-    ``end`` None) when it never does.
+    ``end`` None) when it never does; ``slice``: ``{"attrs.region": name}`` for a fault of one
+    region (the slice an incident should name), else None.
     """
     out = []
     for f in s.faults:
@@ -475,6 +475,7 @@ def scenario_truth(s: Scenario) -> list[dict[str, Any]]:
                 "start": s.start + min(a for a, _ in pieces) if active else None,
                 "end": s.start + max(b for _, b in pieces) if active else None,
                 "active": active,
+                "slice": {"attrs.region": f.region} if f.region is not None else None,
             }
         )
     return out
@@ -518,6 +519,37 @@ def benchmark_scenario(n_events: int = 1_000_000) -> Scenario:
         n_categorical=2,
         label_fraction=0.6,
         seed=base.seed,
+    )
+
+
+_DAY = 86_400.0
+
+
+def _rolling_update(name: str, faults: tuple[Fault, ...]) -> Scenario:
+    """Version 7, then a ten-minute rolling update to 8 from 20 min (8's share 0 -> 100 %),
+    then 8 alone for the last 30 minutes."""
+    return Scenario(
+        name=name,
+        duration=3600.0,
+        versions=((0.0, "7"), (1200.0, "8")),
+        ramps=(Ramp("8", start=1200.0, end=1800.0),),
+        faults=faults,
+        seed=15,
+    )
+
+
+def _daily_cycle(name: str, faults: tuple[Fault, ...]) -> Scenario:
+    """Three days from midnight UTC at 1 prediction/s on average, 8x more at 14:00 UTC than at
+    02:00, num_0's mean 0.3 sd above its average at the peak and 0.3 sd below at the trough."""
+    return Scenario(
+        name=name,
+        start=1_789_948_800.0,  # 2026-09-21T00:00:00Z
+        duration=3 * _DAY,
+        rate=1.0,
+        label_fraction=0.2,
+        cycle=Cycle(period=_DAY, peak=14 * 3600.0, traffic_ratio=8.0, feature="num_0", amplitude=0.3),
+        faults=faults,
+        seed=16,
     )
 
 
@@ -575,5 +607,31 @@ BUILTIN: dict[str, Scenario] = {
             Fault("error_rate", start=1200.0, magnitude=0.15, version="2"),
             Fault("latency", start=1200.0, magnitude=2.5, version="2"),
         ),
+    ),
+    # issue 14: model quality per version, per segment, against the right baseline
+    "recall_collapse": Scenario(
+        name="recall_collapse",
+        deployments=("fraud-scorer",),
+        duration=3600.0,
+        intercept=-9.5,  # about 4 % fraud
+        versions=((0.0, "3"), (1200.0, "4")),
+        faults=(Fault("signal_loss", start=1200.0, magnitude=0.3, version="4"),),
+        seed=14,
+    ),
+    "bad_rolling_update": _rolling_update(
+        "bad_rolling_update", (Fault("error_rate", start=1200.0, magnitude=0.08, version="8"),)
+    ),
+    "healthy_rolling_update": _rolling_update("healthy_rolling_update", ()),
+    "daily_cycle": _daily_cycle("daily_cycle", ()),
+    "daily_cycle_shift": _daily_cycle(
+        "daily_cycle_shift",
+        (Fault("feature_shift", start=2 * _DAY + 6 * 3600.0, magnitude=0.6, feature="num_0"),),
+    ),
+    "one_region_fault": Scenario(
+        name="one_region_fault",
+        base_error_rate=0.004,
+        regions=(("us-east", 0.45), ("eu-west", 0.25), ("ap-south", 0.2), ("sa-east", 0.1)),
+        faults=(Fault("error_rate", start=900.0, magnitude=0.09, region="eu-west"),),
+        seed=17,
     ),
 }
