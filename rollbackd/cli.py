@@ -537,7 +537,7 @@ _SCENARIOS = {
     "bad_rolling_update": "60 min, a rolling update 7 -> 8 from 20 to 30 min (8's share 0 -> 100 %); 8 has 8 % errors",
     "healthy_rolling_update": "the same rolling update, 8 healthy: nothing to find",
     "daily_cycle": "3 days from midnight UTC at 1/s, 8x day/night traffic, num_0 swinging +-0.3 sd: nothing to find",
-    "daily_cycle_shift": "the same 3 days, num_0 shifted 0.6 sd from day 3 06:00 UTC on",
+    "daily_cycle_shift": "the same 3 days, num_0 shifted 0.6 sd from day 3 06:00 UTC, 5 % errors from 12:00",
     "one_region_fault": "attrs.region on each prediction (4 regions); eu-west (25 %) at 9 % errors from 15 min, "
                         "the others at 0.4 %",
 }

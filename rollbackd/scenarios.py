@@ -625,7 +625,10 @@ BUILTIN: dict[str, Scenario] = {
     "daily_cycle": _daily_cycle("daily_cycle", ()),
     "daily_cycle_shift": _daily_cycle(
         "daily_cycle_shift",
-        (Fault("feature_shift", start=2 * _DAY + 6 * 3600.0, magnitude=0.6, feature="num_0"),),
+        (
+            Fault("feature_shift", start=2 * _DAY + 6 * 3600.0, magnitude=0.6, feature="num_0"),
+            Fault("error_rate", start=2 * _DAY + 12 * 3600.0, magnitude=0.05),
+        ),
     ),
     "one_region_fault": Scenario(
         name="one_region_fault",

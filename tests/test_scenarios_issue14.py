@@ -193,7 +193,7 @@ def test_daily_cycle_traffic_is_8x_at_14h_and_feature_swings_0_3_sd():
             assert A > 0 and abs(B) < 0.02 * sd
 
 
-def test_daily_cycle_shift_moves_num_0_by_0_6_sd_from_day_3_06h():
+def test_daily_cycle_shift_moves_num_0_by_0_6_sd_from_day_3_06h_and_errors_jump_at_12h():
     s = BUILTIN["daily_cycle_shift"]
     preds, _, _ = events_of("daily_cycle_shift")
     ts = np.array([p["ts"] for p in preds])
@@ -204,9 +204,14 @@ def test_daily_cycle_shift_moves_num_0_by_0_6_sd_from_day_3_06h():
     coef, *_ = np.linalg.lstsq(X, x, rcond=None)
     sd = float((x - X @ coef).std())
     assert abs(coef[3] / sd - 0.6) < 0.03
-    (truth,) = scenario_truth(s)
-    assert truth["kind"] == "feature_shift" and truth["feature"] == "num_0"
-    assert truth["start"] == s.start + 2 * DAY + 6 * 3600 and truth["end"] == s.end
+    err = np.array([p["error"] is not None for p in preds])
+    jump = ts >= s.start + 2 * DAY + 12 * 3600
+    assert within(float(err[~jump].mean()), 0.005, int((~jump).sum()))
+    assert within(float(err[jump].mean()), 0.05, int(jump.sum()))
+    shift, errors = scenario_truth(s)
+    assert shift["kind"] == "feature_shift" and shift["feature"] == "num_0"
+    assert shift["start"] == s.start + 2 * DAY + 6 * 3600 and shift["end"] == s.end
+    assert errors["kind"] == "error_rate" and errors["start"] == s.start + 2 * DAY + 12 * 3600
 
 
 # --- one region --------------------------------------------------------------------------------
