@@ -620,11 +620,19 @@ _SCENARIOS = {
     "label_delay": "model errors from 15 min, labels arriving 10-30 min late (60 min long)",
     "traffic_stop": "no traffic from 15 to 22 min",
     "demo": "35 min at 10/s, version 2 at 20 min with errors and latency: what `rollbackd demo` shows",
+    "recall_collapse": "60 min of fraud-scorer (4 % fraud), version 4 at 20 min catches a fifth of the fraud "
+                       "(recall 58 % -> 21 %) with calibrated scores",
+    "bad_rolling_update": "60 min, a rolling update 7 -> 8 from 20 to 30 min (8's share 0 -> 100 %); 8 has 8 % errors",
+    "healthy_rolling_update": "the same rolling update, 8 healthy: nothing to find",
+    "daily_cycle": "3 days from midnight UTC at 1/s, 8x day/night traffic, num_0 swinging +-0.3 sd: nothing to find",
+    "daily_cycle_shift": "the same 3 days, num_0 shifted 0.6 sd from day 3 06:00 UTC, 5 % errors from 12:00",
+    "one_region_fault": "attrs.region on each prediction (4 regions); eu-west (25 %) at 9 % errors from 15 min, "
+                        "the others at 0.4 %",
 }
 
 
 @main.command(epilog="\b\nScenarios (30 minutes of deployment demo-scorer unless said):\n" + "\n".join(
-    f"  {name:<18} {text}" for name, text in _SCENARIOS.items()))
+    f"  {name:<22} {text}" for name, text in _SCENARIOS.items()))
 @click.argument("scenario")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), callback=_parent_exists,
               help="Recording to write (.jsonl or .jsonl.gz).")

@@ -403,7 +403,9 @@ class FaultInterval:
     """A labelled fault: on ``deployment`` (None: any) and ``variant`` (None: any), during
     ``[start, end]`` (``end`` None: until the end of the recording). ``rule`` names the rule
     meant to catch it; else ``kind`` (a scenario fault kind) says which detectors are; with
-    neither, every rule is."""
+    neither, every rule is. ``slice``: the segment the fault is confined to, as
+    ``(("attrs.region", "eu-west"),)`` (what an incident should name; not yet used in
+    scoring)."""
 
     start: float
     end: float | None = None
@@ -412,6 +414,7 @@ class FaultInterval:
     rule: str | None = None
     kind: str | None = None
     label: str = ""
+    slice: tuple[tuple[str, str], ...] = ()
 
     def covers(self, deployment: str, variant: str) -> bool:
         return (self.deployment is None or self.deployment == deployment) and (
@@ -421,6 +424,7 @@ class FaultInterval:
     def describe(self, origin: float | None) -> str:
         what = self.label or self.rule or self.kind or "fault"
         where = f"{self.deployment or '*'}" + (f"/{self.variant}" if self.variant else "")
+        where += "".join(f" {k}={v}" for k, v in self.slice)
         end = _offset(self.end, origin) if self.end is not None else "end"
         return f"{what} on {where} {_offset(self.start, origin) or _iso(self.start)}…{end}"
 
@@ -433,6 +437,8 @@ FAULT_SIGNALS: Mapping[str, frozenset[str]] = {
     "score_shift": frozenset({"calibration", "canary:calibration", "canary:score"}),
     "model_error": frozenset({"model_error", "model_quality", "calibration", "canary:calibration", "sequential:model_error"}),
     "traffic_stop": frozenset({"traffic"}),
+    # calibrated scores, lost discrimination: for model-quality metrics (recall, AUC), not calibration
+    "signal_loss": frozenset({"model_quality"}),
 }
 
 
@@ -496,7 +502,7 @@ def load_truth(source: str | os.PathLike[str] | Sequence[Mapping[str, Any]], *, 
         if item.get("active") is False:
             continue
         unknown = set(item) - {"start", "end", "deployment", "variant", "rule", "kind", "label", "active",
-                               "magnitude", "feature", "version", "declared_start", "declared_end"}
+                               "magnitude", "feature", "version", "declared_start", "declared_end", "slice"}
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
         start = _when(item.get("start"), origin, f"{where}.start")
@@ -505,12 +511,17 @@ def load_truth(source: str | os.PathLike[str] | Sequence[Mapping[str, Any]], *, 
         end = _when(item.get("end"), origin, f"{where}.end")
         if end is not None and end < start:
             raise ValueError(f"{where}: end is before start")
+        raw_slice = item.get("slice") or {}
+        if not (isinstance(raw_slice, Mapping)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in raw_slice.items())):
+            raise ValueError(f"{where}.slice: expected a mapping of attribute to value, e.g. {{attrs.region: eu-west}}")
         label = item.get("label") or ""
         if not label and item.get("kind"):
             label = str(item["kind"]) + (f"({item['feature']})" if item.get("feature") else "")
         out.append(FaultInterval(
             start=start, end=end, deployment=item.get("deployment"), variant=item.get("variant"),
             rule=item.get("rule"), kind=item.get("kind"), label=str(label),
+            slice=tuple(sorted(raw_slice.items())),
         ))
     return out
 
@@ -528,6 +539,8 @@ def write_truth(scenario: Any, path: str | os.PathLike[str]) -> list[dict[str, A
     for t in scenario_truth(scenario):
         entry = {k: t[k] for k in ("kind", "start", "end", "deployment", "variant", "feature", "version",
                                    "magnitude", "active")}
+        if t.get("slice"):  # only then, so older scenarios' truth files stay as they were
+            entry["slice"] = t["slice"]
         entries.append(entry)
     header = (
         f"# Fault intervals of the built-in scenario {scenario.name!r} (Unix seconds, event time).\n"

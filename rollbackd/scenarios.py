@@ -24,16 +24,19 @@ The random streams are separated so that scenarios compare cleanly:
 
 Model of the traffic
 --------------------
-* Arrivals: Poisson process with ``rate`` predictions per second per deployment. Each
-  request is assigned a variant by the traffic shares; a variant serves no traffic before its
-  first version is deployed.
+* Arrivals: Poisson process with ``rate`` predictions per second per deployment (with a
+  ``cycle``, a rate that follows a daily cycle around ``rate``). Each request is assigned a
+  variant by the traffic shares; a variant serves no traffic before its first version is
+  deployed; during a ``ramp`` the new version's share of its variant rises from 0 to 1.
+  With ``regions``, each request comes from a region drawn by its share (``attrs.region``).
 * Features: ``num_i`` ~ Normal(mean_i, sd_i) with per-feature parameters derived from the seed
   (and the deployment); ``cat_j`` drawn from fixed categorical distributions (country codes,
   device, channel).
 * ``score`` = sigmoid(intercept + w . standardised numeric features + category effects),
   ``prediction`` = int(score >= 0.5). The label is Bernoulli(true score): the model is
   calibrated unless a ``score_shift`` fault moves the served score (the label keeps following
-  the unshifted one) or a ``model_error`` fault flips labels.
+  the unshifted one) or a ``model_error`` fault flips labels (a ``signal_loss`` fault keeps
+  it calibrated but less discriminating).
 * ``error``: null, or one of :data:`ERROR_CODES` with probability ``base_error_rate`` (or an
   ``error_rate`` fault's magnitude); errored predictions have null ``prediction``/``score`` and
   never get an outcome.
@@ -42,23 +45,28 @@ Model of the traffic
   that would arrive after its end are not emitted.
 * Deploy events at each ``versions`` offset, one per variant the entry applies to, with the
   variant's traffic share and a deterministic ``git_sha`` in ``attrs``.
+
+The machinery lives in :mod:`rollbackd.synthetic` (model, traffic shaping, fault effects,
+event encoding, the chunked generator); this module is the public face.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import gzip
-import hashlib
 import math
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
-import msgspec
 import numpy as np
+
+from rollbackd.synthetic.encoding import ERROR_CODES, MALFORMED_KINDS
+from rollbackd.synthetic.generator import Generator
 
 __all__ = [
     "Fault",
+    "Ramp",
+    "Cycle",
     "Scenario",
     "RecordingStats",
     "generate",
@@ -73,7 +81,9 @@ __all__ = [
     "FAULT_KINDS",
 ]
 
-FaultKind = Literal["error_rate", "latency", "feature_shift", "score_shift", "model_error", "traffic_stop"]
+FaultKind = Literal[
+    "error_rate", "latency", "feature_shift", "score_shift", "model_error", "traffic_stop", "signal_loss"
+]
 FAULT_KINDS: tuple[str, ...] = (
     "error_rate",
     "latency",
@@ -81,6 +91,7 @@ FAULT_KINDS: tuple[str, ...] = (
     "score_shift",
     "model_error",
     "traffic_stop",
+    "signal_loss",
 )
 
 #: Magnitude used when a Fault is created without one.
@@ -91,33 +102,8 @@ DEFAULT_MAGNITUDE: dict[str, float] = {
     "score_shift": 1.0,  # added to the logit of the served score
     "model_error": 0.2,  # probability that a label is flipped
     "traffic_stop": 1.0,  # share of requests that never arrive
+    "signal_loss": 0.3,  # share of the numeric logit's variance the version no longer sees
 }
-
-ERROR_CODES: tuple[str, ...] = ("TIMEOUT", "UPSTREAM_5XX", "INTERNAL")
-_ERROR_CODE_CUM = np.cumsum([0.5, 0.35, 0.15])
-
-#: The ways a malformed line breaks the contract, in the order of their kind index.
-MALFORMED_KINDS: tuple[str, ...] = (
-    "invalid_json",
-    "missing_field",
-    "wrong_type",
-    "unknown_type",
-    "out_of_range",
-    "naive_timestamp",
-)
-
-# Categorical features cycle through these (name, categories, probabilities).
-_CATEGORICAL = (
-    ("country", ("US", "DE", "GB", "FR", "IN"), (0.40, 0.20, 0.15, 0.15, 0.10)),
-    ("device", ("ios", "android", "web"), (0.45, 0.35, 0.20)),
-    ("channel", ("app", "web", "partner", "store"), (0.50, 0.25, 0.15, 0.10)),
-)
-
-_LATENCY_SIGMA = 0.35
-_INTERCEPT = -1.5
-_WEIGHT_NORM = 5.0
-_LOGIT_CLIP = 40.0
-
 
 # --------------------------------------------------------------------------------------------
 # Scenario description
@@ -138,10 +124,15 @@ class Fault:
       (capped at 1). ``feature=None`` shifts every numeric feature;
     * ``score_shift``: added to the logit of the served score (labels keep the true score, so
       the model becomes miscalibrated);
-    * ``model_error``: probability that a label is flipped.
+    * ``model_error``: probability that a label is flipped;
+    * ``signal_loss``: the share ρ of the numeric signal (of the logit's variance) the serving
+      version no longer sees. Its scores stay calibrated to what it does see (labels keep the
+      true score), so calibration holds while discrimination falls: fewer positives score
+      above 0.5 (recall and AUC drop) and the misclassification rate moves little when
+      positives are rare. See ``FaultEffects.served_logit``.
 
-    ``version``/``variant``/``deployment`` restrict the fault to traffic served by that
-    version / on that variant / of that deployment (``None``: all).
+    ``version``/``variant``/``deployment``/``region`` restrict the fault to traffic served by
+    that version / on that variant / of that deployment / from that region (``None``: all).
     """
 
     kind: FaultKind
@@ -152,6 +143,7 @@ class Fault:
     version: str | None = None
     variant: str | None = None
     deployment: str | None = None
+    region: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -169,12 +161,66 @@ class Fault:
             raise ValueError(f"Fault.start must be >= 0, got {self.start}")
         if self.end is not None and not (self.end > self.start):
             raise ValueError(f"Fault.end must be > start ({self.start}), got {self.end}")
-        if self.kind in ("error_rate", "model_error", "traffic_stop") and not 0.0 <= m <= 1.0:
+        if self.kind in ("error_rate", "model_error", "traffic_stop", "signal_loss") and not 0.0 <= m <= 1.0:
             raise ValueError(f"{self.kind} magnitude must be in [0, 1], got {m}")
         if self.kind == "latency" and not m > 0.0:
             raise ValueError(f"latency magnitude must be > 0, got {m}")
         if self.feature is not None and self.kind != "feature_shift":
             raise ValueError(f"Fault.feature only applies to feature_shift, not {self.kind}")
+
+
+@dataclass(frozen=True, slots=True)
+class Ramp:
+    """A rolling update: from ``start`` to ``end`` (seconds after the scenario start), the share
+    of ``version`` among the requests on ``variant`` (``None``: every variant) rises linearly
+    from 0 to 1; the other requests are still served by the version deployed before it (none:
+    they are not served). ``version`` must be deployed at ``start`` on those variants (a
+    ``versions`` entry), whose deploy event marks the start of the rollout."""
+
+    version: str
+    start: float
+    end: float
+    variant: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "start", float(self.start))
+        object.__setattr__(self, "end", float(self.end))
+        if not (math.isfinite(self.start) and self.start >= 0.0):
+            raise ValueError(f"Ramp.start must be >= 0, got {self.start}")
+        if not (math.isfinite(self.end) and self.end > self.start):
+            raise ValueError(f"Ramp.end must be > start ({self.start}), got {self.end}")
+
+
+@dataclass(frozen=True, slots=True)
+class Cycle:
+    """A periodic (daily, by default) cycle of the traffic and, optionally, of one numeric
+    feature: healthy seasonality, not a fault.
+
+    The arrival rate is ``rate · (1 + a·cos φ)`` with ``a = (traffic_ratio − 1) /
+    (traffic_ratio + 1)``, so the peak carries ``traffic_ratio`` times the trough's traffic and
+    ``rate`` stays the average; ``φ = 2π · ((t − peak) mod period) / period`` for the absolute
+    time ``t`` (the phase is anchored at the Unix epoch: with a 1-day period the peak is at
+    ``peak`` seconds after midnight UTC every day). ``feature`` (a numeric feature) has its
+    mean moved by ``amplitude · sd · cos φ``: ``amplitude`` sd above its average at the peak,
+    as far below at the trough."""
+
+    period: float = 86_400.0
+    peak: float = 14 * 3600.0
+    traffic_ratio: float = 8.0
+    feature: str | None = None
+    amplitude: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.period) and self.period > 0):
+            raise ValueError(f"Cycle.period must be > 0, got {self.period}")
+        if not math.isfinite(self.peak):
+            raise ValueError(f"Cycle.peak must be finite, got {self.peak}")
+        if not (math.isfinite(self.traffic_ratio) and self.traffic_ratio >= 1.0):
+            raise ValueError(f"Cycle.traffic_ratio must be >= 1, got {self.traffic_ratio}")
+        if not math.isfinite(self.amplitude):
+            raise ValueError(f"Cycle.amplitude must be finite, got {self.amplitude}")
+        if self.feature is not None and not self.feature.startswith("num_"):
+            raise ValueError(f"Cycle.feature must be a numeric feature (num_i), got {self.feature!r}")
 
 
 VersionEntry = tuple[float, str] | tuple[float, str, str]
@@ -187,8 +233,15 @@ class Scenario:
     ``versions``: ``(offset, version)`` deploys ``version`` on every variant at ``offset``
     seconds; ``(offset, version, variant)`` only on that variant (e.g. a canary). Every
     variant serves the latest version deployed on it; it serves no traffic before its first.
-    ``malformed_fraction`` (< 0.5) is the expected share of output lines that are malformed;
-    they are *added* next to valid lines, never replace one.
+    ``ramps`` turn deploys into rolling updates (:class:`Ramp`). ``malformed_fraction``
+    (< 0.5) is the expected share of output lines that are malformed; they are *added* next
+    to valid lines, never replace one.
+
+    ``regions``: ``(name, share)`` pairs; each prediction then carries ``attrs: {region:
+    name}``, drawn by the shares (none: no ``attrs``). ``cycle``: a daily traffic and feature
+    cycle (:class:`Cycle`). ``intercept``: the logit of a request whose numeric features are
+    at their means, before category effects: it sets the share of positive labels (-1.5:
+    about 35 %; -9.5: about 4 %, a fraud model's).
     """
 
     name: str
@@ -207,6 +260,10 @@ class Scenario:
     faults: tuple[Fault, ...] = ()
     malformed_fraction: float = 0.0
     seed: int = 0
+    ramps: tuple[Ramp, ...] = ()
+    regions: tuple[tuple[str, float], ...] = ()
+    cycle: Cycle | None = None
+    intercept: float = -1.5
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -265,6 +322,31 @@ class Scenario:
                 bad(f"fault deployment {f.deployment!r} is not a deployment")
             if f.start >= self.duration:
                 bad(f"fault starts at {f.start}, after the end ({self.duration})")
+            if f.region is not None and f.region not in {r for r, _ in self.regions}:
+                bad(f"fault region {f.region!r} is not one of the regions")
+        for r in self.ramps:
+            if not isinstance(r, Ramp):
+                bad(f"ramps must be Ramp instances, got {r!r}")
+            if r.variant is not None and r.variant not in names:
+                bad(f"ramp variant {r.variant!r} is not a variant")
+            deployed = any(
+                e[0] == r.start and e[1] == r.version and (len(e) == 2 or r.variant in (None, e[2]))
+                for e in self.versions
+            )
+            if not deployed:
+                bad(f"ramp of version {r.version!r} at {r.start}: no versions entry deploys it then")
+        region_names = [r for r, _ in self.regions]
+        if len(set(region_names)) != len(region_names):
+            bad(f"regions must be unique, got {self.regions}")
+        if any(not (math.isfinite(w) and w > 0) for _, w in self.regions):
+            bad(f"region shares must be > 0, got {self.regions}")
+        if self.cycle is not None:
+            if not isinstance(self.cycle, Cycle):
+                bad(f"cycle must be a Cycle, got {self.cycle!r}")
+            if self.cycle.feature is not None and self.cycle.feature not in feats:
+                bad(f"cycle feature {self.cycle.feature!r} is not one of {sorted(feats)}")
+        if not math.isfinite(self.intercept):
+            bad(f"intercept must be finite, got {self.intercept}")
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -290,503 +372,6 @@ class RecordingStats:
 
 
 # --------------------------------------------------------------------------------------------
-# Generation internals
-
-
-def _rng(seed: int, *key: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=key)))
-
-
-_STREAM_PARAMS, _STREAM_TRAFFIC, _STREAM_JITTER, _STREAM_MALFORMED = 0, 1, 2, 3
-
-
-class _Model:
-    """Per-deployment feature distribution and scoring function."""
-
-    __slots__ = ("mean", "sd", "w", "cat_cum", "cat_rev_cum", "cat_values", "cat_effect")
-
-    def __init__(self, s: Scenario, dep_index: int) -> None:
-        rng = _rng(s.seed, _STREAM_PARAMS, dep_index)
-        k = s.n_numeric
-        self.mean = np.round(rng.normal(0.0, 3.0, k), 2)
-        self.sd = np.round(rng.uniform(0.5, 2.5, k), 2)
-        w = rng.normal(0.0, 1.0, k)
-        norm = float(np.sqrt(w @ w)) if k else 0.0
-        self.w = w * (_WEIGHT_NORM / norm) if norm > 0 else w
-        self.cat_cum: list[np.ndarray] = []
-        self.cat_rev_cum: list[np.ndarray] = []
-        self.cat_values: list[tuple[str, ...]] = []
-        self.cat_effect: list[np.ndarray] = []
-        for j in range(s.n_categorical):
-            _, values, probs = _CATEGORICAL[j % len(_CATEGORICAL)]
-            p = np.asarray(probs)
-            cum = np.cumsum(p)
-            cum[-1] = 1.0
-            rp = p[::-1]  # category i gets the probability of category n-1-i
-            rev_cum = np.cumsum(rp)
-            rev_cum[-1] = 1.0
-            self.cat_cum.append(cum)
-            self.cat_rev_cum.append(rev_cum)
-            self.cat_values.append(values)
-            self.cat_effect.append(rng.normal(0.0, 0.3, len(values)))
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(x, -_LOGIT_CLIP, _LOGIT_CLIP)))
-
-
-def _git_sha(deployment: str, variant: str, version: str) -> str:
-    return hashlib.sha1(f"{deployment}\0{variant}\0{version}".encode()).hexdigest()[:7]
-
-
-class _Pool:
-    """Pending events of one kind as column arrays; ``take`` removes those due."""
-
-    __slots__ = ("cols",)
-
-    def __init__(self) -> None:
-        self.cols: dict[str, np.ndarray] | None = None
-
-    def add(self, cols: dict[str, np.ndarray]) -> None:
-        if self.cols is None:
-            self.cols = cols
-        else:
-            self.cols = {k: np.concatenate((v, cols[k])) for k, v in self.cols.items()}
-
-    def take(self, threshold: float | None) -> dict[str, np.ndarray] | None:
-        if self.cols is None:
-            return None
-        if threshold is None:
-            out, self.cols = self.cols, None
-            return out
-        due = self.cols["key"] < threshold
-        if not due.any():
-            return None
-        if due.all():
-            out, self.cols = self.cols, None
-            return out
-        keep = ~due
-        out = {k: v[due] for k, v in self.cols.items()}
-        self.cols = {k: v[keep] for k, v in self.cols.items()}
-        return out
-
-
-def _chunk_seconds(s: Scenario) -> float:
-    per_second = s.rate * len(s.deployments)
-    if per_second <= 1000.0:
-        return 60.0
-    return max(1.0, float(int(60_000.0 / per_second)))
-
-
-class _Generator:
-    """Produces the output chunk by chunk: ``run()`` yields ``(lines, kinds_count)``."""
-
-    def __init__(self, s: Scenario, jitter: float) -> None:
-        if not (math.isfinite(jitter) and 0.0 <= jitter <= 2.0):
-            raise ValueError(f"jitter must be in [0, 2] seconds, got {jitter}")
-        self.s = s
-        self.jitter = float(jitter)
-        self.models = [_Model(s, d) for d in range(len(s.deployments))]
-        self.traffic = [_rng(s.seed, _STREAM_TRAFFIC, d) for d in range(len(s.deployments))]
-        self.jrng = _rng(s.seed, _STREAM_JITTER)
-        self.mrng = _rng(s.seed, _STREAM_MALFORMED)
-        self.variant_names = [v for v, _ in s.variants]
-        shares = np.array([w for _, w in s.variants], dtype=float)
-        self.shares = shares / shares.sum()
-        self.share_cum = np.cumsum(self.shares)
-        self.share_cum[-1] = 1.0
-        self.version_names: list[str] = []
-        for e in s.versions:
-            if e[1] not in self.version_names:
-                self.version_names.append(e[1])
-        # per variant: offsets and version indices of the deploys that apply to it
-        self.schedule: list[tuple[np.ndarray, np.ndarray]] = []
-        for v in self.variant_names:
-            entries = [e for e in s.versions if len(e) == 2 or e[2] == v]
-            self.schedule.append(
-                (
-                    np.array([e[0] for e in entries], dtype=float),
-                    np.array([self.version_names.index(e[1]) for e in entries], dtype=np.int64),
-                )
-            )
-        self.fnames = list(s.feature_names)
-        self.serial = [0] * len(s.deployments)
-        self.encode = msgspec.json.Encoder().encode
-        self.p_insert = s.malformed_fraction / (1.0 - s.malformed_fraction)
-        self.bad_serial = 0
-        self.last_prediction: dict[str, Any] | None = None
-        self.preds = _Pool()
-        self.outs = _Pool()
-        self.deploys = _Pool()
-        self._deploy_dicts: list[dict[str, Any]] = []
-        self._init_deploys()
-
-    # -- deploy events -------------------------------------------------------------------------
-
-    def jitter_draw(self, n: int) -> np.ndarray:
-        return self.jrng.random(n) * self.jitter
-
-    def _init_deploys(self) -> None:
-        s = self.s
-        ts, dep, serial = [], [], []
-        for d, dn in enumerate(s.deployments):
-            for e in s.versions:
-                for vi, v in enumerate(self.variant_names):
-                    if len(e) == 3 and e[2] != v:
-                        continue
-                    t = round(s.start + e[0], 3)
-                    self._deploy_dicts.append(
-                        {
-                            "type": "deploy",
-                            "ts": t,
-                            "deployment": dn,
-                            "model_version": e[1],
-                            "variant": v,
-                            "traffic": round(float(self.shares[vi]), 4),
-                            "attrs": {"git_sha": _git_sha(dn, v, e[1])},
-                        }
-                    )
-                    ts.append(t)
-                    dep.append(d)
-                    serial.append(len(serial))
-        self.deploys.add(
-            {
-                "key": np.array(ts, dtype=float),
-                "dep": np.array(dep, dtype=np.int64),
-                "serial": np.array(serial, dtype=np.int64),
-            }
-        )
-
-    # -- traffic -------------------------------------------------------------------------------
-
-    def _traffic(self, d: int, t0: float, length: float) -> None:
-        """Draws the predictions of deployment ``d`` in ``[t0, t0 + length)`` (relative)."""
-        s, m, rng = self.s, self.models[d], self.traffic[d]
-        k, c = s.n_numeric, s.n_categorical
-        n = int(rng.poisson(s.rate * length))
-        # Every draw happens whatever the faults, in a fixed order (see module docstring).
-        off = t0 + np.sort(rng.uniform(0.0, length, n))
-        u_variant = rng.random(n)
-        z = rng.standard_normal((n, k))
-        u_cat = rng.random((n, c))
-        u_cat_shift = rng.random((n, c))
-        latency = rng.lognormal(math.log(s.base_latency_ms), _LATENCY_SIGMA, n)
-        u_error = rng.random(n)
-        u_code = rng.random(n)
-        u_labelled = rng.random(n)
-        delay = rng.uniform(s.label_delay[0], s.label_delay[1], n)
-        u_label = rng.random(n)
-        u_flip = rng.random(n)
-
-        variant = np.searchsorted(self.share_cum, u_variant, side="right")
-        np.minimum(variant, len(self.variant_names) - 1, out=variant)
-        version = np.full(n, -1, dtype=np.int64)
-        for vi, (offs, vers) in enumerate(self.schedule):
-            sel = variant == vi
-            if not sel.any():
-                continue
-            pos = np.searchsorted(offs, off[sel], side="right") - 1
-            version[sel] = np.where(pos >= 0, vers[np.maximum(pos, 0)], -1)
-        ts = np.round(s.start + off, 3)
-        keep = (version >= 0) & (ts < s.end)
-        if not keep.all():
-            off, variant, version, ts = off[keep], variant[keep], version[keep], ts[keep]
-            z, u_cat, u_cat_shift = z[keep], u_cat[keep], u_cat_shift[keep]
-            latency, u_error, u_code = latency[keep], u_error[keep], u_code[keep]
-            u_labelled, delay = u_labelled[keep], delay[keep]
-            u_label, u_flip = u_label[keep], u_flip[keep]
-            n = int(keep.sum())
-
-        x = m.mean + m.sd * z
-        cat = np.empty((n, c), dtype=np.int64)
-        for j in range(c):
-            cat[:, j] = np.searchsorted(m.cat_cum[j], u_cat[:, j], side="right")
-        p_error = np.full(n, s.base_error_rate)
-        fault_error = np.full(n, -1.0)
-        lat_mult = np.ones(n)
-        logit_shift = np.zeros(n)
-        p_flip = np.zeros(n)
-        drop = np.zeros(n, dtype=bool)
-        dropped_share = np.zeros(n)
-        dn = s.deployments[d]
-        for f in s.faults:
-            if f.deployment is not None and f.deployment != dn:
-                continue
-            mask = off >= f.start
-            if f.end is not None:
-                mask &= off < f.end
-            if f.version is not None:
-                mask &= version == self.version_names.index(f.version)
-            if f.variant is not None:
-                mask &= variant == self.variant_names.index(f.variant)
-            if not mask.any():
-                continue
-            mag = f.magnitude
-            if f.kind == "error_rate":
-                fault_error[mask] = np.maximum(fault_error[mask], mag)
-            elif f.kind == "latency":
-                lat_mult[mask] *= mag
-            elif f.kind == "score_shift":
-                logit_shift[mask] += mag
-            elif f.kind == "model_error":
-                p_flip[mask] = np.maximum(p_flip[mask], mag)
-            elif f.kind == "traffic_stop":
-                drop |= mask
-                dropped_share[mask] = np.maximum(dropped_share[mask], mag)
-            else:  # feature_shift
-                targets = [f.feature] if f.feature is not None else self.fnames[:k]
-                for name in targets:
-                    if name.startswith("num_"):
-                        i = int(name[4:])
-                        x[mask, i] += mag * m.sd[i]
-                    else:
-                        j = int(name[4:])
-                        redraw = mask & (u_cat_shift[:, j] < mag)
-                        cat[redraw, j] = np.searchsorted(
-                            m.cat_rev_cum[j], u_cat[redraw, j], side="right"
-                        )
-        np.copyto(p_error, fault_error, where=fault_error >= 0.0)
-        for j in range(c):
-            np.minimum(cat[:, j], len(m.cat_values[j]) - 1, out=cat[:, j])
-
-        logit = _INTERCEPT + ((x - m.mean) / m.sd) @ m.w if k else np.full(n, _INTERCEPT)
-        for j in range(c):
-            logit = logit + m.cat_effect[j][cat[:, j]]
-        true_score = _sigmoid(logit)
-        score = np.round(_sigmoid(logit + logit_shift), 4)
-        error = u_error < p_error
-        code = np.where(error, np.searchsorted(_ERROR_CODE_CUM, u_code, side="right"), -1)
-        np.minimum(code, len(ERROR_CODES) - 1, out=code)
-        latency = np.round(latency * lat_mult, 2)
-
-        serial0 = self.serial[d]
-        self.serial[d] = serial0 + n
-        serial = np.arange(serial0, serial0 + n, dtype=np.int64)
-        key = ts + self.jitter_draw(n) if self.jitter > 0 else ts
-        if drop.any():
-            # A traffic stop removes requests after every draw was made and every id handed
-            # out, so the traffic outside the stop is identical to the scenario without it.
-            # Which requests of a partial stop vanish is a fixed hash of the id, not a draw.
-            frac = ((serial * 2654435761) % 4294967296) / 4294967296.0
-            keep = ~(drop & (frac < dropped_share))
-            key, ts, variant, version, x, cat = key[keep], ts[keep], variant[keep], version[keep], x[keep], cat[keep]
-            score, latency, code, serial = score[keep], latency[keep], code[keep], serial[keep]
-            error, delay, u_labelled = error[keep], delay[keep], u_labelled[keep]
-            true_score, u_label, u_flip, p_flip = true_score[keep], u_label[keep], u_flip[keep], p_flip[keep]
-            n = int(keep.sum())
-        self.preds.add(
-            {
-                "key": key,
-                "dep": np.full(n, d, dtype=np.int64),
-                "serial": serial,
-                "ts": ts,
-                "variant": variant,
-                "version": version,
-                "x": np.round(x, 4),
-                "cat": cat,
-                "score": score,
-                "latency": latency,
-                "code": code,
-            }
-        )
-
-        labelled = (u_labelled < s.label_fraction) & ~error
-        label = (u_label < true_score) ^ (u_flip < p_flip)
-        o_ts = np.round(ts + delay, 3)
-        o_keep = labelled & (o_ts < s.end)
-        o_ts = o_ts[o_keep]
-        if self.jitter > 0:
-            o_key = np.maximum(o_ts + self.jrng.random(len(o_ts)) * self.jitter, key[o_keep])
-        else:
-            o_key = o_ts
-        self.outs.add(
-            {
-                "key": o_key,
-                "dep": np.full(len(o_ts), d, dtype=np.int64),
-                "serial": serial[o_keep],
-                "ts": o_ts,
-                "label": label[o_keep].astype(np.int64),
-            }
-        )
-
-    # -- emission ------------------------------------------------------------------------------
-
-    def _prediction_dicts(self, p: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-        s = self.s
-        deps = s.deployments
-        vnames = self.variant_names
-        versions = self.version_names
-        fnames = self.fnames
-        k = s.n_numeric
-        catvals = [self.models[d].cat_values for d in range(len(deps))]
-        out = []
-        append = out.append
-        rows_x = p["x"].tolist()
-        rows_c = p["cat"].tolist()
-        for dep, serial, ts, var, ver, xr, cr, score, lat, code in zip(
-            p["dep"].tolist(),
-            p["serial"].tolist(),
-            p["ts"].tolist(),
-            p["variant"].tolist(),
-            p["version"].tolist(),
-            rows_x,
-            rows_c,
-            p["score"].tolist(),
-            p["latency"].tolist(),
-            p["code"].tolist(),
-        ):
-            dn = deps[dep]
-            cv = catvals[dep]
-            feats = dict(zip(fnames, xr))
-            for j, ci in enumerate(cr):
-                feats[fnames[k + j]] = cv[j][ci]
-            if code < 0:
-                pred, sc, err = int(score >= 0.5), score, None
-            else:
-                pred, sc, err = None, None, ERROR_CODES[code]
-            append(
-                {
-                    "type": "prediction",
-                    "id": f"{dn}-{serial}",
-                    "ts": ts,
-                    "deployment": dn,
-                    "model_version": versions[ver],
-                    "variant": vnames[var],
-                    "features": feats,
-                    "prediction": pred,
-                    "score": sc,
-                    "latency_ms": lat,
-                    "error": err,
-                }
-            )
-        return out
-
-    def _outcome_dicts(self, o: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-        deps = self.s.deployments
-        return [
-            {"type": "outcome", "id": f"{deps[d]}-{n}", "ts": ts, "deployment": deps[d], "label": y}
-            for d, n, ts, y in zip(
-                o["dep"].tolist(), o["serial"].tolist(), o["ts"].tolist(), o["label"].tolist()
-            )
-        ]
-
-    def _emit(self, threshold: float | None) -> tuple[list[bytes], tuple[int, int, int, int]]:
-        p = self.preds.take(threshold)
-        o = self.outs.take(threshold)
-        dp = self.deploys.take(threshold)
-        dicts: list[dict[str, Any]] = []
-        keys, ranks, deps, serials = [], [], [], []
-        counts = [0, 0, 0]
-        for rank, cols in ((0, dp), (1, p), (2, o)):
-            if cols is None:
-                continue
-            if rank == 0:
-                dicts.extend(self._deploy_dicts[i] for i in cols["serial"].tolist())
-            elif rank == 1:
-                dicts.extend(self._prediction_dicts(cols))
-            else:
-                dicts.extend(self._outcome_dicts(cols))
-            nk = len(cols["key"])
-            counts[rank] = nk
-            keys.append(cols["key"])
-            ranks.append(np.full(nk, rank, dtype=np.int64))
-            deps.append(cols["dep"])
-            serials.append(cols["serial"])
-        if not dicts:
-            return [], (0, 0, 0, 0)
-        key = np.concatenate(keys)
-        rank_a = np.concatenate(ranks)
-        order = np.lexsort((np.concatenate(serials), np.concatenate(deps), rank_a, key))
-        enc = self.encode
-        ordered = [dicts[i] for i in order.tolist()]
-        lines = [enc(dd) for dd in ordered]
-        n_bad = 0
-        if self.p_insert > 0:
-            lines, n_bad = self._add_malformed(ordered, lines, rank_a[order] == 1)
-        elif counts[1]:
-            self.last_prediction = ordered[int(np.nonzero(rank_a[order] == 1)[0][-1])]
-        return lines, (counts[1], counts[2], counts[0], n_bad)
-
-    def _add_malformed(
-        self, ordered: list[dict[str, Any]], lines: list[bytes], is_pred: np.ndarray
-    ) -> tuple[list[bytes], int]:
-        n = len(lines)
-        after = np.nonzero(self.mrng.random(n) < self.p_insert)[0]
-        kinds = self.mrng.integers(0, len(MALFORMED_KINDS), len(after))
-        last_pred = np.maximum.accumulate(np.where(is_pred, np.arange(n), -1))
-        if len(after) == 0:
-            if is_pred.any():
-                self.last_prediction = ordered[int(last_pred[-1])]
-            return lines, 0
-        out: list[bytes] = []
-        prev = 0
-        for i, kind in zip(after.tolist(), kinds.tolist()):
-            lp = int(last_pred[i])
-            if lp >= 0:
-                self.last_prediction = ordered[lp]
-            out.extend(lines[prev : i + 1])
-            out.append(self._malformed(ordered[i], kind))
-            prev = i + 1
-        out.extend(lines[prev:])
-        if is_pred.any():
-            self.last_prediction = ordered[int(last_pred[-1])]
-        return out, len(after)
-
-    def _malformed(self, base: dict[str, Any], kind: int) -> bytes:
-        """A line next to ``base`` that breaks the contract in way ``MALFORMED_KINDS[kind]``."""
-        ts = base["ts"]
-        if MALFORMED_KINDS[kind] == "out_of_range" and base["type"] != "prediction":
-            if self.last_prediction is not None:
-                base = self.last_prediction
-        d = dict(base)
-        d["ts"] = ts
-        self.bad_serial += 1
-        if "id" in d:
-            d["id"] = f"{d['deployment']}-bad-{self.bad_serial}"
-        name = MALFORMED_KINDS[kind]
-        if name == "invalid_json":
-            raw = self.encode(d)
-            return raw[: max(1, len(raw) // 2)]
-        if name == "missing_field":
-            del d["deployment"]
-        elif name == "wrong_type":
-            if "model_version" in d:
-                d["model_version"] = int(self.bad_serial)
-            else:
-                d["deployment"] = int(self.bad_serial)
-        elif name == "unknown_type":
-            d["type"] = "click"
-        elif name == "out_of_range":
-            if d["type"] == "prediction":
-                d["score"] = 1.5
-            else:  # a deploy before any prediction was generated
-                d["traffic"] = 1.5
-        else:  # naive_timestamp
-            dt = _dt.datetime.fromtimestamp(ts, tz=_dt.timezone.utc).replace(tzinfo=None)
-            d["ts"] = dt.isoformat(timespec="milliseconds")
-        return self.encode(d)
-
-    def run(self) -> Iterator[tuple[list[bytes], tuple[int, int, int, int]]]:
-        s = self.s
-        step = _chunk_seconds(s)
-        n_chunks = max(1, math.ceil(s.duration / step - 1e-9))
-        for c in range(n_chunks):
-            t0 = c * step
-            t1 = min(s.duration, t0 + step)
-            for d in range(len(s.deployments)):
-                self._traffic(d, t0, t1 - t0)
-            if c == n_chunks - 1:
-                break
-            # Everything still to be generated has ts >= start + t1 - 0.0005 (ms rounding).
-            out = self._emit(s.start + t1 - 0.001)
-            if out[0]:
-                yield out
-        out = self._emit(None)
-        if out[0]:
-            yield out
-
-
-# --------------------------------------------------------------------------------------------
 # Public API
 
 
@@ -798,13 +383,13 @@ def generate(s: Scenario, jitter: float = 0.0) -> Iterator[bytes]:
     outcome still comes after its prediction, and a deploy event before the traffic of its
     version.
     """
-    for lines, _ in _Generator(s, jitter).run():
+    for lines, _ in Generator(s, jitter).run():
         yield from lines
 
 
 def iter_chunks(s: Scenario, jitter: float = 0.0) -> Iterator[tuple[list[bytes], RecordingStats]]:
     """Like :func:`generate` in lists of lines, each with its counts (faster for bulk use)."""
-    for lines, (p, o, d, b) in _Generator(s, jitter).run():
+    for lines, (p, o, d, b) in Generator(s, jitter).run():
         yield lines, RecordingStats(p, o, d, b, len(lines))
 
 
@@ -824,7 +409,7 @@ def write_recording(
         raw = None
         fh = open(path, "wb")
     try:
-        for lines, (p, o, d, b) in _Generator(s, jitter).run():
+        for lines, (p, o, d, b) in Generator(s, jitter).run():
             fh.write(b"\n".join(lines))
             fh.write(b"\n")
             counts[0] += p
@@ -865,7 +450,8 @@ def scenario_truth(s: Scenario) -> list[dict[str, Any]]:
     ``declared_end`` (the fault's interval clipped to the window) and ``start`` / ``end``: the
     envelope of the time when it actually affects traffic (the declared interval intersected
     with the time its version serves on its variant); ``active`` is False (and ``start`` /
-    ``end`` None) when it never does.
+    ``end`` None) when it never does; ``slice``: ``{"attrs.region": name}`` for a fault of one
+    region (the slice an incident should name), else None.
     """
     out = []
     for f in s.faults:
@@ -889,6 +475,7 @@ def scenario_truth(s: Scenario) -> list[dict[str, Any]]:
                 "start": s.start + min(a for a, _ in pieces) if active else None,
                 "end": s.start + max(b for _, b in pieces) if active else None,
                 "active": active,
+                "slice": {"attrs.region": f.region} if f.region is not None else None,
             }
         )
     return out
@@ -932,6 +519,37 @@ def benchmark_scenario(n_events: int = 1_000_000) -> Scenario:
         n_categorical=2,
         label_fraction=0.6,
         seed=base.seed,
+    )
+
+
+_DAY = 86_400.0
+
+
+def _rolling_update(name: str, faults: tuple[Fault, ...]) -> Scenario:
+    """Version 7, then a ten-minute rolling update to 8 from 20 min (8's share 0 -> 100 %),
+    then 8 alone for the last 30 minutes."""
+    return Scenario(
+        name=name,
+        duration=3600.0,
+        versions=((0.0, "7"), (1200.0, "8")),
+        ramps=(Ramp("8", start=1200.0, end=1800.0),),
+        faults=faults,
+        seed=15,
+    )
+
+
+def _daily_cycle(name: str, faults: tuple[Fault, ...]) -> Scenario:
+    """Three days from midnight UTC at 1 prediction/s on average, 8x more at 14:00 UTC than at
+    02:00, num_0's mean 0.3 sd above its average at the peak and 0.3 sd below at the trough."""
+    return Scenario(
+        name=name,
+        start=1_789_948_800.0,  # 2026-09-21T00:00:00Z
+        duration=3 * _DAY,
+        rate=1.0,
+        label_fraction=0.2,
+        cycle=Cycle(period=_DAY, peak=14 * 3600.0, traffic_ratio=8.0, feature="num_0", amplitude=0.3),
+        faults=faults,
+        seed=16,
     )
 
 
@@ -989,5 +607,34 @@ BUILTIN: dict[str, Scenario] = {
             Fault("error_rate", start=1200.0, magnitude=0.15, version="2"),
             Fault("latency", start=1200.0, magnitude=2.5, version="2"),
         ),
+    ),
+    # issue 14: model quality per version, per segment, against the right baseline
+    "recall_collapse": Scenario(
+        name="recall_collapse",
+        deployments=("fraud-scorer",),
+        duration=3600.0,
+        intercept=-9.5,  # about 4 % fraud
+        versions=((0.0, "3"), (1200.0, "4")),
+        faults=(Fault("signal_loss", start=1200.0, magnitude=0.3, version="4"),),
+        seed=14,
+    ),
+    "bad_rolling_update": _rolling_update(
+        "bad_rolling_update", (Fault("error_rate", start=1200.0, magnitude=0.08, version="8"),)
+    ),
+    "healthy_rolling_update": _rolling_update("healthy_rolling_update", ()),
+    "daily_cycle": _daily_cycle("daily_cycle", ()),
+    "daily_cycle_shift": _daily_cycle(
+        "daily_cycle_shift",
+        (
+            Fault("feature_shift", start=2 * _DAY + 6 * 3600.0, magnitude=0.6, feature="num_0"),
+            Fault("error_rate", start=2 * _DAY + 12 * 3600.0, magnitude=0.05),
+        ),
+    ),
+    "one_region_fault": Scenario(
+        name="one_region_fault",
+        base_error_rate=0.004,
+        regions=(("us-east", 0.45), ("eu-west", 0.25), ("ap-south", 0.2), ("sa-east", 0.1)),
+        faults=(Fault("error_rate", start=900.0, magnitude=0.09, region="eu-west"),),
+        seed=17,
     ),
 }

@@ -25,6 +25,11 @@ from rollbackd.scenarios import BUILTIN, write_recording
 
 HERE = Path(__file__).parent
 GOLDEN = HERE / "golden" / "decision-logs.json"
+# Issue 14's scenarios: their decisions change when version-aware judgement, slice_by and
+# same_time land (and daily_cycle's three days would double this test's time); they join the
+# golden file with those detectors.
+PENDING = frozenset({"recall_collapse", "bad_rolling_update", "healthy_rolling_update", "daily_cycle",
+                     "daily_cycle_shift", "one_region_fault"})
 
 
 def rules_files() -> dict[str, Path]:
@@ -56,7 +61,7 @@ def drill_digest(recording: Path, rules: Path, work: Path) -> str:
 
 def digests(work: Path) -> dict[str, str]:
     out: dict[str, str] = {}
-    for name in sorted(BUILTIN):
+    for name in sorted(set(BUILTIN) - PENDING):
         rec = work / f"{name}.jsonl.gz"
         write_recording(BUILTIN[name], rec)
         for rname, rules in sorted(rules_files().items()):

@@ -471,6 +471,9 @@ def test_builtin_scenarios():
     assert set(BUILTIN) == {
         "stationary", "error_blip", "sustained_errors", "feature_shift", "malformed", "demo",
         "calibration_decay", "bad_canary", "label_delay", "traffic_stop",
+        # issue 14 (tests/test_scenarios_issue14.py)
+        "recall_collapse", "bad_rolling_update", "healthy_rolling_update", "daily_cycle",
+        "daily_cycle_shift", "one_region_fault",
     }
     for name, s in BUILTIN.items():
         assert s.name == name
