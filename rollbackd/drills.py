@@ -404,8 +404,8 @@ class FaultInterval:
     ``[start, end]`` (``end`` None: until the end of the recording). ``rule`` names the rule
     meant to catch it; else ``kind`` (a scenario fault kind) says which detectors are; with
     neither, every rule is. ``slice``: the segment the fault is confined to, as
-    ``(("attrs.region", "eu-west"),)`` (what an incident should name; not yet used in
-    scoring)."""
+    ``(("attrs.region", "eu-west"),)``: an episode of a rule with ``slice_by`` catches it
+    only when it names that slice (see :meth:`named_by`)."""
 
     start: float
     end: float | None = None
@@ -420,6 +420,14 @@ class FaultInterval:
         return (self.deployment is None or self.deployment == deployment) and (
             self.variant is None or self.variant == variant
         )
+
+    def named_by(self, segment: str | None) -> bool:
+        """Whether an episode that found its value in ``segment`` ("region=eu-west", a sliced
+        rule's) points at this fault's slice; an episode of the whole window (None) does."""
+        if segment is None or not self.slice:
+            return True
+        parts = set(segment.split(","))
+        return all(f"{key.partition('.')[2] or key}={value}" in parts for key, value in self.slice)
 
     def describe(self, origin: float | None) -> str:
         what = self.label or self.rule or self.kind or "fault"
@@ -557,21 +565,25 @@ class Episode:
     variant: str
     fired: float
     resolved: float | None
+    segment: str | None = None  # the slice a sliced rule's firing named
 
 
 def episodes(decisions: Iterable[Mapping[str, Any]]) -> list[Episode]:
     """Every firing episode in the decisions: (rule, deployment, variant, fired, resolved)."""
-    open_: dict[tuple[str, str, str], float] = {}
+    open_: dict[tuple[str, str, str], tuple[float, str | None]] = {}
     out = []
     for d in decisions:
         if d.get("kind") != "alert":
             continue
         key = (d["rule"], d["deployment"], d["variant"])
         if d.get("state") == "firing":
-            open_[key] = d["ts"]
+            evidence = (d.get("measurement") or {}).get("evidence") or {}
+            segment = evidence.get("segment") if isinstance(evidence, Mapping) else None
+            open_[key] = (d["ts"], segment if isinstance(segment, str) else None)
         elif d.get("state") == "resolved" and key in open_:
-            out.append(Episode(*key, open_.pop(key), d["ts"]))
-    out.extend(Episode(*key, fired, None) for key, fired in open_.items())
+            fired, segment = open_.pop(key)
+            out.append(Episode(*key, fired, d["ts"], segment))
+    out.extend(Episode(*key, fired, None, segment) for key, (fired, segment) in open_.items())
     out.sort(key=lambda e: (e.fired, e.rule, e.deployment, e.variant))
     return out
 
@@ -650,7 +662,7 @@ def score_truth(
         for f in expected:
             hi = ends[id(f)] + grace
             hit = [e for e in mine if f.covers(e.deployment, e.variant) and e.fired <= hi
-                   and (e.resolved is None or e.resolved >= f.start)]
+                   and (e.resolved is None or e.resolved >= f.start) and f.named_by(e.segment)]
             if hit:
                 delays.append(max(0.0, min(e.fired for e in hit) - f.start))
             else:

@@ -22,7 +22,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from golden_decisions import GOLDEN, rules_files
+from golden_decisions import GOLDEN, cases, rules_files
 from rollbackd.actions.console import ConsoleNotifier
 from rollbackd.daemon.decisions import DecisionLog
 from rollbackd.daemon.ledger import Ledger
@@ -99,7 +99,7 @@ def test_a_pipeline_restored_mid_stream_decides_byte_for_byte_as_the_golden_repl
     golden = json.loads(GOLDEN.read_text())
     rec = tmp_path / f"{scenario}.jsonl.gz"
     write_recording(BUILTIN[scenario], rec)
-    for rname, rules in sorted(rules_files().items()):
+    for rname, rules in sorted(cases(scenario).items()):
         case = tmp_path / rname
         case.mkdir()
         assert _digest_with_restarts(rec, rules, case, every=2, way=way) == golden[f"replay/{scenario}/{rname}"], rname
