@@ -236,3 +236,42 @@ def test_version_shares_split_predictions_and_labels_by_version():
     assert [(s.version, s.n, len(s.outcomes)) for s in with_labels] == [("6", 0, 1), ("7", 3, 0), ("8", 1, 0)]
     single = Window("d", "primary", T0, T0 + 60, preds[:2])
     assert version_shares(single, labels=True) == []
+
+
+def test_a_label_based_rule_is_sliced_by_the_prediction_s_attrs():
+    """Recall per region: each label carries its prediction's slice through the join."""
+    from rollbackd.events import Outcome
+
+    cfg = load_config_text("""
+version: 1
+settings: {lateness: 5s, notifier: {type: none}}
+grouping: {group_by: [deployment, variant], group_wait: 0s, repeat_interval: 4h}
+deployments:
+  fraud: {backend: {type: log}}
+rules:
+  - {name: recall, detector: model_quality, params: {metric: recall}, threshold: 0.6,
+     direction: below, alpha: 0.01, for: 2m, min_samples: 50, slice_by: [attrs.region],
+     severity: critical, actions: [notify]}
+""")
+    rng = np.random.default_rng(3)
+    regions = ["us-east", "eu-west", "ap-south"]
+    events = []
+    for s in range(40 * 60):
+        for j in range(5):
+            t = T0 + s + j / 5
+            region = regions[int(rng.random() * 3)]
+            y = rng.random() < 0.3
+            miss = 0.85 if region == "eu-west" and s >= 20 * 60 else 0.1
+            yhat = (not y) if (y and rng.random() < miss) or (not y and rng.random() < 0.05) else y
+            pid = f"p{s}-{j}"
+            events.append(Prediction(id=pid, ts=t, deployment="fraud", model_version="1",
+                                     prediction=bool(yhat), attrs={"region": region}))
+            events.append(Outcome(id=pid, ts=t + 30, deployment="fraud", label=bool(y)))
+    events.sort(key=lambda e: e.ts)
+    records = run(cfg, events)
+    fired = [r for r in records if r["kind"] == "alert" and r["state"] == "firing"]
+    assert len(fired) == 1
+    evidence = fired[0]["measurement"]["evidence"]
+    assert evidence["segment"] == "region=eu-west"
+    assert fired[0]["measurement"]["value"] < 0.4 and evidence["others_value"] > 0.8
+    assert T0 + 20 * 60 <= fired[0]["ts"] <= T0 + 30 * 60

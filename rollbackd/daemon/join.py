@@ -28,7 +28,8 @@ class Pending(msgspec.Struct, frozen=True, gc=False, array_like=True):
 
     A C-level struct outside the cycle collector, not a tuple: there may be millions, and
     every collection walked each tuple and its five fields (0.4 s of a 1M-event replay).
-    ``array_like``: in a snapshot it is a five-element array, like the tuples of old books.
+    ``array_like``: in a snapshot it is a five-element array, like the tuples of old books
+    (six with ``segments``).
     """
 
     ts: float
@@ -36,6 +37,9 @@ class Pending(msgspec.Struct, frozen=True, gc=False, array_like=True):
     model_version: str
     prediction: Any
     score: float | None
+    # The prediction's slices, for the deployment's rules that slice labels (slice_by on a
+    # label-based rule): one "region=eu-west" per distinct slice_by; None when none does.
+    segments: tuple[str, ...] | None = None
 
 
 def _ts(entry: Any) -> float:
@@ -213,7 +217,8 @@ class OutcomeJoiner:
             self.stats.expired_outcomes += 1
             return None
         self.stats.joined += 1
-        return Labeled(entry.ts, o.ts, entry.variant, entry.model_version, entry.prediction, entry.score, o.label)
+        return Labeled(entry.ts, o.ts, entry.variant, entry.model_version, entry.prediction, entry.score, o.label,
+                       entry.segments)
 
     def expire(self, now: float) -> None:
         """Evict predictions older than ``now - horizon``."""

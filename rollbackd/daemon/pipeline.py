@@ -41,7 +41,9 @@ from rollbackd.daemon.decisions import DecisionSink, NullDecisions
 from rollbackd.daemon.executor import Executor, SyncExecutor
 from rollbackd.daemon.join import OutcomeJoiner, Pending
 from rollbackd.daemon.response import Responder
-from rollbackd.daemon.splits import adjust_slices, judge_slices, judge_versions, slice_paths, slice_windows, version_shares
+from rollbackd.daemon.splits import (
+    adjust_slices, judge_slices, judge_versions, slice_of, slice_paths, slice_windows, version_shares,
+)
 from rollbackd.daemon.versions import VersionHistory
 from rollbackd.daemon.windows import WindowAssembler
 from rollbackd.detectors.base import REGISTRY, Detector, Labeled, Measurement, Reference, Window, make_detector
@@ -151,6 +153,10 @@ class Pipeline:
         self._rule_index = {r.name: r for r in config.rules}
         # A traffic (no-data) rule must see the empty windows of a gap: no skipping then.
         self._watches_silence = any(r.detector == "traffic" for r in config.rules)
+        # Rules that slice labels: a buffered prediction keeps its slices (Pending.segments),
+        # one per distinct slice_by of the rules on its deployment (_label_slice_paths).
+        self._slices_labels = any(r.slice_by and r.needs_labels for r in config.rules)
+        self._label_paths: dict[str, tuple[tuple[tuple[str, str], ...], ...]] = {}
         # Whether a detector reads Window.known_good (model_quality's previous_version baseline).
         self._wants_known_good = any(r.detector == "model_quality" for r in config.rules)
         self._references: dict[str, Reference | None] = {}
@@ -239,6 +245,8 @@ class Pipeline:
         # OutcomeJoiner.match's outcomes, counted here and added to its stats at the end.
         n_popped = n_joined = n_unmatched = n_expired = n_not_needed = 0
         room = max(1, joiner.max_pending - len(joiner))  # inserts before the cap is reached
+        slices_labels = self._slices_labels
+        label_paths = self._label_paths
         seen_before = adm.seen
         for ev in events:
             ts = ev.ts
@@ -324,7 +332,13 @@ class Pipeline:
                     if ev.id in book:  # type: ignore[union-attr]
                         joiner.stats.duplicate_predictions += 1
                     else:
-                        entry = book[ev.id] = Pending(ts, ev.variant, ev.model_version, ev.prediction, ev.score)  # type: ignore[union-attr]
+                        segs = None
+                        if slices_labels:  # a rule slices this deployment's labels
+                            paths = label_paths.get(dep)
+                            if paths is None:
+                                paths = self._label_slice_paths(dep)
+                            segs = tuple([slice_of(ev, p) for p in paths]) or None  # type: ignore[arg-type]
+                        entry = book[ev.id] = Pending(ts, ev.variant, ev.model_version, ev.prediction, ev.score, segs)  # type: ignore[union-attr]
                         if noted is not None:
                             noted.append((dep, ev.id, entry))  # type: ignore[union-attr]
                         n_pending += 1
@@ -360,7 +374,7 @@ class Pipeline:
                     slot = self._outcome_slot(key, idx)
                 slot[2].append(Labeled(
                     entry.ts, ts, entry.variant, entry.model_version, entry.prediction, entry.score,
-                    ev.label,  # type: ignore[union-attr]
+                    ev.label, entry.segments,  # type: ignore[union-attr]
                 ))
             else:
                 n_dep += 1
@@ -592,7 +606,9 @@ class Pipeline:
         """The rule's measurement over the window's slices: each slice has its own detector
         (its own history and reference), and ``daemon/splits.py`` judges them together."""
         key = (window.deployment, window.variant)
-        parts = slice_windows(window, slice_paths(rule), rule.slice_top_k)
+        paths = slice_paths(rule)
+        labels = self._label_slice_paths(key[0]).index(paths) if rule.needs_labels else None
+        parts = slice_windows(window, paths, rule.slice_top_k, labels)
         measured: list[tuple[str, Measurement]] = []
         known = self._slices.setdefault((rule.name, key), set())
         for part in parts:
@@ -613,6 +629,16 @@ class Pipeline:
                 self.detectors.pop((rule.name, (key[0], key[1], name)), None)  # type: ignore[arg-type]
             known &= current  # type: ignore[arg-type]
         return judge_slices(rule, alert, measured)
+
+    def _label_slice_paths(self, deployment: str) -> tuple[tuple[tuple[str, str], ...], ...]:
+        """The distinct slice_by of the label-based rules on ``deployment``, in a fixed order:
+        ``Pending.segments`` (and so ``Labeled.segments``) holds one slice per entry."""
+        paths = self._label_paths.get(deployment)
+        if paths is None:
+            paths = self._label_paths[deployment] = tuple(sorted({
+                slice_paths(r) for r in self.config.rules
+                if r.slice_by and r.needs_labels and r.covers(deployment)}))
+        return paths
 
     def _tap(self, rule: RuleSpec, window: Window, m: Measurement, now: float) -> None:
         if self.edges.tap is not None:

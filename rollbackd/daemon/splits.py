@@ -36,6 +36,9 @@ __all__ = [
 
 # The slice that pools every value beyond a rule's slice_top_k.
 OTHER = "other"
+# The slice of a label whose prediction was buffered before its rule sliced labels (a
+# checkpoint of an older configuration).
+UNKNOWN = "(unknown)"
 _version = attrgetter("model_version")
 
 
@@ -169,26 +172,39 @@ def slice_paths(rule: RuleSpec) -> tuple[tuple[str, str], ...]:
     return tuple((s.partition(".")[0], s.partition(".")[2]) for s in rule.slice_by)
 
 
-def slice_windows(window: Window, paths: Sequence[tuple[str, str]], top_k: int) -> list[Window]:
-    """The window's slices: the ``top_k`` largest by predictions (ties by name) on their own,
-    the others pooled into :data:`OTHER`; in order of size."""
-    by: dict[str, list[Prediction]] = {}
+def slice_windows(
+    window: Window, paths: Sequence[tuple[str, str]], top_k: int, labels: int | None = None
+) -> list[Window]:
+    """The window's slices: the ``top_k`` largest (by predictions, and labels for a rule on
+    labels; ties by name) on their own, the others pooled into :data:`OTHER`; in order of size.
+    ``labels``: which of ``Labeled.segments`` holds this rule's slice (None: a rule on
+    predictions, whose slices carry no labels)."""
+    by: dict[str, tuple[list[Prediction], list[Labeled]]] = {}
     for p in window.predictions:
         key = slice_of(p, paths)
-        lst = by.get(key)
-        if lst is None:
-            by[key] = [p]
+        part = by.get(key)
+        if part is None:
+            by[key] = ([p], [])
         else:
-            lst.append(p)
-    ranked = sorted(by, key=lambda k: (-len(by[k]), k))
+            part[0].append(p)
+    if labels is not None:
+        for o in window.outcomes:
+            segments = o.segments
+            key = segments[labels] if segments is not None and labels < len(segments) else UNKNOWN
+            part = by.get(key)
+            if part is None:
+                by[key] = ([], [o])
+            else:
+                part[1].append(o)
+    ranked = sorted(by, key=lambda k: (-len(by[k][0]) - len(by[k][1]), k))
     parts = []
     for name in ranked[:top_k]:
-        part = _part(window, by[name], [])
+        part = _part(window, *by[name])
         part.segment = name
         parts.append(part)
-    rest = [p for name in ranked[top_k:] for p in by[name]]
-    if rest:
-        part = _part(window, rest, [])
+    if len(ranked) > top_k:
+        rest = ranked[top_k:]
+        part = _part(window, [p for n in rest for p in by[n][0]], [o for n in rest for o in by[n][1]])
         part.segment = OTHER
         parts.append(part)
     return parts

@@ -73,8 +73,10 @@ def pane_from_columns(blob: bytes) -> Pane:
             lists.append([])
             continue
         fields = cls.__struct_fields__
-        if type(cols) is not list or len(cols) != len(fields) or any(type(c) is not list for c in cols) \
-                or len({len(c) for c in cols}) != 1:
+        # Trailing fields with a default may be missing (a pane written before they existed).
+        required = len(fields) - len(cls.__struct_defaults__)  # type: ignore[attr-defined]
+        if type(cols) is not list or not required <= len(cols) <= len(fields) \
+                or any(type(c) is not list for c in cols) or len({len(c) for c in cols}) != 1:
             raise ValueError(f"{cls.__name__} columns of the wrong shape")
         lists.append([cls(*row) for row in zip(*cols)])
     return Pane(*lists)

@@ -83,7 +83,9 @@ def _num(x: float | None) -> float | None:
 
 
 class Labeled(msgspec.Struct, frozen=True, gc=False):
-    """A prediction joined with its outcome (a C-level struct: there is one per label)."""
+    """A prediction joined with its outcome (a C-level struct: there is one per label).
+    ``segments``: the prediction's slices for the rules that slice labels (see
+    ``daemon/join.Pending``), None when no rule does."""
 
     pred_ts: float
     label_ts: float
@@ -92,6 +94,7 @@ class Labeled(msgspec.Struct, frozen=True, gc=False):
     prediction: float | str | bool | None
     score: float | None
     label: float | str | bool
+    segments: tuple[str, ...] | None = None
 
 
 class Window:

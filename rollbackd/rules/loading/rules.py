@@ -272,12 +272,6 @@ class RulesReader:
                 if head not in SLICE_SOURCES or not name:
                     read.error(item, f"{sub(path, 'slice_by')}[{i}]",
                                f"{source!r} is not attrs.<name> or features.<name>")
-            if RuleSpec(name="", detector=kw.get("detector", ""), threshold=0.0,
-                        params=kw.get("params", {})).needs_labels:
-                read.error(node, sub(path, "slice_by"),
-                           "slice_by applies to rules on predictions (errors, latency, drift, "
-                           "data quality); a label is joined without its prediction's attrs, so "
-                           "label-based rules cannot be sliced yet")
         read.optional(pairs, path, kw, "slice_top_k",
                       lambda n, p: read.number(n, p, integer=True, ge=1, le=MAX_SLICE_TOP_K))
         if "slice_top_k" in pairs and "slice_by" not in pairs:
