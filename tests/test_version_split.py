@@ -12,7 +12,7 @@ import pytest
 
 from rollbackd.daemon.decisions import MemoryDecisions
 from rollbackd.daemon.replay import build_pipeline
-from rollbackd.daemon.splits import adjust_slices, judge_slices, judge_versions, slice_windows, version_shares, where
+from rollbackd.daemon.splits import adjust_parts, judge_slices, judge_versions, slice_windows, version_shares, where
 from rollbackd.detectors.base import Measurement, Window
 from rollbackd.events import Prediction
 from rollbackd.rules.alerts import Alert, AlertState
@@ -208,11 +208,11 @@ def test_slice_p_values_are_holm_adjusted():
     # Four slices with raw p 0.004: alone each breaches at alpha 0.01; Holm multiplies the
     # smallest by 4 (0.016), so none does.
     slices = [(f"region={r}", m(0.05, 0.004)) for r in "abcd"]
-    chosen = judge_slices(RULE, None, adjust_slices(slices))
+    chosen = judge_slices(RULE, None, adjust_parts(slices))
     assert chosen.p_value == pytest.approx(0.016)
     assert chosen.evidence["slices_breaching"] == []
     one = [("region=a", m(0.09, 1e-6))] + [(f"region={r}", m(0.004, 0.9)) for r in "bcd"]
-    chosen = judge_slices(RULE, None, adjust_slices(one))
+    chosen = judge_slices(RULE, None, adjust_parts(one))
     assert chosen.evidence["segment"] == "region=a" and chosen.p_value == pytest.approx(4e-6)
     assert chosen.evidence["others_value"] == pytest.approx(0.004)
 

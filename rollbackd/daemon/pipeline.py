@@ -42,7 +42,7 @@ from rollbackd.daemon.executor import Executor, SyncExecutor
 from rollbackd.daemon.join import OutcomeJoiner, Pending
 from rollbackd.daemon.response import Responder
 from rollbackd.daemon.splits import (
-    adjust_slices, judge_slices, judge_versions, slice_of, slice_paths, slice_windows, version_shares,
+    adjust_parts, judge_slices, judge_versions, slice_of, slice_paths, slice_windows, version_shares,
 )
 from rollbackd.daemon.versions import VersionHistory
 from rollbackd.daemon.windows import WindowAssembler
@@ -594,9 +594,10 @@ class Pipeline:
             for i, share in enumerate(shares):
                 probe = before if i == len(shares) - 1 else copy.deepcopy(before)
                 probe.update(share)
-                m_share = probe.evaluate(now)
+                measured.append((share.version, probe.evaluate(now)))  # type: ignore[arg-type]
+            measured = adjust_parts(measured)
+            for share, (_, m_share) in zip(shares, measured):
                 self._tap(rule, share, m_share, now)
-                measured.append((share.version, m_share))  # type: ignore[arg-type]
         det.update(window)
         m = det.evaluate(now)
         self._tap(rule, window, m, now)
@@ -618,7 +619,7 @@ class Pipeline:
             det.update(part)
             measured.append((part.segment, det.evaluate(now)))  # type: ignore[arg-type]
             known.add(part.segment)  # type: ignore[arg-type]
-        measured = adjust_slices(measured)
+        measured = adjust_parts(measured)
         for part, (_, m) in zip(parts, measured):
             self._tap(rule, part, m, now)
         if len(known) > SLICE_DETECTORS_PER_TOP_K * rule.slice_top_k:

@@ -7,12 +7,15 @@ served most. So the pipeline also measures each version's *share* of such a wind
 probe, a copy of the rule's detector as it was before the window, fed only that share — and
 :func:`judge_versions` decides which measurement steps the alert: a share that breaches (the
 version is named in the evidence, and the rollback moves away from it), else the whole window.
+The shares' p-values are Holm-adjusted (:func:`adjust_parts`): two versions are not two chances
+of a false alarm.
 
 A rule with ``slice_by`` is evaluated per slice instead (one detector per slice, so each keeps
 its own history: a region's drift reference is that region's). :func:`slice_windows` cuts the
 largest ``slice_top_k`` slices of a window and pools the rest as "other";
-:func:`adjust_slices` corrects their p-values for multiplicity (Holm) and :func:`judge_slices` picks the slice that
-steps the rule's one alert, naming the breaching slices and the rest's value in the evidence.
+:func:`adjust_parts` corrects their p-values for multiplicity (Holm) and :func:`judge_slices`
+picks the slice that steps the rule's one alert, naming the breaching slices and the rest's
+value in the evidence.
 
 Pure: no clock, no I/O; the same window gives the same parts in the same order.
 """
@@ -31,7 +34,7 @@ from rollbackd.rules.model import RuleSpec
 
 __all__ = [
     "OTHER", "version_shares", "judge_versions", "blamed_version", "mixed_unattributed", "where",
-    "slice_of", "slice_paths", "slice_windows", "adjust_slices", "judge_slices",
+    "slice_of", "slice_paths", "slice_windows", "adjust_parts", "judge_slices",
 ]
 
 # The slice that pools every value beyond a rule's slice_top_k.
@@ -210,16 +213,17 @@ def slice_windows(
     return parts
 
 
-def adjust_slices(slices: Sequence[tuple[str, Measurement]]) -> list[tuple[str, Measurement]]:
-    """The slices' measurements with their p-values Holm-adjusted across the slices that have
-    one (the raw value kept in the evidence), so ten regions are not ten chances of a false
-    alarm. What the measurements file records and what :func:`judge_slices` judges."""
-    tested = [i for i, (_, m) in enumerate(slices) if m.p_value is not None and m.insufficient is None]
-    adjusted = list(slices)
+def adjust_parts(parts: Sequence[tuple[str, Measurement]]) -> list[tuple[str, Measurement]]:
+    """The parts' measurements with their p-values Holm-adjusted across the parts that have
+    one (the raw value kept in the evidence): ten regions, or the two versions of a rolling
+    update, are not ten or two chances of a false alarm. What the measurements file records
+    and what :func:`judge_slices` and :func:`judge_versions` judge."""
+    tested = [i for i, (_, m) in enumerate(parts) if m.p_value is not None and m.insufficient is None]
+    adjusted = list(parts)
     if len(tested) > 1:
-        raw = [slices[i][1].p_value for i in tested]
+        raw = [parts[i][1].p_value for i in tested]
         for i, p_adj in zip(tested, adjust_pvalues(raw, "holm")):  # type: ignore[arg-type]
-            label, m = slices[i]
+            label, m = parts[i]
             adjusted[i] = (label, replace(m, p_value=float(p_adj),
                                           evidence={**m.evidence, "p_value_raw": m.p_value}))
     return adjusted
@@ -229,7 +233,7 @@ def judge_slices(
     rule: RuleSpec, alert: Alert | None, adjusted: Sequence[tuple[str, Measurement]]
 ) -> Measurement:
     """The one measurement that steps the rule's alert for all its slices (their p-values
-    adjusted by :func:`adjust_slices`).
+    adjusted by :func:`adjust_parts`).
 
     The chosen slice is the most adverse breaching one (while the alert is active: the most
     adverse with a verdict); its evidence names every breaching slice and the others' value,
