@@ -100,7 +100,7 @@ def test_a_healthy_rolling_update_raises_nothing():
 def test_judged_per_version_the_rollback_comes_before_the_whole_window_would_breach(monkeypatch):
     """The same update with the split switched off for error_rate: 8's errors, diluted by 7,
     breach only once 8 serves most of the traffic."""
-    import rollbackd.daemon.pipeline as pl
+    import rollbackd.daemon.evaluation as pl
 
     start = 30 * 60
     events = stream(start + 20 * 60, ramp(start, 600), lambda v, a: 0.08 if v == "8" else 0.004)

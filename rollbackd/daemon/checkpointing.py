@@ -192,7 +192,7 @@ class PipelineState:
         for (name, key), det_state in state["detectors"].items():
             if name in changed:
                 continue
-            det = p._build_detector(p._rule_index[name], key)
+            det = p.evaluator.build_detector(p._rule_index[name], key)
             restore_detector(det, det_state, blobs)
             detectors[(name, key)] = det
         join_books, join_size, join_stats = state["join"]

@@ -20,7 +20,6 @@ boundaries. ``snapshot``/``freeze``/``restore`` write and read this state throug
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -38,19 +37,18 @@ from rollbackd.daemon.alerting import AlertRouter
 from rollbackd.daemon.checkpointing import FrozenSnapshot, PipelineState
 from rollbackd.daemon.clock import iso
 from rollbackd.daemon.decisions import DecisionSink, NullDecisions
+from rollbackd.daemon.evaluation import RuleEvaluator
 from rollbackd.daemon.executor import Executor, SyncExecutor
 from rollbackd.daemon.join import OutcomeJoiner, Pending
 from rollbackd.daemon.response import Responder
-from rollbackd.daemon.splits import (
-    adjust_parts, judge_slices, judge_versions, slice_of, slice_paths, slice_windows, version_shares,
-)
+from rollbackd.daemon.splits import slice_of
 from rollbackd.daemon.versions import VersionHistory
 from rollbackd.daemon.windows import WindowAssembler
-from rollbackd.detectors.base import REGISTRY, Detector, Labeled, Measurement, Reference, Window, make_detector
+from rollbackd.detectors.base import Detector, Labeled, Measurement, Reference, Window
 from rollbackd.events import Deploy, Event, Outcome, Prediction, Rejected
-from rollbackd.rules.alerts import Alert, AlertState, step
+from rollbackd.rules.alerts import Alert, AlertState
 from rollbackd.rules.incidents import Incident, IncidentBook
-from rollbackd.rules.model import WHOLE_WINDOW_DETECTORS, Config, RuleSpec, WindowSpec
+from rollbackd.rules.model import Config, RuleSpec, WindowSpec
 from rollbackd.rules.silences import Silence
 
 __all__ = ["Pipeline", "Edges"]
@@ -59,9 +57,6 @@ log = structlog.get_logger("rollbackd")
 
 Key = tuple[str, str]
 _model_version = attrgetter("model_version")
-# Detectors kept per sliced rule and arm, in multiples of its slice_top_k, before the ones of
-# slices no longer among the largest are dropped.
-SLICE_DETECTORS_PER_TOP_K = 4
 
 
 def _count_versions(predictions: list[Prediction]) -> dict[str, int]:
@@ -125,6 +120,7 @@ class Pipeline:
         self.rules_by_window: dict[WindowSpec, list[RuleSpec]] = {}
         for rule in config.rules:
             self.rules_by_window.setdefault(rule.window, []).append(rule)
+        # (rule, (deployment, variant)) or, for a sliced rule, (rule, (deployment, variant, slice))
         self.detectors: dict[tuple[str, Key], Detector] = {}
         self.alerts: dict[tuple[str, Key], Alert] = {}
         self.versions: dict[Key, VersionHistory] = {}
@@ -153,14 +149,7 @@ class Pipeline:
         self._rule_index = {r.name: r for r in config.rules}
         # A traffic (no-data) rule must see the empty windows of a gap: no skipping then.
         self._watches_silence = any(r.detector == "traffic" for r in config.rules)
-        # Rules that slice labels: a buffered prediction keeps its slices (Pending.segments),
-        # one per distinct slice_by of the rules on its deployment (_label_slice_paths).
-        self._slices_labels = any(r.slice_by and r.needs_labels for r in config.rules)
-        self._label_paths: dict[str, tuple[tuple[tuple[str, str], ...], ...]] = {}
-        # Whether a detector reads Window.known_good (model_quality's previous_version baseline).
-        self._wants_known_good = any(r.detector == "model_quality" for r in config.rules)
-        self._references: dict[str, Reference | None] = {}
-        self._slices: dict[tuple[str, Key], set[str]] = {}  # sliced rule and arm -> its slices' detectors
+        self.evaluator = RuleEvaluator(self)  # windows measured, alerts stepped
         self.checkpointing = PipelineState(self)  # snapshots, and what keeps the next one cheap
         self.router = AlertRouter(self)  # alert transitions: muted, or to their incident
         self._init_effects()
@@ -245,8 +234,8 @@ class Pipeline:
         # OutcomeJoiner.match's outcomes, counted here and added to its stats at the end.
         n_popped = n_joined = n_unmatched = n_expired = n_not_needed = 0
         room = max(1, joiner.max_pending - len(joiner))  # inserts before the cap is reached
-        slices_labels = self._slices_labels
-        label_paths = self._label_paths
+        slices_labels = self.evaluator.slices_labels
+        label_paths = self.evaluator.label_paths
         seen_before = adm.seen
         for ev in events:
             ts = ev.ts
@@ -336,7 +325,7 @@ class Pipeline:
                         if slices_labels:  # a rule slices this deployment's labels
                             paths = label_paths.get(dep)
                             if paths is None:
-                                paths = self._label_slice_paths(dep)
+                                paths = self.evaluator.label_slice_paths(dep)
                             segs = tuple([slice_of(ev, p) for p in paths]) or None  # type: ignore[arg-type]
                         entry = book[ev.id] = Pending(ts, ev.variant, ev.model_version, ev.prediction, ev.score, segs)  # type: ignore[union-attr]
                         if noted is not None:
@@ -519,11 +508,11 @@ class Pipeline:
         closed: list[Window] = []
         for spec, window in due:
             closed.append(window)
-            if self._wants_known_good:
-                window.known_good = self._known_good((window.deployment, window.variant), t)
+            if self.evaluator.wants_known_good:
+                window.known_good = self.evaluator.known_good((window.deployment, window.variant), t)
             for rule in self.rules_by_window.get(spec, ()):
                 if rule.applies_to(window.deployment, window.variant):
-                    changed = self._evaluate(rule, window, t)
+                    changed = self.evaluator.evaluate(rule, window, t)
                     if changed is not None:
                         fired.append(changed)
         for window in closed:
@@ -539,121 +528,6 @@ class Pipeline:
         self.joiner.expire(t)
         self.assembler.drop_before(t)
         self._slots.clear()
-
-    def _detector(self, rule: RuleSpec, key: Key) -> Detector:
-        det = self.detectors.get((rule.name, key))
-        if det is None:
-            det = self.detectors[(rule.name, key)] = self._build_detector(rule, key)
-        return det
-
-    def _build_detector(self, rule: RuleSpec, key: Key) -> Detector:
-        params = dict(rule.params)
-        if getattr(REGISTRY.get(rule.detector), "needs_reference", False):
-            # The deployment's reference_size is the default; a rule's params override it.
-            params.setdefault("reference_size", self.config.deployment(key[0]).reference_size)
-        return make_detector(
-            rule.detector,
-            threshold=rule.threshold,
-            min_samples=rule.min_samples,
-            params=params,
-            reference=self._reference(key[0]),
-        )
-
-    def _reference(self, deployment: str) -> Reference | None:
-        if deployment not in self._references:
-            self._references[deployment] = self.edges.references(deployment)
-        return self._references[deployment]
-
-    def _evaluate(
-        self, rule: RuleSpec, window: Window, now: float
-    ) -> tuple[RuleSpec, Alert, Any, Measurement, Window] | None:
-        key = (window.deployment, window.variant)
-        alert = self.alerts.get((rule.name, key))
-        if rule.slice_by:
-            m = self._measure_slices(rule, window, now, alert)
-        else:
-            m = self._measure(rule, window, now, alert)
-        if alert is None:
-            alert = Alert(rule.name, key[0], key[1])
-        new, transition = step(rule, alert, m, now)
-        self.alerts[(rule.name, key)] = new
-        return None if transition is None else (rule, new, transition, m, window)
-
-    def _measure(self, rule: RuleSpec, window: Window, now: float, alert: Alert | None) -> Measurement:
-        """The rule's measurement of the window, and of each version's share of it when more
-        than one version served it (``daemon/splits.py``): a probe, a copy of the detector as
-        it was before this window, measures each share; the detector itself takes the whole
-        window, as it does when one version served."""
-        key = (window.deployment, window.variant)
-        det = self._detector(rule, key)
-        self.checkpointing.changing((rule.name, key))  # a checkpoint taken before has its state first
-        shares = [] if rule.detector in WHOLE_WINDOW_DETECTORS else version_shares(window, rule.needs_labels)
-        measured: list[tuple[str, Measurement]] = []
-        if shares:
-            before = copy.deepcopy(det)
-            for i, share in enumerate(shares):
-                probe = before if i == len(shares) - 1 else copy.deepcopy(before)
-                probe.update(share)
-                measured.append((share.version, probe.evaluate(now)))  # type: ignore[arg-type]
-            measured = adjust_parts(measured)
-            for share, (_, m_share) in zip(shares, measured):
-                self._tap(rule, share, m_share, now)
-        det.update(window)
-        m = det.evaluate(now)
-        self._tap(rule, window, m, now)
-        return judge_versions(rule, alert, m, measured) if measured else m
-
-    def _measure_slices(self, rule: RuleSpec, window: Window, now: float, alert: Alert | None) -> Measurement:
-        """The rule's measurement over the window's slices: each slice has its own detector
-        (its own history and reference), and ``daemon/splits.py`` judges them together."""
-        key = (window.deployment, window.variant)
-        paths = slice_paths(rule)
-        labels = self._label_slice_paths(key[0]).index(paths) if rule.needs_labels else None
-        parts = slice_windows(window, paths, rule.slice_top_k, labels)
-        measured: list[tuple[str, Measurement]] = []
-        known = self._slices.setdefault((rule.name, key), set())
-        for part in parts:
-            skey = (key[0], key[1], part.segment)
-            det = self._detector(rule, skey)  # type: ignore[arg-type]
-            self.checkpointing.changing((rule.name, skey))  # type: ignore[arg-type]
-            det.update(part)
-            measured.append((part.segment, det.evaluate(now)))  # type: ignore[arg-type]
-            known.add(part.segment)  # type: ignore[arg-type]
-        measured = adjust_parts(measured)
-        for part, (_, m) in zip(parts, measured):
-            self._tap(rule, part, m, now)
-        if len(known) > SLICE_DETECTORS_PER_TOP_K * rule.slice_top_k:
-            # A slice that left the top K long ago: its detector goes (bounded memory when
-            # a sliced attribute has many values).
-            current = {part.segment for part in parts}
-            for name in sorted(known - current):
-                self.detectors.pop((rule.name, (key[0], key[1], name)), None)  # type: ignore[arg-type]
-            known &= current  # type: ignore[arg-type]
-        return judge_slices(rule, alert, measured)
-
-    def _label_slice_paths(self, deployment: str) -> tuple[tuple[tuple[str, str], ...], ...]:
-        """The distinct slice_by of the label-based rules on ``deployment``, in a fixed order:
-        ``Pending.segments`` (and so ``Labeled.segments``) holds one slice per entry."""
-        paths = self._label_paths.get(deployment)
-        if paths is None:
-            paths = self._label_paths[deployment] = tuple(sorted({
-                slice_paths(r) for r in self.config.rules
-                if r.slice_by and r.needs_labels and r.covers(deployment)}))
-        return paths
-
-    def _tap(self, rule: RuleSpec, window: Window, m: Measurement, now: float) -> None:
-        if self.edges.tap is not None:
-            self.edges.tap.measure(now, rule.name, window.deployment, window.variant, m, window)
-
-    def _known_good(self, key: Key, now: float) -> str | None:
-        """The arm's rollback target as things stand (a detector's ``previous_version``
-        baseline prefers it): the latest known-good version other than the current one."""
-        hist = self.versions.get(key)
-        if hist is None:
-            return None
-        spec = self.config.deployment(key[0])
-        return hist.known_good(now, spec.known_good_after, spec.known_good_min_predictions,
-                               self.responder.bad_versions(key[0]))
 
     def _current_version(self, key: Key) -> str | None:
         hist = self.versions.get(key)

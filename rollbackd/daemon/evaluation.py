@@ -1,0 +1,163 @@
+"""Measuring closed windows and stepping the alerts: the rules' side of a window boundary.
+
+For each closed window and rule the :class:`RuleEvaluator` runs the rule's detector, also on
+each version's share when more than one version served the window, or per slice for a rule
+with ``slice_by`` (``daemon/splits.py`` judges the parts), and steps the rule's alert with the
+measurement that speaks for the window. Detectors are built here (from their rule, the
+deployment's reference and ``reference_size``) and kept in the pipeline's ``detectors``, which
+a checkpoint carries. Pure like the pipeline: no clock, no I/O but the references a deployment
+names (read once, through ``edges.references``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+from rollbackd.daemon.splits import (
+    adjust_parts, judge_slices, judge_versions, slice_paths, slice_windows, version_shares,
+)
+from rollbackd.detectors.base import REGISTRY, Detector, Measurement, Reference, Window, make_detector
+from rollbackd.rules.alerts import Alert, step
+from rollbackd.rules.model import WHOLE_WINDOW_DETECTORS, RuleSpec
+
+if TYPE_CHECKING:
+    from rollbackd.daemon.pipeline import Pipeline
+
+__all__ = ["RuleEvaluator", "SLICE_DETECTORS_PER_TOP_K"]
+
+Key = tuple[str, str]
+# Detectors kept per sliced rule and arm, in multiples of its slice_top_k, before the ones of
+# slices no longer among the largest are dropped.
+SLICE_DETECTORS_PER_TOP_K = 4
+
+
+class RuleEvaluator:
+    """One pipeline's rule evaluation. Reads and updates its ``detectors`` and ``alerts``."""
+
+    def __init__(self, pipeline: "Pipeline") -> None:
+        self.p = pipeline
+        rules = pipeline.config.rules
+        # Rules that slice labels: a buffered prediction keeps its slices (Pending.segments),
+        # one per distinct slice_by of the rules on its deployment (label_slice_paths).
+        self.slices_labels = any(r.slice_by and r.needs_labels for r in rules)
+        self.label_paths: dict[str, tuple[tuple[tuple[str, str], ...], ...]] = {}
+        # Whether a detector reads Window.known_good (model_quality's previous_version baseline).
+        self.wants_known_good = any(r.detector == "model_quality" for r in rules)
+        self._references: dict[str, Reference | None] = {}
+        self._sliced: dict[tuple[str, Key], set[str]] = {}  # sliced rule and arm -> its slices' detectors
+
+    def detector(self, rule: RuleSpec, key: Key) -> Detector:
+        det = self.p.detectors.get((rule.name, key))
+        if det is None:
+            det = self.p.detectors[(rule.name, key)] = self.build_detector(rule, key)
+        return det
+
+    def build_detector(self, rule: RuleSpec, key: Key) -> Detector:
+        params = dict(rule.params)
+        if getattr(REGISTRY.get(rule.detector), "needs_reference", False):
+            # The deployment's reference_size is the default; a rule's params override it.
+            params.setdefault("reference_size", self.p.config.deployment(key[0]).reference_size)
+        return make_detector(
+            rule.detector,
+            threshold=rule.threshold,
+            min_samples=rule.min_samples,
+            params=params,
+            reference=self._reference(key[0]),
+        )
+
+    def _reference(self, deployment: str) -> Reference | None:
+        if deployment not in self._references:
+            self._references[deployment] = self.p.edges.references(deployment)
+        return self._references[deployment]
+
+    def evaluate(
+        self, rule: RuleSpec, window: Window, now: float
+    ) -> tuple[RuleSpec, Alert, Any, Measurement, Window] | None:
+        key = (window.deployment, window.variant)
+        alert = self.p.alerts.get((rule.name, key))
+        if rule.slice_by:
+            m = self._measure_slices(rule, window, now, alert)
+        else:
+            m = self._measure(rule, window, now, alert)
+        if alert is None:
+            alert = Alert(rule.name, key[0], key[1])
+        new, transition = step(rule, alert, m, now)
+        self.p.alerts[(rule.name, key)] = new
+        return None if transition is None else (rule, new, transition, m, window)
+
+    def _measure(self, rule: RuleSpec, window: Window, now: float, alert: Alert | None) -> Measurement:
+        """The rule's measurement of the window, and of each version's share of it when more
+        than one version served it (``daemon/splits.py``): a probe, a copy of the detector as
+        it was before this window, measures each share; the detector itself takes the whole
+        window, as it does when one version served."""
+        key = (window.deployment, window.variant)
+        det = self.detector(rule, key)
+        self.p.checkpointing.changing((rule.name, key))  # a checkpoint taken before has its state first
+        shares = [] if rule.detector in WHOLE_WINDOW_DETECTORS else version_shares(window, rule.needs_labels)
+        measured: list[tuple[str, Measurement]] = []
+        if shares:
+            before = copy.deepcopy(det)
+            for i, share in enumerate(shares):
+                probe = before if i == len(shares) - 1 else copy.deepcopy(before)
+                probe.update(share)
+                measured.append((share.version, probe.evaluate(now)))  # type: ignore[arg-type]
+            measured = adjust_parts(measured)
+            for share, (_, m_share) in zip(shares, measured):
+                self._tap(rule, share, m_share, now)
+        det.update(window)
+        m = det.evaluate(now)
+        self._tap(rule, window, m, now)
+        return judge_versions(rule, alert, m, measured) if measured else m
+
+    def _measure_slices(self, rule: RuleSpec, window: Window, now: float, alert: Alert | None) -> Measurement:
+        """The rule's measurement over the window's slices: each slice has its own detector
+        (its own history and reference), and ``daemon/splits.py`` judges them together."""
+        key = (window.deployment, window.variant)
+        paths = slice_paths(rule)
+        labels = self.label_slice_paths(key[0]).index(paths) if rule.needs_labels else None
+        parts = slice_windows(window, paths, rule.slice_top_k, labels)
+        measured: list[tuple[str, Measurement]] = []
+        known = self._sliced.setdefault((rule.name, key), set())
+        for part in parts:
+            skey = (key[0], key[1], part.segment)
+            det = self.detector(rule, skey)  # type: ignore[arg-type]
+            self.p.checkpointing.changing((rule.name, skey))  # type: ignore[arg-type]
+            det.update(part)
+            measured.append((part.segment, det.evaluate(now)))  # type: ignore[arg-type]
+            known.add(part.segment)  # type: ignore[arg-type]
+        measured = adjust_parts(measured)
+        for part, (_, m) in zip(parts, measured):
+            self._tap(rule, part, m, now)
+        if len(known) > SLICE_DETECTORS_PER_TOP_K * rule.slice_top_k:
+            # A slice that left the top K long ago: its detector goes (bounded memory when
+            # a sliced attribute has many values).
+            current = {part.segment for part in parts}
+            for name in sorted(known - current):
+                self.p.detectors.pop((rule.name, (key[0], key[1], name)), None)  # type: ignore[arg-type]
+            known &= current  # type: ignore[arg-type]
+        return judge_slices(rule, alert, measured)
+
+    def label_slice_paths(self, deployment: str) -> tuple[tuple[tuple[str, str], ...], ...]:
+        """The distinct slice_by of the label-based rules on ``deployment``, in a fixed order:
+        ``Pending.segments`` (and so ``Labeled.segments``) holds one slice per entry."""
+        paths = self.label_paths.get(deployment)
+        if paths is None:
+            paths = self.label_paths[deployment] = tuple(sorted({
+                slice_paths(r) for r in self.p.config.rules
+                if r.slice_by and r.needs_labels and r.covers(deployment)}))
+        return paths
+
+    def _tap(self, rule: RuleSpec, window: Window, m: Measurement, now: float) -> None:
+        if self.p.edges.tap is not None:
+            self.p.edges.tap.measure(now, rule.name, window.deployment, window.variant, m, window)
+
+    def known_good(self, key: Key, now: float) -> str | None:
+        """The arm's rollback target as things stand (a detector's ``previous_version``
+        baseline prefers it): the latest known-good version other than the current one."""
+        hist = self.p.versions.get(key)
+        if hist is None:
+            return None
+        spec = self.p.config.deployment(key[0])
+        return hist.known_good(now, spec.known_good_after, spec.known_good_min_predictions,
+                               self.p.responder.bad_versions(key[0]))
