@@ -72,7 +72,7 @@ def test_a_bad_rolling_update_is_rolled_back_to_the_old_version_while_it_ramps(t
     assert rb["ts"] - fault_start("bad_rolling_update") <= 15 * MIN
     # Before the ramp ends (at 30 minutes): both versions still served the window that fired.
     fired = firing(records)[0]
-    assert set(fired["measurement"]["evidence"]["versions"]) == {"7", "8"}
+    assert set(fired["measurement"]["evidence"]["version_shares"]) == {"7", "8"}
 
 
 def test_a_healthy_rolling_update_raises_nothing(tmp_path):

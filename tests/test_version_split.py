@@ -86,8 +86,8 @@ def test_a_rolling_update_where_only_the_new_version_fails_rolls_back_to_the_old
     assert rollbacks[0]["ts"] - (T0 + start) <= 15 * 60
     firing = [r for r in records if r["kind"] == "alert" and r["state"] == "firing"][0]
     assert firing["version"] == "8"
-    assert firing["measurement"]["evidence"]["version"] == "8"
-    assert set(firing["measurement"]["evidence"]["versions"]) <= {"7", "8"}
+    assert firing["measurement"]["evidence"]["version_share"] == "8"
+    assert set(firing["measurement"]["evidence"]["version_shares"]) <= {"7", "8"}
 
 
 def test_a_healthy_rolling_update_raises_nothing():
@@ -109,7 +109,7 @@ def test_judged_per_version_the_rollback_comes_before_the_whole_window_would_bre
     whole = [r for r in run(config(), events) if r.get("action") == "rollback"]
     assert split[0]["ts"] < whole[0]["ts"]
     # Judged whole, the alert names no version: the evidence has no split in it.
-    assert "version" not in whole[0].get("measurement", {}).get("evidence", {})
+    assert "version_share" not in whole[0].get("measurement", {}).get("evidence", {})
 
 
 def test_a_rollback_skipped_for_want_of_a_target_is_decided_again_when_the_versions_change():
@@ -181,15 +181,15 @@ def m(value, p=None, n=100, insufficient=None):
 
 def test_a_breaching_share_steps_the_alert_and_is_named():
     chosen = judge_versions(RULE, None, m(0.015, 0.2), [("7", m(0.004, 0.9)), ("8", m(0.08, 1e-6))])
-    assert chosen.value == 0.08 and chosen.evidence["version"] == "8"
-    assert chosen.evidence["versions"]["7"] == {"value": 0.004, "n": 100}
+    assert chosen.value == 0.08 and chosen.evidence["version_share"] == "8"
+    assert chosen.evidence["version_shares"]["7"] == {"value": 0.004, "n": 100}
 
 
 def test_no_share_breaching_leaves_the_whole_window_to_judge():
     whole = m(0.03, 0.001, n=200)  # pooled: significant; each share alone: not
     chosen = judge_versions(RULE, None, whole, [("7", m(0.03, 0.05)), ("8", m(0.03, 0.05))])
-    assert chosen.value == whole.value and "version" not in chosen.evidence
-    assert set(chosen.evidence["versions"]) == {"7", "8"}
+    assert chosen.value == whole.value and "version_share" not in chosen.evidence
+    assert set(chosen.evidence["version_shares"]) == {"7", "8"}
     insufficient = [("7", m(None, insufficient="few")), ("8", m(None, insufficient="few"))]
     assert judge_versions(RULE, None, whole, insufficient).value == whole.value
 
@@ -198,10 +198,10 @@ def test_an_active_alert_is_held_by_the_share_past_clear():
     firing = Alert("r", "d", "primary", state=AlertState.FIRING)
     whole = m(0.008, 0.9)  # below clear: judged whole the alert would resolve
     chosen = judge_versions(RULE, firing, whole, [("7", m(0.002, 0.9)), ("8", m(0.015, 0.1))])
-    assert chosen.value == 0.015 and chosen.evidence["version"] == "8"
+    assert chosen.value == 0.015 and chosen.evidence["version_share"] == "8"
     # Not active: the same non-breaching share does not step it.
     idle = judge_versions(RULE, None, whole, [("7", m(0.002, 0.9)), ("8", m(0.015, 0.1))])
-    assert idle.value == whole.value and "version" not in idle.evidence
+    assert idle.value == whole.value and "version_share" not in idle.evidence
 
 
 def test_slice_p_values_are_holm_adjusted():

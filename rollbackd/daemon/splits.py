@@ -33,7 +33,7 @@ from rollbackd.rules.alerts import Alert, AlertState, verdict
 from rollbackd.rules.model import RuleSpec
 
 __all__ = [
-    "OTHER", "version_shares", "judge_versions", "blamed_version", "mixed_unattributed", "where",
+    "OTHER", "VERSION_SHARE", "VERSION_SHARES", "version_shares", "judge_versions", "blamed_version", "mixed_unattributed", "where",
     "slice_of", "slice_paths", "slice_windows", "adjust_parts", "judge_slices",
 ]
 
@@ -43,6 +43,10 @@ OTHER = "other"
 # checkpoint of an older configuration).
 UNKNOWN = "(unknown)"
 _version = attrgetter("model_version")
+# The evidence keys a split adds (a detector's own ``version`` evidence is another thing: the
+# version it judged): the version whose share stepped the alert, and each share's value.
+VERSION_SHARE = "version_share"
+VERSION_SHARES = "version_shares"
 
 
 def _part(window: Window, predictions: list[Prediction], outcomes: list[Labeled]) -> Window:
@@ -112,23 +116,23 @@ def judge_versions(
         # No share to blame (or, holding an active alert, the whole window is as far past
         # clear as any share): the whole window speaks, and says which versions it mixes, so
         # no single version is taken for the culprit.
-        return replace(whole, evidence={**whole.evidence, "versions": others})
+        return replace(whole, evidence={**whole.evidence, VERSION_SHARES: others})
     version, m = chosen
-    return replace(m, evidence={**m.evidence, "version": version, "versions": others})
+    return replace(m, evidence={**m.evidence, VERSION_SHARE: version, VERSION_SHARES: others})
 
 
 def mixed_unattributed(measurement: Mapping[str, Any]) -> bool:
     """Whether a measurement record judged a window several versions served without naming
     one: then no version is marked bad on its account."""
     evidence = measurement.get("evidence")
-    return isinstance(evidence, Mapping) and "versions" in evidence and "version" not in evidence
+    return isinstance(evidence, Mapping) and VERSION_SHARES in evidence and VERSION_SHARE not in evidence
 
 
 def blamed_version(measurement: Mapping[str, Any]) -> str | None:
     """The version a measurement record (``Measurement.to_record``) names as breaching: set
     when a version's share of a mixed window stepped the alert."""
     evidence = measurement.get("evidence")
-    version = evidence.get("version") if isinstance(evidence, Mapping) else None
+    version = evidence.get(VERSION_SHARE) if isinstance(evidence, Mapping) else None
     return version if isinstance(version, str) else None
 
 
@@ -149,7 +153,7 @@ def where(measurement: Mapping[str, Any]) -> str | None:
         return text
     version = blamed_version(measurement)
     if version is not None:
-        versions = evidence.get("versions")
+        versions = evidence.get(VERSION_SHARES)
         served = ", ".join(sorted(versions)) if isinstance(versions, Mapping) else version
         return f"in version {version} (window served {served})"
     return None
