@@ -97,9 +97,10 @@ class ModelQuality:
     No verdict when there are fewer usable outcomes than ``min_samples``, fewer positives
     (predicted positives for precision, outcomes of the class for class_recall) than
     ``min_positives`` or fewer negatives than ``min_negatives`` — in the window, or in the
-    baseline (for same_time, in what is kept of the earlier window). ``evidence``: task, metric, baseline kind, n, unusable, label_coverage, positives
-    and the confusion counts (binary), the metric's value in the window and in the baseline and
-    the baseline's n, version or arm, and the test used.
+    baseline (for same_time, in what is kept of the earlier window). ``evidence``: task,
+    metric, baseline kind, n, unusable, label_coverage, positives and the confusion counts
+    (binary), the metric's value in the window and in the baseline and the baseline's n,
+    version, arm or end (same_time), and the test used.
     """
 
     # What a checkpoint keeps (daemon/snapshot.py): the moving state made in _reset, with the
