@@ -782,7 +782,7 @@ def _register_builtin() -> None:
     from rollbackd.daemon.join import JoinStats, Pending
     from rollbackd.daemon.versions import VersionHistory, VersionSpan
     from rollbackd.daemon.windows import Pane, pane_columns, pane_from_columns
-    from rollbackd.detectors import drift, latency, quality, stats
+    from rollbackd.detectors import drift, latency, model_quality_measure, quality, stats
     from rollbackd.detectors.base import Labeled, Measurement
     from rollbackd.events import Deploy, Outcome, Prediction
     from rollbackd.rules.alerts import Alert, AlertState
@@ -793,7 +793,7 @@ def _register_builtin() -> None:
         Prediction, Outcome, Deploy, Labeled, Pending, JoinStats, DeploymentSeen,
         # detectors' moving state
         Measurement, latency.LogSketch, drift._Chunks, drift._Numeric, drift._Categorical,
-        drift.WindowSummary,
+        drift.WindowSummary, model_quality_measure.Tally,
         drift._Tested, drift._Pending, stats.CvmReference, stats.AdReference,
         stats.WassersteinReference, stats.PsiReference, quality._ColumnStats, quality._Profile,
         quality._Score,

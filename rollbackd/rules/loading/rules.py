@@ -300,6 +300,45 @@ class RulesReader:
             "nearest to that, within half a step",
         )
 
+    def quality_direction_warning(self, pairs: Pairs, path: str, kw: Mapping[str, Any]) -> None:
+        """A model_quality rule whose ``direction`` points the other way from the detector's
+        one-sided p-value: it tests "worse than the threshold" (absolute) or "worse than the
+        baseline" (value is the degradation), so ``alpha`` would gate the wrong side."""
+        from rollbackd.detectors.model_quality_measure import ALIASES, METRICS
+
+        params = kw.get("params", {})
+        metric = ALIASES.get(params.get("metric"), params.get("metric"))
+        spec = METRICS.get(metric)  # type: ignore[arg-type]
+        if spec is None or spec.better == "either":
+            return  # positive_rate and bias: a two-sided p-value, valid either way
+        direction = kw.get("direction", "above")
+        threshold = fmt_num(kw["threshold"])
+        if params.get("baseline", "absolute") != "absolute":
+            if direction == "below":
+                message = (
+                    f"with baseline: {params['baseline']} the value is the degradation of "
+                    f"{metric} (positive is worse) and the p-value tests for a degradation; "
+                    "write direction: above"
+                )
+            else:
+                return
+        elif spec.better == "higher" and direction == "above":
+            message = (
+                f"{metric} is higher-is-better: direction: above fires when it rises above "
+                f"{threshold}, while the detector's p-value tests {metric} < {threshold}; for a "
+                "floor write direction: below"
+            )
+        elif spec.better == "lower" and direction == "below":
+            message = (
+                f"{metric} is lower-is-better: direction: below fires when it falls below "
+                f"{threshold}, while the detector's p-value tests {metric} > {threshold}; for a "
+                "ceiling write direction: above"
+            )
+        else:
+            return
+        key = "direction" if "direction" in pairs else "threshold"
+        self.read.warn(pairs[key][1], sub(path, key), message)
+
     def valid_rule_warnings(
         self, pairs: Pairs, path: str, kw: Mapping[str, Any], detector: Any, window: WindowSpec
     ) -> None:
@@ -313,6 +352,8 @@ class RulesReader:
                 "`variants: [canary]`",
             )
         self.period_warning(pairs, path, kw, window)
+        if detector == "model_quality":
+            self.quality_direction_warning(pairs, path, kw)
         if "for_" in kw and kw["for_"] % window.step:
             effective = math.ceil(kw["for_"] / window.step) * window.step
             key = "for" if "for" in pairs else "for_windows"

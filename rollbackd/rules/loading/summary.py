@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rollbackd.rules.budget import budget_lines
-from rollbackd.rules.durations import format_duration
+from rollbackd.rules.durations import format_duration, parse_duration
 from rollbackd.rules.loading.reader import fmt_num
 from rollbackd.rules.model import Config, DeploymentSpec, RuleSpec, is_glob
 
@@ -62,6 +62,35 @@ def _covers(rule: RuleSpec, config: Config) -> str | None:
     return out
 
 
+def _quality_metric(rule: RuleSpec) -> str:
+    """What a model_quality rule compares: ``recall``, ``recall (previous_version − window)``."""
+    from rollbackd.detectors.model_quality_measure import ALIASES, METRICS
+
+    p = rule.params
+    metric = ALIASES.get(p.get("metric"), p.get("metric"))
+    spec = METRICS.get(metric)  # type: ignore[arg-type]
+    if spec is None:
+        return str(metric)
+    name = f"{metric}({p['class']})" if metric == "class_recall" and "class" in p else metric
+    baseline = p.get("baseline", "absolute")
+    if baseline == "absolute":
+        return name
+    if baseline == "same_time":
+        period = p.get("period")
+        try:
+            period = format_duration(parse_duration(period))
+        except ValueError:
+            pass
+        baseline = f"same_time {period}"
+    elif baseline == "stable":
+        baseline = p.get("baseline_variant") or "stable"
+    if spec.better == "higher":
+        return f"{name} ({baseline} − window)"
+    if spec.better == "lower":
+        return f"{name} (window − {baseline})"
+    return f"{name} |window − {baseline}|"
+
+
 def summarize(config: Config) -> str:
     """A short human summary: what ``rollbackd validate`` prints for a valid file."""
     s = config.settings
@@ -82,7 +111,8 @@ def summarize(config: Config) -> str:
         lines.append("rules:")
         for r in config.rules:
             op = ">" if r.direction == "above" else "<"
-            cond = f"{r.detector} {op} {fmt_num(r.threshold)}"
+            what = f"{r.detector} {_quality_metric(r)}" if r.detector == "model_quality" else r.detector
+            cond = f"{what} {op} {fmt_num(r.threshold)}"
             if r.clear_threshold is not None and r.clear_threshold != r.threshold:
                 cond += f" (clears at {fmt_num(r.clear_threshold)})"
             if r.alpha is not None:
