@@ -727,10 +727,10 @@ _MARK_STYLE = {
 }
 
 
-def _figure(alert: _Alert, data: dict[str, Any]) -> str:
-    values = [v for _, v in data["points"] if v is not None] + [v for _, _, v in data["marks"] if v is not None]
-    lines = [x for x in (data["threshold"], data["clear"]) if x is not None]
-    ys = values + lines
+def _frame(kind: str, data: dict[str, Any], ys: list[float]) -> tuple[_Axis, _Axis, list[str]]:
+    """A plot's axes (event time ``data["lo"]``..``data["hi"]``, the values ``ys`` with a
+    margin) and its opening SVG: the frame (elements that go under the grid are inserted at
+    index 3), the value grid, the time ticks and the time axis' label."""
     y_lo, y_hi = (min(ys), max(ys)) if ys else (0.0, 1.0)
     pad = (y_hi - y_lo) * 0.1 or abs(y_hi) * 0.1 or 1.0
     y_lo = 0.0 if y_lo >= 0 and y_lo - pad < 0 else y_lo - pad
@@ -738,15 +738,11 @@ def _figure(alert: _Alert, data: dict[str, Any]) -> str:
     x = _Axis(data["lo"], data["hi"], _ML, _W - _MR)
     y = _Axis(y_lo, y_hi, _H - _MB, _MT)
     s: list[str] = [
-        f'<svg class="plot measurement" xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" '
+        f'<svg class="plot {kind}" xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" '
         f'viewBox="0 0 {_W} {_H}" role="img" aria-label="{_e(data["title"])}">',
         f'<title>{_e(data["title"])}</title>',
         f'<rect x="{_ML}" y="{_MT}" width="{_W - _ML - _MR}" height="{_H - _MT - _MB}" fill="#fbfcfd" stroke="#d5dae2"/>',
     ]
-    # Episodes: pending → firing → resolved, shaded.
-    for a, b, colour in _episodes(data["marks"], data["hi"]):
-        s.append(f'<rect class="episode" x="{x(a):.1f}" y="{_MT}" width="{max(x(b) - x(a), 1):.1f}" '
-                 f'height="{_H - _MT - _MB}" fill="{colour}" fill-opacity="0.08"/>')
     for v in _nice_ticks(y_lo, y_hi):
         if y_lo <= v <= y_hi:
             s.append(f'<line x1="{_ML}" x2="{_W - _MR}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#eceff4"/>'
@@ -757,6 +753,30 @@ def _figure(alert: _Alert, data: dict[str, Any]) -> str:
                      f'<text x="{x(t):.1f}" y="{_H - _MB + 16}" text-anchor="middle">{_utc(t, "%H:%M")}</text>')
     s.append(f'<text x="{(_ML + _W - _MR) / 2}" y="{_H - 6}" text-anchor="middle">event time (UTC) · '
              f'{_utc(data["lo"], "%Y-%m-%d")}</text>')
+    return x, y, s
+
+
+def _value_line(points: list[tuple[float, float]], x: _Axis, y: _Axis, dash: str = "") -> list[str]:
+    """The value through consecutive evaluations; a gap where there was no verdict."""
+    out = []
+    for run in _runs(points):
+        if len(run) == 1:
+            t, v = run[0]
+            out.append(f'<circle class="value" cx="{x(t):.1f}" cy="{y(v):.1f}" r="2" fill="#1f2937"/>')
+        else:
+            pts = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in run)
+            out.append(f'<polyline class="value" points="{pts}" fill="none" stroke="#1f2937" stroke-width="1.5"{dash}/>')
+    return out
+
+
+def _figure(alert: _Alert, data: dict[str, Any]) -> str:
+    values = [v for _, v in data["points"] if v is not None] + [v for _, _, v in data["marks"] if v is not None]
+    lines = [x for x in (data["threshold"], data["clear"]) if x is not None]
+    x, y, s = _frame("measurement", data, values + lines)
+    # Episodes: pending → firing → resolved, shaded (under the grid).
+    s[3:3] = [f'<rect class="episode" x="{x(a):.1f}" y="{_MT}" width="{max(x(b) - x(a), 1):.1f}" '
+              f'height="{_H - _MT - _MB}" fill="{colour}" fill-opacity="0.08"/>'
+              for a, b, colour in _episodes(data["marks"], data["hi"])]
     if data["threshold"] is not None:
         ty = y(data["threshold"])
         s.append(f'<line class="threshold" x1="{_ML}" x2="{_W - _MR}" y1="{ty:.1f}" y2="{ty:.1f}" stroke="#dc2626" stroke-dasharray="6 4"/>'
@@ -770,13 +790,7 @@ def _figure(alert: _Alert, data: dict[str, Any]) -> str:
                  f'{_label(x(t), _MT + 11, label, "#7c3aed")}</g>')
     # The value: a line through consecutive evaluations; a gap where there was no verdict.
     dash = "" if data["from_tap"] else ' stroke-dasharray="4 3"'
-    for run in _runs(data["points"]):
-        if len(run) == 1:
-            t, v = run[0]
-            s.append(f'<circle class="value" cx="{x(t):.1f}" cy="{y(v):.1f}" r="2" fill="#1f2937"/>')
-        else:
-            pts = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in run)
-            s.append(f'<polyline class="value" points="{pts}" fill="none" stroke="#1f2937" stroke-width="1.5"{dash}/>')
+    s.extend(_value_line(data["points"], x, y, dash))
     for t, label in data["rollbacks"]:
         s.append(f'<g class="rollback"><line x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{_MT}" y2="{_H - _MB}" stroke="#b91c1c" stroke-width="2"/>'
                  f'{_label(x(t), _MT + 24, label, "#b91c1c")}'
@@ -968,33 +982,11 @@ def _series_figure(data: dict[str, Any]) -> str:
     values = [v for _, v in data["points"] if v is not None] + [v for _, v in data["breaches"]]
     ths = [v for _, v in data["thresholds"] if v is not None]
     clear = data["clear"] if data["clear"] is not None and ths and data["clear"] != ths[-1] else None
-    ys = values + ths + ([clear] if clear is not None else [])
-    y_lo, y_hi = (min(ys), max(ys)) if ys else (0.0, 1.0)
-    pad = (y_hi - y_lo) * 0.1 or abs(y_hi) * 0.1 or 1.0
-    y_lo = 0.0 if y_lo >= 0 and y_lo - pad < 0 else y_lo - pad
-    y_hi += pad
-    x = _Axis(data["lo"], data["hi"], _ML, _W - _MR)
-    y = _Axis(y_lo, y_hi, _H - _MB, _MT)
-    s: list[str] = [
-        f'<svg class="plot series" xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" '
-        f'viewBox="0 0 {_W} {_H}" role="img" aria-label="{_e(data["title"])}">',
-        f'<title>{_e(data["title"])}</title>',
-        f'<rect x="{_ML}" y="{_MT}" width="{_W - _ML - _MR}" height="{_H - _MT - _MB}" fill="#fbfcfd" stroke="#d5dae2"/>',
-    ]
-    for a, b in data["trailing"]:
-        s.append(f'<rect class="not-evaluated" x="{x(a):.1f}" y="{_MT}" width="{max(x(b) - x(a), 1):.1f}" '
-                 f'height="{_H - _MT - _MB}" fill="#9ca3af" fill-opacity="0.25"><title>not evaluated: '
-                 f'{_utc(a)} to {_utc(b)} (the recording ended inside this window)</title></rect>')
-    for v in _nice_ticks(y_lo, y_hi):
-        if y_lo <= v <= y_hi:
-            s.append(f'<line x1="{_ML}" x2="{_W - _MR}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#eceff4"/>'
-                     f'<text x="{_ML - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{_e(_num(v, 3))}</text>')
-    for t in _time_ticks(data["lo"], data["hi"]):
-        if data["lo"] <= t <= data["hi"]:
-            s.append(f'<line x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{_H - _MB}" y2="{_H - _MB + 4}" stroke="#9aa3b2"/>'
-                     f'<text x="{x(t):.1f}" y="{_H - _MB + 16}" text-anchor="middle">{_utc(t, "%H:%M")}</text>')
-    s.append(f'<text x="{(_ML + _W - _MR) / 2}" y="{_H - 6}" text-anchor="middle">event time (UTC) · '
-             f'{_utc(data["lo"], "%Y-%m-%d")}</text>')
+    x, y, s = _frame("series", data, values + ths + ([clear] if clear is not None else []))
+    s[3:3] = [f'<rect class="not-evaluated" x="{x(a):.1f}" y="{_MT}" width="{max(x(b) - x(a), 1):.1f}" '
+              f'height="{_H - _MT - _MB}" fill="#9ca3af" fill-opacity="0.25"><title>not evaluated: '
+              f'{_utc(a)} to {_utc(b)} (the recording ended inside this window)</title></rect>'
+              for a, b in data["trailing"]]
     # The threshold as each evaluation had it (a canary's or a relative rule's may move).
     for run in _runs(data["thresholds"]):
         if len(run) == 1:
@@ -1006,13 +998,7 @@ def _series_figure(data: dict[str, Any]) -> str:
     if clear is not None:
         cy = y(clear)
         s.append(f'<line class="clear-threshold" x1="{_ML}" x2="{_W - _MR}" y1="{cy:.1f}" y2="{cy:.1f}" stroke="#d97706" stroke-dasharray="2 3"/>')
-    for run in _runs(data["points"]):
-        if len(run) == 1:
-            t, v = run[0]
-            s.append(f'<circle class="value" cx="{x(t):.1f}" cy="{y(v):.1f}" r="2" fill="#1f2937"/>')
-        else:
-            pts = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in run)
-            s.append(f'<polyline class="value" points="{pts}" fill="none" stroke="#1f2937" stroke-width="1.5"/>')
+    s.extend(_value_line(data["points"], x, y))
     for t, v in data["breaches"]:
         s.append(f'<circle class="breach" cx="{x(t):.1f}" cy="{y(v):.1f}" r="3" fill="#dc2626">'
                  f"<title>breach at {_utc(t)}: value {_e(_num(v))}</title></circle>")
