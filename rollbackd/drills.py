@@ -34,6 +34,7 @@ from rollbackd.daemon.clock import Clock, WallClock
 from rollbackd.daemon.decisions import DecisionLog, encode_decision
 from rollbackd.daemon.replay import build_pipeline, open_recording, replay
 from rollbackd.daemon.sources import Batch, EventSource
+from rollbackd.daemon.splits import where
 from rollbackd.measurements import MeasurementTapLike, MeasurementWriter
 from rollbackd.report import MeasurementTap, Report, rule_signal, write_report
 from rollbackd.rules.durations import format_duration, parse_duration
@@ -848,7 +849,9 @@ def _shown(d: Mapping[str, Any]) -> bool:
 def _outcome(d: Mapping[str, Any]) -> str:
     if d.get("kind") == "alert":
         m = d.get("measurement") or {}
-        return f"value {_fmt(m.get('value'))} vs {_fmt(m.get('threshold'))}" + (" (muted)" if d.get("suppressed") else "")
+        found = where(m)
+        return (f"value {_fmt(m.get('value'))}" + (f" {found}" if found else "") + f" vs {_fmt(m.get('threshold'))}"
+                + (" (muted)" if d.get("suppressed") else ""))
     if d.get("kind") == "incident":
         return f"{d.get('incident_id')} severity {d.get('severity')}"
     if d.get("action") == "rollback":
