@@ -160,4 +160,4 @@ class RuleEvaluator:
             return None
         spec = self.p.config.deployment(key[0])
         return hist.known_good(now, spec.known_good_after, spec.known_good_min_predictions,
-                               self.p.responder.bad_versions(key[0]))
+                               self.p.responder.targets.bad_versions(key[0]))

@@ -23,7 +23,6 @@ import structlog
 
 from rollbackd.actions.base import (
     ActionResult,
-    AlertSummary,
     Notice,
     PausableBackend,
     RollbackPlan,
@@ -45,19 +44,19 @@ from rollbackd.actions.intents import (
 )
 from rollbackd.actions.policy import SafetyPolicy, SafetyState
 from rollbackd.daemon.clock import iso
-from rollbackd.daemon.splits import blamed_version, mixed_unattributed, where
+from rollbackd.daemon.notices import build_notice
+from rollbackd.daemon.splits import blamed_version, mixed_unattributed
+from rollbackd.daemon.targets import RollbackTargets
 from rollbackd.daemon.versions import VersionHistory
 from rollbackd.rules.incidents import ActionsDue, Incident, IncidentChange, NoticeDue
 
 if TYPE_CHECKING:
     from rollbackd.daemon.pipeline import Pipeline
 
-__all__ = ["Responder", "STABLE_ARMS", "SHADOW_ARM"]
+__all__ = ["Responder", "SHADOW_ARM"]
 
 log = structlog.get_logger("rollbackd")
 
-# Arms whose version a canary (or any arm without history of its own) falls back to.
-STABLE_ARMS = ("stable", "primary")
 SHADOW_ARM = "shadow"
 # Safety verdicts that leave a bad version serving because a rail stopped rollbackd, not because
 # the operator asked for less: the notice says so, so on-call takes over.
@@ -80,7 +79,7 @@ class Responder:
         self.parked: dict[str, str] = {}  # call key -> deployment
         # Answers from approvers, by incident, pushed in by whoever drives the pipeline.
         self.answers: dict[str, list[dict[str, Any]]] = {}
-        self._marking = {r.name for r in pipeline.config.rules if r.marks_version_bad}
+        self.targets = RollbackTargets(pipeline)
 
     # Records ------------------------------------------------------------------------------
     def record(self, rec: dict[str, Any], kind: RecordKind) -> None:
@@ -120,7 +119,7 @@ class Responder:
         if deployment is None:
             self._followups[call.key] = drafts
             return
-        intents = tuple(i for d in drafts if not isinstance(d, FollowUps) and (i := self._build_notice(*d)) is not None)
+        intents = tuple(i for d in drafts if not isinstance(d, FollowUps) and (i := build_notice(self.p, *d)) is not None)
         self.p.executor.submit(Fill(call.key, deployment, intents))
         self._post([d for d in drafts if isinstance(d, FollowUps)])
 
@@ -142,7 +141,7 @@ class Responder:
         if e.change in ("verified", "verification_failed"):
             rec["verify_by"] = inc.verify_by
         named = blamed_version(alert.measurement) if alert is not None else None
-        if e.change in ("opened", "alert_joined") and alert is not None and self._marks_bad(alert.rule) \
+        if e.change in ("opened", "alert_joined") and alert is not None and self.targets.marks_bad(alert.rule) \
                 and not mixed_unattributed(alert.measurement):
             hist = self.p.versions.get(key)
             if hist is not None and hist.current is not None:
@@ -165,70 +164,9 @@ class Responder:
 
     # Notices ------------------------------------------------------------------------------
     def _notice(self, inc: Incident, kind: str, ts: float, reason: str, extra: str = "") -> None:
-        intent = self._build_notice(inc, kind, ts, reason, extra)
+        intent = build_notice(self.p, inc, kind, ts, reason, extra)
         if intent is not None:
             self.p.executor.submit(intent)
-
-    def _build_notice(self, inc: Incident, kind: str, ts: float, reason: str, extra: str = "") -> Notify | None:
-        if not any("notify" in a.actions for a in inc.alerts.values()):
-            return None
-        p = self.p
-        lead = inc.lead_alert()
-        spec = p.config.deployment(inc.deployment)
-        rule = p._rule_index.get(lead.rule)
-        version = blamed_version(lead.measurement) or p._current_version((inc.deployment, lead.variant))
-        state = "RESOLVED" if kind == "resolved" else lead.severity.upper()
-        title = f"[{state}] {inc.deployment}/{lead.variant}: {lead.rule}"
-        if len(inc.alerts) > 1:
-            title += f" (+{len(inc.alerts) - 1} more)"
-        alerts = tuple(
-            AlertSummary(
-                rule=a.rule,
-                severity=a.severity,
-                state=a.state,
-                value=a.measurement.get("value"),
-                threshold=a.measurement.get("threshold", math.nan),
-                sample_size=a.measurement.get("sample_size", 0),
-                window_start=a.window[0],
-                window_end=a.window[1],
-                p_value=a.measurement.get("p_value"),
-                summary=a.summary,
-                where=where(a.measurement),
-            )
-            for a in inc.alerts.values()
-        )
-        text = f"{title} — {reason}" + (f": {extra}" if extra else "")
-        notice = Notice(
-            incident_id=inc.id,
-            kind=kind,  # type: ignore[arg-type]
-            ts=ts,
-            deployment=inc.deployment,
-            variant=lead.variant,
-            version=version,
-            title=title,
-            text=text,
-            alerts=alerts,
-            runbook=(rule.runbook if rule and rule.runbook else spec.runbook),
-            channel=spec.slack_channel,
-            thread=inc.thread,
-            drill=p.edges.drill,
-        )
-        key = f"{inc.id}:notice:{inc.notices_sent}"
-        inc.notices_sent += 1
-        rec: dict[str, Any] = {
-            "ts": ts,
-            "kind": "action",
-            "action": "notify",
-            "notice": kind,
-            "incident_id": inc.id,
-            "deployment": inc.deployment,
-            "variant": lead.variant,
-            "rule": lead.rule,
-            "status": "started",
-            "idempotency_key": key,
-        }
-        p.book.noticed(inc, ts, None)  # the repeat clock runs from the decision, not the answer
-        return Notify(key, notice, rec, reason)
 
     def system_notice(self, key: str, ts: float, title: str, text: str) -> None:
         """A notice about rollbackd itself rather than an incident (a cardinality cap that
@@ -306,18 +244,10 @@ class Responder:
         p = self.p
         spec = p.config.deployment(inc.deployment)
         rule = p._rule_index.get(rule_name)
-        key = (inc.deployment, variant)
-        hist = p.versions.get(key) or VersionHistory()
-        # The version to move away from: the one whose share of a mixed window breached (a
-        # rolling update), else the one serving.
-        named = self._named_version(inc, rule_name, variant)
-        current = named or (hist.current.version if hist.current is not None else None)
-        # A version marked bad on any arm is never a target. The stable fallback is not held
-        # to the known-good rule: see _stable_version.
-        bad = self.bad_versions(inc.deployment)
-        target = hist.known_good(
-            ts, spec.known_good_after, spec.known_good_min_predictions, bad, away_from=named
-        ) or self._stable_version(inc.deployment, variant, current, bad)
+        hist = p.versions.get((inc.deployment, variant)) or VersionHistory()
+        # The version to move away from (a rolling update's failing share, else the one
+        # serving) and where to.
+        current, target, _ = self.targets.choose(inc, rule_name, variant, ts)
         plan = (
             RollbackPlan(inc.deployment, variant, current, target, inc.id, f"rule {rule_name}")
             if target is not None
@@ -393,11 +323,6 @@ class Responder:
         p.executor.submit(call)
         return [FollowUps(call.key, inc.deployment)]
 
-    def _picture(self, key: tuple[str, str]) -> list[list[Any]]:
-        """What the arm's version history says now, to tell when it changed."""
-        hist = self.p.versions.get(key)
-        return [[s.version, s.started] for s in hist.spans] if hist is not None else []
-
     def retry_stalled(self, now: float) -> None:
         """Decide again each rollback skipped for want of a target whose arm's versions changed
         since (a new version serving, the rolling update finished); drop those whose incident
@@ -412,7 +337,7 @@ class Responder:
             if inc is None or not inc.is_open:
                 del stalled[key]
                 continue
-            if self._picture((inc.deployment, entry["variant"])) == entry["picture"]:
+            if self.targets.picture((inc.deployment, entry["variant"])) == entry["picture"]:
                 continue
             del stalled[key]
             log.info("rollback.retry", incident=inc.id, deployment=inc.deployment, variant=entry["variant"])
@@ -445,7 +370,7 @@ class Responder:
             key = (inc.deployment, rec["variant"])
             self.p.stalled[f"{inc.id}:{rec['variant']}"] = {
                 "incident_id": inc.id, "rule": rec["rule"], "variant": rec["variant"],
-                "picture": self._picture(key),
+                "picture": self.targets.picture(key),
             }
         if verdict in _ESCALATING:
             return [(inc, "updated", ts, f"escalated: rollback {verdict.replace('_', ' ')}", why)]
@@ -583,52 +508,6 @@ class Responder:
         drafts = self._refused(inc, dict(call.context["refusal"]), "freeze", why, call.rec["ts"])
         self._follow(call, [d for d in drafts if not isinstance(d, FollowUps)])
 
-    # Targets ------------------------------------------------------------------------------
-    def _marks_bad(self, rule: str) -> bool:
-        """Whether an incident alert of ``rule`` takes its version's known-good status away: a
-        rule that rolls back says the version is bad; a notify-only warning does not
-        (``marks_bad`` overrides either way)."""
-        return rule in self._marking
-
-    def _named_version(self, inc: Incident, rule_name: str, variant: str) -> str | None:
-        """The version the incident's alert of ``rule_name`` on ``variant`` names as breaching."""
-        for a in inc.alerts.values():
-            if a.rule == rule_name and a.variant == variant:
-                return blamed_version(a.measurement)
-        return None
-
-    def bad_versions(self, deployment: str) -> set[str]:
-        """The versions marked bad on any arm of ``deployment``."""
-        return {
-            v for (dep, _), hist in self.p.versions.items() if dep == deployment
-            for v in hist.bad_versions()
-        }
-
-    def _stable_version(self, deployment: str, variant: str, current: str | None, bad: set[str]) -> str | None:
-        """For a canary-style arm with no known-good history of its own: the version the stable
-        arm serves, if that arm is healthy (no incident open on it) and the version was never
-        marked bad on any arm of the deployment (as a canary earlier, say: it may have been
-        promoted since, but a version marked bad is never a target).
-
-        Deliberately not held to ``known_good_after`` / ``known_good_min_predictions``. Those
-        ask a *past* version to have proved itself, because nothing watches it any more; the
-        stable arm's version is serving now, so sending the canary back to it (a canary abort)
-        puts nothing into service that is not already carrying traffic, and an incident that
-        opened while it served, on any arm, rules it out (``bad``). Holding it to the rule would
-        refuse the abort, and leave a failing canary serving, whenever the stable span looks
-        short: after a recent promotion, or merely because rollbackd's history starts with its
-        stream.
-        """
-        for arm in STABLE_ARMS:
-            if arm == variant:
-                continue
-            hist = self.p.versions.get((deployment, arm))
-            if hist is None or hist.current is None or hist.current.version == current:
-                continue
-            if hist.current.version in bad or self.p.book.incident_for(deployment, arm) is not None:
-                continue
-            return hist.current.version
-        return None
 
 
 def _first_set(*values: bool | None) -> bool:
