@@ -779,7 +779,7 @@ def test_drift_from_csv_and_parquet_equals_in_memory(tmp_path) -> None:
     assert records[0] == records[1] == records[2]
 
 
-@pytest.mark.parametrize("names", [None, ["x1", "zz", "c"]])
+@pytest.mark.parametrize("names", [None, ["x1", "zz", "c"], ["x1", "c", "x0"], ["x1"], []])
 @pytest.mark.parametrize("uniform", [True, False])
 def test_a_few_predictions_give_the_windows_own_columns(names, uniform):
     # The reference build reads a small window's columns from its predictions (drift._few_columns),
@@ -800,3 +800,10 @@ def test_a_few_predictions_give_the_windows_own_columns(names, uniform):
     cached[SCORE_COLUMN] = [p.score for p in preds]
     assert n == len(preds)
     assert list(few) == list(cached) and few == cached
+
+
+def test_an_empty_window_gives_empty_columns():
+    from rollbackd.detectors.drift import _window_columns
+
+    assert _window_columns(window([]), None, None, False) == ({}, 0)
+    assert _window_columns(window([]), None, ["x0", "c"], False) == ({"x0": [], "c": []}, 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
+from operator import itemgetter
 from typing import Any, Callable, Generic, Iterable, Mapping, NamedTuple, Sequence, TypeVar
 
 import numpy as np
@@ -185,8 +186,16 @@ _FEW = 32
 
 def _few_columns(preds: Sequence[Prediction], names: Sequence[str] | None, with_score: bool) -> Columns:
     feats = [p.features for p in preds]
-    wanted = sorted(set().union(*feats)) if names is None else names
-    cols: Columns = {n: [f.get(n) for f in feats] for n in wanted if n != SCORE_COLUMN}
+    wanted = [n for n in (sorted(set().union(*feats)) if names is None else names) if n != SCORE_COLUMN]
+    rows: list[Any] | None = None
+    if len(wanted) > 1:  # every dict holding every name (the usual case): read in one C call each
+        try:
+            rows = list(map(itemgetter(*wanted), feats))
+        except KeyError:
+            pass
+    if rows is None:
+        rows = [tuple(map(f.get, wanted)) for f in feats]
+    cols: Columns = dict(zip(wanted, map(list, zip(*rows)))) if feats else {n: [] for n in wanted}
     if with_score:
         cols[SCORE_COLUMN] = [p.score for p in preds]
     return cols
