@@ -47,10 +47,14 @@ def run(
     transitions: list[Transition] = []
     for minute, m, state, kind in rows:
         now = T0 + minute * STEP
+        before = alert
         alert, tr = step(r, alert, measurement(r, m), now)
         got = (alert.state, tr.new if tr else None)
         assert got == (state, kind), f"minute {minute}: got {got}, want {(state, kind)}"
-        assert alert.last_eval == now
+        # An evaluation that moves nothing returns the alert itself (last_eval not touched);
+        # any other is a new alert evaluated now.
+        if alert is not before:
+            assert alert.last_eval == now and alert != replace(before, last_eval=now)
         if tr is not None:
             assert tr.alert is alert
             transitions.append(tr)
@@ -237,7 +241,7 @@ def test_insufficient_data_neither_advances_nor_resets():
     ],
     ids=["value-none", "few-samples", "insufficient", "nan"],
 )
-def test_no_verdict_changes_nothing_but_last_eval(no_verdict):
+def test_no_verdict_changes_nothing(no_verdict):
     r = rule(k=2, n=3, keep_firing_for=60.0)
     alert = Alert(
         "r", "d", "v", state=F, active_at=T0, fired_at=T0, keep_firing_since=None,
@@ -246,7 +250,20 @@ def test_no_verdict_changes_nothing_but_last_eval(no_verdict):
     assert verdict(r, no_verdict) is None
     new, tr = step(r, alert, no_verdict, T0 + 60)
     assert tr is None
-    assert new == replace(alert, last_eval=T0 + 60)
+    assert new is alert  # not even last_eval: no copy of an alert per quiet window
+
+
+def test_a_verdict_that_moves_nothing_returns_the_same_alert():
+    r = rule(for_=120.0)
+    quiet = Measurement(0.01, 0.05, 1000)
+    alert = Alert("r", "d", "v", last_eval=T0)
+    new, tr = step(r, alert, quiet, T0 + 60)
+    assert new is alert and tr is None
+    breach = Measurement(0.5, 0.05, 1000)
+    pending, tr = step(r, alert, breach, T0 + 120)
+    assert tr is not None and pending.state is AlertState.PENDING and pending.last_eval == T0 + 120
+    held, tr = step(r, pending, breach, T0 + 180)  # still pending, nothing moved
+    assert held is pending and tr is None
 
 
 def test_direction_below():

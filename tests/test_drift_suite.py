@@ -777,3 +777,33 @@ def test_drift_from_csv_and_parquet_equals_in_memory(tmp_path) -> None:
         det.update(win)
         records.append(det.evaluate(0.0).to_record())
     assert records[0] == records[1] == records[2]
+
+
+@pytest.mark.parametrize("names", [None, ["x1", "zz", "c"], ["x1", "c", "x0"], ["x1"], []])
+@pytest.mark.parametrize("uniform", [True, False])
+def test_a_few_predictions_give_the_windows_own_columns(names, uniform):
+    # The reference build reads a small window's columns from its predictions (drift._few_columns),
+    # not through the Window's cache: the same names in the same order, the same values, None
+    # where absent, and the scores when asked for.
+    from rollbackd.detectors.drift import SCORE_COLUMN, _FEW, _window_columns
+
+    rng = np.random.default_rng(5)
+    preds = make_preds(rng, 3)
+    if not uniform:
+        preds.append(pred({"x0": 1.0, "extra": "e"}, score=0.25))
+    preds = [pred(p.features, score=0.5 + i / 10) for i, p in enumerate(preds)]
+    assert len(preds) <= _FEW
+    few, n = _window_columns(window(preds), None, names, True)
+    w = window(preds)
+    wanted = w.feature_names if names is None else names
+    cached = {k: w.feature(k) for k in wanted}
+    cached[SCORE_COLUMN] = [p.score for p in preds]
+    assert n == len(preds)
+    assert list(few) == list(cached) and few == cached
+
+
+def test_an_empty_window_gives_empty_columns():
+    from rollbackd.detectors.drift import _window_columns
+
+    assert _window_columns(window([]), None, None, False) == ({}, 0)
+    assert _window_columns(window([]), None, ["x0", "c"], False) == ({"x0": [], "c": []}, 0)

@@ -166,7 +166,8 @@ class Window:
 
     @cached_property
     def error_codes(self) -> dict[str, int]:
-        return dict(Counter([e for e in self._errors if e is not None]))
+        errors = [e for e in self._errors if e is not None]
+        return dict(Counter(errors)) if errors else {}  # most windows: no Counter to build
 
     @cached_property
     def latencies(self) -> np.ndarray:

@@ -116,6 +116,8 @@ class ModelError:
         # Labels and predictions take a handful of distinct values: count the distinct
         # (label, prediction) pairs in C and normalise each pair once, not once per outcome.
         tp = fp = tn = fn = unusable = 0
+        if not outcomes:  # a window without labels (most, on a quiet deployment): nothing to count
+            return {"task": "binary", "tp": 0, "fp": 0, "tn": 0, "fn": 0, "unusable": 0}
         cut = self.score_threshold
         pairs = Counter(zip(map(_get_label, outcomes), map(_get_prediction, outcomes)))
         by_score: list[Labeled] = []

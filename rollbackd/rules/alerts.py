@@ -43,7 +43,11 @@ class Alert:
     ``active_at`` is the first breaching evaluation of the current episode; ``fired_at`` and
     ``resolved_at`` belong to the latest episode (a new episode clears them);
     ``keep_firing_since`` is when a firing alert first stopped holding; ``history`` holds the
-    last ``n`` breach results of a k-of-n rule (empty otherwise).
+    last ``n`` breach results of a k-of-n rule (empty otherwise). ``last_eval`` is the last
+    evaluation that changed the alert: one that changes nothing else returns the same alert
+    (:func:`step`), so a fleet of quiet deployments costs no copy per window and a checkpoint
+    re-encodes no alert that did not move. Nothing decides on it; it is kept for a reader of a
+    checkpoint (when this state was last new).
     """
 
     rule: str
@@ -133,11 +137,12 @@ def step(
     """Advance ``alert`` by one evaluation of ``rule`` at event time ``now``.
 
     Returns the new alert and the transition it made, if any (``None`` when the state held).
+    An evaluation that would change nothing but ``last_eval`` returns ``alert`` itself.
     """
     breaching = verdict(rule, m)
     if breaching is None:
         # Neither advance nor reset: a quiet minute is not evidence the fault went away.
-        return replace(alert, last_eval=now), None
+        return alert, None
     assert m.value is not None  # verdict() returned a bool
 
     history = alert.history
@@ -156,7 +161,7 @@ def step(
     state = alert.state
     if state is AlertState.INACTIVE:
         if not active:
-            return replace(alert, last_eval=now, history=history), None
+            return _held(alert, now, history=history), None
         if rule.for_ <= 0:
             new = _episode(alert, now, history, AlertState.FIRING, fired_at=now)
             return new, Transition(new, state, "firing")
@@ -181,19 +186,14 @@ def step(
                 history=history,
             )
             return new, Transition(new, state, "firing")
-        return replace(alert, active_at=active_at, last_eval=now, history=history), None
+        return _held(alert, now, active_at=active_at, history=history), None
 
     # FIRING: never re-fires; it holds, keeps firing for a while, or resolves.
     if active:
-        return replace(alert, keep_firing_since=None, last_eval=now, history=history), None
+        return _held(alert, now, keep_firing_since=None, history=history), None
     since = alert.keep_firing_since
     if rule.keep_firing_for > 0 and (since is None or now - since < rule.keep_firing_for):
-        return replace(
-            alert,
-            keep_firing_since=now if since is None else since,
-            last_eval=now,
-            history=history,
-        ), None
+        return _held(alert, now, keep_firing_since=now if since is None else since, history=history), None
     new = replace(
         alert,
         state=AlertState.INACTIVE,
@@ -204,6 +204,14 @@ def step(
         history=(),
     )
     return new, Transition(new, state, "resolved")
+
+
+def _held(alert: Alert, now: float, **fields: Any) -> Alert:
+    """``alert`` with ``fields`` (and ``last_eval`` = ``now``) when one of them differs, else
+    ``alert`` itself: an evaluation that moves nothing makes no new alert."""
+    if all(getattr(alert, name) == value for name, value in fields.items()):
+        return alert
+    return replace(alert, last_eval=now, **fields)
 
 
 def _episode(
