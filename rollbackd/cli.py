@@ -590,11 +590,15 @@ def _folded_timeline(records: Any) -> Any:
 
 
 def _timeline_line(rec: dict[str, Any]) -> str:
+    from rollbackd.daemon.splits import where as found_in
+
     when = _ts(rec["ts"])
     where = f"{rec['deployment']}/{rec.get('variant')}"
     if rec["kind"] == "alert":
         m = rec.get("measurement", {})
-        return f"{when}  alert     {rec['rule']:<22} {rec['state']:<12} {where}  value={_num(m.get('value'))} threshold={_num(m.get('threshold'))} n={m.get('sample_size')}"
+        found = found_in(m)  # a version's share of the window, or a slice
+        return (f"{when}  alert     {rec['rule']:<22} {rec['state']:<12} {where}  value={_num(m.get('value'))}"
+                + (f" {found}" if found else "") + f" threshold={_num(m.get('threshold'))} n={m.get('sample_size')}")
     if rec["kind"] == "incident":
         return f"{when}  incident  {rec['incident_id']:<22} {rec['state']:<12} {where}"
     if rec["action"] == "rollback":
