@@ -14,14 +14,12 @@ from typing import TYPE_CHECKING, Any
 from rollbackd.daemon.splits import blamed_version
 from rollbackd.daemon.versions import VersionHistory
 from rollbackd.rules.incidents import Incident
+from rollbackd.rules.model import STABLE_ARMS
 
 if TYPE_CHECKING:
     from rollbackd.daemon.pipeline import Pipeline
 
-__all__ = ["RollbackTargets", "STABLE_ARMS"]
-
-# Arms whose version a canary (or any arm without history of its own) falls back to.
-STABLE_ARMS = ("stable", "primary")
+__all__ = ["RollbackTargets"]
 
 
 class RollbackTargets:

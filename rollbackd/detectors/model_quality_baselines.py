@@ -13,6 +13,7 @@ from rollbackd.detectors.base import Window
 from rollbackd.detectors.model_quality_measure import Columns, OutcomeReader, QualityMeasure, Tally
 from rollbackd.detectors.seasonal import SeasonalStore
 from rollbackd.rules.durations import format_duration
+from rollbackd.rules.model import STABLE_ARMS
 
 __all__ = [
     "Judged", "QualityBaseline", "NoBaseline", "Reference", "PreviousVersion", "OtherArm",
@@ -21,7 +22,6 @@ __all__ = [
 
 # Versions whose outcomes previous_version keeps (the least recently seen is dropped first).
 MAX_VERSIONS = 4
-_DEFAULT_ARMS = ("stable", "primary")
 _get_version = attrgetter("model_version")
 _get_pred_ts = attrgetter("pred_ts")
 
@@ -123,9 +123,9 @@ class OtherArm:
             if window.variant == arm:
                 return _judged(window, win, unusable, why=f"this is the baseline arm {arm!r}")
         else:
-            if window.variant in _DEFAULT_ARMS:
+            if window.variant in STABLE_ARMS:
                 return _judged(window, win, unusable, why=f"this is the baseline arm {window.variant!r}")
-            arm = next((a for a in _DEFAULT_ARMS if a in window.siblings), _DEFAULT_ARMS[0])
+            arm = next((a for a in STABLE_ARMS if a in window.siblings), STABLE_ARMS[0])
         other = window.siblings.get(arm)
         if other is None:
             return _judged(window, win, unusable, why=f"no baseline arm {arm!r} in this window")

@@ -40,6 +40,9 @@ BACKEND_TYPES = ("log", "webhook", "mlflow", "kubernetes", "command", "traffic-f
 NOTIFIER_TYPES = ("console", "slack", "none")
 # The labels an incident may be grouped by.
 GROUP_LABELS = ("rule", "deployment", "variant", "severity")
+# The arms that serve the established version: what a canary is compared with (model_quality's
+# stable baseline) and falls back to when it has no known-good version of its own.
+STABLE_ARMS = ("stable", "primary")
 
 
 def severity_rank(severity: str) -> int:
