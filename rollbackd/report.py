@@ -828,6 +828,11 @@ def _legend(data: dict[str, Any]) -> str:
     items += [("#d97706", "■ pending"), ("#dc2626", "● fired"), ("#059669", "● resolved")]
     if data["rollbacks"]:
         items.append(("#b91c1c", "| rollback"))
+    return _legend_row(items)
+
+
+def _legend_row(items: list[tuple[str, str]]) -> str:
+    """A plot's legend: each (colour, label) in a row above the frame."""
     out, xpos = ['<g class="legend">'], _ML
     for colour, label in items:
         out.append(f'<text x="{xpos}" y="{_MT - 10}" style="fill:{colour}">{_e(label)}</text>')
@@ -1007,12 +1012,7 @@ def _series_figure(data: dict[str, Any]) -> str:
         items.append(("#d97706", "clear threshold"))
     if data["trailing"]:
         items.append(("#6b7280", "■ not evaluated"))
-    legend, xpos = ['<g class="legend">'], _ML
-    for colour, label in items:
-        legend.append(f'<text x="{xpos}" y="{_MT - 10}" style="fill:{colour}">{_e(label)}</text>')
-        xpos += 12 + 7 * len(label)
-    legend.append("</g>")
-    s.extend(legend)
+    s.append(_legend_row(items))
     s.append("</svg>")
     c = data["counts"]
     caption = (f"{_e(data['title'])}: {data['n']:,} evaluations, {c.get('breach', 0):,} breaching, "
