@@ -23,7 +23,6 @@ Pure: no clock, no I/O; the same window gives the same parts in the same order.
 from __future__ import annotations
 
 from dataclasses import replace
-from operator import attrgetter
 from typing import Any, Mapping, Sequence
 
 from rollbackd.detectors.base import Labeled, Measurement, Window
@@ -42,7 +41,6 @@ OTHER = "other"
 # The slice of a label whose prediction was buffered before its rule sliced labels (a
 # checkpoint of an older configuration).
 UNKNOWN = "(unknown)"
-_version = attrgetter("model_version")
 # The evidence keys a split adds (a detector's own ``version`` evidence is another thing: the
 # version it judged): the version whose share stepped the alert, and each share's value.
 VERSION_SHARE = "version_share"
@@ -62,7 +60,7 @@ def version_shares(window: Window, labels: bool) -> list[Window]:
     the window mixed too."""
     versions = set(window.versions)
     if labels and window.outcomes:
-        versions.update(map(_version, window.outcomes))
+        versions |= window.label_versions  # cached: every label rule on the window asks
     if len(versions) < 2:
         return []
     preds: dict[str, list[Prediction]] = {v: [] for v in versions}

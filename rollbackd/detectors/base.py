@@ -186,6 +186,11 @@ class Window:
         return dict(Counter(map(_get_version, preds)))
 
     @cached_property
+    def label_versions(self) -> frozenset[str]:
+        """The versions that served the predictions whose labels arrived in this window."""
+        return frozenset(map(_get_version, self.outcomes))
+
+    @cached_property
     def feature_names(self) -> tuple[str, ...]:
         return self._rows[0]
 
