@@ -42,6 +42,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from rollbackd import __version__
 from rollbackd.actions.base import Status
 from rollbackd.daemon.clock import Clock, WallClock
+from rollbackd.daemon.gate import Gate, encode as encode_answer, gate_verdict
 
 __all__ = [
     "DEFAULT_HOST",
@@ -427,55 +428,6 @@ class MetricsCollector:
         return float(lag) if isinstance(lag, (int, float)) else None
 
 
-GATE_STATUS = {"pass": 200, "fail": 412, "inconclusive": 503}
-
-
-def gate_verdict(
-    pipeline: Any, measurements: Mapping[tuple[str, str, str], tuple[float, Mapping[str, Any]]],
-    deployment: str, variant: str,
-) -> dict[str, Any]:
-    """The promotion gate for one arm: every rule that applies to it is judged on its alert
-    state and latest measurement. ``fail``: some alert fires. ``inconclusive``: some alert is
-    pending (breaching, not yet for long enough), or some rule has no measurement yet or too few
-    samples. ``pass``: every rule measured enough and none breaches. No rule: inconclusive."""
-    from rollbackd.rules.alerts import AlertState
-
-    rules = [r for r in pipeline.config.rules if r.applies_to(deployment, variant)]
-    alerts = dict(pipeline.alerts)
-    checks = []
-    for rule in rules:
-        alert = alerts.get((rule.name, (deployment, variant)))
-        state = alert.state if alert is not None else AlertState.INACTIVE
-        ts, m = measurements.get((rule.name, deployment, variant), (None, {}))
-        if state == AlertState.FIRING:
-            verdict, why = "fail", "alert firing"
-        elif state == AlertState.PENDING:
-            verdict, why = "inconclusive", "breaching, not yet for the rule's `for`"
-        elif ts is None:
-            verdict, why = "inconclusive", "not measured yet"
-        elif m.get("insufficient") or (m.get("sample_size") or 0) < rule.min_samples:
-            verdict, why = "inconclusive", f"{m.get('sample_size') or 0} samples, needs {rule.min_samples}"
-        else:
-            verdict, why = "pass", "within threshold"
-        checks.append({
-            "rule": rule.name, "detector": rule.detector, "severity": rule.severity,
-            "state": str(state.value if hasattr(state, "value") else state), "verdict": verdict,
-            "reason": why, "ts": ts, "measurement": dict(m),
-        })
-    verdicts = {c["verdict"] for c in checks}
-    overall = ("fail" if "fail" in verdicts else "inconclusive" if ("inconclusive" in verdicts or not checks)
-               else "pass")
-    hist = pipeline.versions.get((deployment, variant))
-    return {
-        "deployment": deployment, "variant": variant, "verdict": overall,
-        "pass": overall == "pass", "fail": overall == "fail",
-        "version": hist.current.version if hist is not None and hist.current is not None else None,
-        "event_time": pipeline.max_event_time if math.isfinite(pipeline.max_event_time) else None,
-        "rollback": variant != "shadow",
-        "checks": checks,
-    }
-
-
 SLACK_MAX_AGE = 300.0  # Slack's advice: refuse requests signed more than five minutes ago
 
 
@@ -697,6 +649,7 @@ class OpsServer:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.slack = slack
         self.measurements = measurements
+        self.gate = Gate(pipeline, measurements)
         self.registry = registry
         self.pipeline = pipeline
         self.alive = alive
@@ -795,40 +748,39 @@ class OpsServer:
                     body = json.dumps({"incidents": records}, sort_keys=True, default=str).encode()
                     self._send(200, body, _JSON)
                 elif url.path.startswith("/v1/gate/"):
-                    parts = url.path[len("/v1/gate/"):].split("/")
-                    if len(parts) != 2 or not all(parts):
-                        self._send(404, b"use /v1/gate/DEPLOYMENT/VARIANT\n", _TEXT)
-                        return
-                    self._gate(parts)
+                    self._answer(*owner.gate.argo(url.path[len("/v1/gate/"):], parse_qs(url.query), post=False))
+                elif url.path.startswith("/v1/flagger/"):
+                    self._answer(405, {"error": "Flagger's webhooks POST their payload"})
                 elif url.path == "/":
                     self._send(200, b"rollbackd: /metrics /healthz /readyz /incidents\n", _TEXT)
                 else:
                     self._send(404, b"not found\n", _TEXT)
 
-            def _gate(self, parts: list[str]) -> None:
-                result = gate_verdict(owner.pipeline, owner.measurements(), *parts)
-                body = json.dumps(result, sort_keys=True, default=str).encode()
-                self._send(GATE_STATUS[result["verdict"]], body, _JSON)
+            def _answer(self, status: int, answer: Mapping[str, Any]) -> None:
+                self._send(status, encode_answer(answer), _JSON)
 
             def _post(self) -> None:
                 url = urlsplit(self.path)
-                parts = url.path[len("/v1/gate/"):].split("/")
-                gate = url.path.startswith("/v1/gate/") and len(parts) == 2 and all(parts)
+                gate = url.path.startswith("/v1/gate/")
+                flagger = url.path.startswith("/v1/flagger/")
                 slack = url.path == "/v1/slack/interactions" and owner.slack is not None
-                if not gate and not slack:
+                if not gate and not flagger and not slack:
                     self._send(404, b"not found\n", _TEXT)
                     return
-                length = self._content_length(required=slack)
+                length = self._content_length(required=not gate)
                 if length is None:
                     return
-                if gate:
-                    self._gate(parts)  # Flagger's webhooks POST; the body is not needed
-                    return
-                assert owner.slack is not None
-                body = self.rfile.read(length)
+                body = self.rfile.read(length)  # read even when unused: not left for the next request
                 if len(body) < length:  # the client closed before sending what it announced
                     self.close_connection = True
                     return
+                if gate:  # the body is not needed
+                    self._answer(*owner.gate.argo(url.path[len("/v1/gate/"):], parse_qs(url.query), post=True))
+                    return
+                if flagger:
+                    self._answer(*owner.gate.flagger(url.path[len("/v1/flagger/"):], body))
+                    return
+                assert owner.slack is not None
                 status, answer = owner.slack.handle(body, self.headers)
                 self._send(status, json.dumps(answer, sort_keys=True).encode(), _JSON)
 
