@@ -29,6 +29,7 @@ __all__ = [
     "GATE_STATUS",
     "FlaggerHook",
     "Gate",
+    "encode",
     "gate_verdict",
 ]
 
