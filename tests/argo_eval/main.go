@@ -1,283 +1,149 @@
-// Command argo-eval judges HTTP answers the way Argo Rollouts' web metric provider does, so that
-// tests/test_gate_argo.py can evaluate rollbackd's gate answers with the conditions of
-// deploy/argo/analysis-template.yaml exactly as Argo would, with Argo's own libraries.
+// Command argo-eval takes one measurement of each metric of an AnalysisTemplate the way an Argo
+// Rollouts AnalysisRun does, so that tests/test_gate_argo.py can check what Argo makes of
+// rollbackd's gate. It is only glue: every step below is a call into Argo Rollouts' own packages
+// (github.com/argoproj/argo-rollouts, a published Go module fetched from the module proxy at build
+// time; nothing of it is copied here). The version is v1.10.1: the latest, v1.10.2, differs from it
+// only by "go 1.26.10" in its go.mod (same code, same CRDs), which the machine's Go 1.26.8 with
+// GOTOOLCHAIN=local refuses to build.
 //
-// The code below is a copy (Apache-2.0, The Argo Authors) of
-//   - metricproviders/webmetric/webmetric.go: Run's status check, parseResponse, getValue
-//   - utils/evaluate/evaluate.go: EvaluateResult, EvalCondition and the functions of its env
-// in the two versions that differ in what matters here:
-//   - "v1.9.1", the latest release: conditions evaluated by github.com/antonmedv/expr v1.15.5;
-//     a 2xx body that is not JSON is Successful without evaluating anything.
-//   - "main" (commit 9f8d111d8f8e): github.com/expr-lang/expr v1.17.8; a body that is not JSON
-//     is evaluated as a string.
-// Both parse jsonPath with k8s.io/client-go/util/jsonpath (empty means "{$}").
+//  1. the template file is decoded into Argo's v1alpha1.AnalysisTemplate (strictly: a field Argo
+//     does not know is an error) and its metrics checked by utils/analysis.ValidateMetrics, the
+//     check the controller applies before it runs them;
+//  2. the AnalysisRun is built by utils/analysis.NewAnalysisRunFromTemplates with the -arg values
+//     (what the rollout controller does with the Rollout's analysis args: template defaults,
+//     overridden, every arg required), and each metric's {{args.NAME}} are substituted by
+//     utils/analysis.ResolveMetricArgs;
+//  3. each web metric is measured by metricproviders/webmetric's Provider.Run, with the HTTP client
+//     and jsonPath parser of NewWebMetricHttpClient / NewWebMetricJsonParser: the real HTTP request
+//     to the URL, the status check, the jsonPath, and successCondition / failureCondition evaluated
+//     by utils/evaluate.
 //
-// Input on stdin: {"jsonPath": "...", "successCondition": "...", "failureCondition": "...",
-// "answers": [{"status": 200, "body": "..."}, ...]}. Output on stdout: {"v1.9.1": [...],
-// "main": [...]}, one {"phase", "value", "error"} per answer; phase is one of Argo's
-// Successful, Failed, Inconclusive, Error.
+// Usage:
+//
+//	argo-eval -template FILE [-arg NAME=VALUE]... [-query QUERY]
+//
+// -query appends "?QUERY" to each resolved URL (the tests use it for the gate's ?codes=1, which an
+// operator would write into the template's URL). Output on stdout, one JSON object:
+//
+//	{"measurements": [{"metric": NAME, "url": URL, "phase": PHASE, "value": VALUE, "message": MSG}]}
+//
+// where PHASE is Argo's measurement phase: Successful, Failed, Inconclusive or Error. A template
+// Argo would refuse, or an arg it could not resolve, exits with status 2 and the reason on stderr.
 package main
 
 import (
 	"encoding/json"
-	"errors"
+	"flag"
 	"fmt"
-	"math"
 	"os"
-	"reflect"
-	"strconv"
+	"strings"
 
-	antonmedv "github.com/antonmedv/expr"
-	exprlang "github.com/expr-lang/expr"
-	"k8s.io/client-go/util/jsonpath"
+	log "github.com/sirupsen/logrus"
+	"sigs.k8s.io/yaml"
+
+	"github.com/argoproj/argo-rollouts/metricproviders/webmetric"
+	"github.com/argoproj/argo-rollouts/pkg/apis/rollouts/v1alpha1"
+	analysisutil "github.com/argoproj/argo-rollouts/utils/analysis"
 )
 
-type request struct {
-	JSONPath         string   `json:"jsonPath"`
-	SuccessCondition string   `json:"successCondition"`
-	FailureCondition string   `json:"failureCondition"`
-	Answers          []answer `json:"answers"`
+type measured struct {
+	Metric  string `json:"metric"`
+	URL     string `json:"url"`
+	Phase   string `json:"phase"`
+	Value   string `json:"value"`
+	Message string `json:"message,omitempty"`
 }
 
-type answer struct {
-	Status int    `json:"status"`
-	Body   string `json:"body"`
+// argFlags collects repeated -arg NAME=VALUE flags as Argo arguments.
+type argFlags []v1alpha1.Argument
+
+func (a *argFlags) String() string { return fmt.Sprint(len(*a), " args") }
+
+func (a *argFlags) Set(s string) error {
+	name, value, ok := strings.Cut(s, "=")
+	if !ok || name == "" {
+		return fmt.Errorf("want NAME=VALUE, got %q", s)
+	}
+	*a = append(*a, v1alpha1.Argument{Name: name, Value: &value})
+	return nil
 }
 
-type measurement struct {
-	Phase string `json:"phase"`
-	Value string `json:"value"`
-	Error string `json:"error,omitempty"`
-}
-
-// compileRun compiles condition against env and runs it, with one version's expr library.
-type compileRun func(condition string, env map[string]any) (any, error)
-
-func runAntonmedv(condition string, env map[string]any) (any, error) {
-	program, err := antonmedv.Compile(condition, antonmedv.Env(env))
+func loadTemplate(path string) (*v1alpha1.AnalysisTemplate, error) {
+	raw, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
 	}
-	return antonmedv.Run(program, env)
+	var template v1alpha1.AnalysisTemplate
+	if err := yaml.UnmarshalStrict(raw, &template); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if template.Kind != "AnalysisTemplate" {
+		return nil, fmt.Errorf("%s: kind %q, want AnalysisTemplate", path, template.Kind)
+	}
+	if err := analysisutil.ValidateMetrics(template.Spec.Metrics); err != nil {
+		return nil, fmt.Errorf("%s: Argo refuses the metrics: %w", path, err)
+	}
+	return &template, nil
 }
 
-func runExprLang(condition string, env map[string]any) (any, error) {
-	program, err := exprlang.Compile(condition, exprlang.Env(env))
-	if err != nil {
-		return nil, err
-	}
-	return exprlang.Run(program, env)
-}
-
-type argo struct {
-	eval             compileRun
-	evalNonJSONBody  bool // main evaluates a non-JSON body as a string; v1.9.1 calls it Successful
-	successCondition string
-	failureCondition string
-	parser           *jsonpath.JSONPath
-}
-
-// measure is webmetric.Provider.Run after the request: the status check, then parseResponse.
-func (a argo) measure(ans answer) measurement {
-	if ans.Status < 200 || ans.Status >= 300 {
-		return measurement{Phase: "Error", Error: fmt.Sprintf("received non 2xx response code: %v", ans.Status)}
-	}
-	value, phase, err := a.parseResponse([]byte(ans.Body))
-	if err != nil {
-		return measurement{Phase: "Error", Value: value, Error: err.Error()}
-	}
-	return measurement{Phase: phase, Value: value}
-}
-
-func (a argo) parseResponse(bodyBytes []byte) (string, string, error) {
-	var data any
-	err := json.Unmarshal(bodyBytes, &data)
-	if err != nil {
-		bodyStr := string(bodyBytes)
-		if !a.evalNonJSONBody {
-			return bodyStr, "Successful", nil
-		}
-		phase, evalErr := a.evaluateResult(bodyStr)
-		return bodyStr, phase, evalErr
-	}
-	fullResults, err := a.parser.FindResults(data)
-	if err != nil {
-		return "", "Error", fmt.Errorf("Could not find JSONPath in body: %s", err)
-	}
-	val, valString, err := getValue(fullResults)
-	if err != nil {
-		return "", "Error", err
-	}
-	phase, err := a.evaluateResult(val)
-	return valString, phase, err
-}
-
-func getValue(fullResults [][]reflect.Value) (any, string, error) {
-	for _, results := range fullResults {
-		for _, r := range results {
-			val := r.Interface()
-			valBytes, err := json.Marshal(val)
-			return val, string(valBytes), err
-		}
-	}
-	return nil, "", errors.New("result of web metric produced no value")
-}
-
-// evaluateResult is evaluate.EvaluateResult.
-func (a argo) evaluateResult(result any) (string, error) {
-	successCondition, failCondition := false, false
-	var err error
-	if a.successCondition != "" {
-		successCondition, err = a.evalCondition(result, a.successCondition)
+func measure(run *v1alpha1.AnalysisRun, query string) ([]measured, error) {
+	out := []measured{}
+	for _, metric := range run.Spec.Metrics {
+		resolved, err := analysisutil.ResolveMetricArgs(metric, run.Spec.Args)
 		if err != nil {
-			return "Error", fmt.Errorf("could not evaluate successCondition %q: %w", a.successCondition, err)
+			return nil, fmt.Errorf("metric %s: %w", metric.Name, err)
 		}
-	}
-	if a.failureCondition != "" {
-		failCondition, err = a.evalCondition(result, a.failureCondition)
+		if resolved.Provider.Web == nil {
+			return nil, fmt.Errorf("metric %s: not a web metric", metric.Name)
+		}
+		if query != "" {
+			resolved.Provider.Web.URL += "?" + query
+		}
+		client, err := webmetric.NewWebMetricHttpClient(*resolved)
 		if err != nil {
-			return "Error", fmt.Errorf("could not evaluate failureCondition %q: %w", a.failureCondition, err)
+			return nil, fmt.Errorf("metric %s: %w", metric.Name, err)
 		}
-	}
-	switch {
-	case a.successCondition == "" && a.failureCondition == "":
-		return "Successful", nil
-	case a.successCondition != "" && a.failureCondition == "":
-		failCondition = !successCondition
-	case a.successCondition == "" && a.failureCondition != "":
-		successCondition = !failCondition
-	}
-	if failCondition {
-		return "Failed", nil
-	}
-	if !failCondition && !successCondition {
-		return "Inconclusive", nil
-	}
-	return "Successful", nil
-}
-
-// evalCondition is evaluate.EvalCondition: the same env, `result` bound to the jsonPath's value.
-func (a argo) evalCondition(resultValue any, condition string) (bool, error) {
-	env := map[string]any{
-		"result":  valueFromPointer(resultValue),
-		"asInt":   asInt,
-		"asFloat": asFloat,
-		"isNaN":   math.IsNaN,
-		"isInf":   isInf,
-		"isNil":   isNilFunc(resultValue),
-		"default": defaultFunc(resultValue),
-	}
-	output, err := a.eval(condition, env)
-	if err != nil {
-		return false, err
-	}
-	switch val := output.(type) {
-	case bool:
-		return val, nil
-	default:
-		return false, fmt.Errorf("expected bool, but got %T", val)
-	}
-}
-
-func isInf(f float64) bool { return math.IsInf(f, 0) }
-
-func asInt(in any) int64 {
-	switch i := in.(type) {
-	case float64:
-		return int64(i)
-	case int64:
-		return i
-	case int:
-		return int64(i)
-	case string:
-		inAsInt, err := strconv.ParseInt(i, 10, 64)
-		if err == nil {
-			return inAsInt
+		parser, err := webmetric.NewWebMetricJsonParser(*resolved)
+		if err != nil {
+			return nil, fmt.Errorf("metric %s: %w", metric.Name, err)
 		}
-		panic(err)
+		logCtx := log.WithField("metric", metric.Name)
+		m := webmetric.NewWebMetricProvider(*logCtx, client, parser).Run(run, *resolved)
+		out = append(out, measured{Metric: metric.Name, URL: resolved.Provider.Web.URL,
+			Phase: string(m.Phase), Value: m.Value, Message: m.Message})
 	}
-	panic(fmt.Sprintf("asInt() not supported on %v %v", reflect.TypeOf(in), in))
-}
-
-func asFloat(in any) float64 {
-	switch i := in.(type) {
-	case float64:
-		return i
-	case int64:
-		return float64(i)
-	case int:
-		return float64(i)
-	case string:
-		inAsFloat, err := strconv.ParseFloat(i, 64)
-		if err == nil {
-			return inAsFloat
-		}
-		panic(err)
-	}
-	panic(fmt.Sprintf("asFloat() not supported on %v %v", reflect.TypeOf(in), in))
-}
-
-func defaultFunc(resultValue any) func(any, any) any {
-	return func(_ any, defaultValue any) any {
-		if isNil(resultValue) {
-			return defaultValue
-		}
-		return valueFromPointer(resultValue)
-	}
-}
-
-func isNilFunc(resultValue any) func(any) bool {
-	return func(_ any) bool { return isNil(resultValue) }
-}
-
-func isNil(in any) bool {
-	if in == nil {
-		return true
-	}
-	switch reflect.TypeOf(in).Kind() {
-	case reflect.Ptr, reflect.Map, reflect.Array, reflect.Chan, reflect.Slice:
-		return reflect.ValueOf(in).IsNil()
-	}
-	return false
-}
-
-func valueFromPointer(in any) any {
-	if isNil(in) {
-		return nil
-	}
-	if reflect.TypeOf(in).Kind() != reflect.Ptr {
-		return in
-	}
-	return reflect.ValueOf(in).Elem().Interface()
+	return out, nil
 }
 
 func main() {
-	var req request
-	if err := json.NewDecoder(os.Stdin).Decode(&req); err != nil {
-		fmt.Fprintf(os.Stderr, "argo-eval: bad request: %v\n", err)
+	templatePath := flag.String("template", "", "AnalysisTemplate YAML file")
+	query := flag.String("query", "", "appended to each resolved URL after '?'")
+	var args argFlags
+	flag.Var(&args, "arg", "NAME=VALUE: an argument, as a Rollout's analysis step passes it (repeatable)")
+	flag.Parse()
+	log.SetOutput(os.Stderr)
+
+	fail := func(err error) {
+		fmt.Fprintf(os.Stderr, "argo-eval: %v\n", err)
 		os.Exit(2)
 	}
-	path := req.JSONPath
-	if path == "" {
-		path = "{$}"
+	if *templatePath == "" || flag.NArg() > 0 {
+		fail(fmt.Errorf("usage: argo-eval -template FILE [-arg NAME=VALUE]... [-query QUERY]"))
 	}
-	parser := jsonpath.New("metrics") // webmetric.NewWebMetricJsonParser
-	if err := parser.Parse(path); err != nil {
-		fmt.Fprintf(os.Stderr, "argo-eval: bad jsonPath %q: %v\n", path, err)
-		os.Exit(2)
+	template, err := loadTemplate(*templatePath)
+	if err != nil {
+		fail(err)
 	}
-	versions := map[string]argo{
-		"v1.9.1": {eval: runAntonmedv, evalNonJSONBody: false, parser: parser},
-		"main":   {eval: runExprLang, evalNonJSONBody: true, parser: parser},
+	run, err := analysisutil.NewAnalysisRunFromTemplates([]*v1alpha1.AnalysisTemplate{template}, nil,
+		args, nil, nil, nil, nil, template.Name, "", "default")
+	if err != nil {
+		fail(err)
 	}
-	out := map[string][]measurement{}
-	for name, a := range versions {
-		a.successCondition, a.failureCondition = req.SuccessCondition, req.FailureCondition
-		for _, ans := range req.Answers {
-			out[name] = append(out[name], a.measure(ans))
-		}
+	measurements, err := measure(run, *query)
+	if err != nil {
+		fail(err)
 	}
-	if err := json.NewEncoder(os.Stdout).Encode(out); err != nil {
+	if err := json.NewEncoder(os.Stdout).Encode(map[string]any{"measurements": measurements}); err != nil {
 		os.Exit(1)
 	}
 }
