@@ -315,7 +315,7 @@ def test_a_wrong_token_gives_up(k8s, ns):
     b = KubernetesBackend("argo-rollout", namespace=ns, api_url=k8s.api_url, token="wrong", verify_tls=False)
     result = b.apply(plan())
     assert (result.status, result.attempts) == ("failed", 1)
-    assert result.detail == f"read rollouts {ns}/{NAME}: gave up: HTTP 401 Unauthorized: Unauthorized"
+    assert result.detail == f"read rollouts {ns}/{NAME}: gave up: HTTP 401 Unauthorized"
 
 
 def test_rbac_denied_names_who_may_not_do_what(k8s, ns):

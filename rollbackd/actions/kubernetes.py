@@ -144,7 +144,8 @@ class KubernetesBackend(CountsAttempts):
                 if not exc.status:
                     return Attempt(error=ConnectionError(str(exc.reason)))
                 headers = exc.headers or {}
-                reason = ": ".join(part for part in (exc.reason or "", _status_message(exc)) if part)
+                reason, message = exc.reason or "", _status_message(exc)
+                reason = f"{reason}: {message}" if message and message != reason else reason or message
                 return Attempt(status=exc.status, retry_after=headers.get("Retry-After"), reason=reason)
             except Urllib3Error as exc:  # refused, reset, timed out: retried like any network error
                 return Attempt(error=ConnectionError(f"{type(exc).__name__}: {exc}"))
