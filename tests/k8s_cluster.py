@@ -9,9 +9,16 @@
     cluster.get("apps/v1", "Deployment", "x", ns); cluster.patch_status(...)  # as a controller would
     cluster.install_crds(path)      # more CRDs (a file or a folder), waits until they are served
     tok = cluster.service_account_token(ns, "sa")   # a token for a (new) ServiceAccount
+    tok = cluster.grant(ns, "sa", [{"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get"]}])
+    cluster.request("GET", "/readyz", token=None)  # raw HTTP: (status, decoded JSON or text)
     cluster.kubeconfig(tok)         # a kubeconfig file for that token (for kubeconfig= options)
     cluster.api_client(tok); cluster.dynamic(tok)   # kubernetes-client objects, admin by default
     cluster.stop()
+
+Objects stay until the session ends (its etcd is thrown away): take a fresh namespace per test.
+``apply`` is server-side apply with ``force``: applying the same manifest again is a no-op, and a
+field the schema does not declare is an error (a typo in a rendered chart fails the test). A
+namespaced object without ``metadata.namespace`` goes to ``namespace`` (default ``default``).
 
 In tests, take the session fixture ``k8s`` (defined here, imported by ``tests/conftest.py``): the
 first test that asks for it starts the cluster, later ones share it, and it stops when the session
