@@ -19,6 +19,7 @@ server answers 409 Conflict and the plan is decided again on a fresh read (at mo
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import Any, Callable
@@ -69,8 +70,6 @@ class _Conflict(_Failed):
 def _status_message(exc: Any) -> str:
     """The API server's own words from a failed call's ``Status`` body (for a 403: who may not do
     what to which resource), cut to a line; ``""`` if the body is not a Status."""
-    import json
-
     try:
         message = json.loads(exc.body or "").get("message", "")
     except (ValueError, AttributeError, TypeError):
@@ -299,36 +298,36 @@ class KubernetesBackend(CountsAttempts):
         data: dict[str, Any] = {"kind": self.kind, "namespace": self.namespace, "name": target}
         if self.kind == "argo-rollout":
             return self._apply_abort(plan, target, data, bound)
-        conflicts: list[str] = []
+        conflicts = 0
         try:
             while True:
                 obj = self._get(target)
                 if self._already(obj, plan):
                     bound.info("rollback.kubernetes", outcome="skipped", attempts=self.attempts,
-                               conflicts=len(conflicts))
+                               conflicts=conflicts)
                     return ActionResult("skipped", f"{self.kind} {self.namespace}/{target} already rolled back",
-                                        attempts=self.attempts, data={**data, "conflicts": len(conflicts)})
+                                        attempts=self.attempts, data={**data, "conflicts": conflicts})
                 body = self._body(obj, plan)
                 data["patch"] = body
                 try:
                     self._patch(target, body, (obj.get("metadata") or {}).get("resourceVersion"))
                     break
                 except _Conflict as exc:
-                    conflicts.append(str(exc))
+                    conflicts += 1
                     bound.warning("rollback.kubernetes.conflict", attempts=self.attempts, detail=str(exc))
-                    if len(conflicts) > MAX_CONFLICTS:
+                    if conflicts > MAX_CONFLICTS:
                         raise _Failed(
                             f"{self.kind} {self.namespace}/{target} changed under every write "
-                            f"({len(conflicts)} resourceVersion conflicts in a row; something else keeps "
+                            f"({conflicts} resourceVersion conflicts in a row; something else keeps "
                             f"writing to it): {exc}"
                         ) from None
         except _Failed as exc:
             bound.error("rollback.kubernetes", outcome="failed", attempts=self.attempts, detail=str(exc))
             return ActionResult("failed", str(exc), attempts=self.attempts,
-                                data={**data, "conflicts": len(conflicts)})
-        bound.info("rollback.kubernetes", outcome="succeeded", attempts=self.attempts, conflicts=len(conflicts))
+                                data={**data, "conflicts": conflicts})
+        bound.info("rollback.kubernetes", outcome="succeeded", attempts=self.attempts, conflicts=conflicts)
         return ActionResult("succeeded", f"{self.kind} {self.namespace}/{target} set to {plan.to_version}",
-                            attempts=self.attempts, data={**data, "conflicts": len(conflicts)})
+                            attempts=self.attempts, data={**data, "conflicts": conflicts})
 
     def _apply_abort(self, plan: RollbackPlan, target: str, data: dict[str, Any], bound: Any) -> ActionResult:
         """Abort first (what stops the harm), then the annotations on the Rollout. A failed
