@@ -148,6 +148,38 @@ def test_freeze_pauses_an_argo_rollout(recordings, tmp_path, k8s):
     assert '"paused": true' in text
 
 
+def test_a_rollback_refused_by_rbac_is_reported_in_the_api_servers_words(recordings, tmp_path, k8s):
+    """The real daemon path with a token that has no rights: the rollback fails once, its detail
+    names who may not do what, and ``incidents show`` prints it without a traceback."""
+    pytest.importorskip("kubernetes")
+    from test_backend_kubernetes import DEPLOY, NAME, deployment
+    from test_cli import rollbackd
+
+    from rollbackd.daemon.ledger import Ledger
+
+    ns = k8s.namespace("denied")
+    k8s.apply(deployment(), ns)
+    backend = (f"{{type: kubernetes, kind: deployment, namespace: {ns}, container: model, "
+               f"image_template: 'registry/demo:{{version}}', kubeconfig: '{k8s.kubeconfig(k8s.nobody_token)}', "
+               "retry: {max_attempts: 1}}")
+    cfg = load_config_text(RULES.format(extra="").replace("{type: log}", backend))
+    ledger = Ledger(tmp_path / "l.db", run_id="r")
+    d = MemoryDecisions()
+    replay(open_recording(str(recordings["resync"]), cfg), build_pipeline(cfg, decisions=d, recorder=ledger),
+           batch_size=4096)
+    ledger.close()
+    rb = [r for r in d.records if r.get("action") == "rollback"]
+    denied = (f'HTTP 403 Forbidden: deployments.apps "{NAME}" is forbidden: User "nobody" cannot get resource '
+              f'"deployments" in API group "apps" in the namespace "{ns}"')
+    assert rb and rb[0]["status"] == "failed"
+    assert rb[0]["detail"] == f"read deployment {ns}/{NAME}: gave up: {denied}"
+    assert k8s.get(*DEPLOY, NAME, ns)["metadata"]["generation"] == 1
+    out = rollbackd("incidents", "show", rb[0]["incident_id"], "--db", "l.db", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    text = (out.stdout + out.stderr).decode()
+    assert denied in " ".join(text.split()) and "Traceback" not in text
+
+
 def test_notify_only_policy(recordings):
     rb = rollbacks(recordings["resync"], config(", policy: notify-only"))
     assert rb and {(r["status"], r["reason"]) for r in rb} == {("skipped", "notify_only")}
