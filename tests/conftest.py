@@ -1,4 +1,5 @@
 """Kafka fixtures: one broker per test session, fresh topics per test (see tests/kafka_broker.py).
+The Kubernetes API server fixture ``k8s`` lives in tests/k8s_cluster.py and is imported here.
 
 ``kafka_bootstrap`` starts the broker the first time a test asks for it. Outside CI a broker that
 cannot start (no Java, no Maven) skips the Kafka tests with the reason; under ``CI=true`` they
@@ -15,6 +16,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+import k8s_cluster
+from k8s_cluster import k8s  # noqa: F401  (the session's Kubernetes API server; see tests/k8s_cluster.py)
 from kafka_broker import BrokerFailed, Cluster, KafkaBroker, resolve_cluster
 
 _cluster: Cluster | None = None
@@ -31,6 +34,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if timings:
         parts = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(timings.items()))
         terminalreporter.write_line(f"kafka: {_started.bootstrap} ({type(_started).__name__}): {parts}")
+    cluster = k8s_cluster.started
+    if cluster is not None:
+        parts = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(cluster.timings.items()))
+        terminalreporter.write_line(f"kubernetes: kube-apiserver {cluster.version} at {cluster.api_url}: {parts}")
 
 
 def _in_ci() -> bool:

@@ -111,44 +111,73 @@ def test_freeze_policy_pages_and_never_reverts(recordings):
     assert rb[0]["detail"].startswith("policy freeze: rollout not paused (backend cannot); not reverted")
 
 
-def test_freeze_pauses_an_argo_rollout(recordings, tmp_path):
-    """Two incidents of the same bad version: the first pauses the rollout (one PATCH of
-    spec.paused), the second finds it paused; nothing is aborted or reverted."""
+def test_freeze_pauses_an_argo_rollout(recordings, tmp_path, k8s):
+    """Two incidents of the same bad version, against the real API server: the first pauses the
+    Rollout (spec.paused), the second finds it paused; nothing is aborted or reverted."""
     pytest.importorskip("kubernetes")
-    from loopback import LoopbackServer
-    from test_backend_kubernetes import ROLLOUT, TOKEN, FakeAPIServer, rollout
+    from test_backend_kubernetes import NAME, ROLLOUT, rollout
 
     from rollbackd.daemon.ledger import Ledger
 
-    fake = FakeAPIServer({ROLLOUT: rollout()})
+    ns = k8s.namespace("freeze")
+    k8s.apply(rollout(), ns)
     ledger = Ledger(tmp_path / "l.db", run_id="r")
-    with LoopbackServer(fake) as server:
-        backend = (f"{{type: kubernetes, kind: argo-rollout, namespace: ml, api_url: '{server.url}', "
-                   "token_env: K8S_TOKEN}")
-        cfg = load_config_text(RULES.format(extra=", policy: freeze").replace("{type: log}", backend))
-        d = MemoryDecisions()
-        replay(open_recording(str(recordings["resync"]), cfg),
-               build_pipeline(cfg, decisions=d, recorder=ledger, env={"K8S_TOKEN": TOKEN}), batch_size=4096)
-        patches = [r for r in server.requests if r.method == "PATCH"]
+    backend = f"{{type: kubernetes, kind: argo-rollout, namespace: {ns}, kubeconfig: '{k8s.kubeconfig()}'}}"
+    cfg = load_config_text(RULES.format(extra=", policy: freeze").replace("{type: log}", backend))
+    d = MemoryDecisions()
+    replay(open_recording(str(recordings["resync"]), cfg),
+           build_pipeline(cfg, decisions=d, recorder=ledger, env={}), batch_size=4096)
     pauses = [r for r in d.records if r.get("action") == "pause"]
     assert [(p["status"], p["result"]["paused"], p["backend"]) for p in pauses] == [
         ("succeeded", True, "kubernetes"), ("skipped", True, "kubernetes")]
-    assert len(patches) == 1 and patches[0].json()["spec"] == {"paused": True}
-    assert fake.objects[ROLLOUT]["spec"]["paused"] is True and "abort" not in fake.objects[ROLLOUT]["status"]
+    obj = k8s.get(*ROLLOUT, NAME, ns)
+    assert obj["spec"]["paused"] is True and "abort" not in (obj.get("status") or {})
+    assert obj["metadata"]["generation"] == 2  # one write of the spec: the pause
     rb = [r for r in d.records if r.get("action") == "rollback"]
     assert [(r["status"], r["detail"].split(";")[0]) for r in rb] == [
         ("skipped", "policy freeze: rollout paused"), ("skipped", "policy freeze: rollout already paused")]
     rows = ledger.rows("actions", action="pause")
     ledger.close()
     assert [r["phase"] for r in rows] == ["started", "finished", "started", "finished"]
-    assert fake.problems == []
     from test_cli import rollbackd
 
     out = rollbackd("incidents", "show", rb[0]["incident_id"], "--db", "l.db", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     text = out.stdout.decode()
-    assert "pause     succeeded    demo-scorer/primary  (rollout ml/demo-scorer paused)" in text
+    assert f"pause     succeeded    demo-scorer/primary  (rollout {ns}/demo-scorer paused)" in text
     assert '"paused": true' in text
+
+
+def test_a_rollback_refused_by_rbac_is_reported_in_the_api_servers_words(recordings, tmp_path, k8s):
+    """The real daemon path with a token that has no rights: the rollback fails once, its detail
+    names who may not do what, and ``incidents show`` prints it without a traceback."""
+    pytest.importorskip("kubernetes")
+    from test_backend_kubernetes import DEPLOY, NAME, deployment
+    from test_cli import rollbackd
+
+    from rollbackd.daemon.ledger import Ledger
+
+    ns = k8s.namespace("denied")
+    k8s.apply(deployment(), ns)
+    backend = (f"{{type: kubernetes, kind: deployment, namespace: {ns}, container: model, "
+               f"image_template: 'registry/demo:{{version}}', kubeconfig: '{k8s.kubeconfig(k8s.nobody_token)}', "
+               "retry: {max_attempts: 1}}")
+    cfg = load_config_text(RULES.format(extra="").replace("{type: log}", backend))
+    ledger = Ledger(tmp_path / "l.db", run_id="r")
+    d = MemoryDecisions()
+    replay(open_recording(str(recordings["resync"]), cfg), build_pipeline(cfg, decisions=d, recorder=ledger),
+           batch_size=4096)
+    ledger.close()
+    rb = [r for r in d.records if r.get("action") == "rollback"]
+    denied = (f'HTTP 403 Forbidden: deployments.apps "{NAME}" is forbidden: User "nobody" cannot get resource '
+              f'"deployments" in API group "apps" in the namespace "{ns}"')
+    assert rb and rb[0]["status"] == "failed"
+    assert rb[0]["detail"] == f"read deployment {ns}/{NAME}: gave up: {denied}"
+    assert k8s.get(*DEPLOY, NAME, ns)["metadata"]["generation"] == 1
+    out = rollbackd("incidents", "show", rb[0]["incident_id"], "--db", "l.db", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    text = (out.stdout + out.stderr).decode()
+    assert denied in " ".join(text.split()) and "Traceback" not in text
 
 
 def test_notify_only_policy(recordings):

@@ -5,16 +5,21 @@ Three kinds of target, each set declaratively to the plan's version:
 * ``deployment`` - a strategic merge patch of the pod template: the container image
   (``image_template``), a model-version label (``label``) and/or env var (``env_var``);
 * ``argo-rollout`` - abort the rollout (merge patch ``{"status": {"abort": true}}`` on the
-  ``status`` subresource, as ``kubectl argo rollouts abort`` does), so traffic returns to stable;
+  ``status`` subresource, as ``kubectl argo rollouts abort`` does), so traffic returns to stable,
+  then annotate the Rollout itself (the status subresource drops metadata changes);
 * ``kserve`` - an InferenceService: ``spec.predictor.canaryTrafficPercent: 0`` (traffic back to
   the last rolled-out revision) or, with ``storage_uri_template``, the predictor's ``storageUri``
   set back to the target version's, canary percentage removed.
 
 Every change is preceded by a read, so a target already in the wanted state is ``skipped``.
+A spec change carries the read's ``resourceVersion``: if the object changed in between, the API
+server answers 409 Conflict and the plan is decided again on a fresh read (at most
+``MAX_CONFLICTS`` times), so rollbackd never writes over a change it has not seen.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import Any, Callable
@@ -24,7 +29,7 @@ import structlog
 from rollbackd.actions.base import ActionResult, RollbackPlan
 from rollbackd.actions.retry import Attempt, CountsAttempts, RetryPolicy, retrying
 
-__all__ = ["KubernetesBackend", "KINDS", "version_from", "INCIDENT_ANNOTATION"]
+__all__ = ["KubernetesBackend", "KINDS", "version_from", "INCIDENT_ANNOTATION", "MAX_CONFLICTS"]
 
 KINDS = ("deployment", "argo-rollout", "kserve")
 INCIDENT_ANNOTATION = "rollbackd.io/incident"
@@ -33,6 +38,8 @@ STRATEGIC = "application/strategic-merge-patch+json"
 MERGE = "application/merge-patch+json"
 ARGO = ("argoproj.io", "v1alpha1", "rollouts")
 KSERVE = ("serving.kserve.io", "v1beta1", "inferenceservices")
+ABORT = {"status": {"abort": True}}
+MAX_CONFLICTS = 3  # fresh reads after a 409 before giving up: more means something keeps writing
 
 log = structlog.get_logger("rollbackd.actions.kubernetes")
 
@@ -54,6 +61,21 @@ def version_from(template: str, value: str | None) -> str | None:
 class _Failed(Exception):
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
+
+
+class _Conflict(_Failed):
+    """HTTP 409 on a write: the object changed since it was read."""
+
+
+def _status_message(exc: Any) -> str:
+    """The API server's own words from a failed call's ``Status`` body (for a 403: who may not do
+    what to which resource), cut to a line; ``""`` if the body is not a Status."""
+    try:
+        message = json.loads(exc.body or "").get("message", "")
+    except (ValueError, AttributeError, TypeError):
+        return ""
+    message = " ".join(str(message).split())
+    return message if len(message) <= 300 else message[:297] + "..."
 
 
 class KubernetesBackend(CountsAttempts):
@@ -121,7 +143,9 @@ class KubernetesBackend(CountsAttempts):
                 if not exc.status:
                     return Attempt(error=ConnectionError(str(exc.reason)))
                 headers = exc.headers or {}
-                return Attempt(status=exc.status, retry_after=headers.get("Retry-After"), reason=exc.reason or "")
+                reason, message = exc.reason or "", _status_message(exc)
+                reason = f"{reason}: {message}" if message and message != reason else reason or message
+                return Attempt(status=exc.status, retry_after=headers.get("Retry-After"), reason=reason)
             except Urllib3Error as exc:  # refused, reset, timed out: retried like any network error
                 return Attempt(error=ConnectionError(f"{type(exc).__name__}: {exc}"))
 
@@ -129,7 +153,8 @@ class KubernetesBackend(CountsAttempts):
         self.attempts += result.attempts
         if not result.ok:
             why = "gave up" if result.outcome == "give_up" else f"gave up after {result.attempts} attempts"
-            raise _Failed(f"{what}: {why}: {result.last.describe()}")
+            error = _Conflict if result.last.status == 409 else _Failed
+            raise error(f"{what}: {why}: {result.last.describe()}")
         value = box["value"]
         return value if isinstance(value, dict) else self._client.sanitize_for_serialization(value)
 
@@ -145,9 +170,12 @@ class KubernetesBackend(CountsAttempts):
         return self._call(f"read {plural} {self.namespace}/{target}", api.get_namespaced_custom_object,
                           group, version, self.namespace, plural, target)
 
-    def _patch(self, target: str, body: dict[str, Any]) -> None:
+    def _patch(self, target: str, body: dict[str, Any], resource_version: str | None = None) -> None:
+        """Patches the object; with ``resource_version``, only if it is still the one read."""
         from kubernetes import client
 
+        if resource_version:
+            body = {**body, "metadata": {**body.get("metadata", {}), "resourceVersion": resource_version}}
         if self.kind == "deployment":
             api = client.AppsV1Api(self._client)
             self._call(f"patch deployment {self.namespace}/{target}", api.patch_namespaced_deployment,
@@ -156,12 +184,20 @@ class KubernetesBackend(CountsAttempts):
         api = client.CustomObjectsApi(self._client)
         if self.kind == "argo-rollout":
             group, version, plural = ARGO
-            self._call(f"abort rollout {self.namespace}/{target}", api.patch_namespaced_custom_object_status,
+            self._call(f"annotate rollout {self.namespace}/{target}", api.patch_namespaced_custom_object,
                        group, version, self.namespace, plural, target, body, _content_type=MERGE)
             return
         group, version, plural = KSERVE
         self._call(f"patch inferenceservice {self.namespace}/{target}", api.patch_namespaced_custom_object,
                    group, version, self.namespace, plural, target, body, _content_type=MERGE)
+
+    def _abort(self, target: str) -> None:
+        from kubernetes import client
+
+        group, version, plural = ARGO
+        api = client.CustomObjectsApi(self._client)
+        self._call(f"abort rollout {self.namespace}/{target}", api.patch_namespaced_custom_object_status,
+                   group, version, self.namespace, plural, target, ABORT, _content_type=MERGE)
 
     # -- reading an object -----------------------------------------------------------------
 
@@ -228,11 +264,11 @@ class KubernetesBackend(CountsAttempts):
         return predictor.get("canaryTrafficPercent") == 0
 
     def _body(self, obj: dict[str, Any], plan: RollbackPlan) -> dict[str, Any]:
-        if self.kind == "argo-rollout":
-            return {"status": {"abort": True}}
         annotations = {INCIDENT_ANNOTATION: plan.incident_id}
         if plan.from_version:
             annotations[FROM_ANNOTATION] = plan.from_version
+        if self.kind == "argo-rollout":  # sent after the abort, to the Rollout itself
+            return {"metadata": {"annotations": annotations}}
         if self.kind == "kserve":
             predictor: dict[str, Any]
             if self.storage_uri_template:
@@ -260,22 +296,64 @@ class KubernetesBackend(CountsAttempts):
                          to_version=plan.to_version, kind=self.kind, namespace=self.namespace, name=target)
         self.attempts = 0
         data: dict[str, Any] = {"kind": self.kind, "namespace": self.namespace, "name": target}
+        if self.kind == "argo-rollout":
+            return self._apply_abort(plan, target, data, bound)
+        conflicts = 0
         try:
-            obj = self._get(target)
-            if self._already(obj, plan):
+            while True:
+                obj = self._get(target)
+                if self._already(obj, plan):
+                    bound.info("rollback.kubernetes", outcome="skipped", attempts=self.attempts,
+                               conflicts=conflicts)
+                    return ActionResult("skipped", f"{self.kind} {self.namespace}/{target} already rolled back",
+                                        attempts=self.attempts, data={**data, "conflicts": conflicts})
+                body = self._body(obj, plan)
+                data["patch"] = body
+                try:
+                    self._patch(target, body, (obj.get("metadata") or {}).get("resourceVersion"))
+                    break
+                except _Conflict as exc:
+                    conflicts += 1
+                    bound.warning("rollback.kubernetes.conflict", attempts=self.attempts, detail=str(exc))
+                    if conflicts > MAX_CONFLICTS:
+                        raise _Failed(
+                            f"{self.kind} {self.namespace}/{target} changed under every write "
+                            f"({conflicts} resourceVersion conflicts in a row; something else keeps "
+                            f"writing to it): {exc}"
+                        ) from None
+        except _Failed as exc:
+            bound.error("rollback.kubernetes", outcome="failed", attempts=self.attempts, detail=str(exc))
+            return ActionResult("failed", str(exc), attempts=self.attempts,
+                                data={**data, "conflicts": conflicts})
+        bound.info("rollback.kubernetes", outcome="succeeded", attempts=self.attempts, conflicts=conflicts)
+        return ActionResult("succeeded", f"{self.kind} {self.namespace}/{target} set to {plan.to_version}",
+                            attempts=self.attempts, data={**data, "conflicts": conflicts})
+
+    def _apply_abort(self, plan: RollbackPlan, target: str, data: dict[str, Any], bound: Any) -> ActionResult:
+        """Abort first (what stops the harm), then the annotations on the Rollout. A failed
+        annotation does not undo nor fail the abort: the result says what is missing."""
+        try:
+            if self._already(self._get(target), plan):
                 bound.info("rollback.kubernetes", outcome="skipped", attempts=self.attempts)
-                return ActionResult("skipped", f"{self.kind} {self.namespace}/{target} already rolled back",
+                return ActionResult("skipped", f"rollout {self.namespace}/{target} already aborted",
                                     attempts=self.attempts, data=data)
-            body = self._body(obj, plan)
-            data["patch"] = body
-            self._patch(target, body)
+            data["patch"] = ABORT
+            self._abort(target)
         except _Failed as exc:
             bound.error("rollback.kubernetes", outcome="failed", attempts=self.attempts, detail=str(exc))
             return ActionResult("failed", str(exc), attempts=self.attempts, data=data)
-        bound.info("rollback.kubernetes", outcome="succeeded", attempts=self.attempts)
-        what = "aborted" if self.kind == "argo-rollout" else f"set to {plan.to_version}"
-        return ActionResult("succeeded", f"{self.kind} {self.namespace}/{target} {what}",
-                            attempts=self.attempts, data=data)
+        body = self._body({}, plan)
+        data["annotate"] = body
+        try:
+            self._patch(target, body)
+        except _Failed as exc:
+            bound.warning("rollback.kubernetes", outcome="succeeded", attempts=self.attempts, annotated=False,
+                          detail=str(exc))
+            return ActionResult("succeeded", f"rollout {self.namespace}/{target} aborted; not annotated: {exc}",
+                                attempts=self.attempts, data={**data, "annotated": False})
+        bound.info("rollback.kubernetes", outcome="succeeded", attempts=self.attempts, annotated=True)
+        return ActionResult("succeeded", f"rollout {self.namespace}/{target} aborted",
+                            attempts=self.attempts, data={**data, "annotated": True})
 
     def pause(self, deployment: str, variant: str, incident_id: str) -> ActionResult:
         """Argo Rollouts: merge-patch ``spec.paused: true`` (what ``kubectl argo rollouts pause``
@@ -340,11 +418,32 @@ class KubernetesBackend(CountsAttempts):
                 return ActionResult("failed", f"rollout in progress: {counts}, want {want}",
                                     data={"pending": True, **counts})
             return ActionResult("succeeded", f"rolled out: {want} replicas at {plan.to_version}", data=counts)
+        if self.kind == "argo-rollout":
+            return self._verify_abort(target, status)
         if self.kind == "kserve":
             ready = [c for c in status.get("conditions") or [] if c.get("type") == "Ready"]
             if ready and ready[0].get("status") != "True":
                 return ActionResult("failed", "InferenceService not Ready yet", data={"pending": True})
+            # KServe reports the split it routes: the latest revision is the canary's.
+            traffic = ((status.get("components") or {}).get("predictor") or {}).get("traffic") or []
+            latest = [t.get("percent") or 0 for t in traffic if t.get("latestRevision")]
+            if not self.storage_uri_template and latest and latest[0] > 0:
+                return ActionResult("failed", f"InferenceService canary still gets {latest[0]}% of traffic",
+                                    data={"pending": True, "canary_percent": latest[0]})
         return ActionResult("succeeded", f"{self.kind} {self.namespace}/{target} rolled back",
+                            data={"phase": status.get("phase")})
+
+    def _verify_abort(self, target: str, status: dict[str, Any]) -> ActionResult:
+        # status.abort is ours; abortedAt is the controller's ("reconciled an aborted rollout").
+        if not status.get("abortedAt"):
+            return ActionResult("failed", f"rollout {self.namespace}/{target}: abort requested, not yet "
+                                "reconciled by the Argo Rollouts controller (no status.abortedAt)",
+                                data={"pending": True, "phase": status.get("phase")})
+        weight = ((((status.get("canary") or {}).get("weights") or {}).get("canary")) or {}).get("weight")
+        if weight:
+            return ActionResult("failed", f"rollout {self.namespace}/{target} aborted; the canary still "
+                                f"gets {weight}% of traffic", data={"pending": True, "canary_weight": weight})
+        return ActionResult("succeeded", f"rollout {self.namespace}/{target} aborted at {status['abortedAt']}",
                             data={"phase": status.get("phase")})
 
 
