@@ -38,8 +38,9 @@ What runs (all on 127.0.0.1, free ports, one temporary folder):
   ``system:masters``; :attr:`nobody_token` is ``nobody``, in no group, with no rights. Service
   account tokens come from the TokenRequest API (:meth:`service_account_token`).
 * **Authorization**: ``RBAC`` only, so a missing Role is a real 403 with the server's message.
-* **CRDs**: the published ones vendored in ``tests/k8s/crds/`` (Argo Rollouts' ``Rollout``,
-  KServe's ``InferenceService``), sent as YAML so the server, not Python, parses the 2 MB schema.
+* **CRDs**: every CRD ``tests/k8s_crds.py`` knows (Argo Rollouts', Flagger's and
+  prometheus-operator's as published, read from their Go modules; KServe's ``InferenceService``
+  written for these tests), installed at start.
 
 No controllers run: nothing creates pods, replica sets or service-account secrets, and nothing
 writes ``status``. Tests play the controller with :meth:`patch_status` (the status subresource).
@@ -66,6 +67,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import pytest
 
+import k8s_crds
 from kafka_broker import _die_with_parent, free_port
 
 __all__ = [
@@ -80,7 +82,6 @@ __all__ = [
 K8S_VERSION = os.environ.get("ROLLBACKD_K8S_VERSION", "1.34.4")
 HERE = Path(__file__).resolve().parent
 BUILD_SCRIPT = HERE / "k8s" / "build-kube-apiserver.sh"
-CRDS = HERE / "k8s" / "crds"
 FIELD_MANAGER = "rollbackd-tests"
 
 
@@ -136,11 +137,11 @@ class KubeCluster:
         self,
         workdir: str | os.PathLike[str] | None = None,
         version: str = K8S_VERSION,
-        crds: Iterable[Path] = (CRDS,),
+        crds: Iterable[str] | None = None,
         start_timeout: float = 90.0,
     ) -> None:
         self.version = version
-        self.crds = tuple(crds)
+        self.crds = tuple(k8s_crds.NAMES if crds is None else crds)  # PLURAL.GROUP names
         self.start_timeout = start_timeout
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="rollbackd-k8s-"))
@@ -188,8 +189,7 @@ class KubeCluster:
         self._start_apiserver(apiserver, etcd_port)
         self.timings["apiserver"] = time.monotonic() - t1
         t2 = time.monotonic()
-        for path in self.crds:
-            self.install_crds(path)
+        self.install_crd_documents(k8s_crds.crd_documents(self.crds))
         self.timings["crds"] = time.monotonic() - t2
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -344,10 +344,16 @@ class KubeCluster:
         of the same name is replaced."""
         path = Path(path)
         files = sorted(path.glob("*.yaml")) if path.is_dir() else [path]
+        return self._install_crd_texts([(f.name, f.read_text()) for f in files])
+
+    def install_crd_documents(self, documents: Iterable[dict[str, Any]]) -> list[str]:
+        """Like :meth:`install_crds`, for CRD documents (e.g. from ``k8s_crds.crd_documents``)."""
+        return self._install_crd_texts([(d["metadata"]["name"], json.dumps(d)) for d in documents])
+
+    def _install_crd_texts(self, texts: list[tuple[str, str]]) -> list[str]:
         base = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
         names = []
-        for f in files:
-            text = f.read_text()
+        for label, text in texts:
             status, reply = self.request("POST", base, text, content_type="application/yaml")
             if status == 409:  # AlreadyExists: replace it with this file's version
                 name = _crd_name(text)
@@ -355,7 +361,7 @@ class KubeCluster:
                 text = json.dumps(_with_resource_version(_yaml_load(text), current["metadata"]["resourceVersion"]))
                 status, reply = self.request("PUT", f"{base}/{name}", text)
             if status not in (200, 201):
-                raise ClusterFailed(f"installing CRD {f.name} failed: HTTP {status}: {_message(reply)}")
+                raise ClusterFailed(f"installing CRD {label} failed: HTTP {status}: {_message(reply)}")
             names.append(reply["metadata"]["name"])
         for name in names:
             self._wait_served(name)
