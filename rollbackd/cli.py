@@ -32,6 +32,46 @@ class Refused(click.ClickException):
 
 
 _SECONDS = click.FloatRange(min=0.0, min_open=True)  # a positive number of seconds
+ENV_PREFIX = "ROLLBACKD_"
+
+
+class _StrictBool(click.types.BoolParamType):
+    """A switch from the environment: true/false, 1/0, yes/no (any case) and nothing else.
+    click's own reading also takes t, y, on, off...: a typo there (``ROLLBACKD_DRY_RUN=ture``)
+    must stop the start, not be read as some value."""
+
+    name = "boolean"
+    _WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, bool):  # the flag given on the command line
+            return value
+        word = self._WORDS.get(str(value).strip().lower())
+        if word is None:
+            self.fail(f"{value!r} is not a boolean: use true/false, 1/0 or yes/no", param, ctx)
+        return word
+
+
+def _from_environment(*, skip: tuple[str, ...] = ()) -> Any:
+    """Every option of the command also read from ``ROLLBACKD_<OPTION>`` (``--db`` from
+    ``ROLLBACKD_DB``, ``--log-json`` from ``ROLLBACKD_LOG_JSON``) unless it names its own
+    variable, shown in ``--help``; the command line beats the environment, an empty variable
+    counts as unset. ``skip``: options whose environment form is another mechanism
+    (``--kafka-config``: ``ROLLBACKD_KAFKA_<KEY>``). Applied last (outermost decorator), so it
+    sees every option."""
+    def apply(command: click.Command) -> click.Command:
+        for param in command.params:
+            if not isinstance(param, click.Option) or not param.expose_value or param.name in skip:
+                continue  # --version, --help: not settings
+            if param.envvar is None:
+                long = next(o for o in param.opts if o.startswith("--"))
+                param.envvar = ENV_PREFIX + long[2:].upper().replace("-", "_")
+            param.show_envvar = True
+            if isinstance(param.type, click.types.BoolParamType):
+                param.type = _StrictBool()
+        return command
+
+    return apply
 
 
 def _parent_exists(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
@@ -214,6 +254,7 @@ class _Main(click.Group):
             raise
 
 
+@_from_environment()
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="rollbackd")
 @click.option("--log-level", default="warning", show_default=True,
@@ -921,20 +962,21 @@ def _bootstrap(value: str | None) -> str:
     return value
 
 
+@_from_environment(skip=("kafka_config",))
 @main.command()
 @click.option("--config", "-c", "rules", required=True, type=click.Path(dir_okay=False), help="Rules file.")
 @click.option("--bootstrap-servers", envvar="ROLLBACKD_BOOTSTRAP_SERVERS", default=None,
-              help="Kafka bootstrap servers (env ROLLBACKD_BOOTSTRAP_SERVERS or KAFKA_BOOTSTRAP_SERVERS).")
-@click.option("--group-id", envvar="ROLLBACKD_GROUP_ID", default="rollbackd", show_default=True,
-              help="Kafka consumer group (env ROLLBACKD_GROUP_ID); also names the run in the ledger "
+              help="Kafka bootstrap servers (or env KAFKA_BOOTSTRAP_SERVERS).")
+@click.option("--group-id", default="rollbackd", show_default=True,
+              help="Kafka consumer group; also names the run in the ledger "
                    "(live-GROUP), so a restart continues the same run.")
-@click.option("--instance-id", envvar="ROLLBACKD_INSTANCE_ID", default=None,
+@click.option("--instance-id", default=None,
               help="Static group membership (group.instance.id): a restarted instance gets its "
                    "partitions back at once instead of after the session timeout. With "
                    "--state-topic it also names the instance's transactional.id, so a restart "
                    "aborts what its predecessor left open at once.")
 @click.option("--topic", "topics", multiple=True, envvar="ROLLBACKD_TOPICS",
-              help="Topic to consume (repeatable; env ROLLBACKD_TOPICS, space-separated). "
+              help="Topic to consume (repeatable; in the environment, space-separated). "
                    "Default: predictions and outcomes.")
 @click.option("--kafka-config", "kafka_config", multiple=True,
               help="librdkafka setting KEY=VALUE (repeatable), e.g. security.protocol=SASL_SSL. "
@@ -964,14 +1006,14 @@ def _bootstrap(value: str | None) -> str:
               help="Most messages consumed and processed per step.")
 @click.option("--dry-run", is_flag=True,
               help="Every rollback is a dry run, whatever the rules file says (even dry_run: false).")
-@click.option("--http", "http_listen", envvar="ROLLBACKD_HTTP", default=None, metavar="[HOST:]PORT",
+@click.option("--http", "http_listen", default=None, metavar="[HOST:]PORT",
               help="Serve /metrics, /healthz, /readyz, /incidents (a bare port means 127.0.0.1; "
                    "0.0.0.0:9464 in a container).")
-@click.option("--state-topic", envvar="ROLLBACKD_STATE_TOPIC", default=None,
+@click.option("--state-topic", default=None,
               help="Scale out: keep task state in this compacted topic (instead of --checkpoint), so "
                    "partitions can move between the instances of the group. State, decisions and "
                    "offsets are committed in Kafka transactions (exactly-once; brokers >= 2.5).")
-@click.option("--decisions-topic", envvar="ROLLBACKD_DECISIONS_TOPIC", default=None,
+@click.option("--decisions-topic", default=None,
               help="With --state-topic: publish every decision here (default: <state topic>.decisions).")
 @click.option("--measurements-out", type=click.Path(dir_okay=False), default=None, callback=_parent_exists,
               help="Append every evaluation to this file (JSON Lines, flushed every minute of event time); "
