@@ -955,6 +955,20 @@ def _start_digest(config: Any, notifier: Any, db: str, run_id: str, deliver: Any
     return digest
 
 
+def _environment_secret(name: str) -> str | None:
+    """A secret the daemon reads from its environment: from the file ``<name>_FILE`` names (a
+    mounted Kubernetes Secret), else from ``<name>``; a file named but unusable stops the start."""
+    from rollbackd.actions.factory import read_secret_file
+
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        try:
+            return read_secret_file("rollbackd", f"{name}_FILE", path)
+        except ValueError as exc:
+            raise Refused(str(exc)) from None
+    return os.environ.get(name) or None
+
+
 def _bootstrap(value: str | None) -> str:
     value = value or os.environ.get("ROLLBACKD_BOOTSTRAP_SERVERS") or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if not value:
@@ -1106,7 +1120,7 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
         try:
             host, port = parse_listen(http_listen)
             slack = None
-            secret = os.environ.get("ROLLBACKD_SLACK_SIGNING_SECRET")
+            secret = _environment_secret("ROLLBACKD_SLACK_SIGNING_SECRET")
             if secret:
                 from rollbackd.daemon.http import SlackInteractions
 
