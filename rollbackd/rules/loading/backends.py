@@ -8,6 +8,7 @@ from typing import Any, Callable, Mapping
 
 from yaml.nodes import MappingNode, Node, SequenceNode
 
+from rollbackd.rules.loading.extras import missing_extra
 from rollbackd.rules.loading.reader import INVALID, Check, NodeReader, kind, sub
 from rollbackd.rules.model import BackendSpec
 
@@ -92,6 +93,10 @@ class BackendReader:
             return None
         backend_type, options = typed
         if backend_type == "kubernetes" and not self.kubernetes_options(node, path, options):
+            return None
+        missing = missing_extra("backend", backend_type)
+        if missing is not None:
+            self.read.error(node, sub(path, "type"), missing)
             return None
         if "max_attempts" in options:
             # ``max_attempts: N`` is shorthand for ``retry: {max_attempts: N}``.
