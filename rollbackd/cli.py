@@ -340,10 +340,8 @@ def _prepare(config: Any, notifier_spec: Any, dry_run: bool) -> tuple[Any, Any, 
     dry-run applied), the notifier and the configured deployments' backends."""
     from rollbackd.actions.factory import make_backend, make_notifier
 
-    if dry_run:  # an operator's override: no rule's or deployment's dry_run: false beats it
-        config = dataclasses.replace(
-            config, settings=dataclasses.replace(config.settings, dry_run=True, force_dry_run=True)
-        )
+    if dry_run:
+        config = _forced_dry_run(config)
     for dep in config.deployments.values():
         if dep.reference and not Path(dep.reference).is_file():
             click.echo(f"deployment {dep.name}: reference file {dep.reference} not found", err=True)
@@ -355,6 +353,11 @@ def _prepare(config: Any, notifier_spec: Any, dry_run: bool) -> tuple[Any, Any, 
         click.echo(f"{config.source}: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     return config, notifier, backends
+
+
+def _forced_dry_run(config: Any) -> Any:
+    """``--dry-run``: an operator's override; no rule's or deployment's dry_run: false beats it."""
+    return dataclasses.replace(config, settings=dataclasses.replace(config.settings, dry_run=True, force_dry_run=True))
 
 
 def _measurements(path: str | None, config: Any, *, append: bool = False, flush_every: float | None = None) -> Any:
@@ -969,6 +972,22 @@ def _environment_secret(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
+def _reload_config(path: str, dry_run: bool) -> Any:
+    """The rules file read again for a reload, checked as at start (``ConfigError`` lists every
+    error), ``--dry-run`` applied as at start; the reference files its deployments name must
+    still exist (``ValueError``)."""
+    from rollbackd.rules.loader import load_config
+
+    config = load_config(path)
+    if dry_run:
+        config = _forced_dry_run(config)
+    missing = [f"deployment {d.name}: reference file {d.reference} not found"
+               for d in config.deployments.values() if d.reference and not Path(d.reference).is_file()]
+    if missing:
+        raise ValueError("\n".join(missing))
+    return config
+
+
 def _bootstrap(value: str | None) -> str:
     value = value or os.environ.get("ROLLBACKD_BOOTSTRAP_SERVERS") or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if not value:
@@ -1033,6 +1052,10 @@ def _bootstrap(value: str | None) -> str:
               help="Append every evaluation to this file (JSON Lines, flushed every minute of event time); "
                    "see `rollbackd replay --help`. Evaluations after the last checkpoint may appear twice "
                    "after a restart.")
+@click.option("--watch-rules", default=None, type=_SECONDS, metavar="SECONDS",
+              help="Also reload the rules when the file's content changes, looked at every SECONDS "
+                   "(default: only on SIGHUP). A reload applies a file that validates; else the "
+                   "running rules are kept and a notice says why.")
 @_key_file_option
 @_anchors_option
 def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: str | None, topics: tuple[str, ...],
@@ -1040,14 +1063,17 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
         decisions_out: str, checkpoint: str, checkpoint_every: float, idle_after: float,
         lag_limit: int | None, blind_after: float, stop_timeout: float, batch_size: int, dry_run: bool,
         http_listen: str | None, state_topic: str | None, decisions_topic: str | None,
-        measurements_out: str | None, ledger_key_file: str | None, anchors: str | None) -> None:
-    """Run the daemon on Kafka: consume, decide, act; checkpoint and survive restarts."""
+        measurements_out: str | None, watch_rules: float | None, ledger_key_file: str | None,
+        anchors: str | None) -> None:
+    """Run the daemon on Kafka: consume, decide, act; checkpoint and survive restarts.
+    SIGHUP reloads the rules file (see --watch-rules)."""
     import signal
 
     from rollbackd.daemon.clock import WallClock
     from rollbackd.daemon.decisions import DecisionLog
     from rollbackd.daemon.kafka import KafkaDeadLetter, KafkaSource
     from rollbackd.daemon.ledger import Ledger
+    from rollbackd.daemon.reload import RulesReload
     from rollbackd.daemon.replay import build_pipeline
     from rollbackd.daemon.run import Daemon, RunSettings
     from rollbackd.daemon.scaleout import DecisionsTopicAnchors, GroupDecisions, GroupRecorder
@@ -1108,6 +1134,7 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
                              batch_size=batch_size, idle_after=idle_after, lag_limit=lag_limit,
                              blind_after=blind_after, stop_timeout=stop_timeout),
         state=group, anchoring=anchoring,
+        reloads=RulesReload(rules, lambda path: _reload_config(path, dry_run), WallClock(), watch_every=watch_rules),
     )
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -1142,6 +1169,7 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
         pipeline.edges.tap = writer
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    daemon.reloads.install()  # SIGHUP: the loop reloads the rules between batches
     # The digest's notice goes through the daemon's executor like every other notice.
     digest = _start_digest(config, notifier, db, ledger.run_id, deliver=daemon.post_from_thread)
     _say("daemon.consuming", f"rollbackd: consuming {', '.join(topic_list)} from {servers} as group {group_id}",
