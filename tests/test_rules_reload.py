@@ -249,7 +249,29 @@ def test_a_firing_alert_of_a_removed_rule_is_resolved_and_a_good_reload_resolves
     assert resolved.kind == "resolved" and resolved.incident_id == "rules-rollbackd"
     assert [r["result"] for r in ledger.rows("rule_reloads")] == ["failed", "ok"]
     assert [r["trigger"] for r in ledger.rows("rule_reloads")] == ["file changed", "file changed"]
+    metrics = scrape(daemon)
+    assert metrics['rollbackd_rules_reloads_total{result="ok"}'] == 1.0
+    assert metrics['rollbackd_rules_reloads_total{result="failed"}'] == 1.0
+    assert metrics["rollbackd_rules_last_reload_success_timestamp_seconds"] == clock.t
+    assert metrics["rollbackd_rules_last_reload_failure_timestamp_seconds"] == clock.t - 10.0
     ledger.close()
+
+
+def scrape(daemon) -> dict[str, float]:
+    """/metrics as Prometheus reads it: sample name with labels -> value."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from rollbackd.daemon.http import MetricsCollector
+
+    registry = CollectorRegistry()
+    registry.register(MetricsCollector(daemon.pipeline, daemon=daemon))
+    out = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+    return out
 
 
 def test_a_reload_that_changes_settings_is_refused(recording, tmp_path):

@@ -48,6 +48,7 @@ from rollbackd.daemon.versions import VersionHistory
 from rollbackd.daemon.windows import WindowAssembler
 from rollbackd.detectors.base import Detector, Labeled, Measurement, Reference, Window
 from rollbackd.events import Deploy, Event, Outcome, Prediction, Rejected
+from rollbackd.measurements import FollowsRules
 from rollbackd.rules.alerts import Alert, AlertState
 from rollbackd.rules.incidents import Incident, IncidentBook
 from rollbackd.rules.model import Config, RuleSpec, WindowSpec
@@ -655,6 +656,8 @@ class Pipeline:
             if any(r.needs_labels and r.applies_to(*key) for r in config.rules):
                 self.joiner.track(key[0])
         self._relabel_pending(old_evaluator)
+        if isinstance(self.edges.tap, FollowsRules):  # /metrics, --measurements-out: a new rule's records
+            self.edges.tap.rules_changed(config)
         for (name, key), alert in sorted(dropped):
             if alert.state == AlertState.FIRING and (name, key) not in muted:
                 self._effects(self.book.alert_resolved(alert.id, key[0], now))
