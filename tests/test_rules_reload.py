@@ -287,3 +287,20 @@ def test_a_reload_that_changes_settings_is_refused(recording, tmp_path):
     assert daemon.reloads.counts == {"failed": 1}
     assert "settings changed: a reload applies rules and inhibit rules only" in ledger.rows("rule_reloads")[0]["detail"]
     ledger.close()
+
+
+def test_a_reload_needing_other_panes_is_refused_and_changes_nothing(recording, tmp_path):
+    pipeline = build_pipeline(load_config(RULES))
+    source = RecordingSource(str(recording))
+    for _ in range(5):
+        batch = source.read(BATCH)
+        pipeline.ingest(batch.events)
+        pipeline.advance(pipeline.watermark)
+    source.close()
+    state = (pipeline.config, dict(pipeline.detectors), dict(pipeline.alerts), pipeline.assembler)
+    text = rules_text(lambda d: d["rules"].append({**NEW_RULE, "window": {"size": "30s"}}))
+    rules = tmp_path / "r.yaml"
+    rules.write_text(text)
+    with pytest.raises(ValueError, match="panes of 30s, the running ones 60s: restart"):
+        pipeline.replace_rules(load_config(rules), pipeline.watermark)
+    assert (pipeline.config, pipeline.detectors, pipeline.alerts, pipeline.assembler) == state

@@ -79,21 +79,13 @@ class RulesReload:
         digest = _digest(self.path)
         self._digest = digest  # a file that fails is not retried until it changes again (or SIGHUP)
         try:
-            config = self._load(self.path)
-            change = daemon.replace_rules(config)
-        except Exception as exc:  # noqa: BLE001 - ConfigError, OSError, ValueError: the old rules stay
-            detail = _text(exc)
-            self.counts["failed"] += 1
-            self.last_failure = now
-            log.error("rules.reload_failed", path=self.path, trigger=trigger, detail=detail)
-            self._record(daemon, "failed", trigger, digest, None, detail)
-            lines = detail.splitlines()
-            shown = "\n".join(lines[:_NOTICE_LINES]) + (f"\n... and {len(lines) - _NOTICE_LINES} more line(s)"
-                                                       if len(lines) > _NOTICE_LINES else "")
-            self._notice(daemon, "opened", now, f"[RULES] {daemon.name}: reload of {self.path} failed; "
-                         "the running rules are kept", shown)
-            self._failing = True
-            return False
+            config = self._load(self.path)  # nothing changed yet: no file may stop the daemon
+        except Exception as exc:  # noqa: BLE001 - ConfigError, OSError, or a bug in the checker
+            return self._failed(daemon, trigger, now, digest, _text(exc))
+        try:
+            change = daemon.replace_rules(config)  # checks before it changes anything
+        except ValueError as exc:
+            return self._failed(daemon, trigger, now, digest, str(exc))
         self.counts["ok"] += 1
         self.last_success = now
         log.info("rules.reloaded", path=self.path, trigger=trigger, added=list(change.added),
@@ -104,6 +96,20 @@ class RulesReload:
             self._notice(daemon, "resolved", now, f"[RULES] {daemon.name}: {self.path} reloaded",
                          change.describe())
         return True
+
+    def _failed(self, daemon: "Daemon", trigger: str, now: float, digest: str | None, detail: str) -> bool:
+        """A reload refused: the running rules stay; said in the log, the ledger and a notice."""
+        self.counts["failed"] += 1
+        self.last_failure = now
+        log.error("rules.reload_failed", path=self.path, trigger=trigger, detail=detail)
+        self._record(daemon, "failed", trigger, digest, None, detail)
+        lines = detail.splitlines()
+        shown = "\n".join(lines[:_NOTICE_LINES]) + (f"\n... and {len(lines) - _NOTICE_LINES} more line(s)"
+                                                   if len(lines) > _NOTICE_LINES else "")
+        self._notice(daemon, "opened", now, f"[RULES] {daemon.name}: reload of {self.path} failed; "
+                     "the running rules are kept", shown)
+        self._failing = True
+        return False
 
     def _record(self, daemon: "Daemon", result: str, trigger: str, digest: str | None,
                 change: dict[str, list[str]] | None, detail: str) -> None:
