@@ -32,6 +32,46 @@ class Refused(click.ClickException):
 
 
 _SECONDS = click.FloatRange(min=0.0, min_open=True)  # a positive number of seconds
+ENV_PREFIX = "ROLLBACKD_"
+
+
+class _StrictBool(click.types.BoolParamType):
+    """A switch from the environment: true/false, 1/0, yes/no (any case) and nothing else.
+    click's own reading also takes t, y, on, off...: a typo there (``ROLLBACKD_DRY_RUN=ture``)
+    must stop the start, not be read as some value."""
+
+    name = "boolean"
+    _WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, bool):  # the flag given on the command line
+            return value
+        word = self._WORDS.get(str(value).strip().lower())
+        if word is None:
+            self.fail(f"{value!r} is not a boolean: use true/false, 1/0 or yes/no", param, ctx)
+        return word
+
+
+def _from_environment(*, skip: tuple[str, ...] = ()) -> Any:
+    """Every option of the command also read from ``ROLLBACKD_<OPTION>`` (``--db`` from
+    ``ROLLBACKD_DB``, ``--log-json`` from ``ROLLBACKD_LOG_JSON``) unless it names its own
+    variable, shown in ``--help``; the command line beats the environment, an empty variable
+    counts as unset. ``skip``: options whose environment form is another mechanism
+    (``--kafka-config``: ``ROLLBACKD_KAFKA_<KEY>``). Applied last (outermost decorator), so it
+    sees every option."""
+    def apply(command: click.Command) -> click.Command:
+        for param in command.params:
+            if not isinstance(param, click.Option) or not param.expose_value or param.name in skip:
+                continue  # --version, --help: not settings
+            if param.envvar is None:
+                long = next(o for o in param.opts if o.startswith("--"))
+                param.envvar = ENV_PREFIX + long[2:].upper().replace("-", "_")
+            param.show_envvar = True
+            if isinstance(param.type, click.types.BoolParamType):
+                param.type = _StrictBool()
+        return command
+
+    return apply
 
 
 def _parent_exists(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
@@ -214,6 +254,7 @@ class _Main(click.Group):
             raise
 
 
+@_from_environment()
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="rollbackd")
 @click.option("--log-level", default="warning", show_default=True,
@@ -299,10 +340,8 @@ def _prepare(config: Any, notifier_spec: Any, dry_run: bool) -> tuple[Any, Any, 
     dry-run applied), the notifier and the configured deployments' backends."""
     from rollbackd.actions.factory import make_backend, make_notifier
 
-    if dry_run:  # an operator's override: no rule's or deployment's dry_run: false beats it
-        config = dataclasses.replace(
-            config, settings=dataclasses.replace(config.settings, dry_run=True, force_dry_run=True)
-        )
+    if dry_run:
+        config = _forced_dry_run(config)
     for dep in config.deployments.values():
         if dep.reference and not Path(dep.reference).is_file():
             click.echo(f"deployment {dep.name}: reference file {dep.reference} not found", err=True)
@@ -314,6 +353,11 @@ def _prepare(config: Any, notifier_spec: Any, dry_run: bool) -> tuple[Any, Any, 
         click.echo(f"{config.source}: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     return config, notifier, backends
+
+
+def _forced_dry_run(config: Any) -> Any:
+    """``--dry-run``: an operator's override; no rule's or deployment's dry_run: false beats it."""
+    return dataclasses.replace(config, settings=dataclasses.replace(config.settings, dry_run=True, force_dry_run=True))
 
 
 def _measurements(path: str | None, config: Any, *, append: bool = False, flush_every: float | None = None) -> Any:
@@ -914,6 +958,36 @@ def _start_digest(config: Any, notifier: Any, db: str, run_id: str, deliver: Any
     return digest
 
 
+def _environment_secret(name: str) -> str | None:
+    """A secret the daemon reads from its environment: from the file ``<name>_FILE`` names (a
+    mounted Kubernetes Secret), else from ``<name>``; a file named but unusable stops the start."""
+    from rollbackd.actions.factory import read_secret_file
+
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        try:
+            return read_secret_file("rollbackd", f"{name}_FILE", path)
+        except ValueError as exc:
+            raise Refused(str(exc)) from None
+    return os.environ.get(name) or None
+
+
+def _reload_config(path: str, dry_run: bool) -> Any:
+    """The rules file read again for a reload, checked as at start (``ConfigError`` lists every
+    error), ``--dry-run`` applied as at start; the reference files its deployments name must
+    still exist (``ValueError``)."""
+    from rollbackd.rules.loader import load_config
+
+    config = load_config(path)
+    if dry_run:
+        config = _forced_dry_run(config)
+    missing = [f"deployment {d.name}: reference file {d.reference} not found"
+               for d in config.deployments.values() if d.reference and not Path(d.reference).is_file()]
+    if missing:
+        raise ValueError("\n".join(missing))
+    return config
+
+
 def _bootstrap(value: str | None) -> str:
     value = value or os.environ.get("ROLLBACKD_BOOTSTRAP_SERVERS") or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if not value:
@@ -921,20 +995,21 @@ def _bootstrap(value: str | None) -> str:
     return value
 
 
+@_from_environment(skip=("kafka_config",))
 @main.command()
 @click.option("--config", "-c", "rules", required=True, type=click.Path(dir_okay=False), help="Rules file.")
 @click.option("--bootstrap-servers", envvar="ROLLBACKD_BOOTSTRAP_SERVERS", default=None,
-              help="Kafka bootstrap servers (env ROLLBACKD_BOOTSTRAP_SERVERS or KAFKA_BOOTSTRAP_SERVERS).")
-@click.option("--group-id", envvar="ROLLBACKD_GROUP_ID", default="rollbackd", show_default=True,
-              help="Kafka consumer group (env ROLLBACKD_GROUP_ID); also names the run in the ledger "
+              help="Kafka bootstrap servers (or env KAFKA_BOOTSTRAP_SERVERS).")
+@click.option("--group-id", default="rollbackd", show_default=True,
+              help="Kafka consumer group; also names the run in the ledger "
                    "(live-GROUP), so a restart continues the same run.")
-@click.option("--instance-id", envvar="ROLLBACKD_INSTANCE_ID", default=None,
+@click.option("--instance-id", default=None,
               help="Static group membership (group.instance.id): a restarted instance gets its "
                    "partitions back at once instead of after the session timeout. With "
                    "--state-topic it also names the instance's transactional.id, so a restart "
                    "aborts what its predecessor left open at once.")
 @click.option("--topic", "topics", multiple=True, envvar="ROLLBACKD_TOPICS",
-              help="Topic to consume (repeatable; env ROLLBACKD_TOPICS, space-separated). "
+              help="Topic to consume (repeatable; in the environment, space-separated). "
                    "Default: predictions and outcomes.")
 @click.option("--kafka-config", "kafka_config", multiple=True,
               help="librdkafka setting KEY=VALUE (repeatable), e.g. security.protocol=SASL_SSL. "
@@ -964,19 +1039,23 @@ def _bootstrap(value: str | None) -> str:
               help="Most messages consumed and processed per step.")
 @click.option("--dry-run", is_flag=True,
               help="Every rollback is a dry run, whatever the rules file says (even dry_run: false).")
-@click.option("--http", "http_listen", envvar="ROLLBACKD_HTTP", default=None, metavar="[HOST:]PORT",
+@click.option("--http", "http_listen", default=None, metavar="[HOST:]PORT",
               help="Serve /metrics, /healthz, /readyz, /incidents (a bare port means 127.0.0.1; "
                    "0.0.0.0:9464 in a container).")
-@click.option("--state-topic", envvar="ROLLBACKD_STATE_TOPIC", default=None,
+@click.option("--state-topic", default=None,
               help="Scale out: keep task state in this compacted topic (instead of --checkpoint), so "
                    "partitions can move between the instances of the group. State, decisions and "
                    "offsets are committed in Kafka transactions (exactly-once; brokers >= 2.5).")
-@click.option("--decisions-topic", envvar="ROLLBACKD_DECISIONS_TOPIC", default=None,
+@click.option("--decisions-topic", default=None,
               help="With --state-topic: publish every decision here (default: <state topic>.decisions).")
 @click.option("--measurements-out", type=click.Path(dir_okay=False), default=None, callback=_parent_exists,
               help="Append every evaluation to this file (JSON Lines, flushed every minute of event time); "
                    "see `rollbackd replay --help`. Evaluations after the last checkpoint may appear twice "
                    "after a restart.")
+@click.option("--watch-rules", default=None, type=_SECONDS, metavar="SECONDS",
+              help="Also reload the rules when the file's content changes, looked at every SECONDS "
+                   "(default: only on SIGHUP). A reload applies a file that validates; else the "
+                   "running rules are kept and a notice says why.")
 @_key_file_option
 @_anchors_option
 def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: str | None, topics: tuple[str, ...],
@@ -984,14 +1063,17 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
         decisions_out: str, checkpoint: str, checkpoint_every: float, idle_after: float,
         lag_limit: int | None, blind_after: float, stop_timeout: float, batch_size: int, dry_run: bool,
         http_listen: str | None, state_topic: str | None, decisions_topic: str | None,
-        measurements_out: str | None, ledger_key_file: str | None, anchors: str | None) -> None:
-    """Run the daemon on Kafka: consume, decide, act; checkpoint and survive restarts."""
+        measurements_out: str | None, watch_rules: float | None, ledger_key_file: str | None,
+        anchors: str | None) -> None:
+    """Run the daemon on Kafka: consume, decide, act; checkpoint and survive restarts.
+    SIGHUP reloads the rules file (see --watch-rules)."""
     import signal
 
     from rollbackd.daemon.clock import WallClock
     from rollbackd.daemon.decisions import DecisionLog
     from rollbackd.daemon.kafka import KafkaDeadLetter, KafkaSource
     from rollbackd.daemon.ledger import Ledger
+    from rollbackd.daemon.reload import RulesReload
     from rollbackd.daemon.replay import build_pipeline
     from rollbackd.daemon.run import Daemon, RunSettings
     from rollbackd.daemon.scaleout import DecisionsTopicAnchors, GroupDecisions, GroupRecorder
@@ -1052,6 +1134,7 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
                              batch_size=batch_size, idle_after=idle_after, lag_limit=lag_limit,
                              blind_after=blind_after, stop_timeout=stop_timeout),
         state=group, anchoring=anchoring,
+        reloads=RulesReload(rules, lambda path: _reload_config(path, dry_run), WallClock(), watch_every=watch_rules),
     )
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -1064,7 +1147,7 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
         try:
             host, port = parse_listen(http_listen)
             slack = None
-            secret = os.environ.get("ROLLBACKD_SLACK_SIGNING_SECRET")
+            secret = _environment_secret("ROLLBACKD_SLACK_SIGNING_SECRET")
             if secret:
                 from rollbackd.daemon.http import SlackInteractions
 
@@ -1086,6 +1169,7 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
         pipeline.edges.tap = writer
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    daemon.reloads.install()  # SIGHUP: the loop reloads the rules between batches
     # The digest's notice goes through the daemon's executor like every other notice.
     digest = _start_digest(config, notifier, db, ledger.run_id, deliver=daemon.post_from_thread)
     _say("daemon.consuming", f"rollbackd: consuming {', '.join(topic_list)} from {servers} as group {group_id}",

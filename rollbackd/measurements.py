@@ -23,7 +23,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import IO, Any, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import msgspec
 import structlog
@@ -59,6 +59,13 @@ FIELDS = (
 )
 
 VERDICTS = ("breach", "ok", "insufficient", "not_evaluated")
+
+
+@runtime_checkable
+class FollowsRules(Protocol):
+    """A tap that keeps something of each rule: told when a reload changes them."""
+
+    def rules_changed(self, config: Config) -> None: ...
 
 
 class MeasurementTapLike(Protocol):
@@ -357,6 +364,12 @@ class MeasurementWriter:
         if self.flush_every is not None and not self.stopped and ts >= self._flushed_at + self.flush_every:
             self._flushed_at = ts
             self._guarded(self._sink.flush)
+
+    def rules_changed(self, config: Config) -> None:
+        """The rules were reloaded: records of a new or changed rule carry its new definition."""
+        self._rules = {r.name: r for r in config.rules}
+        if isinstance(self.tee, FollowsRules):
+            self.tee.rules_changed(config)
 
     def not_evaluated(self, windows: Iterable[TrailingWindow]) -> None:
         """One ``not_evaluated`` line per trailing window a replay ended inside."""

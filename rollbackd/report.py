@@ -126,6 +126,10 @@ class MeasurementTap:
         self._profiles: dict[Key, deque[WindowProfile]] = {}
         self.evaluations = 0
 
+    def rules_changed(self, config: Any) -> None:
+        """The rules were reloaded: a new rule's kind (drift, calibration) is known from now on."""
+        self._detectors = {r.name: rule_signal(r) for r in config.rules}
+
     def measure(
         self, ts: float, rule: str, deployment: str, variant: str, measurement: Any, window: Any = None
     ) -> None:

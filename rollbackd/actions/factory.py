@@ -1,9 +1,11 @@
 """Backends and notifiers chosen by name from the config, with their options checked here.
 
-Secrets never sit in the rules file: ``secret_env`` / ``token_env`` name environment variables
-read at construction (``env`` is injected for tests); the Slack token defaults to
-``SLACK_BOT_TOKEN``, the MLflow token to ``MLFLOW_TRACKING_TOKEN``. Backends with heavy or
-optional dependencies (kubernetes) are imported only when configured.
+Secrets never need to sit in the rules file: ``secret_env`` / ``token_env`` name environment
+variables, ``secret_file`` / ``token_file`` files (a mounted Kubernetes Secret), read at
+construction, that is at start (``env`` is injected for tests); the Slack token defaults to
+``SLACK_BOT_TOKEN``, the MLflow token to ``MLFLOW_TRACKING_TOKEN``. A webhook header's or a
+command's environment value is a string or ``{file: PATH}`` / ``{env: NAME}``. Backends with
+heavy or optional dependencies (kubernetes) are imported only when configured.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from rollbackd.actions.slack import SlackNotifier
 from rollbackd.actions.webhook import WebhookBackend
 from rollbackd.rules.model import BACKEND_TYPES, NOTIFIER_TYPES, BackendSpec, NotifierSpec
 
-__all__ = ["BACKEND_TYPES", "NOTIFIER_TYPES", "make_backend", "make_notifier"]
+__all__ = ["BACKEND_TYPES", "NOTIFIER_TYPES", "make_backend", "make_notifier", "read_secret_file"]
 
 
 _RETRY_OPTIONS = ("max_attempts", "base_delay", "max_delay", "multiplier")
@@ -42,7 +44,9 @@ _OPTIONS = {
 
 
 def _check_options(kind: str, name: str, options: Mapping[str, Any]) -> None:
-    known = _OPTIONS[(kind, name)]
+    # Each secret's variable (X_env) has its file (X_file) beside it: see _secret.
+    known = tuple(k for option in _OPTIONS[(kind, name)]
+                  for k in ((option, option[:-4] + "_file") if option.endswith("_env") else (option,)))
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(
@@ -52,6 +56,15 @@ def _check_options(kind: str, name: str, options: Mapping[str, Any]) -> None:
 
 
 def _secret(kind: str, options: Mapping[str, Any], key: str, env: Mapping[str, str], default_env: str | None) -> str | None:
+    """The secret ``key`` of a backend or notifier: read from the file ``{key}_file`` names,
+    else from the environment variable ``{key}_env`` names (else ``default_env``); None when
+    none is configured. A file or variable named but unusable is a ``ValueError`` naming the
+    option and the path or variable, never the value."""
+    path = options.get(f"{key}_file")
+    if path is not None:
+        if f"{key}_env" in options:
+            raise ValueError(f"{kind}: set {key}_file or {key}_env, not both")
+        return read_secret_file(kind, f"{key}_file", str(path))
     var = options.get(f"{key}_env", default_env)
     if var is None:
         return None
@@ -59,6 +72,36 @@ def _secret(kind: str, options: Mapping[str, Any], key: str, env: Mapping[str, s
     if not value and f"{key}_env" in options:
         raise ValueError(f"{kind}: environment variable {var!r} ({key}_env) is not set")
     return value or None
+
+
+def read_secret_file(kind: str, option: str, path: str) -> str:
+    """A secret file's content, its trailing newline(s) stripped (``echo tok > f``, a Secret
+    created from a file)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            value = fh.read().rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ValueError(f"{kind}: {option} {path!r} is not UTF-8 text") from None
+    except OSError as exc:
+        raise ValueError(f"{kind}: {option} {path!r} cannot be read ({exc.strerror or exc})") from None
+    if not value.strip():
+        raise ValueError(f"{kind}: {option} {path!r} is empty")
+    return value
+
+
+def _secret_value(kind: str, where: str, value: Any, env: Mapping[str, str]) -> str:
+    """A header's or an environment entry's value: a string as written, or the secret behind
+    ``{file: PATH}`` / ``{env: NAME}``."""
+    if not isinstance(value, Mapping):
+        return str(value)
+    if set(value) == {"file"}:
+        return read_secret_file(kind, f"{where} file", str(value["file"]))
+    if set(value) == {"env"}:
+        found = env.get(str(value["env"]))
+        if not found:
+            raise ValueError(f"{kind}: environment variable {value['env']!r} ({where}) is not set")
+        return found
+    raise ValueError(f"{kind}: {where} must be a string, {{file: PATH}} or {{env: NAME}}")
 
 
 def make_backend(
@@ -96,7 +139,7 @@ def make_backend(
         secret.encode("utf-8") if secret is not None else None,
         timeout=float(options.get("timeout", 5.0)),
         policy=retry,
-        headers={str(k): str(v) for k, v in headers.items()},
+        headers={str(k): _secret_value("webhook backend", f"headers.{k}", v, env) for k, v in headers.items()},
         sleep=sleep,
     )
 
@@ -185,7 +228,7 @@ def _command(options: Mapping[str, Any], env: Mapping[str, str]) -> RollbackBack
     return CommandBackend(
         argv,
         timeout=float(options.get("timeout", 60.0)),
-        env={str(k): str(v) for k, v in child_env.items()},
+        env={str(k): _secret_value(kind, f"env.{k}", v, env) for k, v in child_env.items()},
         env_from=_str_list(kind, options, "env_from") or (),
         cwd=options.get("cwd"),
         current_argv=_str_list(kind, options, "current_argv"),

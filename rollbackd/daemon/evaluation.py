@@ -47,6 +47,12 @@ class RuleEvaluator:
         self._references: dict[str, Reference | None] = {}
         self._sliced: dict[tuple[str, Key], set[str]] = {}  # sliced rule and arm -> its slices' detectors
 
+    def adopt(self, previous: "RuleEvaluator", rules: set[str]) -> None:
+        """Go on from ``previous`` (the evaluator of the rules before a reload) for the rules
+        named in ``rules``, unchanged: the references read, which slices have detectors."""
+        self._references = previous._references
+        self._sliced = {k: v for k, v in previous._sliced.items() if k[0] in rules}
+
     def detector(self, rule: RuleSpec, key: Key) -> Detector:
         det = self.p.detectors.get((rule.name, key))
         if det is None:

@@ -415,6 +415,7 @@ class MetricsCollector:
                                      "with a state store, the task snapshots).")
             size.add_metric([], d.checkpoint_bytes)
             yield size
+        yield from _reload_metrics(getattr(d, "reloads", None))
         lag = self._consumer_lag(now)
         if lag is not None:
             g = GaugeMetricFamily("rollbackd_consumer_lag", "Messages in the assigned partitions not yet read.")
@@ -426,6 +427,23 @@ class MetricsCollector:
         waits on a broker (nor uses the consumer the loop reads from)."""
         lag = getattr(self.daemon, "lag", None)
         return float(lag) if isinstance(lag, (int, float)) else None
+
+
+def _reload_metrics(reloads: Any) -> Iterator[Metric]:
+    """Rules reloads (daemon/reload.py): by result, and when the last of each happened."""
+    if reloads is None:
+        return
+    total = CounterMetricFamily("rollbackd_rules_reloads", "Reloads of the rules file (SIGHUP, the file changed), "
+                                "by result: ok (applied) or failed (the running rules kept).", labels=["result"])
+    for result in ("ok", "failed"):
+        total.add_metric([result], reloads.counts[result])
+    yield total
+    for name, at, what in (("success", reloads.last_success, "applied"), ("failure", reloads.last_failure, "refused")):
+        if at is not None:
+            g = GaugeMetricFamily(f"rollbackd_rules_last_reload_{name}_timestamp_seconds",
+                                  f"When the last reload of the rules was {what} (Unix seconds).")
+            g.add_metric([], at)
+            yield g
 
 
 SLACK_MAX_AGE = 300.0  # Slack's advice: refuse requests signed more than five minutes ago

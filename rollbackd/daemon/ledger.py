@@ -69,6 +69,12 @@ _SCHEMA: dict[str, dict[str, type]] = {
         "incident_id": str, "decision": str, "by": str, "at": float, "reason": str,
         "source": str, "created_wall": str,
     },
+    # A reload of a running daemon's rules (SIGHUP, the file changed): applied (ok) or refused
+    # (failed, the running rules kept); added/changed/removed: rule names, comma-separated.
+    "rule_reloads": {
+        "run_id": str, "start": int, "result": str, "trigger": str, "source": str, "digest": str,
+        "added": str, "changed": str, "removed": str, "detail": str, "created_wall": str,
+    },
     # What the ledger is: `name` = 'ledger', `value` = JSON (see LedgerMeta). Chained like the rest.
     "meta": {"name": str, "value": str},
 }
@@ -402,6 +408,10 @@ class Ledger:
             n += dropped
         self.db.conn.commit()
         return n
+
+    def rules_reload(self, row: dict[str, Any]) -> None:
+        """A reload of this run's rules, applied or refused (``rule_reloads``)."""
+        self._insert("rule_reloads", {"run_id": self.run_id, "start": self.start, **row})
 
     # Silences ---------------------------------------------------------------------------
     # A silence is a row in `silences`; expiring one early adds a row to `silence_expiries`

@@ -254,6 +254,7 @@ class Daemon:
         make_pipeline: Callable[[], Pipeline] | None = None,
         state: Any = None,
         anchoring: Anchoring | None = None,
+        reloads: Any = None,
     ) -> None:
         self.prototype = pipeline
         self._unused: Pipeline | None = pipeline
@@ -269,6 +270,8 @@ class Daemon:
         self.state = state
         # Publishes the ledger's chain heads once a checkpoint covers them (see daemon/audit.py).
         self.anchoring = anchoring
+        # SIGHUP (or a changed file) reloads the rules between batches (daemon/reload.py).
+        self.reloads = reloads
         self.tasks: dict[int, Task] = {}
         self._stop = threading.Event()
         self._wait = wait or self._stop.wait
@@ -341,6 +344,24 @@ class Daemon:
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    def replace_rules(self, config: Any) -> Any:
+        """Every pipeline (the tasks', and the one kept for the next task) goes on under
+        ``config``'s rules: see :meth:`Pipeline.replace_rules`. All or none: a config one
+        pipeline refuses, all refuse (they run the same rules), before any has changed.
+        Returns the change (the same for each)."""
+        now = self.clock.now()
+        lead = max((t.watermark for t in self.tasks.values()), default=-math.inf)
+        pipelines = [(t.pipeline, self.event_now(now, t, lead)) for _, t in sorted(self.tasks.items())]
+        held = {id(p) for p, _ in pipelines}
+        for spare in (self.prototype, self._unused):
+            if spare is not None and id(spare) not in held:
+                held.add(id(spare))
+                pipelines.append((spare, spare.watermark))
+        change = None
+        for pipeline, at in pipelines:
+            change = pipeline.replace_rules(config, at)
+        return change
 
     # Start -------------------------------------------------------------------------
     def restore(self) -> bool:
@@ -642,6 +663,8 @@ class Daemon:
         """Work the loop does whether or not it can read: results, handed-over notices."""
         self.effects.drain()
         self.own.post_handed_over()
+        if self.reloads is not None:
+            self.reloads.tend(self)
 
     def post_from_thread(self, notice: Notice, on_result: Callable[[ActionResult], None] | None = None) -> None:
         """See :meth:`OwnNotices.post_from_thread` (the digest's scheduler hands its notice here)."""

@@ -8,11 +8,16 @@ from typing import Any, Callable, Mapping
 
 from yaml.nodes import MappingNode, Node, SequenceNode
 
+from rollbackd.rules.loading.extras import missing_extra
 from rollbackd.rules.loading.reader import INVALID, Check, NodeReader, kind, sub
 from rollbackd.rules.model import BackendSpec
 
 KUBERNETES_KINDS = ("deployment", "argo-rollout", "kserve")
 COMMAND_PLACEHOLDERS = ("deployment", "variant", "to_version", "from_version", "incident")
+
+# Where a header's or a command's environment value may come from instead of the file itself.
+SECRET_SOURCES = ("file", "env")
+_SECRET_NAME = re.compile(r"auth|token|secret|passw|api.?key|private|cookie|credential", re.IGNORECASE)
 
 _REQUIRED = {
     "webhook": ("url",),
@@ -89,6 +94,10 @@ class BackendReader:
         backend_type, options = typed
         if backend_type == "kubernetes" and not self.kubernetes_options(node, path, options):
             return None
+        missing = missing_extra("backend", backend_type)
+        if missing is not None:
+            self.read.error(node, sub(path, "type"), missing)
+            return None
         if "max_attempts" in options:
             # ``max_attempts: N`` is shorthand for ``retry: {max_attempts: N}``.
             retry = dict(options.get("retry", {}))
@@ -148,18 +157,26 @@ class BackendReader:
 
     def string_mapping(self, node: Node, path: str, what: str = "name to string",
                        fold: Callable[[str], str] = str) -> Any:
-        """A mapping of strings to strings; a name given twice (after ``fold``) is an error, not
-        a silent override: the second value of a secret header would otherwise win unseen."""
+        """A mapping of names to values; a name given twice (after ``fold``) is an error, not
+        a silent override: the second value of a secret header would otherwise win unseen.
+
+        A value is a string, or where the secret is: ``{file: PATH}`` (read at start, e.g. a
+        mounted Kubernetes Secret) or ``{env: NAME}``. A literal value under a name that looks
+        secret is allowed, with a warning: it sits in the rules file in plain text."""
         read = self.read
         if not isinstance(node, MappingNode):
             return read.error(node, path, f"expected a mapping of {what}, got {kind(node)}")
-        out: dict[str, str] = {}
+        out: dict[str, Any] = {}
         lines: dict[str, int] = {}
         for key, value, merged in read.flatten(node, path):
             name = read.string(key, path)
-            text = read.string(value, sub(path, name) if isinstance(name, str) else path)
+            where = sub(path, name) if isinstance(name, str) else path
+            text = self.secret_value(value, where)
             if name is INVALID or text is INVALID:
                 return INVALID
+            if isinstance(text, str) and _SECRET_NAME.search(name):
+                read.warn(value, where, f"{name!r} looks like a secret written in the rules file: "
+                          "give {file: PATH} or {env: NAME} instead")
             if fold(name) in lines:
                 if merged:  # an explicit key overrides a merged one (YAML merge semantics)
                     continue
@@ -167,6 +184,20 @@ class BackendReader:
             lines[fold(name)] = key.start_mark.line + 1
             out[name] = text
         return MappingProxyType(out)
+
+    def secret_value(self, node: Node, path: str) -> Any:
+        """A string, or ``{file: PATH}`` / ``{env: NAME}`` (one of them)."""
+        read = self.read
+        if not isinstance(node, MappingNode):
+            return read.string(node, path)
+        pairs = read.mapping(node, path, SECRET_SOURCES)
+        if pairs is None:
+            return INVALID
+        if len(pairs) != 1:
+            return read.error(node, path, "expected a string, {file: PATH} or {env: NAME} (exactly one)")
+        (source, (_, value_node)), = pairs.items()
+        where = read.string(value_node, sub(path, source))
+        return INVALID if where is INVALID else MappingProxyType({source: where})
 
     def headers(self, node: Node, path: str) -> Any:
         # HTTP header names are case-insensitive: X-Token and x-token are one header.

@@ -213,7 +213,13 @@ class NodeReader:
         default_type: str,
         required: Mapping[str, tuple[str, ...]],
     ) -> tuple[str, dict[str, Any]] | None:
-        """A ``{type: NAME, ...options}`` mapping whose allowed options depend on ``type``."""
+        """A ``{type: NAME, ...options}`` mapping whose allowed options depend on ``type``.
+
+        A secret named by an option ``X_env`` (the environment variable holding it) may come
+        from ``X_file`` instead (a file holding it, e.g. a mounted Kubernetes Secret), never
+        from both: every type's schema takes the ``_file`` twin of each of its ``_env``
+        options, so a new backend or notifier gets it by naming its ``_env``."""
+        schema = {name: _with_secret_files(self, checks) for name, checks in schema.items()}
         if is_null(node):
             return default_type, {}
         if not isinstance(node, MappingNode):
@@ -248,6 +254,11 @@ class NodeReader:
         for key in required.get(type_name, ()):
             if key not in pairs or is_null(pairs[key][1]):
                 self.error(node, path, f"type {type_name} requires `{key}`")
+                failed = True
+        for key in options:
+            if key.endswith(SECRET_FILE) and key[: -len(SECRET_FILE)] + SECRET_ENV in options:
+                self.error(pairs[key][0], sub(path, key), f"set {key} or "
+                           f"{key[: -len(SECRET_FILE)] + SECRET_ENV}, not both (one source per secret)")
                 failed = True
         return None if failed else (type_name, options)
 
@@ -358,3 +369,16 @@ class NodeReader:
     def count(self, node: Node, path: str) -> Any:
         """An integer >= 1."""
         return self.number(node, path, integer=True, ge=1)
+
+
+SECRET_ENV, SECRET_FILE = "_env", "_file"
+
+
+def _with_secret_files(read: NodeReader, checks: Mapping[str, Check]) -> dict[str, Check]:
+    """``checks`` with an ``X_file`` (a path) beside each ``X_env``, right after it."""
+    out: dict[str, Check] = {}
+    for key, check in checks.items():
+        out[key] = check
+        if key.endswith(SECRET_ENV):
+            out.setdefault(key[: -len(SECRET_ENV)] + SECRET_FILE, read.string)
+    return out

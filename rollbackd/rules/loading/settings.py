@@ -9,6 +9,7 @@ from typing import Any
 
 from yaml.nodes import Node, ScalarNode
 
+from rollbackd.rules.loading.extras import missing_extra
 from rollbackd.rules.loading.reader import INVALID, Check, NodeReader, kind, sub
 from rollbackd.rules.model import DigestSpec, NotifierSpec, Settings
 
@@ -101,6 +102,10 @@ class SettingsReader:
         if typed is None:
             return None
         notifier_type, options = typed
+        missing = missing_extra("notifier", notifier_type)
+        if missing is not None:
+            read.error(node, sub(path, "type"), missing)
+            return None
         digest = options.pop("digest", None)  # the notifier's schedule, not one of its options
         return NotifierSpec(type=notifier_type, options=MappingProxyType(options), digest=digest)
 
