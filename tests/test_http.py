@@ -226,6 +226,13 @@ def _exported_names(replayed) -> set[str]:
     from prometheus_client import generate_latest
 
     names = {s.name for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
+    # The reload families, as a daemon that has reloaded both ways serves them:
+    from types import SimpleNamespace
+
+    from rollbackd.daemon.http import _reload_metrics
+
+    reloads = SimpleNamespace(counts={"ok": 1, "failed": 1}, last_success=1.0, last_failure=2.0)
+    names |= {s.name for family in _reload_metrics(reloads) for s in family.samples}
     # Only present with a daemon (readiness, blindness, lag, checkpoints):
     return names | {"rollbackd_ready", "rollbackd_blind", "rollbackd_consumer_lag", "rollbackd_checkpoint_age_seconds",
                     "rollbackd_source_failing_seconds", "rollbackd_daemon_events_total",
