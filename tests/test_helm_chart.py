@@ -428,8 +428,13 @@ def test_rendered_chart_applies_to_the_real_api_server(helm, tmp_path, request):
         cluster = request.getfixturevalue("k8s")
     except pytest.FixtureLookupError:
         pytest.skip("no `k8s` fixture (tests/k8s_cluster.py): the real API server harness is not here yet")
-    cluster.install_crds(CRDS / "prometheus-operator-v0.93.0-servicemonitors-crd.yaml")
-    cluster.install_crds(CRDS / "prometheus-operator-v0.93.0-prometheusrules-crd.yaml")
+    from kubernetes.dynamic.exceptions import ResourceNotFoundError
+
+    for kind, crd in (("ServiceMonitor", "servicemonitors"), ("PrometheusRule", "prometheusrules")):
+        try:  # the harness installs every CRD of tests/k8s/crds/ when it starts
+            cluster.resource("monitoring.coreos.com/v1", kind)
+        except ResourceNotFoundError:
+            cluster.install_crds(CRDS / f"prometheus-operator-v0.93.0-{crd}-crd.yaml")
 
     for name, values in COMBINATIONS.items():
         ns = cluster.namespace(f"chart-{name}")
