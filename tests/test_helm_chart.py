@@ -304,8 +304,6 @@ def test_rbac_per_target_namespace_cluster_wide_names_and_off(helm, tmp_path):
     assert workload(docs)["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
     assert only(docs, "ServiceAccount")["automountServiceAccountToken"] is False
 
-    done = helm_template(helm, tmp_path, {**KAFKA, "rbac": {"kinds": ["statefulset"]}})
-    assert done.returncode != 0 and '"statefulset" is not a kubernetes backend kind' in done.stderr
 
 
 def test_secrets_are_read_only_files_and_named_keys_only(helm, tmp_path):
@@ -361,6 +359,18 @@ def test_the_default_rules_validate_and_are_mounted_where_run_reads_them(helm, t
     assert not [d for d in docs if d["kind"] == "ConfigMap"]
     volumes = {v["name"]: v for v in workload(docs)["spec"]["template"]["spec"]["volumes"]}
     assert volumes["rules"]["configMap"]["name"] == "my-rules"
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"rbac": {"kinds": ["statefulset"]}}, "at '/rbac/kinds/0': value must be one of 'deployment', 'argo-rollout', 'kserve'"),
+    ({"statetopic": "typo"}, "additional properties 'statetopic' not allowed"),
+    ({"replicas": 0}, "at '/replicas'"),
+    ({"probes": {"liveness": {"periodSeconds": "10s"}}}, "at '/probes/liveness/periodSeconds'"),
+    ({"secrets": {"mountPath": "relative/dir"}}, "at '/secrets/mountPath'"),
+])
+def test_values_schema_refuses_mistakes_with_their_place(helm, tmp_path, values, message):
+    done = helm_template(helm, tmp_path, {**KAFKA, **values})
+    assert done.returncode != 0 and message in done.stderr, done.stderr
 
 
 def test_bootstrap_servers_are_required(helm, tmp_path):
@@ -421,7 +431,7 @@ def test_rendered_chart_applies_to_the_real_api_server(helm, tmp_path, request):
     OpenAPI schema and admission: what kubeconform would check, and more), with the
     prometheus-operator CRDs of tests/k8s/crds/ installed; then the chart's Role is checked
     on the server: its ServiceAccount's token can get and patch a Deployment, as the
-    kubernetes backend does, and nothing more.
+    kubernetes backend does, and nothing more. And `helm install` of the chart succeeds.
 
     Needs the session fixture `k8s` of tests/k8s_cluster.py (a KubeCluster)."""
     try:
@@ -450,6 +460,17 @@ def test_rendered_chart_applies_to_the_real_api_server(helm, tmp_path, request):
         rule = next((d for d in stored if d["kind"] == "PrometheusRule"), None)
         if rule is not None:
             assert rule["spec"]["groups"] == yaml.safe_load(OPS_RULES.read_text())["groups"]
+
+    # `helm install` itself (Helm's client against the server, the release stored there), and
+    # the NOTES it prints.
+    ns = cluster.namespace("chart-install")
+    done = subprocess.run([helm, "install", "rb", str(CHART), "--namespace", ns, "--kubeconfig", cluster.kubeconfig(),
+                           "--set", "kafka.bootstrapServers=kafka:9092", "--set", "stateTopic=rollbackd.state"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "STATUS: deployed" in done.stdout
+    assert f"kubectl -n {ns} rollout status deployment/rb-rollbackd" in done.stdout
+    assert cluster.get("apps/v1", "Deployment", "rb-rollbackd", ns)["spec"]["replicas"] == 2
 
     # The default RBAC, on the server: a real ServiceAccount token, a real Deployment.
     ns = cluster.namespace("chart-rbac")
