@@ -326,7 +326,8 @@ def test_secrets_are_read_only_files_and_named_keys_only(helm, tmp_path):
     docs = render(helm, tmp_path, COMBINATIONS["rbac-off-no-persistence"])
     secret = only(docs, "Secret")
     assert secret["stringData"] == {"slack-token": "xoxb-test"}
-    assert workload(docs)["spec"]["template"]["spec"]["volumes"][-2]["secret"]["secretName"] == secret["metadata"]["name"]
+    volumes = {v["name"]: v for v in workload(docs)["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["secrets"]["secret"]["secretName"] == secret["metadata"]["name"]
     rendered = yaml.safe_dump(workload(docs))
     assert "xoxb-test" not in rendered, "a secret's value never reaches the pod spec"
 
@@ -385,6 +386,19 @@ def test_the_prometheus_rule_is_ops_alert_rules_file_itself(helm, tmp_path):
     rule = only(docs, "PrometheusRule")
     assert rule["spec"] == yaml.safe_load(OPS_RULES.read_text())
     assert "{{ $labels.instance }}" in yaml.safe_dump(rule["spec"], width=10_000), "Prometheus' templates left alone"
+
+
+def test_the_packaged_chart_carries_the_alert_rules_not_the_link(helm, tmp_path):
+    done = subprocess.run([helm, "package", str(CHART), "--destination", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    import tarfile
+
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    with tarfile.open(tmp_path / f"rollbackd-{chart['version']}.tgz") as tar:
+        member = tar.getmember("rollbackd/files/prometheus-alerts.yaml")
+        assert member.isfile()
+        assert tar.extractfile(member).read() == OPS_RULES.read_bytes()
 
 
 def test_the_service_monitor_scrapes_as_the_job_the_alert_rules_match(helm, tmp_path):
