@@ -296,8 +296,8 @@ def test_compose_and_dockerfile(replayed):
     docker = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim\b", docker, re.M)
     assert re.search(r"^USER (?!root|0\b)\S+", docker, re.M), "runs as a non-root user"
-    assert re.search(r"^RUN pip install \.", docker, re.M)
-    assert re.search(r'^ENTRYPOINT \["rollbackd"\]', docker, re.M)
+    assert re.search(r"^RUN pip install --no-deps \.", docker, re.M)  # the pins: tests/test_image.py
+    assert re.search(r'^ENTRYPOINT \["tini", "--", "rollbackd"\]', docker, re.M)
 
 
 # Hardening: malformed requests, slow clients, handler errors -----------------------------------
