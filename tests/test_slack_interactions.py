@@ -284,6 +284,18 @@ def test_channel_members_are_read_once_per_ttl(workspace):
     assert wrong.is_member(CHANNEL, "U0ALICE") is None
 
 
+def test_the_daemons_endpoint_reads_members_with_the_slack_notifiers_token(workspace, tmp_path):
+    cfg = load_config_text(
+        "version: 1\nsettings: {notifier: {type: slack, channel: '#ml-alerts', token_env: TEAM_TOKEN, "
+        f"base_url: '{workspace.url}/api/'}}}}\nrules: []\n")
+    slack = slack_interactions(cfg, None, SECRET.decode(), str(tmp_path / "l.db"), env={"TEAM_TOKEN": TOKEN},
+                               clock=FixedClock(NOW))
+    assert isinstance(slack.members, SlackChannelMembers)
+    assert slack.members.is_member(CHANNEL, "U0BOB") is True
+    assert slack.responders("payments") == () and slack.approvers("payments") == ()
+    assert slack_interactions(cfg, None, SECRET.decode(), str(tmp_path / "l.db"), env={}).members is None
+
+
 # Configuration ------------------------------------------------------------------------------
 def test_responders_must_be_slack_user_ids():
     base = "version: 1\ndeployments:\n  fraud:\n    slack_responders: {}\nrules: []\n"
@@ -430,8 +442,9 @@ def test_acknowledge_from_slack_stops_repeat_notices(recording, tmp_path):
     ledger.close()
     assert len(in_ledger) == 1 and json.loads(in_ledger[0]["data"])["by"] == "U0BOB"
     # The parent says who took it and drops its Acknowledge button.
-    assert versions[-1][1] == ["rollbackd_silence"] or versions[-1][1] == []
-    assert any(":eyes: Acknowledged by <@U0BOB>" in v[2] for v in versions)
+    assert versions[-1] == ("chat.update", ["rollbackd_silence"],
+                            ":eyes: Acknowledged by <@U0BOB>: no repeat notices until it escalates.")
+    assert all("rollbackd_ack" in v[1] for v in versions[:-1])
 
 
 # The incident book: an acknowledgement holds until the incident escalates -------------------
@@ -472,3 +485,21 @@ def test_an_escalation_ends_the_acknowledgement():
     assert repeats(410, 530) == [460.0, 520.0]
     assert book.acknowledged(inc, "U0BOB", 535.0, 540.0) != []
     assert repeats(540, 700) == []
+
+
+def test_the_live_daemons_endpoint_sees_what_waits(recording, tmp_path):
+    """`rollbackd run` builds the endpoint on the daemon's pipelines (one per task) and clock."""
+    from rollbackd.actions.base import NullNotifier
+    from rollbackd.daemon.run import Daemon
+
+    cfg = config()
+    pipeline = build_pipeline(cfg, notifier=NullNotifier())
+    daemon = Daemon(pipeline, open_recording(str(recording), cfg))
+    slack = slack_interactions(cfg, daemon.pipeline, SECRET.decode(), str(tmp_path / "l.db"), env={},
+                               clock=daemon.clock)
+    assert not slack.waiting("inc-1")
+    daemon.task(0)
+    assert daemon.task(1).pipeline is not daemon.task(0).pipeline  # two partitions, two pipelines
+    daemon.task(1).pipeline.awaiting["inc-1:primary"] = {"incident_id": "inc-1", "deadline": NOW}
+    assert slack.waiting("inc-1") and not slack.waiting("inc-2")
+    assert slack.approvers("demo-scorer") == ("U0ALICE", "bob") and slack.responders("demo-scorer") == ("U0BOB",)
