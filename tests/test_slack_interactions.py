@@ -503,3 +503,34 @@ def test_the_live_daemons_endpoint_sees_what_waits(recording, tmp_path):
     daemon.task(1).pipeline.awaiting["inc-1:primary"] = {"incident_id": "inc-1", "deadline": NOW}
     assert slack.waiting("inc-1") and not slack.waiting("inc-2")
     assert slack.approvers("demo-scorer") == ("U0ALICE", "bob") and slack.responders("demo-scorer") == ("U0BOB",)
+
+
+@pytest.mark.parametrize("fields,buttons,status", [
+    ({}, ["rollbackd_ack", "rollbackd_silence"], None),
+    ({"approval": "waiting"}, ["rollbackd_approve", "rollbackd_reject", "rollbackd_ack", "rollbackd_silence"],
+     ":hourglass: The rollback waits for an approver."),
+    ({"approval": "approve", "approval_by": "U0ALICE"}, ["rollbackd_ack", "rollbackd_silence"],
+     ":white_check_mark: Rollback approved by <@U0ALICE>."),
+    ({"approval": "reject", "approval_by": "<bob>"}, ["rollbackd_ack", "rollbackd_silence"],
+     ":no_entry: Rollback rejected by &lt;bob&gt;."),  # a name from `rollbackd approve`, escaped
+    ({"approval": "approve"}, ["rollbackd_ack", "rollbackd_silence"],
+     ":alarm_clock: Nobody answered in time: rollback approved by default."),
+    ({"acknowledged_by": "W0GRID"}, ["rollbackd_silence"],
+     ":eyes: Acknowledged by <@W0GRID>: no repeat notices until it escalates."),
+])
+def test_the_parent_shows_the_buttons_its_state_allows(fields, buttons, status):
+    from dataclasses import replace
+
+    from rollbackd.actions.slack import build_blocks
+    from test_slack import NOTICE
+
+    blocks = build_blocks(replace(NOTICE, **fields), buttons=True)
+    assert [e["action_id"] for e in blocks[-1]["elements"]] == buttons
+    said = [b["text"]["text"] for b in blocks if b["type"] == "section" and b["text"]["text"][:1] == ":"]
+    assert said == ([status] if status else [])
+    resolved = build_blocks(replace(NOTICE, kind="resolved", **fields), buttons=True)
+    assert resolved[-1]["type"] == "context"  # no buttons on a resolved incident; what happened stays
+    assert [b for b in resolved if b["type"] == "section" and b["text"]["text"][:1] == ":"] == (
+        [{"type": "section", "text": {"type": "mrkdwn", "text": status}}] if status else [])
+    reply = build_blocks(replace(NOTICE, kind="updated", **fields))
+    assert all(b["type"] != "actions" for b in reply)

@@ -21,7 +21,7 @@ from rollbackd.actions.base import ActionResult, AlertSummary, Notice
 from rollbackd.actions.console import fmt_number, utc_iso
 from rollbackd.rules.model import SLACK_USER_ID
 
-__all__ = ["SlackNotifier", "build_blocks", "HEADER_MAX", "SECTION_MAX", "BLOCKS_MAX", "SLACK_USER_ID"]
+__all__ = ["SlackNotifier", "build_blocks", "HEADER_MAX", "SECTION_MAX", "BLOCKS_MAX"]
 
 # Block Kit limits.
 HEADER_MAX = 150
@@ -83,8 +83,8 @@ def _status(notice: Notice) -> str | None:
     if notice.approval == "waiting":
         lines.append(":hourglass: The rollback waits for an approver.")
     elif notice.approval in ("approve", "reject"):
-        verb = "approved" if notice.approval == "approve" else "rejected"
-        lines.append(f":white_check_mark: Rollback {verb} by {_who(notice.approval_by)}." if notice.approval_by
+        verb, mark = ("approved", ":white_check_mark:") if notice.approval == "approve" else ("rejected", ":no_entry:")
+        lines.append(f"{mark} Rollback {verb} by {_who(notice.approval_by)}." if notice.approval_by
                      else f":alarm_clock: Nobody answered in time: rollback {verb} by default.")
     if notice.acknowledged_by:
         lines.append(f":eyes: Acknowledged by {_who(notice.acknowledged_by)}: no repeat notices "
@@ -92,7 +92,7 @@ def _status(notice: Notice) -> str | None:
     return "\n".join(lines) or None
 
 
-def _buttons(notice: Notice) -> dict[str, Any] | None:
+def _buttons(notice: Notice) -> dict[str, Any]:
     """Approve / Reject only while a rollback waits for an approver; Acknowledge until someone
     has; Silence while the incident is open."""
     value = f"{notice.incident_id}|{notice.deployment}"
