@@ -532,5 +532,7 @@ def test_the_parent_shows_the_buttons_its_state_allows(fields, buttons, status):
     assert resolved[-1]["type"] == "context"  # no buttons on a resolved incident; what happened stays
     assert [b for b in resolved if b["type"] == "section" and b["text"]["text"][:1] == ":"] == (
         [{"type": "section", "text": {"type": "mrkdwn", "text": status}}] if status else [])
+    late = build_blocks(replace(NOTICE, kind="updated", closed=True, **fields), buttons=True)
+    assert late[-1]["type"] == "context"  # a reply after it resolved (a late result) adds none back
     reply = build_blocks(replace(NOTICE, kind="updated", **fields))
     assert all(b["type"] != "actions" for b in reply)

@@ -160,6 +160,7 @@ class Notice:
     approval: str | None = None
     approval_by: str | None = None
     acknowledged_by: str | None = None  # who took the incident (its repeat notices stopped)
+    closed: bool = False  # the incident has resolved: a late reply puts no buttons back on its parent
 
 
 class RollbackBackend(Protocol):

@@ -137,7 +137,7 @@ def build_blocks(notice: Notice, buttons: bool = False) -> list[dict[str, Any]]:
         blocks.append(facts)
 
     parent = buttons and notice.kind != "digest"
-    buttons = parent and notice.kind != "resolved"
+    buttons = parent and notice.kind != "resolved" and not notice.closed
     status = _status(notice) if parent else None
     # Keep one for the context block, and one each for the status line and the buttons.
     room = BLOCKS_MAX - len(blocks) - 1 - int(buttons) - int(status is not None)

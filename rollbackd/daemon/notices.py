@@ -71,6 +71,7 @@ def build_notice(p: "Pipeline", inc: Incident, kind: str, ts: float, reason: str
         approval=approval,
         approval_by=decided["by"] if decided and approval != "waiting" else None,
         acknowledged_by=inc.acknowledged_by,
+        closed=not inc.is_open,
     )
     key = f"{inc.id}:notice:{inc.notices_sent}"
     inc.notices_sent += 1
