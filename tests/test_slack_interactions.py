@@ -106,7 +106,8 @@ def metric(server: OpsServer, action: str, outcome: str) -> float:
         text = resp.read().decode()
     line = f'rollbackd_slack_interactions_total{{action="{action}",outcome="{outcome}"}} '
     found = [ln for ln in text.splitlines() if ln.startswith(line)]
-    return float(found[0].split()[-1]) if found else 0.0
+    assert found, f"no series {line}"  # every series exists from the start, at 0
+    return float(found[0].split()[-1])
 
 
 def rows(db, table: str) -> list[dict]:

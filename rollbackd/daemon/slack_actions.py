@@ -186,7 +186,10 @@ class SlackInteractions:
         self.waiting = waiting
         self.members = members
         self.seen = seen or SeenRequests()
-        self.counts: dict[tuple[str, str], int] = {}
+        # Every series from the start, at 0: an alert on increase() needs it before the first one.
+        self.counts: dict[tuple[str, str], int] = {
+            (action, outcome): 0 for action in self.ACTIONS.values() for outcome in OUTCOMES if outcome != "unsigned"}
+        self.counts.update({("unknown", "unsigned"): 0, ("unknown", "bad_request"): 0})
         self._count_lock = threading.Lock()
 
     # Prometheus ------------------------------------------------------------------------
