@@ -1149,13 +1149,10 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
             slack = None
             secret = _environment_secret("ROLLBACKD_SLACK_SIGNING_SECRET")
             if secret:
-                from rollbackd.daemon.http import SlackInteractions
+                from rollbackd.daemon.slack_actions import slack_interactions
 
-                def approvers(deployment: str) -> tuple[str, ...]:
-                    spec = config.deployment(deployment).approval
-                    return spec.approvers if spec is not None else ()
-
-                slack = SlackInteractions(secret.encode(), db, approvers, ledger_key=ledger.key)
+                slack = slack_interactions(config, daemon.pipeline, secret, db, ledger_key=ledger.key,
+                                           clock=daemon.clock)
             ops = serve_daemon(daemon, host, port, notifier=config.settings.notifier.type, slack=slack)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--http") from None

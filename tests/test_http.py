@@ -327,7 +327,8 @@ def body_of(answer: bytes) -> bytes:
 def slack_server(tmp_path):
     from rollbackd.daemon.http import SlackInteractions
 
-    slack = SlackInteractions(b"s3cret", str(tmp_path / "ledger.db"), lambda deployment: ("alice",))
+    slack = SlackInteractions(b"s3cret", str(tmp_path / "ledger.db"), approvers=lambda d: ("U0ALICE",),
+                              responders=lambda d: ("U0ALICE",), waiting=lambda incident: True)
     with OpsServer(CollectorRegistry(), None, port=0, slack=slack) as server:
         yield server
     assert server.errors == []

@@ -1,26 +1,17 @@
-"""The Slack incident thread: replies edit the parent in place (chat.update) and the parent's
-Approve / Reject buttons reach the daemon's interaction endpoint, which accepts only correctly
-signed, fresh requests from listed approvers and turns them into ledger approvals."""
+"""The Slack incident thread: replies edit the parent in place (chat.update); a silence written
+to the ledger (Slack's button) applies by event time. The buttons' endpoint is tested in
+tests/test_slack_interactions.py."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-import urllib.error
-import urllib.request
 from dataclasses import replace
-from urllib.parse import urlencode
 
-import pytest
 from loopback import LoopbackServer, Recorded, Reply, SlackAPI
 from test_slack import NOTICE, TOKEN
 
 from rollbackd.actions.slack import SlackNotifier
-from rollbackd.daemon.audit import verify_ledger as verify_chain
-from rollbackd.daemon.http import OpsServer, SlackInteractions
 from rollbackd.daemon.ledger import Ledger
-from prometheus_client import CollectorRegistry
 
 
 class SlackWithUpdate(SlackAPI):
@@ -55,8 +46,8 @@ def test_a_reply_edits_the_parent_in_place():
     assert "[RESOLVED] fraud" in json.dumps(update["blocks"])
     buttons = update["blocks"][-1]
     assert buttons["type"] == "actions"
-    assert [e["action_id"] for e in buttons["elements"]] == [
-        "rollbackd_approve", "rollbackd_reject", "rollbackd_ack", "rollbackd_silence"]
+    # No rollback waits for approval: no Approve / Reject (tests/test_slack_interactions.py).
+    assert [e["action_id"] for e in buttons["elements"]] == ["rollbackd_ack", "rollbackd_silence"]
     assert buttons["elements"][0]["value"] == "inc-7f3a|fraud"
 
 
@@ -72,105 +63,6 @@ def test_a_resolved_parent_has_no_buttons():
 
     assert build_blocks(NOTICE, buttons=True)[-1]["type"] == "actions"
     assert build_blocks(replace(NOTICE, kind="resolved"), buttons=True)[-1]["type"] == "context"
-
-
-# The interaction endpoint ----------------------------------------------------------------
-SECRET = b"8f742231b10e8888abcd99yyyzzz85a5"
-NOW = 1_790_000_000.0
-
-
-class FixedClock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def now(self) -> float:
-        return self.t
-
-
-def payload(action: str = "rollbackd_approve", user: str = "alice") -> bytes:
-    p = {"type": "block_actions", "user": {"id": "U1", "username": user},
-         "actions": [{"action_id": action, "value": "inc-7f3a|fraud"}]}
-    return urlencode({"payload": json.dumps(p)}).encode()
-
-
-def sign(body: bytes, ts: float, secret: bytes = SECRET) -> dict[str, str]:
-    stamp = str(int(ts))
-    sig = "v0=" + hmac.new(secret, f"v0:{stamp}:".encode() + body, hashlib.sha256).hexdigest()
-    return {"X-Slack-Request-Timestamp": stamp, "X-Slack-Signature": sig,
-            "Content-Type": "application/x-www-form-urlencoded"}
-
-
-@pytest.fixture
-def endpoint(tmp_path):
-    db = tmp_path / "l.db"
-    Ledger(db).close()
-    slack = SlackInteractions(SECRET, str(db), lambda d: ("alice", "bob") if d == "fraud" else (),
-                              clock=FixedClock(NOW))
-    with OpsServer(CollectorRegistry(), None, port=0, slack=slack) as server:
-        yield server, db
-
-
-def post(server, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
-    req = urllib.request.Request(server.url + "/v1/slack/interactions", data=body, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
-def approvals(db) -> list[tuple[str, str, float, str]]:
-    ledger = Ledger(db)
-    rows = ledger.approvals("inc-7f3a")
-    ledger.close()
-    return [(r["decision"], r["by"], r["at"], r["source"]) for r in rows]
-
-
-def test_a_signed_request_from_an_approver_is_recorded(endpoint):
-    server, db = endpoint
-    body = payload()
-    status, answer = post(server, body, sign(body, NOW - 10))
-    assert status == 200 and "approved by alice" in answer["text"]
-    body = payload("rollbackd_reject", user="bob")
-    assert post(server, body, sign(body, NOW))[0] == 200
-    assert approvals(db) == [("approve", "alice", NOW, "slack"), ("reject", "bob", NOW, "slack")]
-    assert verify_chain(db).breaks == []
-
-
-def test_forged_stale_and_unauthorised_requests_are_refused(endpoint):
-    server, db = endpoint
-    body = payload()
-    forged = sign(body, NOW, secret=b"not the secret")
-    assert post(server, body, forged) == (401, {"error": "bad signature"})
-    tampered = sign(body, NOW)
-    assert post(server, payload(user="mallory"), tampered)[0] == 401  # body changed after signing
-    stale = sign(body, NOW - 301)
-    assert post(server, body, stale) == (401, {"error": "stale request (older than five minutes)"})
-    assert post(server, body, {"Content-Type": "application/x-www-form-urlencoded"})[0] == 401
-    intruder = payload(user="mallory")
-    status, answer = post(server, intruder, sign(intruder, NOW))
-    assert status == 403 and "not an approver of fraud" in answer["text"]
-    unknown = payload(action="rollbackd_launch")
-    assert post(server, unknown, sign(unknown, NOW))[0] == 400
-    assert approvals(db) == []
-
-
-def test_acknowledge_and_silence_buttons(endpoint):
-    server, db = endpoint
-    ack = payload("rollbackd_ack", user="bob")
-    status, answer = post(server, ack, sign(ack, NOW))
-    assert status == 200 and answer["text"] == "inc-7f3a: acknowledged by bob."
-    mute = payload("rollbackd_silence")
-    status, answer = post(server, mute, sign(mute, NOW))
-    assert status == 200 and "silenced for 1h by alice" in answer["text"]
-    ledger = Ledger(db)
-    (sil,) = ledger.silences()
-    acks = ledger.rows("acknowledgements")
-    ledger.close()
-    assert (sil.deployment, sil.starts_at, sil.ends_at, sil.created_by) == ("fraud", NOW, NOW + 3600, "alice")
-    assert [(a["incident_id"], a["by"], a["at"]) for a in acks] == [("inc-7f3a", "bob", NOW)]
-    assert approvals(db) == []  # neither counts as an answer to a waiting rollback
-    assert verify_chain(db).breaks == []
 
 
 def test_a_silence_written_to_the_ledger_applies_without_a_restart(tmp_path):

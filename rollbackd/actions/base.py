@@ -154,6 +154,13 @@ class Notice:
     channel: str | None = None
     thread: str | None = None
     drill: bool = False
+    # A rollback of the incident that needs an approver: "waiting" while it waits (only then
+    # may it be approved or rejected), then the answer, "approve" or "reject", and who gave
+    # it (None: nobody answered in time and the configured default applied).
+    approval: str | None = None
+    approval_by: str | None = None
+    acknowledged_by: str | None = None  # who took the incident (its repeat notices stopped)
+    closed: bool = False  # the incident has resolved: a late reply puts no buttons back on its parent
 
 
 class RollbackBackend(Protocol):

@@ -1,7 +1,9 @@
 """Slack notices through the Web API: an incident's first notice is a parent message, the rest
 go into its thread, and each reply also edits the parent in place (``chat.update``) so the
-channel shows the incident's current state. The parent carries Approve / Reject / Acknowledge / Silence 1h buttons, handled
-by the daemon's ``/v1/slack/interactions`` endpoint. Failures come back as a failed
+channel shows the incident's current state: Approve / Reject only while a rollback waits for an
+approver (then who decided), Acknowledge until someone has, Silence 1h while it is open. The
+buttons are handled by the daemon's ``/v1/slack/interactions`` endpoint
+(``daemon/slack_actions.py``). Failures come back as a failed
 :class:`ActionResult`, never as an exception; a failed edit never fails the reply.
 """
 
@@ -17,6 +19,7 @@ from slack_sdk.http_retry import ConnectionErrorRetryHandler, RateLimitErrorRetr
 
 from rollbackd.actions.base import ActionResult, AlertSummary, Notice
 from rollbackd.actions.console import fmt_number, utc_iso
+from rollbackd.rules.model import SLACK_USER_ID
 
 __all__ = ["SlackNotifier", "build_blocks", "HEADER_MAX", "SECTION_MAX", "BLOCKS_MAX"]
 
@@ -67,27 +70,52 @@ def _field(label: str, value: str) -> dict[str, str]:
     return {"type": "mrkdwn", "text": _clip(f"*{label}*\n{_escape(value)}", FIELD_MAX)}
 
 
+def _who(by: str | None) -> str:
+    """A Slack user id as a mention (Slack shows the name); a name from the CLI as it is."""
+    if by is None:
+        return "nobody"
+    return f"<@{by}>" if SLACK_USER_ID.fullmatch(by) else _escape(by)
+
+
+def _status(notice: Notice) -> str | None:
+    """What people did about the incident, for its parent message: the approval, who took it."""
+    lines = []
+    if notice.approval == "waiting":
+        lines.append(":hourglass: The rollback waits for an approver.")
+    elif notice.approval in ("approve", "reject"):
+        verb, mark = ("approved", ":white_check_mark:") if notice.approval == "approve" else ("rejected", ":no_entry:")
+        lines.append(f"{mark} Rollback {verb} by {_who(notice.approval_by)}." if notice.approval_by
+                     else f":alarm_clock: Nobody answered in time: rollback {verb} by default.")
+    if notice.acknowledged_by:
+        lines.append(f":eyes: Acknowledged by {_who(notice.acknowledged_by)}: no repeat notices "
+                     "until it escalates.")
+    return "\n".join(lines) or None
+
+
 def _buttons(notice: Notice) -> dict[str, Any]:
+    """Approve / Reject only while a rollback waits for an approver; Acknowledge until someone
+    has; Silence while the incident is open."""
     value = f"{notice.incident_id}|{notice.deployment}"
-    return {
-        "type": "actions",
-        "block_id": "rollbackd_actions",
-        "elements": [
+    elements: list[dict[str, Any]] = []
+    if notice.approval == "waiting":
+        elements += [
             {"type": "button", "action_id": "rollbackd_approve", "style": "primary", "value": value,
              "text": {"type": "plain_text", "text": "Approve rollback"}},
             {"type": "button", "action_id": "rollbackd_reject", "style": "danger", "value": value,
              "text": {"type": "plain_text", "text": "Reject rollback"}},
-            {"type": "button", "action_id": "rollbackd_ack", "value": value,
-             "text": {"type": "plain_text", "text": "Acknowledge"}},
-            {"type": "button", "action_id": "rollbackd_silence", "value": value,
-             "text": {"type": "plain_text", "text": "Silence 1h"}},
-        ],
-    }
+        ]
+    if not notice.acknowledged_by:
+        elements.append({"type": "button", "action_id": "rollbackd_ack", "value": value,
+                         "text": {"type": "plain_text", "text": "Acknowledge"}})
+    elements.append({"type": "button", "action_id": "rollbackd_silence", "value": value,
+                     "text": {"type": "plain_text", "text": "Silence 1h"}})
+    return {"type": "actions", "block_id": "rollbackd_actions", "elements": elements}
 
 
 def build_blocks(notice: Notice, buttons: bool = False) -> list[dict[str, Any]]:
-    """Block Kit for a notice: header, facts, one section per alert, context (and, for an open
-    incident's parent message, the buttons). Within Slack limits."""
+    """Block Kit for a notice: header, facts, one section per alert, context. For the
+    incident's parent message (``buttons``), what people did about it (approval, acknowledgement)
+    and, while it is open, the buttons they may press. Within Slack limits."""
     title = ("[DRILL] " if notice.drill else "") + notice.title
     blocks: list[dict[str, Any]] = [
         {"type": "header", "text": {"type": "plain_text", "text": _clip(title, HEADER_MAX), "emoji": True}}
@@ -108,8 +136,11 @@ def build_blocks(notice: Notice, buttons: bool = False) -> list[dict[str, Any]]:
     if "fields" in facts or "text" in facts:
         blocks.append(facts)
 
-    buttons = buttons and notice.kind not in ("resolved", "digest")
-    room = BLOCKS_MAX - len(blocks) - 1 - int(buttons)  # keep one for the context block
+    parent = buttons and notice.kind != "digest"
+    buttons = parent and notice.kind != "resolved" and not notice.closed
+    status = _status(notice) if parent else None
+    # Keep one for the context block, and one each for the status line and the buttons.
+    room = BLOCKS_MAX - len(blocks) - 1 - int(buttons) - int(status is not None)
     alerts = list(notice.alerts)
     shown = alerts if len(alerts) <= room else alerts[: room - 1]
     for a in shown:
@@ -122,6 +153,8 @@ def build_blocks(notice: Notice, buttons: bool = False) -> list[dict[str, Any]]:
     if notice.runbook:
         url = notice.runbook.replace("|", "%7C").replace(">", "%3E").replace("<", "%3C")
         context.append({"type": "mrkdwn", "text": _clip(f"<{url}|Runbook>", SECTION_MAX)})
+    if status is not None:
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": _clip(status, SECTION_MAX)}})
     blocks.append({"type": "context", "elements": context})
     if buttons:
         blocks.append(_buttons(notice))

@@ -20,15 +20,12 @@ changed it meanwhile.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import math
 import re
 import socket
 import threading
 import time
-from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator, Mapping, get_args
 from urllib.parse import parse_qs, urlsplit
@@ -43,6 +40,7 @@ from rollbackd import __version__
 from rollbackd.actions.base import Status
 from rollbackd.daemon.clock import Clock, WallClock
 from rollbackd.daemon.gate import Gate, encode as encode_answer, gate_verdict
+from rollbackd.daemon.slack_actions import SlackInteractions  # served at /v1/slack/interactions
 
 __all__ = [
     "DEFAULT_HOST",
@@ -446,103 +444,6 @@ def _reload_metrics(reloads: Any) -> Iterator[Metric]:
             yield g
 
 
-SLACK_MAX_AGE = 300.0  # Slack's advice: refuse requests signed more than five minutes ago
-
-
-class SlackInteractions:
-    """Slack's interactivity endpoint (``POST /v1/slack/interactions``): the Approve, Reject,
-    Acknowledge and Silence 1h buttons of an incident's parent message.
-
-    A request counts only if its ``X-Slack-Signature`` is ``v0=`` + HMAC-SHA256 of
-    ``v0:{X-Slack-Request-Timestamp}:{body}`` under the app's signing secret, its timestamp is
-    within five minutes of ``clock.now()``, and the clicking user (Slack user name or id) is one
-    of the incident's deployment's approvers. An answer becomes an ``approvals`` row of the
-    ledger at ``ledger_path`` (its own connection: this runs on the HTTP thread), which the
-    pipeline reads at its next window boundary like a ``rollbackd approve``; Silence 1h a
-    ``silences`` row for the deployment (read at the next firing); Acknowledge an
-    ``acknowledgements`` row.
-    """
-
-    ACTIONS = {"rollbackd_approve": "approve", "rollbackd_reject": "reject",
-               "rollbackd_ack": "acknowledge", "rollbackd_silence": "silence"}
-    SILENCE_FOR = 3600.0
-
-    def __init__(
-        self,
-        signing_secret: bytes,
-        ledger_path: str,
-        approvers: Callable[[str], tuple[str, ...]],
-        clock: Clock | None = None,
-        ledger_key: bytes | None = None,
-    ) -> None:
-        if not signing_secret:
-            raise ValueError("signing_secret must not be empty")
-        self.secret = signing_secret
-        self.ledger_path = ledger_path
-        self.ledger_key = ledger_key  # the daemon's: the ledger chains these rows under it
-        self.approvers = approvers
-        self.clock = clock or WallClock()
-
-    def verify(self, body: bytes, timestamp: str | None, signature: str | None) -> str | None:
-        """Why the request is refused, or None."""
-        if not timestamp or not signature:
-            return "missing signature headers"
-        try:
-            ts = float(timestamp)
-        except ValueError:
-            return "bad timestamp"
-        if abs(self.clock.now() - ts) > SLACK_MAX_AGE:
-            return "stale request (older than five minutes)"
-        base = b"v0:" + timestamp.encode() + b":" + body
-        expected = "v0=" + hmac.new(self.secret, base, hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(expected, signature):
-            return "bad signature"
-        return None
-
-    def handle(self, body: bytes, headers: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
-        refused = self.verify(body, headers.get("X-Slack-Request-Timestamp"), headers.get("X-Slack-Signature"))
-        if refused is not None:
-            return 401, {"error": refused}
-        try:
-            payload = json.loads(parse_qs(body.decode())["payload"][0])
-            action = payload["actions"][0]
-            incident_id, deployment = str(action["value"]).split("|", 1)
-            user = payload.get("user") or {}
-        except (KeyError, IndexError, ValueError, TypeError, UnicodeDecodeError):
-            return 400, {"error": "not a Slack block_actions payload from rollbackd"}
-        decision = self.ACTIONS.get(action.get("action_id"))
-        if decision is None:
-            return 400, {"error": f"unknown action {action.get('action_id')!r}"}
-        allowed = self.approvers(deployment)
-        who = next((n for n in (user.get("username"), user.get("name"), user.get("id")) if n in allowed), None)
-        if who is None:
-            return 403, {"response_type": "ephemeral", "replace_original": False,
-                         "text": f"You are not an approver of {deployment}."}
-        from rollbackd.daemon.ledger import Ledger
-
-        now = self.clock.now()
-        wall = datetime.fromtimestamp(now, timezone.utc).isoformat()
-        ledger = Ledger(self.ledger_path, run_id="slack", key=self.ledger_key)
-        try:
-            if decision == "acknowledge":
-                ledger.acknowledge(incident_id, who, now, wall)
-                text = f"{incident_id}: acknowledged by {who}."
-            elif decision == "silence":
-                from rollbackd.rules.silences import Silence
-
-                sil = Silence(id="sil-" + hashlib.sha256(f"{incident_id}|{who}|{now}".encode()).hexdigest()[:10],
-                              deployment=deployment, starts_at=now, ends_at=now + self.SILENCE_FOR,
-                              reason=f"silenced from Slack during {incident_id}", created_by=who)
-                ledger.add_silence(sil, wall)
-                text = f"{deployment}: silenced for 1h by {who} ({sil.id})."
-            else:
-                ledger.add_approval(incident_id, decision, who, now, wall, source="slack")
-                text = f"{incident_id}: {decision}d by {who}; rollbackd acts at its next window boundary."
-        finally:
-            ledger.close()
-        return 200, {"response_type": "ephemeral", "replace_original": False, "text": text}
-
-
 def _incident_records(pipeline: Any, only_open: bool) -> list[dict[str, Any]]:
     for attempt in range(5):
         try:
@@ -666,6 +567,8 @@ class OpsServer:
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.slack = slack
+        if slack is not None:  # rollbackd_slack_interactions_total
+            registry.register(slack)
         self.measurements = measurements
         self.gate = Gate(pipeline, measurements)
         self.registry = registry

@@ -455,9 +455,17 @@ class Ledger:
         })
 
     def acknowledge(self, incident_id: str, by: str, at: float, created_wall: str, source: str = "slack") -> None:
-        """Someone took the incident: recorded for the timeline, changes no decision."""
+        """Someone took the incident: its repeat notices stop (see rules/incidents.py)."""
         self._insert("acknowledgements", {"incident_id": incident_id, "by": by, "at": at,
                                           "source": source, "created_wall": created_wall})
+
+    def acknowledgements(self) -> dict[str, list[dict[str, Any]]]:
+        """Every acknowledgement, by incident and in event-time order: pushed into a pipeline,
+        where one stops the incident's repeat notices from its time on."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for row in self.db.query("select incident_id, by, at, source from acknowledgements order by at, seq"):
+            out.setdefault(row["incident_id"], []).append(row)
+        return out
 
     def approvals(self, incident_id: str) -> list[dict[str, Any]]:
         """Every answer recorded for ``incident_id``, by event time."""

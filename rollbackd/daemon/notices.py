@@ -51,6 +51,9 @@ def build_notice(p: "Pipeline", inc: Incident, kind: str, ts: float, reason: str
         for a in inc.alerts.values()
     )
     text = f"{title} — {reason}" + (f": {extra}" if extra else "")
+    decided = inc.approval
+    approval = "waiting" if any(w["incident_id"] == inc.id for w in p.awaiting.values()) else (
+        decided["decision"] if decided else None)
     notice = Notice(
         incident_id=inc.id,
         kind=kind,  # type: ignore[arg-type]
@@ -65,6 +68,10 @@ def build_notice(p: "Pipeline", inc: Incident, kind: str, ts: float, reason: str
         channel=spec.slack_channel,
         thread=inc.thread,
         drill=p.edges.drill,
+        approval=approval,
+        approval_by=decided["by"] if decided and approval != "waiting" else None,
+        acknowledged_by=inc.acknowledged_by,
+        closed=not inc.is_open,
     )
     key = f"{inc.id}:notice:{inc.notices_sent}"
     inc.notices_sent += 1

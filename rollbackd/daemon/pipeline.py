@@ -466,12 +466,14 @@ class Pipeline:
             if deadline is not None and deadline < nb:
                 if deadline > now:
                     return
+                self._acknowledgements(deadline)
                 self._effects(self.book.tick(deadline))
                 self._approvals(deadline)
                 continue
             if nb > now:
                 return
             self._boundary(nb)
+            self._acknowledgements(nb)
             self._effects(self.book.tick(nb))
             self._approvals(nb)
             self.responder.retry_stalled(nb)
@@ -539,6 +541,7 @@ class Pipeline:
     # Effects: decided by the responder, carried out by the executor ------------------------
     def _init_effects(self) -> None:
         self.recorded_silences: tuple[Silence, ...] = ()
+        self.acknowledgements: dict[str, list[dict[str, Any]]] = {}
         self.responder = Responder(self)
         # Synchronous until a driver installs another (the live daemon's LaneExecutor).
         self.executor: Executor = SyncExecutor(Delivery(self.edges), self)
@@ -549,6 +552,16 @@ class Pipeline:
 
     def _approvals(self, now: float) -> None:
         self.responder.approvals(now)
+
+    def _acknowledgements(self, now: float) -> None:
+        """Apply each open incident's latest acknowledgement that event time ``now`` has
+        reached (the book ignores one it has seen, or one older than an escalation)."""
+        if not self.acknowledgements:
+            return
+        for inc in sorted(self.book.open.values(), key=lambda i: (i.opened_at, i.id)):
+            reached = [r for r in self.acknowledgements.get(inc.id, ()) if r["at"] <= now]
+            if reached:
+                self._effects(self.book.acknowledged(inc, reached[-1]["by"], reached[-1]["at"], now))
 
     def apply_result(self, call: Call, result: ActionResult) -> None:
         """A call's outcome, reported by the executor: what follows from it is decided now."""
@@ -562,6 +575,11 @@ class Pipeline:
     def set_answers(self, answers: dict[str, list[dict[str, Any]]]) -> None:
         """Approvers' answers by incident (ordered by their time), pushed in by the driver."""
         self.responder.answers = answers
+
+    def set_acknowledgements(self, acks: dict[str, list[dict[str, Any]]]) -> None:
+        """Acknowledgements by incident (ordered by their time, Slack's Acknowledge button),
+        pushed in by the driver; event time decides when one applies."""
+        self.acknowledgements = acks
 
     # Checkpoints: taken and restored by daemon/checkpointing.py -------------------------
     def snapshot(self, external: bool = False) -> bytes:

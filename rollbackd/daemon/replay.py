@@ -52,26 +52,28 @@ class ReplayResult:
 
 @runtime_checkable
 class HumanInput(Protocol):
-    """What people said, as a ledger keeps it: silences and approvers' answers."""
+    """What people said, as a ledger keeps it: silences, approvers' answers, acknowledgements."""
 
     def silences(self) -> list[Silence]: ...
     def answers(self) -> dict[str, list[dict[str, Any]]]: ...
+    def acknowledgements(self) -> dict[str, list[dict[str, Any]]]: ...
 
 
 def push_human_input(*pipelines: Pipeline) -> None:
     """Hand each pipeline the silences and approvals recorded in its ledger, read once for the
     pipelines that share one (a daemon's tasks). The engine reads no ledger while deciding;
     event time decides which of them apply, so a replay over the same ledger decides the same."""
-    read: dict[int, tuple[list[Silence], dict[str, list[dict[str, Any]]]]] = {}
+    read: dict[int, tuple[list[Silence], dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]] = {}
     for pipeline in pipelines:
         recorder = pipeline.edges.recorder
         if not isinstance(recorder, HumanInput):
             continue
         if id(recorder) not in read:
-            read[id(recorder)] = (recorder.silences(), recorder.answers())
-        silences, answers = read[id(recorder)]
+            read[id(recorder)] = (recorder.silences(), recorder.answers(), recorder.acknowledgements())
+        silences, answers, acks = read[id(recorder)]
         pipeline.set_silences(silences)
         pipeline.set_answers(answers)
+        pipeline.set_acknowledgements(acks)
 
 
 def build_pipeline(

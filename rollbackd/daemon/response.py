@@ -140,6 +140,8 @@ class Responder:
         }
         if e.change in ("verified", "verification_failed"):
             rec["verify_by"] = inc.verify_by
+        if e.change == "acknowledged":
+            rec["by"], rec["acknowledged_at"] = inc.acknowledged_by, inc.acknowledged_at
         named = blamed_version(alert.measurement) if alert is not None else None
         if e.change in ("opened", "alert_joined") and alert is not None and self.targets.marks_bad(alert.rule) \
                 and not mixed_unattributed(alert.measurement):
@@ -303,6 +305,8 @@ class Responder:
                 return [(inc, "updated", ts, "rollback awaits approval", why)]
             approval = rec["approval"] = {"decision": answer["decision"], "by": answer["by"],
                                           "at": answer["at"], "timed_out": False}
+        if approval is not None:  # said on the incident's notices (Slack: who decided, no buttons)
+            inc.approval = dict(approval)
         if verdict == "run" and approval is not None and approval["decision"] == "reject":
             who = "nobody answered (default reject)" if approval["timed_out"] else f"rejected by {approval['by']}"
             verdict, why = "rejected", who

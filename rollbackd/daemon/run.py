@@ -176,6 +176,10 @@ class PipelinesView:
     def versions(self) -> dict[Any, Any]:
         return self._merged("versions")
 
+    @property
+    def awaiting(self) -> dict[Any, Any]:  # rollbacks waiting for approval (Slack's Approve button)
+        return self._merged("awaiting")
+
     def incidents(self) -> list[Any]:
         return sorted((i for p in self._all() for i in p.incidents()), key=lambda i: (i.opened_at, i.id))
 

@@ -12,6 +12,9 @@ happen — a notice is due, a rollback is due — and the caller carries it out 
 - After a rollback it is *verifying*: the alerts that breached must resolve by ``verify_by``.
   When they do, it is ``verified`` and then resolves; at ``verify_by`` with alerts still firing
   the verification fails and the incident escalates (it stays open until they resolve).
+- Someone *acknowledges* it (Slack's Acknowledge button): no more repeat notices until it
+  escalates (a more severe alert's actions run, or its verification fails); then they resume
+  until it is acknowledged again. A new incident starts unacknowledged.
 """
 
 from __future__ import annotations
@@ -90,6 +93,12 @@ class Incident:
     notices_sent: int = 0  # numbers each notice, for its idempotency key
     verify_by: float | None = None  # a rollback ran: its alerts must resolve by then
     verification: str | None = None  # None | "pending" | "verified" | "failed"
+    # Someone took it (event time, who): repeat notices stop until it escalates again.
+    acknowledged_at: float | None = None
+    acknowledged_by: str | None = None
+    escalated_at: float | None = None  # an acknowledgement older than this is spent
+    # The answer to its rollback that waited for approval: decision, by, at, timed_out.
+    approval: dict[str, Any] | None = None
 
     @property
     def is_open(self) -> bool:
@@ -121,6 +130,8 @@ class Incident:
             "thread": self.thread,
             "verify_by": self.verify_by,
             "verification": self.verification,
+            "acknowledged_by": self.acknowledged_by,
+            "acknowledged_at": self.acknowledged_at,
         }
 
 
@@ -148,7 +159,7 @@ class IncidentChange:
     incident: Incident
     change: Literal[
         "opened", "alert_joined", "alert_resolved", "resolved", "escalated", "verified",
-        "verification_failed",
+        "verification_failed", "acknowledged",
     ]
     ts: float
     alert: IncidentAlert | None = None
@@ -258,7 +269,7 @@ class IncidentBook:
                 times.append(inc.verify_by)
             if not inc.flushed:
                 times.append(inc.notify_at)
-            elif inc.last_notice_at is not None:
+            elif inc.last_notice_at is not None and inc.acknowledged_at is None:
                 times.append(inc.last_notice_at + self.grouping.repeat_interval)
         return min(times) if times else None
 
@@ -267,6 +278,7 @@ class IncidentBook:
         for inc in sorted(self.open.values(), key=lambda i: (i.opened_at, i.id)):
             if inc.verification == "pending" and inc.verify_by is not None and now >= inc.verify_by:
                 inc.verification = "failed"
+                self._escalated(inc, inc.verify_by)
                 still = ", ".join(sorted({a.rule for a in inc.firing}))
                 effects.append(IncidentChange(inc, "verification_failed", inc.verify_by))
                 effects.append(NoticeDue(
@@ -283,12 +295,29 @@ class IncidentBook:
                         effects.extend(self._act(inc, a, inc.notify_at, escalation=False))
             elif (
                 inc.flushed
+                and inc.acknowledged_at is None
                 and inc.last_notice_at is not None
                 and now >= inc.last_notice_at + self.grouping.repeat_interval
             ):
                 at = inc.last_notice_at + self.grouping.repeat_interval
                 effects.append(NoticeDue(inc, "repeat", at, "still open"))
         return effects
+
+    def acknowledged(self, inc: Incident, by: str, at: float, now: float) -> list[Effect]:
+        """``by`` took ``inc`` at event time ``at`` (applied at ``now``): its repeat notices
+        stop. Nothing when it is closed, already acknowledged, or escalated after ``at``."""
+        if not inc.is_open or inc.acknowledged_at is not None:
+            return []
+        if inc.escalated_at is not None and at < inc.escalated_at:
+            return []
+        inc.acknowledged_at, inc.acknowledged_by = at, by
+        return [IncidentChange(inc, "acknowledged", now),
+                NoticeDue(inc, "updated", now, f"acknowledged by {by}")]
+
+    def _escalated(self, inc: Incident, now: float) -> None:
+        # An acknowledgement covers what the incident was when it was given, not what it became.
+        inc.escalated_at = now
+        inc.acknowledged_at = inc.acknowledged_by = None
 
     def noticed(self, inc: Incident, at: float, thread: str | None) -> None:
         inc.last_notice_at = at
@@ -305,6 +334,7 @@ class IncidentBook:
         inc.actions_done.extend(f"{a}:{alert.variant}" for a in todo)
         effects: list[Effect] = []
         if escalation and todo:
+            self._escalated(inc, now)
             effects.append(IncidentChange(inc, "escalated", now, alert))
         if todo:
             effects.append(ActionsDue(inc, alert, todo, now, escalation))

@@ -114,6 +114,10 @@ class FalseAlarmBudget:
     alerts: float | None = None
 
 
+# A Slack user id: U… (a user), W… (an Enterprise Grid user). Slack's buttons match people by
+# id only: a user name is chosen by its owner and is not unique.
+SLACK_USER_ID = re.compile(r"[UW][A-Z0-9]{2,}")
+
 DEPLOYMENT_POLICIES = ("rollback", "freeze", "notify-only")
 APPROVAL_DEFAULTS = ("approve", "reject")
 
@@ -133,6 +137,8 @@ class DeploymentSpec:
     name: str
     backend: BackendSpec = BackendSpec()
     slack_channel: str | None = None
+    # Slack user ids who may Acknowledge / Silence its incidents (empty: anyone in the channel).
+    slack_responders: tuple[str, ...] = ()
     runbook: str | None = None
     reference: str | None = None  # path to a reference JSONL file of prediction events
     reference_size: int = 5000  # else: the first N predictions of the running version

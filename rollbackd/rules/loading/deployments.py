@@ -15,6 +15,7 @@ from rollbackd.rules.loading.scope import label_name
 from rollbackd.rules.model import (
     APPROVAL_DEFAULTS,
     DEPLOYMENT_POLICIES,
+    SLACK_USER_ID,
     ApprovalSpec,
     DeploymentSpec,
     FalseAlarmBudget,
@@ -23,6 +24,7 @@ from rollbackd.rules.model import (
 _KEYS = (
     "backend",
     "slack_channel",
+    "slack_responders",
     "runbook",
     "reference",
     "reference_size",
@@ -95,6 +97,7 @@ class DeploymentsReader:
             if backend is not None:
                 kw["backend"] = backend
         read.optional(pairs, path, kw, "slack_channel", read.string)
+        read.optional(pairs, path, kw, "slack_responders", self.slack_users)
         read.optional(pairs, path, kw, "runbook", read.string)
         ref = read.optional(pairs, path, kw, "reference", read.string)
         if isinstance(ref, str):
@@ -150,6 +153,18 @@ class DeploymentsReader:
             if got is not INVALID:
                 out[label] = got
         return out
+
+    def slack_users(self, node: Node, path: str) -> Any:
+        """``[U0123ABCD, W0456EFGH]``: Slack user ids, never names."""
+        users = self.read.strings(node, path, non_empty=True)
+        if users is INVALID:
+            return INVALID
+        bad = [u for u in users if not SLACK_USER_ID.fullmatch(u)]
+        if bad:
+            return self.read.error(node, path, f"{', '.join(map(repr, bad))}: not a Slack user id (U… or W…, "
+                                   "as in the user's profile → Copy member ID); Slack buttons match people "
+                                   "by id, never by name")
+        return users
 
     def approval(self, node: Node, path: str) -> ApprovalSpec | None:
         """``{approvers: [alice, bob], timeout: 15m, default: reject}``."""
