@@ -297,7 +297,7 @@ def _prepare(config: Any, notifier_spec: Any, dry_run: bool) -> tuple[Any, Any, 
     or any ledger row is written: a missing token, secret or reference file is a clear
     start-up error, not a failure at the first incident. Returns the config (with a forced
     dry-run applied), the notifier and the configured deployments' backends."""
-    from rollbackd.actions.factory import make_backend, make_notifier
+    from rollbackd.actions.factory import make_backend, make_notifiers
 
     if dry_run:  # an operator's override: no rule's or deployment's dry_run: false beats it
         config = dataclasses.replace(
@@ -308,7 +308,7 @@ def _prepare(config: Any, notifier_spec: Any, dry_run: bool) -> tuple[Any, Any, 
             click.echo(f"deployment {dep.name}: reference file {dep.reference} not found", err=True)
             sys.exit(EXIT_CONFIG)
     try:
-        notifier = make_notifier(notifier_spec or config.settings.notifier)
+        notifier = make_notifiers(config.settings, override=notifier_spec)
         backends = {name: make_backend(dep.backend) for name, dep in config.deployments.items()}
     except ValueError as exc:
         click.echo(f"{config.source}: {exc}", err=True)
@@ -1059,6 +1059,7 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
 
     ops = None
     if http_listen:
+        from rollbackd.actions.factory import notifier_name
         from rollbackd.daemon.http import parse_listen, serve_daemon
 
         try:
@@ -1073,7 +1074,7 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
                     return spec.approvers if spec is not None else ()
 
                 slack = SlackInteractions(secret.encode(), db, approvers, ledger_key=ledger.key)
-            ops = serve_daemon(daemon, host, port, notifier=config.settings.notifier.type, slack=slack)
+            ops = serve_daemon(daemon, host, port, notifier=notifier_name(config.settings), slack=slack)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--http") from None
         except OSError as exc:

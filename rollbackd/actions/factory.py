@@ -2,7 +2,9 @@
 
 Secrets never sit in the rules file: ``secret_env`` / ``token_env`` name environment variables
 read at construction (``env`` is injected for tests); the Slack token defaults to
-``SLACK_BOT_TOKEN``, the MLflow token to ``MLFLOW_TRACKING_TOKEN``. Backends with heavy or
+``SLACK_BOT_TOKEN``, the MLflow token to ``MLFLOW_TRACKING_TOKEN``, the PagerDuty routing key
+(``routing_key_env``) to ``PAGERDUTY_ROUTING_KEY``, the Opsgenie key (``api_key_env``) to
+``OPSGENIE_API_KEY``. Backends with heavy or
 optional dependencies (kubernetes) are imported only when configured.
 """
 
@@ -18,9 +20,9 @@ from rollbackd.actions.logbackend import LogBackend
 from rollbackd.actions.retry import RetryPolicy
 from rollbackd.actions.slack import SlackNotifier
 from rollbackd.actions.webhook import WebhookBackend
-from rollbackd.rules.model import BACKEND_TYPES, NOTIFIER_TYPES, BackendSpec, NotifierSpec
+from rollbackd.rules.model import BACKEND_TYPES, NOTIFIER_TYPES, BackendSpec, NotifierSpec, Settings
 
-__all__ = ["BACKEND_TYPES", "NOTIFIER_TYPES", "make_backend", "make_notifier"]
+__all__ = ["BACKEND_TYPES", "NOTIFIER_TYPES", "make_backend", "make_notifier", "make_notifiers", "notifier_name"]
 
 
 _RETRY_OPTIONS = ("max_attempts", "base_delay", "max_delay", "multiplier")
@@ -38,6 +40,12 @@ _OPTIONS = {
     ("notifier", "console"): ("color",),
     ("notifier", "none"): (),
     ("notifier", "slack"): ("channel", "token_env", "base_url", "max_rate_limit_retries", "timeout"),
+    ("notifier", "alertmanager"): (
+        "url", "resend_interval", "labels", "generator_url", "token_env", "timeout", "retry",
+    ),
+    ("notifier", "pagerduty"): ("routing_key_env", "url", "source", "client_url", "timeout", "retry"),
+    ("notifier", "opsgenie"): ("api_key_env", "url", "responders", "tags", "timeout", "retry"),
+    ("notifier", "webhook"): ("url", "secret_env", "headers", "timeout", "retry"),
 }
 
 
@@ -205,13 +213,55 @@ def _traffic_file(options: Mapping[str, Any]) -> RollbackBackend:
     )
 
 
+def make_notifiers(
+    settings: Settings,
+    *,
+    override: NotifierSpec | None = None,
+    stream: TextIO | None = None,
+    env: Mapping[str, str] = os.environ,
+    sleep: Callable[[float], object] = time.sleep,
+    now: Callable[[], float] | None = None,
+) -> Notifier:
+    """Where ``settings`` sends notices: its ``notifiers`` routes (a :class:`NoticeRouter`), or
+    its one ``notifier``; ``override`` (the command line's ``--notifier``) replaces both."""
+    if override is not None or not settings.notifiers:
+        return make_notifier(override or settings.notifier, stream=stream, env=env, sleep=sleep, now=now)
+    from rollbackd.actions.routing import NoticeRouter, Route
+
+    routes = []
+    for i, route in enumerate(settings.notifiers):
+        try:
+            notifier = make_notifier(route.notifier, stream=stream, env=env, sleep=sleep, now=now)
+        except ValueError as exc:
+            raise ValueError(f"settings.notifiers[{i}]: {exc}") from None
+        routes.append(Route(_route_name(settings, i), notifier, route.match))
+    return NoticeRouter(routes)
+
+
+def _route_name(settings: Settings, i: int) -> str:
+    kind = settings.notifiers[i].notifier.type
+    same = [j for j, r in enumerate(settings.notifiers) if r.notifier.type == kind]
+    return kind if len(same) == 1 else f"{kind}#{same.index(i) + 1}"
+
+
+def notifier_name(settings: Settings) -> str:
+    """How metrics name the notifier: its type, or the routes' types joined by ``+``."""
+    if not settings.notifiers:
+        return settings.notifier.type
+    return "+".join(dict.fromkeys(r.notifier.type for r in settings.notifiers))
+
+
 def make_notifier(
     spec: NotifierSpec,
     *,
     stream: TextIO | None = None,
     env: Mapping[str, str] = os.environ,
+    sleep: Callable[[float], object] = time.sleep,
+    now: Callable[[], float] | None = None,
 ) -> Notifier:
-    """The notifier ``spec.type`` names; ``ValueError`` lists the known names."""
+    """The notifier ``spec.type`` names; ``ValueError`` lists the known names. ``now`` is the
+    wall clock for the notifiers that stamp processing time (Alertmanager's ``endsAt``, the
+    webhook's signature)."""
     if spec.type not in NOTIFIER_TYPES:
         raise ValueError(f"unknown notifier type {spec.type!r} (known: {', '.join(NOTIFIER_TYPES)})")
     options = spec.options
@@ -220,6 +270,12 @@ def make_notifier(
         return NullNotifier()
     if spec.type == "console":
         return ConsoleNotifier(stream=stream, color=bool(options.get("color", False)))
+    if spec.type in ("alertmanager", "pagerduty", "opsgenie", "webhook"):
+        if now is None:
+            from rollbackd.daemon.clock import WallClock
+
+            now = WallClock().now
+        return _pager(spec.type, options, env, sleep, now)
 
     channel = options.get("channel")
     if not isinstance(channel, str) or not channel:
@@ -233,4 +289,64 @@ def make_notifier(
         base_url=str(options.get("base_url", "https://slack.com/api/")),
         max_rate_limit_retries=int(options.get("max_rate_limit_retries", 3)),
         timeout=int(options.get("timeout", 10)),
+    )
+
+
+def _headers(kind: str, options: Mapping[str, Any], key: str = "headers") -> dict[str, str]:
+    headers = options.get(key) or {}
+    if not isinstance(headers, Mapping):
+        raise ValueError(f"{kind}: option {key!r} must be a mapping")
+    return {str(k): str(v) for k, v in headers.items()}
+
+
+def _pager(
+    name: str, options: Mapping[str, Any], env: Mapping[str, str], sleep: Callable[[float], object],
+    now: Callable[[], float],
+) -> Notifier:
+    kind = f"{name} notifier"
+    timeout = float(options.get("timeout", 10.0))
+    policy = _retry(kind, options)
+    if name == "alertmanager":
+        from rollbackd.actions.alertmanager import AlertmanagerNotifier
+
+        token = _secret(kind, options, "token", env, None)
+        return AlertmanagerNotifier(
+            _required_str(kind, options, "url"),
+            now=now,
+            resend_interval=float(options.get("resend_interval", 60.0)),
+            labels=_headers(kind, options, "labels"),
+            generator_url=options.get("generator_url"),
+            headers={"Authorization": f"Bearer {token}"} if token else None,
+            timeout=timeout, policy=policy, sleep=sleep,
+        )
+    if name == "pagerduty":
+        from rollbackd.actions.pagerduty import DEFAULT_EVENTS_URL, PagerDutyNotifier
+
+        key = _secret(kind, options, "routing_key", env, "PAGERDUTY_ROUTING_KEY")
+        if key is None:
+            raise ValueError(f"{kind}: no routing key (set PAGERDUTY_ROUTING_KEY or the variable named by routing_key_env)")
+        return PagerDutyNotifier(
+            key, url=str(options.get("url", DEFAULT_EVENTS_URL)), source=str(options.get("source", "rollbackd")),
+            client_url=options.get("client_url"), timeout=timeout, policy=policy, sleep=sleep,
+        )
+    if name == "opsgenie":
+        from rollbackd.actions.opsgenie import DEFAULT_API_URL, OpsgenieNotifier
+
+        key = _secret(kind, options, "api_key", env, "OPSGENIE_API_KEY")
+        if key is None:
+            raise ValueError(f"{kind}: no API key (set OPSGENIE_API_KEY or the variable named by api_key_env)")
+        responders = options.get("responders") or ()
+        if not isinstance(responders, (list, tuple)) or not all(isinstance(r, Mapping) for r in responders):
+            raise ValueError(f"{kind}: option 'responders' must be a list of mappings ({{type: team, name: ...}})")
+        return OpsgenieNotifier(
+            key, url=str(options.get("url", DEFAULT_API_URL)),
+            responders=tuple({str(k): str(v) for k, v in r.items()} for r in responders),
+            tags=_str_list(kind, options, "tags") or (), timeout=timeout, policy=policy, sleep=sleep,
+        )
+    from rollbackd.actions.noticehook import WebhookNotifier
+
+    secret = _secret(kind, options, "secret", env, None)
+    return WebhookNotifier(
+        _required_str(kind, options, "url"), secret.encode("utf-8") if secret is not None else None,
+        now=now, headers=_headers(kind, options), timeout=timeout, policy=policy, sleep=sleep,
     )

@@ -7,10 +7,10 @@ import re
 from types import MappingProxyType
 from typing import Any
 
-from yaml.nodes import Node, ScalarNode
+from yaml.nodes import MappingNode, Node, ScalarNode
 
 from rollbackd.rules.loading.reader import INVALID, Check, NodeReader, kind, sub
-from rollbackd.rules.model import DigestSpec, NotifierSpec, Settings
+from rollbackd.rules.model import LABEL_NAME, SEVERITIES, DigestSpec, NotifierSpec, RouteMatch, RouteSpec, Settings
 
 
 _YEAR_10000 = 253_402_300_800.0  # 10000-01-01T00:00:00Z in Unix seconds
@@ -32,6 +32,7 @@ class SettingsReader:
             "min_event_time",
             *_CAPS,
             "notifier",
+            "notifiers",
         )
         read = self.read
         pairs = read.mapping(node, "settings", keys)
@@ -51,7 +52,67 @@ class SettingsReader:
             notifier = self.notifier(pairs["notifier"][1], "settings.notifier")
             if notifier is not None:
                 kw["notifier"] = notifier
+        if "notifiers" in pairs:
+            if "notifier" in pairs:
+                read.error(pairs["notifiers"][0], "settings.notifiers",
+                           "set either `notifier` (one) or `notifiers` (several, routed), not both")
+            routes = self.routes(pairs["notifiers"][1], "settings.notifiers")
+            if routes is not None:
+                kw["notifiers"] = routes
         return Settings(**kw)
+
+    def routes(self, node: Node, path: str) -> tuple[RouteSpec, ...] | None:
+        """``settings.notifiers``: a list of notifiers, each with a ``match``."""
+        read = self.read
+        items = read.sequence(node, path)
+        if items is None:
+            return None
+        if not items:
+            read.error(node, path, "must not be empty (leave the key out instead)")
+            return None
+        out: list[RouteSpec] = []
+        catch_all = False
+        for i, item in enumerate(items):
+            where = f"{path}[{i}]"
+            match: Any = RouteMatch()
+            if not isinstance(item, MappingNode):
+                read.error(item, where, f"expected a mapping with a `type`, got {kind(item)}")
+                continue
+            # `match` is the route's, not one of the notifier's options
+            own = [(k, v) for k, v in item.value if isinstance(k, ScalarNode) and k.value == "match"]
+            item = MappingNode(item.tag, [(k, v) for k, v in item.value if (k, v) not in own],
+                               item.start_mark, item.end_mark, item.flow_style)
+            if own:
+                match = self.match(own[0][1], sub(where, "match"))
+            spec = self.notifier(item, where, route=True)
+            if spec is None or match is INVALID:
+                continue
+            catch_all |= match.everything
+            out.append(RouteSpec(spec, match))
+        if len(out) == len(items) and not catch_all:
+            read.warn(node, path, "no route matches every notice: notices about rollbackd itself (blind, "
+                      "queue full) and digests go nowhere; add a route without `match` (e.g. slack)")
+        return tuple(out) if len(out) == len(items) else None
+
+    def match(self, node: Node, path: str) -> Any:
+        """``{severities: [critical], escalation: true, deployments: [fraud-*]}``."""
+        read = self.read
+        pairs = read.mapping(node, path, ("severities", "escalation", "deployments"))
+        if pairs is None:
+            return INVALID
+        kw: dict[str, Any] = {}
+        failed = False
+        for key, check in (
+            ("severities", lambda n, p: read.strings(n, p, choices=SEVERITIES, non_empty=True)),
+            ("escalation", read.boolean),
+            ("deployments", lambda n, p: read.strings(n, p, non_empty=True)),
+        ):
+            failed |= read.optional(pairs, path, kw, key, check) is INVALID
+        if failed:
+            return INVALID
+        if not kw.get("severities") and not kw.get("escalation") and "deployments" not in kw and pairs:
+            return read.error(node, path, "matches nothing: give `severities`, `escalation: true` or both")
+        return RouteMatch(**kw)
 
     def event_time(self, node: Node, path: str) -> Any:
         """A point in time: RFC 3339 (``2000-01-01T00:00:00Z``, quoted or not) or Unix seconds,
@@ -81,8 +142,10 @@ class SettingsReader:
             return read.error(node, path, f"must be between 1970 and 9999, got {value}")
         return float(value)
 
-    def notifier(self, node: Node, path: str) -> NotifierSpec | None:
+    def notifier(self, node: Node, path: str, route: bool = False) -> NotifierSpec | None:
         read = self.read
+        retry = self.retry
+        paging_common = {"timeout": read.positive_duration, "retry": retry}
         # The option names are those ``actions.factory.make_notifier`` reads; the types are
         # ``rules.model.NOTIFIER_TYPES``.
         schema: dict[str, dict[str, Check]] = {
@@ -96,13 +159,101 @@ class SettingsReader:
                 "max_rate_limit_retries": lambda n, p: read.number(n, p, integer=True, ge=0),
                 "digest": self.digest,
             },
+            "alertmanager": {
+                "url": read.url,
+                "resend_interval": read.duration,
+                "labels": lambda n, p: self.labels(n, p, label_names=True),
+                "generator_url": read.url,
+                "token_env": read.string,
+                **paging_common,
+            },
+            "pagerduty": {
+                "routing_key_env": read.string,
+                "url": read.url,
+                "source": read.string,
+                "client_url": read.url,
+                **paging_common,
+            },
+            "opsgenie": {
+                "api_key_env": read.string,
+                "url": read.url,
+                "responders": self.responders,
+                "tags": lambda n, p: read.strings(n, p, non_empty=True),
+                **paging_common,
+            },
+            "webhook": {
+                "url": read.url,
+                "secret_env": read.string,
+                "headers": self.labels,
+                **paging_common,
+            },
         }
-        typed = read.typed_options(node, path, schema, "console", {"slack": ("channel",)})
+        if route:  # a route has no digest of its own: the digest is settings.notifier's
+            schema = {name: {k: v for k, v in opts.items() if k != "digest"} for name, opts in schema.items()}
+        required = {"slack": ("channel",), "alertmanager": ("url",), "webhook": ("url",)}
+        typed = read.typed_options(node, path, schema, "console", required)
         if typed is None:
             return None
         notifier_type, options = typed
         digest = options.pop("digest", None)  # the notifier's schedule, not one of its options
         return NotifierSpec(type=notifier_type, options=MappingProxyType(options), digest=digest)
+
+    def labels(self, node: Node, path: str, label_names: bool = False) -> Any:
+        """A mapping of string names to string values (HTTP headers; Alertmanager labels, whose
+        names are Prometheus label names)."""
+        read = self.read
+        if not isinstance(node, MappingNode):
+            return read.error(node, path, f"expected a mapping of names to strings, got {kind(node)}")
+        out: dict[str, str] = {}
+        for k, v in node.value:
+            name = read.string(k, path)
+            value = read.string(v, sub(path, str(k.value)))
+            if INVALID in (name, value):
+                return INVALID
+            if label_names and not LABEL_NAME.match(name):
+                return read.error(k, sub(path, name), f"{name!r} is not a label name ([A-Za-z_][A-Za-z0-9_]*)")
+            out[name] = value
+        return MappingProxyType(out)
+
+    def responders(self, node: Node, path: str) -> Any:
+        """Opsgenie responders: ``[{type: team, name: ml-oncall}, {type: user, username: ...}]``."""
+        read = self.read
+        items = read.sequence(node, path)
+        if items is None:
+            return INVALID
+        out = []
+        for i, item in enumerate(items):
+            where = f"{path}[{i}]"
+            pairs = read.mapping(item, where, ("type", "id", "name", "username"))
+            if pairs is None:
+                return INVALID
+            entry: dict[str, Any] = {}
+            read.optional(pairs, where, entry, "type", lambda n, p: read.string(
+                n, p, choices=("team", "user", "escalation", "schedule")))
+            for key in ("id", "name", "username"):
+                read.optional(pairs, where, entry, key, read.string)
+            if "type" not in entry or len(entry) < 2:
+                return read.error(item, where, "a responder needs `type` and one of `id`, `name`, `username`")
+            out.append(MappingProxyType(entry))
+        return tuple(out)
+
+    def retry(self, node: Node, path: str) -> Any:
+        """``{max_attempts: 4, base_delay: 0.5, max_delay: 8, multiplier: 2}`` (``actions/retry.py``)."""
+        read = self.read
+        pairs = read.mapping(node, path, ("max_attempts", "base_delay", "max_delay", "multiplier"))
+        if pairs is None:
+            return INVALID
+        kw: dict[str, Any] = {}
+        failed = read.optional(pairs, path, kw, "max_attempts", read.count) is INVALID
+        for key in ("base_delay", "max_delay"):
+            failed |= read.optional(pairs, path, kw, key, read.duration) is INVALID
+        failed |= read.optional(pairs, path, kw, "multiplier", lambda n, p: read.number(n, p, ge=1)) is INVALID
+        if failed:
+            return INVALID
+        base, most = kw.get("base_delay", 0.5), kw.get("max_delay", 8.0)  # RetryPolicy's defaults
+        if most < base:
+            return read.error(node, path, f"max_delay ({most:g}s) must not be shorter than base_delay ({base:g}s)")
+        return MappingProxyType(kw)
 
     def digest(self, node: Node, path: str) -> Any:
         """``"0 9 * * *"`` (UTC) or ``{cron: "0 9 * * *", timezone: Europe/Berlin}``."""
