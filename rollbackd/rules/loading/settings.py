@@ -9,6 +9,7 @@ from typing import Any
 
 from yaml.nodes import MappingNode, Node, ScalarNode
 
+from rollbackd.rules.loading.backends import BackendReader
 from rollbackd.rules.loading.reader import INVALID, Check, NodeReader, kind, sub
 from rollbackd.rules.model import LABEL_NAME, SEVERITIES, DigestSpec, NotifierSpec, RouteMatch, RouteSpec, Settings
 
@@ -20,6 +21,7 @@ _CAPS = ("max_deployments", "max_variants_per_deployment", "max_features_per_dep
 class SettingsReader:
     def __init__(self, read: NodeReader) -> None:
         self.read = read
+        self.backends = BackendReader(read)
 
     def settings(self, node: Node) -> Settings:
         keys = (
@@ -144,8 +146,8 @@ class SettingsReader:
 
     def notifier(self, node: Node, path: str, route: bool = False) -> NotifierSpec | None:
         read = self.read
-        retry = self.retry
-        paging_common = {"timeout": read.positive_duration, "retry": retry}
+        # retry and headers read as the webhook backend's do
+        paging_common = {"timeout": read.positive_duration, "retry": self.backends.retry}
         # The option names are those ``actions.factory.make_notifier`` reads; the types are
         # ``rules.model.NOTIFIER_TYPES``.
         schema: dict[str, dict[str, Check]] = {
@@ -162,7 +164,7 @@ class SettingsReader:
             "alertmanager": {
                 "url": read.url,
                 "resend_interval": read.duration,
-                "labels": lambda n, p: self.labels(n, p, label_names=True),
+                "labels": self.labels,
                 "generator_url": read.url,
                 "token_env": read.string,
                 **paging_common,
@@ -184,7 +186,7 @@ class SettingsReader:
             "webhook": {
                 "url": read.url,
                 "secret_env": read.string,
-                "headers": self.labels,
+                "headers": self.backends.headers,
                 **paging_common,
             },
         }
@@ -198,22 +200,15 @@ class SettingsReader:
         digest = options.pop("digest", None)  # the notifier's schedule, not one of its options
         return NotifierSpec(type=notifier_type, options=MappingProxyType(options), digest=digest)
 
-    def labels(self, node: Node, path: str, label_names: bool = False) -> Any:
-        """A mapping of string names to string values (HTTP headers; Alertmanager labels, whose
-        names are Prometheus label names)."""
-        read = self.read
-        if not isinstance(node, MappingNode):
-            return read.error(node, path, f"expected a mapping of names to strings, got {kind(node)}")
-        out: dict[str, str] = {}
-        for k, v in node.value:
-            name = read.string(k, path)
-            value = read.string(v, sub(path, str(k.value)))
-            if INVALID in (name, value):
-                return INVALID
-            if label_names and not LABEL_NAME.match(name):
-                return read.error(k, sub(path, name), f"{name!r} is not a label name ([A-Za-z_][A-Za-z0-9_]*)")
-            out[name] = value
-        return MappingProxyType(out)
+    def labels(self, node: Node, path: str) -> Any:
+        """Alertmanager labels: a mapping of Prometheus label names to strings."""
+        labels = self.backends.string_mapping(node, path, "label name to value")
+        if labels is INVALID:
+            return INVALID
+        bad = [name for name in labels if not LABEL_NAME.match(name)]
+        if bad:
+            return self.read.error(node, sub(path, bad[0]), f"{bad[0]!r} is not a label name ([A-Za-z_][A-Za-z0-9_]*)")
+        return labels
 
     def responders(self, node: Node, path: str) -> Any:
         """Opsgenie responders: ``[{type: team, name: ml-oncall}, {type: user, username: ...}]``."""
@@ -236,24 +231,6 @@ class SettingsReader:
                 return read.error(item, where, "a responder needs `type` and one of `id`, `name`, `username`")
             out.append(MappingProxyType(entry))
         return tuple(out)
-
-    def retry(self, node: Node, path: str) -> Any:
-        """``{max_attempts: 4, base_delay: 0.5, max_delay: 8, multiplier: 2}`` (``actions/retry.py``)."""
-        read = self.read
-        pairs = read.mapping(node, path, ("max_attempts", "base_delay", "max_delay", "multiplier"))
-        if pairs is None:
-            return INVALID
-        kw: dict[str, Any] = {}
-        failed = read.optional(pairs, path, kw, "max_attempts", read.count) is INVALID
-        for key in ("base_delay", "max_delay"):
-            failed |= read.optional(pairs, path, kw, key, read.duration) is INVALID
-        failed |= read.optional(pairs, path, kw, "multiplier", lambda n, p: read.number(n, p, ge=1)) is INVALID
-        if failed:
-            return INVALID
-        base, most = kw.get("base_delay", 0.5), kw.get("max_delay", 8.0)  # RetryPolicy's defaults
-        if most < base:
-            return read.error(node, path, f"max_delay ({most:g}s) must not be shorter than base_delay ({base:g}s)")
-        return MappingProxyType(kw)
 
     def digest(self, node: Node, path: str) -> Any:
         """``"0 9 * * *"`` (UTC) or ``{cron: "0 9 * * *", timezone: Europe/Berlin}``."""
