@@ -41,14 +41,17 @@ def incident_key(notice: Notice) -> str:
 
 
 class PageKeys:
-    """Which steps a notice is, remembering (in this process) the incidents that escalated.
+    """Which steps a notice is, remembering (in this process) the incidents that escalated and
+    the keys each one triggered, so a resolution resolves exactly those.
 
-    After a restart an escalated incident's next ordinary notice triggers under the first key
-    again; its resolution still resolves both when the incident's rollback was never verified
-    (the notice says ``escalation`` then)."""
+    After a restart nothing is remembered: an escalated incident's next ordinary notice
+    triggers under the first key again, and its resolution resolves the first key (and the
+    escalation's when the notice says the incident is escalated, as one whose rollback was never
+    verified does). Resolving a key that was never triggered is harmless at both services."""
 
     def __init__(self) -> None:
         self._escalated: set[str] = set()
+        self._triggered: dict[str, set[str]] = {}
         self._lock = threading.Lock()
 
     def steps(self, notice: Notice) -> list[PageStep]:
@@ -57,15 +60,15 @@ class PageKeys:
         with self._lock:
             if notice.escalation:
                 self._escalated.add(base)
-            escalated = base in self._escalated
+            key = escalation if base in self._escalated else base
             if notice.kind == "resolved":
                 self._escalated.discard(base)
-        if notice.kind == "resolved":
-            return [PageStep("resolve", base)] + ([PageStep("resolve", escalation)] if escalated else [])
-        key = escalation if escalated else base
-        if notice.handled and not notice.escalation:
-            return [PageStep("acknowledge", key)]
-        return [PageStep("trigger", key)]
+                sent = self._triggered.pop(base, None) or {base, *([escalation] if notice.escalation else [])}
+                return [PageStep("resolve", k) for k in sorted(sent)]
+            if notice.handled and not notice.escalation:
+                return [PageStep("acknowledge", key)]
+            self._triggered.setdefault(base, set()).add(key)
+            return [PageStep("trigger", key)]
 
 
 def alert_line(a: AlertSummary) -> str:

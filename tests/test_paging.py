@@ -1,0 +1,262 @@
+"""PagerDuty, Opsgenie and the signed webhook notifier against loopback servers that check the
+documented request contract (tests/paging_services.py), retry by classification, and routing
+by severity and escalation end to end: a drill of the ``error_blip`` scenario through the
+rules file's ``settings.notifiers``, its notices reaching Slack, PagerDuty and Opsgenie as the
+routes say.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from loopback import LoopbackServer, Reply, SlackAPI
+from paging_services import OpsgenieAlerts, PagerDutyEvents
+
+from rollbackd.actions.base import AlertSummary, Notice
+from rollbackd.actions.factory import make_notifier, make_notifiers
+from rollbackd.actions.noticehook import TIMESTAMP_HEADER, verify_notice
+from rollbackd.actions.routing import NoticeRouter
+from rollbackd.actions.webhook import SIGNATURE_HEADER
+from rollbackd.drills import drill
+from rollbackd.rules.loader import load_config_text
+from rollbackd.rules.model import NotifierSpec
+from rollbackd.scenarios import BUILTIN, write_recording
+
+PD_KEY = "R0UTINGKEY0123456789abcdef012345"  # 32 characters, as an integration key is
+OG_KEY = "6f1c9b2e-0000-4000-8000-0123456789ab"
+RETRY = {"max_attempts": 3, "base_delay": 0.0, "max_delay": 0.0}
+
+
+def notice(kind: str = "opened", *, severity: str = "critical", escalation: bool = False,
+           handled: bool = False, incident: str = "inc-0123456789ab", drill: bool = False) -> Notice:
+    alert = AlertSummary("serving-error-rate", severity, "resolved" if kind == "resolved" else "firing",
+                         0.2, 0.05, 1160, 1_790_000_000.0, 1_790_000_060.0, 0.001, None, None, "primary")
+    return Notice(incident, kind, 1_790_000_060.0, "demo-scorer", "primary", "2",
+                  f"[{severity.upper()}] demo-scorer/primary: serving-error-rate",
+                  f"[{severity.upper()}] demo-scorer/primary: serving-error-rate — {kind}",
+                  (alert,), runbook="https://runbooks.example/demo-scorer", drill=drill,
+                  severity=severity, escalation=escalation, handled=handled,
+                  key=f"{incident}:notice:{kind}")
+
+
+# PagerDuty ---------------------------------------------------------------------------------
+def pagerduty(url: str, **options):
+    spec = NotifierSpec("pagerduty", {"url": url, "routing_key_env": "PD_KEY", "retry": RETRY, **options})
+    return make_notifier(spec, env={"PD_KEY": PD_KEY}, sleep=lambda s: None)
+
+
+def test_pagerduty_triggers_acknowledges_and_resolves_under_one_dedup_key_per_incident():
+    service = PagerDutyEvents(PD_KEY)
+    with LoopbackServer(service) as server:
+        pd = pagerduty(server.url)
+        for n in (notice("opened"), notice("repeat"), notice("updated", handled=True), notice("resolved")):
+            result = pd.post(n)
+            assert result.status == "succeeded", result.detail
+        # A second incident, and a drill of the same incident: keys of their own.
+        assert pd.post(notice("opened", incident="inc-ffffffffffff")).status == "succeeded"
+        assert pd.post(notice("opened", drill=True)).status == "succeeded"
+    assert service.violations == []
+    key = "rollbackd:inc-0123456789ab"
+    assert service.events == [("trigger", key), ("trigger", key), ("acknowledge", key), ("resolve", key),
+                              ("trigger", "rollbackd:inc-ffffffffffff"),
+                              ("trigger", "rollbackd:drill:inc-0123456789ab")]
+    assert service.state[key] == "resolved"
+    first = server.requests[0].json()
+    assert first["payload"]["severity"] == "critical" and first["payload"]["component"] == "demo-scorer"
+    assert first["links"] == [{"href": "https://runbooks.example/demo-scorer", "text": "Runbook"}]
+    assert server.requests[3].json() == {"routing_key": PD_KEY, "event_action": "resolve", "dedup_key": key}
+
+
+def test_an_escalation_is_a_page_of_its_own_and_the_resolution_resolves_both():
+    """A trigger under the first key would fold into an acknowledged page and wake nobody."""
+    service = PagerDutyEvents(PD_KEY)
+    with LoopbackServer(service) as server:
+        pd = pagerduty(server.url)
+        for n in (notice("opened"), notice("updated", handled=True), notice("updated", escalation=True),
+                  notice("repeat"), notice("resolved")):
+            assert pd.post(n).status == "succeeded"
+    key, esc = "rollbackd:inc-0123456789ab", "rollbackd:inc-0123456789ab:escalation"
+    assert service.violations == []
+    assert service.events == [("trigger", key), ("acknowledge", key), ("trigger", esc), ("trigger", esc),
+                              ("resolve", key), ("resolve", esc)]
+    assert service.state == {key: "resolved", esc: "resolved"}
+    assert server.requests[2].json()["payload"]["severity"] == "critical"
+
+
+def test_pagerduty_retries_429_and_5xx_and_gives_up_on_an_invalid_event_at_once():
+    service = PagerDutyEvents(PD_KEY)
+    slept: list[float] = []
+    with LoopbackServer(service) as server:
+        pd = make_notifier(NotifierSpec("pagerduty", {"url": server.url, "routing_key_env": "PD_KEY",
+                                                      "retry": {"max_attempts": 4, "base_delay": 0.5}}),
+                           env={"PD_KEY": PD_KEY}, sleep=slept.append)
+        server.reply(Reply(429, body={"status": "throttled"}), Reply(502))
+        ok = pd.post(notice())
+        assert (ok.status, ok.attempts) == ("succeeded", 3)
+        assert slept == [0.5, 1.0]
+        server.reply(*[Reply(503)] * 4)
+        down = pd.post(notice("repeat"))
+        assert down.status == "failed" and down.attempts == 4 and "gave up after 4 attempts: HTTP 503" in down.detail
+    with LoopbackServer(PagerDutyEvents("another-integration-key-00000000")) as server:
+        slept.clear()
+        refused = make_notifier(NotifierSpec("pagerduty", {"url": server.url}), env={"PAGERDUTY_ROUTING_KEY": PD_KEY},
+                                sleep=slept.append).post(notice())
+        assert refused.status == "failed" and refused.attempts == 1 and slept == []
+        assert "gave up: HTTP 400" in refused.detail and "routing_key" in refused.detail
+        assert len(server.requests) == 1
+
+
+def test_pagerduty_needs_a_routing_key_from_the_environment():
+    with pytest.raises(ValueError, match="no routing key"):
+        make_notifier(NotifierSpec("pagerduty"), env={})
+    with pytest.raises(ValueError, match="'PD' \\(routing_key_env\\) is not set"):
+        make_notifier(NotifierSpec("pagerduty", {"routing_key_env": "PD"}), env={})
+
+
+# Opsgenie ----------------------------------------------------------------------------------
+def test_opsgenie_creates_acknowledges_and_closes_by_alias():
+    service = OpsgenieAlerts(OG_KEY)
+    with LoopbackServer(service) as server:
+        og = make_notifier(NotifierSpec("opsgenie", {"url": server.url, "api_key_env": "OG",
+                                                     "responders": [{"type": "team", "name": "ml-oncall"}],
+                                                     "retry": RETRY}), env={"OG": OG_KEY}, sleep=lambda s: None)
+        for n in (notice("opened"), notice("updated", handled=True), notice("updated", escalation=True),
+                  notice("resolved")):
+            result = og.post(n)
+            assert result.status == "succeeded", result.detail
+    alias, esc = "rollbackd:inc-0123456789ab", "rollbackd:inc-0123456789ab:escalation"
+    assert service.violations == []
+    assert service.events == [("create", alias), ("acknowledge", alias), ("create", esc), ("close", alias),
+                              ("close", esc)]
+    assert service.state == {alias: "closed", esc: "closed"}
+    create = server.requests[0].json()
+    assert create["priority"] == "P1" and create["responders"] == [{"type": "team", "name": "ml-oncall"}]
+    assert create["details"]["incident"] == "inc-0123456789ab" and "serving-error-rate" in create["description"]
+    assert server.requests[3].path == "/v2/alerts/rollbackd%3Ainc-0123456789ab/close?identifierType=alias"
+
+
+def test_opsgenie_with_a_wrong_key_fails_without_retrying():
+    with LoopbackServer(OpsgenieAlerts(OG_KEY)) as server:
+        og = make_notifier(NotifierSpec("opsgenie", {"url": server.url}), env={"OPSGENIE_API_KEY": "wrong"},
+                           sleep=lambda s: pytest.fail("a 401 is not retried"))
+        result = og.post(notice())
+    assert result.status == "failed" and "HTTP 401" in result.detail and "Could not authenticate" in result.detail
+    assert len(server.requests) == 1
+
+
+# The signed webhook ------------------------------------------------------------------------
+def test_the_webhook_notifier_signs_timestamp_and_body_and_keeps_them_on_retries():
+    now = 1_800_000_000.0
+    with LoopbackServer() as server:
+        hook = make_notifier(NotifierSpec("webhook", {"url": server.url + "/notices", "secret_env": "HOOK",
+                                                      "headers": {"X-Team": "ml"}, "retry": RETRY}),
+                             env={"HOOK": "s3cret"}, sleep=lambda s: None, now=lambda: now)
+        server.reply(Reply(500), Reply(204))
+        result = hook.post(notice("updated", escalation=True))
+    assert result.status == "succeeded" and result.attempts == 2
+    first, second = server.requests
+    assert (first.body, first.headers) == (second.body, second.headers), "a retry sends the same bytes"
+    body = json.loads(first.body)
+    assert body["type"] == "rollbackd.notice" and body["escalation"] is True and body["severity"] == "critical"
+    assert body["alerts"][0]["rule"] == "serving-error-rate" and body["key"] == "inc-0123456789ab:notice:updated"
+    assert first.header("Idempotency-Key") == "inc-0123456789ab:notice:updated"
+    assert first.header(TIMESTAMP_HEADER) == "1800000000" and first.header("X-Team") == "ml"
+    sig = first.header(SIGNATURE_HEADER)
+    assert verify_notice(b"s3cret", first.body, "1800000000", sig, now=now + 60)
+    assert not verify_notice(b"s3cret", first.body, "1800000000", sig, now=now + 3600), "too old: a replay"
+    assert not verify_notice(b"other", first.body, "1800000000", sig, now=now)
+    assert not verify_notice(b"s3cret", first.body + b" ", "1800000000", sig, now=now)
+
+
+def test_a_4xx_from_the_webhook_receiver_is_not_retried():
+    with LoopbackServer() as server:
+        server.reply(Reply(422, body={"error": "unknown deployment"}))
+        hook = make_notifier(NotifierSpec("webhook", {"url": server.url}), sleep=lambda s: pytest.fail("retried"),
+                             now=lambda: 0.0)
+        result = hook.post(notice())
+    assert result.status == "failed" and "gave up: HTTP 422" in result.detail and "unknown deployment" in result.detail
+
+
+# Routing, end to end -----------------------------------------------------------------------
+ROUTED_RULES = """
+version: 1
+settings:
+  lateness: 30s
+  join_horizon: 1h
+  notifiers:
+    - type: slack
+      channel: "#ml-alerts"
+      base_url: "{slack}/api/"
+    - type: pagerduty
+      url: "{pd}"
+      retry: {{max_attempts: 2, base_delay: 0s, max_delay: 0s}}
+      match: {{severities: [critical], escalation: true}}
+    - type: opsgenie
+      url: "{og}"
+      match: {{escalation: true, deployments: ["demo-*"]}}
+grouping: {{group_by: [deployment, variant], group_wait: 30s, repeat_interval: 4h}}
+deployments:
+  demo-scorer:
+    backend: {{type: log}}
+    runbook: https://runbooks.example/demo-scorer
+    policy: {policy}
+rules:
+  - name: serving-error-rate
+    detector: error_rate
+    threshold: 0.05
+    clear_threshold: 0.03
+    window: {{size: 1m}}
+    for: 0s
+    min_samples: 100
+    severity: {severity}
+    actions: [notify, rollback]
+"""
+
+
+@pytest.fixture(scope="module")
+def blip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An error-rate blip that fires (``for: 0s``) for two minutes, then resolves."""
+    path = tmp_path_factory.mktemp("paging") / "error_blip.jsonl.gz"
+    write_recording(BUILTIN["error_blip"], path)
+    return path
+
+
+@pytest.mark.parametrize("severity, policy, slack, paged", [
+    # critical: paged from the start; the freeze escalates (a page of its own); all resolved
+    ("critical", "freeze", ["opened", "updated", "resolved"],
+     {"pd": [("trigger", ""), ("trigger", ":escalation"), ("resolve", ""), ("resolve", ":escalation")],
+      "og": [("create", ":escalation"), ("close", ":escalation")]}),
+    # a warning without escalation (notify-only: nothing to escalate): Slack only
+    ("warning", "notify-only", ["opened", "updated", "resolved"], {"pd": [], "og": []}),
+    # a warning that escalates pages only from the escalation, which its resolution follows
+    ("warning", "freeze", ["opened", "updated", "resolved"],
+     {"pd": [("trigger", ":escalation"), ("resolve", ":escalation")],
+      "og": [("create", ":escalation"), ("close", ":escalation")]}),
+])
+def test_routing_by_severity_and_escalation_end_to_end(blip, tmp_path, severity, policy, slack, paged):
+    pd, og = PagerDutyEvents(PD_KEY), OpsgenieAlerts(OG_KEY)
+    slack_api = SlackAPI("xoxb-routing")
+    with LoopbackServer(slack_api) as slack_server, LoopbackServer(pd) as pd_server, \
+            LoopbackServer(og) as og_server:
+        config = load_config_text(ROUTED_RULES.format(slack=slack_server.url, pd=pd_server.url, og=og_server.url,
+                                                      policy=policy, severity=severity))
+        env = {"SLACK_BOT_TOKEN": "xoxb-routing", "PAGERDUTY_ROUTING_KEY": PD_KEY, "OPSGENIE_API_KEY": OG_KEY}
+        router = make_notifiers(config.settings, env=env)
+        assert isinstance(router, NoticeRouter)
+        result = drill(blip, config, out_dir=tmp_path, notifier=router, ledger=False)
+    (incident,) = {d["incident_id"] for d in result.decisions if d.get("kind") == "incident"}
+    key = f"rollbackd:drill:{incident}"
+    assert pd.violations == [] and og.violations == []
+    assert pd.events == [(action, key + suffix) for action, suffix in paged["pd"]]
+    assert og.events == [(action, key + suffix) for action, suffix in paged["og"]]
+    assert all(state in ("resolved", "closed") for state in {**pd.state, **og.state}.values())
+    posts = [r.json() if r.body.startswith(b"{") else r.form() for r in slack_server.requests
+             if r.path.endswith("/chat.postMessage")]  # (each reply also edits the parent: chat.update)
+    assert len(posts) == len(slack), "Slack gets every notice"
+    assert [p.get("thread_ts") for p in posts][1:] == ["1700000000.000001"] * (len(slack) - 1), \
+        "the incident's later notices reply in its Slack thread"
+    notices = [d for d in result.decisions if d.get("action") == "notify"]
+    assert [n["notice"] for n in notices] == slack
+    assert all(n["status"] == "succeeded" for n in notices), notices
