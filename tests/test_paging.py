@@ -8,6 +8,7 @@ routes say.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -260,3 +261,53 @@ def test_routing_by_severity_and_escalation_end_to_end(blip, tmp_path, severity,
     notices = [d for d in result.decisions if d.get("action") == "notify"]
     assert [n["notice"] for n in notices] == slack
     assert all(n["status"] == "succeeded" for n in notices), notices
+
+
+# At least once -----------------------------------------------------------------------------
+def test_a_notice_is_posted_again_after_a_crash_under_the_same_keys(tmp_path):
+    """The outbox runs each notice once per key; one that started but never finished (a crash
+    between the call and its record) is posted again after the restart, with the same dedup key
+    and Idempotency-Key, so PagerDuty keeps one alert and a receiver can drop the copy."""
+    from rollbackd.actions.delivery import Delivery, perform
+    from rollbackd.actions.intents import Notify
+    from rollbackd.daemon.decisions import MemoryDecisions
+    from rollbackd.daemon.ledger import Ledger
+    from rollbackd.daemon.pipeline import Edges
+    from rollbackd.rules.model import RouteSpec, Settings
+
+    def call(kind: str, n: int) -> Notify:
+        note = replace(notice(kind), key=None)  # delivery gives it its key
+        rec = {"ts": note.ts, "kind": "action", "action": "notify", "incident_id": note.incident_id,
+               "deployment": note.deployment, "variant": note.variant, "status": "started",
+               "idempotency_key": f"{note.incident_id}:notice:{n}"}
+        return Notify(f"{note.incident_id}:notice:{n}", note, rec, kind)
+
+    service = PagerDutyEvents(PD_KEY)
+    with LoopbackServer(service) as pd_server, LoopbackServer() as hook_server:
+        settings = Settings(notifiers=(
+            RouteSpec(NotifierSpec("pagerduty", {"url": pd_server.url})),
+            RouteSpec(NotifierSpec("webhook", {"url": hook_server.url})),
+        ))
+        env = {"PAGERDUTY_ROUTING_KEY": PD_KEY}
+        ledger = Ledger(tmp_path / "ledger.db", run_id="r")
+
+        def delivery() -> Delivery:  # a process: its own notifiers, the one ledger
+            return Delivery(Edges(notifier=make_notifiers(settings, env=env, now=lambda: 1.8e9),
+                                  backend_for=lambda d: pytest.fail("no backend"),
+                                  decisions=MemoryDecisions(), recorder=ledger))
+
+        first, second = call("opened", 0), call("repeat", 1)
+        before = delivery()
+        perform(before, first, lambda c, r: None)
+        before.started(second)
+        assert before.call(before.prepare(second)).status == "succeeded"  # ... and the process dies here
+        after = delivery()
+        outcomes: list[str] = []
+        for c in (first, second):  # both in the checkpoint's in-flight list
+            perform(after, c, lambda c, r: outcomes.append(r.status))
+        ledger.close()
+    assert outcomes == ["succeeded", "succeeded"]
+    key = "rollbackd:inc-0123456789ab"
+    assert service.violations == [] and service.events == [("trigger", key)] * 3 and service.state == {key: "triggered"}
+    keys = [r.header("Idempotency-Key") for r in hook_server.requests]
+    assert keys == ["inc-0123456789ab:notice:0", "inc-0123456789ab:notice:1", "inc-0123456789ab:notice:1"]
