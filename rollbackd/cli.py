@@ -664,8 +664,9 @@ def simulate(scenario: str, out: str, truth: str | None) -> None:
               help="1x keeps the recording's timing, 10x plays ten times faster, max as fast as possible.")
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None,
               help="Report, decision log, dead letters and drill ledger (default: a new ./drill-* folder).")
-@click.option("--notifier", type=click.Choice(["console", "none"]), default="console", show_default=True,
-              help="Where the [DRILL] notices go.")
+@click.option("--notifier", type=click.Choice(["console", "none", "rules"]), default="console", show_default=True,
+              help="Where the [DRILL] notices go; rules: the rules file's notifier(s), to rehearse paging "
+                   "(pages carry drill labels and keys of their own).")
 @_measurements_option
 def drill(recording: str, rules: str, speed: str, out_dir: str | None, notifier: str,
           measurements_out: str | None) -> None:
@@ -686,9 +687,18 @@ def drill(recording: str, rules: str, speed: str, out_dir: str | None, notifier:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise Refused(f"--out-dir {out_dir or '.'}: {exc.strerror or exc}") from None
+    posts: Any
+    if notifier == "rules":
+        from rollbackd.actions.factory import make_notifiers
+
+        try:
+            posts = make_notifiers(config.settings)
+        except ValueError as exc:
+            raise Refused(f"{config.source}: {exc}") from None
+    else:
+        posts = ConsoleNotifier(summarize_repeats=True) if notifier == "console" else NullNotifier()
     writer = _measurements(measurements_out, config)  # its tee (the report's tap) is set by the drill
-    result = run_drill(recording, config, speed=factor, out_dir=out,
-                       notifier=ConsoleNotifier(summarize_repeats=True) if notifier == "console" else NullNotifier(),
+    result = run_drill(recording, config, speed=factor, out_dir=out, notifier=posts,
                        progress=ProgressPrinter(sys.stderr), measurements=writer)
     click.echo(f"incidents: {len(result.incidents)}")
     for inc in result.incidents:

@@ -85,12 +85,12 @@ class Alertmanager:
         with urllib.request.urlopen(f"{self.url}/api/v2/alerts?{query}", timeout=5) as resp:
             return json.loads(resp.read())
 
-    def notified(self, incident: str, status: str, timeout: float = 15.0) -> list[dict[str, Any]]:
-        """The webhook notifications Alertmanager sent about ``incident`` with ``status``,
-        waited for (its group_interval is 1s)."""
+    def notified(self, incident: str, status: str, since: int = 0, timeout: float = 15.0) -> list[dict[str, Any]]:
+        """The webhook notifications Alertmanager sent about ``incident`` with ``status`` (from
+        the ``since``-th request on), waited for (its group_interval is 1s)."""
         deadline = time.monotonic() + timeout
         while True:
-            found = [body for body in (r.json() for r in list(self.hook.requests))
+            found = [body for body in (r.json() for r in list(self.hook.requests)[since:])
                      if body.get("status") == status and body.get("groupLabels", {}).get("incident") == incident]
             if found or time.monotonic() > deadline:
                 return found
@@ -243,3 +243,24 @@ def test_an_unreachable_alertmanager_is_retried_then_failed():
     result = notifier.post(notice)
     assert result.status == "failed" and result.attempts == 3 and slept == [0.1, 0.2]
     assert "ConnectionRefusedError" in result.detail
+
+
+def test_rollbackd_drill_with_the_rules_notifier_pages_alertmanager(alertmanager, blip, tmp_path):
+    """``rollbackd drill --notifier rules``: the rules file's alertmanager notifier gets the
+    drill's alerts (labelled drill="true") and their resolution."""
+    from click.testing import CliRunner
+
+    from rollbackd.cli import main
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES.replace(
+        "settings: {lateness: 30s, join_horizon: 1h}",
+        f"settings: {{lateness: 30s, join_horizon: 1h, notifier: {{type: alertmanager, url: '{alertmanager.url}'}}}}"))
+    before = len(alertmanager.hook.requests)
+    done = CliRunner().invoke(main, ["drill", str(blip), "-c", str(rules), "--notifier", "rules",
+                                     "--out-dir", str(tmp_path / "out")])
+    assert done.exit_code == 0, done.output
+    incident = done.output.split("incidents: 1\n  ")[1].split()[0]
+    assert alertmanager.alerts(incident=incident) == []
+    resolved = alertmanager.notified(incident, "resolved", since=before)
+    assert resolved and all(a["labels"]["drill"] == "true" for n in resolved for a in n["alerts"])
