@@ -105,7 +105,7 @@ def alertmanager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alertmana
         (work / "alertmanager.yml").write_text(f"""
 route:
   receiver: hook
-  group_by: [incident, alertname]
+  group_by: ['...']  # every alert a group of its own: tests sharing this server never share one
   group_wait: 0s
   group_interval: 1s
   repeat_interval: 1h
@@ -255,12 +255,15 @@ def test_rollbackd_drill_with_the_rules_notifier_pages_alertmanager(alertmanager
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES.replace(
         "settings: {lateness: 30s, join_horizon: 1h}",
-        f"settings: {{lateness: 30s, join_horizon: 1h, notifier: {{type: alertmanager, url: '{alertmanager.url}'}}}}"))
+        f"settings: {{lateness: 30s, join_horizon: 1h, notifier: {{type: alertmanager, url: '{alertmanager.url}', "
+        "labels: {test: cli}}}"))
     before = len(alertmanager.hook.requests)
     done = CliRunner().invoke(main, ["drill", str(blip), "-c", str(rules), "--notifier", "rules",
                                      "--out-dir", str(tmp_path / "out")])
     assert done.exit_code == 0, done.output
     incident = done.output.split("incidents: 1\n  ")[1].split()[0]
     assert alertmanager.alerts(incident=incident) == []
-    resolved = alertmanager.notified(incident, "resolved", since=before)
-    assert resolved and all(a["labels"]["drill"] == "true" for n in resolved for a in n["alerts"])
+    for status in ("firing", "resolved"):
+        said = alertmanager.notified(incident, status, since=before)
+        assert said and all(a["labels"]["drill"] == "true" and a["labels"]["test"] == "cli"
+                            for n in said for a in n["alerts"]), status
