@@ -311,3 +311,59 @@ def test_a_notice_is_posted_again_after_a_crash_under_the_same_keys(tmp_path):
     assert service.violations == [] and service.events == [("trigger", key)] * 3 and service.state == {key: "triggered"}
     keys = [r.header("Idempotency-Key") for r in hook_server.requests]
     assert keys == ["inc-0123456789ab:notice:0", "inc-0123456789ab:notice:1", "inc-0123456789ab:notice:1"]
+
+
+def test_the_documented_notifier_examples_load_and_build():
+    from rollbackd.rules.loader import check_text
+
+    doc = (Path(__file__).parent.parent / "docs" / "notifiers.md").read_text()
+    examples = [block.split("```", 1)[0] for block in doc.split("```yaml\n")[1:]]
+    examples = [e for e in examples if e.startswith("settings:")]
+    assert len(examples) == 5
+    env = {"PAGERDUTY_ROUTING_KEY": PD_KEY, "OPSGENIE_API_KEY": OG_KEY, "SLACK_BOT_TOKEN": "xoxb",
+           "NOTICE_HOOK_SECRET": "s"}
+    built = []
+    for example in examples:
+        config, issues = check_text("version: 1\n" + example, "notifiers.md")
+        assert [i for i in issues if i.severity == "error"] == [], example
+        built.append(make_notifiers(config.settings, env=env, now=lambda: 0.0))
+    router = built[0]
+    assert isinstance(router, NoticeRouter) and [r.name for r in router.routes] == ["slack", "pagerduty", "opsgenie"]
+    slack, pd, og = router.routes
+    assert slack.takes(notice(severity="warning")) and not pd.takes(notice(severity="warning"))
+    assert pd.takes(notice(severity="critical")) and pd.takes(notice(severity="info", escalation=True))
+    assert og.takes(notice(escalation=True)) is False, "demo-scorer is not a fraud-* deployment"
+    assert og.takes(replace(notice(escalation=True), deployment="fraud-eu"))
+
+
+class Recording:
+    def __init__(self, status: str = "succeeded", threads: bool = False) -> None:
+        self.status, self.threads, self.seen = status, threads, []
+
+    def post(self, n: Notice):
+        from rollbackd.actions.base import ActionResult
+
+        self.seen.append(n)
+        if self.status == "raise":
+            raise RuntimeError("broken notifier")
+        return ActionResult(self.status, "said", thread=(n.thread or f"ts-{len(self.seen)}") if self.threads else None)
+
+
+def test_the_router_keeps_threads_to_their_route_and_survives_a_broken_one():
+    from rollbackd.actions.routing import Route
+    from rollbackd.rules.model import RouteMatch
+
+    slack, pager, broken = Recording(threads=True), Recording(), Recording("raise")
+    router = NoticeRouter([Route("slack", slack), Route("pagerduty", pager, RouteMatch(severities=("critical",))),
+                           Route("webhook", broken, RouteMatch(escalation=True))])
+    first = router.post(notice("opened", severity="warning"))
+    assert (first.status, first.thread) == ("succeeded", "ts-1") and pager.seen == [] and broken.seen == []
+    second = router.post(replace(notice("updated", severity="warning", escalation=True), thread=first.thread))
+    assert second.status == "failed" and "webhook: failed (RuntimeError: broken notifier)" in second.detail
+    assert second.thread == "ts-1" and slack.seen[-1].thread == "ts-1" and broken.seen[-1].thread is None
+    third = router.post(replace(notice("resolved", severity="warning"), thread="ts-1"))
+    assert [n.kind for n in broken.seen] == ["updated", "resolved"], "the escalation's route hears the resolution"
+    assert pager.seen == [] and third.status == "failed"
+    system = Notice("blind-x", "opened", 0.0, "*", "*", None, "blind", "blind")
+    assert router.post(system).status == "succeeded" and slack.seen[-1] is not None and pager.seen == []
+    assert len(broken.seen) == 2, "a notice without severity goes to the routes without match only"
