@@ -367,3 +367,15 @@ def test_the_router_keeps_threads_to_their_route_and_survives_a_broken_one():
     system = Notice("blind-x", "opened", 0.0, "*", "*", None, "blind", "blind")
     assert router.post(system).status == "succeeded" and slack.seen[-1] is not None and pager.seen == []
     assert len(broken.seen) == 2, "a notice without severity goes to the routes without match only"
+
+
+def test_a_threshold_that_is_not_set_goes_out_as_null_not_nan():
+    """``NaN`` is not JSON: a strict receiver (PagerDuty's, a webhook's) would refuse the body."""
+    import math
+
+    n = notice()
+    n = replace(n, alerts=(replace(n.alerts[0], threshold=math.nan),))
+    with LoopbackServer() as server:
+        make_notifier(NotifierSpec("webhook", {"url": server.url}), now=lambda: 0.0).post(n)
+    body = json.loads(server.requests[0].body, parse_constant=lambda c: pytest.fail(f"{c} in the body"))
+    assert body["alerts"][0]["threshold"] is None

@@ -11,11 +11,12 @@ Redirects are not followed: a POST must not turn into a GET.
 from __future__ import annotations
 
 import json
+import math
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from rollbackd.actions.retry import Attempt, RetryPolicy, RetryResult, retrying
@@ -27,8 +28,34 @@ _MAX_RESPONSE_BYTES = 64 * 1024
 
 
 def encode_json(body: Any) -> bytes:
-    """Compact, key-sorted JSON: the same notice always makes the same bytes."""
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Compact, key-sorted JSON: the same notice always makes the same bytes. A non-finite
+    number (a threshold that is not set) is ``null``, which every JSON parser reads; a numpy
+    scalar is its Python value."""
+    return json.dumps(_finite(body), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False, default=_scalar).encode("utf-8")
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, Mapping):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _scalar(x: Any) -> Any:
+    if isinstance(x, SupportsItem):
+        return _finite(x.item())
+    raise TypeError(f"{type(x).__name__} is not JSON")
+
+
+@runtime_checkable
+class SupportsItem(Protocol):
+    """A numpy scalar (``np.int64``, ``np.float32``): ``item()`` is its Python value."""
+
+    def item(self) -> Any: ...
 
 
 def check_url(kind: str, url: str) -> str:

@@ -89,7 +89,7 @@ class SettingsReader:
             spec = self.notifier(item, where, route=True)
             if spec is None or match is INVALID:
                 continue
-            catch_all |= match.everything
+            catch_all |= match.everything and match.deployments is None
             out.append(RouteSpec(spec, match))
         if len(out) == len(items) and not catch_all:
             read.warn(node, path, "no route matches every notice: notices about rollbackd itself (blind, "
