@@ -379,3 +379,42 @@ def test_a_threshold_that_is_not_set_goes_out_as_null_not_nan():
         make_notifier(NotifierSpec("webhook", {"url": server.url}), now=lambda: 0.0).post(n)
     body = json.loads(server.requests[0].body, parse_constant=lambda c: pytest.fail(f"{c} in the body"))
     assert body["alerts"][0]["threshold"] is None
+
+
+def test_validate_reports_every_routing_mistake_with_its_place():
+    from rollbackd.rules.loader import check_text
+
+    text = """version: 1
+settings:
+  notifier: {type: console}
+  notifiers:
+    - type: pagerduty
+      routing_key: abc
+      match: {severities: [urgent], escalate: true}
+    - type: alertmanager
+      labels: {bad-name: x}
+    - type: webhook
+      url: ftp://x
+    - type: opsgenie
+      responders: [{type: team}]
+      match: {escalation: false}
+    - {type: slack, channel: x, digest: "0 9 * * *"}
+"""
+    _, issues = check_text(text, "r.yaml")
+    found = {(i.path, i.line, i.message) for i in issues if i.severity == "error"}
+    assert found == {
+        ("settings.notifiers", 4, "set either `notifier` (one) or `notifiers` (several, routed), not both"),
+        ("settings.notifiers[0].routing_key", 6, "unknown key 'routing_key'; did you mean 'routing_key_env'?"),
+        ("settings.notifiers[0].match.severities[0]", 7, "'urgent' is not one of info, warning, critical"),
+        ("settings.notifiers[0].match.escalate", 7, "unknown key 'escalate'; did you mean 'escalation'?"),
+        ("settings.notifiers[1]", 8, "type alertmanager requires `url`"),
+        ("settings.notifiers[1].labels.bad-name", 9, "'bad-name' is not a label name ([A-Za-z_][A-Za-z0-9_]*)"),
+        ("settings.notifiers[2].url", 11, "expected an http:// or https:// URL, got 'ftp://x'"),
+        ("settings.notifiers[3].responders[0]", 13, "a responder needs `type` and one of `id`, `name`, `username`"),
+        ("settings.notifiers[3].match", 14, "matches nothing: give `severities`, `escalation: true` or both"),
+        ("settings.notifiers[4].digest", 15, "unknown key 'digest'"),
+    }
+    _, issues = check_text("version: 1\nsettings:\n  notifiers:\n    - {type: pagerduty, match: {escalation: true}}\n")
+    assert [i.message for i in issues if i.severity == "warning" and i.path == "settings.notifiers"] == [
+        "no route matches every notice: notices about rollbackd itself (blind, queue full) and digests go nowhere; "
+        "add a route without `match` (e.g. slack)"]
