@@ -338,7 +338,7 @@ def _prepare(config: Any, notifier_spec: Any, dry_run: bool) -> tuple[Any, Any, 
     or any ledger row is written: a missing token, secret or reference file is a clear
     start-up error, not a failure at the first incident. Returns the config (with a forced
     dry-run applied), the notifier and the configured deployments' backends."""
-    from rollbackd.actions.factory import make_backend, make_notifier
+    from rollbackd.actions.factory import make_backend, make_notifiers
 
     if dry_run:
         config = _forced_dry_run(config)
@@ -347,7 +347,7 @@ def _prepare(config: Any, notifier_spec: Any, dry_run: bool) -> tuple[Any, Any, 
             click.echo(f"deployment {dep.name}: reference file {dep.reference} not found", err=True)
             sys.exit(EXIT_CONFIG)
     try:
-        notifier = make_notifier(notifier_spec or config.settings.notifier)
+        notifier = make_notifiers(config.settings, override=notifier_spec)
         backends = {name: make_backend(dep.backend) for name, dep in config.deployments.items()}
     except ValueError as exc:
         click.echo(f"{config.source}: {exc}", err=True)
@@ -708,8 +708,9 @@ def simulate(scenario: str, out: str, truth: str | None) -> None:
               help="1x keeps the recording's timing, 10x plays ten times faster, max as fast as possible.")
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None,
               help="Report, decision log, dead letters and drill ledger (default: a new ./drill-* folder).")
-@click.option("--notifier", type=click.Choice(["console", "none"]), default="console", show_default=True,
-              help="Where the [DRILL] notices go.")
+@click.option("--notifier", type=click.Choice(["console", "none", "rules"]), default="console", show_default=True,
+              help="Where the [DRILL] notices go; rules: the rules file's notifier(s), to rehearse paging "
+                   "(pages carry drill labels and keys of their own).")
 @_measurements_option
 def drill(recording: str, rules: str, speed: str, out_dir: str | None, notifier: str,
           measurements_out: str | None) -> None:
@@ -730,9 +731,18 @@ def drill(recording: str, rules: str, speed: str, out_dir: str | None, notifier:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise Refused(f"--out-dir {out_dir or '.'}: {exc.strerror or exc}") from None
+    posts: Any
+    if notifier == "rules":
+        from rollbackd.actions.factory import make_notifiers
+
+        try:
+            posts = make_notifiers(config.settings)
+        except ValueError as exc:
+            raise Refused(f"{config.source}: {exc}") from None
+    else:
+        posts = ConsoleNotifier(summarize_repeats=True) if notifier == "console" else NullNotifier()
     writer = _measurements(measurements_out, config)  # its tee (the report's tap) is set by the drill
-    result = run_drill(recording, config, speed=factor, out_dir=out,
-                       notifier=ConsoleNotifier(summarize_repeats=True) if notifier == "console" else NullNotifier(),
+    result = run_drill(recording, config, speed=factor, out_dir=out, notifier=posts,
                        progress=ProgressPrinter(sys.stderr), measurements=writer)
     click.echo(f"incidents: {len(result.incidents)}")
     for inc in result.incidents:
@@ -1142,6 +1152,7 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
 
     ops = None
     if http_listen:
+        from rollbackd.actions.factory import notifier_name
         from rollbackd.daemon.http import parse_listen, serve_daemon
 
         try:
@@ -1153,7 +1164,7 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
 
                 slack = slack_interactions(config, daemon.pipeline, secret, db, ledger_key=ledger.key,
                                            clock=daemon.clock)
-            ops = serve_daemon(daemon, host, port, notifier=config.settings.notifier.type, slack=slack)
+            ops = serve_daemon(daemon, host, port, notifier=notifier_name(config.settings), slack=slack)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--http") from None
         except OSError as exc:

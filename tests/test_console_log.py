@@ -143,8 +143,8 @@ def test_factory_defaults():
 def test_factory_unknown_types_list_known_names():
     with pytest.raises(ValueError, match=r"unknown backend type 'argo' \(known: log, webhook, mlflow, kubernetes, command, traffic-file\)"):
         make_backend(BackendSpec("argo"))
-    with pytest.raises(ValueError, match=r"unknown notifier type 'pagerduty' \(known: console, slack, none\)"):
-        make_notifier(NotifierSpec("pagerduty"))
+    with pytest.raises(ValueError, match=r"unknown notifier type 'email' \(known: console, slack, none, alertmanager, pagerduty, opsgenie, webhook\)"):
+        make_notifier(NotifierSpec("email"))
 
 
 def test_factory_rejects_unknown_options():

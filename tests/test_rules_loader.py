@@ -763,9 +763,11 @@ def test_one_list_of_backend_and_notifier_types():
     from rollbackd.rules.model import BACKEND_TYPES, NOTIFIER_TYPES
 
     assert tuple(BackendReader(NodeReader()).schema()) == BACKEND_TYPES
+    required = {"slack": "channel: c", "alertmanager": "url: 'http://127.0.0.1:9093'",
+                "webhook": "url: 'http://127.0.0.1:9/x'"}
     for t in NOTIFIER_TYPES:
         cfg = loader.load_config_text(
-            f"version: 1\nsettings: {{notifier: {{type: {t}, {'channel: c' if t == 'slack' else ''}}}}}\n")
+            f"version: 1\nsettings: {{notifier: {{type: {t}, {required.get(t, '')}}}}}\n")
         assert cfg.settings.notifier.type == t
 
 

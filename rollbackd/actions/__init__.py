@@ -15,13 +15,18 @@ from rollbackd.actions.base import (
     pause_rollout,
     verify_plan,
 )
+from rollbackd.actions.alertmanager import AlertmanagerNotifier
 from rollbackd.actions.command import CommandBackend
 from rollbackd.actions.console import ConsoleNotifier, format_notice
-from rollbackd.actions.factory import BACKEND_TYPES, NOTIFIER_TYPES, make_backend, make_notifier
+from rollbackd.actions.factory import BACKEND_TYPES, NOTIFIER_TYPES, make_backend, make_notifier, make_notifiers
 from rollbackd.actions.kubernetes import KubernetesBackend
 from rollbackd.actions.logbackend import LogBackend
 from rollbackd.actions.mlflow import MlflowRegistryBackend
+from rollbackd.actions.noticehook import WebhookNotifier, verify_notice
+from rollbackd.actions.opsgenie import OpsgenieNotifier
+from rollbackd.actions.pagerduty import PagerDutyNotifier
 from rollbackd.actions.retry import RetryPolicy, classify
+from rollbackd.actions.routing import NoticeRouter, Route
 from rollbackd.actions.slack import SlackNotifier, build_blocks
 from rollbackd.actions.trafficfile import TrafficFileBackend
 from rollbackd.actions.webhook import WebhookBackend, verify_signature
@@ -50,6 +55,14 @@ __all__ = [
     "NOTIFIER_TYPES",
     "make_backend",
     "make_notifier",
+    "make_notifiers",
+    "AlertmanagerNotifier",
+    "PagerDutyNotifier",
+    "OpsgenieNotifier",
+    "WebhookNotifier",
+    "verify_notice",
+    "NoticeRouter",
+    "Route",
     "LogBackend",
     "RetryPolicy",
     "classify",

@@ -135,6 +135,7 @@ class AlertSummary:
     # Where the value was found when not in the whole window: "in region=eu-west (others
     # 0.004)", "in version 8 (window served 7, 8)".
     where: str | None = None
+    variant: str | None = None  # the alert's own (an incident may group several variants)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +162,15 @@ class Notice:
     approval_by: str | None = None
     acknowledged_by: str | None = None  # who took the incident (its repeat notices stopped)
     closed: bool = False  # the incident has resolved: a late reply puts no buttons back on its parent
+    # The incident's severity (None for a notice about rollbackd itself or a digest) and
+    # whether this notice escalates to a human: what routing to several notifiers reads.
+    severity: str | None = None
+    escalation: bool = False
+    # The target system confirmed the rollback: a pager may acknowledge the incident.
+    handled: bool = False
+    # The notice's idempotency key (the outbox key), set by delivery as it goes out: a
+    # receiver dedupes a notice posted again after a crash on it.
+    key: str | None = None
 
 
 class RollbackBackend(Protocol):

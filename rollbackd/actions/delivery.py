@@ -81,12 +81,18 @@ class Delivery:
         self.edges.recorder.action({**call.rec, "status": "started"}, "started")
 
     def prepare(self, call: Call) -> Call:
-        """The call as it goes out: a notice without a thread gets its incident's, if known."""
-        if isinstance(call, Notify) and call.notice.thread is None:
-            thread = self.threads.get(call.notice.incident_id)
+        """The call as it goes out: a notice carries its idempotency key, and one without a
+        thread gets its incident's, if known."""
+        if not isinstance(call, Notify):
+            return call
+        notice = call.notice
+        if notice.key is None:
+            notice = replace(notice, key=call.key)
+        if notice.thread is None:
+            thread = self.threads.get(notice.incident_id)
             if thread is not None:
-                return replace(call, notice=replace(call.notice, thread=thread))
-        return call
+                notice = replace(notice, thread=thread)
+        return call if notice is call.notice else replace(call, notice=notice)
 
     def call(self, call: Call) -> ActionResult | None:
         """Run one call. Never raises: a backend or notifier bug is a failed result. ``None``

@@ -47,6 +47,7 @@ def build_notice(p: "Pipeline", inc: Incident, kind: str, ts: float, reason: str
             p_value=a.measurement.get("p_value"),
             summary=a.summary,
             where=where(a.measurement),
+            variant=a.variant,
         )
         for a in inc.alerts.values()
     )
@@ -72,6 +73,11 @@ def build_notice(p: "Pipeline", inc: Incident, kind: str, ts: float, reason: str
         approval_by=decided["by"] if decided and approval != "waiting" else None,
         acknowledged_by=inc.acknowledged_by,
         closed=not inc.is_open,
+        severity=inc.severity,
+        # Every escalation's reason says so (response.py, incidents.py); a rollback the target
+        # never confirmed keeps the incident escalated for its later notices.
+        escalation=reason.startswith("escalated") or inc.verification == "failed",
+        handled=reason.startswith("rollback confirmed"),
     )
     key = f"{inc.id}:notice:{inc.notices_sent}"
     inc.notices_sent += 1

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from rollbackd.actions.base import Notifier, RollbackBackend
-from rollbackd.actions.factory import make_backend, make_notifier
+from rollbackd.actions.factory import make_backend, make_notifiers
 from rollbackd.daemon.deadletter import JsonlDeadLetter
 from rollbackd.daemon.decisions import DecisionSink, NullDecisions
 from rollbackd.daemon.pipeline import Edges, Pipeline
@@ -102,7 +102,7 @@ def build_pipeline(
         return load_reference(spec.reference) if spec.reference else None
 
     if notifier is None:
-        notifier = make_notifier(config.settings.notifier, env=env)
+        notifier = make_notifiers(config.settings, env=env)
     edges = Edges(
         notifier=notifier,
         backend_for=backend_for,

@@ -345,9 +345,11 @@ def slack_interactions(
 def _members(config: Any, env: Mapping[str, str], clock: Clock) -> ChannelMembers | None:
     from slack_sdk import WebClient
 
-    notifier = config.settings.notifier
-    options: Mapping[str, Any] = notifier.options if notifier.type == "slack" else {}
-    token = env.get(str(options.get("token_env") or "SLACK_BOT_TOKEN"))
+    from rollbackd.actions.factory import secret_option, slack_spec
+
+    spec = slack_spec(config.settings)
+    options: Mapping[str, Any] = spec.options if spec is not None else {}
+    token = secret_option("slack notifier", options, "token", env, "SLACK_BOT_TOKEN")
     if not token:
         return None
     # A short timeout: Slack wants the answer to a button press within three seconds.

@@ -18,6 +18,8 @@ __all__ = [
     "WindowSpec",
     "BackendSpec",
     "NotifierSpec",
+    "RouteMatch",
+    "RouteSpec",
     "DigestSpec",
     "FalseAlarmBudget",
     "DeploymentSpec",
@@ -37,7 +39,7 @@ SEVERITIES = ("info", "warning", "critical")
 ACTIONS = ("notify", "rollback")
 # The names a rules file may use; actions/factory.py builds one of each.
 BACKEND_TYPES = ("log", "webhook", "mlflow", "kubernetes", "command", "traffic-file")
-NOTIFIER_TYPES = ("console", "slack", "none")
+NOTIFIER_TYPES = ("console", "slack", "none", "alertmanager", "pagerduty", "opsgenie", "webhook")
 # The labels an incident may be grouped by.
 GROUP_LABELS = ("rule", "deployment", "variant", "severity")
 # The arms that serve the established version: what a canary is compared with (model_quality's
@@ -99,6 +101,29 @@ class NotifierSpec:
     type: str = "console"
     options: Mapping[str, Any] = field(default_factory=lambda: _frozen(None))
     digest: DigestSpec | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """Which notices a route takes (``settings.notifiers[].match``): those of incidents at one of
+    ``severities``, or (``escalation``) every escalation whatever its severity; either is
+    enough. ``deployments`` (names or globs) narrows both. Nothing set: every notice."""
+
+    severities: tuple[str, ...] | None = None
+    escalation: bool = False
+    deployments: tuple[str, ...] | None = None
+
+    @property
+    def everything(self) -> bool:
+        return self.severities is None and not self.escalation
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """One of several notifiers, and the notices it takes."""
+
+    notifier: NotifierSpec
+    match: RouteMatch = RouteMatch()
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +404,8 @@ class Settings:
     max_variants_per_deployment: int = 16
     max_features_per_deployment: int = 1_000
     notifier: NotifierSpec = NotifierSpec()
+    # Several notifiers with routing (``settings.notifiers``); when set, ``notifier`` is unused.
+    notifiers: tuple[RouteSpec, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

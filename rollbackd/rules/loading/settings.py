@@ -7,11 +7,12 @@ import re
 from types import MappingProxyType
 from typing import Any
 
-from yaml.nodes import Node, ScalarNode
+from yaml.nodes import MappingNode, Node, ScalarNode
 
+from rollbackd.rules.loading.backends import BackendReader
 from rollbackd.rules.loading.extras import missing_extra
 from rollbackd.rules.loading.reader import INVALID, Check, NodeReader, kind, sub
-from rollbackd.rules.model import DigestSpec, NotifierSpec, Settings
+from rollbackd.rules.model import LABEL_NAME, SEVERITIES, DigestSpec, NotifierSpec, RouteMatch, RouteSpec, Settings
 
 
 _YEAR_10000 = 253_402_300_800.0  # 10000-01-01T00:00:00Z in Unix seconds
@@ -21,6 +22,7 @@ _CAPS = ("max_deployments", "max_variants_per_deployment", "max_features_per_dep
 class SettingsReader:
     def __init__(self, read: NodeReader) -> None:
         self.read = read
+        self.backends = BackendReader(read)
 
     def settings(self, node: Node) -> Settings:
         keys = (
@@ -33,6 +35,7 @@ class SettingsReader:
             "min_event_time",
             *_CAPS,
             "notifier",
+            "notifiers",
         )
         read = self.read
         pairs = read.mapping(node, "settings", keys)
@@ -52,7 +55,67 @@ class SettingsReader:
             notifier = self.notifier(pairs["notifier"][1], "settings.notifier")
             if notifier is not None:
                 kw["notifier"] = notifier
+        if "notifiers" in pairs:
+            if "notifier" in pairs:
+                read.error(pairs["notifiers"][0], "settings.notifiers",
+                           "set either `notifier` (one) or `notifiers` (several, routed), not both")
+            routes = self.routes(pairs["notifiers"][1], "settings.notifiers")
+            if routes is not None:
+                kw["notifiers"] = routes
         return Settings(**kw)
+
+    def routes(self, node: Node, path: str) -> tuple[RouteSpec, ...] | None:
+        """``settings.notifiers``: a list of notifiers, each with a ``match``."""
+        read = self.read
+        items = read.sequence(node, path)
+        if items is None:
+            return None
+        if not items:
+            read.error(node, path, "must not be empty (leave the key out instead)")
+            return None
+        out: list[RouteSpec] = []
+        catch_all = False
+        for i, item in enumerate(items):
+            where = f"{path}[{i}]"
+            match: Any = RouteMatch()
+            if not isinstance(item, MappingNode):
+                read.error(item, where, f"expected a mapping with a `type`, got {kind(item)}")
+                continue
+            # `match` is the route's, not one of the notifier's options
+            own = [(k, v) for k, v in item.value if isinstance(k, ScalarNode) and k.value == "match"]
+            item = MappingNode(item.tag, [(k, v) for k, v in item.value if (k, v) not in own],
+                               item.start_mark, item.end_mark, item.flow_style)
+            if own:
+                match = self.match(own[0][1], sub(where, "match"))
+            spec = self.notifier(item, where, route=True)
+            if spec is None or match is INVALID:
+                continue
+            catch_all |= match.everything and match.deployments is None
+            out.append(RouteSpec(spec, match))
+        if len(out) == len(items) and not catch_all:
+            read.warn(node, path, "no route matches every notice: notices about rollbackd itself (blind, "
+                      "queue full) and digests go nowhere; add a route without `match` (e.g. slack)")
+        return tuple(out) if len(out) == len(items) else None
+
+    def match(self, node: Node, path: str) -> Any:
+        """``{severities: [critical], escalation: true, deployments: [fraud-*]}``."""
+        read = self.read
+        pairs = read.mapping(node, path, ("severities", "escalation", "deployments"))
+        if pairs is None:
+            return INVALID
+        kw: dict[str, Any] = {}
+        failed = False
+        for key, check in (
+            ("severities", lambda n, p: read.strings(n, p, choices=SEVERITIES, non_empty=True)),
+            ("escalation", read.boolean),
+            ("deployments", lambda n, p: read.strings(n, p, non_empty=True)),
+        ):
+            failed |= read.optional(pairs, path, kw, key, check) is INVALID
+        if failed:
+            return INVALID
+        if not kw.get("severities") and not kw.get("escalation") and "deployments" not in kw and pairs:
+            return read.error(node, path, "matches nothing: give `severities`, `escalation: true` or both")
+        return RouteMatch(**kw)
 
     def event_time(self, node: Node, path: str) -> Any:
         """A point in time: RFC 3339 (``2000-01-01T00:00:00Z``, quoted or not) or Unix seconds,
@@ -82,8 +145,10 @@ class SettingsReader:
             return read.error(node, path, f"must be between 1970 and 9999, got {value}")
         return float(value)
 
-    def notifier(self, node: Node, path: str) -> NotifierSpec | None:
+    def notifier(self, node: Node, path: str, route: bool = False) -> NotifierSpec | None:
         read = self.read
+        # retry and headers read as the webhook backend's do
+        paging_common = {"timeout": read.positive_duration, "retry": self.backends.retry}
         # The option names are those ``actions.factory.make_notifier`` reads; the types are
         # ``rules.model.NOTIFIER_TYPES``.
         schema: dict[str, dict[str, Check]] = {
@@ -97,8 +162,39 @@ class SettingsReader:
                 "max_rate_limit_retries": lambda n, p: read.number(n, p, integer=True, ge=0),
                 "digest": self.digest,
             },
+            "alertmanager": {
+                "url": read.url,
+                "resend_interval": read.duration,
+                "labels": self.labels,
+                "generator_url": read.url,
+                "token_env": read.string,
+                **paging_common,
+            },
+            "pagerduty": {
+                "routing_key_env": read.string,
+                "url": read.url,
+                "source": read.string,
+                "client_url": read.url,
+                **paging_common,
+            },
+            "opsgenie": {
+                "api_key_env": read.string,
+                "url": read.url,
+                "responders": self.responders,
+                "tags": lambda n, p: read.strings(n, p, non_empty=True),
+                **paging_common,
+            },
+            "webhook": {
+                "url": read.url,
+                "secret_env": read.string,
+                "headers": self.backends.headers,
+                **paging_common,
+            },
         }
-        typed = read.typed_options(node, path, schema, "console", {"slack": ("channel",)})
+        if route:  # a route has no digest of its own: the digest is settings.notifier's
+            schema = {name: {k: v for k, v in opts.items() if k != "digest"} for name, opts in schema.items()}
+        required = {"slack": ("channel",), "alertmanager": ("url",), "webhook": ("url",)}
+        typed = read.typed_options(node, path, schema, "console", required)
         if typed is None:
             return None
         notifier_type, options = typed
@@ -108,6 +204,38 @@ class SettingsReader:
             return None
         digest = options.pop("digest", None)  # the notifier's schedule, not one of its options
         return NotifierSpec(type=notifier_type, options=MappingProxyType(options), digest=digest)
+
+    def labels(self, node: Node, path: str) -> Any:
+        """Alertmanager labels: a mapping of Prometheus label names to strings."""
+        labels = self.backends.string_mapping(node, path, "label name to value")
+        if labels is INVALID:
+            return INVALID
+        bad = [name for name in labels if not LABEL_NAME.match(name)]
+        if bad:
+            return self.read.error(node, sub(path, bad[0]), f"{bad[0]!r} is not a label name ([A-Za-z_][A-Za-z0-9_]*)")
+        return labels
+
+    def responders(self, node: Node, path: str) -> Any:
+        """Opsgenie responders: ``[{type: team, name: ml-oncall}, {type: user, username: ...}]``."""
+        read = self.read
+        items = read.sequence(node, path)
+        if items is None:
+            return INVALID
+        out = []
+        for i, item in enumerate(items):
+            where = f"{path}[{i}]"
+            pairs = read.mapping(item, where, ("type", "id", "name", "username"))
+            if pairs is None:
+                return INVALID
+            entry: dict[str, Any] = {}
+            read.optional(pairs, where, entry, "type", lambda n, p: read.string(
+                n, p, choices=("team", "user", "escalation", "schedule")))
+            for key in ("id", "name", "username"):
+                read.optional(pairs, where, entry, key, read.string)
+            if "type" not in entry or len(entry) < 2:
+                return read.error(item, where, "a responder needs `type` and one of `id`, `name`, `username`")
+            out.append(MappingProxyType(entry))
+        return tuple(out)
 
     def digest(self, node: Node, path: str) -> Any:
         """``"0 9 * * *"`` (UTC) or ``{cron: "0 9 * * *", timezone: Europe/Berlin}``."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rollbackd.rules.budget import budget_lines
 from rollbackd.rules.durations import format_duration, parse_duration
 from rollbackd.rules.loading.reader import fmt_num
-from rollbackd.rules.model import Config, DeploymentSpec, RuleSpec, is_glob
+from rollbackd.rules.model import Config, DeploymentSpec, RuleSpec, Settings, is_glob
 
 
 def _safety(dep: DeploymentSpec, global_dry_run: bool) -> list[str]:
@@ -91,6 +91,18 @@ def _quality_metric(rule: RuleSpec) -> str:
     return f"{name} |window − {baseline}|"
 
 
+def _notifiers(s: Settings) -> str:
+    if not s.notifiers:
+        return f"notifier {s.notifier.type}"
+    routes = []
+    for r in s.notifiers:
+        m = r.match
+        takes = [*(m.severities or ()), *(["escalations"] if m.escalation else [])]
+        where = f" of {', '.join(m.deployments)}" if m.deployments else ""
+        routes.append(f"{r.notifier.type} ({' + '.join(takes) if takes else 'all'}{where})")
+    return "notifiers " + ", ".join(routes)
+
+
 def summarize(config: Config) -> str:
     """A short human summary: what ``rollbackd validate`` prints for a valid file."""
     s = config.settings
@@ -100,7 +112,7 @@ def summarize(config: Config) -> str:
     lines = [
         f"{config.source or '<config>'}: {len(config.deployments)} deployment(s), "
         f"{len(config.rules)} rule(s); dry run {'on' if s.dry_run else 'off'}; "
-        f"notifier {s.notifier.type}{digest}; lateness {format_duration(s.lateness)}",
+        f"{_notifiers(s)}{digest}; lateness {format_duration(s.lateness)}",
     ]
     if config.deployments:
         lines.append("deployments:")
