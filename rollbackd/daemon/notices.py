@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from rollbackd.actions.base import AlertSummary, Notice
 from rollbackd.actions.intents import Notify
 from rollbackd.daemon.splits import blamed_version, where
-from rollbackd.rules.incidents import Incident
+from rollbackd.rules.incidents import CONFIRMED, ESCALATED, Incident
 
 if TYPE_CHECKING:
     from rollbackd.daemon.pipeline import Pipeline
@@ -74,10 +74,9 @@ def build_notice(p: "Pipeline", inc: Incident, kind: str, ts: float, reason: str
         acknowledged_by=inc.acknowledged_by,
         closed=not inc.is_open,
         severity=inc.severity,
-        # Every escalation's reason says so (response.py, incidents.py); a rollback the target
-        # never confirmed keeps the incident escalated for its later notices.
-        escalation=reason.startswith("escalated") or inc.verification == "failed",
-        handled=reason.startswith("rollback confirmed"),
+        # A rollback never verified keeps the incident escalated for its later notices.
+        escalation=reason.startswith(ESCALATED) or inc.verification == "failed",
+        handled=reason.startswith(CONFIRMED),
     )
     key = f"{inc.id}:notice:{inc.notices_sent}"
     inc.notices_sent += 1

@@ -48,7 +48,7 @@ from rollbackd.daemon.notices import build_notice
 from rollbackd.daemon.splits import blamed_version, mixed_unattributed
 from rollbackd.daemon.targets import RollbackTargets
 from rollbackd.daemon.versions import VersionHistory
-from rollbackd.rules.incidents import ActionsDue, Incident, IncidentChange, NoticeDue
+from rollbackd.rules.incidents import CONFIRMED, ESCALATED, ActionsDue, Incident, IncidentChange, NoticeDue
 
 if TYPE_CHECKING:
     from rollbackd.daemon.pipeline import Pipeline
@@ -377,7 +377,7 @@ class Responder:
                 "picture": self.targets.picture(key),
             }
         if verdict in _ESCALATING:
-            return [(inc, "updated", ts, f"escalated: rollback {verdict.replace('_', ' ')}", why)]
+            return [(inc, "updated", ts, f"{ESCALATED}rollback {verdict.replace('_', ' ')}", why)]
         return [(inc, "updated", ts, f"rollback {status}", why)]
 
     def _rolled_back(self, call: Rollback, result: ActionResult) -> None:
@@ -447,7 +447,7 @@ class Responder:
             log.info("incident.rollback_confirmed", incident=inc.id, deployment=call.deployment,
                      backend=checked.backend, observed=checked.observed, polls=checked.polls)
             drafts: list[NoticeDraft | FollowUps] = [
-                (inc, "updated", ts, f"rollback confirmed by {checked.backend}", checked.describe())]
+                (inc, "updated", ts, f"{CONFIRMED}{checked.backend}", checked.describe())]
         else:
             drafts = [self._unconfirmed(inc, call, checked, ts)]
         self._follow(call, drafts)
@@ -464,7 +464,7 @@ class Responder:
         }, "incident")
         log.error("incident.rollback_unconfirmed", incident=inc.id, deployment=plan.deployment,
                   backend=checked.backend, observed=checked.observed, expected=checked.expected)
-        return (inc, "updated", ts, f"escalated: rollback not confirmed by {checked.backend}", checked.describe())
+        return (inc, "updated", ts, f"{ESCALATED}rollback not confirmed by {checked.backend}", checked.describe())
 
     # Pause (the freeze policy) ------------------------------------------------------------
     def _pause(self, inc: Incident, rule_name: str, variant: str, current: str | None, ts: float,

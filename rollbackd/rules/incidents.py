@@ -33,9 +33,14 @@ __all__ = [
     "IncidentChange",
     "IncidentBook",
     "incident_id",
+    "ESCALATED",
+    "CONFIRMED",
 ]
 
-
+# How a notice's reason begins when it escalates to a human, and when the target system confirmed
+# the rollback: routing to pagers reads these (daemon/notices.py), so every writer uses them.
+ESCALATED = "escalated: "
+CONFIRMED = "rollback confirmed by "
 
 def incident_id(group: Mapping[str, str], opened_at: float) -> str:
     key = "\0".join(f"{k}={v}" for k, v in sorted(group.items())) + f"\0{opened_at:.3f}"
@@ -283,7 +288,7 @@ class IncidentBook:
                 effects.append(IncidentChange(inc, "verification_failed", inc.verify_by))
                 effects.append(NoticeDue(
                     inc, "updated", inc.verify_by,
-                    f"escalated: rollback not verified, still firing after the deadline: {still}",
+                    f"{ESCALATED}rollback not verified, still firing after the deadline: {still}",
                 ))
             if not inc.flushed and now >= inc.notify_at:
                 inc.flushed = True
