@@ -75,8 +75,9 @@ def test_an_escalation_is_a_page_of_its_own_and_the_resolution_resolves_both():
     service = PagerDutyEvents(PD_KEY)
     with LoopbackServer(service) as server:
         pd = pagerduty(server.url)
+        # once escalated, every later notice of the incident says so (daemon/notices.py)
         for n in (notice("opened"), notice("updated", handled=True), notice("updated", escalation=True),
-                  notice("repeat"), notice("resolved")):
+                  notice("repeat", escalation=True), notice("resolved", escalation=True)):
             assert pd.post(n).status == "succeeded"
     key, esc = "rollbackd:inc-0123456789ab", "rollbackd:inc-0123456789ab:escalation"
     assert service.violations == []
@@ -124,7 +125,7 @@ def test_opsgenie_creates_acknowledges_and_closes_by_alias():
                                                      "responders": [{"type": "team", "name": "ml-oncall"}],
                                                      "retry": RETRY}), env={"OG": OG_KEY}, sleep=lambda s: None)
         for n in (notice("opened"), notice("updated", handled=True), notice("updated", escalation=True),
-                  notice("resolved")):
+                  notice("resolved", escalation=True)):
             result = og.post(n)
             assert result.status == "succeeded", result.detail
     alias, esc = "rollbackd:inc-0123456789ab", "rollbackd:inc-0123456789ab:escalation"
@@ -225,16 +226,18 @@ def blip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("severity, policy, slack, paged", [
-    # critical: paged from the start; the freeze escalates (a page of its own); all resolved
+    # critical: the freeze refused the rollback before the first notice went out (group_wait), so
+    # the incident pages as an escalation from its first notice (PagerDuty dedups the second
+    # trigger); the resolution resolves both keys (the first never triggered: harmless)
     ("critical", "freeze", ["opened", "updated", "resolved"],
-     {"pd": [("trigger", ""), ("trigger", ":escalation"), ("resolve", ""), ("resolve", ":escalation")],
-      "og": [("create", ":escalation"), ("close", ":escalation")]}),
+     {"pd": [("trigger", ":escalation"), ("trigger", ":escalation"), ("resolve", ""), ("resolve", ":escalation")],
+      "og": [("create", ":escalation"), ("create", ":escalation"), ("close", ""), ("close", ":escalation")]}),
     # a warning without escalation (notify-only: nothing to escalate): Slack only
     ("warning", "notify-only", ["opened", "updated", "resolved"], {"pd": [], "og": []}),
     # a warning that escalates pages only from the escalation, which its resolution follows
     ("warning", "freeze", ["opened", "updated", "resolved"],
-     {"pd": [("trigger", ":escalation"), ("resolve", ":escalation")],
-      "og": [("create", ":escalation"), ("close", ":escalation")]}),
+     {"pd": [("trigger", ":escalation"), ("trigger", ":escalation"), ("resolve", ""), ("resolve", ":escalation")],
+      "og": [("create", ":escalation"), ("create", ":escalation"), ("close", ""), ("close", ":escalation")]}),
 ])
 def test_routing_by_severity_and_escalation_end_to_end(blip, tmp_path, severity, policy, slack, paged):
     pd, og = PagerDutyEvents(PD_KEY), OpsgenieAlerts(OG_KEY)
@@ -361,7 +364,7 @@ def test_the_router_keeps_threads_to_their_route_and_survives_a_broken_one():
     second = router.post(replace(notice("updated", severity="warning", escalation=True), thread=first.thread))
     assert second.status == "failed" and "webhook: failed (RuntimeError: broken notifier)" in second.detail
     assert second.thread == "ts-1" and slack.seen[-1].thread == "ts-1" and broken.seen[-1].thread is None
-    third = router.post(replace(notice("resolved", severity="warning"), thread="ts-1"))
+    third = router.post(replace(notice("resolved", severity="warning", escalation=True), thread="ts-1"))
     assert [n.kind for n in broken.seen] == ["updated", "resolved"], "the escalation's route hears the resolution"
     assert pager.seen == [] and third.status == "failed"
     system = Notice("blind-x", "opened", 0.0, "*", "*", None, "blind", "blind")

@@ -75,7 +75,6 @@ class AlertmanagerNotifier:
         self.endpoint = JsonEndpoint(dict(headers or {}), timeout=timeout, policy=policy, sleep=sleep)
         # incident -> alert identity -> the alert as last sent (startsAt kept from its first send)
         self._firing: dict[str, dict[tuple[tuple[str, str], ...], dict[str, Any]]] = {}
-        self._escalated: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -126,9 +125,7 @@ class AlertmanagerNotifier:
         hold = now + 4 * self.resend_interval if self.resend_interval else None
         with self._lock:
             known = self._firing.setdefault(notice.incident_id, {})
-            if notice.escalation:
-                self._escalated.add(notice.incident_id)
-            escalated = notice.incident_id in self._escalated
+            escalated = notice.escalation  # once escalated, every later notice of the incident is
             firing: list[dict[str, Any]] = []
             resolved: list[dict[str, Any]] = []
             current = [self._alert(notice, a) for a in notice.alerts]
@@ -150,7 +147,6 @@ class AlertmanagerNotifier:
             if notice.kind == "resolved":  # whatever was sent for it before ends too
                 resolved.extend(known.values())
                 del self._firing[notice.incident_id]
-                self._escalated.discard(notice.incident_id)
         body = [self._wire(a, hold) for a in firing] + [self._wire(a, now) for a in resolved]
         if not body:
             return ActionResult("skipped", "alertmanager: no alert to send", attempts=0)

@@ -162,10 +162,13 @@ class Notice:
     approval_by: str | None = None
     acknowledged_by: str | None = None  # who took the incident (its repeat notices stopped)
     closed: bool = False  # the incident has resolved: a late reply puts no buttons back on its parent
-    # The incident's severity (None for a notice about rollbackd itself or a digest) and
-    # whether this notice escalates to a human: what routing to several notifiers reads.
+    # The incident's severity (None for a notice about rollbackd itself or a digest), every
+    # severity it has had (least severe first), and whether it has escalated to a human (this
+    # notice or an earlier one): what routing to several notifiers reads, so an incident's later
+    # notices, its resolution included, reach every route an earlier one reached.
     severity: str | None = None
     escalation: bool = False
+    severities: tuple[str, ...] = ()
     # The target system confirmed the rollback: a pager may acknowledge the incident.
     handled: bool = False
     # The notice's idempotency key (the outbox key), set by delivery as it goes out: a

@@ -18,7 +18,6 @@ wake nobody. A resolved incident resolves both.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,34 +40,21 @@ def incident_key(notice: Notice) -> str:
 
 
 class PageKeys:
-    """Which steps a notice is, remembering (in this process) the incidents that escalated and
-    the keys each one triggered, so a resolution resolves exactly those.
-
-    After a restart nothing is remembered: an escalated incident's next ordinary notice
-    triggers under the first key again, and its resolution resolves the first key (and the
-    escalation's when the notice says the incident is escalated, as one whose rollback was never
-    verified does). Resolving a key that was never triggered is harmless at both services."""
-
-    def __init__(self) -> None:
-        self._escalated: set[str] = set()
-        self._triggered: dict[str, set[str]] = {}
-        self._lock = threading.Lock()
+    """Which steps a notice is. Nothing is remembered: a notice says whether its incident has
+    escalated (``Notice.escalation``, from the incident's checkpointed state), so the keys are
+    the same before and after a restart. A resolution resolves the first key, and the
+    escalation's too when the incident escalated; resolving a key that was never triggered (an
+    incident paged only by its escalation) is harmless at both services."""
 
     def steps(self, notice: Notice) -> list[PageStep]:
         base = incident_key(notice)
         escalation = base + ":escalation"
-        with self._lock:
-            if notice.escalation:
-                self._escalated.add(base)
-            key = escalation if base in self._escalated else base
-            if notice.kind == "resolved":
-                self._escalated.discard(base)
-                sent = self._triggered.pop(base, None) or {base, *([escalation] if notice.escalation else [])}
-                return [PageStep("resolve", k) for k in sorted(sent)]
-            if notice.handled and not notice.escalation:
-                return [PageStep("acknowledge", key)]
-            self._triggered.setdefault(base, set()).add(key)
-            return [PageStep("trigger", key)]
+        if notice.kind == "resolved":
+            return [PageStep("resolve", k) for k in ([base, escalation] if notice.escalation else [base])]
+        key = escalation if notice.escalation else base
+        if notice.handled and not notice.escalation:
+            return [PageStep("acknowledge", key)]
+        return [PageStep("trigger", key)]
 
 
 def alert_line(a: AlertSummary) -> str:

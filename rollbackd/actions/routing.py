@@ -4,7 +4,9 @@ warnings to Slack only.
 
 A route that took one of an incident's notices takes the incident's later ones too (its
 updates, repeats and resolution), so a page opened by an escalation is resolved where it was
-opened; notices about rollbackd itself and digests (no severity) go to the routes that match
+opened: a route matches every severity the incident has had (``Notice.severities``) and, once it
+escalated, every later notice is an escalation (``Notice.escalation``), both read from the
+incident's checkpointed state, so this holds across restarts; notices about rollbackd itself and digests (no severity) go to the routes that match
 every notice. The routes are called one after the other (each retries by classification on its
 own); one that fails does not stop the others, and the notice is ``failed`` if any failed, with
 each route's answer in ``detail``.
@@ -47,7 +49,8 @@ class Route:
             return True
         if notice.severity is None:  # rollbackd's own notices and digests: for catch-all routes
             return False
-        return (m.severities is not None and notice.severity in m.severities) or (m.escalation and notice.escalation)
+        had = notice.severities or (notice.severity,)
+        return (m.severities is not None and any(s in m.severities for s in had)) or (m.escalation and notice.escalation)
 
 
 class NoticeRouter:
@@ -57,15 +60,12 @@ class NoticeRouter:
         if not routes:
             raise ValueError("at least one route is required")
         self.routes = tuple(routes)
-        self._taken: dict[str, set[int]] = {}  # incident -> routes that took one of its notices
         self._threads: dict[tuple[str, int], str] = {}  # (incident, route) -> its thread
         self._primary: dict[str, int] = {}  # incident -> the route whose thread is the incident's
         self._lock = threading.Lock()
 
     def chosen(self, notice: Notice) -> list[int]:
-        with self._lock:
-            before = self._taken.get(notice.incident_id, set())
-        return [i for i, r in enumerate(self.routes) if i in before or r.takes(notice)]
+        return [i for i, r in enumerate(self.routes) if r.takes(notice)]
 
     def post(self, notice: Notice) -> ActionResult:
         chosen = self.chosen(notice)
@@ -73,7 +73,6 @@ class NoticeRouter:
             return ActionResult("skipped", "no notifier route takes this notice", attempts=0, thread=notice.thread)
         incident = notice.incident_id
         with self._lock:
-            self._taken.setdefault(incident, set()).update(chosen)
             primary = self._primary.get(incident)
             threads = {i: self._threads.get((incident, i)) for i in chosen}
         if primary is None and notice.thread is not None:
@@ -95,7 +94,6 @@ class NoticeRouter:
             if primary is not None:
                 self._primary[incident] = primary
             if notice.kind == "resolved":  # its pages are resolved: forget it (memory stays bounded)
-                self._taken.pop(incident, None)
                 self._primary.pop(incident, None)
                 for i in range(len(self.routes)):
                     self._threads.pop((incident, i), None)

@@ -13,6 +13,7 @@ from rollbackd.actions.base import AlertSummary, Notice
 from rollbackd.actions.intents import Notify
 from rollbackd.daemon.splits import blamed_version, where
 from rollbackd.rules.incidents import CONFIRMED, ESCALATED, Incident
+from rollbackd.rules.model import severity_rank
 
 if TYPE_CHECKING:
     from rollbackd.daemon.pipeline import Pipeline
@@ -74,8 +75,11 @@ def build_notice(p: "Pipeline", inc: Incident, kind: str, ts: float, reason: str
         acknowledged_by=inc.acknowledged_by,
         closed=not inc.is_open,
         severity=inc.severity,
-        # A rollback never verified keeps the incident escalated for its later notices.
-        escalation=reason.startswith(ESCALATED) or inc.verification == "failed",
+        # Once escalated, every later notice of the incident is (its pages stay where they went,
+        # across restarts: the incident's state is checkpointed, a notifier's memory is not).
+        escalation=(reason.startswith(ESCALATED) or inc.escalated_at is not None
+                    or inc.verification == "failed"),
+        severities=tuple(sorted({a.severity for a in inc.alerts.values()}, key=severity_rank)),
         handled=reason.startswith(CONFIRMED),
     )
     key = f"{inc.id}:notice:{inc.notices_sent}"

@@ -377,6 +377,7 @@ class Responder:
                 "picture": self.targets.picture(key),
             }
         if verdict in _ESCALATING:
+            self.p.book.escalated(inc, ts)
             return [(inc, "updated", ts, f"{ESCALATED}rollback {verdict.replace('_', ' ')}", why)]
         return [(inc, "updated", ts, f"rollback {status}", why)]
 
@@ -464,6 +465,7 @@ class Responder:
         }, "incident")
         log.error("incident.rollback_unconfirmed", incident=inc.id, deployment=plan.deployment,
                   backend=checked.backend, observed=checked.observed, expected=checked.expected)
+        self.p.book.escalated(inc, ts)
         return (inc, "updated", ts, f"{ESCALATED}rollback not confirmed by {checked.backend}", checked.describe())
 
     # Pause (the freeze policy) ------------------------------------------------------------

@@ -283,7 +283,7 @@ class IncidentBook:
         for inc in sorted(self.open.values(), key=lambda i: (i.opened_at, i.id)):
             if inc.verification == "pending" and inc.verify_by is not None and now >= inc.verify_by:
                 inc.verification = "failed"
-                self._escalated(inc, inc.verify_by)
+                self.escalated(inc, inc.verify_by)
                 still = ", ".join(sorted({a.rule for a in inc.firing}))
                 effects.append(IncidentChange(inc, "verification_failed", inc.verify_by))
                 effects.append(NoticeDue(
@@ -319,7 +319,10 @@ class IncidentBook:
         return [IncidentChange(inc, "acknowledged", now),
                 NoticeDue(inc, "updated", now, f"acknowledged by {by}")]
 
-    def _escalated(self, inc: Incident, now: float) -> None:
+    def escalated(self, inc: Incident, now: float) -> None:
+        """``inc`` now needs a human more than before: a more severe alert's actions ran, its
+        rollback was not verified or could not run. Its later notices page as escalations
+        (routing reads ``escalated_at``, which a checkpoint keeps)."""
         # An acknowledgement covers what the incident was when it was given, not what it became.
         inc.escalated_at = now
         inc.acknowledged_at = inc.acknowledged_by = None
@@ -339,7 +342,7 @@ class IncidentBook:
         inc.actions_done.extend(f"{a}:{alert.variant}" for a in todo)
         effects: list[Effect] = []
         if escalation and todo:
-            self._escalated(inc, now)
+            self.escalated(inc, now)
             effects.append(IncidentChange(inc, "escalated", now, alert))
         if todo:
             effects.append(ActionsDue(inc, alert, todo, now, escalation))
