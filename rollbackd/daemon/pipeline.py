@@ -24,9 +24,8 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
-import msgspec
 import structlog
 
 from rollbackd.actions.base import ActionResult, Notifier, RollbackBackend
@@ -42,19 +41,20 @@ from rollbackd.daemon.evaluation import RuleEvaluator
 from rollbackd.daemon.executor import Executor, SyncExecutor
 from rollbackd.daemon.join import OutcomeJoiner, Pending
 from rollbackd.daemon.response import Responder
-from rollbackd.daemon.splits import UNKNOWN, slice_of
-from rollbackd.daemon.targets import RollbackTargets
+from rollbackd.daemon.splits import slice_of
 from rollbackd.daemon.versions import VersionHistory
 from rollbackd.daemon.windows import WindowAssembler
 from rollbackd.detectors.base import Detector, Labeled, Measurement, Reference, Window
 from rollbackd.events import Deploy, Event, Outcome, Prediction, Rejected
-from rollbackd.measurements import FollowsRules
 from rollbackd.rules.alerts import Alert, AlertState
 from rollbackd.rules.incidents import Incident, IncidentBook
 from rollbackd.rules.model import Config, RuleSpec, WindowSpec
 from rollbackd.rules.silences import Silence
 
-__all__ = ["Pipeline", "Edges", "RulesChange"]
+if TYPE_CHECKING:
+    from rollbackd.daemon.rules_swap import RulesChange
+
+__all__ = ["Pipeline", "Edges"]
 
 log = structlog.get_logger("rollbackd")
 
@@ -117,12 +117,9 @@ class Pipeline:
             edges.dead_letters = _NullDeadLetters()
         s = config.settings
         self.lateness = s.lateness
-        self.assembler = WindowAssembler([r.window for r in config.rules])
+        self._use_rules(config, WindowAssembler([r.window for r in config.rules]))
         self.joiner = OutcomeJoiner(horizon=s.join_horizon, max_pending=s.max_pending_labels)
         self.book = IncidentBook(config.grouping)
-        self.rules_by_window: dict[WindowSpec, list[RuleSpec]] = {}
-        for rule in config.rules:
-            self.rules_by_window.setdefault(rule.window, []).append(rule)
         # (rule, (deployment, variant)) or, for a sliced rule, (rule, (deployment, variant, slice))
         self.detectors: dict[tuple[str, Key], Detector] = {}
         self.alerts: dict[tuple[str, Key], Alert] = {}
@@ -142,20 +139,29 @@ class Pipeline:
         # The last boundary at which any data was buffered, and how long after it every alert
         # has settled (see _settle_span): past that, empty boundaries are skipped.
         self._data_until = -math.inf
-        self._settle = _settle_span(config.rules, self.assembler)
         self.counters: Counter[str] = Counter()
         self.muted_episodes: Counter[str] = Counter()  # firing episodes muted, by what muted them
         self.rejects: Counter[str] = Counter()
         self._known_keys: set[Key] = set()
         self._slots: dict[Key, tuple[int, list[Prediction], list[Labeled]]] = {}
         self._next_boundary: float | None = None
-        self._rule_index = {r.name: r for r in config.rules}
-        # A traffic (no-data) rule must see the empty windows of a gap: no skipping then.
-        self._watches_silence = any(r.detector == "traffic" for r in config.rules)
         self.evaluator = RuleEvaluator(self)  # windows measured, alerts stepped
         self.checkpointing = PipelineState(self)  # snapshots, and what keeps the next one cheap
         self.router = AlertRouter(self)  # alert transitions: muted, or to their incident
         self._init_effects()
+
+    def _use_rules(self, config: Config, assembler: WindowAssembler) -> None:
+        """What is derived from the rules: at start, and when a reload replaces them."""
+        self.config = config
+        self.assembler = assembler
+        self.rules_by_window: dict[WindowSpec, list[RuleSpec]] = {}
+        for rule in config.rules:
+            self.rules_by_window.setdefault(rule.window, []).append(rule)
+        self._rule_index = {r.name: r for r in config.rules}
+        # How long after the last buffered data every alert has stopped changing (_settle_span).
+        self._settle = _settle_span(config.rules, assembler)
+        # A traffic (no-data) rule must see the empty windows of a gap: no skipping then.
+        self._watches_silence = any(r.detector == "traffic" for r in config.rules)
 
     # Hot path -------------------------------------------------------------------------
     @property
@@ -618,85 +624,12 @@ class Pipeline:
         missing): then nothing of it was used, and this pipeline is as it was built."""
         return self.checkpointing.restore(blob, blobs)
 
-    # Rules replaced in a running pipeline (a reload) -------------------------------------
-    def replace_rules(self, config: Config, now: float) -> "RulesChange":
-        """Go on under ``config``'s rules and inhibit rules from event time ``now``, as a restart
-        from a checkpoint would, without one: a rule whose definition is unchanged keeps its
-        detectors, alerts and muted episodes; a changed one starts afresh; a removed one is
-        dropped, and its firing alerts are resolved in their incidents (they can no longer
-        resolve otherwise); a new one is evaluated from the next window on (on the data still
-        buffered, as after a start). Windows, the join buffer, event time, versions and
-        incidents go on.
+    # Rules replaced in a running pipeline (a reload): daemon/rules_swap.py ----------------
+    def replace_rules(self, config: Config, now: float) -> RulesChange:
+        """Go on under ``config``'s rules from event time ``now``: see ``rules_swap.replace_rules``."""
+        from rollbackd.daemon.rules_swap import replace_rules
 
-        ``ValueError`` (and nothing changed) when ``config`` differs in what was built from it
-        at start (settings with the notifier, deployments with their backends, grouping) or
-        needs other panes (another window granularity): those need a restart.
-        """
-        old = self.config
-        differ = [name for name in ("settings", "deployments", "grouping")
-                  if getattr(old, name) != getattr(config, name)]
-        if differ:
-            raise ValueError(f"{', '.join(differ)} changed: a reload applies rules and inhibit rules only; "
-                             "restart rollbackd to apply the rest")
-        assembler = WindowAssembler([r.window for r in config.rules])
-        if assembler.granularity != self.assembler.granularity:
-            raise ValueError(f"the rules' windows need panes of {assembler.granularity:g}s, the running ones "
-                             f"{self.assembler.granularity:g}s: restart rollbackd to apply them")
-        before = {r.name: repr(r) for r in old.rules}  # a rule's identity, as a checkpoint's
-        after = {r.name: repr(r) for r in config.rules}
-        kept = {n for n, spec in after.items() if before.get(n) == spec}
-        change = RulesChange(
-            added=tuple(sorted(set(after) - set(before))),
-            changed=tuple(sorted(n for n in after if n in before and n not in kept)),
-            removed=tuple(sorted(set(before) - set(after))),
-            kept=tuple(sorted(kept)),
-        )
-        old_evaluator = self.evaluator
-        dropped = [(k, a) for k, a in self.alerts.items() if k[0] not in kept]
-        assembler.panes, assembler.first_index = self.assembler.panes, self.assembler.first_index
-        self.config = config
-        self.assembler = assembler
-        self.rules_by_window = {}
-        for rule in config.rules:
-            self.rules_by_window.setdefault(rule.window, []).append(rule)
-        self._rule_index = {r.name: r for r in config.rules}
-        self._settle = _settle_span(config.rules, assembler)
-        self._watches_silence = any(r.detector == "traffic" for r in config.rules)
-        self.detectors = {k: d for k, d in self.detectors.items() if k[0] in kept}
-        self.alerts = {k: a for k, a in self.alerts.items() if k[0] in kept}
-        muted = self._muted
-        self._muted = {m for m in muted if m[0] in kept}
-        self.evaluator = RuleEvaluator(self)
-        self.evaluator.adopt(old_evaluator, kept)
-        self.responder.targets = RollbackTargets(self)
-        self._slots.clear()
-        for key in sorted(self._known_keys):  # a new label rule's deployments buffer predictions from now
-            if any(r.needs_labels and r.applies_to(*key) for r in config.rules):
-                self.joiner.track(key[0])
-        self._relabel_pending(old_evaluator)
-        if isinstance(self.edges.tap, FollowsRules):  # /metrics, --measurements-out: a new rule's records
-            self.edges.tap.rules_changed(config)
-        for (name, key), alert in sorted(dropped):
-            if alert.state == AlertState.FIRING and (name, key) not in muted:
-                self._effects(self.book.alert_resolved(alert.id, key[0], now))
-        return change
-
-    def _relabel_pending(self, old: RuleEvaluator) -> None:
-        """Buffered predictions carry one slice per label-sliced ``slice_by`` of their
-        deployment (``Pending.segments``): when that list changes, each keeps the slices it
-        has and gets ``(unknown)`` for a new one (its attributes are no longer at hand)."""
-        noted = self.joiner.changes_log()
-        for deployment, book in self.joiner.pending_books().items():
-            was, now = old.label_slice_paths(deployment), self.evaluator.label_slice_paths(deployment)
-            if was == now:
-                continue
-            for pid, entry in list(book.items()):
-                segs = entry.segments or ()
-                moved = tuple(segs[was.index(p)] if p in was and was.index(p) < len(segs) else UNKNOWN
-                              for p in now) or None
-                book[pid] = entry = msgspec.structs.replace(entry, segments=moved)
-                if noted is not None:
-                    noted.append((deployment, pid, entry))
+        return replace_rules(self, config, now)
 
     # Summary ----------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -718,25 +651,6 @@ class Pipeline:
 
     def incidents(self) -> list[Incident]:
         return sorted([*self.book.closed, *self.book.open.values()], key=lambda i: (i.opened_at, i.id))
-
-
-@dataclass(frozen=True)
-class RulesChange:
-    """What a :meth:`Pipeline.replace_rules` changed, by rule name."""
-
-    added: tuple[str, ...] = ()
-    changed: tuple[str, ...] = ()
-    removed: tuple[str, ...] = ()
-    kept: tuple[str, ...] = ()
-
-    def to_record(self) -> dict[str, list[str]]:
-        return {"added": list(self.added), "changed": list(self.changed), "removed": list(self.removed),
-                "kept": list(self.kept)}
-
-    def describe(self) -> str:
-        parts = [f"{what} {', '.join(names)}" for what, names in
-                 (("added", self.added), ("changed", self.changed), ("removed", self.removed)) if names]
-        return "; ".join(parts) or "no rule changed"
 
 
 def _settle_span(rules: Sequence[RuleSpec], assembler: WindowAssembler) -> float:
