@@ -275,3 +275,49 @@ def test_rollbackd_drill_with_the_rules_notifier_pages_alertmanager(alertmanager
     for status in ("firing", "resolved"):
         said = alertmanager.notified(incident, status, since=before, labels={"test": "cli"})
         assert said and all(a["labels"]["drill"] == "true" for n in said for a in n["alerts"]), status
+
+
+def test_a_restarted_rollbackd_keeps_an_open_incidents_alerts_alive(alertmanager, blip, tmp_path):
+    """rollbackd stops while an incident is open: its alerts would expire at their endsAt and
+    Alertmanager would tell the on-call they resolved. Restored from a snapshot, the daemon
+    hands each open incident to the new notifier (``resume_open``), which re-sends the same
+    alerts at once and every interval, so they stay active and nothing is resolved."""
+    import gzip
+
+    from rollbackd.daemon.notices import resume_open
+    from rollbackd.daemon.pipeline import Pipeline
+    from rollbackd.daemon.replay import build_pipeline, open_recording, replay
+
+    config = load_config_text(RULES)
+    lines = gzip.open(blip, "rt").read().splitlines(keepends=True)
+    full = drill(blip, config, out_dir=tmp_path / "full", ledger=False)
+    (opened,) = [d for d in full.decisions if d.get("kind") == "incident" and d.get("state") == "opened"]
+    (resolved,) = [d for d in full.decisions if d.get("kind") == "incident" and d.get("state") == "resolved"]
+    middle = (opened["ts"] + resolved["ts"]) / 2
+    cut = tmp_path / "until-the-middle.jsonl"
+    cut.write_text("".join(line for line in lines if json.loads(line).get("ts", 0) < middle))
+
+    interval = 0.5
+    first = AlertmanagerNotifier(alertmanager.url, now=lambda: WallClock().now(), resend_interval=interval)
+    pipeline = build_pipeline(config, notifier=first, drill=True)
+    replay(open_recording(str(cut), config), pipeline)
+    (incident,) = pipeline.book.open.values()
+    before = alertmanager.alerts(incident=incident.id)
+    assert {a["labels"]["alertname"] for a in before} == {"serving-error-rate", ESCALATION_ALERT}
+    first.close()  # the process stops: nothing re-sends its alerts any more
+    stopped_at = time.time()
+    hook_mark = len(alertmanager.hook.requests)
+
+    restored = Pipeline(config, pipeline.edges)
+    assert restored.restore(pipeline.snapshot()) == []
+    second = AlertmanagerNotifier(alertmanager.url, now=lambda: WallClock().now(), resend_interval=interval)
+    try:
+        assert resume_open(second, restored) == 1
+        time.sleep(max(0.0, stopped_at + 6 * interval - time.time()))  # past the endsAt the first one set
+        after = alertmanager.alerts(incident=incident.id)
+        assert {a["labels"]["alertname"] for a in after} == {"serving-error-rate", ESCALATION_ALERT}
+        assert {a["fingerprint"] for a in after} == {a["fingerprint"] for a in before}, "the same alerts"
+        assert all(_ts(a["endsAt"]) > stopped_at + 4 * interval for a in after), "kept alive by the second"
+        assert alertmanager.notified(incident.id, "resolved", since=hook_mark, timeout=0.5) == []
+    finally:
+        second.close()

@@ -77,6 +77,7 @@ class AlertmanagerNotifier:
         self._firing: dict[str, dict[tuple[tuple[str, str], ...], dict[str, Any]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # re-send now (resumed alerts), not at the next interval
         self._thread: threading.Thread | None = None
 
     # What is sent -------------------------------------------------------------------------
@@ -166,6 +167,24 @@ class AlertmanagerNotifier:
         return ActionResult("succeeded", f"alertmanager: {len(firing)} firing, {len(resolved)} resolved",
                             attempts=answer.retry.attempts, data=data)
 
+    def resume(self, notice: Notice) -> None:
+        """An incident still open after a restart: its firing alerts (and its escalation's)
+        are re-sent at once by the re-sending thread, then every interval, with the labels
+        they had, so Alertmanager keeps the same alerts instead of letting them expire as
+        resolved while the incident is open. Nothing is posted on the caller's thread."""
+        if notice.kind == "resolved" or not self.resend_interval:
+            return
+        current = [(self._alert(notice, a), a.state) for a in notice.alerts]
+        if notice.escalation:
+            current.append((self._escalation(notice), "firing"))
+        with self._lock:
+            known = self._firing.setdefault(notice.incident_id, {})
+            for alert, state in current:
+                if state in _FIRING:
+                    known.setdefault(_key(alert["labels"]), alert)
+        self._keep_fresh()
+        self._wake.set()
+
     # Re-sending ---------------------------------------------------------------------------
     def resend(self) -> int:
         """Send every firing alert again with a fresh ``endsAt``; how many (0 when none or the
@@ -192,7 +211,11 @@ class AlertmanagerNotifier:
         self._thread.start()
 
     def _resending(self) -> None:
-        while not self._stop.wait(self.resend_interval):
+        while True:
+            self._wake.wait(self.resend_interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.resend()
             except Exception as exc:  # a resend never kills the thread; the next one tries again
@@ -201,3 +224,4 @@ class AlertmanagerNotifier:
     def close(self) -> None:
         """Stop re-sending (the alerts still firing end at their ``endsAt``)."""
         self._stop.set()
+        self._wake.set()

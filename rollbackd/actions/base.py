@@ -26,6 +26,7 @@ __all__ = [
     "verify_plan",
     "pause_rollout",
     "Notifier",
+    "ResumableNotifier",
     "NullNotifier",
 ]
 
@@ -253,6 +254,17 @@ class Notifier(Protocol):
     """Posts a notice; returns the thread reference to pass with the incident's next notices."""
 
     def post(self, notice: Notice) -> ActionResult: ...
+
+
+@runtime_checkable
+class ResumableNotifier(Protocol):
+    """A notifier that keeps what it sent alive (Alertmanager's alerts expire unless re-sent):
+    after a restart it is handed each open incident's state with ``resume``, posts nothing then,
+    and goes on keeping it alive as if this process had sent it."""
+
+    def post(self, notice: Notice) -> ActionResult: ...
+
+    def resume(self, notice: Notice) -> None: ...
 
 
 class NullNotifier:

@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Protocol, Sequence, runtime_checkable
 
-from rollbackd.actions.base import ActionResult, Notice, Notifier
+from rollbackd.actions.base import ActionResult, Notice, Notifier, ResumableNotifier
 from rollbackd.rules.model import RouteMatch, name_matches
 
 __all__ = ["Route", "NoticeRouter", "Closable"]
@@ -31,6 +31,12 @@ __all__ = ["Route", "NoticeRouter", "Closable"]
 @runtime_checkable
 class Closable(Protocol):
     """A notifier with work of its own to stop (Alertmanager's re-sending)."""
+
+    def resume(self, notice: Notice) -> None:
+        """An open incident after a restart, for the routes that keep what they sent alive."""
+        for route in self.routes:
+            if isinstance(route.notifier, ResumableNotifier) and route.takes(notice):
+                route.notifier.resume(notice)
 
     def close(self) -> None: ...
 
@@ -112,6 +118,12 @@ class NoticeRouter:
                            f"{self.routes[i].name}: {r.status}" for i, r in results)
         data = {"routes": {self.routes[i].name: {"status": r.status, "detail": r.detail} for i, r in results}}
         return ActionResult(status, detail, attempts=sum(r.attempts for _, r in results), thread=thread, data=data)
+
+    def resume(self, notice: Notice) -> None:
+        """An open incident after a restart, for the routes that keep what they sent alive."""
+        for route in self.routes:
+            if isinstance(route.notifier, ResumableNotifier) and route.takes(notice):
+                route.notifier.resume(notice)
 
     def close(self) -> None:
         for route in self.routes:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import structlog
 
+from rollbackd.daemon.notices import resume_open
 from rollbackd.daemon.scaleout import TransactionFailed
 from rollbackd.errors import Fatal, Recoverable
 
@@ -190,6 +191,7 @@ class GroupTasks:
             # The outbox first: calls in flight at the snapshot that finished since are not redone.
             d.state.adopt(key, saved)
             d.effects.resubmit(task.pipeline.restored_effects, task.pipeline)
+            resume_open(d.notifier, task.pipeline)
             d.watch.restore(saved.get("blind"))
             if saved["position"]:
                 d.source.seek(saved["position"])  # type: ignore[attr-defined]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from rollbackd.actions.base import AlertSummary, Notice
+from rollbackd.actions.base import AlertSummary, Notice, ResumableNotifier
 from rollbackd.actions.intents import Notify
 from rollbackd.daemon.splits import blamed_version, where
 from rollbackd.rules.incidents import CONFIRMED, ESCALATED, Incident
@@ -22,9 +22,34 @@ __all__ = ["build_notice"]
 
 
 def build_notice(p: "Pipeline", inc: Incident, kind: str, ts: float, reason: str, extra: str = "") -> Notify | None:
+    """The intent to post the notice of ``kind`` about ``inc`` (see :func:`notice_of`), or None
+    when none of its rules notifies. Numbers it (its idempotency key) and starts the incident's
+    repeat clock from this decision."""
+    notice = notice_of(p, inc, kind, ts, reason, extra)
+    if notice is None:
+        return None
+    lead = inc.lead_alert()
+    key = f"{inc.id}:notice:{inc.notices_sent}"
+    inc.notices_sent += 1
+    rec: dict[str, Any] = {
+        "ts": ts,
+        "kind": "action",
+        "action": "notify",
+        "notice": kind,
+        "incident_id": inc.id,
+        "deployment": inc.deployment,
+        "variant": lead.variant,
+        "rule": lead.rule,
+        "status": "started",
+        "idempotency_key": key,
+    }
+    p.book.noticed(inc, ts, None)  # the repeat clock runs from the decision, not the answer
+    return Notify(key, notice, rec, reason)
+
+
+def notice_of(p: "Pipeline", inc: Incident, kind: str, ts: float, reason: str, extra: str = "") -> Notice | None:
     """The notice of ``kind`` about ``inc``, worded from its alerts (the lead one first), or
-    None when none of its rules notifies. Numbers it (its idempotency key) and starts the
-    incident's repeat clock from this decision."""
+    None when none of its rules notifies. Changes nothing."""
     if not any("notify" in a.actions for a in inc.alerts.values()):
         return None
     lead = inc.lead_alert()
@@ -82,19 +107,22 @@ def build_notice(p: "Pipeline", inc: Incident, kind: str, ts: float, reason: str
         severities=tuple(sorted({a.severity for a in inc.alerts.values()}, key=severity_rank)),
         handled=reason.startswith(CONFIRMED),
     )
-    key = f"{inc.id}:notice:{inc.notices_sent}"
-    inc.notices_sent += 1
-    rec: dict[str, Any] = {
-        "ts": ts,
-        "kind": "action",
-        "action": "notify",
-        "notice": kind,
-        "incident_id": inc.id,
-        "deployment": inc.deployment,
-        "variant": lead.variant,
-        "rule": lead.rule,
-        "status": "started",
-        "idempotency_key": key,
-    }
-    p.book.noticed(inc, ts, None)  # the repeat clock runs from the decision, not the answer
-    return Notify(key, notice, rec, reason)
+    return notice
+
+
+def resume_open(notifier: object, p: "Pipeline") -> int:
+    """After a restart (a checkpoint restored, a task assigned): each open incident that has
+    been noticed is handed to a notifier that keeps what it sent alive (``ResumableNotifier``:
+    Alertmanager), so its alerts do not expire as resolved while the incident is still open.
+    Nothing is decided or recorded. Returns how many incidents were handed over."""
+    if not isinstance(notifier, ResumableNotifier):
+        return 0
+    handed = 0
+    for inc in sorted(p.book.open.values(), key=lambda i: (i.opened_at, i.id)):
+        if not inc.flushed:
+            continue
+        notice = notice_of(p, inc, "repeat", inc.notify_at, "still open (rollbackd restarted)")
+        if notice is not None:
+            notifier.resume(notice)
+            handed += 1
+    return handed

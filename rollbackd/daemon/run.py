@@ -64,6 +64,7 @@ from rollbackd.daemon.checkpoints import Checkpoint, CheckpointWriter, Written
 from rollbackd.daemon.clock import Clock, WallClock
 from rollbackd.daemon.executor import DEFAULT_LANE_LIMIT, LaneExecutor
 from rollbackd.daemon.grouptasks import GroupTasks
+from rollbackd.daemon.notices import resume_open
 from rollbackd.daemon.pipeline import Edges, Pipeline
 from rollbackd.daemon.replay import push_human_input
 from rollbackd.daemon.sources import EventSource
@@ -385,6 +386,7 @@ class Daemon:
             for warning in pipeline.restore(blob, cp.blobs):  # type: ignore[arg-type]
                 log.warning("checkpoint.rule_changed", task=key, detail=warning)
             self.effects.resubmit(pipeline.restored_effects, pipeline)
+            resume_open(self.notifier, pipeline)
         if self.decisions is not None and hasattr(self.decisions, "truncate"):
             self.decisions.truncate(cp.decisions_offset)
         if self.ledger is not None:
