@@ -8,13 +8,13 @@ fail with the broker's log tail, never skip.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 import uuid
 from typing import Any, Callable, Iterator
 
 import pytest
+from ci import unavailable
 
 import k8s_cluster
 from k8s_cluster import k8s  # noqa: F401  (the session's Kubernetes API server; see tests/k8s_cluster.py)
@@ -38,10 +38,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if cluster is not None:
         parts = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(cluster.timings.items()))
         terminalreporter.write_line(f"kubernetes: kube-apiserver {cluster.version} at {cluster.api_url}: {parts}")
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
 @pytest.fixture(autouse=True)
@@ -77,9 +73,7 @@ def kafka_cluster() -> Iterator[Cluster]:
         except (BrokerFailed, ImportError, OSError) as exc:
             _failure = f"the test Kafka broker did not start: {exc}"
     if _failure is not None:
-        if _in_ci():
-            pytest.fail(_failure, pytrace=False)
-        pytest.skip(_failure)
+        unavailable(_failure)
     assert _cluster is not None
     try:
         yield _cluster

@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import pytest
+from ci import unavailable
 
 import k8s_crds
 from kafka_broker import _die_with_parent, free_port
@@ -87,10 +88,6 @@ FIELD_MANAGER = "rollbackd-tests"
 
 class ClusterFailed(RuntimeError):
     """A binary is missing or a process did not start; the message ends with its log tail."""
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
 def cache_dir(version: str = K8S_VERSION) -> Path:
@@ -569,9 +566,7 @@ def k8s() -> Iterator[KubeCluster]:
             cluster.close()
             _failure = f"the test Kubernetes API server did not start: {exc}"
     if _failure is not None:
-        if in_ci():
-            pytest.fail(_failure, pytrace=False)
-        pytest.skip(_failure)
+        unavailable(_failure)
     assert _cluster is not None
     try:
         yield _cluster

@@ -13,7 +13,6 @@ reason; under CI=true they fail.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import pytest
+from ci import unavailable
 from loopback import LoopbackServer
 
 from rollbackd.actions.alertmanager import ESCALATION_ALERT, AlertmanagerNotifier
@@ -62,9 +62,7 @@ def _binary() -> str:
     path = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
     if path is None:
         why = "Alertmanager is not installed (apt-get install prometheus-alertmanager)"
-        if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
-            pytest.fail(why, pytrace=False)
-        pytest.skip(why)
+        unavailable(why)
     return path
 
 

@@ -20,7 +20,6 @@ import http.server
 import importlib.util
 import json
 import math
-import os
 import socket
 import subprocess
 import threading
@@ -31,6 +30,7 @@ from typing import Any
 
 import pytest
 import yaml
+from ci import unavailable
 from prometheus_client import CollectorRegistry
 
 from gate_arms import DEPLOYMENT, FAILING, PASSING, UNMEASURED, judged_arms
@@ -39,10 +39,6 @@ from rollbackd.daemon.http import OpsServer
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "deploy" / "argo" / "analysis-template.yaml"
 ROLLOUT = ROOT / "deploy" / "argo" / "rollout.yaml"
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +50,7 @@ def argo_eval() -> Path:
     try:
         return build.build()
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
-        if _in_ci():
-            pytest.fail(f"argo-eval is needed under CI (.ci/run builds it): {exc}")
-        pytest.skip(f"argo-eval unavailable: {exc}")
+        unavailable(f"argo-eval unavailable (.ci/run builds it): {exc}")
 
 
 @pytest.fixture(scope="module")

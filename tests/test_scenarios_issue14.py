@@ -10,7 +10,6 @@ import functools
 import hashlib
 import itertools
 import math
-import re
 from importlib import resources
 from pathlib import Path
 
