@@ -308,14 +308,28 @@ def test_not_found_gives_up_at_once(k8s, ns):
                              f'rollouts.argoproj.io "{NAME}" not found')
 
 
-@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 def test_a_wrong_token_gives_up(k8s, ns):
-    # api_url + token has no CA option (only verify_tls): the test server's CA is not trusted.
     k8s.apply(rollout(), ns)
-    b = KubernetesBackend("argo-rollout", namespace=ns, api_url=k8s.api_url, token="wrong", verify_tls=False)
+    b = KubernetesBackend("argo-rollout", namespace=ns, api_url=k8s.api_url, token="wrong", ca_file=k8s.ca_file)
     result = b.apply(plan())
     assert (result.status, result.attempts) == ("failed", 1)
     assert result.detail == f"read rollouts {ns}/{NAME}: gave up: HTTP 401 Unauthorized"
+
+
+def test_api_url_and_token_verify_the_servers_certificate_with_ca_file(k8s, ns):
+    """The options a pod outside the cluster uses: the API server's address, a token and its
+    private CA. Without the CA the certificate is refused; with it the rollback goes through."""
+    k8s.apply(rollout(), ns)
+    untrusted = KubernetesBackend("argo-rollout", namespace=ns, api_url=k8s.api_url, token=k8s.token,
+                                  policy=RetryPolicy(max_attempts=1))
+    refused = untrusted.apply(plan())
+    assert refused.status == "failed" and "CERTIFICATE_VERIFY_FAILED" in refused.detail
+    trusted = KubernetesBackend("argo-rollout", namespace=ns, api_url=k8s.api_url, token=k8s.token,
+                                ca_file=k8s.ca_file)
+    assert trusted.apply(plan()).status == "succeeded"
+    with pytest.raises(ValueError, match="ca_file '/nonexistent/ca.crt' is not a readable file"):
+        KubernetesBackend("argo-rollout", namespace=ns, api_url=k8s.api_url, token=k8s.token,
+                          ca_file="/nonexistent/ca.crt")
 
 
 def test_rbac_denied_names_who_may_not_do_what(k8s, ns):

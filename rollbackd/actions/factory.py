@@ -36,7 +36,7 @@ _OPTIONS = {
     ("backend", "kubernetes"): (
         "kind", "name", "namespace", "container", "image_template", "label", "env_var",
         "storage_uri_template", "api_url", "token_env", "kubeconfig", "context", "in_cluster",
-        "verify_tls", "timeout", "retry",
+        "verify_tls", "ca_file", "timeout", "retry",
     ),
     ("backend", "command"): ("argv", "timeout", "env", "env_from", "cwd", "current_argv", "max_output"),
     ("backend", "traffic-file"): ("path", "route", "format", "total"),
@@ -218,6 +218,7 @@ def _kubernetes(options: Mapping[str, Any], sleep: Callable[[float], object], en
         context=options.get("context"),
         in_cluster=bool(options.get("in_cluster", False)),
         verify_tls=bool(options.get("verify_tls", True)),
+        ca_file=options.get("ca_file"),
         timeout=float(options.get("timeout", 10.0)),
         policy=_retry(kind, options),
         sleep=sleep,

@@ -20,6 +20,7 @@ server answers 409 Conflict and the plan is decided again on a fresh read (at mo
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from typing import Any, Callable
@@ -98,6 +99,7 @@ class KubernetesBackend(CountsAttempts):
         context: str | None = None,
         in_cluster: bool = False,
         verify_tls: bool = True,
+        ca_file: str | None = None,
         timeout: float = 10.0,
         policy: RetryPolicy = RetryPolicy(),
         sleep: Callable[[float], object] = time.sleep,
@@ -125,7 +127,7 @@ class KubernetesBackend(CountsAttempts):
         self.timeout = float(timeout)
         self.policy = policy
         self.sleep = sleep
-        self._client = _api_client(api_url, token, kubeconfig, context, in_cluster, verify_tls)
+        self._client = _api_client(api_url, token, kubeconfig, context, in_cluster, verify_tls, ca_file)
 
     # -- transport -------------------------------------------------------------------------
 
@@ -448,7 +450,7 @@ class KubernetesBackend(CountsAttempts):
 
 
 def _api_client(api_url: str | None, token: str | None, kubeconfig: str | None, context: str | None,
-                in_cluster: bool, verify_tls: bool) -> Any:
+                in_cluster: bool, verify_tls: bool, ca_file: str | None = None) -> Any:
     try:
         from kubernetes import client, config
     except ImportError as exc:
@@ -465,6 +467,10 @@ def _api_client(api_url: str | None, token: str | None, kubeconfig: str | None, 
         config.load_incluster_config(client_configuration=cfg)
     else:
         config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
+    if ca_file:  # a private CA (api_url + token); a kubeconfig and in_cluster bring their own
+        if not os.path.isfile(ca_file):
+            raise ValueError(f"kubernetes backend: ca_file {ca_file!r} is not a readable file")
+        cfg.ssl_ca_cert = ca_file
     cfg.verify_ssl = verify_tls
     cfg.retries = False  # one place retries: rollbackd's policy, not urllib3's hidden one
     return client.ApiClient(cfg)

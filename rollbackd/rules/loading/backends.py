@@ -67,6 +67,7 @@ class BackendReader:
                 "context": read.string,
                 "in_cluster": read.boolean,
                 "verify_tls": read.boolean,
+                "ca_file": read.string,
                 "timeout": read.positive_duration,
                 "retry": self.retry,
             },
