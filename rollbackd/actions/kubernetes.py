@@ -23,6 +23,7 @@ import json
 import os
 import re
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import structlog
@@ -79,6 +80,106 @@ def _status_message(exc: Any) -> str:
     return message if len(message) <= 300 else message[:297] + "..."
 
 
+@dataclass(frozen=True)
+class VersionShape:
+    """Where a kind's object carries the version, and the patch that moves it: read and written
+    here, with no API call (``KubernetesBackend`` talks to the server)."""
+
+    kind: str
+    container: str | None = None
+    image_template: str | None = None
+    label: str | None = None
+    env_var: str | None = None
+    storage_uri_template: str | None = None
+
+    @staticmethod
+    def _labels(obj: dict[str, Any]) -> dict[str, Any]:
+        return ((obj.get("spec") or {}).get("template") or {}).get("metadata", {}).get("labels") or {}
+
+    def _container(self, obj: dict[str, Any]) -> dict[str, Any]:
+        containers = ((obj.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or []
+        for c in containers:
+            if self.container is None or c.get("name") == self.container:
+                return c
+        raise _Failed(f"no container {self.container!r} in the pod template")
+
+    def deployment_version(self, obj: dict[str, Any]) -> str | None:
+        c = self._container(obj)
+        if self.image_template:
+            return version_from(self.image_template, c.get("image"))
+        if self.label:
+            return self._labels(obj).get(self.label)
+        for e in c.get("env") or []:
+            if e.get("name") == self.env_var:
+                return e.get("value")
+        return None
+
+    def _deployment_wanted(self, obj: dict[str, Any], version: str) -> bool:
+        c = self._container(obj)
+        if self.image_template and c.get("image") != self.image_template.replace("{version}", version):
+            return False
+        if self.label and self._labels(obj).get(self.label) != version:
+            return False
+        if self.env_var and not any(
+            e.get("name") == self.env_var and e.get("value") == version for e in c.get("env") or []
+        ):
+            return False
+        return True
+
+    def _storage_key(self, obj: dict[str, Any]) -> str:
+        predictor = obj.get("spec", {}).get("predictor", {})
+        if isinstance(predictor.get("model"), dict):
+            return "model"
+        for key, value in predictor.items():  # the older per-framework form: predictor.sklearn.storageUri
+            if isinstance(value, dict) and "storageUri" in value:
+                return key
+        raise _Failed("the InferenceService predictor has no storageUri")
+
+    def kserve_version(self, obj: dict[str, Any]) -> str | None:
+        if not self.storage_uri_template:
+            return None
+        predictor = obj.get("spec", {}).get("predictor", {})
+        return version_from(self.storage_uri_template, predictor.get(self._storage_key(obj), {}).get("storageUri"))
+
+    def already(self, obj: dict[str, Any], plan: RollbackPlan) -> bool:
+        if self.kind == "deployment":
+            return self._deployment_wanted(obj, plan.to_version)
+        if self.kind == "argo-rollout":
+            return (obj.get("status") or {}).get("abort") is True
+        predictor = obj.get("spec", {}).get("predictor", {})
+        if self.storage_uri_template:
+            uri = self.storage_uri_template.replace("{version}", plan.to_version)
+            return predictor.get(self._storage_key(obj), {}).get("storageUri") == uri and not predictor.get(
+                "canaryTrafficPercent"
+            )
+        return predictor.get("canaryTrafficPercent") == 0
+
+    def body(self, obj: dict[str, Any], plan: RollbackPlan) -> dict[str, Any]:
+        annotations = {INCIDENT_ANNOTATION: plan.incident_id}
+        if plan.from_version:
+            annotations[FROM_ANNOTATION] = plan.from_version
+        if self.kind == "argo-rollout":  # sent after the abort, to the Rollout itself
+            return {"metadata": {"annotations": annotations}}
+        if self.kind == "kserve":
+            predictor: dict[str, Any]
+            if self.storage_uri_template:
+                uri = self.storage_uri_template.replace("{version}", plan.to_version)
+                # null removes the canary split: all traffic to the revision serving ``uri``.
+                predictor = {self._storage_key(obj): {"storageUri": uri}, "canaryTrafficPercent": None}
+            else:
+                predictor = {"canaryTrafficPercent": 0}
+            return {"metadata": {"annotations": annotations}, "spec": {"predictor": predictor}}
+        container: dict[str, Any] = {"name": self._container(obj)["name"]}
+        if self.image_template:
+            container["image"] = self.image_template.replace("{version}", plan.to_version)
+        if self.env_var:
+            container["env"] = [{"name": self.env_var, "value": plan.to_version}]
+        template: dict[str, Any] = {"spec": {"containers": [container]}}
+        if self.label:
+            template["metadata"] = {"labels": {self.label: plan.to_version}}
+        return {"metadata": {"annotations": annotations}, "spec": {"template": template}}
+
+
 class KubernetesBackend(CountsAttempts):
     """Sets a Deployment / Argo Rollout / KServe InferenceService named ``name`` (default: the deployment)."""
 
@@ -119,11 +220,7 @@ class KubernetesBackend(CountsAttempts):
         self.kind = kind
         self.name = name
         self.namespace = namespace
-        self.container = container
-        self.image_template = image_template
-        self.label = label
-        self.env_var = env_var
-        self.storage_uri_template = storage_uri_template
+        self.shape = VersionShape(kind, container, image_template, label, env_var, storage_uri_template)
         self.timeout = float(timeout)
         self.policy = policy
         self.sleep = sleep
@@ -201,95 +298,6 @@ class KubernetesBackend(CountsAttempts):
         self._call(f"abort rollout {self.namespace}/{target}", api.patch_namespaced_custom_object_status,
                    group, version, self.namespace, plural, target, ABORT, _content_type=MERGE)
 
-    # -- reading an object -----------------------------------------------------------------
-
-    @staticmethod
-    def _labels(obj: dict[str, Any]) -> dict[str, Any]:
-        return ((obj.get("spec") or {}).get("template") or {}).get("metadata", {}).get("labels") or {}
-
-    def _container(self, obj: dict[str, Any]) -> dict[str, Any]:
-        containers = ((obj.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or []
-        for c in containers:
-            if self.container is None or c.get("name") == self.container:
-                return c
-        raise _Failed(f"no container {self.container!r} in the pod template")
-
-    def _deployment_version(self, obj: dict[str, Any]) -> str | None:
-        c = self._container(obj)
-        if self.image_template:
-            return version_from(self.image_template, c.get("image"))
-        if self.label:
-            return self._labels(obj).get(self.label)
-        for e in c.get("env") or []:
-            if e.get("name") == self.env_var:
-                return e.get("value")
-        return None
-
-    def _deployment_wanted(self, obj: dict[str, Any], version: str) -> bool:
-        c = self._container(obj)
-        if self.image_template and c.get("image") != self.image_template.replace("{version}", version):
-            return False
-        if self.label and self._labels(obj).get(self.label) != version:
-            return False
-        if self.env_var and not any(
-            e.get("name") == self.env_var and e.get("value") == version for e in c.get("env") or []
-        ):
-            return False
-        return True
-
-    def _storage_key(self, obj: dict[str, Any]) -> str:
-        predictor = obj.get("spec", {}).get("predictor", {})
-        if isinstance(predictor.get("model"), dict):
-            return "model"
-        for key, value in predictor.items():  # the older per-framework form: predictor.sklearn.storageUri
-            if isinstance(value, dict) and "storageUri" in value:
-                return key
-        raise _Failed("the InferenceService predictor has no storageUri")
-
-    def _kserve_version(self, obj: dict[str, Any]) -> str | None:
-        if not self.storage_uri_template:
-            return None
-        predictor = obj.get("spec", {}).get("predictor", {})
-        return version_from(self.storage_uri_template, predictor.get(self._storage_key(obj), {}).get("storageUri"))
-
-    def _already(self, obj: dict[str, Any], plan: RollbackPlan) -> bool:
-        if self.kind == "deployment":
-            return self._deployment_wanted(obj, plan.to_version)
-        if self.kind == "argo-rollout":
-            return (obj.get("status") or {}).get("abort") is True
-        predictor = obj.get("spec", {}).get("predictor", {})
-        if self.storage_uri_template:
-            uri = self.storage_uri_template.replace("{version}", plan.to_version)
-            return predictor.get(self._storage_key(obj), {}).get("storageUri") == uri and not predictor.get(
-                "canaryTrafficPercent"
-            )
-        return predictor.get("canaryTrafficPercent") == 0
-
-    def _body(self, obj: dict[str, Any], plan: RollbackPlan) -> dict[str, Any]:
-        annotations = {INCIDENT_ANNOTATION: plan.incident_id}
-        if plan.from_version:
-            annotations[FROM_ANNOTATION] = plan.from_version
-        if self.kind == "argo-rollout":  # sent after the abort, to the Rollout itself
-            return {"metadata": {"annotations": annotations}}
-        if self.kind == "kserve":
-            predictor: dict[str, Any]
-            if self.storage_uri_template:
-                uri = self.storage_uri_template.replace("{version}", plan.to_version)
-                # null removes the canary split: all traffic to the revision serving ``uri``.
-                predictor = {self._storage_key(obj): {"storageUri": uri}, "canaryTrafficPercent": None}
-            else:
-                predictor = {"canaryTrafficPercent": 0}
-            return {"metadata": {"annotations": annotations}, "spec": {"predictor": predictor}}
-        container: dict[str, Any] = {"name": self._container(obj)["name"]}
-        if self.image_template:
-            container["image"] = self.image_template.replace("{version}", plan.to_version)
-        if self.env_var:
-            container["env"] = [{"name": self.env_var, "value": plan.to_version}]
-        template: dict[str, Any] = {"spec": {"containers": [container]}}
-        if self.label:
-            template["metadata"] = {"labels": {self.label: plan.to_version}}
-        return {"metadata": {"annotations": annotations}, "spec": {"template": template}}
-
     # -- protocol --------------------------------------------------------------------------
 
     def apply(self, plan: RollbackPlan) -> ActionResult:
@@ -304,12 +312,12 @@ class KubernetesBackend(CountsAttempts):
         try:
             while True:
                 obj = self._get(target)
-                if self._already(obj, plan):
+                if self.shape.already(obj, plan):
                     bound.info("rollback.kubernetes", outcome="skipped", attempts=self.attempts,
                                conflicts=conflicts)
                     return ActionResult("skipped", f"{self.kind} {self.namespace}/{target} already rolled back",
                                         attempts=self.attempts, data={**data, "conflicts": conflicts})
-                body = self._body(obj, plan)
+                body = self.shape.body(obj, plan)
                 data["patch"] = body
                 try:
                     self._patch(target, body, (obj.get("metadata") or {}).get("resourceVersion"))
@@ -335,7 +343,7 @@ class KubernetesBackend(CountsAttempts):
         """Abort first (what stops the harm), then the annotations on the Rollout. A failed
         annotation does not undo nor fail the abort: the result says what is missing."""
         try:
-            if self._already(self._get(target), plan):
+            if self.shape.already(self._get(target), plan):
                 bound.info("rollback.kubernetes", outcome="skipped", attempts=self.attempts)
                 return ActionResult("skipped", f"rollout {self.namespace}/{target} already aborted",
                                     attempts=self.attempts, data=data)
@@ -344,7 +352,7 @@ class KubernetesBackend(CountsAttempts):
         except _Failed as exc:
             bound.error("rollback.kubernetes", outcome="failed", attempts=self.attempts, detail=str(exc))
             return ActionResult("failed", str(exc), attempts=self.attempts, data=data)
-        body = self._body({}, plan)
+        body = self.shape.body({}, plan)
         data["annotate"] = body
         try:
             self._patch(target, body)
@@ -392,7 +400,7 @@ class KubernetesBackend(CountsAttempts):
             return None  # the stable version lives in a ReplicaSet, not in the Rollout's spec
         try:
             obj = self._get(self.name or deployment)
-            return self._deployment_version(obj) if self.kind == "deployment" else self._kserve_version(obj)
+            return self.shape.deployment_version(obj) if self.kind == "deployment" else self.shape.kserve_version(obj)
         except _Failed:
             return None
 
@@ -400,7 +408,7 @@ class KubernetesBackend(CountsAttempts):
         target = self.name or plan.deployment
         try:
             obj = self._get(target)
-            wanted = self._already(obj, plan)
+            wanted = self.shape.already(obj, plan)
         except _Failed as exc:
             return ActionResult("failed", str(exc), data={"pending": False})
         if not wanted:
@@ -429,7 +437,7 @@ class KubernetesBackend(CountsAttempts):
             # KServe reports the split it routes: the latest revision is the canary's.
             traffic = ((status.get("components") or {}).get("predictor") or {}).get("traffic") or []
             latest = [t.get("percent") or 0 for t in traffic if t.get("latestRevision")]
-            if not self.storage_uri_template and latest and latest[0] > 0:
+            if not self.shape.storage_uri_template and latest and latest[0] > 0:
                 return ActionResult("failed", f"InferenceService canary still gets {latest[0]}% of traffic",
                                     data={"pending": True, "canary_percent": latest[0]})
         return ActionResult("succeeded", f"{self.kind} {self.namespace}/{target} rolled back",
