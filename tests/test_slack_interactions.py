@@ -80,10 +80,12 @@ class SlackWorkspace(SlackWithUpdate):
 
 
 def payload(action: str, user: dict[str, str], incident: str = "inc-7f3a", deployment: str = "fraud",
-            channel: str = CHANNEL) -> bytes:
+            channel: str = CHANNEL, response_url: str | None = None) -> bytes:
     p = {"type": "block_actions", "user": user, "channel": {"id": channel, "name": "ml-alerts"},
          "container": {"type": "message", "channel_id": channel, "message_ts": "1700000000.000001"},
          "actions": [{"action_id": action, "value": f"{incident}|{deployment}"}]}
+    if response_url is not None:
+        p["response_url"] = response_url
     return urlencode({"payload": json.dumps(p)}).encode()
 
 
@@ -205,6 +207,28 @@ def test_approve_and_reject_only_while_a_rollback_waits(endpoint):
     assert status == 409 and answer["text"] == "No rollback of inc-7f3a waits for approval now."
     assert rows(db, "approvals") == []
     assert metric(server, "approve", "not_waiting") == 1
+
+
+def test_the_person_who_pressed_is_told_through_the_response_url(endpoint):
+    """Slack shows nothing of the HTTP answer to a button press: the verdict (refused and why,
+    recorded) reaches the person as an ephemeral message posted to the payload's response_url,
+    here a real HTTP server on loopback."""
+    server, db, _ = endpoint
+    with LoopbackServer() as hooks:
+        status, _ = press(server, "rollbackd_approve", CAROL, response_url=hooks.url + "/actions/T0/1/refused")
+        assert status == 403
+        status, _ = press(server, "rollbackd_ack", BOB, response_url=hooks.url + "/actions/T0/2/ok")
+        assert status == 200
+        deadline = time.monotonic() + 5
+        while len(hooks.requests) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    said = {r.path: r.json() for r in hooks.requests}
+    assert said == {
+        "/actions/T0/1/refused": {"text": "You are not an approver of fraud.", "response_type": "ephemeral",
+                                  "replace_original": False},
+        "/actions/T0/2/ok": {"text": "inc-7f3a: acknowledged by <@U0BOB>; no repeat notices until it escalates.",
+                             "response_type": "ephemeral", "replace_original": False},
+    }
 
 
 # Signatures and replays ---------------------------------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import queue
 import os
 import re
 import threading
@@ -155,6 +156,11 @@ class SlackInteractions:
     ``members`` checks channel membership when a deployment lists no responders (None: then
     only listed responders may acknowledge or silence). Also a Prometheus collector:
     ``rollbackd_slack_interactions_total{action, outcome}``.
+
+    Slack shows the person who pressed a button nothing of the HTTP answer: what they should
+    read (recorded, refused and why, already recorded) goes to the payload's ``response_url`` as
+    an ephemeral message, posted by ``respond`` off the request thread (Slack wants the answer
+    within three seconds).
     """
 
     ACTIONS = {"rollbackd_approve": "approve", "rollbackd_reject": "reject",
@@ -173,6 +179,7 @@ class SlackInteractions:
         clock: Clock | None = None,
         ledger_key: bytes | None = None,
         seen: SeenRequests | None = None,
+        respond: Callable[[str, str], None] | None = None,
     ) -> None:
         secret = signing_secret.decode() if isinstance(signing_secret, bytes) else signing_secret
         if not secret or not secret.strip():
@@ -186,6 +193,7 @@ class SlackInteractions:
         self.waiting = waiting
         self.members = members
         self.seen = seen or SeenRequests()
+        self.respond = respond or EphemeralReplies().send
         # Every series from the start, at 0: an alert on increase() needs it before the first one.
         self.counts: dict[tuple[str, str], int] = {
             (action, outcome): 0 for action in self.ACTIONS.values() for outcome in OUTCOMES if outcome != "unsigned"}
@@ -240,6 +248,7 @@ class SlackInteractions:
             incident_id, deployment = str(action["value"]).split("|", 1)
             user = payload["user"]["id"]
             channel = (payload.get("channel") or {}).get("id") or (payload.get("container") or {}).get("channel_id")
+            response_url = payload.get("response_url")
         except (KeyError, IndexError, ValueError, TypeError, AttributeError, UnicodeDecodeError):
             self._count("unknown", "bad_request")
             return 400, {"error": "not a Slack block_actions payload from rollbackd"}
@@ -254,6 +263,7 @@ class SlackInteractions:
         if not self.seen.claim(signature, int(timestamp), now):
             self._count(decision, "replayed")
             log.warning("slack.replayed", action=decision, incident=incident_id, user=user)
+            # Slack's own retry of a press already answered: the person was told then.
             return 200, {"response_type": "ephemeral", "replace_original": False,
                          "text": "Already recorded."}
         try:
@@ -263,6 +273,8 @@ class SlackInteractions:
             raise
         if status != 200:
             self.seen.release(signature)
+        if isinstance(response_url, str) and response_url.startswith(("https://", "http://")):
+            self.respond(response_url, answer["text"])
         return status, answer
 
     def _may(self, decision: str, incident_id: str, deployment: str, user: str,
@@ -316,6 +328,43 @@ class SlackInteractions:
         self._count(decision, "accepted")
         log.info("slack.accepted", action=decision, incident=incident_id, deployment=deployment, user=user)
         return 200, {"response_type": "ephemeral", "replace_original": False, "text": text}
+
+
+class EphemeralReplies:
+    """Posts "only you can see this" replies to interactions' ``response_url`` with slack_sdk's
+    ``WebhookClient``, on one worker thread behind a bounded queue: a slow or failing Slack
+    never holds a request (Slack wants its answer within three seconds); when the queue is full
+    a reply is dropped and logged, never waited for."""
+
+    def __init__(self, limit: int = 100, timeout: float = 5.0) -> None:
+        self.timeout = timeout
+        self._queue: queue.Queue[tuple[str, str]] = queue.Queue(maxsize=limit)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def send(self, url: str, text: str) -> None:
+        try:
+            self._queue.put_nowait((url, text))
+        except queue.Full:
+            log.warning("slack.reply_dropped", reason="queue full")
+            return
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="rollbackd-slack-replies", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        from slack_sdk.webhook import WebhookClient
+
+        while True:
+            url, text = self._queue.get()
+            try:
+                answer = WebhookClient(url, timeout=int(self.timeout)).send(
+                    text=text, response_type="ephemeral", replace_original=False)
+                if answer.status_code != 200:
+                    log.warning("slack.reply_failed", status=answer.status_code, body=answer.body[:200])
+            except Exception as exc:  # noqa: BLE001  one reply's failure never stops the next
+                log.warning("slack.reply_failed", error=f"{type(exc).__name__}: {exc}")
 
 
 def slack_interactions(
