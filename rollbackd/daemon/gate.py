@@ -71,7 +71,7 @@ def gate_verdict(pipeline: Any, measurements: Measurements, deployment: str, var
             verdict, why = "pass", "within threshold"
         checks.append({
             "rule": rule.name, "detector": rule.detector, "severity": rule.severity,
-            "state": str(state.value if hasattr(state, "value") else state), "verdict": verdict,
+            "state": state.value, "verdict": verdict,
             "reason": why, "ts": ts, "measurement": dict(m),
         })
     verdicts = {c["verdict"] for c in checks}
