@@ -1192,6 +1192,10 @@ def run(rules: str, bootstrap_servers: str | None, group_id: str, instance_id: s
             digest.stop()
         if ops is not None:
             ops.stop()
+        from rollbackd.actions.base import ClosableNotifier
+
+        if isinstance(notifier, ClosableNotifier):
+            notifier.close()  # Alertmanager's re-sending: its alerts end at their endsAt
         if writer is not None:
             writer.close()
             _say("measurements.closed", f"rollbackd: {writer.written:,} measurement records in {writer.path}"

@@ -27,6 +27,7 @@ __all__ = [
     "pause_rollout",
     "Notifier",
     "ResumableNotifier",
+    "ClosableNotifier",
     "NullNotifier",
 ]
 
@@ -254,6 +255,16 @@ class Notifier(Protocol):
     """Posts a notice; returns the thread reference to pass with the incident's next notices."""
 
     def post(self, notice: Notice) -> ActionResult: ...
+
+
+@runtime_checkable
+class ClosableNotifier(Protocol):
+    """A notifier with work of its own to stop when the daemon stops (Alertmanager's
+    re-sending thread)."""
+
+    def post(self, notice: Notice) -> ActionResult: ...
+
+    def close(self) -> None: ...
 
 
 @runtime_checkable

@@ -20,25 +20,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, replace
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Sequence
 
-from rollbackd.actions.base import ActionResult, Notice, Notifier, ResumableNotifier
+from rollbackd.actions.base import ActionResult, ClosableNotifier, Notice, Notifier, ResumableNotifier
 from rollbackd.rules.model import RouteMatch, name_matches
 
-__all__ = ["Route", "NoticeRouter", "Closable"]
-
-
-@runtime_checkable
-class Closable(Protocol):
-    """A notifier with work of its own to stop (Alertmanager's re-sending)."""
-
-    def resume(self, notice: Notice) -> None:
-        """An open incident after a restart, for the routes that keep what they sent alive."""
-        for route in self.routes:
-            if isinstance(route.notifier, ResumableNotifier) and route.takes(notice):
-                route.notifier.resume(notice)
-
-    def close(self) -> None: ...
+__all__ = ["Route", "NoticeRouter"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,5 +114,5 @@ class NoticeRouter:
 
     def close(self) -> None:
         for route in self.routes:
-            if isinstance(route.notifier, Closable):
+            if isinstance(route.notifier, ClosableNotifier):
                 route.notifier.close()
