@@ -881,9 +881,28 @@ def _load_measurements(path: str | None) -> Any:
 
 def _kafka_env(env: dict[str, str]) -> dict[str, str]:
     """``ROLLBACKD_KAFKA_SASL_MECHANISM=PLAIN`` → ``{"sasl.mechanism": "PLAIN"}``: any librdkafka
-    setting can come from the environment (secrets included) without touching a file."""
+    setting can come from the environment without touching a file. A secret can come from a file
+    (a mounted Kubernetes Secret): ``ROLLBACKD_KAFKA_SASL_PASSWORD_FILE=/path`` sets
+    ``sasl.password`` to the file's content (no librdkafka setting ends in ``.file``)."""
+    from rollbackd.actions.factory import read_secret_file
+
     prefix = "ROLLBACKD_KAFKA_"
-    return {k[len(prefix):].lower().replace("_", "."): v for k, v in env.items() if k.startswith(prefix)}
+    out: dict[str, str] = {}
+    for name, value in sorted(env.items()):
+        if not name.startswith(prefix):
+            continue
+        rest = name[len(prefix):]
+        if rest.endswith("_FILE"):
+            key = rest[: -len("_FILE")].lower().replace("_", ".")
+            if prefix + rest[: -len("_FILE")] in env:
+                raise click.UsageError(f"set {prefix}{rest[: -len('_FILE')]} or {name}, not both")
+            try:
+                out[key] = read_secret_file("kafka", name, value)
+            except ValueError as exc:
+                raise click.UsageError(str(exc)) from None
+        else:
+            out[rest.lower().replace("_", ".")] = value
+    return out
 
 
 def _kafka_options(values: tuple[str, ...]) -> dict[str, str]:

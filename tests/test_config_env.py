@@ -107,3 +107,22 @@ def test_global_options_from_the_environment(tmp_path):
     assert out.returncode == 0, out.stderr
     out = _cli("validate", str(RULES), env={"ROLLBACKD_LOG_LEVEL": "loud"}, cwd=tmp_path)
     assert out.returncode == 2 and b"ROLLBACKD_LOG_LEVEL" in out.stderr
+
+
+def test_a_kafka_secret_comes_from_a_file(tmp_path):
+    """librdkafka settings come from ROLLBACKD_KAFKA_<KEY>; a secret (the SASL password) from a
+    mounted file with ROLLBACKD_KAFKA_<KEY>_FILE, its trailing newline stripped."""
+    import click
+
+    from rollbackd.cli import _kafka_env
+
+    secret = tmp_path / "sasl-password"
+    secret.write_text("s3cret\n")
+    env = {"ROLLBACKD_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+           "ROLLBACKD_KAFKA_SASL_PASSWORD_FILE": str(secret), "PATH": "/usr/bin"}
+    assert _kafka_env(env) == {"sasl.mechanism": "SCRAM-SHA-512", "sasl.password": "s3cret"}
+    with pytest.raises(click.UsageError, match="not both"):
+        _kafka_env({**env, "ROLLBACKD_KAFKA_SASL_PASSWORD": "inline"})
+    with pytest.raises(click.UsageError, match=r"ROLLBACKD_KAFKA_SASL_PASSWORD_FILE '/nonexistent' cannot be read") as err:
+        _kafka_env({"ROLLBACKD_KAFKA_SASL_PASSWORD_FILE": "/nonexistent"})
+    assert "s3cret" not in str(err.value)
