@@ -7,7 +7,8 @@ in a drill (so a drill never touches the page of a real incident with the same l
 escalation ("escalated: rollback not verified", a freeze, no target) is a page of its own,
 ``<key>:escalation``: a trigger under the first key would be folded into a page that is already
 acknowledged (the rollback was confirmed) or was never sent (only escalations page), and would
-wake nobody. A resolved incident resolves both.
+wake nobody. Once an incident escalated, all its later notices go to the escalation key
+(``Notice.escalation`` stays true). A resolved incident resolves both.
 
 - ``trigger``: the incident's notices (opened, updated, repeat), under the escalation key once
   it escalated;

@@ -6,8 +6,8 @@ A route that took one of an incident's notices takes the incident's later ones t
 updates, repeats and resolution), so a page opened by an escalation is resolved where it was
 opened: a route matches every severity the incident has had (``Notice.severities``) and, once it
 escalated, every later notice is an escalation (``Notice.escalation``), both read from the
-incident's checkpointed state, so this holds across restarts; notices about rollbackd itself and digests (no severity) go to the routes that match
-every notice. The routes are called one after the other (each retries by classification on its
+incident's checkpointed state, so this holds across restarts. Notices about rollbackd itself
+and digests (no severity) go to the routes that match every notice. The routes are called one after the other (each retries by classification on its
 own); one that fails does not stop the others, and the notice is ``failed`` if any failed, with
 each route's answer in ``detail``.
 
