@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterator, Mapping, get_args
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol, get_args
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
@@ -41,6 +41,9 @@ from rollbackd.actions.base import Status
 from rollbackd.daemon.clock import Clock, WallClock
 from rollbackd.daemon.gate import Gate, encode as encode_answer, gate_verdict
 from rollbackd.daemon.slack_actions import SlackInteractions  # served at /v1/slack/interactions
+
+if TYPE_CHECKING:
+    from rollbackd.daemon.reload import RulesReload
 
 __all__ = [
     "DEFAULT_HOST",
@@ -161,6 +164,40 @@ def instrument(daemon: Any, histogram: Histogram) -> None:
     daemon.step = timed
 
 
+class EffectsView(Protocol):
+    """The live daemon's effect lanes, as /metrics reads them."""
+
+    dropped: int
+
+    def waiting(self) -> int: ...
+
+
+class LiveDaemon(Protocol):
+    """What /metrics reads of the live daemon (daemon/run.py's ``Daemon``), on the HTTP thread:
+    plain values the loop writes, never a call that waits on the loop or a broker."""
+
+    clock: Clock
+    ready: threading.Event
+    events: int
+    last_beat: float
+    checkpoint_seconds: float | None
+    checkpoint_bytes: int | None
+    reloads: RulesReload | None
+    effects: EffectsView
+
+    @property
+    def blind_notified(self) -> bool: ...
+
+    @property
+    def blind_since(self) -> float | None: ...
+
+    @property
+    def lag(self) -> int | None: ...
+
+    @property
+    def last_checkpoint(self) -> float: ...
+
+
 class MetricsCollector:
     """A Prometheus collector that reads a pipeline (and its daemon, when live) on scrape."""
 
@@ -168,7 +205,7 @@ class MetricsCollector:
         self,
         pipeline: Any,
         *,
-        daemon: Any = None,
+        daemon: LiveDaemon | None = None,
         tap: Any = None,
         meter: DecisionMeter | None = None,
         clock: Clock | None = None,
@@ -178,7 +215,7 @@ class MetricsCollector:
         self.daemon = daemon
         self.tap = tap
         self.meter = meter
-        self.clock = clock or (getattr(daemon, "clock", None) if daemon is not None else None) or WallClock()
+        self.clock = clock or (daemon.clock if daemon is not None else None) or WallClock()
         self.lag_every = lag_every
         self._lag: tuple[float, float | None] | None = None  # (asked at, value)
         self.scrape_errors = 0
@@ -356,9 +393,9 @@ class MetricsCollector:
         yield c
 
     def _heartbeat(self) -> Iterator[Metric]:
-        beat = getattr(self.daemon, "last_beat", None)
-        if beat is None:
+        if self.daemon is None:
             return
+        beat = self.daemon.last_beat
         g = GaugeMetricFamily("rollbackd_heartbeat_age_seconds",
                               "Wall seconds since the processing loop last went round (/healthz fails past a limit).")
         g.add_metric([], max(0.0, self.clock.now() - beat))
@@ -383,37 +420,35 @@ class MetricsCollector:
         processed = CounterMetricFamily("rollbackd_daemon_events", "Events handed to the pipeline by this process.")
         processed.add_metric([], d.events)
         yield processed
-        effects = getattr(d, "effects", None)
-        if effects is not None:
-            waiting = GaugeMetricFamily(
-                "rollbackd_effects_waiting",
-                "Calls (rollbacks, pauses, notices) queued or running off the processing loop.")
-            waiting.add_metric([], effects.waiting())
-            yield waiting
-            dropped = CounterMetricFamily(
-                "rollbackd_effects_dropped",
-                "Notices dropped (recorded as failed) because their deployment's lane was full.")
-            dropped.add_metric([], effects.dropped)
-            yield dropped
-        last_cp = getattr(d, "_last_checkpoint", None)
-        if last_cp is not None:
-            age = GaugeMetricFamily("rollbackd_checkpoint_age_seconds", "Wall seconds since the last checkpoint.")
-            age.add_metric([], now - last_cp)
-            yield age
-        if getattr(d, "checkpoint_seconds", None) is not None:
+        effects = d.effects  # the lanes exist from the start
+        waiting = GaugeMetricFamily(
+            "rollbackd_effects_waiting",
+            "Calls (rollbacks, pauses, notices) queued or running off the processing loop.")
+        waiting.add_metric([], effects.waiting())
+        yield waiting
+        dropped = CounterMetricFamily(
+            "rollbackd_effects_dropped",
+            "Notices dropped (recorded as failed) because their deployment's lane was full.")
+        dropped.add_metric([], effects.dropped)
+        yield dropped
+        last_cp = d.last_checkpoint  # the start counts as the first checkpoint
+        age = GaugeMetricFamily("rollbackd_checkpoint_age_seconds", "Wall seconds since the last checkpoint.")
+        age.add_metric([], now - last_cp)
+        yield age
+        if d.checkpoint_seconds is not None:
             took = GaugeMetricFamily(
                 "rollbackd_checkpoint_duration_seconds",
                 "How long the last checkpoint held up processing (freezing the state; with a state "
                 "store, encoding it and the transaction).")
             took.add_metric([], d.checkpoint_seconds)
             yield took
-        if getattr(d, "checkpoint_bytes", None) is not None:
+        if d.checkpoint_bytes is not None:
             size = GaugeMetricFamily("rollbackd_checkpoint_bytes",
                                      "Bytes the last durable checkpoint wrote (the file and new references; "
                                      "with a state store, the task snapshots).")
             size.add_metric([], d.checkpoint_bytes)
             yield size
-        yield from _reload_metrics(getattr(d, "reloads", None))
+        yield from _reload_metrics(d.reloads)
         lag = self._consumer_lag(now)
         if lag is not None:
             g = GaugeMetricFamily("rollbackd_consumer_lag", "Messages in the assigned partitions not yet read.")
@@ -423,11 +458,11 @@ class MetricsCollector:
     def _consumer_lag(self, now: float) -> float | None:
         """The lag the daemon's loop last measured, kept while the brokers are away: a scrape never
         waits on a broker (nor uses the consumer the loop reads from)."""
-        lag = getattr(self.daemon, "lag", None)
-        return float(lag) if isinstance(lag, (int, float)) else None
+        lag = self.daemon.lag if self.daemon is not None else None
+        return float(lag) if lag is not None else None
 
 
-def _reload_metrics(reloads: Any) -> Iterator[Metric]:
+def _reload_metrics(reloads: RulesReload | None) -> Iterator[Metric]:
     """Rules reloads (daemon/reload.py): by result, and when the last of each happened."""
     if reloads is None:
         return

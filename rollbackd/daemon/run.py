@@ -687,6 +687,11 @@ class Daemon:
         return self.watch.blind_since
 
     @property
+    def last_checkpoint(self) -> float:
+        """Clock time of the last checkpoint (the start counts as one)."""
+        return self._last_checkpoint
+
+    @property
     def lag(self) -> int | None:
         """The consumer lag as last measured (kept while the brokers are away), for /metrics."""
         return self.watch.lag
