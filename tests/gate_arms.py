@@ -8,10 +8,11 @@ passes, and an arm with no events (``blue``) is inconclusive (the rule applies, 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import tempfile
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 from rollbackd.daemon.decisions import MemoryDecisions
 from rollbackd.daemon.replay import build_pipeline, open_recording, replay
@@ -56,3 +57,17 @@ def judged_arms() -> Arms:
         ), path)
         replay(open_recording(str(path), cfg), pipeline, batch_size=4096)
     return Arms(pipeline, tap, decisions.records)
+
+
+@contextlib.contextmanager
+def gate_server() -> Iterator[Any]:
+    """The daemon's HTTP server over the judged arms (its gate reads their measurements); it
+    must have logged no error by the end."""
+    from prometheus_client import CollectorRegistry
+
+    from rollbackd.daemon.http import OpsServer
+
+    arms = judged_arms()
+    with OpsServer(CollectorRegistry(), arms.pipeline, port=0, measurements=arms.tap.latest) as srv:
+        yield srv
+    assert srv.errors == []

@@ -11,18 +11,14 @@ import urllib.error
 import urllib.request
 
 import pytest
-from prometheus_client import CollectorRegistry
 
-from gate_arms import judged_arms
-from rollbackd.daemon.http import OpsServer
+from gate_arms import gate_server, judged_arms
 
 
 @pytest.fixture(scope="module")
 def server():
-    arms = judged_arms()
-    with OpsServer(CollectorRegistry(), arms.pipeline, port=0, measurements=arms.tap.latest) as srv:
+    with gate_server() as srv:
         yield srv
-    assert srv.errors == []
 
 
 def get(server, path: str, data: bytes | None = None) -> tuple[int, dict]:

@@ -33,7 +33,7 @@ import yaml
 from ci import unavailable
 from prometheus_client import CollectorRegistry
 
-from gate_arms import DEPLOYMENT, FAILING, PASSING, UNMEASURED, judged_arms
+from gate_arms import DEPLOYMENT, FAILING, PASSING, UNMEASURED, gate_server, judged_arms
 from rollbackd.daemon.http import OpsServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,10 +63,8 @@ def metric() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def server():
-    arms = judged_arms()
-    with OpsServer(CollectorRegistry(), arms.pipeline, port=0, measurements=arms.tap.latest) as srv:
+    with gate_server() as srv:
         yield srv
-    assert srv.errors == []
 
 
 def run_argo_eval(argo_eval: Path, args: dict[str, str], query: str = "",

@@ -14,9 +14,8 @@ from typing import Any
 
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry
 
-from gate_arms import DEPLOYMENT, FAILING, PASSING, UNMEASURED, judged_arms
+from gate_arms import DEPLOYMENT, FAILING, PASSING, UNMEASURED, gate_server
 from rollbackd.daemon.http import OpsServer
 
 CANARY = Path(__file__).resolve().parent.parent / "deploy" / "flagger" / "canary.yaml"
@@ -24,10 +23,8 @@ CANARY = Path(__file__).resolve().parent.parent / "deploy" / "flagger" / "canary
 
 @pytest.fixture(scope="module")
 def server():
-    arms = judged_arms()
-    with OpsServer(CollectorRegistry(), arms.pipeline, port=0, measurements=arms.tap.latest) as srv:
+    with gate_server() as srv:  # and no request raised inside the server
         yield srv
-    assert srv.errors == []  # no request raised inside the server
 
 
 @pytest.fixture(scope="module")
