@@ -283,9 +283,13 @@ def _load_config(path: str) -> Any:
 
 @main.command()
 @click.argument("rules", type=click.Path(dir_okay=False))
-def validate(rules: str) -> None:
+@click.option("--label-rate", type=click.FloatRange(min=0, min_open=True), default=None, metavar="PER_SECOND",
+              help="Unlabelled predictions per second per deployment with a label rule: warn when "
+                   "settings.max_pending_labels would bind at that rate (the summary says where it binds).")
+def validate(rules: str, label_rate: float | None) -> None:
     """Check a rules file; print every error and warning with its line, exit non-zero on any error."""
     from rollbackd.rules.loader import check_file, summarize
+    from rollbackd.rules.loading.summary import label_buffer
 
     try:
         config, issues = check_file(rules)
@@ -300,6 +304,16 @@ def validate(rules: str) -> None:
         click.echo(f"{rules}: {errors} error(s)", err=True)
         sys.exit(EXIT_CONFIG)
     click.echo(summarize(config))
+    if label_rate is not None:
+        buffer = label_buffer(config)
+        if buffer is None:
+            click.echo(f"{rules}: --label-rate: no rule needs labels, nothing is buffered", err=True)
+        else:
+            held, warning = buffer.at(label_rate)
+            if warning is not None:
+                click.echo(f"{rules}: warning: settings.max_pending_labels: {warning}", err=True)
+            else:
+                click.echo(f"label buffer at {label_rate:g}/s per deployment: {held:,.0f} of {buffer.cap:,} entries")
     click.echo(f"{rules}: OK")
 
 

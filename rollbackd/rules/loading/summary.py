@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from rollbackd.rules.budget import budget_lines
 from rollbackd.rules.durations import format_duration, parse_duration
 from rollbackd.rules.loading.reader import fmt_num
@@ -103,6 +105,60 @@ def _notifiers(s: Settings) -> str:
     return "notifiers " + ", ".join(routes)
 
 
+# Bytes one buffered prediction takes in the label join, its id included (benchmarks/join_entry.py:
+# 215 B with a 16-character id, 235 B with a UUID; rounded up).
+JOIN_ENTRY_BYTES = 240
+
+
+@dataclass(frozen=True)
+class LabelBuffer:
+    """What the label join will hold. It keeps each prediction of a deployment with a label rule
+    until its outcome comes or ``join_horizon`` passes, up to ``max_pending_labels`` in all,
+    oldest dropped first."""
+
+    declared: int  # declared deployments with a label rule
+    undeclared: bool  # a label rule also reaches deployments seen only in the stream
+    cap: int
+    horizon: float
+
+    @property
+    def binds_at(self) -> float:
+        """Unlabelled predictions per second, in all, above which the cap drops outcomes."""
+        return self.cap / self.horizon
+
+    def line(self) -> str:
+        who = f"{self.declared} declared deployment(s)" + (" and any undeclared one seen" if self.undeclared else "")
+        per = f" ({fmt_num(self.binds_at / self.declared)} per deployment)" if self.declared > 1 else ""
+        return (f"label buffer (label rules on {who}): join_horizon {format_duration(self.horizon)}, "
+                f"max_pending_labels {self.cap:,}, about {self.cap * JOIN_ENTRY_BYTES / 1e6:,.0f} MB when full; "
+                f"the cap binds above {fmt_num(self.binds_at)} unlabelled predictions/s in all{per}")
+
+    def at(self, rate: float) -> tuple[float, str | None]:
+        """The entries held at ``rate`` unlabelled predictions/s per declared deployment (at
+        least one), and a warning when the cap binds there."""
+        n = max(self.declared, 1)
+        needed = rate * n * self.horizon
+        if needed <= self.cap:
+            return needed, None
+        kept = round(self.cap / (rate * n))
+        return needed, (
+            f"at {fmt_num(rate)} unlabelled predictions/s per deployment the label buffer needs {needed:,.0f} "
+            f"entries (about {needed * JOIN_ENTRY_BYTES / 1e6:,.0f} MB) but max_pending_labels is {self.cap:,}: "
+            f"predictions older than {format_duration(kept)} lose their outcome; raise max_pending_labels "
+            f"or shorten join_horizon")
+
+
+def label_buffer(config: Config) -> LabelBuffer | None:
+    """The label buffer ``config`` asks for; None without a label rule."""
+    label_rules = [r for r in config.rules if r.needs_labels]
+    if not label_rules:
+        return None
+    declared = [d for d in config.deployments if any(r.covers(d) for r in label_rules)]
+    undeclared = any(r.reaches_undeclared for r in label_rules) or not config.deployments
+    s = config.settings
+    return LabelBuffer(len(declared), undeclared, s.max_pending_labels, s.join_horizon)
+
+
 def summarize(config: Config) -> str:
     """A short human summary: what ``rollbackd validate`` prints for a valid file."""
     s = config.settings
@@ -151,4 +207,7 @@ def summarize(config: Config) -> str:
             if covers is not None:
                 lines.append(f"    {covers}")
         lines.extend(budget_lines(config.rules, config.deployments))
+    buffer = label_buffer(config)
+    if buffer is not None:
+        lines.append(buffer.line())
     return "\n".join(lines)
