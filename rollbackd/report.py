@@ -34,7 +34,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -762,14 +762,23 @@ def _frame(kind: str, data: dict[str, Any], ys: list[float]) -> tuple[_Axis, _Ax
 
 def _value_line(points: list[tuple[float, float]], x: _Axis, y: _Axis, dash: str = "") -> list[str]:
     """The value through consecutive evaluations; a gap where there was no verdict."""
+    return _svg_runs(
+        points, x, y,
+        lambda cx, cy: f'<circle class="value" cx="{cx:.1f}" cy="{cy:.1f}" r="2" fill="#1f2937"/>',
+        lambda pts: f'<polyline class="value" points="{pts}" fill="none" stroke="#1f2937" stroke-width="1.5"{dash}/>')
+
+
+def _svg_runs(points: list[tuple[float, float | None]], x: _Axis, y: _Axis,
+              single: Callable[[float, float], str], line: Callable[[str], str]) -> list[str]:
+    """A series drawn run by run (a gap where a value is missing): ``single(cx, cy)`` for a run
+    of one point, ``line(points)`` (SVG ``points`` text) for a longer one."""
     out = []
     for run in _runs(points):
         if len(run) == 1:
             t, v = run[0]
-            out.append(f'<circle class="value" cx="{x(t):.1f}" cy="{y(v):.1f}" r="2" fill="#1f2937"/>')
+            out.append(single(x(t), y(v)))
         else:
-            pts = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in run)
-            out.append(f'<polyline class="value" points="{pts}" fill="none" stroke="#1f2937" stroke-width="1.5"{dash}/>')
+            out.append(line(" ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in run)))
     return out
 
 
@@ -997,13 +1006,10 @@ def _series_figure(data: dict[str, Any]) -> str:
               f'{_utc(a)} to {_utc(b)} (the recording ended inside this window)</title></rect>'
               for a, b in data["trailing"]]
     # The threshold as each evaluation had it (a canary's or a relative rule's may move).
-    for run in _runs(data["thresholds"]):
-        if len(run) == 1:
-            t, v = run[0]
-            s.append(f'<line class="threshold" x1="{x(t) - 3:.1f}" x2="{x(t) + 3:.1f}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#dc2626"/>')
-        else:
-            pts = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in run)
-            s.append(f'<polyline class="threshold" points="{pts}" fill="none" stroke="#dc2626" stroke-dasharray="6 4"/>')
+    s += _svg_runs(
+        data["thresholds"], x, y,
+        lambda cx, cy: f'<line class="threshold" x1="{cx - 3:.1f}" x2="{cx + 3:.1f}" y1="{cy:.1f}" y2="{cy:.1f}" stroke="#dc2626"/>',
+        lambda pts: f'<polyline class="threshold" points="{pts}" fill="none" stroke="#dc2626" stroke-dasharray="6 4"/>')
     if clear is not None:
         cy = y(clear)
         s.append(f'<line class="clear-threshold" x1="{_ML}" x2="{_W - _MR}" y1="{cy:.1f}" y2="{cy:.1f}" stroke="#d97706" stroke-dasharray="2 3"/>')
