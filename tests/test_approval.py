@@ -32,13 +32,18 @@ def config(timeout: str = "10m", default: str = "reject"):
     return load_config_text(RULES.format(timeout=timeout, default=default))
 
 
+# A 40-minute stream whose version 2, deployed at 10 minutes, fails a quarter of its requests:
+# its rollback waits for approval (also the Slack buttons' tests, test_slack_interactions.py).
+BAD_VERSION = Scenario(
+    name="bad", seed=5, duration=2400.0, versions=((0.0, "1"), (600.0, "2")),
+    faults=(Fault("error_rate", start=0.0, magnitude=0.25, version="2"),),
+)
+
+
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory):
     path = tmp_path_factory.mktemp("approval") / "bad.jsonl.gz"
-    write_recording(Scenario(
-        name="bad", seed=5, duration=2400.0, versions=((0.0, "1"), (600.0, "2")),
-        faults=(Fault("error_rate", start=0.0, magnitude=0.25, version="2"),),
-    ), path)
+    write_recording(BAD_VERSION, path)
     return path
 
 

@@ -18,6 +18,7 @@ from loopback import LoopbackServer, Recorded, Reply
 from prometheus_client import CollectorRegistry
 from slack_sdk import WebClient
 from slack_sdk.signature import SignatureVerifier
+from test_approval import BAD_VERSION
 from test_slack import TOKEN
 from test_slack_thread import SlackWithUpdate
 
@@ -31,7 +32,7 @@ from rollbackd.daemon.slack_actions import SeenRequests, SlackChannelMembers, Sl
 from rollbackd.rules.incidents import IncidentBook
 from rollbackd.rules.loader import ConfigError, load_config_text
 from rollbackd.rules.model import GroupingSpec, RuleSpec
-from rollbackd.scenarios import Fault, Scenario, write_recording
+from rollbackd.scenarios import write_recording
 
 NOW = 1_790_000_000.0
 CHANNEL = "C0LOOPBACK"
@@ -358,10 +359,7 @@ def config(approval: str = APPROVAL, actions: str = "notify, rollback", repeat: 
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory):
     path = tmp_path_factory.mktemp("slack") / "bad.jsonl.gz"
-    write_recording(Scenario(
-        name="bad", seed=5, duration=2400.0, versions=((0.0, "1"), (600.0, "2")),
-        faults=(Fault("error_rate", start=0.0, magnitude=0.25, version="2"),),
-    ), path)
+    write_recording(BAD_VERSION, path)
     return path
 
 
