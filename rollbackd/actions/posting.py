@@ -1,5 +1,5 @@
-"""One JSON request to a paging service, retried by classification: what the Alertmanager,
-PagerDuty, Opsgenie and webhook notifiers share.
+"""One JSON request to a service, retried by classification: what the webhook backend and the
+Alertmanager, PagerDuty, Opsgenie and webhook notifiers share.
 
 The body is encoded once, so every retry sends the same bytes (a signature over them stays
 valid); 429, 408 and 5xx and connection failures are retried under the notifier's
@@ -20,34 +20,42 @@ from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from rollbackd.actions.retry import Attempt, RetryPolicy, RetryResult, retrying
-from rollbackd.actions.webhook import _NoRedirect
 
-__all__ = ["JsonEndpoint", "Answer", "encode_json", "check_url"]
+__all__ = ["JsonEndpoint", "Answer", "encode_json", "check_url", "finite"]
 
 _MAX_RESPONSE_BYTES = 64 * 1024
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    # urllib turns a redirected POST into a body-less GET; a rollback or a page must not
+    # "succeed" that way.
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
+        return None
 
 
 def encode_json(body: Any) -> bytes:
     """Compact, key-sorted JSON: the same notice always makes the same bytes. A non-finite
     number (a threshold that is not set) is ``null``, which every JSON parser reads; a numpy
     scalar is its Python value."""
-    return json.dumps(_finite(body), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+    return json.dumps(finite(body), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False, default=_scalar).encode("utf-8")
 
 
-def _finite(x: Any) -> Any:
+def finite(x: Any) -> Any:
+    """``x`` with every non-finite float (NaN, ±inf) as None and every mapping key a string: what
+    strict JSON (``allow_nan=False``) can write."""
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, Mapping):
-        return {k: _finite(v) for k, v in x.items()}
+        return {str(k): finite(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
+        return [finite(v) for v in x]
     return x
 
 
 def _scalar(x: Any) -> Any:
     if isinstance(x, SupportsItem):
-        return _finite(x.item())
+        return finite(x.item())
     raise TypeError(f"{type(x).__name__} is not JSON")
 
 
@@ -119,7 +127,7 @@ class JsonEndpoint:
         self.timeout = float(timeout)
         self.policy = policy
         self.sleep = sleep
-        self._opener = urllib.request.build_opener(_NoRedirect())
+        self._opener = urllib.request.build_opener(NoRedirect())
 
     def post(
         self,

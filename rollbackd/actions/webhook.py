@@ -12,15 +12,14 @@ import hmac
 import json
 import threading
 import time
-import urllib.error
-import urllib.request
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 import structlog
 
 from rollbackd.actions.base import ActionResult, RollbackPlan
-from rollbackd.actions.retry import Attempt, RetryPolicy, retrying
+from rollbackd.actions.posting import JsonEndpoint
+from rollbackd.actions.retry import Attempt, RetryPolicy
 
 __all__ = [
     "SIGNATURE_HEADER",
@@ -33,7 +32,6 @@ __all__ = [
 
 SIGNATURE_HEADER = "X-Rollbackd-Signature"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-_MAX_RESPONSE_BYTES = 64 * 1024
 
 log = structlog.get_logger("rollbackd.actions.webhook")
 
@@ -55,12 +53,6 @@ def verify_signature(secret: bytes, body: bytes, header: str | None) -> bool:
     return hmac.compare_digest(sign(secret, body).encode("ascii"), header.strip().encode("ascii", "replace"))
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # urllib turns a redirected POST into a body-less GET; a rollback must not "succeed" that way.
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
-        return None
-
-
 class WebhookBackend:
     """POSTs each :class:`RollbackPlan` once per process; retries by classification."""
 
@@ -76,8 +68,6 @@ class WebhookBackend:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"url must be an absolute http:// or https:// URL, got {url!r}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be in (0, inf) seconds, got {timeout}")
         if secret is not None and not isinstance(secret, bytes):
             raise ValueError("secret must be bytes or None")
         self.url = url
@@ -86,7 +76,8 @@ class WebhookBackend:
         self.policy = policy
         self.headers = dict(headers or {})
         self.sleep = sleep
-        self._opener = urllib.request.build_opener(_NoRedirect())
+        # Checks the timeout; sends the body as it is on every retry, never follows a redirect.
+        self._endpoint = JsonEndpoint(self.headers, timeout=self.timeout, policy=policy, sleep=sleep)
         self._applied: set[str] = set()
         self._lock = threading.Lock()
 
@@ -106,24 +97,14 @@ class WebhookBackend:
             return ActionResult("skipped", "already applied", attempts=0)
 
         body = canonical_body(plan)
-        request_headers = {**self.headers, "Content-Type": "application/json", IDEMPOTENCY_HEADER: key}
+        request_headers = {IDEMPOTENCY_HEADER: key}
         if self.secret is not None:
             request_headers[SIGNATURE_HEADER] = sign(self.secret, body)
-
-        def send() -> Attempt:
-            req = urllib.request.Request(self.url, data=body, headers=request_headers, method="POST")
-            try:
-                with self._opener.open(req, timeout=self.timeout) as resp:
-                    resp.read(_MAX_RESPONSE_BYTES)
-                    return Attempt(status=resp.status, reason=resp.reason or "")
-            except urllib.error.HTTPError as err:
-                with err:
-                    return Attempt(status=err.code, retry_after=err.headers.get("Retry-After"), reason=err.reason or "")
 
         def on_retry(n: int, attempt: Attempt, pause: float) -> None:
             bound.warning("rollback.webhook.retry", attempt=n, error=attempt.describe(), delay=pause)
 
-        result = retrying(send, self.policy, sleep=self.sleep, on_retry=on_retry)
+        result = self._endpoint.post(self.url, body, headers=request_headers, on_retry=on_retry).retry
         status_code = result.last.status
         data = {"status_code": status_code}
         if result.ok:

@@ -24,6 +24,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from rollbackd.actions.posting import finite
+
 __all__ = [
     "FLAGGER_HOOKS",
     "GATE_STATUS",
@@ -211,14 +213,4 @@ def _flag(query: Mapping[str, list[str]], name: str, *, default: bool) -> bool:
 def encode(answer: Mapping[str, Any]) -> bytes:
     """Strict JSON: a non-finite float (a p-value of inf, a NaN effect size) becomes null, since
     an unparseable body is a *successful* measurement to Argo v1.9."""
-    return json.dumps(_finite(answer), sort_keys=True, default=str, allow_nan=False).encode() + b"\n"
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    return json.dumps(finite(answer), sort_keys=True, default=str, allow_nan=False).encode() + b"\n"
