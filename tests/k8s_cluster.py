@@ -38,9 +38,10 @@ What runs (all on 127.0.0.1, free ports, one temporary folder):
   ``system:masters``; :attr:`nobody_token` is ``nobody``, in no group, with no rights. Service
   account tokens come from the TokenRequest API (:meth:`service_account_token`).
 * **Authorization**: ``RBAC`` only, so a missing Role is a real 403 with the server's message.
-* **CRDs**: every CRD ``tests/k8s_crds.py`` knows (Argo Rollouts', Flagger's and
-  prometheus-operator's as published, read from their Go modules; KServe's ``InferenceService``
-  written for these tests), installed at start.
+* **CRDs**: the kinds the tests create (:data:`SERVED_CRDS`: Argo Rollouts', Flagger's and
+  prometheus-operator's as published, read from their Go modules by ``tests/k8s_crds.py``;
+  KServe's ``InferenceService`` written for these tests), installed at start; each CRD costs the
+  start about half a second, so the others ``k8s_crds`` knows are left out.
 
 No controllers run: nothing creates pods, replica sets or service-account secrets, and nothing
 writes ``status``. Tests play the controller with :meth:`patch_status` (the status subresource).
@@ -84,6 +85,12 @@ K8S_VERSION = os.environ.get("ROLLBACKD_K8S_VERSION", "1.34.4")
 HERE = Path(__file__).resolve().parent
 BUILD_SCRIPT = HERE / "k8s" / "build-kube-apiserver.sh"
 FIELD_MANAGER = "rollbackd-tests"
+# What the backends, the chart and the shipped examples create (see k8s_crds.NAMES for more).
+SERVED_CRDS = (
+    "rollouts.argoproj.io", "analysistemplates.argoproj.io", "canaries.flagger.app",
+    "servicemonitors.monitoring.coreos.com", "prometheusrules.monitoring.coreos.com",
+    "inferenceservices.serving.kserve.io",
+)
 
 
 class ClusterFailed(RuntimeError):
@@ -138,7 +145,7 @@ class KubeCluster:
         start_timeout: float = 90.0,
     ) -> None:
         self.version = version
-        self.crds = tuple(k8s_crds.NAMES if crds is None else crds)  # PLURAL.GROUP names
+        self.crds = tuple(SERVED_CRDS if crds is None else crds)  # PLURAL.GROUP names
         self.start_timeout = start_timeout
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="rollbackd-k8s-"))
