@@ -938,7 +938,7 @@ def _group_state(servers: str, group_id: str, state_topic: str, decisions_topic:
     aborts what its predecessor left open at once), else a new one per start."""
     from confluent_kafka.admin import AdminClient
 
-    from rollbackd.daemon.kafka import librdkafka_log
+    from rollbackd.daemon.kafka import CLIENT_DEFAULTS
     from rollbackd.daemon.scaleout import GroupState, ensure_topics, record_cap
     from rollbackd.errors import Recoverable
 
@@ -946,7 +946,7 @@ def _group_state(servers: str, group_id: str, state_topic: str, decisions_topic:
     refs_topic = f"{state_topic}.refs"  # complete drift references, each written once
     topics = (state_topic, decisions_topic, refs_topic)
     try:
-        admin = AdminClient({**admin_conf, "bootstrap.servers": servers, "logger": librdkafka_log})
+        admin = AdminClient({**CLIENT_DEFAULTS, **admin_conf, "bootstrap.servers": servers})
         meta = admin.list_topics(timeout=10).topics
         partitions = max((len(meta[t].partitions) for t in inputs if t in meta), default=1)
         ensure_topics(admin, state_topic, decisions_topic, partitions, refs_topic)

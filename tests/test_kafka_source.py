@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import json
 import time
 import uuid
 from pathlib import Path
@@ -183,6 +184,51 @@ def test_commit_then_a_new_member_resumes(kafka_bootstrap: str, topic: TopicFact
             rest.append(b)
     assert sorted(ids(first) + ids(rest)) == sorted(f"d{i % 2}-{i}" for i in range(100))
     assert sum(len(b.events) for b in rest) == 100 - got
+
+
+def test_a_consumer_that_knows_no_broker_is_replaced(kafka_bootstrap: str, topic: TopicFactory) -> None:
+    """librdkafka drops a broker missing from a metadata answer (one fenced for a moment after a
+    long pause is) and, when it was the last one it knew, never finds a group coordinator again
+    (confluentinc/librdkafka#5511). The statistics report of such a consumer (no broker but the
+    logical coordinator, the group looking for its coordinator) is injected: after
+    ``stranded_after``, as a new client reaches the cluster, a new consumer in the same group
+    takes over. What the old one held is
+    lost (``on_lost``, as after an expired session); the new one is assigned the partitions
+    again and ``on_assign`` sets where they start: every event is read once."""
+    t = topic(2)
+    produce(kafka_bootstrap, t, [prediction(i, f"d{i % 2}") for i in range(200)])
+    lost: list[list[tuple[str, int]]] = []
+    read_to: dict[str, int] = {}  # where the reader was (the daemon: where its state is)
+
+    def on_lost(parts: list[tuple[str, int]]) -> None:
+        lost.append(parts)
+        read_to.update(src.position)
+
+    src = KafkaSource(kafka_bootstrap, group(), t, poll_timeout=0.1, on_lost=on_lost)
+    src.on_assign = lambda parts: src.seek(read_to) if read_to else None
+    with src:
+        first = read_n([src], 50, max_events=10)[0]
+        held = sorted(src.assignment())
+        assert held == [(t, 0), (t, 1)]
+        stranded = {"brokers": {"GroupCoordinator": {"name": "GroupCoordinator", "nodeid": -1, "source": "logical",
+                                                     "state": "INIT", "rxidle": -1}},
+                    "cgrp": {"state": "query-coord", "stateage": 12_000, "join_state": "wait-metadata"}}
+        src._on_stats(json.dumps(stranded))
+        src.health()  # reads the report (the daemon asks after every read)
+        assert "no group coordinator (query-coord for 12 s)" in src._problem
+        old = src._consumer
+        src.stranded_after = 0.0
+        rest = []
+        deadline = time.monotonic() + 30
+        while sum(len(b.events) for b in first + rest) < 200:
+            assert time.monotonic() < deadline, "the new consumer read the rest"
+            batch = src.read(100)
+            assert batch is not None
+            rest.append(batch)
+        assert src._consumer is not old
+        assert lost == [held]
+        assert sorted(src.assignment()) == held
+    assert sorted(ids(first) + ids(rest)) == sorted(f"d{i % 2}-{i}" for i in range(200))
 
 
 def test_seek_rewinds_and_positions_a_new_group(kafka_bootstrap: str, topic: TopicFactory) -> None:

@@ -98,7 +98,9 @@ def wait_until(check, procs, timeout: float = 90.0, what: str = "") -> None:
             if proc.poll() is not None and proc.returncode not in (0, -9):
                 raise AssertionError(f"daemon exited with {proc.returncode}: {log_of(proc)[-3000:]}")
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    logs = "\n".join(f"--- daemon {proc.log.parent.name} log tail:\n{log_of(proc)[-4000:]}"
+                     for proc in procs if getattr(proc, "log", None))
+    raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
 
 def start(tmp_path: Path, name: str, rules: Path, bootstrap: str, topic: str, group: str, *extra: str):

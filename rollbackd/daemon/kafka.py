@@ -39,6 +39,7 @@ __all__ = [
     "parse_position",
     "DEAD_LETTER_HEADERS",
     "librdkafka_log",
+    "CLIENT_DEFAULTS",
 ]
 
 log = logging.getLogger("rollbackd.kafka")
@@ -46,6 +47,8 @@ log = logging.getLogger("rollbackd.kafka")
 # logging, which the command line renders like every other log line (JSON with --log-json),
 # instead of librdkafka printing plain text on stderr.
 librdkafka_log = logging.getLogger("rollbackd.kafka.librdkafka")
+# What every Kafka client the daemon creates starts from; the user's ``--kafka-config`` overrides.
+CLIENT_DEFAULTS: dict[str, Any] = {"logger": librdkafka_log}
 
 Partitions = list[tuple[str, int]]
 PartitionHook = Callable[[Partitions], None]
@@ -74,6 +77,12 @@ _PROBE_TIMEOUT = 0.5
 _BUFFER_LIMIT = 50_000  # messages kept while a commit waits for its acknowledgement
 # librdkafka's statistics (JSON) this often: the lag and the brokers' health, without a request.
 _STATS_INTERVAL_MS = 1000
+# A consumer whose group has had no coordinator this long, while a new client reaches the
+# cluster, is replaced by a new one. librdkafka forgets a broker missing from a metadata answer
+# (one fenced for a moment after a long pause is); when that was the last one it knew, it has
+# nobody to ask for the group coordinator and never finds it again (confluentinc/librdkafka#5511):
+# the daemon would stay blind while the brokers are fine.
+_STRANDED_AFTER = 10.0
 _NO_OFFSET = -1001  # librdkafka's RD_KAFKA_OFFSET_INVALID, as the statistics show it
 # A partition's end as the broker says it (ListOffsets): asked at most this often (seconds), and
 # believed for this long after it was asked. A flag set by an end-of-partition event says only
@@ -143,6 +152,7 @@ def _consumer_config(
     if str(config.get("enable.auto.commit", "false")).lower() == "true":
         raise ValueError("enable.auto.commit must stay false: offsets are committed after state is checkpointed")
     conf: dict[str, Any] = {
+        **CLIENT_DEFAULTS,
         "bootstrap.servers": bootstrap_servers,
         "group.id": group_id,
         "auto.offset.reset": "earliest",
@@ -151,7 +161,6 @@ def _consumer_config(
         # Always on: a partition read to its end tells the daemon that nothing older is coming
         # (its task's event time may follow the others'); with stop_at_end, where to stop.
         "enable.partition.eof": True,
-        "logger": librdkafka_log,
     }
     conf.update(config)
     if str(conf.get("group.protocol", "classic")).lower() == "consumer":
@@ -242,10 +251,12 @@ class KafkaSource:
         self._admin: AdminClient | None = None
         strategy = str(conf.get("partition.assignment.strategy", ""))
         self._incremental = "cooperative" in strategy or str(conf.get("group.protocol", "")).lower() == "consumer"
-        try:
-            self._consumer = Consumer(conf)
-        except KafkaException as exc:
-            raise classify(exc, "creating the consumer") from exc
+        self._conf = conf
+        self.stranded_after = _STRANDED_AFTER
+        self._coordless_since: float | None = None  # monotonic: since when the group has no coordinator
+        self._next_rescue = 0.0  # no new client asks the cluster before this (monotonic)
+        self._retiring = False  # a stranded consumer is being closed: its callbacks are ignored
+        self._consumer = self._new_consumer()
         self._assigned: set[tuple[str, int]] = set()
         self._offsets: dict[tuple[str, int], int] = {}  # next offset of each partition read
         self._starts: dict[tuple[str, int], int] = {}  # seek() targets not yet assigned
@@ -275,9 +286,14 @@ class KafkaSource:
         self._problem = ""
         self._lag: int | None = None
         self._lag_at = 0.0
-        self._consumer.subscribe(
-            self.topics, on_assign=self._assigned_cb, on_revoke=self._revoked_cb, on_lost=self._lost_cb
-        )
+
+    def _new_consumer(self) -> Consumer:
+        try:
+            consumer = Consumer(self._conf)
+        except KafkaException as exc:
+            raise classify(exc, "creating the consumer") from exc
+        consumer.subscribe(self.topics, on_assign=self._assigned_cb, on_revoke=self._revoked_cb, on_lost=self._lost_cb)
+        return consumer
 
     # -- EventSource
 
@@ -292,6 +308,8 @@ class KafkaSource:
         ):
             self._exhausted = True
             return None
+        if self._coordless_since is not None:
+            self._rescue(time.monotonic())
         if self._buffer:
             msgs = self._buffer[:max_events]
             del self._buffer[:max_events]
@@ -379,6 +397,46 @@ class KafkaSource:
             self._consumer.close()  # leaves the group: on_revoke runs for what we hold
         except (KafkaException, RuntimeError) as exc:
             log.warning("closing the consumer: %s", exc)
+
+    def _rescue(self, now: float) -> None:
+        """A consumer without a group coordinator for ``stranded_after`` seconds is replaced if a
+        new client reaches the cluster (the brokers are fine: the consumer is stuck, see
+        ``_STRANDED_AFTER``). Asked at most once per ``stranded_after``."""
+        if self._coordless_since is None or now - self._coordless_since < self.stranded_after or now < self._next_rescue:
+            return
+        self._next_rescue = now + self.stranded_after
+        try:
+            answered = bool(AdminClient({**CLIENT_DEFAULTS, **self._admin_conf}).list_topics(timeout=1.0).brokers)
+        except KafkaException:
+            answered = False
+        if answered:
+            self._renew(now - self._coordless_since)
+
+    def _renew(self, coordless_for: float) -> None:
+        """Replaces the consumer with a new one in the same group. What it held is lost, as
+        after an expired session (``on_lost``); the new consumer is assigned partitions like any
+        member joining, and ``on_assign`` says where they start."""
+        held = sorted(self._assigned)
+        log.warning("the consumer of group %s has had no group coordinator for %.0f s while the cluster "
+                    "answers a new client: a new consumer replaces it (held: %s)",
+                    self.group_id, coordless_for, ", ".join(f"{t}:{p}" for t, p in held) or "nothing")
+        if held:
+            self._take_away([TopicPartition(t, p) for t, p in held], self.on_lost or self.on_revoke)
+        self._retiring = True
+        try:
+            self._consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("closing the stranded consumer: %s", exc)
+        finally:
+            self._retiring = False
+        # Its commits in flight will never be answered; nothing it read is kept.
+        self._issued = self._acked = 0
+        self._commit_failure = None
+        self._buffer = []
+        self._stats = None
+        self._coordless_since = None
+        self._heard = time.monotonic()
+        self._consumer = self._new_consumer()
 
     def __enter__(self) -> KafkaSource:
         return self
@@ -497,6 +555,8 @@ class KafkaSource:
     # -- internals
 
     def _on_stats(self, raw: str) -> None:
+        if self._retiring:  # the stranded consumer being closed
+            return
         # Parsed in health(), and only the latest: reports pile up while the loop is busy.
         self._stats = (time.monotonic(), raw)
 
@@ -543,7 +603,9 @@ class KafkaSource:
                 problems.append("no partition assigned and no group coordinator connected")
             else:
                 quiet = max(0.0, coordinator["rxidle"] / 1e6 - self._heartbeat)
+        self._coordless_since = None
         if group is not None and group.get("state") != "up":
+            self._coordless_since = at - group.get("stateage", 0) / 1e3
             problems.append(f"no group coordinator ({group.get('state')} for {group.get('stateage', 0) / 1e3:.0f} s)")
         silence = []
         if quiet > self.stall_after:
@@ -634,7 +696,7 @@ class KafkaSource:
         if self._asking or now - self._asked_at < _END_EVERY or not self._want:
             return
         if self._admin is None:
-            self._admin = AdminClient({**self._admin_conf, "logger": librdkafka_log})
+            self._admin = AdminClient({**CLIENT_DEFAULTS, **self._admin_conf})
         wanted = {TopicPartition(t, p): OffsetSpec.latest() for t, p in sorted(self._want)}
         level = IsolationLevel.READ_COMMITTED if self._read_committed else IsolationLevel.READ_UNCOMMITTED
         try:
@@ -662,6 +724,8 @@ class KafkaSource:
             self._admin = None
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if self._retiring:  # the stranded consumer being closed
+            return
         self._acked += 1
         if err is None:
             err = next((tp.error for tp in partitions if tp.error is not None), None)
@@ -670,6 +734,8 @@ class KafkaSource:
             self._commit_failure = classify(err, "commit")
 
     def _on_error(self, err: KafkaError) -> None:
+        if self._retiring:  # the stranded consumer being closed
+            return
         self.errors[err.name()] += 1
         if err.code() in _TRANSIENT and not err.fatal():
             log.info("kafka: %s", err.str())
@@ -687,6 +753,8 @@ class KafkaSource:
             raise pending
 
     def _assigned_cb(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._retiring:
+            return
         added = [(tp.topic, tp.partition) for tp in partitions]
         try:
             if self.on_assign is not None and added:
@@ -710,9 +778,13 @@ class KafkaSource:
             self._exhausted = False
 
     def _revoked_cb(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._retiring:
+            return
         self._take_away(partitions, self.on_revoke)
 
     def _lost_cb(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._retiring:
+            return
         self._take_away(partitions, self.on_lost or self.on_revoke)
 
     def _take_away(self, partitions: list[TopicPartition], hook: PartitionHook | None) -> None:
@@ -767,11 +839,11 @@ class KafkaDeadLetter:
         self.flush_timeout = flush_timeout
         self.count = 0
         conf: dict[str, Any] = {
+            **CLIENT_DEFAULTS,
             "bootstrap.servers": bootstrap_servers,
             "acks": "all",
             "enable.idempotence": True,
             "linger.ms": 5,
-            "logger": librdkafka_log,
         }
         conf.update(config)
         try:
@@ -977,12 +1049,12 @@ def publish(
         raise ValueError(f"speed must be > 0 (1.0 = real time) or None (as fast as possible), got {speed}")
     clock = clock if clock is not None else WallClock()
     conf: dict[str, Any] = {
+        **CLIENT_DEFAULTS,
         "bootstrap.servers": bootstrap_servers,
         "acks": "all",
         "enable.idempotence": True,
         "linger.ms": 20,
         "partitioner": "murmur2_random",
-        "logger": librdkafka_log,
     }
     conf.update(config)
     producer = Producer(conf)

@@ -68,7 +68,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from rollbackd.daemon.decisions import encode_decision
-from rollbackd.daemon.kafka import BrokerUnavailable, classify, librdkafka_log
+from rollbackd.daemon.kafka import CLIENT_DEFAULTS, BrokerUnavailable, classify
 from rollbackd.daemon.snapshot import StateError, decode_state, encode_state, frame, kind_of, unframe
 from rollbackd.daemon.txn import TIMEOUT, Transaction, TransactionFailed
 
@@ -193,6 +193,7 @@ class PartitionReader:
 
     def consumer(self, group: str | None = None, isolation: str = "read_committed") -> Consumer:
         return Consumer({
+            **CLIENT_DEFAULTS,
             **self.config,
             "bootstrap.servers": self.servers,
             "group.id": group or f"{self.group_id}-restore",  # never subscribes nor commits
@@ -200,7 +201,6 @@ class PartitionReader:
             "enable.partition.eof": True,
             "isolation.level": isolation,
             "fetch.message.max.bytes": self.max_record_bytes,
-            "logger": librdkafka_log,
         })
 
     def read_back(self, topic: str, partition: int, enough: Callable[[list[Any]], bool], span: int = 8) -> list[Any]:
@@ -496,9 +496,8 @@ class DecisionsTopic:
         self.topic = topic
         # Outcomes of calls are facts, not derived state: written at once, outside the
         # transactions (see GroupDecisions).
-        self._facts = Producer({**producer_config, "bootstrap.servers": servers,
-                                "enable.idempotence": True, "acks": "all", "linger.ms": 0,
-                                "logger": librdkafka_log})
+        self._facts = Producer({**CLIENT_DEFAULTS, **producer_config, "bootstrap.servers": servers,
+                                "enable.idempotence": True, "acks": "all", "linger.ms": 0})
         self._home: dict[str, int] = {}  # deployment -> the task (decisions partition) deciding for it
         self._next: dict[int, int] = {}  # decisions partition -> next offset (ours, delivered)
         self.task = 0  # the task whose decisions are being made now

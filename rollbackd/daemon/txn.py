@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Protocol
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
-from rollbackd.daemon.kafka import BrokerUnavailable, classify, librdkafka_log, parse_position
+from rollbackd.daemon.kafka import CLIENT_DEFAULTS, BrokerUnavailable, classify, parse_position
 
 __all__ = ["Transaction", "TransactionFailed", "Participant", "TIMEOUT"]
 
@@ -227,6 +227,7 @@ class Transaction:
 
     def _new_producer(self) -> Producer:
         return Producer({
+            **CLIENT_DEFAULTS,
             **self.config,
             "bootstrap.servers": self.servers,
             "transactional.id": self.transactional_id,
@@ -237,7 +238,6 @@ class Transaction:
             # A batch is one message to the broker's max.message.bytes: never more than a part.
             "batch.size": min(1_000_000, self.part_bytes),
             "linger.ms": 5,
-            "logger": librdkafka_log,
         })
 
     def _replace_producer(self, stuck: bool = False) -> None:
