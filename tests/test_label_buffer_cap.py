@@ -11,14 +11,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
 from rollbackd.actions.console import ConsoleNotifier
 from rollbackd.daemon.decisions import DecisionLog
+from rollbackd.daemon.http import MetricsCollector, OpsServer
 from rollbackd.daemon.join import CapBinding, OutcomeJoiner
 from rollbackd.daemon.replay import build_pipeline, open_recording, replay
 from rollbackd.events import Prediction
 from rollbackd.rules.loader import load_config_text
 from rollbackd.scenarios import BUILTIN, write_recording
+from test_http import get, samples, value
 
 T0 = 1_790_000_000.0
 H = 3600.0
@@ -90,6 +93,13 @@ def _replay(recording: Path, cap: int, batch_size: int, work: Path) -> tuple[byt
     pipeline = build_pipeline(config, decisions=DecisionLog(out), notifier=ConsoleNotifier(stream=posted))
     replay(open_recording(str(recording), config), pipeline, batch_size=batch_size)
     stats = pipeline.joiner.stats
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MetricsCollector(pipeline))
+    with OpsServer(registry, pipeline, port=0) as server:  # /metrics says the same
+        scraped = samples(get(server.url + "/metrics")[2])
+    for dep, n in stats.evictions().items():
+        assert value(scraped, "rollbackd_label_buffer_evicted_total", deployment=dep) == n
+    assert not any(name == "rollbackd_label_buffer_evicted_total" for name, _ in scraped) or stats.evictions()
     return out.read_bytes(), stats.to_record(), stats.evictions(), posted.getvalue()
 
 
