@@ -137,3 +137,30 @@ def test_a_cap_that_only_evicts_expired_predictions_is_not_binding_whatever_the_
     assert small[1] == large[1] == uncapped[1]
     assert (small[1]["evicted_capacity"], small[2], large[2]) == (0, {}, {})
     assert "[LABEL BUFFER]" not in small[3] + large[3]
+
+
+def test_a_reload_that_slices_labels_repacks_the_buffered_predictions():
+    """A buffered prediction keeps one slice per label-sliced slice_by of its deployment: a
+    reload that adds one unpacks each entry, gives it (unknown) for the new slice, packs it
+    again; the outcome's label carries both."""
+    from rollbackd.daemon.join import unpack
+    from rollbackd.daemon.rules_swap import replace_rules
+    from rollbackd.events import Outcome
+
+    rules = """
+version: 1
+settings: {notifier: {type: none}}
+rules:
+  - {name: errs, detector: model_error, threshold: 0.2, actions: [notify], slice_by: [attrs.region]}
+"""
+    tiered = rules + "  - {name: tiers, detector: model_error, threshold: 0.3, actions: [notify], slice_by: [attrs.tier]}\n"
+    p = build_pipeline(load_config_text(rules))
+    p.ingest([Prediction(id=f"p{i}", ts=T0 + i, deployment="fraud", model_version="v1", prediction=1,
+                         score=0.5, attrs={"region": "eu"}) for i in range(40)])
+    p.finish()
+    book = p.joiner.pending_books()["fraud"]
+    assert len(book) == 40 and unpack(book["p3"]).segments == ("region=eu",)
+    replace_rules(p, load_config_text(tiered), T0 + 40)
+    assert type(book["p3"]) is bytes and sorted(unpack(book["p3"]).segments) == ["(unknown)", "region=eu"]
+    labeled = p.joiner.match(Outcome(id="p3", ts=T0 + 50, deployment="fraud", label=1))
+    assert labeled is not None and sorted(labeled.segments) == ["(unknown)", "region=eu"] and labeled.pred_ts == T0 + 3

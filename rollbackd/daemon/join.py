@@ -100,6 +100,8 @@ _BOOK = msgspec.msgpack.Encoder()
 _BOOK_DECODER = msgspec.msgpack.Decoder(dict[str, bytes | Pending])
 # How many deployments a binding notice names (the fullest books).
 _FULLEST = 3
+# No watermark given (a caller outside the pipeline): nothing is known to be past the horizon.
+_NO_WATERMARK = float("-inf")
 
 _GONE = object()
 # Changes are noted only for a joiner whose driver checkpoints off the processing thread
@@ -263,7 +265,7 @@ class OutcomeJoiner:
             if self._log is not None:
                 self._log.append((deployment, None, None))
 
-    def add(self, p: Prediction, watermark: float = float("-inf")) -> None:
+    def add(self, p: Prediction, watermark: float = _NO_WATERMARK) -> None:
         """Buffer ``p`` (``watermark``: see :meth:`added`)."""
         book = self._pending.get(p.deployment)
         if book is None:
@@ -278,7 +280,7 @@ class OutcomeJoiner:
         if self._size > self.max_pending:
             self._evict_oldest(self._size - self.max_pending, watermark, p.ts)
 
-    def added(self, n: int, removed: int = 0, watermark: float = float("-inf"), now: float | None = None) -> None:
+    def added(self, n: int, removed: int = 0, watermark: float = _NO_WATERMARK, now: float | None = None) -> None:
         """``n`` predictions were put straight into ``pending_books()`` and ``removed`` taken
         out of them by their outcomes (the hot loop's path). The hot loop calls it as soon as
         the cap is reached, so that an insert over the cap evicts at once.
@@ -355,7 +357,7 @@ class OutcomeJoiner:
         q = self._fronts[deployment] = deque(islice(book.items(), max(_FRONT, len(book) >> 6)))
         return q
 
-    def _evict_oldest(self, count: int = 1, watermark: float = float("-inf"), now: float = float("-inf")) -> None:
+    def _evict_oldest(self, count: int = 1, watermark: float = _NO_WATERMARK, now: float = float("-inf")) -> None:
         """Evict the ``count`` oldest predictions across all books, in one merged pass
         (ties go to the deployment tracked first); see :meth:`added` for ``watermark``.
         Those that could still be labelled are counted as lost to the cap, the others as
@@ -373,7 +375,7 @@ class OutcomeJoiner:
                 if self._log is not None:
                     self._log.append((name, key, None))
                 evicted += 1
-                if _ts(entry) >= cutoff:
+                if watermark == _NO_WATERMARK or _ts(entry) >= cutoff:
                     lost += 1
             self._size -= evicted
             if lost:
@@ -420,8 +422,8 @@ class OutcomeJoiner:
         stats.capped_at = now
         if last is None or now - last > self.horizon:
             # A new episode: the cap had not bound for a whole horizon (or ever).
-            sizes = sorted(((len(b), d) for d, b in self._pending.items() if b), key=lambda x: (-x[0], x[1]))
-            binding = CapBinding(now, self.max_pending, self.horizon, tuple((d, n) for n, d in sizes[:_FULLEST]))
+            fullest = sorted(((d, len(b)) for d, b in self._pending.items() if b), key=lambda x: (-x[1], x[0]))
+            binding = CapBinding(now, self.max_pending, self.horizon, tuple(fullest[:_FULLEST]))
             self.alarms.append(binding)
             log.warning("join.cap_binds", cap=self.max_pending, fullest=dict(binding.fullest))
 
