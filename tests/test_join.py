@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from rollbackd.daemon.join import OutcomeJoiner
+from rollbackd.daemon.join import OutcomeJoiner, unpack
 from rollbackd.detectors.base import Labeled
 from rollbackd.events import Outcome, Prediction
 
@@ -203,8 +203,8 @@ def test_a_snapshot_of_the_books_restores_every_entry_in_order():
     k = OutcomeJoiner(horizon=H)
     k.restore_books(blob)
     assert {d: list(b) for d, b in k.pending_books().items()} == {d: list(b) for d, b in j.pending_books().items()}
-    assert k.pending_books()["fraud"]["p3"].prediction == [1, 2.5]
-    assert k.pending_books()["churn"]["p4"].prediction == {"class": "a", "p": [0.1, 0.9]}
+    assert unpack(k.pending_books()["fraud"]["p3"]).prediction == [1, 2.5]
+    assert unpack(k.pending_books()["churn"]["p4"]).prediction == {"class": "a", "p": [0.1, 0.9]}
     k._size = len(j)
     labeled = k.match(out("old", 20.0))
     assert labeled is not None and (labeled.variant, labeled.model_version, labeled.score) == ("canary", "v0", 0.9)
@@ -240,4 +240,4 @@ def test_books_msgpack_cannot_hold_stay_as_they_are_and_round_trip_through_the_s
     b = _labelled_pipeline()
     b.restore(a.snapshot())
     assert list(b.joiner.pending_books()["demo"]) == ["big", "small"]
-    assert b.joiner.pending_books()["demo"]["big"].prediction == 2**70
+    assert unpack(b.joiner.pending_books()["demo"]["big"]).prediction == 2**70

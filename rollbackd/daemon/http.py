@@ -306,6 +306,13 @@ class MetricsCollector:
         pending = GaugeMetricFamily("rollbackd_labels_pending", "Predictions buffered, awaiting their outcome.")
         pending.add_metric([], len(self.pipeline.joiner))
         yield pending
+        evicted = CounterMetricFamily(
+            "rollbackd_label_buffer_evicted", "Predictions evicted from the full label buffer "
+            "(settings.max_pending_labels) while their outcome could still come, by deployment.",
+            labels=["deployment"])
+        for deployment, n in sorted(self.pipeline.joiner.stats.evictions().items()):
+            evicted.add_metric([deployment], n)
+        yield evicted
 
     def _alerts(self) -> Iterator[Metric]:
         alerts = dict(self.pipeline.alerts)

@@ -1,9 +1,16 @@
 """Joins delayed outcomes to their predictions by (deployment, id) within a horizon.
 
 Memory is bounded two ways: predictions older than the horizon are evicted (counted as never
-labelled), and the buffer holds at most ``max_pending`` predictions (oldest evicted first,
-counted separately so an operator can see that the cap, not the horizon, was binding).
+labelled), and the buffer holds at most ``max_pending`` predictions. When a prediction goes in
+over the cap, the oldest go out at once, one per prediction over it, so which labels are lost
+depends on the stream, not on how it was cut into batches. A victim that could still have been
+labelled is counted apart (``evicted_capacity``, and per deployment), and the first such
+eviction after a horizon without one opens a binding episode: :attr:`OutcomeJoiner.alarms` holds
+it until the pipeline says it in a notice naming the deployments that fill the buffer.
 Only deployments that have a label-based rule register here at all.
+
+A buffered prediction is the msgpack of its :class:`Pending` (about 75 bytes, one object: see
+:func:`pack`), keyed by its id in its deployment's dict.
 """
 
 from __future__ import annotations
@@ -16,20 +23,25 @@ from itertools import islice
 from typing import Any
 
 import msgspec
+import structlog
 
 from rollbackd.detectors.base import Labeled
 from rollbackd.events import Outcome, Prediction
 
-__all__ = ["JoinStats", "OutcomeJoiner", "Pending", "BooksCopy", "Changes"]
+__all__ = ["JoinStats", "OutcomeJoiner", "Pending", "BooksCopy", "Changes", "CapBinding", "pack", "unpack",
+           "ENTRY_ENCODE", "ENTRY_DECODE"]
+
+log = structlog.get_logger("rollbackd")
 
 
 class Pending(msgspec.Struct, frozen=True, gc=False, array_like=True):
     """One buffered prediction: what its outcome's :class:`Labeled` needs.
 
-    A C-level struct outside the cycle collector, not a tuple: there may be millions, and
-    every collection walked each tuple and its five fields (0.4 s of a 1M-event replay).
-    ``array_like``: in a snapshot it is a five-element array, like the tuples of old books
-    (six with ``segments``).
+    Buffered as its msgpack (:func:`pack`), not as this struct: the struct and the floats it
+    points to took 112 bytes, its variant and version strings (a decoded event's own) 100 more.
+    Kept as is only for a value msgpack cannot hold (an integer beyond 64 bits), and read from
+    checkpoints written before (``array_like``: a five- or six-element array, like the tuples
+    of older books).
     """
 
     ts: float
@@ -42,16 +54,54 @@ class Pending(msgspec.Struct, frozen=True, gc=False, array_like=True):
     segments: tuple[str, ...] | None = None
 
 
+class _Stamp(msgspec.Struct, array_like=True):
+    """The first field of a packed entry: its ts, read without building the rest."""
+
+    ts: float
+
+
+_ENTRY = msgspec.msgpack.Encoder()
+_ENTRY_DECODER = msgspec.msgpack.Decoder(Pending)
+# For the pipeline's hot loop, which inlines pack and unpack.
+ENTRY_ENCODE = _ENTRY.encode
+ENTRY_DECODE = _ENTRY_DECODER.decode
+_STAMP_DECODER = msgspec.msgpack.Decoder(_Stamp)
+
+
+def pack(ts: float, variant: str, model_version: str, prediction: Any, score: float | None,
+         segments: tuple[str, ...] | None = None) -> "bytes | Pending":
+    """A buffered prediction: one bytes object (no float or string objects of its own), exact
+    (msgpack keeps a float64, and an int, a bool and a str apart). A :class:`Pending` when a
+    value does not fit msgpack."""
+    try:
+        return _ENTRY.encode((ts, variant, model_version, prediction, score, segments))
+    except (OverflowError, TypeError):
+        return Pending(ts, variant, model_version, prediction, score, segments)
+
+
+def unpack(entry: Any) -> Pending:
+    """A book's entry as a :class:`Pending`: packed, as is, or a tuple of older books."""
+    if type(entry) is bytes:
+        return _ENTRY_DECODER.decode(entry)
+    return entry if type(entry) is Pending else Pending(*entry)
+
+
 def _ts(entry: Any) -> float:
+    if type(entry) is bytes:
+        return _STAMP_DECODER.decode(entry).ts
     # A book may hold (ts, variant, version, prediction, score) tuples: written by the
     # rollbackd before this one (a checkpoint) or by a test.
     return entry.ts if type(entry) is Pending else entry[0]
 
 
 _BOOKS = msgspec.msgpack.Encoder()
-_BOOKS_DECODER = msgspec.msgpack.Decoder(dict[str, dict[str, Pending]])
+_BOOKS_DECODER = msgspec.msgpack.Decoder(dict[str, dict[str, bytes | Pending]])
 _BOOK = msgspec.msgpack.Encoder()
-_BOOK_DECODER = msgspec.msgpack.Decoder(dict[str, Pending])
+_BOOK_DECODER = msgspec.msgpack.Decoder(dict[str, bytes | Pending])
+# How many deployments a binding notice names (the fullest books).
+_FULLEST = 3
+# No watermark given (a caller outside the pipeline): nothing is known to be past the horizon.
+_NO_WATERMARK = float("-inf")
 
 _GONE = object()
 # Changes are noted only for a joiner whose driver checkpoints off the processing thread
@@ -72,9 +122,45 @@ class JoinStats:
     never_labeled: int = 0  # predictions evicted at the horizon without an outcome
     evicted_capacity: int = 0  # predictions evicted because max_pending was reached
     duplicate_predictions: int = 0
+    # evicted_capacity by deployment (/metrics), and the event time of the last such eviction:
+    # the binding episode it belongs to goes on while evictions come less than a horizon apart.
+    evicted_by_deployment: dict[str, int] = field(default_factory=dict)
+    capped_at: float | None = None
+
+    def __post_init__(self) -> None:
+        # A copy (dataclasses.replace, for a checkpoint) must not share the live counts.
+        self.evicted_by_deployment = dict(self.evicted_by_deployment)
 
     def to_record(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
+        return {k: getattr(self, k) for k in _COUNTERS}
+
+    def evictions(self) -> dict[str, int]:
+        """``evicted_capacity`` by deployment."""
+        return dict(self.evicted_by_deployment)
+
+
+_COUNTERS = ("joined", "unmatched_outcomes", "not_needed", "expired_outcomes", "never_labeled",
+             "evicted_capacity", "duplicate_predictions")
+
+
+@dataclass(frozen=True, slots=True)
+class CapBinding:
+    """``max_pending`` began to bind at event time ``since``: predictions that could still be
+    labelled are being evicted. ``fullest``: the deployments with the most buffered
+    predictions then, and how many each had."""
+
+    since: float
+    cap: int
+    horizon: float
+    fullest: tuple[tuple[str, int], ...]
+
+    def text(self) -> str:
+        names = ", ".join(f"{dep} ({n:,})" for dep, n in self.fullest)
+        return (f"the label buffer is full (settings.max_pending_labels = {self.cap:,}): the oldest "
+                f"predictions are evicted before their outcome can come, so label-based rules see "
+                f"fewer labels. Most buffered: {names}. Evictions per deployment: "
+                f"rollbackd_label_buffer_evicted_total; raise max_pending_labels or shorten "
+                f"join_horizon ({self.horizon:g} s), `rollbackd validate --label-rate` sizes it")
 
 
 @dataclass(slots=True)
@@ -91,6 +177,8 @@ class OutcomeJoiner:
     # the copy those changes are for. None when there is no copy (see _CHANGES_SLACK).
     _log: list[tuple[str, Any, Any]] | None = field(default=None, repr=False, compare=False)
     _copy: "BooksCopy | None" = field(default=None, repr=False, compare=False)
+    # Binding episodes not said yet (the pipeline takes them: a notice each).
+    alarms: list[CapBinding] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.horizon <= 0:
@@ -177,26 +265,33 @@ class OutcomeJoiner:
             if self._log is not None:
                 self._log.append((deployment, None, None))
 
-    def add(self, p: Prediction) -> None:
+    def add(self, p: Prediction, watermark: float = _NO_WATERMARK) -> None:
+        """Buffer ``p`` (``watermark``: see :meth:`added`)."""
         book = self._pending.get(p.deployment)
         if book is None:
             return
         if p.id in book:
             self.stats.duplicate_predictions += 1
             return
-        entry = book[p.id] = Pending(p.ts, p.variant, p.model_version, p.prediction, p.score)  # type: ignore[arg-type]
+        entry = book[p.id] = pack(p.ts, p.variant, p.model_version, p.prediction, p.score)  # type: ignore[arg-type]
         if self._log is not None:
             self._log.append((p.deployment, p.id, entry))
         self._size += 1
         if self._size > self.max_pending:
-            self._evict_oldest(self._size - self.max_pending)
+            self._evict_oldest(self._size - self.max_pending, watermark, p.ts)
 
-    def added(self, n: int, removed: int = 0) -> None:
+    def added(self, n: int, removed: int = 0, watermark: float = _NO_WATERMARK, now: float | None = None) -> None:
         """``n`` predictions were put straight into ``pending_books()`` and ``removed`` taken
-        out of them by their outcomes (the hot loop's path)."""
+        out of them by their outcomes (the hot loop's path). The hot loop calls it as soon as
+        the cap is reached, so that an insert over the cap evicts at once.
+
+        ``watermark``: no outcome older than it gets in any more, so a prediction older than
+        ``watermark - horizon`` can no longer be labelled: evicted for room, it counts as
+        expired (as the next sweep would have counted it), not as lost to the cap. ``now``:
+        the event time of the insert that went over the cap (the binding episode's time)."""
         self._size += n - removed
         if self._size > self.max_pending:
-            self._evict_oldest(self._size - self.max_pending)
+            self._evict_oldest(self._size - self.max_pending, watermark, watermark if now is None else now)
         self._bound_log()
 
     def match(self, o: Outcome) -> Labeled | None:
@@ -211,8 +306,7 @@ class OutcomeJoiner:
         if self._log is not None:
             self._log.append((o.deployment, o.id, None))
         self._size -= 1
-        if type(entry) is not Pending:
-            entry = Pending(*entry)
+        entry = unpack(entry)
         if o.ts - entry.ts > self.horizon:
             self.stats.expired_outcomes += 1
             return None
@@ -263,44 +357,75 @@ class OutcomeJoiner:
         q = self._fronts[deployment] = deque(islice(book.items(), max(_FRONT, len(book) >> 6)))
         return q
 
-    def _evict_oldest(self, count: int = 1) -> None:
+    def _evict_oldest(self, count: int = 1, watermark: float = _NO_WATERMARK, now: float = float("-inf")) -> None:
         """Evict the ``count`` oldest predictions across all books, in one merged pass
-        (ties go to the deployment tracked first)."""
+        (ties go to the deployment tracked first); see :meth:`added` for ``watermark``.
+        Those that could still be labelled are counted as lost to the cap, the others as
+        expired."""
+        cutoff = watermark - self.horizon
         if len(self._pending) == 1:  # one deployment: no merge
             ((name, book),) = self._pending.items()
-            evicted = 0
+            lost = evicted = 0
             while evicted < count:
                 q = self._front(name, book)
                 if not q:
                     break
-                key = q.popleft()[0]
+                key, entry = q.popleft()
                 del book[key]
                 if self._log is not None:
                     self._log.append((name, key, None))
                 evicted += 1
+                if watermark == _NO_WATERMARK or _ts(entry) >= cutoff:
+                    lost += 1
             self._size -= evicted
-            self.stats.evicted_capacity += evicted
+            if lost:
+                self._lost(name, lost, now)
+            if evicted > lost:
+                self.stats.never_labeled += evicted - lost
             return
         books = list(self._pending.items())
         fronts = [self._front(name, book) for name, book in books]
         heap = [(_ts(q[0][1]), i) for i, q in enumerate(fronts) if q]
         heapq.heapify(heap)
+        lost_by: dict[str, int] = {}
         evicted = 0
         while evicted < count and heap:
-            i = heap[0][1]
+            ts, i = heap[0]
             name, book = books[i]
             key = fronts[i].popleft()[0]
             del book[key]
             if self._log is not None:
                 self._log.append((name, key, None))
             evicted += 1
+            if ts >= cutoff:
+                lost_by[name] = lost_by.get(name, 0) + 1
             q = fronts[i] = self._front(name, book)
             if q:
                 heapq.heapreplace(heap, (_ts(q[0][1]), i))
             else:
                 heapq.heappop(heap)
         self._size -= evicted
-        self.stats.evicted_capacity += evicted
+        self.stats.never_labeled += evicted - sum(lost_by.values())
+        for name, n in lost_by.items():
+            self._lost(name, n, now)
+
+    def _lost(self, deployment: str, n: int, now: float) -> None:
+        """``n`` predictions of ``deployment`` that could still have been labelled were
+        evicted for room at event time ``now``."""
+        stats = self.stats
+        stats.evicted_capacity += n
+        by_dep = stats.evicted_by_deployment
+        by_dep[deployment] = by_dep.get(deployment, 0) + n
+        last = stats.capped_at
+        if last is not None and now <= last:
+            return
+        stats.capped_at = now
+        if last is None or now - last > self.horizon:
+            # A new episode: the cap had not bound for a whole horizon (or ever).
+            fullest = sorted(((d, len(b)) for d, b in self._pending.items() if b), key=lambda x: (-x[1], x[0]))
+            binding = CapBinding(now, self.max_pending, self.horizon, tuple(fullest[:_FULLEST]))
+            self.alarms.append(binding)
+            log.warning("join.cap_binds", cap=self.max_pending, fullest=dict(binding.fullest))
 
 
 class BooksCopy:

@@ -39,7 +39,7 @@ from rollbackd.daemon.clock import iso
 from rollbackd.daemon.decisions import DecisionSink, NullDecisions
 from rollbackd.daemon.evaluation import RuleEvaluator
 from rollbackd.daemon.executor import Executor, SyncExecutor
-from rollbackd.daemon.join import OutcomeJoiner, Pending
+from rollbackd.daemon.join import ENTRY_DECODE, ENTRY_ENCODE, OutcomeJoiner, Pending, unpack
 from rollbackd.daemon.response import Responder
 from rollbackd.daemon.splits import slice_of
 from rollbackd.daemon.versions import VersionHistory
@@ -189,6 +189,8 @@ class Pipeline:
             self._ingest(events, wall_now)
         if adm.alarms:
             self._cardinality_notices()
+        if self.joiner.alarms:
+            self._label_buffer_notices()
 
     def _cardinality_notices(self) -> None:
         """One notice per deployment and kind whose cap first bound: names beyond it are
@@ -205,6 +207,15 @@ class Pipeline:
                 f"{detail}; the excess is dead-lettered (reason cardinality) and not watched")
         adm.alarms.clear()
 
+    def _label_buffer_notices(self) -> None:
+        """One notice per episode of the label buffer's cap binding (join.CapBinding): labels
+        are being lost, and these deployments fill the buffer."""
+        for binding in self.joiner.alarms:
+            self.responder.system_notice(
+                f"label-buffer-{binding.since:.3f}", binding.since,
+                "[LABEL BUFFER] max_pending_labels binds: labels are lost", binding.text())
+        self.joiner.alarms.clear()
+
     def finish(self, wall_now: float | None = None) -> None:
         """The events still held for the warm-up go in: at the end of a finite stream, or live
         once everything there is to read has been read."""
@@ -214,6 +225,8 @@ class Pipeline:
                 self._ingest(held, wall_now)
             if self.admission.alarms:
                 self._cardinality_notices()
+            if self.joiner.alarms:
+                self._label_buffer_notices()
 
     def _ingest(self, events: list[Event], wall_now: float | None) -> None:
         g = self.assembler.granularity
@@ -237,6 +250,7 @@ class Pipeline:
         joiner = self.joiner
         pending_get = joiner.pending_books().get
         noted = joiner.changes_log()  # the books' changes, for the checkpoint's copy of them
+        pack_entry, unpack_entry = ENTRY_ENCODE, ENTRY_DECODE
         horizon = joiner.horizon
         rejected: list[Rejected] = []
         n_pred = n_out = n_late = n_pending = n_dep = 0
@@ -336,12 +350,17 @@ class Pipeline:
                             if paths is None:
                                 paths = self.evaluator.label_slice_paths(dep)
                             segs = tuple([slice_of(ev, p) for p in paths]) or None  # type: ignore[arg-type]
-                        entry = book[ev.id] = Pending(ts, ev.variant, ev.model_version, ev.prediction, ev.score, segs)  # type: ignore[union-attr]
+                        # join.pack, inlined: one bytes object per buffered prediction.
+                        try:
+                            entry = pack_entry((ts, ev.variant, ev.model_version, ev.prediction, ev.score, segs))  # type: ignore[union-attr]
+                        except (OverflowError, TypeError):  # a value msgpack cannot hold
+                            entry = Pending(ts, ev.variant, ev.model_version, ev.prediction, ev.score, segs)  # type: ignore[union-attr]
+                        book[ev.id] = entry  # type: ignore[union-attr]
                         if noted is not None:
                             noted.append((dep, ev.id, entry))  # type: ignore[union-attr]
                         n_pending += 1
                         if n_pending >= room:  # the cap binds: evict now, event by event
-                            joiner.added(n_pending, n_popped)
+                            joiner.added(n_pending, n_popped, wm, ts)
                             n_pending = n_popped = 0
                             room = max(1, joiner.max_pending - len(joiner))
             elif cls is Outcome:
@@ -358,8 +377,7 @@ class Pipeline:
                 if noted is not None:
                     noted.append((dep, ev.id, None))  # type: ignore[union-attr]
                 n_popped += 1
-                if type(entry) is not Pending:  # a tuple, from a checkpoint of an older rollbackd
-                    entry = Pending(*entry)
+                entry = unpack_entry(entry) if type(entry) is bytes else unpack(entry)
                 if ts - entry.ts > horizon:
                     n_expired += 1
                     continue
@@ -380,7 +398,7 @@ class Pipeline:
         et.lead, et.watermark = newest, wm
         adm.newest = newest
         adm.seen = seen_before + n_pred + n_out + n_late + n_dep + len(rejected)
-        joiner.added(n_pending, n_popped)
+        joiner.added(n_pending, n_popped, wm, newest)
         stats = joiner.stats
         stats.joined += n_joined
         stats.unmatched_outcomes += n_unmatched

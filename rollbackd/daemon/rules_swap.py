@@ -8,9 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import msgspec
-
 from rollbackd.daemon.evaluation import RuleEvaluator
+from rollbackd.daemon.join import pack, unpack
 from rollbackd.daemon.splits import UNKNOWN
 from rollbackd.daemon.targets import RollbackTargets
 from rollbackd.daemon.windows import WindowAssembler
@@ -105,10 +104,11 @@ def _relabel_pending(p: Pipeline, old: RuleEvaluator) -> None:
         was, now = old.label_slice_paths(deployment), p.evaluator.label_slice_paths(deployment)
         if was == now:
             continue
-        for pid, entry in list(book.items()):
+        for pid, packed in list(book.items()):
+            entry = unpack(packed)
             segs = entry.segments or ()
             moved = tuple(segs[was.index(path)] if path in was and was.index(path) < len(segs) else UNKNOWN
                           for path in now) or None
-            book[pid] = entry = msgspec.structs.replace(entry, segments=moved)
+            book[pid] = entry = pack(entry.ts, entry.variant, entry.model_version, entry.prediction, entry.score, moved)
             if noted is not None:
                 noted.append((deployment, pid, entry))

@@ -229,6 +229,13 @@ class _StatsView:
                 out[k] = out.get(k, 0) + v if isinstance(v, (int, float)) else v
         return out
 
+    def evictions(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self._stats:
+            for k, v in s.evictions().items():
+                out[k] = out.get(k, 0) + v
+        return out
+
 
 class Daemon:
     """Drives a pipeline per source partition (one for an unpartitioned source) until ``stop()``.

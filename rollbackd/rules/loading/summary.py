@@ -105,9 +105,10 @@ def _notifiers(s: Settings) -> str:
     return "notifiers " + ", ".join(routes)
 
 
-# Bytes one buffered prediction takes in the label join, its id included (benchmarks/join_entry.py:
-# 215 B with a 16-character id, 235 B with a UUID; rounded up).
-JOIN_ENTRY_BYTES = 240
+# Bytes one buffered prediction takes in the label join, its id included, in a full buffer that
+# evicts as it takes more (benchmarks/join_entry.py: 232 B with a 16-character id, 252 B with a
+# UUID; rounded up).
+JOIN_ENTRY_BYTES = 260
 
 
 @dataclass(frozen=True)
