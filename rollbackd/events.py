@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
-from itertools import accumulate, chain, compress, repeat
-from operator import attrgetter, is_
+from itertools import accumulate
 from typing import Annotated, Any, NamedTuple, Union
 
 import msgspec
@@ -97,8 +96,6 @@ def _long_name(ev: Event) -> str | None:
 # skipped where it cannot fail: the shortest event with a name is this one, plus the name's
 # characters (at least one byte each in JSON), so a line of at most _NAME_FITS bytes holds no
 # name over the bound. Longer lines are checked against the names already found good.
-_features = attrgetter("features")
-_attrs = attrgetter("attrs")
 _SHORTEST_NAMED = b'{"type":"deploy","ts":0,"deployment":"","model_version":"","attrs":{"":""}}'
 _NAME_FITS = len(_SHORTEST_NAMED) + MAX_NAME_LENGTH
 _GOOD_NAMES_MAX = 1 << 16
@@ -375,18 +372,6 @@ class EventDecoder:
         # numbers that overflow a double ("Number out of range"), features included.
         return self._named(ev, raw, position)
 
-    def _known_names(self, out: list[Event | Rejected]) -> bool:
-        """Whether every feature name in ``out`` is one already found good, and no event in it
-        has attributes: then :meth:`_named` passes each of them. Checked for a whole batch in C
-        loops (the types, the predictions, their names), at about half the cost of a test per
-        event; a batch that fails it is checked event by event."""
-        types = list(map(type, out))
-        if Deploy in types:
-            return False
-        predictions = list(compress(out, map(is_, types, repeat(Prediction))))
-        return not any(map(_attrs, predictions)) and self._good_names.issuperset(
-            chain.from_iterable(map(_features, predictions)))
-
     def decode_lines(self, lines: list[bytes]) -> list[Event | Rejected]:
         """``[self.decode(raw) for raw in lines]``, faster: the lines are decoded in one C loop
         and only a line that fails (or a batch holding one over the size limit) goes through
@@ -405,7 +390,7 @@ class EventDecoder:
                 break
             except Exception:  # noqa: BLE001 - judged again, carefully
                 out.append(self._careful(lines[len(out)], None))
-        if longest > _NAME_FITS and not self._known_names(out):
+        if longest > _NAME_FITS:
             # _named's first test inlined: this loop runs for every event of a batch with a
             # long line, and a call per event would cost more than the test.
             good = self._good_names
