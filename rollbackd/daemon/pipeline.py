@@ -24,6 +24,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from operator import attrgetter
+from sys import intern
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import structlog
@@ -336,7 +337,11 @@ class Pipeline:
                             if paths is None:
                                 paths = self.evaluator.label_slice_paths(dep)
                             segs = tuple([slice_of(ev, p) for p in paths]) or None  # type: ignore[arg-type]
-                        entry = book[ev.id] = Pending(ts, ev.variant, ev.model_version, ev.prediction, ev.score, segs)  # type: ignore[union-attr]
+                        # The variant and version names are interned: a buffered prediction
+                        # may wait a day for its label, and one copy of "primary" per entry
+                        # was 32 MB of the 1M-event replay's peak RSS (274k entries).
+                        entry = book[ev.id] = Pending(ts, intern(ev.variant), intern(ev.model_version),  # type: ignore[union-attr]
+                                                      ev.prediction, ev.score, segs)  # type: ignore[union-attr]
                         if noted is not None:
                             noted.append((dep, ev.id, entry))  # type: ignore[union-attr]
                         n_pending += 1
