@@ -887,3 +887,32 @@ def test_a_reference_being_gathered_is_restored_from_a_snapshot_as_it_was():
         restored.update(w)
         assert det.evaluate(w.end).to_record() == restored.evaluate(w.end).to_record()
     assert det._baseline.summary is not None  # type: ignore[attr-defined]
+
+
+def test_a_ks_reference_of_float32_values_is_kept_as_float32_with_the_same_statistics():
+    # Integer-valued features (ties everywhere) and a feature of quarters: every reference value
+    # is a float32, so KS keeps them in half the bytes; D is bit for bit the one of the float64
+    # reference, for windows whose values are not float32s (x + 0.1) too. A feature with a
+    # value that is not a float32 stays float64.
+    from rollbackd.detectors.stats import ks_statistic_sorted
+
+    rng = np.random.default_rng(21)
+
+    def preds(n: int, shift: float) -> list[Prediction]:
+        k = rng.integers(0, 30, n).astype(float)
+        return [pred({"k": float(a) + shift, "q": float(a) / 4, "x": float(a) + 0.1}) for a in k]
+
+    det = make_detector("drift", threshold=0.0, min_samples=1, params={"reference_size": 2000, "alpha": 0.5})
+    ref = preds(2000, 0.0)
+    det.update(window(ref))
+    summary = det._baseline.summary  # type: ignore[attr-defined]
+    assert summary["k"].values.dtype == np.float32 and summary["q"].values.dtype == np.float32
+    assert summary["x"].values.dtype == np.float64
+    for i, shift in enumerate((0.0, 1.0, 0.1, -2.5)):
+        win = preds(300, shift)
+        det.update(window(win, i + 1))
+        got = {f["feature"]: f["statistic"] for f in det.evaluate(0.0).to_record()["evidence"]["features"]}
+        for name in ("k", "q", "x"):
+            want = ks_statistic_sorted(np.sort([p.features[name] for p in win]),
+                                       np.sort([p.features[name] for p in ref]))
+            assert got[name] == want
