@@ -916,3 +916,51 @@ def test_a_ks_reference_of_float32_values_is_kept_as_float32_with_the_same_stati
             want = ks_statistic_sorted(np.sort([p.features[name] for p in win]),
                                        np.sort([p.features[name] for p in ref]))
             assert got[name] == want
+
+
+def test_deployments_naming_one_reference_file_share_it_and_its_summary(tmp_path):
+    # A fleet behind one reference file: it is read once, summarised once per drift
+    # configuration, and a checkpoint writes that summary once (one blob, named by every
+    # detector); the verdicts are the ones of a reference of one's own.
+    from rollbackd.daemon.replay import build_pipeline
+    from rollbackd.rules.loader import load_config
+
+    rng = np.random.default_rng(8)
+    ref_path = tmp_path / "ref.jsonl"
+    ref_path.write_text("".join(
+        json.dumps({"type": "prediction", "id": f"r{i}", "ts": 1000.0 + i, "deployment": "ref",
+                    "model_version": "1", "features": {"x": float(x), "c": str(c)}}) + "\n"
+        for i, (x, c) in enumerate(zip(rng.normal(size=800), rng.choice(CATS, 800)))))
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"""
+version: 1
+settings: {{notifier: {{type: none}}}}
+deployments: {{a: {{reference: {ref_path}}}, b: {{reference: {ref_path}}}, c: {{}}}}
+rules:
+  - {{name: drift, detector: drift, threshold: 0.1, min_samples: 50}}
+  - {{name: drift-cvm, detector: drift, params: {{test: cvm}}, threshold: 0.1, min_samples: 50}}
+""")
+    config = load_config(str(rules))
+    pipeline = build_pipeline(config)
+    events = [
+        Prediction(id=f"{d}{i}", ts=1_790_000_000.0 + i / 2, deployment=d, model_version="1",
+                   features={"x": float(rng.normal(0.5 if d == "b" else 0.0)), "c": str(rng.choice(CATS))})
+        for i in range(400) for d in ("a", "b")
+    ]
+    pipeline.ingest(events)
+    pipeline.advance(pipeline.max_event_time)
+    dets = pipeline.detectors
+    a, b = dets[("drift", ("a", "primary"))], dets[("drift", ("b", "primary"))]
+    assert a.reference is b.reference  # type: ignore[attr-defined]
+    assert a._baseline.summary is b._baseline.summary is not None  # type: ignore[attr-defined]
+    cvm_a = dets[("drift-cvm", ("a", "primary"))]
+    assert cvm_a._baseline.summary is not a._baseline.summary  # type: ignore[attr-defined]
+    pipeline.snapshot(external=True)
+    assert len(pipeline.new_blobs()) == 2  # one per drift configuration, not per deployment
+    own = make_detector("drift", threshold=0.1, min_samples=50, params={},
+                        reference=Reference(str(ref_path), dict(a.reference.columns)))  # type: ignore[attr-defined]
+    last = Window("b", "primary", 0.0, 1.0, [e for e in events if e.deployment == "b"][-100:])
+    b.update(last)
+    own.update(last)
+    assert b.evaluate(1.0).to_record() == own.evaluate(1.0).to_record()
+    assert b.evaluate(1.0).value > 0.1

@@ -388,6 +388,7 @@ class Baseline(Generic[S]):
         with_score: bool = False,
         max_versions: int = 3,
         build: Callable[[], "_Chunks | PartialReference"] = _Chunks,
+        summary_key: Any = None,
     ) -> None:
         if mode is None:
             mode = "file" if reference is not None else "first_n"
@@ -405,9 +406,19 @@ class Baseline(Generic[S]):
         self._summarise = summarise
         self._new_build = build
         self._given = (
-            summarise(reference.columns) if mode == "file" and reference is not None else None
+            self._summary_of(reference, summary_key) if mode == "file" and reference is not None else None
         )
         self._reset()
+
+    def _summary_of(self, reference: Reference, key: Any) -> S:
+        """The reference's summary; made once per reference and ``key`` (what the summary
+        depends on besides the columns) when the reference keeps its summaries."""
+        shared = reference.summaries
+        if shared is None or key is None:
+            return self._summarise(reference.columns)
+        if key not in shared:
+            shared[key] = self._summarise(reference.columns)
+        return shared[key]
 
     def _reset(self) -> None:
         self.summary: S | None = self._given
@@ -932,6 +943,9 @@ class Drift:
                 names=self.features,
                 with_score=wants_score(include_score, self.features),
                 build=PartialReference,
+                # Everything _summarise reads besides the columns.
+                summary_key=("drift", numeric_test, bins, None if features is None else tuple(features),
+                             include_score),
             )
         self._reset()
 
