@@ -267,6 +267,13 @@ class Gathered:
         self.n_cat = 0
 
     def add(self, col: Sequence[Any]) -> None:
+        types = set(map(type, col))
+        if len(types) == 1 and float in types:  # the usual numeric column, at a third of the cost
+            self.n_num += len(col)
+            values = np.array(col, dtype=float)
+            values = values[np.isfinite(values)]
+            self.numbers = np.concatenate((self.numbers, values)) if self.numbers.shape[0] else values
+            return
         n_num, n_cat = _kind_counts(col)
         if n_num:
             self.n_num += n_num
@@ -299,7 +306,7 @@ class PartialReference:
     """
 
     __slots__ = ("n", "_feats", "_scores", "_names", "_with_score", "_columns")
-    STAGE = 64
+    STAGE = 32
 
     def __init__(self) -> None:
         self.n = 0
