@@ -293,6 +293,7 @@ class Gathered:
 
 
 _NO_NUMBERS = np.zeros(0)
+_NO_NUMBERS.flags.writeable = False  # shared by every empty Gathered: replaced, never changed
 
 
 class PartialReference:
