@@ -807,3 +807,160 @@ def test_an_empty_window_gives_empty_columns():
 
     assert _window_columns(window([]), None, None, False) == ({}, 0)
     assert _window_columns(window([]), None, ["x0", "c"], False) == ({"x0": [], "c": []}, 0)
+
+
+def _mixed_stream(seed: int) -> list[Window]:
+    """Windows of 1-120 predictions whose columns mix what a reference may hold: NaN, inf and
+    None among numbers; sentinel strings in a numeric column (a majority of them in some
+    windows); bools beside ints (True == 1); a column of NaN and a few strings; a feature that
+    only appears later; scores with None; a window served mostly by another version."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(40):
+        n = int(rng.integers(1, 121))
+        version = "v2" if i == 3 else "v1"
+        preds = []
+        for j in range(n):
+            f: dict[str, Any] = {"x0": float(rng.normal()), "c": str(rng.choice(CATS))}
+            u = rng.random()
+            if u < 0.05:
+                f["x0"] = None
+            elif u < 0.08:
+                f["x0"] = math.nan
+            elif u < 0.09:
+                f["x0"] = -math.inf
+            elif u < 0.1:
+                del f["x0"]
+            f["s"] = "n/a" if (i == 7 or rng.random() < 0.1) else int(rng.integers(-3, 4))
+            f["b"] = bool(rng.random() < 0.5) if rng.random() < 0.7 else int(rng.integers(0, 3))
+            f["nan_cat"] = math.nan if rng.random() < 0.8 else "odd"
+            if i > 20:
+                f["late"] = float(rng.integers(0, 5))
+            score = None if rng.random() < 0.1 else float(rng.random())
+            preds.append(pred(f, "v2" if (version == "v2" and j % 4) else "v1", score=score))
+        out.append(window(preds, i))
+    return out
+
+
+@pytest.mark.parametrize("test", ["ks", "cvm", "ad", "wasserstein", "psi"])
+@pytest.mark.parametrize("features", [None, ["x0", "s", "b", "nan_cat", "late", "gone", "__score__"]])
+def test_a_gathered_reference_is_the_reference_of_its_raw_columns(test, features):
+    # first_n gathers its reference as it comes (drift.PartialReference: numbers as float64,
+    # categories as counts); the summary, and every verdict after it, is exactly the one made
+    # from the raw columns (drift._Chunks), which is what the reference was before.
+    from rollbackd.daemon.snapshot import to_plain
+    from rollbackd.detectors.drift import PartialReference, _Chunks
+
+    params = {"test": {"numeric": test, "categorical": "g"}, "reference_size": 900,
+              "include_score": True, "features": features, "alpha": 0.5}
+    gathered = make_detector("drift", threshold=0.0, min_samples=1, params=params)
+    raw = make_detector("drift", threshold=0.0, min_samples=1, params=params)
+    raw._baseline._new_build = _Chunks  # type: ignore[attr-defined]
+    raw._reset()  # type: ignore[attr-defined]
+    assert type(gathered._baseline._build) is PartialReference  # type: ignore[attr-defined]
+    tested = 0
+    for w in _mixed_stream(3):
+        gathered.update(w)
+        raw.update(w)
+        a, b = gathered.evaluate(w.end).to_record(), raw.evaluate(w.end).to_record()
+        assert a == b
+        tested += a.get("insufficient") is None
+        assert to_plain(gathered._baseline.summary) == to_plain(raw._baseline.summary)  # type: ignore[attr-defined]
+    assert tested > 5 and gathered._baseline.summary is not None  # type: ignore[attr-defined]
+
+
+def test_a_reference_being_gathered_is_restored_from_a_snapshot_as_it_was():
+    # A checkpoint taken while first_n gathers its reference (staged predictions and gathered
+    # columns) restores into a detector that goes on to the same verdicts.
+    from rollbackd.daemon.snapshot import frame, restore_detector, unframe
+
+    params = {"reference_size": 900, "include_score": True}
+    stream = _mixed_stream(4)
+    det = make_detector("drift", threshold=0.0, min_samples=1, params=params)
+    for w in stream[:12]:
+        det.update(w)
+    assert det._baseline.summary is None and det._baseline._build.n > 0  # type: ignore[attr-defined]
+    restored = make_detector("drift", threshold=0.0, min_samples=1, params=params)
+    restore_detector(restored, unframe("pipeline", frame("pipeline", det)))
+    for w in stream[12:]:
+        det.update(w)
+        restored.update(w)
+        assert det.evaluate(w.end).to_record() == restored.evaluate(w.end).to_record()
+    assert det._baseline.summary is not None  # type: ignore[attr-defined]
+
+
+def test_a_ks_reference_of_float32_values_is_kept_as_float32_with_the_same_statistics():
+    # Integer-valued features (ties everywhere) and a feature of quarters: every reference value
+    # is a float32, so KS keeps them in half the bytes; D is bit for bit the one of the float64
+    # reference, for windows whose values are not float32s (x + 0.1) too. A feature with a
+    # value that is not a float32 stays float64.
+    from rollbackd.detectors.stats import ks_statistic_sorted
+
+    rng = np.random.default_rng(21)
+
+    def preds(n: int, shift: float) -> list[Prediction]:
+        k = rng.integers(0, 30, n).astype(float)
+        return [pred({"k": float(a) + shift, "q": float(a) / 4, "x": float(a) + 0.1}) for a in k]
+
+    det = make_detector("drift", threshold=0.0, min_samples=1, params={"reference_size": 2000, "alpha": 0.5})
+    ref = preds(2000, 0.0)
+    det.update(window(ref))
+    summary = det._baseline.summary  # type: ignore[attr-defined]
+    assert summary["k"].values.dtype == np.float32 and summary["q"].values.dtype == np.float32
+    assert summary["x"].values.dtype == np.float64
+    for i, shift in enumerate((0.0, 1.0, 0.1, -2.5)):
+        win = preds(300, shift)
+        det.update(window(win, i + 1))
+        got = {f["feature"]: f["statistic"] for f in det.evaluate(0.0).to_record()["evidence"]["features"]}
+        for name in ("k", "q", "x"):
+            want = ks_statistic_sorted(np.sort([p.features[name] for p in win]),
+                                       np.sort([p.features[name] for p in ref]))
+            assert got[name] == want
+
+
+def test_deployments_naming_one_reference_file_share_it_and_its_summary(tmp_path):
+    # A fleet behind one reference file: it is read once, summarised once per drift
+    # configuration, and a checkpoint writes that summary once (one blob, named by every
+    # detector); the verdicts are the ones of a reference of one's own.
+    from rollbackd.daemon.replay import build_pipeline
+    from rollbackd.rules.loader import load_config
+
+    rng = np.random.default_rng(8)
+    ref_path = tmp_path / "ref.jsonl"
+    ref_path.write_text("".join(
+        json.dumps({"type": "prediction", "id": f"r{i}", "ts": 1000.0 + i, "deployment": "ref",
+                    "model_version": "1", "features": {"x": float(x), "c": str(c)}}) + "\n"
+        for i, (x, c) in enumerate(zip(rng.normal(size=800), rng.choice(CATS, 800)))))
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"""
+version: 1
+settings: {{notifier: {{type: none}}}}
+deployments: {{a: {{reference: {ref_path}}}, b: {{reference: {ref_path}}}, c: {{}}}}
+rules:
+  - {{name: drift, detector: drift, threshold: 0.1, min_samples: 50}}
+  - {{name: drift-cvm, detector: drift, params: {{test: cvm}}, threshold: 0.1, min_samples: 50}}
+""")
+    config = load_config(str(rules))
+    pipeline = build_pipeline(config)
+    events = [
+        Prediction(id=f"{d}{i}", ts=1_790_000_000.0 + i / 2, deployment=d, model_version="1",
+                   features={"x": float(rng.normal(0.5 if d == "b" else 0.0)), "c": str(rng.choice(CATS))})
+        for i in range(400) for d in ("a", "b")
+    ]
+    pipeline.ingest(events)
+    pipeline.advance(pipeline.max_event_time)
+    dets = pipeline.detectors
+    a, b = dets[("drift", ("a", "primary"))], dets[("drift", ("b", "primary"))]
+    assert a.reference is b.reference  # type: ignore[attr-defined]
+    assert a._baseline.summary is b._baseline.summary is not None  # type: ignore[attr-defined]
+    cvm_a = dets[("drift-cvm", ("a", "primary"))]
+    assert cvm_a._baseline.summary is not a._baseline.summary  # type: ignore[attr-defined]
+    pipeline.snapshot(external=True)
+    assert len(pipeline.new_blobs()) == 2  # one per drift configuration, not per deployment
+    own = make_detector("drift", threshold=0.1, min_samples=50, params={},
+                        reference=Reference(str(ref_path), dict(a.reference.columns)))  # type: ignore[attr-defined]
+    last = Window("b", "primary", 0.0, 1.0, [e for e in events if e.deployment == "b"][-100:])
+    b.update(last)
+    own.update(last)
+    assert b.evaluate(1.0).to_record() == own.evaluate(1.0).to_record()
+    assert b.evaluate(1.0).value > 0.1

@@ -53,7 +53,8 @@ def load_reference(path: str | Path, limit: int = 100_000, format: str = "auto")
         columns = _read_parquet(Path(path), limit)
     else:
         columns = _read_jsonl(path, limit)
-    return Reference(source=str(path), columns=columns)
+    # One reference file may serve a whole fleet: its detectors share what they make of it.
+    return Reference(source=str(path), columns=columns, summaries={})
 
 
 def _format_of(path: Path) -> str:

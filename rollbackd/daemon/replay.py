@@ -97,9 +97,15 @@ def build_pipeline(
             backends[deployment] = make_backend(config.deployment(deployment).backend, env=env)
         return backends[deployment]
 
+    read: dict[str, Reference] = {}  # by path: deployments that name one file share it
+
     def references(deployment: str) -> Reference | None:
-        spec = config.deployment(deployment)
-        return load_reference(spec.reference) if spec.reference else None
+        path = config.deployment(deployment).reference
+        if not path:
+            return None
+        if path not in read:
+            read[path] = load_reference(path)
+        return read[path]
 
     if notifier is None:
         notifier = make_notifiers(config.settings, env=env)

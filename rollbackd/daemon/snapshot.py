@@ -792,7 +792,8 @@ def _register_builtin() -> None:
         # events and the join buffer
         Prediction, Outcome, Deploy, Labeled, Pending, JoinStats, DeploymentSeen,
         # detectors' moving state
-        Measurement, latency.LogSketch, drift._Chunks, drift._Numeric, drift._Categorical,
+        Measurement, latency.LogSketch, drift._Chunks, drift.PartialReference, drift.Gathered,
+        drift._Numeric, drift._Categorical,
         drift.WindowSummary, model_quality_measure.Tally,
         drift._Tested, drift._Pending, stats.CvmReference, stats.AdReference,
         stats.WassersteinReference, stats.PsiReference, quality._ColumnStats, quality._Profile,

@@ -242,10 +242,15 @@ def _floats(values: Any) -> np.ndarray:
 
 
 class Reference(NamedTuple):
-    """Reference data for drift detectors: raw values per feature (and ``__score__``)."""
+    """Reference data for drift detectors: raw values per feature (and ``__score__``).
+
+    ``summaries``: what detectors made of it, by what they made it with (immutable values),
+    so the deployments and rules that share one reference file share one summary; None when
+    the reference is not shared (each detector then makes its own)."""
 
     source: str
     columns: Mapping[str, Sequence[Any]]
+    summaries: dict[Any, Any] | None = None
 
 
 class Detector(Protocol):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any, Callable, Generic, Iterable, Mapping, NamedTuple, Sequence, TypeVar
 
 import numpy as np
@@ -118,9 +118,18 @@ def _column_kind(col: Sequence[Any] | np.ndarray) -> str | None:
     else ``None`` (nothing usable)."""
     if isinstance(col, np.ndarray) and col.dtype.kind in "fiu":
         return "numeric" if col.shape[0] and np.isfinite(col).any() else None
+    return _kind_of_counts(*_kind_counts(col))
+
+
+def _kind_counts(col: Sequence[Any]) -> tuple[int, int]:
+    """How many values of a column are numbers (NaN included) and how many str/bool."""
     kinds = Counter(map(type, col))
     n_num = sum(c for t, c in kinds.items() if _is_numeric_type(t))
     n_cat = sum(c for t, c in kinds.items() if _is_categorical_type(t))
+    return n_num, n_cat
+
+
+def _kind_of_counts(n_num: int, n_cat: int) -> str | None:
     if n_num and n_num >= n_cat:
         return "numeric"
     return "categorical" if n_cat else None
@@ -185,7 +194,15 @@ _FEW = 32
 
 
 def _few_columns(preds: Sequence[Prediction], names: Sequence[str] | None, with_score: bool) -> Columns:
-    feats = [p.features for p in preds]
+    cols = _feature_columns([p.features for p in preds], names)
+    if with_score:
+        cols[SCORE_COLUMN] = [p.score for p in preds]
+    return cols
+
+
+def _feature_columns(feats: Sequence[Mapping[str, Any]], names: Sequence[str] | None) -> Columns:
+    """The columns of feature dicts (name -> values, ``None`` where absent): ``names`` (the
+    score's excepted), else every name a dict holds, sorted."""
     wanted = [n for n in (sorted(set().union(*feats)) if names is None else names) if n != SCORE_COLUMN]
     rows: list[Any] | None = None
     if len(wanted) > 1:  # every dict holding every name (the usual case): read in one C call each
@@ -195,10 +212,7 @@ def _few_columns(preds: Sequence[Prediction], names: Sequence[str] | None, with_
             pass
     if rows is None:
         rows = [tuple(map(f.get, wanted)) for f in feats]
-    cols: Columns = dict(zip(wanted, map(list, zip(*rows)))) if feats else {n: [] for n in wanted}
-    if with_score:
-        cols[SCORE_COLUMN] = [p.score for p in preds]
-    return cols
+    return dict(zip(wanted, map(list, zip(*rows)))) if feats else {n: [] for n in wanted}
 
 
 class _Chunks:
@@ -214,6 +228,10 @@ class _Chunks:
         if n:
             self.parts.append((cols, n))
             self.n += n
+
+    def take(self, window: Window, version: str | None, names: Sequence[str] | None,
+             with_score: bool, limit: int | None) -> None:
+        self.add(*_window_columns(window, version, names, with_score, limit))
 
     def keep_last(self, size: int) -> None:
         while self.parts and self.n - self.parts[0][1] >= size:
@@ -232,6 +250,109 @@ class _Chunks:
                 joined.extend([None] * n if col is None else col)
             out[name] = joined[skip:] if skip else joined
         return out
+
+
+class Gathered:
+    """What a drift test needs of one column of a reference being built: its finite numbers
+    (float64, in the order they came), its str/bool values' counts (in order of first
+    appearance) and how many values were numbers (NaN included) and categories, which decide
+    the column's kind. Exactly what the test reads of the raw column, a few bytes per value."""
+
+    __slots__ = ("numbers", "counts", "n_num", "n_cat")
+
+    def __init__(self) -> None:
+        self.numbers: np.ndarray = _NO_NUMBERS
+        self.counts: dict[Any, int] = {}
+        self.n_num = 0
+        self.n_cat = 0
+
+    def add(self, col: Sequence[Any]) -> None:
+        types = set(map(type, col))
+        if len(types) == 1 and float in types:  # the usual numeric column, at a third of the cost
+            self.n_num += len(col)
+            values = np.array(col, dtype=float)
+            values = values[np.isfinite(values)]
+            self.numbers = np.concatenate((self.numbers, values)) if self.numbers.shape[0] else values
+            return
+        n_num, n_cat = _kind_counts(col)
+        if n_num:
+            self.n_num += n_num
+            values = _numeric_values(col)
+            if values.shape[0]:
+                self.numbers = np.concatenate((self.numbers, values)) if self.numbers.shape[0] else values
+        if n_cat:
+            self.n_cat += n_cat
+            counts = self.counts
+            for v in col:
+                if _is_categorical_type(type(v)):
+                    counts[v] = counts.get(v, 0) + 1
+
+    @property
+    def kind(self) -> str | None:
+        return _kind_of_counts(self.n_num, self.n_cat)
+
+
+_NO_NUMBERS = np.zeros(0)
+_NO_NUMBERS.flags.writeable = False  # shared by every empty Gathered: replaced, never changed
+
+
+class PartialReference:
+    """The first predictions of a ``first_n`` reference while it is built, kept as
+    :class:`Gathered` columns instead of the raw values (5,000 predictions x 10 features
+    would be 50,000 Python objects per deployment, and the memory they pin).
+
+    A window's predictions are staged as they are (their feature dicts and scores: one
+    ``extend`` per window, the usual window at fleet size holding 2-3 predictions) and
+    gathered by the ``STAGE`` (or at the end), so the per-column work is done on batches.
+    """
+
+    __slots__ = ("n", "_feats", "_scores", "_names", "_with_score", "_columns")
+    STAGE = 32
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._names: Sequence[str] | None = None  # the baseline's, given with each window
+        self._with_score = False
+        self._feats: list[Mapping[str, Any]] = []
+        self._scores: list[float | None] = []
+        self._columns: dict[str, Gathered] = {}
+
+    def take(self, window: Window, version: str | None, names: Sequence[str] | None,
+             with_score: bool, limit: int | None) -> None:
+        preds = window.predictions
+        if version is not None and not (len(window.versions) == 1 and version in window.versions):
+            preds = [p for p in preds if p.model_version == version]
+        if limit is not None and len(preds) > limit:
+            preds = preds[:limit]
+        self._names, self._with_score = names, with_score
+        self._feats.extend(map(_get_features, preds))
+        if with_score:
+            self._scores.extend(map(_get_score, preds))
+        self.n += len(preds)
+        if len(self._feats) >= self.STAGE:
+            self._gather()
+
+    def _gather(self) -> None:
+        cols = _feature_columns(self._feats, self._names)
+        if self._with_score:
+            cols[SCORE_COLUMN] = self._scores
+        gathered = self._columns
+        for name, col in cols.items():
+            g = gathered.get(name)
+            if g is None:
+                g = gathered[name] = Gathered()
+            g.add(col)
+        self._feats, self._scores = [], []
+
+    def columns(self) -> dict[str, Gathered]:
+        """Every column gathered (name -> :class:`Gathered`), names as the raw columns had."""
+        if self._feats or not self._columns:
+            self._gather()
+        return self._columns
+
+
+_get_features = attrgetter("features")
+_get_score = attrgetter("score")
 
 
 def wants_score(include_score: bool, features: Sequence[str] | None) -> bool:
@@ -267,13 +388,15 @@ class Baseline(Generic[S]):
         self,
         mode: str | None,
         *,
-        summarise: Callable[[Mapping[str, Sequence[Any]]], S],
+        summarise: Callable[[Mapping[str, Any]], S],
         reference: Reference | None = None,
         reference_size: int = 5000,
         rolling_windows: int = 10,
         names: Sequence[str] | None = None,
         with_score: bool = False,
         max_versions: int = 3,
+        build: Callable[[], "_Chunks | PartialReference"] = _Chunks,
+        summary_key: Any = None,
     ) -> None:
         if mode is None:
             mode = "file" if reference is not None else "first_n"
@@ -289,15 +412,26 @@ class Baseline(Generic[S]):
         self.with_score = with_score
         self.max_versions = max_versions
         self._summarise = summarise
+        self._new_build = build
         self._given = (
-            summarise(reference.columns) if mode == "file" and reference is not None else None
+            self._summary_of(reference, summary_key) if mode == "file" and reference is not None else None
         )
         self._reset()
+
+    def _summary_of(self, reference: Reference, key: Any) -> S:
+        """The reference's summary; made once per reference and ``key`` (what the summary
+        depends on besides the columns) when the reference keeps its summaries."""
+        shared = reference.summaries
+        if shared is None or key is None:
+            return self._summarise(reference.columns)
+        if key not in shared:
+            shared[key] = self._summarise(reference.columns)
+        return shared[key]
 
     def _reset(self) -> None:
         self.summary: S | None = self._given
         self.version: str | None = None  # the version the reference was taken from
-        self._build = _Chunks()  # first_n
+        self._build = self._new_build()  # first_n
         self._build_version: str | None = None
         self._tails: dict[str, _Chunks] = {}  # previous_version: last predictions per version
         self._running: str | None = None
@@ -363,13 +497,13 @@ class Baseline(Generic[S]):
         if self.summary is not None:
             return "ready"
         if version != self._build_version:
-            self._build, self._build_version = _Chunks(), version
+            self._build, self._build_version = self._new_build(), version
         need = self.reference_size - self._build.n
-        self._build.add(*_window_columns(window, version, self.names, self.with_score, need))
+        self._build.take(window, version, self.names, self.with_score, need)
         if self._build.n >= self.reference_size:
             self.summary = self._summarise(self._build.columns())
             self.version = version
-            self._build, self._build_version = _Chunks(), None
+            self._build, self._build_version = self._new_build(), None
         return "building"
 
     def _previous_version(self, window: Window) -> str:
@@ -816,6 +950,10 @@ class Drift:
                 rolling_windows=rolling_windows,
                 names=self.features,
                 with_score=wants_score(include_score, self.features),
+                build=PartialReference,
+                # Everything _summarise reads besides the columns.
+                summary_key=("drift", numeric_test, bins, None if features is None else tuple(features),
+                             include_score),
             )
         self._reset()
 
@@ -848,17 +986,32 @@ class Drift:
     ) -> _Numeric | _Categorical | None:
         if col is None:  # a same_time window's column that held nothing usable
             return None
+        if type(col) is Gathered:  # a first_n reference, gathered while it was built
+            kind = col.kind
+            if kind == "numeric":
+                return self._numeric_reference(np.sort(col.numbers))
+            return _categorical_reference(Counter(col.counts)) if kind == "categorical" else None
         if isinstance(col, dict):  # a same_time window's categorical column: its counts
             return _categorical_reference(Counter(col))
         kind = _column_kind(col)
         if kind == "numeric":
-            values = np.sort(_numeric_values(col))
-            if values.shape[0] == 0:
-                return None
-            return _Numeric(values, _prepare_numeric(values, self._numeric_test, self.bins))
+            return self._numeric_reference(np.sort(_numeric_values(col)))
         if kind == "categorical":
             return _categorical_reference(_category_counts(col))
         return None
+
+    def _numeric_reference(self, values: np.ndarray) -> _Numeric | None:
+        if values.shape[0] == 0:
+            return None
+        if self._numeric_test == "ks":
+            # KS only counts reference values below and at the window's (searchsorted on the
+            # values widened to float64, which is exact): a reference whose every value is a
+            # float32 (integers below 2**24, halves, quarters...) is kept in half the bytes
+            # with the same verdicts. The other tests do arithmetic on the values: float64.
+            narrow = values.astype(np.float32)
+            if np.array_equal(narrow, values):
+                values = narrow
+        return _Numeric(values, _prepare_numeric(values, self._numeric_test, self.bins))
 
     # -- windows -----------------------------------------------------------------------------
 
