@@ -51,6 +51,10 @@ class PipelineState:
         """The detector ``key`` is about to change: a checkpoint taken before has its state first."""
         self._declared.changing(key)
 
+    def changing_many(self, keys: list[Hashable]) -> None:
+        """:meth:`changing` for every detector a window boundary is about to change, at once."""
+        self._declared.changing_many(keys)
+
     def snapshot(self, external: bool = False) -> bytes:
         """See :meth:`Pipeline.snapshot`."""
         p = self.p

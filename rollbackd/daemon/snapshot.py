@@ -370,6 +370,19 @@ class DeclaredStates:
             if owed is not None:
                 self._pay(key, owed, keep=False)
 
+    def changing_many(self, keys: list[Hashable]) -> None:
+        """:meth:`changing` for each of ``keys``, under one lock (a boundary of a fleet changes
+        thousands of detectors; between checkpoints there is nothing to do for them)."""
+        with self._lock:
+            plain, owed = self._plain, self._owed
+            if not plain and not owed:
+                return
+            for key in keys:
+                plain.pop(key, None)
+                due = owed.pop(key, None)
+                if due is not None:
+                    self._pay(key, due, keep=False)
+
     def take(self, objects: Mapping[Hashable, Any]) -> "Taken":
         taken = Taken(self, list(objects))
         with self._lock:
