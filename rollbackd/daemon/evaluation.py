@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Sequence
 from rollbackd.daemon.splits import (
     adjust_parts, judge_slices, judge_versions, mixed, slice_paths, slice_windows, version_shares,
 )
-from rollbackd.detectors.base import REGISTRY, Detector, Measurement, Reference, Window, make_detector
+from rollbackd.detectors.base import (
+    REGISTRY, Detector, Measurement, Reference, Skipping, Window, make_detector,
+)
 from rollbackd.rules.alerts import Alert, Transition, step
 from rollbackd.rules.model import WHOLE_WINDOW_DETECTORS, RuleSpec, WindowSpec
 
@@ -30,6 +32,10 @@ Key = tuple[str, str]
 # An alert's transition at a boundary: the rule, the alert after it, the transition, the
 # measurement that made it and the window measured.
 Fired = tuple[RuleSpec, Alert, Transition, Measurement, Window]
+# Detectors whose measurement counts only samples of the window they were fed last: at most its
+# predictions, or its labels for a rule on labels. A window with fewer than the rule's
+# min_samples gives no verdict (rules.alerts.verdict), whatever they measure.
+WINDOW_SAMPLES = frozenset({"error_rate", "latency", "drift", "model_error"})
 # Detectors kept per sliced rule and arm, in multiples of its slice_top_k, before the ones of
 # slices no longer among the largest are dropped.
 SLICE_DETECTORS_PER_TOP_K = 4
@@ -49,6 +55,7 @@ class RuleEvaluator:
         self.wants_known_good = any(r.detector == "model_quality" for r in rules)
         self._references: dict[str, Reference | None] = {}
         self._sliced: dict[tuple[str, Key], set[str]] = {}  # sliced rule and arm -> its slices' detectors
+        self._skipping: dict[type, bool] = {}  # detector class -> whether it is Skipping
 
     def adopt(self, previous: "RuleEvaluator", rules: set[str]) -> None:
         """Go on from ``previous`` (the evaluator of the rules before a reload) for the rules
@@ -105,6 +112,12 @@ class RuleEvaluator:
         # Whether a rule's windows are split by version (None: never), and whether by labels too.
         splits = {r.name: None if r.detector in WHOLE_WINDOW_DETECTORS else r.needs_labels
                   for r in self.p.config.rules}
+        # Rules whose windows too small for a verdict are taken unmeasured: without a tap
+        # nobody reads the measurement (True: the verdict counts labels, False: predictions).
+        tap = self.p.edges.tap
+        bounds = {} if tap is not None else {
+            r.name: r.needs_labels for r in self.p.config.rules
+            if r.detector in WINDOW_SAMPLES and r.min_samples > 0 and not r.slice_by}
         # A checkpoint taken before has each detector's state first (sliced rules announce
         # their slices' detectors themselves).
         self.p.checkpointing.changing_many([(rule.name, key) for rule, _, key in work if not rule.slice_by])
@@ -119,6 +132,17 @@ class RuleEvaluator:
                 det = detectors.get(akey)
                 if det is None:
                     det = self.detector(rule, key)
+                bound = bounds.get(rule.name)
+                if bound is not None and len(window.outcomes if bound else window.predictions) < rule.min_samples:
+                    # No verdict can come of this window (nor of a version's share of it),
+                    # so no alert moves: the detector takes it, for what it keeps, unmeasured.
+                    if self._skips(det):
+                        det.skip(window)  # type: ignore[attr-defined]
+                    else:
+                        det.update(window)
+                    if alert is None:
+                        alerts[akey] = Alert(rule.name, key[0], key[1])
+                    continue
                 labels = splits[rule.name]
                 if labels is not None and mixed(window, labels):
                     m = self._measure_shares(rule, window, now, alert, det, labels)
@@ -136,6 +160,13 @@ class RuleEvaluator:
             if transition is not None:
                 fired.append((rule, new, transition, m, window))
         return fired
+
+    def _skips(self, det: Detector) -> bool:
+        cls = type(det)
+        known = self._skipping.get(cls)
+        if known is None:
+            known = self._skipping[cls] = isinstance(det, Skipping)
+        return known
 
     def _measure_shares(
         self, rule: RuleSpec, window: Window, now: float, alert: Alert | None, det: Detector, labels: bool

@@ -514,7 +514,8 @@ class Pipeline:
                                  version=ev.model_version, ts=iso(ev.ts))
             elif versions:
                 # Without one, the version serving most of a pane is the running version.
-                version = max(versions, key=lambda v: (versions[v], v))
+                version = next(iter(versions)) if len(versions) == 1 else \
+                    max(versions, key=lambda v: (versions[v], v))
                 history.observe(version, last_idx * g)
             history.served(versions)  # known-good needs traffic, not only time
         if self.evaluator.wants_known_good:

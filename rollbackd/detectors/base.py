@@ -13,7 +13,7 @@ from collections import Counter
 from itertools import chain
 from operator import attrgetter, itemgetter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Mapping, NamedTuple, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Generic, Mapping, NamedTuple, Protocol, Sequence, TypeVar, runtime_checkable
 
 import msgspec
 import numpy as np
@@ -26,6 +26,7 @@ __all__ = [
     "Window",
     "Reference",
     "Detector",
+    "Skipping",
     "DetectorFactory",
     "MissingExtra",
     "check_feature_names",
@@ -279,6 +280,19 @@ class Detector(Protocol):
 
     def evaluate(self, now: float) -> Measurement:
         """Measure the data fed so far at event time ``now``."""
+
+
+@runtime_checkable
+class Skipping(Protocol):
+    """A detector that can pass over a window cheaply: one too small for any verdict, whose
+    measurement nobody reads (the pipeline's evaluator knows both: see
+    ``daemon/evaluation.WINDOW_SAMPLES``). Optional: without it the window is ``update``d."""
+
+    def skip(self, window: Window) -> None:
+        """Take ``window`` without measuring it: keep what later windows depend on (a baseline
+        being built, a store of earlier windows, what the labels say the task is), nothing
+        more. The next :meth:`~Detector.update` sets the rest, and ``evaluate`` is only
+        asked after an update."""
 
 
 class MissingExtra(ValueError):
