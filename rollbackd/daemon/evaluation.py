@@ -100,7 +100,7 @@ class RuleEvaluator:
         alert is looked at twice for it.
         """
         rules_by_window = self.p.rules_by_window
-        work: list[tuple[RuleSpec, Window, Key]] = []
+        work: list[tuple[RuleSpec, Window, tuple[str, Key]]] = []
         for spec, window in due:
             rules = rules_by_window.get(spec)
             if not rules:
@@ -108,7 +108,7 @@ class RuleEvaluator:
             key = (window.deployment, window.variant)
             for rule in rules:
                 if rule.applies_to(*key):
-                    work.append((rule, window, key))
+                    work.append((rule, window, (rule.name, key)))
         # Whether a rule's windows are split by version (None: never), and whether by labels too.
         splits = {r.name: None if r.detector in WHOLE_WINDOW_DETECTORS else r.needs_labels
                   for r in self.p.config.rules}
@@ -120,11 +120,11 @@ class RuleEvaluator:
             if r.detector in WINDOW_SAMPLES and r.min_samples > 0 and not r.slice_by}
         # A checkpoint taken before has each detector's state first (sliced rules announce
         # their slices' detectors themselves).
-        self.p.checkpointing.changing_many([(rule.name, key) for rule, _, key in work if not rule.slice_by])
-        alerts, detectors = self.p.alerts, self.p.detectors
+        self.p.checkpointing.changing_many(akey for rule, _, akey in work if not rule.slice_by)
+        alerts, detectors, skipping = self.p.alerts, self.p.detectors, self._skipping
         fired: list[Fired] = []
-        for rule, window, key in work:
-            akey = (rule.name, key)
+        for rule, window, akey in work:
+            key = akey[1]
             alert = alerts.get(akey)
             if rule.slice_by:
                 m = self._measure_slices(rule, window, now, alert)
@@ -136,7 +136,10 @@ class RuleEvaluator:
                 if bound is not None and len(window.outcomes if bound else window.predictions) < rule.min_samples:
                     # No verdict can come of this window (nor of a version's share of it),
                     # so no alert moves: the detector takes it, for what it keeps, unmeasured.
-                    if self._skips(det):
+                    skips = skipping.get(type(det))
+                    if skips is None:
+                        skips = skipping[type(det)] = isinstance(det, Skipping)
+                    if skips:
                         det.skip(window)  # type: ignore[attr-defined]
                     else:
                         det.update(window)
@@ -160,13 +163,6 @@ class RuleEvaluator:
             if transition is not None:
                 fired.append((rule, new, transition, m, window))
         return fired
-
-    def _skips(self, det: Detector) -> bool:
-        cls = type(det)
-        known = self._skipping.get(cls)
-        if known is None:
-            known = self._skipping[cls] = isinstance(det, Skipping)
-        return known
 
     def _measure_shares(
         self, rule: RuleSpec, window: Window, now: float, alert: Alert | None, det: Detector, labels: bool

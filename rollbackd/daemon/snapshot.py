@@ -48,7 +48,7 @@ import threading
 import weakref
 import zlib
 from collections import Counter, deque
-from typing import Any, Callable, Hashable, Mapping
+from typing import Any, Callable, Hashable, Iterable, Mapping
 
 import msgspec
 import numpy as np
@@ -370,9 +370,10 @@ class DeclaredStates:
             if owed is not None:
                 self._pay(key, owed, keep=False)
 
-    def changing_many(self, keys: list[Hashable]) -> None:
+    def changing_many(self, keys: Iterable[Hashable]) -> None:
         """:meth:`changing` for each of ``keys``, under one lock (a boundary of a fleet changes
-        thousands of detectors; between checkpoints there is nothing to do for them)."""
+        thousands of detectors; between checkpoints there is nothing to do for them, and
+        ``keys`` is not even read)."""
         with self._lock:
             plain, owed = self._plain, self._owed
             if not plain and not owed:

@@ -117,10 +117,10 @@ class ModelError:
 
     def _resolve(self, outcomes: Sequence[Labeled]) -> None:
         """``auto``: regression from the first label that is a number other than 0/1."""
-        if any(
-            binary_value(y) is None and _number(y) is not None
-            for y in set(map(_get_label, outcomes))
-        ):
+        labels = set(map(_get_label, outcomes))
+        if _BINARY.keys() >= labels:  # the usual window: only spellings of 0 and 1 (in C)
+            return
+        if any(binary_value(y) is None and _number(y) is not None for y in labels):
             self._resolved = "regression"
 
     def _binary(self, outcomes: Sequence[Labeled]) -> dict[str, Any]:
