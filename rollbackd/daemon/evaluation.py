@@ -93,22 +93,13 @@ class RuleEvaluator:
         (window by window, each window's rules in file order), which is the order of the tap's
         measurements and of the transitions returned.
 
-        What a rule needs for every window is looked up once per boundary, the detectors to
-        be changed are announced to the checkpoint at once, and an alert is stepped only by a
-        measurement that allows a verdict: one that does not (too few samples, the usual case
-        on a quiet deployment) leaves every alert as it is (``rules.alerts.verdict``), so no
-        alert is looked at twice for it.
+        What a rule needs is looked up once per boundary, the detectors to be changed are
+        announced to the checkpoint at once, and an alert is stepped only by a measurement that
+        allows a verdict: one that does not (too few samples, the usual case on a quiet
+        deployment) leaves every alert as it is (``rules.alerts.verdict``). Without a tap, a
+        window too small for any verdict (``WINDOW_SAMPLES``) is not even measured.
         """
         rules_by_window = self.p.rules_by_window
-        work: list[tuple[RuleSpec, Window, tuple[str, Key]]] = []
-        for spec, window in due:
-            rules = rules_by_window.get(spec)
-            if not rules:
-                continue
-            key = (window.deployment, window.variant)
-            for rule in rules:
-                if rule.applies_to(*key):
-                    work.append((rule, window, (rule.name, key)))
         # Whether a rule's windows are split by version (None: never), and whether by labels too.
         splits = {r.name: None if r.detector in WHOLE_WINDOW_DETECTORS else r.needs_labels
                   for r in self.p.config.rules}
@@ -119,50 +110,64 @@ class RuleEvaluator:
             r.name: r.needs_labels for r in self.p.config.rules
             if r.detector in WINDOW_SAMPLES and r.min_samples > 0 and not r.slice_by}
         # A checkpoint taken before has each detector's state first (sliced rules announce
-        # their slices' detectors themselves).
-        self.p.checkpointing.changing_many(akey for rule, _, akey in work if not rule.slice_by)
-        alerts, detectors, skipping = self.p.alerts, self.p.detectors, self._skipping
+        # their slices' detectors themselves). Not read at all between checkpoints.
+        self.p.checkpointing.changing_many(
+            (rule.name, (w.deployment, w.variant))
+            for spec, w in due for rule in rules_by_window.get(spec, ())
+            if not rule.slice_by and rule.applies_to(w.deployment, w.variant))
+        alerts, detectors = self.p.alerts, self.p.detectors
         fired: list[Fired] = []
-        for rule, window, akey in work:
-            key = akey[1]
-            alert = alerts.get(akey)
-            if rule.slice_by:
-                m = self._measure_slices(rule, window, now, alert)
-            else:
-                det = detectors.get(akey)
-                if det is None:
-                    det = self.detector(rule, key)
-                bound = bounds.get(rule.name)
-                if bound is not None and len(window.outcomes if bound else window.predictions) < rule.min_samples:
-                    # No verdict can come of this window (nor of a version's share of it),
-                    # so no alert moves: the detector takes it, for what it keeps, unmeasured.
-                    skips = skipping.get(type(det))
-                    if skips is None:
-                        skips = skipping[type(det)] = isinstance(det, Skipping)
-                    if skips:
-                        det.skip(window)  # type: ignore[attr-defined]
+        for spec, window in due:
+            rules = rules_by_window.get(spec)
+            if not rules:
+                continue
+            key = (window.deployment, window.variant)
+            for rule in rules:
+                if not rule.applies_to(*key):
+                    continue
+                akey = (rule.name, key)
+                alert = alerts.get(akey)
+                if rule.slice_by:
+                    m = self._measure_slices(rule, window, now, alert)
+                else:
+                    det = detectors.get(akey)
+                    if det is None:
+                        det = self.detector(rule, key)
+                    bound = bounds.get(rule.name)
+                    if bound is not None and len(window.outcomes if bound else window.predictions) < rule.min_samples:
+                        self._take_unmeasured(det, window)
+                        if alert is None:
+                            alerts[akey] = Alert(rule.name, key[0], key[1])
+                        continue
+                    labels = splits[rule.name]
+                    if labels is not None and mixed(window, labels):
+                        m = self._measure_shares(rule, window, now, alert, det, labels)
                     else:
                         det.update(window)
-                    if alert is None:
-                        alerts[akey] = Alert(rule.name, key[0], key[1])
-                    continue
-                labels = splits[rule.name]
-                if labels is not None and mixed(window, labels):
-                    m = self._measure_shares(rule, window, now, alert, det, labels)
-                else:
-                    det.update(window)
-                    m = det.evaluate(now)
-                    self._tap(rule, window, m, now)
-            if alert is None:
-                alert = alerts[akey] = Alert(rule.name, key[0], key[1])
-            if m.insufficient or m.value is None:
-                continue  # no verdict: step() would return the alert as it is
-            new, transition = step(rule, alert, m, now)
-            if new is not alert:
-                alerts[akey] = new
-            if transition is not None:
-                fired.append((rule, new, transition, m, window))
+                        m = det.evaluate(now)
+                        self._tap(rule, window, m, now)
+                if alert is None:
+                    alert = alerts[akey] = Alert(rule.name, key[0], key[1])
+                if m.insufficient or m.value is None:
+                    continue  # no verdict: step() would return the alert as it is
+                new, transition = step(rule, alert, m, now)
+                if new is not alert:
+                    alerts[akey] = new
+                if transition is not None:
+                    fired.append((rule, new, transition, m, window))
         return fired
+
+    def _take_unmeasured(self, det: Detector, window: Window) -> None:
+        """A window no verdict can come of (nor of a version's share of it: no alert moves),
+        whose measurement nobody reads: the detector takes it for what it keeps
+        (``Skipping.skip``), or as any window when it cannot skip one."""
+        skips = self._skipping.get(type(det))
+        if skips is None:
+            skips = self._skipping[type(det)] = isinstance(det, Skipping)
+        if skips:
+            det.skip(window)  # type: ignore[attr-defined]
+        else:
+            det.update(window)
 
     def _measure_shares(
         self, rule: RuleSpec, window: Window, now: float, alert: Alert | None, det: Detector, labels: bool

@@ -495,10 +495,10 @@ class Pipeline:
         # The windows closing here, cut first: one that is exactly the pane that just closed
         # has its versions counted already (on the way to its columns), so the pane is not read
         # twice.
-        due = list(self.assembler.windows_at(t))
+        due = self.assembler.windows_at(t)
         same_list: dict[int, Window] = {id(w.predictions): w for _, w in due}
-        for key in self.assembler.keys():
-            pane = self.assembler.panes[key].get(last_idx)
+        for key, by_idx in sorted(self.assembler.panes.items()):
+            pane = by_idx.get(last_idx)
             if pane is None:
                 continue
             history = self.versions.get(key)
