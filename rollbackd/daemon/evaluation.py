@@ -26,7 +26,7 @@ from rollbackd.rules.model import WHOLE_WINDOW_DETECTORS, RuleSpec, WindowSpec
 if TYPE_CHECKING:
     from rollbackd.daemon.pipeline import Pipeline
 
-__all__ = ["RuleEvaluator", "SLICE_DETECTORS_PER_TOP_K"]
+__all__ = ["RuleEvaluator", "SLICE_DETECTORS_PER_TOP_K", "WINDOW_SAMPLES"]
 
 Key = tuple[str, str]
 # An alert's transition at a boundary: the rule, the alert after it, the transition, the
