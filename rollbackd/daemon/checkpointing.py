@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Hashable, Mapping
+from typing import TYPE_CHECKING, Any, Hashable, Iterable, Mapping
 
 import msgspec
 
@@ -50,6 +50,10 @@ class PipelineState:
     def changing(self, key: Hashable) -> None:
         """The detector ``key`` is about to change: a checkpoint taken before has its state first."""
         self._declared.changing(key)
+
+    def changing_many(self, keys: Iterable[Hashable]) -> None:
+        """:meth:`changing` for every detector a window boundary is about to change, at once."""
+        self._declared.changing_many(keys)
 
     def snapshot(self, external: bool = False) -> bytes:
         """See :meth:`Pipeline.snapshot`."""

@@ -12,21 +12,30 @@ names (read once, through ``edges.references``).
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Sequence
 
 from rollbackd.daemon.splits import (
-    adjust_parts, judge_slices, judge_versions, slice_paths, slice_windows, version_shares,
+    adjust_parts, judge_slices, judge_versions, mixed, slice_paths, slice_windows, version_shares,
 )
-from rollbackd.detectors.base import REGISTRY, Detector, Measurement, Reference, Window, make_detector
-from rollbackd.rules.alerts import Alert, step
-from rollbackd.rules.model import WHOLE_WINDOW_DETECTORS, RuleSpec
+from rollbackd.detectors.base import (
+    REGISTRY, Detector, Measurement, Reference, Skipping, Window, make_detector,
+)
+from rollbackd.rules.alerts import Alert, Transition, step
+from rollbackd.rules.model import WHOLE_WINDOW_DETECTORS, RuleSpec, WindowSpec
 
 if TYPE_CHECKING:
     from rollbackd.daemon.pipeline import Pipeline
 
-__all__ = ["RuleEvaluator", "SLICE_DETECTORS_PER_TOP_K"]
+__all__ = ["RuleEvaluator", "SLICE_DETECTORS_PER_TOP_K", "WINDOW_SAMPLES"]
 
 Key = tuple[str, str]
+# An alert's transition at a boundary: the rule, the alert after it, the transition, the
+# measurement that made it and the window measured.
+Fired = tuple[RuleSpec, Alert, Transition, Measurement, Window]
+# Detectors whose measurement counts only samples of the window they were fed last: at most its
+# predictions, or its labels for a rule on labels. A window with fewer than the rule's
+# min_samples gives no verdict (rules.alerts.verdict), whatever they measure.
+WINDOW_SAMPLES = frozenset({"error_rate", "latency", "drift", "model_error"})
 # Detectors kept per sliced rule and arm, in multiples of its slice_top_k, before the ones of
 # slices no longer among the largest are dropped.
 SLICE_DETECTORS_PER_TOP_K = 4
@@ -46,6 +55,7 @@ class RuleEvaluator:
         self.wants_known_good = any(r.detector == "model_quality" for r in rules)
         self._references: dict[str, Reference | None] = {}
         self._sliced: dict[tuple[str, Key], set[str]] = {}  # sliced rule and arm -> its slices' detectors
+        self._skipping: dict[type, bool] = {}  # detector class -> whether it is Skipping
 
     def adopt(self, previous: "RuleEvaluator", rules: set[str]) -> None:
         """Go on from ``previous`` (the evaluator of the rules before a reload) for the rules
@@ -77,44 +87,109 @@ class RuleEvaluator:
             self._references[deployment] = self.p.edges.references(deployment)
         return self._references[deployment]
 
-    def evaluate(
-        self, rule: RuleSpec, window: Window, now: float
-    ) -> tuple[RuleSpec, Alert, Any, Measurement, Window] | None:
-        key = (window.deployment, window.variant)
-        alert = self.p.alerts.get((rule.name, key))
-        if rule.slice_by:
-            m = self._measure_slices(rule, window, now, alert)
-        else:
-            m = self._measure(rule, window, now, alert)
-        if alert is None:
-            alert = Alert(rule.name, key[0], key[1])
-        new, transition = step(rule, alert, m, now)
-        self.p.alerts[(rule.name, key)] = new
-        return None if transition is None else (rule, new, transition, m, window)
+    def close(self, due: Sequence[tuple[WindowSpec, Window]], now: float) -> list[Fired]:
+        """Measure every window closing at ``now`` with each rule on it and step the rules'
+        alerts: one pass over the boundary for all its deployments, in the order of ``due``
+        (window by window, each window's rules in file order), which is the order of the tap's
+        measurements and of the transitions returned.
 
-    def _measure(self, rule: RuleSpec, window: Window, now: float, alert: Alert | None) -> Measurement:
-        """The rule's measurement of the window, and of each version's share of it when more
-        than one version served it (``daemon/splits.py``): a probe, a copy of the detector as
-        it was before this window, measures each share; the detector itself takes the whole
-        window, as it does when one version served."""
-        key = (window.deployment, window.variant)
-        det = self.detector(rule, key)
-        self.p.checkpointing.changing((rule.name, key))  # a checkpoint taken before has its state first
-        shares = [] if rule.detector in WHOLE_WINDOW_DETECTORS else version_shares(window, rule.needs_labels)
+        What a rule needs is looked up once per boundary, the detectors to be changed are
+        announced to the checkpoint at once, and an alert is stepped only by a measurement that
+        allows a verdict: one that does not (too few samples, the usual case on a quiet
+        deployment) leaves every alert as it is (``rules.alerts.verdict``). Without a tap, a
+        window too small for any verdict (``WINDOW_SAMPLES``) is not even measured.
+        """
+        rules_by_window = self.p.rules_by_window
+        # Whether a rule's windows are split by version (None: never), and whether by labels too.
+        splits = {r.name: None if r.detector in WHOLE_WINDOW_DETECTORS else r.needs_labels
+                  for r in self.p.config.rules}
+        # Rules whose windows too small for a verdict are taken unmeasured: without a tap
+        # nobody reads the measurement (True: the verdict counts labels, False: predictions).
+        tap = self.p.edges.tap
+        bounds = {} if tap is not None else {
+            r.name: r.needs_labels for r in self.p.config.rules
+            if r.detector in WINDOW_SAMPLES and r.min_samples > 0 and not r.slice_by}
+        # A checkpoint taken before has each detector's state first (sliced rules announce
+        # their slices' detectors themselves). Not read at all between checkpoints.
+        self.p.checkpointing.changing_many(
+            (rule.name, (w.deployment, w.variant))
+            for spec, w in due for rule in rules_by_window.get(spec, ())
+            if not rule.slice_by and rule.applies_to(w.deployment, w.variant))
+        alerts, detectors = self.p.alerts, self.p.detectors
+        fired: list[Fired] = []
+        for spec, window in due:
+            rules = rules_by_window.get(spec)
+            if not rules:
+                continue
+            key = (window.deployment, window.variant)
+            for rule in rules:
+                if not rule.applies_to(*key):
+                    continue
+                akey = (rule.name, key)
+                alert = alerts.get(akey)
+                if rule.slice_by:
+                    m = self._measure_slices(rule, window, now, alert)
+                else:
+                    det = detectors.get(akey)
+                    if det is None:
+                        det = self.detector(rule, key)
+                    bound = bounds.get(rule.name)
+                    if bound is not None and len(window.outcomes if bound else window.predictions) < rule.min_samples:
+                        self._take_unmeasured(det, window)
+                        if alert is None:
+                            alerts[akey] = Alert(rule.name, key[0], key[1])
+                        continue
+                    labels = splits[rule.name]
+                    if labels is not None and mixed(window, labels):
+                        m = self._measure_shares(rule, window, now, alert, det, labels)
+                    else:
+                        det.update(window)
+                        m = det.evaluate(now)
+                        self._tap(rule, window, m, now)
+                if alert is None:
+                    alert = alerts[akey] = Alert(rule.name, key[0], key[1])
+                if m.insufficient or m.value is None:
+                    continue  # no verdict: step() would return the alert as it is
+                new, transition = step(rule, alert, m, now)
+                if new is not alert:
+                    alerts[akey] = new
+                if transition is not None:
+                    fired.append((rule, new, transition, m, window))
+        return fired
+
+    def _take_unmeasured(self, det: Detector, window: Window) -> None:
+        """A window no verdict can come of (nor of a version's share of it: no alert moves),
+        whose measurement nobody reads: the detector takes it for what it keeps
+        (``Skipping.skip``), or as any window when it cannot skip one."""
+        skips = self._skipping.get(type(det))
+        if skips is None:
+            skips = self._skipping[type(det)] = isinstance(det, Skipping)
+        if skips:
+            det.skip(window)  # type: ignore[attr-defined]
+        else:
+            det.update(window)
+
+    def _measure_shares(
+        self, rule: RuleSpec, window: Window, now: float, alert: Alert | None, det: Detector, labels: bool
+    ) -> Measurement:
+        """The rule's measurement of a window more than one version served, and of each
+        version's share of it (``daemon/splits.py``): a probe, a copy of the detector as it was
+        before this window, measures each share; the detector itself takes the whole window,
+        as it does when one version served."""
+        shares = version_shares(window, labels)
+        before = copy.deepcopy(det)
         measured: list[tuple[str, Measurement]] = []
-        if shares:
-            before = copy.deepcopy(det)
-            for i, share in enumerate(shares):
-                probe = before if i == len(shares) - 1 else copy.deepcopy(before)
-                probe.update(share)
-                measured.append((share.version, probe.evaluate(now)))  # type: ignore[arg-type]
-            measured = adjust_parts(measured)
-            for share, (_, m_share) in zip(shares, measured):
-                self._tap(rule, share, m_share, now)
+        for i, share in enumerate(shares):
+            probe = before if i == len(shares) - 1 else copy.deepcopy(before)
+            probe.update(share)
+            measured.append((share.version, probe.evaluate(now)))  # type: ignore[arg-type]
+        measured = adjust_parts(measured)
+        for share, (_, m_share) in zip(shares, measured):
+            self._tap(rule, share, m_share, now)
         det.update(window)
         m = det.evaluate(now)
         self._tap(rule, window, m, now)
-        return judge_versions(rule, alert, m, measured) if measured else m
+        return judge_versions(rule, alert, m, measured)
 
     def _measure_slices(self, rule: RuleSpec, window: Window, now: float, alert: Alert | None) -> Measurement:
         """The rule's measurement over the window's slices: each slice has its own detector

@@ -44,7 +44,7 @@ from rollbackd.daemon.response import Responder
 from rollbackd.daemon.splits import slice_of
 from rollbackd.daemon.versions import VersionHistory
 from rollbackd.daemon.windows import WindowAssembler
-from rollbackd.detectors.base import Detector, Labeled, Measurement, Reference, Window
+from rollbackd.detectors.base import Detector, Labeled, Reference, Window
 from rollbackd.events import Deploy, Event, Outcome, Prediction, Rejected
 from rollbackd.rules.alerts import Alert, AlertState
 from rollbackd.rules.incidents import Incident, IncidentBook
@@ -513,13 +513,15 @@ class Pipeline:
         # The windows closing here, cut first: one that is exactly the pane that just closed
         # has its versions counted already (on the way to its columns), so the pane is not read
         # twice.
-        due = list(self.assembler.windows_at(t))
+        due = self.assembler.windows_at(t)
         same_list: dict[int, Window] = {id(w.predictions): w for _, w in due}
-        for key in self.assembler.keys():
-            pane = self.assembler.panes[key].get(last_idx)
+        for key, by_idx in sorted(self.assembler.panes.items()):
+            pane = by_idx.get(last_idx)
             if pane is None:
                 continue
-            history = self.versions.setdefault(key, VersionHistory())
+            history = self.versions.get(key)
+            if history is None:
+                history = self.versions[key] = VersionHistory()
             window = same_list.get(id(pane.predictions))
             versions = window.versions if window is not None else _count_versions(pane.predictions)
             if pane.deploys:
@@ -530,21 +532,15 @@ class Pipeline:
                                  version=ev.model_version, ts=iso(ev.ts))
             elif versions:
                 # Without one, the version serving most of a pane is the running version.
-                version = max(versions, key=lambda v: (versions[v], v))
+                version = next(iter(versions)) if len(versions) == 1 else \
+                    max(versions, key=lambda v: (versions[v], v))
                 history.observe(version, last_idx * g)
             history.served(versions)  # known-good needs traffic, not only time
-        fired: list[tuple[RuleSpec, Alert, Any, Measurement, Window]] = []
-        closed: list[Window] = []
-        for spec, window in due:
-            closed.append(window)
-            if self.evaluator.wants_known_good:
+        if self.evaluator.wants_known_good:
+            for _, window in due:
                 window.known_good = self.evaluator.known_good((window.deployment, window.variant), t)
-            for rule in self.rules_by_window.get(spec, ()):
-                if rule.applies_to(window.deployment, window.variant):
-                    changed = self.evaluator.evaluate(rule, window, t)
-                    if changed is not None:
-                        fired.append(changed)
-        for window in closed:
+        fired = self.evaluator.close(due, t)
+        for _, window in due:
             # Windows point at each other through `siblings`: break the cycle so their
             # columns are freed now by reference counting, not at the next GC pass.
             window.siblings = {}

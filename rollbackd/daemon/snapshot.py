@@ -48,7 +48,7 @@ import threading
 import weakref
 import zlib
 from collections import Counter, deque
-from typing import Any, Callable, Hashable, Mapping
+from typing import Any, Callable, Hashable, Iterable, Mapping
 
 import msgspec
 import numpy as np
@@ -369,6 +369,20 @@ class DeclaredStates:
             owed = self._owed.pop(key, None)
             if owed is not None:
                 self._pay(key, owed, keep=False)
+
+    def changing_many(self, keys: Iterable[Hashable]) -> None:
+        """:meth:`changing` for each of ``keys``, under one lock (a boundary of a fleet changes
+        thousands of detectors; between checkpoints there is nothing to do for them, and
+        ``keys`` is not even read)."""
+        with self._lock:
+            plain, owed = self._plain, self._owed
+            if not plain and not owed:
+                return
+            for key in keys:
+                plain.pop(key, None)
+                due = owed.pop(key, None)
+                if due is not None:
+                    self._pay(key, due, keep=False)
 
     def take(self, objects: Mapping[Hashable, Any]) -> "Taken":
         taken = Taken(self, list(objects))

@@ -32,7 +32,7 @@ from rollbackd.rules.alerts import Alert, AlertState, verdict
 from rollbackd.rules.model import RuleSpec
 
 __all__ = [
-    "OTHER", "VERSION_SHARE", "VERSION_SHARES", "version_shares", "judge_versions", "blamed_version", "mixed_unattributed", "where",
+    "OTHER", "VERSION_SHARE", "VERSION_SHARES", "mixed", "version_shares", "judge_versions", "blamed_version", "mixed_unattributed", "where",
     "slice_of", "slice_paths", "slice_windows", "adjust_parts", "judge_slices",
 ]
 
@@ -54,15 +54,28 @@ def _part(window: Window, predictions: list[Prediction], outcomes: list[Labeled]
     return part
 
 
+def mixed(window: Window, labels: bool) -> bool:
+    """Whether more than one version served ``window`` (:func:`version_shares` has shares for
+    it). ``labels``: the rule reads outcomes, so a label for an older version's prediction makes
+    the window mixed too. Asked of every window by every rule: no set is built for the usual
+    window of one version (``Window.versions`` and ``label_versions`` are cached)."""
+    versions = window.versions
+    if len(versions) > 1:
+        return True
+    if not (labels and window.outcomes):
+        return False
+    by_label = window.label_versions
+    return len(by_label) > 1 or (len(versions) == 1 and not by_label <= versions.keys())
+
+
 def version_shares(window: Window, labels: bool) -> list[Window]:
     """Each version's share of ``window`` (sorted by version), or ``[]`` when one version served
-    it. ``labels``: the rule reads outcomes, so a label for an older version's prediction makes
-    the window mixed too."""
+    it. ``labels``: as for :func:`mixed`."""
+    if not mixed(window, labels):
+        return []
     versions = set(window.versions)
     if labels and window.outcomes:
         versions |= window.label_versions  # cached: every label rule on the window asks
-    if len(versions) < 2:
-        return []
     preds: dict[str, list[Prediction]] = {v: [] for v in versions}
     outs: dict[str, list[Labeled]] = {v: [] for v in versions}
     for p in window.predictions:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any, Iterator
+from typing import Any
 
 import msgspec
 
@@ -132,9 +132,20 @@ class WindowAssembler:
     def window(self, key: Key, spec: WindowSpec, end: float) -> Window:
         g = self.granularity
         end_idx = int(round(end / g))
-        n_panes = int(round(spec.size / g))
-        start_idx = end_idx - n_panes
-        by_idx = self.panes.get(key, {})
+        return self._cut(key, self.panes.get(key, {}), spec, end_idx - int(round(spec.size / g)), end_idx, end)
+
+    def _cut(
+        self, key: Key, by_idx: dict[int, Pane], spec: WindowSpec, start_idx: int, end_idx: int, end: float
+    ) -> Window:
+        """The window of ``key`` over panes ``[start_idx, end_idx)`` (reaching further back for a
+        count-based window), ending at ``end``."""
+        g = self.granularity
+        if end_idx - start_idx == 1 and not spec.min_count:  # a tumbling window of one pane
+            pane = by_idx.get(start_idx)
+            if pane is None:
+                return Window(key[0], key[1], start_idx * g, end, [], [])
+            return Window(key[0], key[1], start_idx * g, end, pane.predictions, pane.outcomes)
+        n_panes = end_idx - start_idx
         indices = [i for i in range(start_idx, end_idx) if i in by_idx]
         if spec.min_count:
             floor_idx = end_idx - n_panes * MAX_COUNT_EXTENSION
@@ -155,22 +166,29 @@ class WindowAssembler:
             outs = [o for pane in panes for o in pane.outcomes]
         return Window(key[0], key[1], start_idx * g, end, preds, outs)
 
-    def windows_at(self, boundary: float) -> Iterator[tuple[WindowSpec, Window]]:
+    def windows_at(self, boundary: float) -> list[tuple[WindowSpec, Window]]:
+        """Every window closing at ``boundary``: by spec, then by key (sorted)."""
+        g = self.granularity
+        end_idx = int(round(boundary / g))
+        due: list[tuple[WindowSpec, Window]] = []
         for spec in self.due_specs(boundary):
-            end_idx = int(round(boundary / self.granularity))
+            start_idx = end_idx - int(round(spec.size / g))
             windows = [
-                self.window(key, spec, boundary)
-                for key in self.keys()
+                self._cut(key, by_idx, spec, start_idx, end_idx, boundary)
+                for key, by_idx in sorted(self.panes.items())
                 if self.first_index.get(key, -(2**62)) < end_idx
             ]
             # Each window sees the other variants of its deployment over the same span, so a
             # detector can compare a canary with the stable arm in the same time window.
             by_deployment: dict[str, dict[str, Window]] = {}
             for w in windows:
-                by_deployment.setdefault(w.deployment, {})[w.variant] = w
-            for w in windows:
-                w.siblings = by_deployment[w.deployment]
-                yield spec, w
+                siblings = by_deployment.get(w.deployment)
+                if siblings is None:
+                    siblings = by_deployment[w.deployment] = {}
+                siblings[w.variant] = w
+                w.siblings = siblings
+            due.extend((spec, w) for w in windows)
+        return due
 
     def drop_before(self, boundary: float) -> None:
         """Forget panes no window ending after ``boundary`` can still include."""

@@ -13,8 +13,7 @@ from collections import Counter
 from itertools import chain
 from operator import attrgetter, itemgetter
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, Generic, Mapping, NamedTuple, Protocol, Sequence, TypeVar, runtime_checkable
 
 import msgspec
 import numpy as np
@@ -27,6 +26,7 @@ __all__ = [
     "Window",
     "Reference",
     "Detector",
+    "Skipping",
     "DetectorFactory",
     "MissingExtra",
     "check_feature_names",
@@ -97,6 +97,30 @@ class Labeled(msgspec.Struct, frozen=True, gc=False):
     segments: tuple[str, ...] | None = None
 
 
+_T = TypeVar("_T")
+
+
+class _cached(Generic[_T]):
+    """``functools.cached_property`` without its lock: a value computed on first read and
+    kept in the instance's ``__dict__``, which later reads find first. Python 3.11's
+    ``cached_property`` takes one lock shared by every instance on each first read, a cost a
+    fleet's boundary pays for thousands of small windows; a window is read by one thread."""
+
+    def __init__(self, func: Callable[[Any], _T]) -> None:
+        self.func = func
+        self.name = func.__name__
+        self.__doc__ = func.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, cls: type | None = None) -> _T:
+        if obj is None:
+            return self  # type: ignore[return-value]
+        value = obj.__dict__[self.name] = self.func(obj)
+        return value
+
+
 class Window:
     """The events of one deployment × variant over ``[start, end)`` of event time.
 
@@ -152,32 +176,32 @@ class Window:
     # attribute per pass: measured on windows whose structs were out of the CPU caches, that
     # is twice as fast as one pass collecting every column in a tuple per prediction and
     # transposing them, and a column no detector reads is never built.
-    @cached_property
+    @_cached
     def _errors(self) -> tuple[str | None, ...]:
         return tuple(map(_get_error, self.predictions))
 
-    @cached_property
+    @_cached
     def _features(self) -> tuple[Mapping[str, Any], ...]:
         return tuple(map(_get_features, self.predictions))
 
-    @cached_property
+    @_cached
     def n_errors(self) -> int:
         return len(self.predictions) - self._errors.count(None)
 
-    @cached_property
+    @_cached
     def error_codes(self) -> dict[str, int]:
         errors = [e for e in self._errors if e is not None]
         return dict(Counter(errors)) if errors else {}  # most windows: no Counter to build
 
-    @cached_property
+    @_cached
     def latencies(self) -> np.ndarray:
         return _floats(map(_get_latency, self.predictions))
 
-    @cached_property
+    @_cached
     def scores(self) -> np.ndarray:
         return _floats(map(_get_score, self.predictions))
 
-    @cached_property
+    @_cached
     def versions(self) -> dict[str, int]:
         preds = self.predictions
         distinct = set(map(_get_version, preds))
@@ -185,12 +209,12 @@ class Window:
             return {distinct.pop(): len(preds)}
         return dict(Counter(map(_get_version, preds)))
 
-    @cached_property
+    @_cached
     def label_versions(self) -> frozenset[str]:
         """The versions that served the predictions whose labels arrived in this window."""
         return frozenset(map(_get_version, self.outcomes))
 
-    @cached_property
+    @_cached
     def feature_names(self) -> tuple[str, ...]:
         return self._rows[0]
 
@@ -199,7 +223,7 @@ class Window:
         cols = self._columns
         return cols[name] if name in cols else [None] * len(self.predictions)
 
-    @cached_property
+    @_cached
     def _rows(self) -> tuple[tuple[str, ...], list[tuple[Any, ...]] | None]:
         """The feature names, and each prediction's values of them when every prediction has
         exactly those features (the usual case), else None."""
@@ -215,7 +239,7 @@ class Window:
                     pass
         return tuple(sorted(set(chain.from_iterable(feats)))), None
 
-    @cached_property
+    @_cached
     def _columns(self) -> dict[str, list[Any]]:
         names, rows = self._rows
         if rows is None:
@@ -261,6 +285,19 @@ class Detector(Protocol):
 
     def evaluate(self, now: float) -> Measurement:
         """Measure the data fed so far at event time ``now``."""
+
+
+@runtime_checkable
+class Skipping(Protocol):
+    """A detector that can pass over a window cheaply: one too small for any verdict, whose
+    measurement nobody reads (the pipeline's evaluator knows both: see
+    ``daemon/evaluation.WINDOW_SAMPLES``). Optional: without it the window is ``update``d."""
+
+    def skip(self, window: Window) -> None:
+        """Take ``window`` without measuring it: keep what later windows depend on (a baseline
+        being built, a store of earlier windows, what the labels say the task is), nothing
+        more. The next :meth:`~Detector.update` sets the rest, and ``evaluate`` is only
+        asked after an update."""
 
 
 class MissingExtra(ValueError):

@@ -149,6 +149,15 @@ class ErrorRate:
             self._baseline_count += 1
             self._in_baseline = True
 
+    def skip(self, window: Window) -> None:
+        """A window that is not measured (:class:`~rollbackd.detectors.base.Skipping`): taken
+        only by a baseline still being built or a store of earlier windows (same_time); the
+        other modes read nothing but the window they test."""
+        if self._store is not None or (
+            self.mode == "baseline" and self._baseline_count < self.baseline_windows
+        ):
+            self.update(window)
+
     def evaluate(self, now: float) -> Measurement:
         n, k = self._n, self._errors
         if not self._seen:

@@ -197,6 +197,13 @@ class Latency:
             return
         self._sketch = self._window_sketch(window)
 
+    def skip(self, window: Window) -> None:
+        """A window that is not measured (:class:`~rollbackd.detectors.base.Skipping`): the
+        exact quantile reads nothing but the window it tests; the sketch keeps its panes'
+        summaries (and says how many it reused), so it takes the window."""
+        if self.estimator == "sketch":
+            self.update(window)
+
     def _window_sketch(self, window: Window) -> LogSketch:
         first, last = window.start / self.pane, window.end / self.pane
         if first != math.floor(first) or last != math.floor(last):

@@ -102,15 +102,26 @@ class ModelError:
         outcomes = window.outcomes
         self._window_seen = True
         self._label_coverage = window.label_coverage
-        if self._resolved is None and any(
-            binary_value(y) is None and _number(y) is not None
-            for y in set(map(_get_label, outcomes))
-        ):
-            self._resolved = "regression"
+        if self._resolved is None:
+            self._resolve(outcomes)
         if (self._resolved or "binary") == "binary":
             self._stats = self._binary(outcomes)
         else:
             self._stats = self._regression(outcomes)
+
+    def skip(self, window: Window) -> None:
+        """A window that is not measured (:class:`~rollbackd.detectors.base.Skipping`): only
+        its labels' say on the task (``auto``) is kept; the error is the tested window's."""
+        if self._resolved is None and window.outcomes:
+            self._resolve(window.outcomes)
+
+    def _resolve(self, outcomes: Sequence[Labeled]) -> None:
+        """``auto``: regression from the first label that is a number other than 0/1."""
+        labels = set(map(_get_label, outcomes))
+        if _BINARY.keys() >= labels:  # the usual window: only spellings of 0 and 1 (in C)
+            return
+        if any(binary_value(y) is None and _number(y) is not None for y in labels):
+            self._resolved = "regression"
 
     def _binary(self, outcomes: Sequence[Labeled]) -> dict[str, Any]:
         # Labels and predictions take a handful of distinct values: count the distinct
