@@ -215,7 +215,7 @@ def test_a_consumer_that_knows_no_broker_is_replaced(kafka_bootstrap: str, topic
                     "cgrp": {"state": "query-coord", "stateage": 12_000, "join_state": "wait-metadata"}}
         src._on_stats(json.dumps(stranded))
         src.health()  # reads the report (the daemon asks after every read)
-        assert "no group coordinator (query-coord for 12 s)" in src._problem
+        assert "no group coordinator (query-coord for 12 s)" in src._health.problem
         old = src._consumer
         src.stranded_after = 0.0
         rest = []

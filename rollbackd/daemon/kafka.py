@@ -23,6 +23,7 @@ from confluent_kafka import Consumer, IsolationLevel, KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from rollbackd.daemon.blindness import SourceHealth
+from rollbackd.daemon.kafka_health import ConsumerHealth
 from rollbackd.daemon.clock import Clock, WallClock
 from rollbackd.daemon.sources import Batch
 from rollbackd.errors import Fatal, Recoverable
@@ -239,12 +240,14 @@ class KafkaSource:
         conf["on_commit"] = self._on_commit
         conf.setdefault("statistics.interval.ms", _STATS_INTERVAL_MS)
         conf["stats_cb"] = self._on_stats
-        self._stats_on = int(conf["statistics.interval.ms"]) > 0
         if not stall_after > 0:
             raise ValueError(f"stall_after must be > 0 seconds, got {stall_after}")
         # A healthy leader may take fetch.wait.max.ms to answer an idle fetch.
-        self.stall_after = max(stall_after, 2 * int(conf.get("fetch.wait.max.ms", 500)) / 1000)
-        self._heartbeat = int(conf.get("heartbeat.interval.ms", 3000)) / 1000
+        self._health = ConsumerHealth(
+            stall_after=max(stall_after, 2 * int(conf.get("fetch.wait.max.ms", 500)) / 1000),
+            heartbeat=int(conf.get("heartbeat.interval.ms", 3000)) / 1000,
+            stats_on=int(conf["statistics.interval.ms"]) > 0,
+        )
         self.offset_reset = str(conf.get("auto.offset.reset", "earliest")).lower()
         self._read_committed = str(conf.get("isolation.level", "read_committed")).lower() != "read_uncommitted"
         self._admin_conf = {k: v for k, v in conf.items() if isinstance(k, str) and k.startswith(_ADMIN_KEYS)}
@@ -253,7 +256,6 @@ class KafkaSource:
         self._incremental = "cooperative" in strategy or str(conf.get("group.protocol", "")).lower() == "consumer"
         self._conf = conf
         self.stranded_after = _STRANDED_AFTER
-        self._coordless_since: float | None = None  # monotonic: since when the group has no coordinator
         self._next_rescue = 0.0  # no new client asks the cluster before this (monotonic)
         self._retiring = False  # a stranded consumer is being closed: its callbacks are ignored
         self._consumer = self._new_consumer()
@@ -279,13 +281,6 @@ class KafkaSource:
         self._in_rebalance = False
         self._down: str | None = None  # all brokers down, and no sign of them since
         self._next_probe = 0.0
-        # Health, from the statistics (monotonic seconds): the latest unread report, when the
-        # brokers were last heard, what is wrong now, and the lag with the time it was measured.
-        self._stats: tuple[float, str] | None = None
-        self._heard = time.monotonic()
-        self._problem = ""
-        self._lag: int | None = None
-        self._lag_at = 0.0
 
     def _new_consumer(self) -> Consumer:
         try:
@@ -308,7 +303,7 @@ class KafkaSource:
         ):
             self._exhausted = True
             return None
-        if self._coordless_since is not None:
+        if self._health.coordless_since is not None:
             self._rescue(time.monotonic())
         if self._buffer:
             msgs = self._buffer[:max_events]
@@ -331,7 +326,7 @@ class KafkaSource:
             elif self._decode(msgs, events, rejects) and self._eof:
                 self._eof.difference_update(self._last)
         if events or rejects:
-            self._heard = time.monotonic()
+            self._health.heard = time.monotonic()
             self._down = None
         else:
             self._raise_pending()
@@ -402,7 +397,8 @@ class KafkaSource:
         """A consumer without a group coordinator for ``stranded_after`` seconds is replaced if a
         new client reaches the cluster (the brokers are fine: the consumer is stuck, see
         ``_STRANDED_AFTER``). Asked at most once per ``stranded_after``."""
-        if self._coordless_since is None or now - self._coordless_since < self.stranded_after or now < self._next_rescue:
+        since = self._health.coordless_since
+        if since is None or now - since < self.stranded_after or now < self._next_rescue:
             return
         self._next_rescue = now + self.stranded_after
         try:
@@ -410,7 +406,7 @@ class KafkaSource:
         except KafkaException:
             answered = False
         if answered:
-            self._renew(now - self._coordless_since)
+            self._renew(now - since)
 
     def _renew(self, coordless_for: float) -> None:
         """Replaces the consumer with a new one in the same group. What it held is lost, as
@@ -433,9 +429,7 @@ class KafkaSource:
         self._issued = self._acked = 0
         self._commit_failure = None
         self._buffer = []
-        self._stats = None
-        self._coordless_since = None
-        self._heard = time.monotonic()
+        self._health.start_over()
         self._consumer = self._new_consumer()
 
     def __enter__(self) -> KafkaSource:
@@ -534,91 +528,22 @@ class KafkaSource:
         except KafkaException as exc:
             raise classify(exc, "lag") from exc
 
+    @property
+    def stall_after(self) -> float:
+        """Brokers silent this long are unreachable (seconds)."""
+        return self._health.stall_after
+
     def health(self) -> SourceHealth:
         """Whether the brokers answer and the lag, from the latest statistics: no request."""
-        now = time.monotonic()
-        if self._stats is not None:
-            at, raw = self._stats
-            self._stats = None
-            try:
-                self._read_stats(at, msgspec.json.decode(raw))
-            except (msgspec.DecodeError, TypeError, ValueError, KeyError, AttributeError) as exc:
-                log.warning("unreadable librdkafka statistics: %s", exc)
-        silent = now - self._heard
-        reachable = not self._stats_on or self._down is None and silent <= self.stall_after
-        detail = self._down or self._problem or f"the brokers have been silent for {silent:.0f} s"
-        return SourceHealth(
-            reachable=reachable, silent_for=0.0 if reachable else silent, detail="" if reachable else detail,
-            lag=self._lag, lag_age=now - self._lag_at if self._lag is not None else None,
-        )
+        self._health.read(self._assigned, self._offsets)
+        return self._health.report(self._down)
 
     # -- internals
 
     def _on_stats(self, raw: str) -> None:
         if self._retiring:  # the stranded consumer being closed
             return
-        # Parsed in health(), and only the latest: reports pile up while the loop is busy.
-        self._stats = (time.monotonic(), raw)
-
-    def _read_stats(self, at: float, stats: dict[str, Any]) -> None:
-        """One statistics report: when the brokers were last heard, what is wrong, and the lag.
-
-        Only evidence moves ``_heard``: every held partition's leader connected and answering
-        (the longest silence among them counts), or, with nothing held, the group coordinator
-        answering heartbeats. A report without such evidence (leaders unknown, coordinator being
-        looked for) leaves it, so the silence grows until ``stall_after``.
-        """
-        listed = list(stats.get("brokers", {}).values())
-        brokers = {b.get("nodeid"): b for b in listed if b.get("nodeid", -1) >= 0}
-        topics = stats.get("topics", {})
-        problems: list[str] = []
-        quiet = 0.0  # the longest any of them has been silent, as of this report
-        lag: int | None = 0 if self._assigned else None  # nothing held: nothing to be behind on
-        for t, p in sorted(self._assigned):
-            part = topics.get(t, {}).get("partitions", {}).get(str(p))
-            leader = brokers.get(part.get("leader", -1)) if part is not None else None
-            if leader is None:
-                problems.append(f"partition {t}:{p} has no reachable leader")
-                continue
-            idle = leader.get("rxidle", -1)
-            if leader.get("state") != "UP" or idle < 0:
-                problems.append(f"broker {leader.get('name')} is {leader.get('state')}")
-                continue
-            quiet = max(quiet, idle / 1e6)
-            high = part["ls_offset"] if part.get("ls_offset", -1) >= 0 else part.get("hi_offset", -1)
-            at_offset = self._offsets.get((t, p))
-            if at_offset is None:  # not read yet: where the consumer will start
-                at_offset = next((part[k] for k in ("app_offset", "committed_offset") if part.get(k, -1) >= 0),
-                                 part.get("lo_offset", -1))
-            if high < 0 or lag is None:
-                lag = None  # the leader has not said yet
-            else:
-                lag += max(0, high - max(at_offset, part.get("lo_offset", 0), 0))
-        group = stats.get("cgrp")
-        if not self._assigned:
-            # A healthy coordinator answers a heartbeat every heartbeat.interval.ms. One that
-            # holds a JoinGroup is in a rebalance: no partition is read meanwhile either.
-            coordinator = next((b for b in listed if b.get("name") == "GroupCoordinator"), None)
-            if coordinator is None or coordinator.get("state") != "UP" or coordinator.get("rxidle", -1) < 0:
-                problems.append("no partition assigned and no group coordinator connected")
-            else:
-                quiet = max(0.0, coordinator["rxidle"] / 1e6 - self._heartbeat)
-        self._coordless_since = None
-        if group is not None and group.get("state") != "up":
-            self._coordless_since = at - group.get("stateage", 0) / 1e3
-            problems.append(f"no group coordinator ({group.get('state')} for {group.get('stateage', 0) / 1e3:.0f} s)")
-        silence = []
-        if quiet > self.stall_after:
-            silence.append(f"partition leaders silent for {quiet:.0f} s" if self._assigned else
-                           f"no partition assigned, group coordinator silent for {quiet:.0f} s (join state "
-                           f"{(group or {}).get('join_state', '?')}: unreachable, or holding a rebalance "
-                           "for a member that left)")
-        self._problem = "; ".join(problems + silence)
-        if problems:
-            return  # no evidence in this report
-        self._heard = max(self._heard, at - quiet)  # silent ones too: of when they last answered
-        if not silence and lag is not None:  # as of the leaders' last answer
-            self._lag, self._lag_at = lag, at - quiet
+        self._health.receive(raw)
 
     def _decode(self, msgs: list[Message], events: list[Event], rejects: list[Rejected]) -> bool:
         values = list(map(_value, msgs))
@@ -660,7 +585,7 @@ class KafkaSource:
             elif err.code() == _EOF:
                 self._eof.add((msg.topic(), msg.partition()))
                 self._eof_at[(msg.topic(), msg.partition())] = msg.offset()
-                self._heard = time.monotonic()  # a fetch answered: nothing more there
+                self._health.heard = time.monotonic()  # a fetch answered: nothing more there
             else:
                 self._on_error(err)
         return data
