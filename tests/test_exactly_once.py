@@ -411,7 +411,8 @@ def test_a_partition_flagged_at_its_end_is_not_at_its_end_until_the_broker_says_
     """The end-of-partition flag stays set while nothing is read (a stalled loop, a broker that
     resumes with a backlog): ``at_end`` asks the broker for the end offset and is True only on
     a fresh answer that the end is where the consumer is."""
-    from rollbackd.daemon.kafka import _END_FRESH, KafkaSource
+    from rollbackd.daemon.kafka import KafkaSource
+    from rollbackd.daemon.kafka_health import END_FRESH
 
     name = topic(1)
     lines = scenario(("dep-a",))[:300]
@@ -429,7 +430,7 @@ def test_a_partition_flagged_at_its_end_is_not_at_its_end_until_the_broker_says_
 
     assert read_until_at_end() == 200
     produce(kafka_bootstrap, name, lines[200:], ("dep-a",))  # a backlog the loop has not read
-    time.sleep(_END_FRESH)  # what the broker said before it came is no longer believed
+    time.sleep(END_FRESH)  # what the broker said before it came is no longer believed
     deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline:
         assert not src.at_end(0), "at its end by a stale flag, with 100 events unread"

@@ -19,11 +19,11 @@ import uuid
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import msgspec
-from confluent_kafka import Consumer, IsolationLevel, KafkaError, KafkaException, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from rollbackd.daemon.blindness import SourceHealth
-from rollbackd.daemon.kafka_health import ConsumerHealth
+from rollbackd.daemon.kafka_health import ConsumerHealth, PartitionEnds
 from rollbackd.daemon.clock import Clock, WallClock
 from rollbackd.daemon.sources import Batch
 from rollbackd.errors import Fatal, Recoverable
@@ -85,12 +85,6 @@ _STATS_INTERVAL_MS = 1000
 # the daemon would stay blind while the brokers are fine.
 _STRANDED_AFTER = 10.0
 _NO_OFFSET = -1001  # librdkafka's RD_KAFKA_OFFSET_INVALID, as the statistics show it
-# A partition's end as the broker says it (ListOffsets): asked at most this often (seconds), and
-# believed for this long after it was asked. A flag set by an end-of-partition event says only
-# that the end was reached once; after a stall it is stale while a backlog waits behind it.
-_END_EVERY = 0.5
-_END_FRESH = 1.5
-_END_TIMEOUT = 2.0
 # What an admin client (the end offsets) takes over from the consumer's settings: how to reach
 # and authenticate to the brokers, nothing about consuming.
 _ADMIN_KEYS = ("bootstrap.", "security.", "sasl.", "ssl.", "socket.", "broker.", "reconnect.", "retry.",
@@ -249,9 +243,8 @@ class KafkaSource:
             stats_on=int(conf["statistics.interval.ms"]) > 0,
         )
         self.offset_reset = str(conf.get("auto.offset.reset", "earliest")).lower()
-        self._read_committed = str(conf.get("isolation.level", "read_committed")).lower() != "read_uncommitted"
+        read_committed = str(conf.get("isolation.level", "read_committed")).lower() != "read_uncommitted"
         self._admin_conf = {k: v for k, v in conf.items() if isinstance(k, str) and k.startswith(_ADMIN_KEYS)}
-        self._admin: AdminClient | None = None
         strategy = str(conf.get("partition.assignment.strategy", ""))
         self._incremental = "cooperative" in strategy or str(conf.get("group.protocol", "")).lower() == "consumer"
         self._conf = conf
@@ -266,10 +259,7 @@ class KafkaSource:
         self._eof_at: dict[tuple[str, int], int] = {}  # the offset each end was reached at
         # The broker's word on partition ends: (end offset, monotonic time asked), the
         # partitions waiting for it, the request in flight and when it was sent.
-        self._ends: dict[tuple[str, int], tuple[int, float]] = {}
-        self._want: set[tuple[str, int]] = set()
-        self._asking: dict[Any, Any] = {}
-        self._asked_at = -1e9
+        self._ends = PartitionEnds({**CLIENT_DEFAULTS, **self._admin_conf}, read_committed)
         self._last: dict[tuple[str, int], int] = {}  # the partitions of the last batch
         self._parts: dict[int, list[Event]] = {}  # the batch being read, by partition number
         self._pending: BrokerUnavailable | KafkaFatal | None = None
@@ -447,12 +437,12 @@ class KafkaSource:
 
     def at_end(self, partition: int) -> bool:
         """True when every assigned topic's ``partition`` has been read to its end, as the broker
-        confirmed within the last ``_END_FRESH`` seconds.
+        confirmed within the last ``kafka_health.END_FRESH`` seconds.
 
         The end-of-partition event says only that the end was reached once: after a stalled
         broker resumes, the flag still stands while a backlog waits in the fetch queue. So the
         broker is asked for the end offsets (ListOffsets, at the consumer's isolation level), off
-        the loop: the request is sent here, at most every ``_END_EVERY`` seconds, and its answer
+        the loop: the request is sent here, at most every ``kafka_health.END_EVERY`` seconds, and its answer
         read by a later call; until one fresh enough says the end is where this consumer is, the
         answer is False. No round trip is waited for."""
         mine = [tp for tp in self._assigned if tp[1] == partition]
@@ -460,18 +450,8 @@ class KafkaSource:
             m.partition() == partition for m in self._buffer
         ):
             return False
-        self._collect_ends()
-        now = time.monotonic()
-        confirmed = True
-        for tp in mine:
-            end = self._ends.get(tp)
-            reached = self._eof_at.get(tp, self._offsets.get(tp, -1))
-            if end is None or now - end[1] > _END_FRESH or end[0] > reached:
-                confirmed = False
-                self._want.add(tp)
-        if not confirmed:
-            self._ask_ends(now)
-        return confirmed
+        return self._ends.confirmed({tp: self._eof_at.get(tp, self._offsets.get(tp, -1)) for tp in mine},
+                                    time.monotonic())
 
     def group_metadata(self) -> Any:
         """The consumer's group metadata (member, generation) for a transactional producer's
@@ -499,7 +479,7 @@ class KafkaSource:
                     raise classify(exc, f"seek {tp[0]}:{tp[1]} to {offset}") from exc
                 self._offsets[tp] = offset
                 self._eof.discard(tp)
-                self._ends.pop(tp, None)
+                self._ends.forget(tp)
             else:
                 self._starts[tp] = offset
         self._exhausted = False
@@ -617,37 +597,6 @@ class KafkaSource:
             raise classify(exc, "consume") from exc
         self._buffer.extend(msgs)
 
-    def _ask_ends(self, now: float) -> None:
-        if self._asking or now - self._asked_at < _END_EVERY or not self._want:
-            return
-        if self._admin is None:
-            self._admin = AdminClient({**CLIENT_DEFAULTS, **self._admin_conf})
-        wanted = {TopicPartition(t, p): OffsetSpec.latest() for t, p in sorted(self._want)}
-        level = IsolationLevel.READ_COMMITTED if self._read_committed else IsolationLevel.READ_UNCOMMITTED
-        try:
-            self._asking = self._admin.list_offsets(wanted, isolation_level=level, request_timeout=_END_TIMEOUT)
-        except (KafkaException, ValueError, TypeError) as exc:
-            log.info("end offsets not asked: %s", exc)
-            self._asking = {}
-        self._asked_at = now
-        self._want.clear()
-
-    def _collect_ends(self) -> None:
-        if not self._asking or not all(f.done() for f in self._asking.values()):
-            return
-        failed = None
-        for tp, future in self._asking.items():
-            try:
-                self._ends[(tp.topic, tp.partition)] = (future.result().offset, self._asked_at)
-            except KafkaException as exc:  # not answered: the end stays unconfirmed
-                failed = f"{tp.topic}:{tp.partition}: {exc}"
-        self._asking = {}
-        if failed is not None:
-            # e.g. FENCED_LEADER_EPOCH after a broker restart: the admin client's metadata is
-            # stale and it keeps asking the old leader epoch; a new client looks afresh.
-            log.info("end offsets unknown (%s): asking with a new client", failed)
-            self._admin = None
-
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         if self._retiring:  # the stranded consumer being closed
             return
@@ -728,7 +677,7 @@ class KafkaSource:
                 self._offsets.pop(tp, None)
                 self._eof.discard(tp)
                 self._eof_at.pop(tp, None)
-                self._ends.pop(tp, None)
+                self._ends.forget(tp)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,10 +1,14 @@
-"""A Kafka consumer's health, read from librdkafka's statistics: no request to any broker.
+"""What a Kafka consumer knows of the brokers besides the messages: its health, and where the
+partitions end.
 
 librdkafka reports every ``statistics.interval.ms`` (the brokers it knows and their state, each
 held partition's leader and offsets, the consumer group's state). :class:`ConsumerHealth` keeps
 the latest report and reads it when asked: when the brokers were last heard, what is wrong now,
 the lag, and since when the group has had no coordinator (``KafkaSource`` replaces a consumer
-stuck without one).
+stuck without one). No request to any broker.
+
+:class:`PartitionEnds` asks the brokers where partitions end (ListOffsets) off the loop: an
+end-of-partition event says only that the end was reached once.
 """
 
 from __future__ import annotations
@@ -14,12 +18,21 @@ import time
 from typing import Any, Iterable, Mapping
 
 import msgspec
+from confluent_kafka import IsolationLevel, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from rollbackd.daemon.blindness import SourceHealth
 
-__all__ = ["ConsumerHealth"]
+__all__ = ["ConsumerHealth", "PartitionEnds", "END_EVERY", "END_FRESH"]
 
 log = logging.getLogger("rollbackd.kafka")
+
+# A partition's end as the broker says it (ListOffsets): asked at most this often (seconds), and
+# believed for this long after it was asked. A flag set by an end-of-partition event says only
+# that the end was reached once; after a stall it is stale while a backlog waits behind it.
+END_EVERY = 0.5
+END_FRESH = 1.5
+_END_TIMEOUT = 2.0
 
 
 class ConsumerHealth:
@@ -135,3 +148,66 @@ class ConsumerHealth:
         self.heard = max(self.heard, at - quiet)  # silent ones too: of when they last answered
         if not silence and lag is not None:  # as of the leaders' last answer
             self.lag, self.lag_at = lag, at - quiet
+
+
+class PartitionEnds:
+    """The brokers' word on where partitions end, asked with an admin client of ``admin_conf``
+    at the consumer's isolation level (``read_committed``: the last stable offset)."""
+
+    def __init__(self, admin_conf: Mapping[str, Any], read_committed: bool) -> None:
+        self._admin_conf = dict(admin_conf)
+        self._level = IsolationLevel.READ_COMMITTED if read_committed else IsolationLevel.READ_UNCOMMITTED
+        self._admin: AdminClient | None = None
+        self._ends: dict[tuple[str, int], tuple[int, float]] = {}  # (end offset, monotonic time asked)
+        self._want: set[tuple[str, int]] = set()  # waiting for the next request
+        self._asking: dict[Any, Any] = {}  # the request in flight: a future per partition
+        self._asked_at = -1e9
+
+    def confirmed(self, reached: Mapping[tuple[str, int], int], now: float) -> bool:
+        """True when the broker said, within the last ``END_FRESH`` seconds, that each partition
+        ends where ``reached`` says it was read to. Otherwise asks (at most every ``END_EVERY``
+        seconds, answered by a later call): never waits for a round trip."""
+        self._collect()
+        confirmed = True
+        for tp, offset in reached.items():
+            end = self._ends.get(tp)
+            if end is None or now - end[1] > END_FRESH or end[0] > offset:
+                confirmed = False
+                self._want.add(tp)
+        if not confirmed:
+            self._ask(now)
+        return confirmed
+
+    def forget(self, tp: tuple[str, int]) -> None:
+        """What was said of ``tp`` no longer holds (sought elsewhere, or taken away)."""
+        self._ends.pop(tp, None)
+
+    def _ask(self, now: float) -> None:
+        if self._asking or now - self._asked_at < END_EVERY or not self._want:
+            return
+        if self._admin is None:
+            self._admin = AdminClient(self._admin_conf)
+        wanted = {TopicPartition(t, p): OffsetSpec.latest() for t, p in sorted(self._want)}
+        try:
+            self._asking = self._admin.list_offsets(wanted, isolation_level=self._level, request_timeout=_END_TIMEOUT)
+        except (KafkaException, ValueError, TypeError) as exc:
+            log.info("end offsets not asked: %s", exc)
+            self._asking = {}
+        self._asked_at = now
+        self._want.clear()
+
+    def _collect(self) -> None:
+        if not self._asking or not all(f.done() for f in self._asking.values()):
+            return
+        failed = None
+        for tp, future in self._asking.items():
+            try:
+                self._ends[(tp.topic, tp.partition)] = (future.result().offset, self._asked_at)
+            except KafkaException as exc:  # not answered: the end stays unconfirmed
+                failed = f"{tp.topic}:{tp.partition}: {exc}"
+        self._asking = {}
+        if failed is not None:
+            # e.g. FENCED_LEADER_EPOCH after a broker restart: the admin client's metadata is
+            # stale and it keeps asking the old leader epoch; a new client looks afresh.
+            log.info("end offsets unknown (%s): asking with a new client", failed)
+            self._admin = None
