@@ -244,7 +244,8 @@ class KafkaSource:
         )
         self.offset_reset = str(conf.get("auto.offset.reset", "earliest")).lower()
         read_committed = str(conf.get("isolation.level", "read_committed")).lower() != "read_uncommitted"
-        self._admin_conf = {k: v for k, v in conf.items() if isinstance(k, str) and k.startswith(_ADMIN_KEYS)}
+        self._admin_conf = {**CLIENT_DEFAULTS,
+                            **{k: v for k, v in conf.items() if isinstance(k, str) and k.startswith(_ADMIN_KEYS)}}
         strategy = str(conf.get("partition.assignment.strategy", ""))
         self._incremental = "cooperative" in strategy or str(conf.get("group.protocol", "")).lower() == "consumer"
         self._conf = conf
@@ -259,7 +260,7 @@ class KafkaSource:
         self._eof_at: dict[tuple[str, int], int] = {}  # the offset each end was reached at
         # The broker's word on partition ends: (end offset, monotonic time asked), the
         # partitions waiting for it, the request in flight and when it was sent.
-        self._ends = PartitionEnds({**CLIENT_DEFAULTS, **self._admin_conf}, read_committed)
+        self._ends = PartitionEnds(self._admin_conf, read_committed)
         self._last: dict[tuple[str, int], int] = {}  # the partitions of the last batch
         self._parts: dict[int, list[Event]] = {}  # the batch being read, by partition number
         self._pending: BrokerUnavailable | KafkaFatal | None = None
@@ -392,7 +393,7 @@ class KafkaSource:
             return
         self._next_rescue = now + self.stranded_after
         try:
-            answered = bool(AdminClient({**CLIENT_DEFAULTS, **self._admin_conf}).list_topics(timeout=1.0).brokers)
+            answered = bool(AdminClient(self._admin_conf).list_topics(timeout=1.0).brokers)
         except KafkaException:
             answered = False
         if answered:

@@ -187,7 +187,11 @@ class Pipeline:
             events = adm.hold(events)
         if events:
             self._ingest(events, wall_now)
-        if adm.alarms:
+        self._cap_notices()
+
+    def _cap_notices(self) -> None:
+        """The notices of the caps that began to bind while events went in."""
+        if self.admission.alarms:
             self._cardinality_notices()
         if self.joiner.alarms:
             self._label_buffer_notices()
@@ -223,10 +227,7 @@ class Pipeline:
             held = self.admission.release()
             if held:
                 self._ingest(held, wall_now)
-            if self.admission.alarms:
-                self._cardinality_notices()
-            if self.joiner.alarms:
-                self._label_buffer_notices()
+            self._cap_notices()
 
     def _ingest(self, events: list[Event], wall_now: float | None) -> None:
         g = self.assembler.granularity

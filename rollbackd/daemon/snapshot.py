@@ -364,11 +364,7 @@ class DeclaredStates:
         self._owed: dict[Hashable, tuple[Any, list[weakref.ref["Taken"]]]] = {}
 
     def changing(self, key: Hashable) -> None:
-        with self._lock:
-            self._plain.pop(key, None)
-            owed = self._owed.pop(key, None)
-            if owed is not None:
-                self._pay(key, owed, keep=False)
+        self.changing_many((key,))
 
     def changing_many(self, keys: Iterable[Hashable]) -> None:
         """:meth:`changing` for each of ``keys``, under one lock (a boundary of a fleet changes

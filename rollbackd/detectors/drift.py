@@ -150,6 +150,14 @@ S = TypeVar("S")
 Columns = dict[str, Sequence[Any]]
 
 
+def _predictions_of(window: Window, version: str | None, limit: int | None) -> Sequence[Prediction]:
+    """The window's predictions of ``version`` (all when None), the first ``limit`` of them."""
+    preds: Sequence[Prediction] = window.predictions
+    if version is not None and not (len(window.versions) == 1 and version in window.versions):
+        preds = [p for p in preds if p.model_version == version]
+    return preds if limit is None or len(preds) <= limit else preds[:limit]
+
+
 def _window_columns(
     window: Window,
     version: str | None,
@@ -169,9 +177,7 @@ def _window_columns(
         if with_score:
             cols[SCORE_COLUMN] = [p.score for p in window.predictions]
         return cols, window.n
-    preds = [p for p in window.predictions if version is None or p.model_version == version]
-    if limit is not None:
-        preds = preds[:limit]
+    preds = _predictions_of(window, version, limit)
     if names is None:
         seen: set[str] = set()
         for p in preds:
@@ -319,11 +325,7 @@ class PartialReference:
 
     def take(self, window: Window, version: str | None, names: Sequence[str] | None,
              with_score: bool, limit: int | None) -> None:
-        preds = window.predictions
-        if version is not None and not (len(window.versions) == 1 and version in window.versions):
-            preds = [p for p in preds if p.model_version == version]
-        if limit is not None and len(preds) > limit:
-            preds = preds[:limit]
+        preds = _predictions_of(window, version, limit)
         self._names, self._with_score = names, with_score
         self._feats.extend(map(_get_features, preds))
         if with_score:
