@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -45,18 +46,28 @@ def test_run_with_log_json_writes_only_json_during_a_broker_outage(tmp_path):
          "--bootstrap-servers", "127.0.0.1:1", "--http", "127.0.0.1:0"],
         cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+    reader.start()
     try:
-        time.sleep(3.0)
+        # Until librdkafka's first refused connection is logged (a start-up on a busy machine
+        # can take seconds), then stop.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None and not any("Connection refused" in x for x in lines):
+            time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
         try:
-            out, err = proc.communicate(timeout=8)
+            proc.wait(timeout=8)
         except subprocess.TimeoutExpired:  # a slow stop is not this test's subject: its lines are
             proc.kill()
-            out, err = proc.communicate(timeout=5)
+            proc.wait(5)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+    reader.join(5)
+    out = proc.stdout.read()  # type: ignore[union-attr]
+    err = "".join(lines)
     records = _records(err)
     events = [r["event"] for r in records]
     assert events[:2] == ["http.serving", "daemon.consuming"], events[:5]
